@@ -1,0 +1,150 @@
+//! The decoded view of one recorded episode that alignment works on, independent of storage.
+//!
+//! The recorder's MCAP reader implements [`EpisodeSource`] over a file; tests implement it over
+//! synthetic streams ([`MemoryEpisode`]). Stamps are nanoseconds: `stamp_ns` from the message
+//! header (the time the data describes), `recv_ns` when the recorder received it.
+
+use serde::{Deserialize, Serialize};
+
+/// Episode-level metadata, stored with the recording.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EpisodeMeta {
+    /// Unique episode id (also the folder name).
+    pub id: String,
+    /// Language instruction given to the policy.
+    pub instruction: String,
+    /// Task name (groups episodes).
+    pub task: String,
+    /// Who demonstrated.
+    pub operator: String,
+    /// `success`, `failure`, `aborted`, or empty while recording.
+    pub outcome: String,
+    /// Wall-clock start and stop, nanoseconds since the Unix epoch.
+    pub start_ns: i64,
+    /// See `start_ns`; 0 while recording.
+    pub stop_ns: i64,
+    /// True when the episode was recovered after a crash instead of stopped cleanly.
+    pub recovered: bool,
+    /// Messages dropped per topic (queue full, invalid input), by topic name.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// An RGB8 image, row-major, `width * height * 3` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    /// Columns.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+    /// Pixel bytes, RGB interleaved.
+    pub data: Vec<u8>,
+}
+
+/// Receive/header stamps of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    /// Header stamp (time the data describes), ns.
+    pub stamp_ns: i64,
+    /// Time the recorder received it, ns.
+    pub recv_ns: i64,
+}
+
+/// A multi-channel sensor stream (tactile/OCT, force): `values[i * channels .. (i+1) * channels]`
+/// is the sample at `stamps[i]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SensorSeries {
+    /// One stamp per sample.
+    pub stamps: Vec<Stamp>,
+    /// Channels per sample (1026 for force + A-scan).
+    pub channels: usize,
+    /// Row-major samples.
+    pub values: Vec<f32>,
+}
+
+/// A robot state stream: `values[i]` at `stamps[i]`, each of `names.len()` values.
+/// Poses are `[x, y, z]` in mm and `[roll, pitch, yaw]` in degrees; joints keep their units.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateSeries {
+    /// Name of each value (`x`, `y`, `z`, `roll`, `pitch`, `yaw`, or joint names).
+    pub names: Vec<String>,
+    /// Which values are angles in degrees (wrapped to (-180, 180] when differenced).
+    pub is_angle_deg: Vec<bool>,
+    /// One stamp per state.
+    pub stamps: Vec<Stamp>,
+    /// One vector per state.
+    pub values: Vec<Vec<f64>>,
+}
+
+/// Read access to one episode's streams, as alignment needs them.
+pub trait EpisodeSource {
+    /// Metadata.
+    fn meta(&self) -> &EpisodeMeta;
+    /// Camera stream names, in configured order.
+    fn cameras(&self) -> Vec<String>;
+    /// Stamps of every frame of `camera`, in recorded order.
+    fn camera_stamps(&self, camera: &str) -> anyhow::Result<Vec<Stamp>>;
+    /// Decodes frame `index` of `camera` to RGB8.
+    fn camera_frame(&self, camera: &str, index: usize) -> anyhow::Result<RgbImage>;
+    /// The sensor stream named `name`.
+    fn sensor(&self, name: &str) -> anyhow::Result<SensorSeries>;
+    /// The robot state stream.
+    fn state(&self) -> anyhow::Result<StateSeries>;
+    /// Recorded commands, if a command topic was configured (same layout as the state).
+    fn commands(&self) -> anyhow::Result<Option<StateSeries>>;
+}
+
+/// An episode held in memory (synthetic streams in tests, small recordings).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryEpisode {
+    /// Metadata.
+    pub meta: EpisodeMeta,
+    /// Camera name -> frames with their stamps.
+    pub cameras: Vec<(String, Vec<(Stamp, RgbImage)>)>,
+    /// Sensor name -> samples.
+    pub sensors: Vec<(String, SensorSeries)>,
+    /// Robot state.
+    pub state: StateSeries,
+    /// Recorded commands.
+    pub commands: Option<StateSeries>,
+}
+
+impl MemoryEpisode {
+    fn camera(&self, camera: &str) -> anyhow::Result<&Vec<(Stamp, RgbImage)>> {
+        self.cameras
+            .iter()
+            .find(|(n, _)| n == camera)
+            .map(|(_, f)| f)
+            .ok_or_else(|| anyhow::anyhow!("episode {}: no camera stream `{camera}`", self.meta.id))
+    }
+}
+
+impl EpisodeSource for MemoryEpisode {
+    fn meta(&self) -> &EpisodeMeta {
+        &self.meta
+    }
+    fn cameras(&self) -> Vec<String> {
+        self.cameras.iter().map(|(n, _)| n.clone()).collect()
+    }
+    fn camera_stamps(&self, camera: &str) -> anyhow::Result<Vec<Stamp>> {
+        Ok(self.camera(camera)?.iter().map(|(s, _)| *s).collect())
+    }
+    fn camera_frame(&self, camera: &str, index: usize) -> anyhow::Result<RgbImage> {
+        let frames = self.camera(camera)?;
+        frames.get(index).map(|(_, i)| i.clone()).ok_or_else(|| {
+            anyhow::anyhow!("episode {}: camera `{camera}` has {} frames, asked for {index}", self.meta.id, frames.len())
+        })
+    }
+    fn sensor(&self, name: &str) -> anyhow::Result<SensorSeries> {
+        self.sensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| anyhow::anyhow!("episode {}: no sensor stream `{name}`", self.meta.id))
+    }
+    fn state(&self) -> anyhow::Result<StateSeries> {
+        Ok(self.state.clone())
+    }
+    fn commands(&self) -> anyhow::Result<Option<StateSeries>> {
+        Ok(self.commands.clone())
+    }
+}

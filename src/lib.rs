@@ -1,0 +1,15 @@
+//! vla_finetune: record demonstrations, fine-tune a sensor-aware vision-language-action policy
+//! (Stage 2: Qwen2.5-VL + LoRA, sensor encoder, diffusion action expert) and hot-swap it into a
+//! running policy. The core is ROS-free; `ros` (feature `ros`) only adapts it to ROS 2.
+
+pub mod cli;
+pub mod dataset;
+pub mod device;
+pub mod logging;
+pub mod policy;
+pub mod sim;
+pub mod train;
+pub mod vlm;
+
+#[cfg(feature = "ros")]
+pub mod ros;

@@ -1,0 +1,1 @@
+//! Policy heads: sensor encoder, fusion, diffusion action expert, and the whole VLA policy.

@@ -1,0 +1,1 @@
+//! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
