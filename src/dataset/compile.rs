@@ -43,8 +43,8 @@ impl Default for SplitConfig {
 pub struct StoreConfig {
     /// JPEG quality of stored frames, 1-100.
     pub jpeg_quality: u8,
-    /// A shard is closed once it holds this many MiB.
-    pub shard_max_mb: usize,
+    /// A shard is closed once it holds this many MiB (fractions allowed).
+    pub shard_max_mb: f64,
     /// Rows kept per field for the q01/q99 estimate (exact up to this many rows).
     pub stats_reservoir_rows: usize,
     /// Threads encoding JPEG; 0 = one per available core.
@@ -53,7 +53,7 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { jpeg_quality: 90, shard_max_mb: 512, stats_reservoir_rows: DEFAULT_RESERVOIR_ROWS, encode_threads: 0 }
+        Self { jpeg_quality: 90, shard_max_mb: 512.0, stats_reservoir_rows: DEFAULT_RESERVOIR_ROWS, encode_threads: 0 }
     }
 }
 
@@ -87,8 +87,8 @@ impl CompileConfig {
         if !(1..=100).contains(&self.store.jpeg_quality) {
             return Err(CompileError::Config("`store.jpeg_quality` must be within 1..=100".into()));
         }
-        if self.store.shard_max_mb == 0 {
-            return Err(CompileError::Config("`store.shard_max_mb` must be at least 1".into()));
+        if !(self.store.shard_max_mb.is_finite() && self.store.shard_max_mb > 0.0) {
+            return Err(CompileError::Config("`store.shard_max_mb` must be a positive number".into()));
         }
         Ok(())
     }
@@ -408,7 +408,7 @@ impl Builder<'_> {
                 }
                 rep.skew.entry(cfg.align.sensor.clone()).or_default().add(s.sensor_age_ns);
                 rep.skew.entry("state".into()).or_default().add(s.state_age_ns);
-                if self.shard.as_ref().is_some_and(|w| w.bytes() >= cfg.store.shard_max_mb << 20) {
+                if self.shard.as_ref().is_some_and(|w| w.bytes() as f64 >= cfg.store.shard_max_mb * 1048576.0) {
                     self.flush_shard().map_err(|e| e.to_string())?;
                 }
             }
