@@ -107,11 +107,11 @@ impl StatsAccumulator {
         }
         for row in values.chunks_exact(self.dims) {
             self.count += 1;
-            let n = self.count as f64;
+            let inv_n = 1.0 / self.count as f64;
             for (i, &v) in row.iter().enumerate() {
                 let v = v as f64;
                 let d = v - self.mean[i];
-                self.mean[i] += d / n;
+                self.mean[i] += d * inv_n;
                 self.m2[i] += d * (v - self.mean[i]);
                 self.min[i] = self.min[i].min(v);
                 self.max[i] = self.max[i].max(v);
