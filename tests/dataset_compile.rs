@@ -309,6 +309,9 @@ fn info_cli_reports_counts_drops_streams_and_stats() {
     assert!((4.0..6.0).contains(&rate), "cam0 ~5 Hz, got {rate}");
     assert!(cam0["skew"]["max_s"].as_f64().unwrap() <= 0.3);
     assert_eq!(v["stats"]["state"]["mean"].as_array().unwrap().len(), 6);
+    assert_eq!(v["camera_spread"]["samples"], res.report.samples);
+    let spread = v["camera_spread"]["max_s"].as_f64().unwrap();
+    assert!(spread > 0.0 && spread <= 0.3, "{spread}");
     let o = Command::new(bin).args(["dataset", "info"]).arg(&out).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(text.contains("episodes: 3") && text.contains("drops by reason") && text.contains("cam1 [camera]"), "{text}");

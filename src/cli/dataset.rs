@@ -113,6 +113,7 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
             "samples": { "total": index.samples.len(), "train": samples(Split::Train), "val": samples(Split::Val), "candidates": report.candidates },
             "drops": report.drops,
             "streams": report.streams,
+            "camera_spread": report.camera_spread,
             "cameras": index.cameras,
             "sensor_shape": index.sensor_shape,
             "state_names": index.state_names,
@@ -177,6 +178,8 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
             st.max_latency_s * 1e3
         ));
     }
+    let cs = &report.camera_spread;
+    line(format!("camera spread (newest minus oldest frame used together): mean {:.1} ms, max {:.1} ms", cs.mean_s * 1e3, cs.max_s * 1e3));
     line(format!("stats (training split, {} state rows):", stats.state.count));
     line(format!("  sensor: {}", summarize(&stats.sensor)));
     for (name, f) in [("state", &stats.state), ("action", &stats.action)] {

@@ -5,6 +5,10 @@
 //! and its samples appended to shards. Statistics come from the training split only. An episode
 //! that cannot be read or does not match the dataset's shapes is listed in the report with its
 //! error and the others are still compiled.
+//!
+//! Besides the alignment drop reasons ([`super::align::DropReason`]), a sample is dropped as
+//! `camera_bad_frame:<camera>` when its frame cannot be read or encoded, and as
+//! `camera_size_changed:<camera>` when the frame size differs from the camera's first frame.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -167,6 +171,8 @@ pub struct EpisodeReport {
     pub streams: Vec<StreamReport>,
     /// Per-stream age of the data used, by stream name.
     pub skew: BTreeMap<String, Skew>,
+    /// Spread of the camera frames used together: newest minus oldest frame stamp per sample.
+    pub camera_spread: Skew,
 }
 
 /// Per-stream figures over all episodes.
@@ -211,6 +217,8 @@ pub struct CompileReport {
     pub drops: DropCounts,
     /// Per-stream figures by stream name.
     pub streams: BTreeMap<String, StreamSummary>,
+    /// Spread of the camera frames used together, over all episodes.
+    pub camera_spread: Skew,
 }
 
 /// Splits episodes by id: each id gets the key `sha256(seed_le || id)`, the `round(f * n)` ids
@@ -261,6 +269,9 @@ struct Shapes {
     state_names: Vec<String>,
     action_dim: usize,
 }
+
+/// A frame's JPEG bytes and size, or why it could not be read/encoded.
+type EncodedFrame = Result<(Vec<u8>, (u32, u32)), String>;
 
 struct Builder<'a> {
     cfg: &'a CompileConfig,
@@ -328,6 +339,7 @@ impl Builder<'_> {
             drops: DropCounts::new(),
             streams: al.stream_reports().to_vec(),
             skew: BTreeMap::new(),
+            camera_spread: Skew::default(),
         };
         let times = al.sample_times();
         rep.candidates = times.len() as u64;
@@ -335,7 +347,7 @@ impl Builder<'_> {
         let action_shape = [cfg.align.horizon, shapes.action_dim];
         // Encoded frames and their size by (camera, recorded index); consecutive samples share
         // frames, and frames only move forward in time, so the cache keeps the newest per camera.
-        let mut jpegs: HashMap<(usize, usize), Result<(Vec<u8>, (u32, u32)), String>> = HashMap::new();
+        let mut jpegs: HashMap<(usize, usize), EncodedFrame> = HashMap::new();
         const CHUNK: usize = 32;
         for chunk in times.chunks(CHUNK) {
             let aligned: Vec<_> = chunk.iter().map(|&t| al.align(t)).collect();
@@ -405,6 +417,9 @@ impl Builder<'_> {
                 }
                 for (c, &age) in s.frame_age_ns.iter().enumerate() {
                     rep.skew.entry(shapes.cameras[c].clone()).or_default().add(age);
+                }
+                if let (Some(lo), Some(hi)) = (s.frame_age_ns.iter().min(), s.frame_age_ns.iter().max()) {
+                    rep.camera_spread.add(hi - lo);
                 }
                 rep.skew.entry(cfg.align.sensor.clone()).or_default().add(s.sensor_age_ns);
                 rep.skew.entry("state".into()).or_default().add(s.state_age_ns);
@@ -506,6 +521,7 @@ fn build(episodes: &[&dyn EpisodeSource], order: &[usize], splits: &[Split], cfg
             Split::Train => report.train_samples += ep.samples,
             Split::Val => report.val_samples += ep.samples,
         }
+        report.camera_spread.merge(&ep.camera_spread);
         for (k, v) in &ep.drops {
             *report.drops.entry(k.clone()).or_default() += v;
         }

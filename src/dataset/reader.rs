@@ -43,6 +43,12 @@ pub enum ReaderError {
         /// Samples.
         len: usize,
     },
+    /// Every decoding thread stopped before producing a batch (a thread panicked).
+    #[error("the reader's decoding threads stopped before batch {batch} was produced")]
+    WorkersStopped {
+        /// The batch that was awaited.
+        batch: usize,
+    },
     /// Statistics unusable for normalization.
     #[error("{dir}/stats.json: {what}")]
     Stats {
@@ -360,7 +366,11 @@ impl Iterator for BatchReader {
                         self.pending.insert(j, b);
                     }
                     // Every worker ended without producing this batch: only after a panic.
-                    Err(_) => return None,
+                    Err(_) => {
+                        let batch = self.next;
+                        self.next = sh.jobs.len();
+                        return Some(Err(ReaderError::WorkersStopped { batch }));
+                    }
                 }
             },
         };

@@ -266,8 +266,11 @@ pub struct ShardReader {
     path: PathBuf,
     mmap: Mmap,
     data_start: usize,
-    tensors: HashMap<String, (Dtype, Vec<usize>, (usize, usize))>,
+    tensors: HashMap<String, TensorEntry>,
 }
+
+/// Dtype, shape and byte range (relative to the data section) of a stored tensor.
+type TensorEntry = (Dtype, Vec<usize>, (usize, usize));
 
 impl ShardReader {
     /// Maps `path` and reads its tensor table.
