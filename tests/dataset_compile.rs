@@ -341,6 +341,16 @@ fn bad_and_empty_episodes_are_reported_and_the_rest_compiled() {
     assert_eq!((empty.candidates, empty.samples), (0, 0));
     assert_eq!(res.index.episodes.len(), 3);
     assert!(res.report.samples > 0);
+    // A frame with the wrong byte count and one of another size: counted drops, not errors.
+    let mut eps = episodes(1);
+    eps[0].cameras[0].1[3].1.data.truncate(10);
+    eps[0].cameras[1].1[12].1 = RgbImage { width: 8, height: 8, data: vec![0; 8 * 8 * 3] };
+    let res = compile_to(&eps, &config(), &dir.path().join("ds3"));
+    let d = &res.report.drops;
+    assert!(d.get("camera_bad_frame:cam0").copied().unwrap_or(0) >= 1 && d.get("camera_size_changed:cam1").copied().unwrap_or(0) >= 1, "{d:?}");
+    let ds = Dataset::open(&dir.path().join("ds3")).unwrap();
+    assert!((0..ds.len()).all(|i| ds.index.samples[i].frames[0] != 3 && ds.index.samples[i].frames[1] != 12));
+    assert_eq!(ds.sample(0).unwrap().images[1].width, W);
     // An episode whose streams differ from the dataset's is left out with both shapes named.
     let mut eps = episodes(2);
     eps[1].cameras.pop();

@@ -502,6 +502,7 @@ fn build(episodes: &[&dyn EpisodeSource], order: &[usize], splits: &[Split], cfg
                     id: meta.id.clone(),
                     instruction: meta.instruction.clone(),
                     task: meta.task.clone(),
+                    outcome: meta.outcome.clone(),
                     split,
                     samples: rep.samples as usize,
                 });

@@ -87,6 +87,8 @@ pub struct EpisodeEntry {
     pub instruction: String,
     /// Task name.
     pub task: String,
+    /// Recorded outcome (`success`, `failure`, `aborted`, or empty).
+    pub outcome: String,
     /// Split of every sample of the episode.
     pub split: Split,
     /// Samples kept.
