@@ -98,7 +98,7 @@ impl Default for AlignConfig {
             control_hz: 10.0,
             cameras: Vec::new(),
             camera_max_age_s: 0.3,
-            sensor: "tactile".into(),
+            sensor: "oct".into(),
             sensor_window_s: 1.0,
             sensor_samples: 650,
             sensor_max_age_s: 0.05,
