@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod dataset;
+
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
 #[derive(Parser, Debug)]
 #[command(name = "vla_finetune", version, about)]
@@ -15,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the libtorch build and the device that would be used.
     Device(DeviceArgs),
+    /// Compile recorded episodes into a training dataset, or describe one.
+    Dataset(dataset::DatasetArgs),
 }
 
 /// Arguments of `device`.
@@ -33,5 +37,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::device::describe(d));
             Ok(())
         }
+        Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
     }
+}
+
+/// Opens the recorded episodes at `path` for `dataset compile`.
+// Merge seam: the MCAP episode reader lives on the recorder branch; until it is merged this
+// build has no reader for recorded episodes and says so.
+fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
+    anyhow::bail!("{}: this build has no reader for recorded MCAP episodes (it comes with the recorder's McapEpisode)", path.display())
 }

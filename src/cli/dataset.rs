@@ -1,0 +1,215 @@
+//! `vla_finetune dataset compile|info`: build a training dataset from recorded episodes and
+//! describe one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::dataset::compile::{compile, CompileConfig, CompileReport};
+use crate::dataset::episode::EpisodeSource;
+use crate::dataset::stats::{DatasetStats, FieldStats};
+use crate::dataset::store::{read_json, DatasetIndex, Split, REPORT_FILE, STATS_FILE};
+
+/// Arguments of `dataset`.
+#[derive(Args, Debug)]
+pub struct DatasetArgs {
+    #[command(subcommand)]
+    pub command: DatasetCommand,
+}
+
+/// Dataset jobs.
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Align recorded episodes into a training dataset (shards, index, stats, report).
+    Compile(CompileArgs),
+    /// Print episode/sample counts, drops by reason, per-stream rates and skew, statistics.
+    Info(InfoArgs),
+}
+
+/// Arguments of `dataset compile`.
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// Recorded episode folders, or folders holding them.
+    #[arg(long, required = true, num_args = 1..)]
+    pub episodes: Vec<PathBuf>,
+    /// Compile config (YAML, see config/compile.yaml); defaults when left out.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output dataset folder (must not exist unless --overwrite).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing dataset folder.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Arguments of `dataset info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Dataset folder.
+    pub dir: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Opens the recorded episodes found at a path given to `--episodes`.
+pub type EpisodeOpener<'a> = dyn Fn(&Path) -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> + 'a;
+
+/// Runs a `dataset` subcommand; `open` turns each `--episodes` path into episodes.
+pub fn run(args: DatasetArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<()> {
+    match args.command {
+        DatasetCommand::Compile(a) => run_compile(&a, open),
+        DatasetCommand::Info(a) => {
+            let text = info(&a.dir, a.json)?;
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// `dataset compile`: prints a one-line summary and every episode left out.
+pub fn run_compile(a: &CompileArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<()> {
+    let cfg = match &a.config {
+        Some(p) => CompileConfig::from_yaml_file(p)?,
+        None => CompileConfig::default(),
+    };
+    let mut eps: Vec<Box<dyn EpisodeSource>> = Vec::new();
+    for dir in &a.episodes {
+        eps.extend(open(dir).with_context(|| format!("opening episodes in {}", dir.display()))?);
+    }
+    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
+    let out = compile(&refs, &cfg, &a.out, a.overwrite)?;
+    let r = &out.report;
+    println!(
+        "{}: {} episodes, {} samples ({} train, {} val) of {} sample times, {} dropped",
+        a.out.display(),
+        r.episodes.len(),
+        r.samples,
+        r.train_samples,
+        r.val_samples,
+        r.candidates,
+        r.drops.values().sum::<u64>()
+    );
+    for f in &r.failed_episodes {
+        eprintln!("warning: episode `{}` left out: {}", f.id, f.error);
+    }
+    Ok(())
+}
+
+/// The `dataset info` text (or JSON with `json`).
+pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
+    let index = DatasetIndex::load(dir)?;
+    let stats: DatasetStats = read_json(&dir.join(STATS_FILE))?;
+    let report: CompileReport = read_json(&dir.join(REPORT_FILE))?;
+    let count = |sp: Split| index.episodes.iter().filter(|e| e.split == sp).count();
+    let samples = |sp: Split| index.samples.iter().filter(|s| s.split == sp).count();
+    if json_out {
+        let v = json!({
+            "dir": dir,
+            "episodes": { "total": index.episodes.len(), "train": count(Split::Train), "val": count(Split::Val), "failed": report.failed_episodes },
+            "samples": { "total": index.samples.len(), "train": samples(Split::Train), "val": samples(Split::Val), "candidates": report.candidates },
+            "drops": report.drops,
+            "streams": report.streams,
+            "camera_spread": report.camera_spread,
+            "cameras": index.cameras,
+            "sensor_shape": index.sensor_shape,
+            "state_names": index.state_names,
+            "action_shape": index.action_shape,
+            "control_hz": index.control_hz,
+            "shards": index.shards.len(),
+            "stats": stats,
+        });
+        return Ok(serde_json::to_string_pretty(&v)?);
+    }
+    let mut s = String::new();
+    let mut line = |t: String| {
+        s.push_str(&t);
+        s.push('\n');
+    };
+    line(format!("dataset {}", dir.display()));
+    line(format!(
+        "episodes: {} ({} train, {} val), {} left out",
+        index.episodes.len(),
+        count(Split::Train),
+        count(Split::Val),
+        report.failed_episodes.len()
+    ));
+    for f in &report.failed_episodes {
+        line(format!("  left out `{}`: {}", f.id, f.error));
+    }
+    line(format!(
+        "samples: {} ({} train, {} val) of {} sample times at {} Hz, {} shards",
+        index.samples.len(),
+        samples(Split::Train),
+        samples(Split::Val),
+        report.candidates,
+        index.control_hz,
+        index.shards.len()
+    ));
+    line(format!(
+        "shapes: cameras {}, sensor {:?}, state {:?}, action {:?}",
+        index.cameras.iter().map(|c| format!("{} {}x{}", c.name, c.width, c.height)).collect::<Vec<_>>().join(", "),
+        index.sensor_shape,
+        index.state_names,
+        index.action_shape
+    ));
+    line("drops by reason:".into());
+    if report.drops.is_empty() {
+        line("  none".into());
+    }
+    for (k, v) in &report.drops {
+        line(format!("  {k}: {v}"));
+    }
+    line("streams (rate min-max Hz, max gap, out-of-order, age of data used mean/max):".into());
+    for (name, st) in &report.streams {
+        line(format!(
+            "  {name} [{}]: {} msgs, {:.2}-{:.2} Hz, gap {:.1} ms, {} out-of-order, age {:.1}/{:.1} ms, latency max {:.1} ms",
+            st.kind,
+            st.messages,
+            st.rate_hz_min,
+            st.rate_hz_max,
+            st.max_gap_s * 1e3,
+            st.non_monotonic,
+            st.skew.mean_s * 1e3,
+            st.skew.max_s * 1e3,
+            st.max_latency_s * 1e3
+        ));
+    }
+    let cs = &report.camera_spread;
+    line(format!("camera spread (newest minus oldest frame used together): mean {:.1} ms, max {:.1} ms", cs.mean_s * 1e3, cs.max_s * 1e3));
+    line(format!("stats (training split, {} state rows):", stats.state.count));
+    line(format!("  sensor: {}", summarize(&stats.sensor)));
+    for (name, f) in [("state", &stats.state), ("action", &stats.action)] {
+        line(format!("  {name}:"));
+        for d in 0..f.dims() {
+            let label = if name == "state" { index.state_names.get(d).cloned().unwrap_or_default() } else { format!("a{d}") };
+            line(format!(
+                "    {label:>8}: mean {:.4} std {:.4} min {:.4} max {:.4} q01 {:.4} q99 {:.4}",
+                f.mean[d], f.std[d], f.min[d], f.max[d], f.q01[d], f.q99[d]
+            ));
+        }
+    }
+    Ok(s.trim_end().to_string())
+}
+
+fn summarize(f: &FieldStats) -> String {
+    if f.dims() == 0 {
+        return "no channels".into();
+    }
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.4}..{hi:.4}")
+    };
+    format!(
+        "{} channels; over channels: mean {}, std {}, min {}, max {}",
+        f.dims(),
+        range(&f.mean),
+        range(&f.std),
+        range(&f.min),
+        range(&f.max)
+    )
+}

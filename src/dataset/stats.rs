@@ -1,0 +1,173 @@
+//! Per-dimension normalization statistics (mean, std, min, max, q01, q99) of the sensor (per
+//! channel, pooled over the window's time steps), the state and the action (per action channel,
+//! pooled over the horizon steps), computed on the training split only.
+//!
+//! Mean and standard deviation (population, ddof 0) are exact, accumulated in f64 (Welford).
+//! Quantiles interpolate linearly between order statistics (numpy's default) of a uniform
+//! reservoir sample of rows: exact while the rows seen fit the reservoir, an unbiased sample
+//! estimate beyond it.
+
+use serde::{Deserialize, Serialize};
+
+use super::rng::SplitMix64;
+
+/// Statistics of one field, one entry per dimension.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FieldStats {
+    /// Rows (vectors) accumulated.
+    pub count: u64,
+    /// Mean per dimension.
+    pub mean: Vec<f64>,
+    /// Population standard deviation per dimension.
+    pub std: Vec<f64>,
+    /// Minimum per dimension.
+    pub min: Vec<f64>,
+    /// Maximum per dimension.
+    pub max: Vec<f64>,
+    /// 1 % quantile per dimension.
+    pub q01: Vec<f64>,
+    /// 99 % quantile per dimension.
+    pub q99: Vec<f64>,
+}
+
+/// Smallest standard deviation divided by when normalizing (constant channels map to 0).
+pub const MIN_STD: f64 = 1e-6;
+
+impl FieldStats {
+    /// Dimensions.
+    pub fn dims(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Normalizes `x` in place, `(x - mean) / max(std, MIN_STD)`; `x` holds whole rows of
+    /// `dims()` values. Returns false (leaving `x` unchanged) when its length is not a multiple.
+    pub fn normalize(&self, x: &mut [f32]) -> bool {
+        let d = self.dims();
+        if d == 0 || x.len() % d != 0 {
+            return false;
+        }
+        for row in x.chunks_mut(d) {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = ((*v as f64 - self.mean[i]) / self.std[i].max(MIN_STD)) as f32;
+            }
+        }
+        true
+    }
+}
+
+/// Statistics of a compiled dataset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetStats {
+    /// Per sensor channel.
+    pub sensor: FieldStats,
+    /// Per state value.
+    pub state: FieldStats,
+    /// Per action channel.
+    pub action: FieldStats,
+}
+
+/// Streaming accumulator for [`FieldStats`].
+#[derive(Debug, Clone)]
+pub struct StatsAccumulator {
+    dims: usize,
+    count: u64,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    min: Vec<f64>,
+    max: Vec<f64>,
+    reservoir: Vec<f32>,
+    capacity: usize,
+    rng: SplitMix64,
+}
+
+/// Reservoir rows kept per field for quantiles by default.
+pub const DEFAULT_RESERVOIR_ROWS: usize = 10_000;
+
+impl StatsAccumulator {
+    /// An empty accumulator of `dims`-value rows keeping up to `reservoir_rows` rows for
+    /// quantiles, sampling with `seed`.
+    pub fn new(dims: usize, reservoir_rows: usize, seed: u64) -> Self {
+        Self {
+            dims,
+            count: 0,
+            mean: vec![0.0; dims],
+            m2: vec![0.0; dims],
+            min: vec![f64::INFINITY; dims],
+            max: vec![f64::NEG_INFINITY; dims],
+            reservoir: Vec::new(),
+            capacity: reservoir_rows.max(1),
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// Adds rows (`values.len()` must be a multiple of the dimensions; extra values are ignored).
+    pub fn add_rows(&mut self, values: &[f32]) {
+        if self.dims == 0 {
+            return;
+        }
+        for row in values.chunks_exact(self.dims) {
+            self.count += 1;
+            let inv_n = 1.0 / self.count as f64;
+            for (i, &v) in row.iter().enumerate() {
+                let v = v as f64;
+                let d = v - self.mean[i];
+                self.mean[i] += d * inv_n;
+                self.m2[i] += d * (v - self.mean[i]);
+                self.min[i] = self.min[i].min(v);
+                self.max[i] = self.max[i].max(v);
+            }
+            let kept = self.reservoir.len() / self.dims;
+            if kept < self.capacity {
+                self.reservoir.extend_from_slice(row);
+            } else {
+                let j = self.rng.below(self.count) as usize;
+                if j < self.capacity {
+                    self.reservoir[j * self.dims..(j + 1) * self.dims].copy_from_slice(row);
+                }
+            }
+        }
+    }
+
+    /// The statistics so far (all vectors empty-valued zeros when no row was added).
+    pub fn finish(&self) -> FieldStats {
+        let d = self.dims;
+        if self.count == 0 {
+            let z = vec![0.0; d];
+            return FieldStats { count: 0, mean: z.clone(), std: z.clone(), min: z.clone(), max: z.clone(), q01: z.clone(), q99: z };
+        }
+        let rows = self.reservoir.len() / d;
+        let mut q01 = Vec::with_capacity(d);
+        let mut q99 = Vec::with_capacity(d);
+        let mut col = Vec::with_capacity(rows);
+        for i in 0..d {
+            col.clear();
+            col.extend((0..rows).map(|r| self.reservoir[r * d + i] as f64));
+            col.sort_by(|a, b| a.total_cmp(b));
+            q01.push(quantile_sorted(&col, 0.01));
+            q99.push(quantile_sorted(&col, 0.99));
+        }
+        FieldStats {
+            count: self.count,
+            mean: self.mean.clone(),
+            std: self.m2.iter().map(|m| (m / self.count as f64).max(0.0).sqrt()).collect(),
+            min: self.min.clone(),
+            max: self.max.clone(),
+            q01,
+            q99,
+        }
+    }
+}
+
+/// Quantile `q` of sorted values with linear interpolation (numpy `linear`); 0 for none.
+pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        1 => sorted[0],
+        n => {
+            let pos = q.clamp(0.0, 1.0) * (n - 1) as f64;
+            let lo = pos.floor() as usize;
+            let hi = (lo + 1).min(n - 1);
+            sorted[lo] + (pos - lo as f64) * (sorted[hi] - sorted[lo])
+        }
+    }
+}
