@@ -6,6 +6,7 @@ pub mod cli;
 pub mod dataset;
 pub mod device;
 pub mod logging;
+pub mod memory;
 pub mod policy;
 pub mod sim;
 pub mod train;
