@@ -51,6 +51,9 @@ def main():
             ours = json.load(f)
         with open(os.path.join(tmp, "adapter_config.json")) as f:
             theirs = json.load(f)
+        for cfg in (ours, theirs):  # peft keeps a target list as a set: order is arbitrary
+            if isinstance(cfg.get("target_modules"), list):
+                cfg["target_modules"] = sorted(cfg["target_modules"])
         if ours != theirs:
             keys = sorted(set(ours) | set(theirs))
             diff = {k: (ours.get(k, "<absent>"), theirs.get(k, "<absent>")) for k in keys if ours.get(k, "<absent>") != theirs.get(k, "<absent>")}
