@@ -13,9 +13,11 @@ use vla_finetune::vlm::lora::{
 #[test]
 fn init_equals_torch_kaiming_uniform_a_sqrt5_and_b_is_zero() {
     let reference = Tensor::read_safetensors(fixtures().join("init_ref.safetensors")).unwrap().remove(0).1;
+    let rng = rng_lock();
     tch::manual_seed(1234);
     let (a, b) = LoraLayer::init_tensors(4, 32, 16);
     assert_eq!(rel_err(&a, &reference), 0.0, "A must equal torch's kaiming_uniform_(a=sqrt(5)) draw");
+    drop(rng);
     assert_eq!(b.size(), vec![16, 4]);
     assert_eq!(f64::try_from(b.abs().max()).unwrap(), 0.0);
     // Fresh adapters leave the model's outputs unchanged.

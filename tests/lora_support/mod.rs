@@ -123,6 +123,13 @@ pub fn randomize_lora(params: &[(String, Tensor)], seed: i64) {
     });
 }
 
+/// Serialises tests that depend on libtorch's global RNG (tests of one binary run in parallel
+/// threads and `tch::manual_seed` is process-wide).
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn var_store() -> nn::VarStore {
     nn::VarStore::new(Device::Cpu)
 }
