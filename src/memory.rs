@@ -163,3 +163,22 @@ pub fn reset_peaks(device: usize) -> Result<bool, MemoryError> {
 pub fn peaks(device: usize) -> Result<PeakMemory, MemoryError> {
     Ok(PeakMemory { host_peak: host_memory()?.peak_rss, accelerator_peak: max_memory_allocated(device)? })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_lines_in_kib() {
+        let text = "Name:\tx\nVmPeak:\t  999 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
+        assert_eq!(parse_status(text).unwrap(), HostMemory { rss: 1024 * 1024, peak_rss: 2048 * 1024 });
+    }
+
+    #[test]
+    fn missing_or_malformed_lines_are_named() {
+        let err = parse_status("VmRSS:\t1 kB\n").unwrap_err().to_string();
+        assert!(err.contains("VmHWM"), "{err}");
+        let err = parse_status("VmRSS:\tlots\nVmHWM:\t1 kB\n").unwrap_err().to_string();
+        assert!(err.contains("VmRSS") && err.contains("lots"), "{err}");
+    }
+}
