@@ -101,3 +101,46 @@ fn backward_without_a_loss_gradient_and_zero_segments_are_errors() {
     assert!(matches!(run.backward(&layer), Err(CheckpointError::NoOutputGrad)));
     assert!(matches!(run_layers(&x, 3, Checkpointing::every(0), &layer), Err(CheckpointError::ZeroSegment)));
 }
+
+/// Two checkpointed stacks in a row (a vision tower feeding the decoder through a trainable
+/// projection): backward of the second run, then of the first, equals plain autograd.
+#[test]
+fn chained_stacks_backpropagate_through_each_other() {
+    let _rng = rng_lock();
+    let run_chain = |ck: Checkpointing| -> Vec<Tensor> {
+        let mut vision = ToyStack::new(3, D, 20);
+        let mut text = ToyStack::new(4, D, 21);
+        for l in &mut vision.linears {
+            l.path = l.path.replace("model.language_model.", "model.visual.");
+        }
+        let vs = var_store();
+        let cfg = LoraConfig { r: 2, target_modules: vla_finetune::vlm::lora::TargetModules::Suffixes(vec!["q_proj".into()]), ..LoraConfig::default() };
+        inject_lora(&mut vision, &cfg, &vs.root().sub("v")).unwrap();
+        inject_lora(&mut text, &cfg, &vs.root().sub("t")).unwrap();
+        let mut params = lora_parameters(&mut vision);
+        params.extend(lora_parameters(&mut text));
+        randomize_lora(&params, 4);
+        tch::manual_seed(5);
+        let merger = (Tensor::randn([D, D], (Kind::Float, Device::Cpu)) * 0.3).set_requires_grad(true);
+        let pixels = Tensor::randn([2, 4, D], (Kind::Float, Device::Cpu));
+        let ctx_v: Vec<Tensor> = (0..3).map(|_| Tensor::randn([4, D], (Kind::Float, Device::Cpu))).collect();
+        let ctx_t: Vec<Tensor> = (0..4).map(|_| Tensor::randn([4, D], (Kind::Float, Device::Cpu))).collect();
+        let mask = Tensor::ones([2, 4, 1], (Kind::Float, Device::Cpu));
+        let v_layer = |i: usize, h: &Tensor| vision.layer(i, h, &ctx_v, &mask, false);
+        let t_layer = |i: usize, h: &Tensor| text.layer(i, h, &ctx_t, &mask, false);
+        let v_run = run_layers(&pixels, 3, ck, &v_layer).unwrap();
+        let embeds = v_run.output().matmul(&merger).gelu("none");
+        let t_run = run_layers(&embeds, 4, ck, &t_layer).unwrap();
+        t_run.output().square().mean(Kind::Float).backward();
+        t_run.backward(&t_layer).unwrap();
+        v_run.backward(&v_layer).unwrap();
+        params.iter().map(|(_, t)| t.grad().copy()).chain(std::iter::once(merger.grad().copy())).collect()
+    };
+    let plain = run_chain(Checkpointing::OFF);
+    let ck = run_chain(Checkpointing::every(2));
+    assert_eq!(plain.len(), 2 * 3 + 2 * 4 + 1);
+    for (i, (a, b)) in ck.iter().zip(&plain).enumerate() {
+        assert!(f64::try_from(b.abs().max()).unwrap() > 0.0, "tensor {i} got no gradient");
+        assert!(rel_err(a, b) <= 1e-5, "tensor {i}: {:.3e}", rel_err(a, b));
+    }
+}

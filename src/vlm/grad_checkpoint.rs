@@ -14,7 +14,13 @@
 //! is used without checkpointing, so both modes produce identical gradients.
 //!
 //! Layers that need per-forward context (rotary tables, masks, window indices) capture it in
-//! the closure `layer(index, x)`.
+//! the closure `layer(index, x)`. Stacks chain: when a stack's input was computed from another
+//! checkpointed stack's output (vision tower -> merger -> decoder), calling the later run's
+//! `backward` first fills the earlier run's output gradient; then call the earlier one's.
+//!
+//! Caveat: the seeding uses libtorch's process-wide default generators, so other threads that
+//! draw random numbers concurrently with a forward/backward pass perturb (and are perturbed
+//! by) the replay; run random work of one model from one thread.
 
 use std::ffi::{c_char, c_int, CStr};
 

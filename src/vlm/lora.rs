@@ -417,9 +417,12 @@ fn inject_with(
     let mut done = Vec::new();
     model.visit_linears_mut(&mut |l| {
         if let Some((a, b)) = registered.remove(&l.path) {
-            let _ = l.weight.set_requires_grad(false);
-            if let Some(bias) = &l.bias {
-                let _ = bias.set_requires_grad(false);
+            // Frozen base; `f_` because a non-leaf tensor cannot change the flag (it then
+            // keeps it, which only matters to whoever built that graph).
+            for t in std::iter::once(&l.weight).chain(l.bias.as_ref()) {
+                if t.requires_grad() {
+                    let _ = t.f_set_requires_grad(false);
+                }
             }
             l.adapter = Some(Box::new(LoraLayer::new(a, b, scaling, cfg.lora_dropout)));
             done.push(l.path.clone());
