@@ -2,10 +2,18 @@
 //! LIBTORCH_USE_PYTORCH=1): an rpath so binaries run without LD_LIBRARY_PATH, and libtorch_cuda
 //! linked with --no-as-needed, which the linker would otherwise drop (CUDA then silently reports
 //! unavailable). A GPU machine with its own torch 2.11.0 overrides the rpath with LD_LIBRARY_PATH.
+//!
+//! Also compiles csrc/torch_shim.cpp (accelerator memory statistics and backward with an explicit
+//! output gradient, which tch does not expose) against libtorch's headers, found beside its lib
+//! folder (`<torch>/lib` -> `<torch>/include`), and links it with libtorch/libc10.
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        panic!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not report libtorch (set LIBTORCH_USE_PYTORCH=1 with the project venv on PATH)")
+    };
     let lib = std::path::Path::new(&lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
@@ -15,4 +23,31 @@ fn main() {
         println!("cargo:rustc-cfg=libtorch_cuda_linked");
     }
     println!("cargo::rustc-check-cfg=cfg(libtorch_cuda_linked)");
+    compile_shim(lib);
+}
+
+fn compile_shim(lib: &std::path::Path) {
+    let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
+    if !include.join("ATen/DeviceAccelerator.h").exists() {
+        panic!(
+            "libtorch headers not found at {} (expected beside DEP_TCH_LIBTORCH_LIB={})",
+            include.display(),
+            lib.display()
+        );
+    }
+    // PyTorch >= 2.7 wheels use the C++11 ABI; torch-sys reads the same variable.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/torch_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("vla_torch_shim");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod device;
 pub mod logging;
 pub mod node_params;
+pub mod memory;
 pub mod policy;
 pub mod runtime;
 pub mod sim;

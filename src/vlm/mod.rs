@@ -2,3 +2,7 @@
 //! weights, LoRA, gradient checkpointing.
 
 pub mod linear;
+pub mod grad_checkpoint;
+pub mod lora;
+pub mod peft;
+pub mod precision;
