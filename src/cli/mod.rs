@@ -2,6 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod import_bag;
+pub mod record;
+
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
 #[derive(Parser, Debug)]
 #[command(name = "vla_finetune", version, about)]
@@ -15,6 +18,10 @@ pub struct Cli {
 pub enum Command {
     /// Print the libtorch build and the device that would be used.
     Device(DeviceArgs),
+    /// Record episodes (from the simulated robot with --sim).
+    Record(record::RecordArgs),
+    /// Import a rosbag2 bag (MCAP storage) as an episode.
+    ImportBag(import_bag::ImportBagArgs),
 }
 
 /// Arguments of `device`.
@@ -33,5 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::device::describe(d));
             Ok(())
         }
+        Command::Record(a) => record::run(a),
+        Command::ImportBag(a) => import_bag::run(a),
     }
 }
