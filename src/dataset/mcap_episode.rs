@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mcap::records::{MessageHeader, Record};
@@ -44,10 +45,12 @@ pub enum EpisodeError {
         source: std::io::Error,
     },
     /// The MCAP library failed.
-    #[error("{path}: MCAP: {source}")]
+    #[error("{path}: MCAP: {detail}")]
     Mcap {
         /// File.
         path: PathBuf,
+        /// The cause with its own causes (e.g. the I/O error under a compression error).
+        detail: String,
         /// Cause.
         source: mcap::McapError,
     },
@@ -75,6 +78,17 @@ pub enum EpisodeError {
         /// What is wrong.
         message: String,
     },
+}
+
+fn mcap_error(path: &Path, source: mcap::McapError) -> EpisodeError {
+    let mut detail = source.to_string();
+    let mut cause = std::error::Error::source(&source);
+    while let Some(c) = cause {
+        detail.push_str(": ");
+        detail.push_str(&c.to_string());
+        cause = c.source();
+    }
+    EpisodeError::Mcap { path: path.to_path_buf(), detail, source }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EpisodeError + '_ {
@@ -133,16 +147,21 @@ pub fn mcap_file_name(id: &str) -> String {
     format!("{id}_0.mcap")
 }
 
-/// A file that refuses to grow past a quota (reported as `StorageFull`).
+/// A file that refuses to grow past a quota (reported as `StorageFull`), and refuses every write
+/// once closed off after an error.
 struct QuotaFile {
     inner: BufWriter<File>,
     pos: u64,
     end: u64,
     limit: u64,
+    closed: Arc<AtomicBool>,
 }
 
 impl Write for QuotaFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("episode file closed after a write error"));
+        }
         if self.pos + buf.len() as u64 > self.limit {
             return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, format!("episode quota of {} bytes reached", self.limit)));
         }
@@ -152,6 +171,9 @@ impl Write for QuotaFile {
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("episode file closed after a write error"));
+        }
         self.inner.flush()
     }
 }
@@ -171,6 +193,7 @@ pub struct EpisodeWriter {
     streams: StreamConfig,
     opts: WriterOptions,
     mcap: Option<mcap::Writer<QuotaFile>>,
+    closed: Arc<AtomicBool>,
     channels: HashMap<String, (u16, MsgType)>,
     counts: BTreeMap<String, TopicCount>,
     bounds: Option<(i64, i64)>,
@@ -197,8 +220,9 @@ impl EpisodeWriter {
         std::fs::write(&sp, streams.to_yaml()).map_err(io_err(&sp))?;
         let mcap_path = dir.join(mcap_file_name(&meta.id));
         let file = File::create(&mcap_path).map_err(io_err(&mcap_path))?;
-        let quota = QuotaFile { inner: BufWriter::with_capacity(1 << 20, file), pos: 0, end: 0, limit: opts.max_bytes.unwrap_or(u64::MAX) };
-        let mcap = new_mcap_writer(quota, &opts).map_err(|source| EpisodeError::Mcap { path: mcap_path.clone(), source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let quota = QuotaFile { inner: BufWriter::with_capacity(1 << 20, file), pos: 0, end: 0, limit: opts.max_bytes.unwrap_or(u64::MAX), closed: closed.clone() };
+        let mcap = new_mcap_writer(quota, &opts).map_err(|source| mcap_error(&mcap_path, source))?;
         Ok(EpisodeWriter {
             dir,
             mcap_path,
@@ -206,6 +230,7 @@ impl EpisodeWriter {
             streams: streams.clone(),
             opts,
             mcap: Some(mcap),
+            closed,
             channels: HashMap::new(),
             counts: BTreeMap::new(),
             bounds: None,
@@ -240,7 +265,7 @@ impl EpisodeWriter {
         let mcap = self.mcap.as_mut().expect("writer open until finish");
         let header = MessageHeader { channel_id: channel, sequence: self.sequence, log_time: recv_ns.max(0) as u64, publish_time: stamp_ns.max(0) as u64 };
         self.sequence = self.sequence.wrapping_add(1);
-        mcap.write_to_known_channel(&header, cdr).map_err(|source| EpisodeError::Mcap { path: self.mcap_path.clone(), source })?;
+        mcap.write_to_known_channel(&header, cdr).map_err(|source| mcap_error(&self.mcap_path, source))?;
         let c = self.counts.get_mut(topic).expect("channel registered");
         c.count += 1;
         self.bounds = Some(match self.bounds {
@@ -264,7 +289,7 @@ impl EpisodeWriter {
     /// Closes the current chunk and hands everything written so far to the OS.
     pub fn flush(&mut self) -> Result<(), EpisodeError> {
         self.last_flush_wall = Instant::now();
-        self.mcap.as_mut().expect("writer open until finish").flush().map_err(|source| EpisodeError::Mcap { path: self.mcap_path.clone(), source })
+        self.mcap.as_mut().expect("writer open until finish").flush().map_err(|source| mcap_error(&self.mcap_path, source))
     }
 
     fn add_channel(&mut self, topic: &str, type_name: &str) -> Result<u16, EpisodeError> {
@@ -279,9 +304,9 @@ impl EpisodeWriter {
         }
         let path = self.mcap_path.clone();
         let mcap = self.mcap.as_mut().expect("writer open until finish");
-        let schema = mcap.add_schema(t.name(), "ros2msg", t.schema_text().as_bytes()).map_err(|source| EpisodeError::Mcap { path: path.clone(), source })?;
+        let schema = mcap.add_schema(t.name(), "ros2msg", t.schema_text().as_bytes()).map_err(|source| mcap_error(&path, source))?;
         let md = BTreeMap::from([("offered_qos_profiles".to_string(), QOS_PROFILE.to_string())]);
-        let id = mcap.add_channel(schema, topic, "cdr", &md).map_err(|source| EpisodeError::Mcap { path, source })?;
+        let id = mcap.add_channel(schema, topic, "cdr", &md).map_err(|source| mcap_error(&path, source))?;
         self.channels.insert(topic.into(), (id, t));
         self.counts.insert(topic.into(), TopicCount { topic: topic.into(), type_name: t.name().into(), count: 0 });
         Ok(id)
@@ -299,7 +324,7 @@ impl EpisodeWriter {
         self.meta.stop_ns = stop_ns;
         self.meta.drops = drops;
         let mut mcap = self.mcap.take().expect("finish once");
-        let mcap_err = |source| EpisodeError::Mcap { path: self.mcap_path.clone(), source };
+        let mcap_err = |source| mcap_error(&self.mcap_path, source);
         let md = mcap::records::Metadata { name: "vla_finetune.episode".into(), metadata: meta_as_map(&self.meta) };
         mcap.write_metadata(&md).map_err(mcap_err)?;
         mcap.finish().map_err(mcap_err)?;
@@ -319,11 +344,10 @@ impl EpisodeWriter {
     /// keeps every chunk flushed before the error, and the marker stays so recovery rebuilds it.
     /// `episode.json` is updated with `outcome` when possible.
     pub fn abandon(mut self, outcome: &str, stop_ns: i64, drops: BTreeMap<String, u64>) -> EpisodeMeta {
-        if let Some(m) = self.mcap.take() {
-            // Dropping an mcap::Writer tries to finish the file; take the file out first so a
-            // failing disk is not written to again.
-            std::mem::forget(m);
-        }
+        // Dropping an mcap::Writer tries to finish the file: close the file off first so
+        // nothing more is written to a failing disk.
+        self.closed.store(true, Ordering::Relaxed);
+        drop(self.mcap.take());
         self.meta.outcome = outcome.to_string();
         self.meta.stop_ns = stop_ns;
         self.meta.drops = drops;
@@ -338,9 +362,8 @@ impl Drop for EpisodeWriter {
     fn drop(&mut self) {
         // An episode dropped without finish/abandon (a panic elsewhere) is left exactly as a crash
         // would leave it; recovery handles it.
-        if let Some(m) = self.mcap.take() {
-            std::mem::forget(m);
-        }
+        self.closed.store(true, Ordering::Relaxed);
+        drop(self.mcap.take());
     }
 }
 
