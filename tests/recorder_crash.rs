@@ -81,7 +81,7 @@ fn kill_9_during_recording_then_recovery_keeps_every_flushed_message() {
     assert!(chunks >= 2 && !before.is_empty());
 
     // The next start finds and recovers it.
-    let cfg = RecorderConfig { root: root.clone(), streams: sim.streams(), queue_capacity: 64, writer: WriterOptions::default() };
+    let cfg = RecorderConfig { root: root.clone(), streams: sim.streams(), queue_capacity: 64, queue_bytes: 64 << 20, writer: WriterOptions::default() };
     let (_rec, recovered) = Recorder::open(cfg).unwrap();
     assert_eq!(recovered.len(), 1);
     let r = recovered.into_iter().next().unwrap().unwrap();
@@ -115,7 +115,7 @@ fn full_disk_stops_the_episode_with_an_error_and_keeps_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimConfig { seed: 9, cameras: 1, width: 32, height: 24, ..Default::default() };
     let writer = WriterOptions { max_bytes: Some(600_000), flush_interval_ns: 200_000_000, ..Default::default() };
-    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity: 16, writer };
+    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity: 16, queue_bytes: 64 << 20, writer };
     let (rec, _) = Recorder::open(cfg).unwrap();
     let seconds = 30.0;
     rec.start(EpisodeInfo { id: Some("full".into()), instruction: "x".into(), ..Default::default() }, 0).unwrap();

@@ -20,7 +20,7 @@ fn small_sim() -> SimConfig {
 }
 
 fn record(root: &Path, sim: &SimConfig, seconds: f64) -> (Vec<SimMessage>, vla_finetune::dataset::episode::EpisodeMeta) {
-    let cfg = RecorderConfig { root: root.to_path_buf(), streams: sim.streams(), queue_capacity: 256, writer: WriterOptions::default() };
+    let cfg = RecorderConfig { root: root.to_path_buf(), streams: sim.streams(), queue_capacity: 256, queue_bytes: 64 << 20, writer: WriterOptions::default() };
     let (rec, recovered) = Recorder::open(cfg).unwrap();
     assert!(recovered.is_empty());
     let ep = sim.episode(0, START_NS, seconds);
@@ -185,9 +185,15 @@ fn episode_is_readable_by_rosbags_and_python_mcap() {
 
 #[test]
 fn full_queue_drops_are_counted_never_block_and_land_in_the_episode() {
+    // Bounded by message count, then by payload bytes.
+    burst(2, 64 << 20);
+    burst(100_000, 2 << 20);
+}
+
+fn burst(queue_capacity: usize, queue_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimConfig { seed: 3, cameras: 1, width: 640, height: 360, camera_hz: 200.0, ..Default::default() };
-    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity: 2, writer: WriterOptions::default() };
+    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity, queue_bytes, writer: WriterOptions::default() };
     let (rec, _) = Recorder::open(cfg).unwrap();
     // Not recording yet: ignored, not counted.
     let m0 = sim.episode(0, START_NS, 0.01).next().unwrap();
@@ -206,7 +212,8 @@ fn full_queue_drops_are_counted_never_block_and_land_in_the_episode() {
     let meta = rec.stop("aborted").unwrap();
     let st = rec.status();
     let total_dropped: u64 = st.topics.iter().map(|t| t.dropped).sum();
-    assert!(dropped_here > 0, "a 2-slot queue fed a 640x360 burst must overflow");
+    assert!(dropped_here > 0, "a small queue fed a 640x360 burst must overflow");
+    assert!(rec.status().queued_bytes <= queue_bytes as u64);
     assert_eq!(total_dropped, dropped_here + 1);
     assert_eq!(meta.drops.values().sum::<u64>(), total_dropped);
     let ep = McapEpisode::open(&dir.path().join("episodes/burst")).unwrap();

@@ -51,6 +51,9 @@ pub struct RecordArgs {
     /// Recorder queue capacity (messages).
     #[arg(long, default_value_t = 4096)]
     pub queue: usize,
+    /// Recorder queue budget in MiB of message payload.
+    #[arg(long, default_value_t = 256)]
+    pub queue_mb: usize,
     /// Chunk compression.
     #[arg(long, value_enum, default_value = "zstd")]
     pub compression: Compression,
@@ -74,7 +77,7 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
         bail!("--width, --height, --cameras and the rates must be positive");
     }
     let sim = SimConfig { seed: a.seed, cameras: a.cameras, width: a.width, height: a.height, camera_hz: a.camera_hz, sensor_hz: a.sensor_hz, pose_hz: a.pose_hz, ..Default::default() };
-    let cfg = RecorderConfig { root: a.out.clone(), streams: sim.streams(), queue_capacity: a.queue, writer: WriterOptions { compression: a.compression, ..Default::default() } };
+    let cfg = RecorderConfig { root: a.out.clone(), streams: sim.streams(), queue_capacity: a.queue, queue_bytes: a.queue_mb << 20, writer: WriterOptions { compression: a.compression, ..Default::default() } };
     let (rec, recovered) = Recorder::open(cfg).with_context(|| format!("opening dataset {}", a.out.display()))?;
     for r in &recovered {
         match r {

@@ -51,6 +51,8 @@ pub struct RecorderConfig {
     pub streams: StreamConfig,
     /// Messages the queue holds before dropping.
     pub queue_capacity: usize,
+    /// Payload bytes the queue holds before dropping (bounds memory with large images).
+    pub queue_bytes: usize,
     /// File options.
     pub writer: WriterOptions,
 }
@@ -109,6 +111,8 @@ pub struct RecorderStatus {
     pub error: Option<String>,
     /// Messages waiting in the queue.
     pub queued: u64,
+    /// Payload bytes waiting in the queue.
+    pub queued_bytes: u64,
     /// Per-topic counters, in mapping order.
     pub topics: Vec<TopicStatus>,
 }
@@ -133,6 +137,8 @@ struct Shared {
     counters: Vec<Counters>,
     recording: AtomicBool,
     queued: AtomicU64,
+    queued_bytes: AtomicU64,
+    queue_bytes: u64,
     state: Mutex<State>,
 }
 
@@ -171,6 +177,8 @@ impl Recorder {
             topics,
             recording: AtomicBool::new(false),
             queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            queue_bytes: config.queue_bytes.max(1) as u64,
             state: Mutex::new(State::default()),
         });
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -196,12 +204,19 @@ impl Recorder {
             tracing::warn!("topic `{topic}`: got type `{type_name}`, the mapping says {}; dropped", t.name());
             return PushOutcome::Dropped;
         }
+        let len = cdr.len() as u64;
+        if self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            return PushOutcome::Dropped;
+        }
         let tx = self.tx.as_ref().expect("sender lives until drop");
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
         match tx.try_send(Msg::Data { topic: i, cdr, stamp_ns, recv_ns }) {
             Ok(()) => PushOutcome::Queued,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 PushOutcome::Dropped
             }
@@ -221,11 +236,19 @@ impl Recorder {
             c.dropped.fetch_add(1, Ordering::Relaxed);
             return PushOutcome::Dropped;
         }
+        let len = cdr.len() as u64;
+        while self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes
+            && self.shared.queued.load(Ordering::Relaxed) > 0
+        {
+            std::thread::sleep(Duration::from_micros(500));
+        }
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
         match self.send(Msg::Data { topic: i, cdr, stamp_ns, recv_ns }) {
             Ok(()) => PushOutcome::Queued,
             Err(_) => {
                 self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 PushOutcome::Dropped
             }
@@ -272,6 +295,7 @@ impl Recorder {
             episodes_finished: st.finished,
             error: st.error.clone(),
             queued: self.shared.queued.load(Ordering::Relaxed),
+            queued_bytes: self.shared.queued_bytes.load(Ordering::Relaxed),
             topics: self
                 .shared
                 .topics
@@ -327,8 +351,9 @@ impl Worker {
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Msg::Data { topic, cdr, stamp_ns, recv_ns }) => {
-                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                     self.write(topic, &cdr, stamp_ns, recv_ns);
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.shared.queued_bytes.fetch_sub(cdr.len() as u64, Ordering::Relaxed);
                 }
                 Ok(Msg::Start { meta, reply }) => {
                     let _ = reply.send(self.start(meta));
