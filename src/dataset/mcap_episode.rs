@@ -707,11 +707,10 @@ impl McapEpisode {
         let mut msgs: Vec<(String, MsgType, Stamp, Option<usize>, usize, Vec<u8>)> = Vec::new();
         let mut skipped: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut skip = |topic: &str, reason: &str| *skipped.entry(topic.to_string()).or_default().entry(reason.to_string()).or_default() += 1;
-        let streams = &self.streams;
+        let roles: HashMap<String, (Role, MsgType)> = self.streams.all().into_iter().map(|(r, s)| (s.topic.clone(), (r, s.kind()))).collect();
         let scan = scan_mcap(map, &mut channels, |chs, m| {
             let Some(ch) = chs.get(&m.channel) else { return };
-            let Some((role, spec)) = streams.find_topic(&ch.topic) else { return };
-            let t = spec.kind();
+            let Some(&(role, t)) = roles.get(&ch.topic) else { return };
             if MsgType::parse(&ch.type_name).ok() != Some(t) {
                 skip(&ch.topic, "type_mismatch");
                 return;

@@ -123,6 +123,7 @@ struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
     bytes: AtomicU64,
+    warned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -186,24 +187,21 @@ impl Recorder {
         let worker_shared = shared.clone();
         let worker = std::thread::Builder::new()
             .name("recorder-writer".into())
-            .spawn(move || Worker { shared: worker_shared, config, current: None, base_drops: Vec::new() }.run(rx))
+            .spawn(move || {
+                let types = config.streams.all().iter().map(|(_, s)| s.kind()).collect();
+                Worker { shared: worker_shared, config, types, current: None, base_drops: Vec::new() }.run(rx)
+            })
             .map_err(|source| EpisodeError::Io { path: PathBuf::from("recorder-writer thread"), source })?;
         Ok((Recorder { tx: Some(tx), shared, index, worker: Some(worker), root }, recovered))
     }
 
     /// Hands one message to the recorder without ever blocking.
     pub fn push(&self, topic: &str, type_name: &str, cdr: Vec<u8>, stamp_ns: i64, recv_ns: i64) -> PushOutcome {
-        let Some(&(i, t)) = self.index.get(topic) else { return PushOutcome::UnknownTopic };
-        if !self.shared.recording.load(Ordering::Acquire) {
-            return PushOutcome::NotRecording;
-        }
+        let i = match self.admit(topic, type_name) {
+            Ok(i) => i,
+            Err(o) => return o,
+        };
         let c = &self.shared.counters[i];
-        c.received.fetch_add(1, Ordering::Relaxed);
-        if t.name() != type_name && MsgType::parse(type_name).ok() != Some(t) {
-            c.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("topic `{topic}`: got type `{type_name}`, the mapping says {}; dropped", t.name());
-            return PushOutcome::Dropped;
-        }
         let len = cdr.len() as u64;
         if self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes {
             c.dropped.fetch_add(1, Ordering::Relaxed);
@@ -226,16 +224,11 @@ impl Recorder {
     /// Like [`Recorder::push`] but waits for queue space instead of dropping: for offline
     /// producers (the simulator running faster than real time, imports) that must lose nothing.
     pub fn push_wait(&self, topic: &str, type_name: &str, cdr: Vec<u8>, stamp_ns: i64, recv_ns: i64) -> PushOutcome {
-        let Some(&(i, t)) = self.index.get(topic) else { return PushOutcome::UnknownTopic };
-        if !self.shared.recording.load(Ordering::Acquire) {
-            return PushOutcome::NotRecording;
-        }
+        let i = match self.admit(topic, type_name) {
+            Ok(i) => i,
+            Err(o) => return o,
+        };
         let c = &self.shared.counters[i];
-        c.received.fetch_add(1, Ordering::Relaxed);
-        if t.name() != type_name && MsgType::parse(type_name).ok() != Some(t) {
-            c.dropped.fetch_add(1, Ordering::Relaxed);
-            return PushOutcome::Dropped;
-        }
         let len = cdr.len() as u64;
         while self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes
             && self.shared.queued.load(Ordering::Relaxed) > 0
@@ -253,6 +246,25 @@ impl Recorder {
                 PushOutcome::Dropped
             }
         }
+    }
+
+    /// Checks topic, recording state and type; counts the message as received (and dropped when
+    /// its type does not match the mapping). Returns the topic's index.
+    fn admit(&self, topic: &str, type_name: &str) -> Result<usize, PushOutcome> {
+        let Some(&(i, t)) = self.index.get(topic) else { return Err(PushOutcome::UnknownTopic) };
+        if !self.shared.recording.load(Ordering::Acquire) {
+            return Err(PushOutcome::NotRecording);
+        }
+        let c = &self.shared.counters[i];
+        c.received.fetch_add(1, Ordering::Relaxed);
+        if t.name() != type_name && MsgType::parse(type_name).ok() != Some(t) {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            if !c.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!("topic `{topic}`: got type `{type_name}`, the mapping says {}; dropping such messages", t.name());
+            }
+            return Err(PushOutcome::Dropped);
+        }
+        Ok(i)
     }
 
     /// Starts an episode; returns its id.
@@ -342,6 +354,8 @@ impl Drop for Recorder {
 struct Worker {
     shared: Arc<Shared>,
     config: RecorderConfig,
+    /// Message type of each topic, in mapping order.
+    types: Vec<MsgType>,
     current: Option<EpisodeWriter>,
     base_drops: Vec<u64>,
 }
@@ -423,8 +437,7 @@ impl Worker {
             return;
         };
         let name = &self.shared.topics[topic];
-        let t = self.config.streams.find_topic(name).expect("topic from the mapping").1.kind();
-        match ep.write(name, t.name(), cdr, stamp_ns, recv_ns) {
+        match ep.write(name, self.types[topic].name(), cdr, stamp_ns, recv_ns) {
             Ok(()) => {
                 c.written.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(cdr.len() as u64, Ordering::Relaxed);
@@ -481,6 +494,12 @@ pub fn utc_compact(ns: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn recorder_can_be_shared_between_subscription_tasks() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<super::Recorder>();
+    }
+
     #[test]
     fn utc_compact_matches_known_dates() {
         assert_eq!(super::utc_compact(0), "19700101T000000_000");
