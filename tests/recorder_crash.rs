@@ -161,3 +161,30 @@ fn full_disk_stops_the_episode_with_an_error_and_keeps_what_was_written() {
     let e = McapEpisode::open(&dir.path().join("episodes/after")).unwrap();
     assert!(e.counts().is_empty());
 }
+
+#[test]
+fn drop_counters_saved_during_recording_survive_a_crash() {
+    use vla_finetune::dataset::episode::EpisodeMeta;
+    use vla_finetune::dataset::mcap_episode::EpisodeWriter;
+    use vla_finetune::dataset::recovery::recover_episode;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimConfig { seed: 2, cameras: 1, width: 16, height: 12, ..Default::default() };
+    let meta = EpisodeMeta { id: "crashy".into(), instruction: "keep me".into(), ..Default::default() };
+    let mut w = EpisodeWriter::create(dir.path(), meta, &sim.streams(), WriterOptions::default()).unwrap();
+    let msgs: Vec<_> = sim.episode(0, 5_000_000_000, 2.5).collect();
+    for m in &msgs {
+        w.write(&m.topic, m.type_name, &m.cdr, m.stamp_ns, m.recv_ns).unwrap();
+    }
+    w.save_progress(BTreeMap::from([("/sim/oct/frame".to_string(), 7)])).unwrap();
+    drop(w); // no finish: what a crash leaves (minus the unflushed tail)
+    let ep_dir = dir.path().join("episodes/crashy");
+    assert!(ep_dir.join(RECORDING_MARKER).exists());
+    let r = recover_episode(&ep_dir).unwrap();
+    assert!(r.messages > 0 && r.messages <= msgs.len() as u64);
+    let ep = McapEpisode::open(&ep_dir).unwrap();
+    assert!(ep.meta().recovered);
+    assert_eq!(ep.meta().instruction, "keep me");
+    assert_eq!(ep.meta().drops, BTreeMap::from([("/sim/oct/frame".to_string(), 7)]));
+    let (kept, _) = scan_file(&ep_dir.join("crashy_0.mcap"));
+    assert_prefix_of_sim(&sim, 2.5, &kept);
+}

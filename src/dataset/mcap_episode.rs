@@ -312,6 +312,15 @@ impl EpisodeWriter {
         Ok(id)
     }
 
+    /// Rewrites `episode.json` with the drops counted so far, so that a crash keeps them.
+    pub fn save_progress(&mut self, drops: BTreeMap<String, u64>) -> Result<(), EpisodeError> {
+        if drops == self.meta.drops {
+            return Ok(());
+        }
+        self.meta.drops = drops;
+        write_episode_json(&self.dir, &self.meta)
+    }
+
     /// Messages written per topic so far.
     pub fn counts(&self) -> Vec<TopicCount> {
         self.counts.values().cloned().collect()

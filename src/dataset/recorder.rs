@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -189,7 +189,7 @@ impl Recorder {
             .name("recorder-writer".into())
             .spawn(move || {
                 let types = config.streams.all().iter().map(|(_, s)| s.kind()).collect();
-                Worker { shared: worker_shared, config, types, current: None, base_drops: Vec::new() }.run(rx)
+                Worker { shared: worker_shared, config, types, current: None, base_drops: Vec::new(), last_progress: Instant::now() }.run(rx)
             })
             .map_err(|source| EpisodeError::Io { path: PathBuf::from("recorder-writer thread"), source })?;
         Ok((Recorder { tx: Some(tx), shared, index, worker: Some(worker), root }, recovered))
@@ -358,11 +358,15 @@ struct Worker {
     types: Vec<MsgType>,
     current: Option<EpisodeWriter>,
     base_drops: Vec<u64>,
+    last_progress: Instant,
 }
 
 impl Worker {
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
+            if self.current.is_some() && self.last_progress.elapsed() >= Duration::from_secs(1) {
+                self.save_progress();
+            }
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Msg::Data { topic, cdr, stamp_ns, recv_ns }) => {
                     self.write(topic, &cdr, stamp_ns, recv_ns);
@@ -407,6 +411,17 @@ impl Worker {
         st.error = None;
         tracing::info!("recording episode {id}");
         Ok(id)
+    }
+
+    /// Persists the episode's drop counters about once a second (kept by crash recovery).
+    fn save_progress(&mut self) {
+        self.last_progress = Instant::now();
+        let drops = self.episode_drops();
+        if let Some(ep) = self.current.as_mut() {
+            if let Err(e) = ep.save_progress(drops) {
+                tracing::warn!("episode {}: cannot save drop counters: {e}", ep.meta().id);
+            }
+        }
     }
 
     fn episode_drops(&self) -> BTreeMap<String, u64> {
@@ -498,6 +513,7 @@ mod tests {
     fn recorder_can_be_shared_between_subscription_tasks() {
         fn shareable<T: Send + Sync>() {}
         shareable::<super::Recorder>();
+        shareable::<crate::dataset::mcap_episode::McapEpisode>();
     }
 
     #[test]
