@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the rosbag2 (MCAP storage) fixtures for the import tests with the `rosbags` library,
+"""Writes the rosbag2 fixtures (the same messages in MCAP and in sqlite3 storage) for the import tests with the `rosbags` library,
 an independent ROS 2 CDR serializer, plus `expected.json` holding the exact values the importer
 must read back (images as RGB8, poses in mm and roll/pitch/yaw degrees, sensor rows).
 
@@ -29,9 +29,10 @@ BASE_NS = 1_700_000_000_000_000_000
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / 'tests/fixtures/rosbag'
-    bag = out / 'all_types'
-    if bag.exists():
-        shutil.rmtree(bag)
+    bags = {StoragePlugin.MCAP: out / 'all_types', StoragePlugin.SQLITE3: out / 'all_types_sqlite3'}
+    for bag in bags.values():
+        if bag.exists():
+            shutil.rmtree(bag)
     out.mkdir(parents=True, exist_ok=True)
 
     ts = get_typestore(Stores.ROS2_HUMBLE)
@@ -122,14 +123,17 @@ def main() -> None:
         # A topic that is not in the stream mapping.
         add('/chatter', 'std_msgs/msg/String', T['std_msgs/msg/String'](data=f'hello {k}'), log + 9, log + 9, None)
 
-    with Writer(bag, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
-        conns = {}
-        for topic, msgtype, msg, log in sorted(writes, key=lambda w: w[3]):
-            if topic not in conns:
-                conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
-            writer.write(conns[topic], log, ts.serialize_cdr(msg, msgtype))
+    # The same messages in both storage formats.
+    for plugin, bag in bags.items():
+        with Writer(bag, version=8, storage_plugin=plugin) as writer:
+            conns = {}
+            for topic, msgtype, msg, log in sorted(writes, key=lambda w: w[3]):
+                if topic not in conns:
+                    conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
+                writer.write(conns[topic], log, ts.serialize_cdr(msg, msgtype))
+        print(f'wrote {bag}')
     (out / 'expected.json').write_text(json.dumps(expected, separators=(',', ':')) + '\n')
-    print(f'wrote {bag} and {out / "expected.json"}')
+    print(f'wrote {out / "expected.json"}')
 
 
 if __name__ == '__main__':

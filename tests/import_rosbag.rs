@@ -29,9 +29,18 @@ fn msgs<'a>(exp: &'a serde_json::Value, topic: &str) -> &'a Vec<serde_json::Valu
 }
 
 #[test]
-fn imports_every_type_with_exact_values() {
+fn imports_every_type_with_exact_values_from_mcap() {
+    check_import("all_types");
+}
+
+#[test]
+fn imports_every_type_with_exact_values_from_sqlite3() {
+    check_import("all_types_sqlite3");
+}
+
+fn check_import(bag: &str) {
     let out = tempfile::tempdir().unwrap();
-    let r = import_bag(&fixtures().join("all_types"), &streams(), out.path(), &opts()).unwrap();
+    let r = import_bag(&fixtures().join(bag), &streams(), out.path(), &opts()).unwrap();
     assert_eq!(r.unmapped.get("/chatter"), Some(&5));
     assert!(r.skipped.is_empty());
     assert_eq!(r.meta.outcome, "success");
@@ -168,10 +177,14 @@ fn wrong_storage_type_mismatch_and_missing_topic_are_named() {
     assert!(e.to_string().contains("/not_there"), "{e}");
 
     let md = bag.join("metadata.yaml");
-    let text = std::fs::read_to_string(&md).unwrap().replace("storage_identifier: mcap", "storage_identifier: sqlite3");
-    std::fs::write(&md, text).unwrap();
+    let orig = std::fs::read_to_string(&md).unwrap();
+    std::fs::write(&md, orig.replace("storage_identifier: mcap", "storage_identifier: rosbag_v1")).unwrap();
     let e = import_bag(&bag, &streams(), &out, &opts()).unwrap_err();
-    assert!(matches!(&e, ImportError::Storage { storage, .. } if storage == "sqlite3"), "{e}");
+    assert!(matches!(&e, ImportError::Storage { storage, .. } if storage == "rosbag_v1"), "{e}");
+    // Metadata saying sqlite3 over an MCAP file: the database layer's error, naming the file.
+    std::fs::write(&md, orig.replace("storage_identifier: mcap", "storage_identifier: sqlite3")).unwrap();
+    let e = import_bag(&bag, &streams(), &out, &opts()).unwrap_err();
+    assert!(matches!(&e, ImportError::Damaged { .. }) && e.to_string().contains("all_types.mcap"), "{e}");
 
     std::fs::write(&md, "not: [a bag").unwrap();
     let e = import_bag(&bag, &streams(), &out, &opts()).unwrap_err();

@@ -1,5 +1,6 @@
-//! rosbag2 import: a bag folder recorded by `ros2 bag record` (MCAP storage) becomes one episode
-//! of the dataset, keeping the mapped topics' raw CDR messages, header stamps and receive times.
+//! rosbag2 import: a bag folder recorded by `ros2 bag record` (MCAP or sqlite3 storage) becomes
+//! one episode of the dataset, keeping the mapped topics' raw CDR messages, header stamps and
+//! receive times.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -32,8 +33,8 @@ pub enum ImportError {
         /// What is wrong.
         message: String,
     },
-    /// The storage plugin is not MCAP.
-    #[error("{path}: storage `{storage}` is not supported (only mcap; convert with `ros2 bag convert`)")]
+    /// The storage plugin is neither MCAP nor sqlite3.
+    #[error("{path}: storage `{storage}` is not supported (mcap or sqlite3; convert with `ros2 bag convert`)")]
     Storage {
         /// Bag folder.
         path: PathBuf,
@@ -120,7 +121,7 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
     let mpath = bag.join(ROSBAG2_METADATA);
     let text = std::fs::read_to_string(&mpath).map_err(|source| ImportError::Io { path: mpath.clone(), source })?;
     let info = serde_yaml::from_str::<BagMeta>(&text).map_err(|e| ImportError::Metadata { path: mpath.clone(), message: e.to_string() })?.rosbag2_bagfile_information;
-    if info.storage_identifier != "mcap" {
+    if info.storage_identifier != "mcap" && info.storage_identifier != "sqlite3" {
         return Err(ImportError::Storage { path: bag.to_path_buf(), storage: info.storage_identifier });
     }
     if info.relative_file_paths.is_empty() {
@@ -133,40 +134,34 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
     for rel in &info.relative_file_paths {
         let name = Path::new(rel).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(rel));
         let path = bag.join(name);
-        let file = File::open(&path).map_err(|source| ImportError::Io { path: path.clone(), source })?;
-        // SAFETY: read-only map of a bag file; bags are not modified while imported.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ImportError::Io { path: path.clone(), source })?;
-        let mut channels = HashMap::new();
         let mut mismatch: Option<ImportError> = None;
-        let end = scan_mcap(&map, &mut channels, |chs, m| {
-            let Some(ch) = chs.get(&m.channel) else { return };
-            let Some((_, spec)) = streams.find_topic(&ch.topic) else {
-                *unmapped.entry(ch.topic.clone()).or_default() += 1;
+        let mut visit = |topic: &str, type_name: &str, encoding: &str, log_time: i64, data: &[u8]| {
+            let Some((_, spec)) = streams.find_topic(topic) else {
+                *unmapped.entry(topic.to_string()).or_default() += 1;
                 return;
             };
             let t = spec.kind();
-            if MsgType::parse(&ch.type_name).ok() != Some(t) || ch.encoding != "cdr" {
+            if MsgType::parse(type_name).ok() != Some(t) || encoding != "cdr" {
                 if mismatch.is_none() {
-                    let found = if ch.encoding != "cdr" { format!("{} ({} encoding)", ch.type_name, ch.encoding) } else { ch.type_name.clone() };
-                    mismatch = Some(ImportError::TypeMismatch { path: path.clone(), topic: ch.topic.clone(), found, expected: t.name().into() });
+                    let found = if encoding != "cdr" { format!("{type_name} ({encoding} encoding)") } else { type_name.to_string() };
+                    mismatch = Some(ImportError::TypeMismatch { path: path.clone(), topic: topic.into(), found, expected: t.name().into() });
                 }
                 return;
             }
-            let stamp = match t.header_stamp(&m.data) {
-                Ok(s) => s.unwrap_or(m.log_time as i64),
+            match t.header_stamp(data) {
+                Ok(s) => msgs.push((topic.to_string(), t, data.to_vec(), s.unwrap_or(log_time), log_time)),
                 Err(e) => {
-                    tracing::warn!("{}: topic `{}`: message skipped: {e}", path.display(), ch.topic);
-                    *skipped.entry(ch.topic.clone()).or_default() += 1;
-                    return;
+                    tracing::warn!("{}: topic `{topic}`: message skipped: {e}", path.display());
+                    *skipped.entry(topic.to_string()).or_default() += 1;
                 }
-            };
-            msgs.push((ch.topic.clone(), t, m.data.into_owned(), stamp, m.log_time as i64));
-        });
+            }
+        };
+        match info.storage_identifier.as_str() {
+            "mcap" => read_mcap(&path, &mut visit)?,
+            _ => read_sqlite(&path, &mut visit)?,
+        }
         if let Some(e) = mismatch {
             return Err(e);
-        }
-        if !end.complete {
-            return Err(ImportError::Damaged { path, message: end.stopped.unwrap_or_else(|| "data section incomplete".into()) });
         }
     }
     for (_, spec) in streams.all() {
@@ -189,4 +184,49 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
     let dir = w.dir().to_path_buf();
     let meta = w.finish(&opts.outcome, stop, BTreeMap::new())?;
     Ok(ImportReport { meta, dir, imported, skipped, unmapped })
+}
+
+/// Visits every message of an MCAP bag file: (topic, type, encoding, log time, CDR).
+fn read_mcap(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
+    let file = File::open(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    // SAFETY: read-only map of a bag file; bags are not modified while imported.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    let mut channels = HashMap::new();
+    let end = scan_mcap(&map, &mut channels, |chs, m| {
+        if let Some(ch) = chs.get(&m.channel) {
+            visit(&ch.topic, &ch.type_name, &ch.encoding, m.log_time as i64, &m.data);
+        }
+    });
+    if !end.complete {
+        return Err(ImportError::Damaged { path: path.to_path_buf(), message: end.stopped.unwrap_or_else(|| "data section incomplete".into()) });
+    }
+    Ok(())
+}
+
+/// Visits every message of a sqlite3 bag file (`topics` and `messages` tables), in time order.
+fn read_sqlite(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
+    let damaged = |e: rusqlite::Error| ImportError::Damaged { path: path.to_path_buf(), message: format!("sqlite3: {e}") };
+    if !path.exists() {
+        return Err(ImportError::Io { path: path.to_path_buf(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+    }
+    let db = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(damaged)?;
+    let mut topics: HashMap<i64, (String, String, String)> = HashMap::new();
+    let mut st = db.prepare("SELECT id, name, type, serialization_format FROM topics").map_err(damaged)?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))).map_err(damaged)?;
+    for row in rows {
+        let (id, t) = row.map_err(damaged)?;
+        topics.insert(id, t);
+    }
+    let mut st = db.prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id").map_err(damaged)?;
+    let mut rows = st.query([]).map_err(damaged)?;
+    while let Some(r) = rows.next().map_err(damaged)? {
+        let topic_id: i64 = r.get(0).map_err(damaged)?;
+        let log: i64 = r.get(1).map_err(damaged)?;
+        let data = r.get_ref(2).map_err(damaged)?.as_blob().map_err(|e| damaged(e.into()))?;
+        let (name, type_name, encoding) = topics
+            .get(&topic_id)
+            .ok_or_else(|| ImportError::Damaged { path: path.to_path_buf(), message: format!("message refers to unknown topic id {topic_id}") })?;
+        visit(name, type_name, encoding, log, data);
+    }
+    Ok(())
 }
