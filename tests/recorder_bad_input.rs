@@ -163,4 +163,9 @@ fn empty_episode_is_valid_and_opens_everywhere() {
     assert!(e.to_string().contains("already exists"), "{e}");
     let e = EpisodeWriter::create(dir.path(), EpisodeMeta { id: "../x".into(), ..Default::default() }, &streams(), WriterOptions::default()).err().unwrap();
     assert!(e.to_string().contains("invalid episode id"), "{e}");
+    // A mapping built in code is validated too (no panic on an unknown type).
+    let mut bad = streams();
+    bad.state.msg_type = "nav_msgs/msg/Odometry".into();
+    let e = EpisodeWriter::create(dir.path(), EpisodeMeta { id: "y".into(), ..Default::default() }, &bad, WriterOptions::default()).err().unwrap();
+    assert!(e.to_string().contains("nav_msgs/msg/Odometry"), "{e}");
 }

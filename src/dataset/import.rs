@@ -72,6 +72,9 @@ pub enum ImportError {
     /// Writing the episode failed.
     #[error(transparent)]
     Episode(#[from] EpisodeError),
+    /// The stream mapping is invalid.
+    #[error(transparent)]
+    Streams(#[from] crate::dataset::streams::StreamsError),
 }
 
 /// Episode metadata to attach to the imported bag.
@@ -118,6 +121,9 @@ struct BagInfo {
 
 /// Imports the bag folder `bag` into the dataset at `root` as one episode.
 pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+    let mut checked = streams.clone();
+    checked.validate("import stream mapping")?;
+    let streams = &checked;
     let mpath = bag.join(ROSBAG2_METADATA);
     let text = std::fs::read_to_string(&mpath).map_err(|source| ImportError::Io { path: mpath.clone(), source })?;
     let info = serde_yaml::from_str::<BagMeta>(&text).map_err(|e| ImportError::Metadata { path: mpath.clone(), message: e.to_string() })?.rosbag2_bagfile_information;

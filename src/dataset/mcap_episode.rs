@@ -208,6 +208,8 @@ impl EpisodeWriter {
         if meta.id.is_empty() || meta.id.contains(['/', '\\']) || meta.id.starts_with('.') {
             return Err(EpisodeError::Meta { path: root.to_path_buf(), message: format!("invalid episode id `{}`", meta.id) });
         }
+        let mut streams = streams.clone();
+        streams.validate("episode stream mapping").map_err(|e| EpisodeError::Meta { path: root.to_path_buf(), message: e.to_string() })?;
         let dir = episode_dir(root, &meta.id);
         if dir.exists() {
             return Err(EpisodeError::Meta { path: dir, message: "episode folder already exists".into() });
@@ -227,7 +229,7 @@ impl EpisodeWriter {
             dir,
             mcap_path,
             meta,
-            streams: streams.clone(),
+            streams,
             opts,
             mcap: Some(mcap),
             closed,

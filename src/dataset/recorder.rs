@@ -37,6 +37,9 @@ pub enum RecorderError {
     /// Writing the episode failed.
     #[error(transparent)]
     Episode(#[from] EpisodeError),
+    /// The stream mapping is invalid.
+    #[error(transparent)]
+    Streams(#[from] crate::dataset::streams::StreamsError),
     /// The writer thread is gone (it panicked).
     #[error("the recorder's writer thread has stopped")]
     WriterGone,
@@ -166,7 +169,8 @@ pub struct Recorder {
 
 impl Recorder {
     /// Recovers unfinished episodes under the root (see [`recovery`]), then starts the writer thread.
-    pub fn open(config: RecorderConfig) -> Result<(Recorder, Vec<Result<RecoveryReport, RecoveryError>>), RecorderError> {
+    pub fn open(mut config: RecorderConfig) -> Result<(Recorder, Vec<Result<RecoveryReport, RecoveryError>>), RecorderError> {
+        config.streams.validate("recorder configuration")?;
         std::fs::create_dir_all(config.root.join("episodes"))
             .map_err(|source| EpisodeError::Io { path: config.root.join("episodes"), source })?;
         let recovered = recovery::recover_all(&config.root);
