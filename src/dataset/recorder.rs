@@ -236,6 +236,7 @@ impl Recorder {
         let len = cdr.len() as u64;
         while self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes
             && self.shared.queued.load(Ordering::Relaxed) > 0
+            && !self.worker.as_ref().is_none_or(|w| w.is_finished())
         {
             std::thread::sleep(Duration::from_micros(500));
         }
