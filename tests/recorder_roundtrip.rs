@@ -222,5 +222,25 @@ fn burst(queue_capacity: usize, queue_bytes: usize) {
         assert_eq!(ep.counts().get(&t.topic).copied().unwrap_or(0), t.written, "{}", t.topic);
         assert_eq!(meta.drops.get(&t.topic).copied().unwrap_or(0), t.dropped);
     }
-    assert_eq!(st.topics.iter().map(|t| t.received).sum::<u64>(), msgs.len() as u64 + 1);
+    assert_eq!(st.topics.iter().map(|t| t.received).sum::<u64>(), msgs.len() as u64 + 1);}
+
+#[test]
+fn raw_subscription_entry_point_takes_the_header_stamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = small_sim();
+    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity: 64, queue_bytes: 64 << 20, writer: WriterOptions::default() };
+    let (rec, _) = Recorder::open(cfg).unwrap();
+    rec.start(EpisodeInfo { id: Some("raw".into()), ..Default::default() }, START_NS).unwrap();
+    let header = vla_finetune::dataset::cdr::Header { stamp: vla_finetune::dataset::cdr::Time::from_ns(START_NS + 5), frame_id: "base".into() };
+    let p = PoseStamped { header, position: [0.001, 0.0, 0.0], orientation: [0.0, 0.0, 0.0, 1.0] };
+    assert_eq!(rec.push_received(POSE_TOPIC, "geometry_msgs/msg/PoseStamped", p.encode(), START_NS + 9), PushOutcome::Queued);
+    assert_eq!(rec.push_received(POSE_TOPIC, "geometry_msgs/msg/PoseStamped", vec![0, 1, 0, 0, 1], START_NS + 10), PushOutcome::Dropped);
+    assert_eq!(rec.push_received("/nope", "geometry_msgs/msg/PoseStamped", vec![], 0), PushOutcome::UnknownTopic);
+    let meta = rec.stop("success").unwrap();
+    assert_eq!(meta.drops, BTreeMap::from([(POSE_TOPIC.to_string(), 1)]));
+    let ep = McapEpisode::open(&dir.path().join("episodes/raw")).unwrap();
+    let s = ep.state().unwrap();
+    assert_eq!(s.stamps.len(), 1);
+    assert_eq!((s.stamps[0].stamp_ns, s.stamps[0].recv_ns), (START_NS + 5, START_NS + 9));
+    assert!((s.values[0][0] - 1.0).abs() < 1e-12);
 }

@@ -225,6 +225,27 @@ impl Recorder {
         }
     }
 
+    /// [`Recorder::push`] for a raw subscription: the stamp is read from the message header
+    /// (`recv_ns` for types without one); a message whose header does not decode is dropped
+    /// and counted.
+    pub fn push_received(&self, topic: &str, type_name: &str, cdr: Vec<u8>, recv_ns: i64) -> PushOutcome {
+        let Some(&(i, t)) = self.index.get(topic) else { return PushOutcome::UnknownTopic };
+        match t.header_stamp(&cdr) {
+            Ok(stamp) => self.push(topic, type_name, cdr, stamp.unwrap_or(recv_ns), recv_ns),
+            Err(e) => match self.admit(topic, type_name) {
+                Ok(_) => {
+                    let c = &self.shared.counters[i];
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                    if !c.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("topic `{topic}`: {e}; dropping undecodable messages");
+                    }
+                    PushOutcome::Dropped
+                }
+                Err(o) => o,
+            },
+        }
+    }
+
     /// Like [`Recorder::push`] but waits for queue space instead of dropping: for offline
     /// producers (the simulator running faster than real time, imports) that must lose nothing.
     pub fn push_wait(&self, topic: &str, type_name: &str, cdr: Vec<u8>, stamp_ns: i64, recv_ns: i64) -> PushOutcome {
