@@ -188,3 +188,20 @@ fn drop_counters_saved_during_recording_survive_a_crash() {
     let (kept, _) = scan_file(&ep_dir.join("crashy_0.mcap"));
     assert_prefix_of_sim(&sim, 2.5, &kept);
 }
+
+#[test]
+fn crash_before_the_mcap_existed_recovers_an_empty_episode() {
+    use vla_finetune::dataset::recovery::recover_all;
+    let dir = tempfile::tempdir().unwrap();
+    let ep = dir.path().join("episodes/early");
+    std::fs::create_dir_all(&ep).unwrap();
+    std::fs::write(ep.join(RECORDING_MARKER), "pid 1\n").unwrap();
+    std::fs::write(ep.join("episode.json"), r#"{"id":"early","instruction":"i","task":"","operator":"","outcome":"","start_ns":5,"stop_ns":0,"recovered":false,"drops":{}}"#).unwrap();
+    std::fs::write(ep.join("streams.yaml"), SimConfig::default().streams().to_yaml()).unwrap();
+    let r = recover_all(dir.path());
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].as_ref().unwrap().messages, 0);
+    let e = McapEpisode::open(&ep).unwrap();
+    assert!(e.meta().recovered && e.complete());
+    assert!(e.sensor("oct").unwrap().stamps.is_empty());
+}

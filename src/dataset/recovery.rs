@@ -86,9 +86,17 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
         return Err(RecoveryError::Unusable { path: dir.to_path_buf(), message: format!("episode.json names episode `{}` but the folder is `{id}`", meta.id) });
     }
     let path = dir.join(mcap_file_name(&id));
-    let file = File::open(&path).map_err(io(&path))?;
-    // SAFETY: read-only map of a file no process writes any more (the recorder that wrote it is gone).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
+    // A crash right after the folder was made can leave no (or an empty) MCAP: recover it empty.
+    let map = match File::open(&path) {
+        Ok(file) if file.metadata().map(|m| m.len() > 0).unwrap_or(false) => {
+            // SAFETY: read-only map of a file no process writes any more (its recorder is gone).
+            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?)
+        }
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let data: &[u8] = map.as_deref().unwrap_or(&[]);
 
     let tmp = dir.join(format!("{}.recovering", mcap_file_name(&id)));
     let out = File::create(&tmp).map_err(io(&tmp))?;
@@ -102,7 +110,7 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
     let mut bounds: Option<(i64, i64)> = None;
     let mut error: Option<mcap::McapError> = None;
     let mut seq = 0u32;
-    let end = scan_mcap(&map, &mut channels, |chs, m| {
+    let end = scan_mcap(data, &mut channels, |chs, m| {
         if error.is_some() {
             return;
         }
