@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 
 pub mod dataset;
+pub mod import_bag;
+pub mod record;
 
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
 #[derive(Parser, Debug)]
@@ -19,6 +21,10 @@ pub enum Command {
     Device(DeviceArgs),
     /// Compile recorded episodes into a training dataset, or describe one.
     Dataset(dataset::DatasetArgs),
+    /// Record episodes (from the simulated robot with --sim).
+    Record(record::RecordArgs),
+    /// Import a rosbag2 bag (MCAP storage) as an episode.
+    ImportBag(import_bag::ImportBagArgs),
 }
 
 /// Arguments of `device`.
@@ -38,12 +44,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
+        Command::Record(a) => record::run(a),
+        Command::ImportBag(a) => import_bag::run(a),
     }
 }
 
-/// Opens the recorded episodes at `path` for `dataset compile`.
-// Merge seam: the MCAP episode reader lives on the recorder branch; until it is merged this
-// build has no reader for recorded episodes and says so.
+/// Opens the recorded episodes at `path` for `dataset compile`: one episode folder (holding
+/// `episode.json`) or a dataset root whose `episodes/` are all opened. Episodes still being
+/// recorded (a `RECORDING` marker) are skipped with a warning.
 fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
-    anyhow::bail!("{}: this build has no reader for recorded MCAP episodes (it comes with the recorder's McapEpisode)", path.display())
+    use crate::dataset::mcap_episode::{list_episodes, McapEpisode, RECORDING_MARKER};
+    let dirs = if path.join("episode.json").exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
+    let mut out: Vec<Box<dyn crate::dataset::episode::EpisodeSource>> = Vec::new();
+    for dir in dirs {
+        if dir.join(RECORDING_MARKER).exists() {
+            tracing::warn!("{}: still being recorded (RECORDING marker); skipped", dir.display());
+            continue;
+        }
+        out.push(Box::new(McapEpisode::open(&dir)?));
+    }
+    Ok(out)
 }

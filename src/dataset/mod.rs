@@ -1,9 +1,15 @@
 //! Recording (MCAP episodes), rosbag2 import, alignment into training samples, statistics and the reader.
 
-pub mod episode;
 pub mod align;
+pub mod cdr;
 pub mod compile;
+pub mod episode;
+pub mod import;
+pub mod mcap_episode;
 pub mod reader;
+pub mod recorder;
+pub mod recovery;
 pub mod rng;
 pub mod stats;
 pub mod store;
+pub mod streams;

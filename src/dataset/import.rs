@@ -1,0 +1,238 @@
+//! rosbag2 import: a bag folder recorded by `ros2 bag record` (MCAP or sqlite3 storage) becomes
+//! one episode of the dataset, keeping the mapped topics' raw CDR messages, header stamps and
+//! receive times.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::cdr::MsgType;
+use super::episode::EpisodeMeta;
+use super::mcap_episode::{scan_mcap, EpisodeError, EpisodeWriter, WriterOptions, ROSBAG2_METADATA};
+use super::streams::StreamConfig;
+
+/// Errors importing a bag.
+#[derive(Debug, Error)]
+pub enum ImportError {
+    /// A file cannot be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// `metadata.yaml` is missing fields or malformed.
+    #[error("{path}: not a rosbag2 metadata file: {message}")]
+    Metadata {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The storage plugin is neither MCAP nor sqlite3.
+    #[error("{path}: storage `{storage}` is not supported (mcap or sqlite3; convert with `ros2 bag convert`)")]
+    Storage {
+        /// Bag folder.
+        path: PathBuf,
+        /// The storage identifier found.
+        storage: String,
+    },
+    /// A bag file is truncated or damaged.
+    #[error("{path}: damaged MCAP: {message}")]
+    Damaged {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A mapped topic has another type in the bag.
+    #[error("{path}: topic `{topic}` has type `{found}` in the bag but the stream mapping says `{expected}`")]
+    TypeMismatch {
+        /// Bag file.
+        path: PathBuf,
+        /// Topic.
+        topic: String,
+        /// Type in the bag.
+        found: String,
+        /// Type in the mapping.
+        expected: String,
+    },
+    /// A mapped topic is absent from the bag.
+    #[error("{path}: mapped topic `{topic}` is not in the bag")]
+    MissingTopic {
+        /// Bag folder.
+        path: PathBuf,
+        /// Topic.
+        topic: String,
+    },
+    /// Writing the episode failed.
+    #[error(transparent)]
+    Episode(#[from] EpisodeError),
+    /// The stream mapping is invalid.
+    #[error(transparent)]
+    Streams(#[from] crate::dataset::streams::StreamsError),
+}
+
+/// Episode metadata to attach to the imported bag.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Episode id; the bag folder's name when `None`.
+    pub id: Option<String>,
+    /// Language instruction.
+    pub instruction: String,
+    /// Task.
+    pub task: String,
+    /// Operator.
+    pub operator: String,
+    /// Outcome (`success`, `failure`, `aborted`).
+    pub outcome: String,
+    /// File options.
+    pub writer: WriterOptions,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportReport {
+    /// The new episode.
+    pub meta: EpisodeMeta,
+    /// Episode folder.
+    pub dir: PathBuf,
+    /// Messages imported per topic.
+    pub imported: BTreeMap<String, u64>,
+    /// Messages of mapped topics skipped (header not decodable), per topic.
+    pub skipped: BTreeMap<String, u64>,
+    /// Messages of topics not in the mapping, per topic (left out).
+    pub unmapped: BTreeMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+struct BagMeta {
+    rosbag2_bagfile_information: BagInfo,
+}
+#[derive(Deserialize)]
+struct BagInfo {
+    storage_identifier: String,
+    relative_file_paths: Vec<String>,
+}
+
+/// Imports the bag folder `bag` into the dataset at `root` as one episode.
+pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+    let mut checked = streams.clone();
+    checked.validate("import stream mapping")?;
+    let streams = &checked;
+    let mpath = bag.join(ROSBAG2_METADATA);
+    let text = std::fs::read_to_string(&mpath).map_err(|source| ImportError::Io { path: mpath.clone(), source })?;
+    let info = serde_yaml::from_str::<BagMeta>(&text).map_err(|e| ImportError::Metadata { path: mpath.clone(), message: e.to_string() })?.rosbag2_bagfile_information;
+    if info.storage_identifier != "mcap" && info.storage_identifier != "sqlite3" {
+        return Err(ImportError::Storage { path: bag.to_path_buf(), storage: info.storage_identifier });
+    }
+    if info.relative_file_paths.is_empty() {
+        return Err(ImportError::Metadata { path: mpath, message: "relative_file_paths is empty".into() });
+    }
+    // Everything is checked and read before the episode folder is created.
+    let mut msgs: Vec<(String, MsgType, Vec<u8>, i64, i64)> = Vec::new();
+    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut unmapped: BTreeMap<String, u64> = BTreeMap::new();
+    for rel in &info.relative_file_paths {
+        let name = Path::new(rel).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(rel));
+        let path = bag.join(name);
+        let mut mismatch: Option<ImportError> = None;
+        let mut visit = |topic: &str, type_name: &str, encoding: &str, log_time: i64, data: &[u8]| {
+            let Some((_, spec)) = streams.find_topic(topic) else {
+                *unmapped.entry(topic.to_string()).or_default() += 1;
+                return;
+            };
+            let t = spec.kind();
+            if MsgType::parse(type_name).ok() != Some(t) || encoding != "cdr" {
+                if mismatch.is_none() {
+                    let found = if encoding != "cdr" { format!("{type_name} ({encoding} encoding)") } else { type_name.to_string() };
+                    mismatch = Some(ImportError::TypeMismatch { path: path.clone(), topic: topic.into(), found, expected: t.name().into() });
+                }
+                return;
+            }
+            match t.header_stamp(data) {
+                Ok(s) => msgs.push((topic.to_string(), t, data.to_vec(), s.unwrap_or(log_time), log_time)),
+                Err(e) => {
+                    tracing::warn!("{}: topic `{topic}`: message skipped: {e}", path.display());
+                    *skipped.entry(topic.to_string()).or_default() += 1;
+                }
+            }
+        };
+        match info.storage_identifier.as_str() {
+            "mcap" => read_mcap(&path, &mut visit)?,
+            _ => read_sqlite(&path, &mut visit)?,
+        }
+        if let Some(e) = mismatch {
+            return Err(e);
+        }
+    }
+    for (_, spec) in streams.all() {
+        if !msgs.iter().any(|m| m.0 == spec.topic) && !skipped.contains_key(&spec.topic) {
+            return Err(ImportError::MissingTopic { path: bag.to_path_buf(), topic: spec.topic.clone() });
+        }
+    }
+    let id = opts.id.clone().unwrap_or_else(|| {
+        bag.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string())).unwrap_or_else(|| "imported".into())
+    });
+    let start = msgs.iter().map(|m| m.4).min().unwrap_or(0);
+    let stop = msgs.iter().map(|m| m.4).max().unwrap_or(0);
+    let meta = EpisodeMeta { id, instruction: opts.instruction.clone(), task: opts.task.clone(), operator: opts.operator.clone(), start_ns: start, ..Default::default() };
+    let mut w = EpisodeWriter::create(root, meta, streams, opts.writer.clone())?;
+    let mut imported: BTreeMap<String, u64> = BTreeMap::new();
+    for (topic, t, data, stamp, recv) in &msgs {
+        w.write(topic, t.name(), data, *stamp, *recv)?;
+        *imported.entry(topic.clone()).or_default() += 1;
+    }
+    let dir = w.dir().to_path_buf();
+    let meta = w.finish(&opts.outcome, stop, BTreeMap::new())?;
+    Ok(ImportReport { meta, dir, imported, skipped, unmapped })
+}
+
+/// Visits every message of an MCAP bag file: (topic, type, encoding, log time, CDR).
+fn read_mcap(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
+    let file = File::open(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    // SAFETY: read-only map of a bag file; bags are not modified while imported.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    let mut channels = HashMap::new();
+    let end = scan_mcap(&map, &mut channels, |chs, m| {
+        if let Some(ch) = chs.get(&m.channel) {
+            visit(&ch.topic, &ch.type_name, &ch.encoding, m.log_time as i64, &m.data);
+        }
+    });
+    if !end.complete {
+        return Err(ImportError::Damaged { path: path.to_path_buf(), message: end.stopped.unwrap_or_else(|| "data section incomplete".into()) });
+    }
+    Ok(())
+}
+
+/// Visits every message of a sqlite3 bag file (`topics` and `messages` tables), in time order.
+fn read_sqlite(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
+    let damaged = |e: rusqlite::Error| ImportError::Damaged { path: path.to_path_buf(), message: format!("sqlite3: {e}") };
+    if !path.exists() {
+        return Err(ImportError::Io { path: path.to_path_buf(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+    }
+    let db = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(damaged)?;
+    let mut topics: HashMap<i64, (String, String, String)> = HashMap::new();
+    let mut st = db.prepare("SELECT id, name, type, serialization_format FROM topics").map_err(damaged)?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))).map_err(damaged)?;
+    for row in rows {
+        let (id, t) = row.map_err(damaged)?;
+        topics.insert(id, t);
+    }
+    let mut st = db.prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id").map_err(damaged)?;
+    let mut rows = st.query([]).map_err(damaged)?;
+    while let Some(r) = rows.next().map_err(damaged)? {
+        let topic_id: i64 = r.get(0).map_err(damaged)?;
+        let log: i64 = r.get(1).map_err(damaged)?;
+        let data = r.get_ref(2).map_err(damaged)?.as_blob().map_err(|e| damaged(e.into()))?;
+        let (name, type_name, encoding) = topics
+            .get(&topic_id)
+            .ok_or_else(|| ImportError::Damaged { path: path.to_path_buf(), message: format!("message refers to unknown topic id {topic_id}") })?;
+        visit(name, type_name, encoding, log, data);
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Crash recovery: an episode folder still holding the `RECORDING` marker was not stopped cleanly
+//! (kill -9, power loss, full disk). Its MCAP is read chunk by chunk up to the last valid chunk and
+//! rewritten as a complete MCAP (summary, footer) with a fresh `metadata.yaml`; the episode is
+//! marked `recovered: true`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use mcap::records::MessageHeader;
+use thiserror::Error;
+
+use super::cdr::MsgType;
+use super::episode::EpisodeMeta;
+use super::mcap_episode::{
+    list_episodes, mcap_file_name, read_episode_json, scan_mcap, write_episode_json, write_rosbag2_metadata, Compression, TopicCount,
+    WriterOptions, RECORDING_MARKER,
+};
+
+/// Errors recovering an episode.
+#[derive(Debug, Error)]
+pub enum RecoveryError {
+    /// A file operation failed.
+    #[error("recovering {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The partial file holds nothing usable or the rewrite failed.
+    #[error("recovering {path}: {message}")]
+    Unusable {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What recovery did for one episode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveryReport {
+    /// Episode folder.
+    pub dir: PathBuf,
+    /// Episode id.
+    pub id: String,
+    /// Messages kept.
+    pub messages: u64,
+    /// Chunks read.
+    pub chunks: usize,
+    /// Why reading stopped (the damaged tail), if it did before the data end.
+    pub stopped: Option<String>,
+}
+
+/// Episode folders under `root` that still carry the recording marker.
+pub fn find_unfinished(root: &Path) -> Result<Vec<PathBuf>, RecoveryError> {
+    let eps = list_episodes(root).map_err(|e| RecoveryError::Unusable { path: root.to_path_buf(), message: e.to_string() })?;
+    Ok(eps.into_iter().filter(|d| d.join(RECORDING_MARKER).exists()).collect())
+}
+
+/// Recovers every unfinished episode under `root`; one failing does not stop the others.
+pub fn recover_all(root: &Path) -> Vec<Result<RecoveryReport, RecoveryError>> {
+    match find_unfinished(root) {
+        Ok(dirs) => dirs.iter().map(|d| recover_episode(d)).collect(),
+        Err(e) => vec![Err(e)],
+    }
+}
+
+/// Rebuilds one unfinished episode in place (write a new file, fsync, rename over the old one).
+pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RecoveryError::Io { path, source }
+    };
+    let id = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let mut meta = match read_episode_json(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("{}: episode.json unreadable ({e}); recovering with an empty one", dir.display());
+            EpisodeMeta { id: id.clone(), ..Default::default() }
+        }
+    };
+    if meta.id != id {
+        return Err(RecoveryError::Unusable { path: dir.to_path_buf(), message: format!("episode.json names episode `{}` but the folder is `{id}`", meta.id) });
+    }
+    let path = dir.join(mcap_file_name(&id));
+    // A crash right after the folder was made can leave no (or an empty) MCAP: recover it empty.
+    let map = match File::open(&path) {
+        Ok(file) if file.metadata().map(|m| m.len() > 0).unwrap_or(false) => {
+            // SAFETY: read-only map of a file no process writes any more (its recorder is gone).
+            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?)
+        }
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let data: &[u8] = map.as_deref().unwrap_or(&[]);
+
+    let tmp = dir.join(format!("{}.recovering", mcap_file_name(&id)));
+    let out = File::create(&tmp).map_err(io(&tmp))?;
+    let opts = WriterOptions { compression: Compression::Zstd, ..Default::default() };
+    let mcap_err = |e: mcap::McapError| RecoveryError::Unusable { path: tmp.clone(), message: e.to_string() };
+    let mut w = crate::dataset::mcap_episode::new_mcap_writer(BufWriter::new(out), &opts).map_err(mcap_err)?;
+
+    let mut channels = HashMap::new();
+    let mut out_channels: HashMap<u16, u16> = HashMap::new();
+    let mut counts: BTreeMap<String, TopicCount> = BTreeMap::new();
+    let mut bounds: Option<(i64, i64)> = None;
+    let mut error: Option<mcap::McapError> = None;
+    let mut seq = 0u32;
+    let end = scan_mcap(data, &mut channels, |chs, m| {
+        if error.is_some() {
+            return;
+        }
+        let Some(ch) = chs.get(&m.channel) else { return };
+        let out_id = match out_channels.get(&m.channel) {
+            Some(&c) => c,
+            None => {
+                let schema_text = MsgType::parse(&ch.type_name).map(|t| t.schema_text()).unwrap_or_default();
+                let added = w
+                    .add_schema(&ch.type_name, "ros2msg", schema_text.as_bytes())
+                    .and_then(|s| w.add_channel(s, &ch.topic, &ch.encoding, &BTreeMap::from([("offered_qos_profiles".to_string(), crate::dataset::mcap_episode::QOS_PROFILE.to_string())])));
+                match added {
+                    Ok(c) => {
+                        out_channels.insert(m.channel, c);
+                        counts.insert(ch.topic.clone(), TopicCount { topic: ch.topic.clone(), type_name: ch.type_name.clone(), count: 0 });
+                        c
+                    }
+                    Err(e) => {
+                        error = Some(e);
+                        return;
+                    }
+                }
+            }
+        };
+        let h = MessageHeader { channel_id: out_id, sequence: seq, log_time: m.log_time, publish_time: m.publish_time };
+        seq = seq.wrapping_add(1);
+        if let Err(e) = w.write_to_known_channel(&h, &m.data) {
+            error = Some(e);
+            return;
+        }
+        counts.get_mut(&ch.topic).expect("added with channel").count += 1;
+        let t = m.log_time as i64;
+        bounds = Some(bounds.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+    });
+    if let Some(e) = error {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(mcap_err(e));
+    }
+    if let Some(why) = end.stopped.as_ref().filter(|_| end.chunks == 0 && !end.complete) {
+        tracing::warn!("{}: nothing recoverable ({why}); keeping an empty episode", path.display());
+    }
+    meta.recovered = true;
+    if meta.outcome.is_empty() {
+        meta.outcome = "aborted".into();
+    }
+    if meta.stop_ns == 0 {
+        meta.stop_ns = bounds.map_or(meta.start_ns, |(_, b)| b);
+    }
+    w.write_metadata(&mcap::records::Metadata { name: "vla_finetune.episode".into(), metadata: BTreeMap::from([("recovered".into(), "true".into())]) })
+        .map_err(mcap_err)?;
+    w.finish().map_err(mcap_err)?;
+    let mut inner = w.into_inner();
+    inner.flush().map_err(io(&tmp))?;
+    inner.get_ref().sync_all().map_err(io(&tmp))?;
+    drop(inner);
+    drop(map);
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let counts: Vec<TopicCount> = counts.into_values().collect();
+    let (start, stop) = bounds.unwrap_or((meta.start_ns, meta.start_ns));
+    write_rosbag2_metadata(dir, &mcap_file_name(&id), &counts, start, stop).map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
+    write_episode_json(dir, &meta).map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
+    let marker = dir.join(RECORDING_MARKER);
+    std::fs::remove_file(&marker).map_err(io(&marker))?;
+    let messages = counts.iter().map(|c| c.count).sum();
+    tracing::info!("recovered episode {id}: {messages} messages from {} chunks", end.chunks);
+    Ok(RecoveryReport { dir: dir.to_path_buf(), id, messages, chunks: end.chunks, stopped: if end.complete { None } else { end.stopped } })
+}
