@@ -1,1 +1,4 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
+
+pub mod optim;
+pub mod tensor_io;
