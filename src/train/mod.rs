@@ -1,4 +1,5 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
 
 pub mod optim;
+pub mod state;
 pub mod tensor_io;
