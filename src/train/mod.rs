@@ -1,5 +1,6 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
 
 pub mod optim;
+pub mod publish;
 pub mod state;
 pub mod tensor_io;
