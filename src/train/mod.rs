@@ -1,6 +1,7 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
 
 pub mod optim;
+pub mod plot;
 pub mod progress;
 pub mod publish;
 pub mod state;
