@@ -1,5 +1,6 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
 
+pub mod cache;
 pub mod drift;
 pub mod optim;
 pub mod plot;
