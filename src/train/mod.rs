@@ -1,6 +1,7 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
 
 pub mod cache;
+pub mod config;
 pub mod controller;
 pub mod drift;
 pub mod optim;
