@@ -117,7 +117,7 @@ impl AdamW {
             .collect::<Result<Vec<_>, _>>()?;
         let mut group_index = HashMap::new();
         for (i, g) in groups.iter().enumerate() {
-            if !(g.lr >= 0.0 && g.lr.is_finite()) || !(g.weight_decay >= 0.0 && g.weight_decay.is_finite()) {
+            if !(g.lr >= 0.0 && g.lr.is_finite() && g.weight_decay >= 0.0 && g.weight_decay.is_finite()) {
                 return bad(format!("group `{}`: lr {} and weight_decay {} must be finite and >= 0", g.name, g.lr, g.weight_decay));
             }
             if group_index.insert(g.name.clone(), i).is_some() {
