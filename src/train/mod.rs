@@ -8,5 +8,6 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod publish;
+pub mod runner;
 pub mod state;
 pub mod tensor_io;
