@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressDrawTarget;
 use vla_finetune::train::progress::{
-    eta_seconds, host_memory_bytes, peak_host_memory_bytes, render_message, BarRenderer, JsonlLog, Phase, ProgressEvent,
+    eta_seconds, host_memory_bytes, spawn_sink, peak_host_memory_bytes, render_message, BarRenderer, JsonlLog, Phase, ProgressEvent,
     ProgressHub, Throttle,
 };
 
@@ -126,4 +126,28 @@ fn eta_and_memory() {
     let peak = peak_host_memory_bytes().expect("Linux /proc");
     let now = host_memory_bytes().unwrap();
     assert!(peak >= now && now > 1 << 20, "peak {peak} now {now}");
+}
+
+#[test]
+fn sink_logs_every_event_of_the_job_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("progress.jsonl");
+    let hub = ProgressHub::new(64);
+    let bar = BarRenderer::with_target(ProgressDrawTarget::hidden());
+    let sink = spawn_sink(hub.subscribe(), "job-7".into(), Some(JsonlLog::open(&path).unwrap()), Some((bar, Throttle::new(2.0))));
+    for s in 1..=5 {
+        hub.publish(ev(Phase::Training, s));
+    }
+    let mut other = ev(Phase::Training, 99);
+    other.job_id = "job-8".into();
+    hub.publish(other);
+    hub.publish(ev(Phase::Done, 5));
+    hub.publish(ev(Phase::Training, 6)); // after the end: not consumed
+    assert_eq!(sink.join().unwrap().unwrap(), 6);
+    let steps: Vec<u64> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<ProgressEvent>(l).unwrap().step)
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 5]);
 }

@@ -346,3 +346,43 @@ fn format_duration(secs: f64) -> String {
         format!("{}m{:02}s", s / 60, s % 60)
     }
 }
+
+/// Drains a hub subscription on its own thread into a JSON-lines log (every event) and/or a
+/// progress bar (throttled), until a terminal event of `job_id` or the hub is dropped. Returns the
+/// number of events logged; a log write failure ends the sink with that error.
+pub fn spawn_sink(
+    mut rx: broadcast::Receiver<ProgressEvent>,
+    job_id: String,
+    mut log: Option<JsonlLog>,
+    bar: Option<(BarRenderer, Throttle)>,
+) -> std::thread::JoinHandle<Result<u64, LogError>> {
+    std::thread::spawn(move || {
+        let mut bar = bar;
+        let mut logged = 0u64;
+        loop {
+            let ev = match rx.blocking_recv() {
+                Ok(ev) => ev,
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    tracing::warn!(skipped, "progress sink lagged; events skipped");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(logged),
+            };
+            if ev.job_id != job_id {
+                continue;
+            }
+            if let Some(l) = log.as_mut() {
+                l.append(&ev)?;
+                logged += 1;
+            }
+            if let Some((r, th)) = bar.as_mut() {
+                if th.admit(&ev, Instant::now()) {
+                    r.update(&ev);
+                }
+            }
+            if ev.phase.is_terminal() {
+                return Ok(logged);
+            }
+        }
+    })
+}

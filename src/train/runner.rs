@@ -12,6 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use super::config::GROUP_HEADS;
 use super::controller::JobContext;
 use super::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam};
 use super::plot::{write_curves, Curve, TrainingCurves};
@@ -19,7 +20,8 @@ use super::progress::{eta_seconds, peak_host_memory_bytes, CacheStatus, Phase, P
 use super::publish::{Published, PublishItem, PublishRequest, Publisher};
 use super::state::{epoch_order, load_state, save_state, seed_torch, Counters, RunState};
 
-/// The model side of a training run.
+/// The model side of a training run. Progress events report the learning rate of the
+/// [`GROUP_HEADS`] group (or of the first group when there is none).
 pub trait TrainTask {
     /// Trainable fp32 leaf parameters with their groups; called once, before any step.
     fn params(&mut self) -> Vec<NamedParam>;
@@ -220,7 +222,8 @@ pub fn run(
             run.counters.samples_seen += batch.len() as u64;
             hist.train_loss.push((run.counters.global_step, step_loss));
             let wall = t0.elapsed().as_secs_f64();
-            let lr = opt.lrs(factor).into_iter().find(|(g, _)| g == "heads").or_else(|| opt.lrs(factor).into_iter().next()).map(|(_, v)| v);
+            let lrs = opt.lrs(factor);
+            let lr = lrs.iter().find(|(g, _)| g == GROUP_HEADS).or(lrs.first()).map(|(_, v)| *v);
             event(phase, &run, task, &|ev| {
                 ev.loss = Some(step_loss);
                 ev.lr = lr;
