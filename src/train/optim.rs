@@ -195,15 +195,17 @@ impl AdamW {
         if grads.is_empty() {
             return Ok(0.0);
         }
-        let norms = tch::no_grad(|| grads.iter().map(|(_, g)| g.norm()).collect::<Vec<_>>());
-        for ((name, _), n) in grads.iter().zip(&norms) {
-            if !n.double_value(&[]).is_finite() {
-                return Err(OptimError::NonFiniteGrad { name: name.to_string() });
-            }
+        let device = grads[0].1.device();
+        let norms = tch::no_grad(|| grads.iter().map(|(_, g)| g.norm().to_device(device)).collect::<Vec<_>>());
+        let stacked = Tensor::stack(&norms, 0);
+        // One host sync for the common case; locate the culprit only when needed.
+        let total = stacked.norm();
+        if !total.double_value(&[]).is_finite() {
+            let bad = Vec::<f64>::try_from(stacked.to_kind(Kind::Double)).unwrap_or_default();
+            let i = bad.iter().position(|n| !n.is_finite()).unwrap_or(0);
+            return Err(OptimError::NonFiniteGrad { name: grads[i].0.to_string() });
         }
         tch::no_grad(|| {
-            let device = grads[0].1.device();
-            let total = Tensor::stack(&norms.iter().map(|n| n.to_device(device)).collect::<Vec<_>>(), 0).norm();
             let max = Tensor::full([] as [i64; 0], max_norm, (total.kind(), device));
             let coef = (max / (&total + 1e-6)).clamp_max(1.0);
             for (_, g) in &grads {
@@ -225,11 +227,17 @@ impl AdamW {
                 g.defined().then_some(g)
             })
             .collect();
-        for (s, g) in self.slots.iter().zip(&grads) {
-            if let Some(g) = g {
-                if tch::no_grad(|| g.isfinite().all()).int64_value(&[]) == 0 {
-                    return Err(OptimError::NonFiniteGrad { name: s.name.clone() });
-                }
+        let present: Vec<(usize, &Tensor)> = grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|g| (i, g))).collect();
+        if let Some((_, first)) = present.first() {
+            let device = first.device();
+            let flags = tch::no_grad(|| {
+                Tensor::stack(&present.iter().map(|(_, g)| g.isfinite().all().to_device(device)).collect::<Vec<_>>(), 0)
+            });
+            // One host sync; the per-parameter flags are read only when something is wrong.
+            if flags.all().int64_value(&[]) == 0 {
+                let ok = Vec::<bool>::try_from(flags).unwrap_or_default();
+                let bad = ok.iter().position(|f| !f).map(|j| present[j].0).unwrap_or(present[0].0);
+                return Err(OptimError::NonFiniteGrad { name: self.slots[bad].name.clone() });
             }
         }
         let (beta1, beta2, eps) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps);
