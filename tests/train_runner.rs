@@ -10,7 +10,7 @@ use vla_finetune::train::controller::{CancelToken, JobContext};
 use vla_finetune::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
 use vla_finetune::train::progress::{CacheStatus, Phase, ProgressHub};
 use vla_finetune::train::publish::{verify, PublishItem, Source};
-use vla_finetune::train::runner::{run, RunnerConfig, TrainTask};
+use vla_finetune::train::runner::{run, RunnerConfig, TaskError, TrainTask};
 
 static TORCH_RNG: Mutex<()> = Mutex::new(());
 
@@ -24,6 +24,8 @@ struct Toy {
     epochs_begun: u64,
     losses: u64,
     cancel_after: Option<(u64, CancelToken)>,
+    /// Simulated accelerator: micro-batches larger than this run out of memory.
+    max_micro: usize,
 }
 
 fn toy(cancel_after: Option<(u64, CancelToken)>) -> Toy {
@@ -41,6 +43,7 @@ fn toy(cancel_after: Option<(u64, CancelToken)>) -> Toy {
         epochs_begun: 0,
         losses: 0,
         cancel_after,
+        max_micro: usize::MAX,
     }
 }
 
@@ -64,7 +67,10 @@ impl TrainTask for Toy {
         self.epochs_begun += 1;
         Ok(Phase::Training)
     }
-    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), String> {
+    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError> {
+        if samples.len() > self.max_micro {
+            return Err(TaskError::from("CUDA out of memory. Tried to allocate 2.00 GiB".to_string()));
+        }
         self.losses += 1;
         if let Some((k, token)) = &self.cancel_after {
             if self.losses == *k {
@@ -191,4 +197,33 @@ fn cancel_then_resume_equals_uninterrupted() {
     }
     assert_eq!(rest.validation, full_sum.validation);
     assert_eq!(rest.best, full_sum.best);
+}
+
+#[test]
+fn out_of_memory_halves_the_micro_batch_without_losing_the_step() {
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let hub = ProgressHub::new(16);
+    // Reference: micro-batch 1 x 4 from the start.
+    let ref_dir = tempfile::tempdir().unwrap();
+    let mut reference = toy(None);
+    let ref_cfg = RunnerConfig { accumulation: Accumulation::new(1, 4).unwrap(), ..config(ref_dir.path(), false) };
+    let ref_sum = run(&mut reference, &ref_cfg, &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap();
+
+    // Configured 2 x 2 on a device that only fits 1: the first step fails, is redone at 1 x 4.
+    let dir = tempfile::tempdir().unwrap();
+    let mut small = toy(None);
+    small.max_micro = 1;
+    let sum = run(&mut small, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap();
+    assert_eq!(sum.accumulation, Accumulation::new(1, 4).unwrap());
+    assert_eq!(sum.counters, ref_sum.counters, "no step lost, same steps per epoch");
+    assert_eq!(small.head.eq_tensor(&reference.head).all().int64_value(&[]), 1);
+    assert_eq!(small.enc.eq_tensor(&reference.enc).all().int64_value(&[]), 1);
+
+    // Already at micro-batch 1: a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let mut none = toy(None);
+    none.max_micro = 0;
+    let err = run(&mut none, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("out of memory at micro-batch 1"), "{err}");
+    assert_eq!(TaskError::from("shape mismatch".to_string()), TaskError::Failed("shape mismatch".into()));
 }

@@ -31,7 +31,8 @@ pub trait TrainTask {
     /// frozen) and returns the phase its steps report (`Training` or `RefreshingCache`).
     fn begin_epoch(&mut self, epoch: u64) -> Result<Phase, String>;
     /// The differentiable mean loss over `samples` and the seconds spent fetching their data.
-    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), String>;
+    /// [`TaskError::OutOfMemory`] makes the loop halve the micro-batch and redo the step.
+    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError>;
     /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`).
     fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, String>;
     /// The deployable files for the current weights (heads, PEFT adapter, stats, config).
@@ -48,12 +49,33 @@ pub trait TrainTask {
     }
 }
 
+/// A failed [`TrainTask::loss`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskError {
+    /// The accelerator ran out of memory; the step can be retried with a smaller micro-batch.
+    OutOfMemory(String),
+    /// Anything else; the run stops.
+    Failed(String),
+}
+
+impl From<String> for TaskError {
+    /// Classifies a libtorch error message: one saying "out of memory" is [`TaskError::OutOfMemory`].
+    fn from(message: String) -> Self {
+        if message.to_ascii_lowercase().contains("out of memory") {
+            TaskError::OutOfMemory(message)
+        } else {
+            TaskError::Failed(message)
+        }
+    }
+}
+
 /// Settings of the loop.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// Epochs.
     pub epochs: u64,
-    /// Micro-batch and accumulation.
+    /// Micro-batch and accumulation; its effective batch fixes the optimizer steps per epoch,
+    /// even after out-of-memory halving of the micro-batch.
     pub accumulation: Accumulation,
     /// AdamW hyper-parameters.
     pub adamw: AdamWConfig,
@@ -105,6 +127,8 @@ pub struct RunSummary {
     pub validation: Vec<BTreeMap<String, f64>>,
     /// Published versions, in order.
     pub published: Vec<String>,
+    /// Micro-batch and accumulation at the end (smaller than configured after out-of-memory).
+    pub accumulation: Accumulation,
 }
 
 /// History kept in the training state's `extra`, so plots and "best" survive a resume.
@@ -190,27 +214,34 @@ pub fn run(
         };
         let phase = task.begin_epoch(epoch).map_err(task_err("begin_epoch", &run))?;
         let order = epoch_order(run.run_seed, epoch, n);
-        let eff = run.accumulation.effective_batch();
+        let eff = cfg.accumulation.effective_batch();
         while run.counters.step_in_epoch < steps_per_epoch {
             if ctx.cancel.is_cancelled() {
                 event(Phase::Checkpointing, &run, task, &|_| {});
                 save(&latest_path, &opt, &mut run, task, &hist)?;
-                return Ok(RunSummary { cancelled: true, counters: run.counters, best: hist.best, validation: hist.validation, published: hist.published });
+                return Ok(RunSummary { cancelled: true, counters: run.counters, best: hist.best, validation: hist.validation, published: hist.published, accumulation: run.accumulation });
             }
             let s = run.counters.step_in_epoch as usize;
             let batch = &order[s * eff..((s + 1) * eff).min(n)];
             let t0 = Instant::now();
-            let mut data_s = 0.0;
-            let mut step_loss = 0.0;
-            opt.zero_grad();
-            for (mi, mb) in run.accumulation.micro_batches(batch.len()).into_iter().enumerate() {
-                seed_torch(run.run_seed, run.counters.global_step, mi as u64);
-                let (loss, d) = task.loss(&batch[mb.range.clone()]).map_err(task_err("loss", &run))?;
-                data_s += d;
-                let scaled = loss * mb.loss_scale;
-                step_loss += scaled.double_value(&[]);
-                scaled.backward();
-            }
+            let (step_loss, data_s) = loop {
+                opt.zero_grad();
+                match accumulate(task, &run, batch) {
+                    Ok(v) => break v,
+                    Err(TaskError::OutOfMemory(msg)) => {
+                        opt.zero_grad();
+                        let Some(smaller) = run.accumulation.halved() else {
+                            return Err(task_err("loss", &run)(format!("out of memory at micro-batch 1: {msg}")));
+                        };
+                        tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory: micro-batch halved, step redone");
+                        run.accumulation = smaller;
+                        event(phase, &run, task, &|ev| {
+                            ev.message = format!("out of memory: micro-batch {} x accumulation {}", smaller.micro_batch, smaller.accum_steps)
+                        });
+                    }
+                    Err(TaskError::Failed(msg)) => return Err(task_err("loss", &run)(msg)),
+                }
+            };
             if !step_loss.is_finite() {
                 return Err(task_err("loss", &run)(format!("loss is {step_loss}")));
             }
@@ -267,7 +298,21 @@ pub fn run(
             write_curves(plot, &curves(&hist), 960, 400).map_err(infra)?;
         }
     }
-    Ok(RunSummary { cancelled: false, counters: run.counters, best: hist.best, validation: hist.validation, published: hist.published })
+    Ok(RunSummary { cancelled: false, counters: run.counters, best: hist.best, validation: hist.validation, published: hist.published, accumulation: run.accumulation })
+}
+
+/// Forward and backward of one optimizer step's micro-batches; returns (mean loss, data seconds).
+fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Result<(f64, f64), TaskError> {
+    let (mut loss_sum, mut data_s) = (0.0, 0.0);
+    for (mi, mb) in run.accumulation.micro_batches(batch.len()).into_iter().enumerate() {
+        seed_torch(run.run_seed, run.counters.global_step, mi as u64);
+        let (loss, d) = task.loss(&batch[mb.range.clone()])?;
+        data_s += d;
+        let scaled = loss * mb.loss_scale;
+        loss_sum += scaled.double_value(&[]);
+        scaled.f_backward().map_err(|e| TaskError::from(e.to_string()))?;
+    }
+    Ok((loss_sum, data_s))
 }
 
 fn curves(h: &History) -> TrainingCurves {
