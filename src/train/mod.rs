@@ -1,1 +1,23 @@
 //! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
+//!
+//! - [`optim`]: AdamW with parameter groups, clipping, warmup + cosine, gradient accumulation.
+//! - [`state`]: exact-resume training state and the per-step seed derivation.
+//! - [`runner`]: the model-independent loop over a [`runner::TrainTask`].
+//! - [`controller`]: one job at a time on its own thread, validators, cancel, status.
+//! - [`cache`] and [`drift`]: feature-cache keys and store; drift and the refresh decision.
+//! - [`publish`]: versioned deployable checkpoints with verified manifests.
+//! - [`progress`] and [`plot`]: progress events, hub, throttle, log, bar; curves PNG.
+//! - [`config`]: `config/train.yaml` and `config/vram_presets.yaml`.
+//! - [`tensor_io`]: safetensors <-> tch with metadata, durable writes.
+
+pub mod cache;
+pub mod config;
+pub mod controller;
+pub mod drift;
+pub mod optim;
+pub mod plot;
+pub mod progress;
+pub mod publish;
+pub mod runner;
+pub mod state;
+pub mod tensor_io;
