@@ -136,19 +136,21 @@ impl SwapWorker {
         let thread = std::thread::Builder::new()
             .name("vla-hotswap".into())
             .spawn(move || {
-                let mut last_ready: Option<(String, PathBuf)> = None;
+                // Versions are unique per checkpoints root; the same version arriving twice (the
+                // topic's transient-local replay and the folder watcher) is prepared once.
+                let mut last_ready: Option<String> = None;
                 while !stop.load(Ordering::Relaxed) {
                     let ann = match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(a) => a,
                         Err(RecvTimeoutError::Timeout) => continue,
                         Err(RecvTimeoutError::Disconnected) => return,
                     };
-                    if last_ready.as_ref().is_some_and(|(v, d)| *v == ann.version && *d == ann.dir) {
+                    if last_ready.as_deref() == Some(ann.version.as_str()) {
                         continue;
                     }
                     let outcome = match prepare(loader.as_ref(), &accept, &inputs, &ann) {
                         Ok(p) => {
-                            last_ready = Some((ann.version.clone(), ann.dir.clone()));
+                            last_ready = Some(ann.version.clone());
                             SwapOutcome::Ready(Box::new(p))
                         }
                         Err(e) => SwapOutcome::Rejected { version: ann.version.clone(), reason: e.to_string() },
@@ -209,4 +211,22 @@ pub(crate) fn spawn_watcher(root: PathBuf, poll: Duration, announcer: Announcer,
             }
         })
         .map_err(|source| RuntimeError::Thread { name: "vla-ckpt-watch".into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_pointer_is_read_like_the_publisher_writes_it() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(read_latest(root.path()).unwrap(), None);
+        std::fs::write(root.path().join("latest"), "v0012\n").unwrap();
+        assert_eq!(read_latest(root.path()).unwrap().as_deref(), Some("v0012"));
+        for bad in ["\n", "../etc\n", ".."] {
+            std::fs::write(root.path().join("latest"), bad).unwrap();
+            let e = read_latest(root.path()).unwrap_err().to_string();
+            assert!(e.contains("expected a version name"), "{bad:?}: {e}");
+        }
+    }
 }
