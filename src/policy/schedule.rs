@@ -55,7 +55,7 @@ impl NoiseSchedule {
             )));
         }
         let pairs = self.betas.iter().zip(&expected.betas).chain(self.alphas_cumprod.iter().zip(&expected.alphas_cumprod));
-        if let Some((i, (a, b))) = pairs.enumerate().find(|(_, (a, b))| !((*a - *b).abs() <= 1e-9)) {
+        if let Some((i, (a, b))) = pairs.enumerate().find(|(_, (a, b))| (*a - *b).abs().is_nan() || (*a - *b).abs() > 1e-9) {
             return Err(err(format!("entry {i} is {a}, the config's cosine schedule gives {b}")));
         }
         Ok(())
@@ -78,7 +78,7 @@ impl NoiseSchedule {
     /// `x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise` for per-sample timesteps
     /// `t [B]` (x0, noise: `[B, ...]`, f32).
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> Tensor {
-        let shape: Vec<i64> = std::iter::once(t.len() as i64).chain(std::iter::repeat(1).take(x0.dim() - 1)).collect();
+        let shape: Vec<i64> = std::iter::once(t.len() as i64).chain(std::iter::repeat_n(1, x0.dim() - 1)).collect();
         let col = |f: &dyn Fn(f64) -> f64| {
             let v: Vec<f32> = t.iter().map(|&i| f(self.alphas_cumprod[i]) as f32).collect();
             Tensor::from_slice(&v).to_device(x0.device()).view(shape.as_slice())
