@@ -20,8 +20,9 @@ fn small_config() -> PathBuf {
     Path::new(ROOT).join("tests/fixtures/policy/small_config.json")
 }
 
+/// Runs a Python command on one thread (the CI machine's 2 cores are shared).
 fn run(cmd: &mut Command) -> std::process::Output {
-    cmd.output().expect("run python")
+    cmd.env("OMP_NUM_THREADS", "1").output().expect("run python")
 }
 
 /// Writes the reference checkpoint and its inputs/outputs into `dir`.
