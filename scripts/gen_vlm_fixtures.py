@@ -2,7 +2,8 @@
 """Generates the Qwen2.5-VL test fixtures under tests/fixtures/vlm/ (transformers==5.23.0).
 
 For each tiny random model it writes a model directory (config.json in the nested 5.x layout,
-model.safetensors in bf16 with the transformers>=4.52 key layout, tokenizer.json) and, for each
+model.safetensors in bf16 with the on-disk key layout `visual.*` / `model.layers.*` that
+save_pretrained writes, like the published checkpoints; tokenizer.json) and, for each
 case (a list of image files plus an instruction), the reference tensors computed by
 transformers: the image processor's pixel_values/image_grid_thw, the chat-template input ids,
 get_rope_index position ids, the vision tower's merged output and the last hidden state after
@@ -165,10 +166,38 @@ def write_processor_reference(ip, pil):
     save_file(tensors, os.path.join(OUT, "processor.safetensors"))
 
 
+def write_parsed_configs():
+    """How transformers reads the hand-transcribed 4.x-layout configs of the published 3B and 7B
+    checkpoints (configs/*_instruct.json): the values our Config must find."""
+    cdir = os.path.join(OUT, "configs")
+    for name in sorted(os.listdir(cdir)):
+        if not name.endswith("_instruct.json"):
+            continue
+        with open(os.path.join(cdir, name)) as f:
+            cfg = Qwen2_5_VLConfig(**json.load(f))
+        t, v = cfg.text_config, cfg.vision_config
+        parsed = {
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_parameters["rope_theta"], "mrope_section": t.rope_parameters["mrope_section"],
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "vision": {
+                "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+                "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
+            },
+            "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+            "vision_start_token_id": cfg.vision_start_token_id, "vision_end_token_id": cfg.vision_end_token_id,
+        }
+        with open(os.path.join(cdir, name.replace(".json", ".parsed.json")), "w") as f:
+            json.dump(parsed, f, indent=1)
+
+
 def main():
-    if os.path.isdir(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(os.path.join(OUT, "images"))
+    os.makedirs(os.path.join(OUT, "images"), exist_ok=True)
     images = make_images()
     for name, arr in images.items():
         Image.fromarray(arr).save(os.path.join(OUT, "images", name))
@@ -237,6 +266,7 @@ def main():
                 save_file(tensors, os.path.join(OUT, f"{mname}.{case}.{dtype_name}.safetensors"))
 
     write_processor_reference(image_processor, pil)
+    write_parsed_configs()
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
 
