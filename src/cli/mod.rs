@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod vlm_features;
+
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
 #[derive(Parser, Debug)]
 #[command(name = "vla_finetune", version, about)]
@@ -15,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the libtorch build and the device that would be used.
     Device(DeviceArgs),
+    /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
+    VlmFeatures(vlm_features::VlmFeaturesArgs),
 }
 
 /// Arguments of `device`.
@@ -33,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::device::describe(d));
             Ok(())
         }
+        Command::VlmFeatures(a) => vlm_features::run(a),
     }
 }
