@@ -286,3 +286,28 @@ fn random_init_runs_any_config_in_both_dtypes() {
     }
     assert!(Qwen25VL::random(&cfg, Kind::Half, Device::Cpu).is_err());
 }
+
+#[test]
+fn inconsistent_model_inputs_are_refused() {
+    let dir = fixtures().join("tiny_a");
+    let (_, p) = processor(&dir);
+    let model = Qwen25VL::load(&dir, Kind::Float, Device::Cpu).unwrap();
+    let _g = tch::no_grad_guard();
+    let mut batch = p.collate(&[case_sample(&p, "one_image")]).unwrap();
+    // NaN in the pixels.
+    let nan = batch.pixel_values.copy();
+    let _ = nan.get(0).get(0).fill_(f64::NAN);
+    let e = model.image_embeds(&nan, &batch.image_grid_thw, false).unwrap_err().to_string();
+    assert!(e.contains("NaN"), "{e}");
+    // Grid that does not match the pixel rows.
+    let e = model.image_embeds(&batch.pixel_values, &[[1, 4, 8]], false).unwrap_err().to_string();
+    assert!(e.contains("pixel_values shape") && e.contains("[32, 1176]"), "{e}");
+    // Image features for the wrong number of image tokens.
+    let wrong = Tensor::zeros([3, 32], (Kind::Float, Device::Cpu));
+    let e = model.forward_with_image_embeds(&batch, Some(&wrong), false).unwrap_err().to_string();
+    assert!(e.contains("do not match 4 image tokens"), "{e}");
+    // Token ids outside the vocabulary.
+    batch.input_ids = batch.input_ids.fill(10_000);
+    let e = model.forward(&batch, false).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}

@@ -168,7 +168,7 @@ impl Fields<'_> {
 impl Config {
     /// Reads `config.json` from a file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| VlmError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| VlmError::Io { path: path.to_path_buf(), error })?;
         Self::from_json_str(&text, path)
     }
 

@@ -98,7 +98,7 @@ impl ImageProcessor {
         let mut p = ImageProcessor::default();
         let path = dir.join("preprocessor_config.json");
         if path.exists() {
-            let text = std::fs::read_to_string(&path).map_err(|source| VlmError::Io { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(&path).map_err(|error| VlmError::Io { path: path.clone(), error })?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| VlmError::Config { path: path.clone(), msg: format!("invalid JSON: {e}") })?;
             let int = |k: &str| v.get(k).and_then(serde_json::Value::as_i64);

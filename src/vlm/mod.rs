@@ -17,5 +17,5 @@ pub mod weights;
 pub use config::{Config, TextConfig, VisionConfig};
 pub use error::VlmError;
 pub use image_processor::{load_image, ImageProcessor};
-pub use model::{Pooling, Qwen25VL, VlFeatures};
+pub use model::{Pooling, Qwen25VL, TextInputs, VlFeatures};
 pub use processor::{VlBatch, VlProcessor, VlSample};

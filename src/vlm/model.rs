@@ -9,7 +9,7 @@ use super::config::Config;
 use super::error::{Result, VlmError};
 use super::linear::{Linear, VisitLinears};
 use super::processor::VlBatch;
-use super::text::TextModel;
+use super::text::{TextContext, TextModel};
 use super::vision::VisionTower;
 use super::weights::{Loader, SafetensorsStore, WeightSource};
 
@@ -122,6 +122,16 @@ impl Qwen25VL {
     /// Decoder forward with precomputed image embeddings (e.g. from a vision cache), in the order
     /// of the batch's image tokens.
     pub fn forward_with_image_embeds(&self, batch: &VlBatch, image_embeds: Option<&Tensor>, train: bool) -> Result<VlFeatures> {
+        let inputs = self.text_inputs(batch, image_embeds, train)?;
+        let last_hidden_state = self.language_model.forward_embeds(&inputs.embeds, &inputs.ctx);
+        Ok(inputs.into_features(last_hidden_state))
+    }
+
+    /// The decoder's input: token embeddings with the image embeddings scattered into the image
+    /// token positions, the per-forward context and the token masks. Running
+    /// `language_model.layers` then `language_model.norm` on `embeds` (for example segment by
+    /// segment) and calling [`TextInputs::into_features`] equals [`Qwen25VL::forward_with_image_embeds`].
+    pub fn text_inputs(&self, batch: &VlBatch, image_embeds: Option<&Tensor>, train: bool) -> Result<TextInputs> {
         let device = self.device();
         let ids = batch.input_ids.to_device(device);
         let attention_mask = batch.attention_mask.to_device(device);
@@ -136,7 +146,7 @@ impl Qwen25VL {
         }
         let image_mask = ids.eq(self.config.image_token_id).logical_and(&attention_mask.to_kind(Kind::Bool));
         let n_image = image_mask.sum(Kind::Int64).int64_value(&[]);
-        let mut x = self.language_model.embed(&ids)?;
+        let mut embeds = self.language_model.embed(&ids)?;
         match image_embeds {
             Some(e) => {
                 let es = e.size();
@@ -146,17 +156,38 @@ impl Qwen25VL {
                         self.config.text.hidden_size
                     )));
                 }
-                x = x.masked_scatter(&image_mask.unsqueeze(-1), &e.to_device(device).to_kind(x.kind()));
+                if n_image > 0 && e.isfinite().all().int64_value(&[]) == 0 {
+                    return Err(VlmError::Input("image features contain NaN or infinite values".into()));
+                }
+                embeds = embeds.masked_scatter(&image_mask.unsqueeze(-1), &e.to_device(device).to_kind(embeds.kind()));
             }
             None if n_image > 0 => {
                 return Err(VlmError::Input(format!("{n_image} image tokens but no image features")));
             }
             None => {}
         }
-        let ctx = self.language_model.prepare(&batch.position_ids.to_device(device), &attention_mask, x.kind(), train);
-        let last_hidden_state = self.language_model.forward_embeds(&x, &ctx);
-        let text_mask = attention_mask.to_kind(Kind::Bool).logical_and(&image_mask.logical_not());
-        Ok(VlFeatures { last_hidden_state, attention_mask, image_mask, text_mask })
+        let ctx = self.language_model.prepare(&batch.position_ids.to_device(device), &attention_mask, embeds.kind(), train);
+        Ok(TextInputs { embeds, ctx, attention_mask, image_mask })
+    }
+}
+
+/// The decoder's input for one batch (see [`Qwen25VL::text_inputs`]).
+pub struct TextInputs {
+    /// `[batch, len, hidden]` input embeddings.
+    pub embeds: Tensor,
+    /// Rotary tables and attention mask.
+    pub ctx: TextContext,
+    /// `[batch, len]` int64, 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `[batch, len]` bool, true at image tokens.
+    pub image_mask: Tensor,
+}
+
+impl TextInputs {
+    /// Wraps the final-norm output of the decoder into [`VlFeatures`].
+    pub fn into_features(self, last_hidden_state: Tensor) -> VlFeatures {
+        let text_mask = self.attention_mask.to_kind(Kind::Bool).logical_and(&self.image_mask.logical_not());
+        VlFeatures { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask }
     }
 }
 

@@ -257,6 +257,9 @@ impl VisionTower {
                 cfg.patch_dim()
             )));
         }
+        if n > 0 && pixel_values.isfinite().all().int64_value(&[]) == 0 {
+            return Err(VlmError::Input("pixel_values contain NaN or infinite values".into()));
+        }
         let device = pixel_values.device();
         let (widx, cu_window_seqlens) = window_index(grids, cfg);
         let window_index = Tensor::from_slice(&widx).to_device(device);

@@ -34,7 +34,7 @@ pub struct SafetensorsStore {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VlmError + '_ {
-    move |source| VlmError::Io { path: path.to_path_buf(), source }
+    move |error| VlmError::Io { path: path.to_path_buf(), error }
 }
 
 impl SafetensorsStore {
