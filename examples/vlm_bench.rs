@@ -33,6 +33,16 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU seconds of the whole process (all threads), from /proc/self/stat
+/// (clock ticks of 1/100 s, the Linux default USER_HZ).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<f64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    // Fields after the command name: state is index 0, utime 11, stime 12.
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -91,23 +101,25 @@ fn main() {
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let time = |f: &dyn Fn()| -> (f64, f64) {
+    let time = |f: &dyn Fn()| -> (f64, f64, f64) {
         for _ in 0..warmup {
             f();
         }
         sync();
         reset_peak();
         let t = Instant::now();
+        let c = cpu_seconds();
         for _ in 0..iters {
             f();
         }
         sync();
-        (t.elapsed().as_secs_f64() * 1e3 / iters as f64, status_kb("VmHWM:") as f64 / 1024.0)
+        let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        (ms, (cpu_seconds() - c) / iters as f64, status_kb("VmHWM:") as f64 / 1024.0)
     };
-    let (vis_ms, vis_peak) = time(&|| {
+    let (vis_ms, vis_cpu, vis_peak) = time(&|| {
         let _ = model.image_embeds(&batch.pixel_values, &batch.image_grid_thw, false).unwrap();
     });
-    let (full_ms, full_peak) = time(&|| {
+    let (full_ms, full_cpu, full_peak) = time(&|| {
         let _ = model.forward(&batch, false).unwrap();
     });
     println!(
@@ -119,6 +131,6 @@ fn main() {
         tch::get_num_threads()
     );
     println!("init_s={init_s:.1} rss_after_init_mb={weights_mb:.0} preprocess_ms_per_view={prep_ms:.1}");
-    println!("vision_ms={vis_ms:.1} vision_peak_rss_mb={vis_peak:.0}");
-    println!("full_ms={full_ms:.1} full_peak_rss_mb={full_peak:.0}");
+    println!("vision_ms={vis_ms:.1} vision_cpu_s={vis_cpu:.1} vision_peak_rss_mb={vis_peak:.0}");
+    println!("full_ms={full_ms:.1} full_cpu_s={full_cpu:.1} full_peak_rss_mb={full_peak:.0}");
 }
