@@ -127,6 +127,8 @@ CASES = {
     "one_image": (["img_a.png"], "Insert the needle slowly."),
     "two_images": (["img_b.png", "img_c.png"], "Pick up the red cube."),
     "three_images": (["img_c.png", "img_d.png", "img_b.png"], "What do the cameras show?"),
+    # No image; digits, punctuation, a newline and non-ASCII text through the byte-level BPE.
+    "text_only": ([], "Füge die Nadel ein: 2.5 mm,\nthen stop!  Ok?"),
 }
 
 
@@ -240,24 +242,24 @@ def main():
                 messages = [{"role": "user", "content": [{"type": "image"} for _ in imgs]
                              + [{"type": "text", "text": text}]}]
                 prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                inputs = processor(text=[prompt], images=[pil[n] for n in imgs], return_tensors="pt")
+                inputs = processor(text=[prompt], images=[pil[n] for n in imgs] or None, return_tensors="pt")
+                grid = inputs.get("image_grid_thw")
                 with torch.no_grad():
                     pos, _ = ref.model.get_rope_index(
-                        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=grid,
                         attention_mask=inputs["attention_mask"])
-                    vis = ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-                    vis = torch.cat(vis.pooler_output, dim=0)
                     out = ref.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                    pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                                    pixel_values=inputs.get("pixel_values"), image_grid_thw=grid,
                                     mm_token_type_ids=inputs["mm_token_type_ids"])
-                tensors = {
-                    "vision_embeds": vis.float().contiguous(),
-                    "last_hidden_state": out.last_hidden_state[0].float().contiguous(),
-                }
+                tensors = {"last_hidden_state": out.last_hidden_state[0].float().contiguous()}
+                if imgs:
+                    with torch.no_grad():
+                        vis = ref.model.get_image_features(inputs["pixel_values"], grid)
+                    tensors["vision_embeds"] = torch.cat(vis.pooler_output, dim=0).float().contiguous()
                 if dtype_name == "f32" and mi == 0:
                     # Model-independent tensors, written once.
                     pre = {
-                        "image_grid_thw": inputs["image_grid_thw"].long().contiguous(),
+                        "image_grid_thw": (grid if imgs else torch.zeros(0, 3)).long().contiguous(),
                         "input_ids": inputs["input_ids"][0].long().contiguous(),
                         "position_ids": pos[:, 0].long().contiguous(),
                     }
