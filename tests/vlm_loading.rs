@@ -311,3 +311,30 @@ fn inconsistent_model_inputs_are_refused() {
     let e = model.forward(&batch, false).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
 }
+
+#[test]
+fn named_tensors_are_the_checkpoint_tensors() {
+    let dir = fixtures().join("tiny_a");
+    let model = Qwen25VL::load(&dir, Kind::Float, Device::Cpu).unwrap();
+    let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (new_layout(&n), t))
+        .collect();
+    let named = model.named_tensors();
+    assert_eq!(named.len(), stored.len(), "tied model: every stored tensor and nothing else");
+    for (n, t) in &named {
+        assert!(t.equal(&stored[n].to_kind(Kind::Float)), "{n}");
+    }
+    // Written out, they load back into the same model (random weights round trip).
+    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let random = Qwen25VL::random(&cfg, Kind::Float, Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
+    Tensor::write_safetensors(&random.named_tensors(), tmp.path().join("model.safetensors")).unwrap();
+    let back = Qwen25VL::load(tmp.path(), Kind::Float, Device::Cpu).unwrap();
+    for ((n1, a), (n2, b)) in random.named_tensors().iter().zip(back.named_tensors().iter()) {
+        assert_eq!(n1, n2);
+        assert!(a.equal(b), "{n1}");
+    }
+}

@@ -59,3 +59,16 @@ pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
     let s = x.size();
     x.unsqueeze(2).expand([s[0], s[1], n_rep, s[2], s[3]], false).reshape([s[0], s[1] * n_rep, s[2], s[3]])
 }
+
+/// Appends a linear layer's `weight` (and `bias`) under its module path.
+pub fn push_linear(out: &mut Vec<(String, Tensor)>, l: &Linear) {
+    out.push((format!("{}.weight", l.path), l.weight.shallow_clone()));
+    if let Some(b) = &l.bias {
+        out.push((format!("{}.bias", l.path), b.shallow_clone()));
+    }
+}
+
+/// Appends a norm's `weight` under its module path.
+pub fn push_norm(out: &mut Vec<(String, Tensor)>, n: &RmsNorm) {
+    out.push((format!("{}.weight", n.path), n.weight.shallow_clone()));
+}

@@ -94,6 +94,15 @@ impl Qwen25VL {
         Ok(Qwen25VL { config, visual, language_model })
     }
 
+    /// Every base weight with its transformers>=4.52 name (vision tower, then language model;
+    /// no `lm_head`, adapters excluded). Writing them to safetensors gives a loadable checkpoint
+    /// of a tied-embedding model.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = self.visual.named_tensors("model.visual");
+        out.extend(self.language_model.named_tensors("model.language_model"));
+        out
+    }
+
     /// Weight (and compute) dtype.
     pub fn kind(&self) -> Kind {
         self.language_model.embed_tokens.kind()

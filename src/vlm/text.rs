@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::config::TextConfig;
 use super::error::{Result, VlmError};
-use super::layers::{linear, repeat_kv, rotate_half, RmsNorm};
+use super::layers::{linear, push_linear, push_norm, repeat_kv, rotate_half, RmsNorm};
 use super::linear::{Linear, VisitLinears};
 use super::rope::mrope_cos_sin;
 use super::weights::{Init, Loader};
@@ -172,6 +172,21 @@ impl TextModel {
             Some(causal.unsqueeze(0).unsqueeze(0).logical_and(&valid.unsqueeze(1).unsqueeze(1)))
         };
         TextContext { cos, sin, mask, train }
+    }
+
+    /// Every weight with its transformers>=4.52 name (`model.language_model.*`), adapters excluded.
+    pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut out = vec![(format!("{prefix}.embed_tokens.weight"), self.embed_tokens.shallow_clone())];
+        for l in &self.layers {
+            push_norm(&mut out, &l.input_layernorm);
+            push_norm(&mut out, &l.post_attention_layernorm);
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                push_linear(&mut out, lin);
+            }
+        }
+        push_norm(&mut out, &self.norm);
+        out
     }
 
     /// Runs every layer and the final norm on input embeddings `[batch, len, hidden]`.

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::VisionConfig;
 use super::error::{Result, VlmError};
-use super::layers::{linear, rotate_half, RmsNorm};
+use super::layers::{linear, push_linear, push_norm, rotate_half, RmsNorm};
 use super::linear::{Linear, VisitLinears};
 use super::weights::{Init, Loader};
 
@@ -328,6 +328,22 @@ impl VisionTower {
             x = b.forward(&x, &ctx);
         }
         Ok(self.merge(&x, &ctx))
+    }
+
+    /// Every base weight with its transformers>=4.52 name (`model.visual.*`), adapters excluded.
+    pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut out = vec![(format!("{prefix}.patch_embed.proj.weight"), self.patch_embed.shallow_clone())];
+        for b in &self.blocks {
+            push_norm(&mut out, &b.norm1);
+            push_norm(&mut out, &b.norm2);
+            for l in [&b.attn.qkv, &b.attn.proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
+                push_linear(&mut out, l);
+            }
+        }
+        push_norm(&mut out, &self.merger.ln_q);
+        push_linear(&mut out, &self.merger.fc1);
+        push_linear(&mut out, &self.merger.fc2);
+        out
     }
 
     /// The device of the weights.

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
@@ -138,6 +138,10 @@ impl SafetensorsStore {
             msg: format!("data of `{stored}` lies outside the file"),
         })?;
         let t = Tensor::f_from_data_size(bytes, shape, src_kind)?;
+        // Drop the mapped pages of this tensor so resident memory holds each weight once.
+        // SAFETY: read-only file mapping; `t` is a copy and nothing else refers to this range,
+        // and a later access would re-read the pages from the file.
+        let _ = unsafe { f.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
         let t = if src_kind == kind { t } else { t.f_to_kind(kind)? };
         let t = if device == Device::Cpu { t } else { t.f_to_device(device)? };
         Ok(t.set_requires_grad(false))
