@@ -4,6 +4,10 @@
 //! `cargo run --release --example vlm_bench -- [--views 1] [--text-layers 36] [--vision-depth 32]
 //!  [--dtype f32|bf16] [--device cpu|cuda] [--iters 3]`
 //!
+//! With `--load-test DIR` it instead writes the random model to DIR (safetensors + config.json)
+//! unless already there, and measures loading it (time, peak resident memory against the file
+//! size); run it twice so the second run loads in a fresh process.
+//!
 //! Host peak memory is the process's peak resident set (VmHWM, reset through
 //! /proc/self/clear_refs before each phase); it includes the weights.
 
@@ -70,6 +74,11 @@ fn main() {
     cfg.vision.depth = depth;
     cfg.vision.fullatt_block_indexes.retain(|&i| i < depth);
 
+    if let Some(i) = args.iter().position(|a| a == "--load-test") {
+        load_test(&cfg, kind, std::path::Path::new(&args[i + 1]));
+        return;
+    }
+
     let t0 = Instant::now();
     let model = Qwen25VL::random(&cfg, kind, device).unwrap();
     let init_s = t0.elapsed().as_secs_f64();
@@ -133,4 +142,54 @@ fn main() {
     println!("init_s={init_s:.1} rss_after_init_mb={weights_mb:.0} preprocess_ms_per_view={prep_ms:.1}");
     println!("vision_ms={vis_ms:.1} vision_cpu_s={vis_cpu:.1} vision_peak_rss_mb={vis_peak:.0}");
     println!("full_ms={full_ms:.1} full_cpu_s={full_cpu:.1} full_peak_rss_mb={full_peak:.0}");
+}
+
+fn config_json(cfg: &Config) -> serde_json::Value {
+    let (t, v) = (&cfg.text, &cfg.vision);
+    serde_json::json!({
+        "model_type": "qwen2_5_vl",
+        "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+        "vision_start_token_id": cfg.vision_start_token_id, "vision_end_token_id": cfg.vision_end_token_id,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "text_config": {
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": t.mrope_section},
+            "tie_word_embeddings": t.tie_word_embeddings,
+        },
+        "vision_config": {
+            "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+            "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
+            "fullatt_block_indexes": v.fullatt_block_indexes, "tokens_per_second": v.tokens_per_second,
+        },
+    })
+}
+
+fn load_test(cfg: &Config, kind: Kind, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    // Written once; run again to load in a fresh process.
+    if !dir.join("model.safetensors").exists() {
+        let model = Qwen25VL::random(cfg, kind, Device::Cpu).unwrap();
+        tch::Tensor::write_safetensors(&model.named_tensors(), dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), config_json(cfg).to_string()).unwrap();
+    }
+    let file_mb = std::fs::metadata(dir.join("model.safetensors")).unwrap().len() as f64 / 1048576.0;
+    let before = status_kb("VmRSS:") as f64 / 1024.0;
+    reset_peak();
+    let t0 = Instant::now();
+    let model = Qwen25VL::load(dir, kind, Device::Cpu).unwrap();
+    let load_s = t0.elapsed().as_secs_f64();
+    println!(
+        "load_test dtype={kind:?} vision_depth={} text_layers={} file_mb={file_mb:.0} load_s={load_s:.1} \
+         rss_before_mb={before:.0} peak_rss_mb={:.0} rss_after_mb={:.0} rss_anon_after_mb={:.0} tensors={}",
+        cfg.vision.depth,
+        cfg.text.num_hidden_layers,
+        status_kb("VmHWM:") as f64 / 1024.0,
+        status_kb("VmRSS:") as f64 / 1024.0,
+        status_kb("RssAnon:") as f64 / 1024.0,
+        model.named_tensors().len()
+    );
 }
