@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod dataset;
 pub mod import_bag;
 pub mod record;
+pub mod vlm_features;
 
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
 #[derive(Parser, Debug)]
@@ -25,6 +26,8 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Import a rosbag2 bag (MCAP storage) as an episode.
     ImportBag(import_bag::ImportBagArgs),
+    /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
+    VlmFeatures(vlm_features::VlmFeaturesArgs),
 }
 
 /// Arguments of `device`.
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
+        Command::VlmFeatures(a) => vlm_features::run(a),
     }
 }
 

@@ -1,0 +1,214 @@
+//! The Qwen2.5-VL language model: token embedding, Qwen2 decoder layers (GQA attention with
+//! biased q/k/v, M-RoPE, SwiGLU MLP, RMSNorm) and the final norm.
+//!
+//! Segmentable for gradient checkpointing: [`TextModel::prepare`] builds the per-forward
+//! [`TextContext`] (rotary tables, attention mask), each [`DecoderLayer::forward`] runs one layer,
+//! [`TextModel::forward_embeds`] chains them and applies the final norm.
+
+use tch::{Kind, Tensor};
+
+use super::config::TextConfig;
+use super::error::{Result, VlmError};
+use super::layers::{linear, push_linear, push_norm, repeat_kv, rotate_half, RmsNorm};
+use super::linear::{Linear, VisitLinears};
+use super::rope::mrope_cos_sin;
+use super::weights::{Init, Loader};
+
+/// Everything a decoder layer needs besides its input, computed once per forward.
+pub struct TextContext {
+    /// Rotary cosines `[batch, len, head_dim]` in the compute dtype.
+    pub cos: Tensor,
+    /// Rotary sines `[batch, len, head_dim]` in the compute dtype.
+    pub sin: Tensor,
+    /// Boolean mask `[batch, 1, len, len]` (true = may attend), or `None` for plain causal
+    /// attention without padding.
+    pub mask: Option<Tensor>,
+    /// Training mode (adapter dropout).
+    pub train: bool,
+}
+
+/// Grouped-query self-attention.
+pub struct TextAttention {
+    /// Query projection (with bias).
+    pub q_proj: Linear,
+    /// Key projection (with bias).
+    pub k_proj: Linear,
+    /// Value projection (with bias).
+    pub v_proj: Linear,
+    /// Output projection (no bias).
+    pub o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+/// SwiGLU MLP without biases.
+pub struct TextMlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One decoder layer.
+pub struct DecoderLayer {
+    /// Pre-attention norm.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: TextAttention,
+    /// Pre-MLP norm.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: TextMlp,
+}
+
+/// The language model without `lm_head`.
+pub struct TextModel {
+    /// Configuration.
+    pub config: TextConfig,
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// The decoder layers, in order.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+}
+
+impl TextAttention {
+    fn forward(&self, x: &Tensor, ctx: &TextContext) -> Tensor {
+        let (b, l) = (x.size()[0], x.size()[1]);
+        let heads = |t: Tensor, n: i64| t.reshape([b, l, n, self.head_dim]).transpose(1, 2);
+        let q = heads(self.q_proj.forward_t(x, ctx.train), self.num_heads);
+        let k = heads(self.k_proj.forward_t(x, ctx.train), self.num_kv_heads);
+        let v = heads(self.v_proj.forward_t(x, ctx.train), self.num_kv_heads);
+        let cos = ctx.cos.unsqueeze(1);
+        let sin = ctx.sin.unsqueeze(1);
+        let q = &q * &cos + rotate_half(&q) * &sin;
+        let k = &k * &cos + rotate_half(&k) * &sin;
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, rep), repeat_kv(&v, rep));
+        let out = match &ctx.mask {
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false),
+        };
+        let out = out.transpose(1, 2).reshape([b, l, self.num_heads * self.head_dim]);
+        self.o_proj.forward_t(&out, ctx.train)
+    }
+}
+
+impl DecoderLayer {
+    fn new(loader: &mut Loader, path: &str, cfg: &TextConfig) -> Result<Self> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(loader, &format!("{path}.input_layernorm"), h, cfg.rms_norm_eps)?,
+            self_attn: TextAttention {
+                q_proj: linear(loader, &format!("{path}.self_attn.q_proj"), h, nh * hd, true)?,
+                k_proj: linear(loader, &format!("{path}.self_attn.k_proj"), h, nkv * hd, true)?,
+                v_proj: linear(loader, &format!("{path}.self_attn.v_proj"), h, nkv * hd, true)?,
+                o_proj: linear(loader, &format!("{path}.self_attn.o_proj"), nh * hd, h, false)?,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            },
+            post_attention_layernorm: RmsNorm::new(loader, &format!("{path}.post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            mlp: TextMlp {
+                gate_proj: linear(loader, &format!("{path}.mlp.gate_proj"), h, i, false)?,
+                up_proj: linear(loader, &format!("{path}.mlp.up_proj"), h, i, false)?,
+                down_proj: linear(loader, &format!("{path}.mlp.down_proj"), i, h, false)?,
+            },
+        })
+    }
+
+    /// One layer on `x` `[batch, len, hidden]`.
+    pub fn forward(&self, x: &Tensor, ctx: &TextContext) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), ctx);
+        let h = self.post_attention_layernorm.forward(&x);
+        let m = &self.mlp;
+        let g = m.gate_proj.forward_t(&h, ctx.train).silu() * m.up_proj.forward_t(&h, ctx.train);
+        &x + m.down_proj.forward_t(&g, ctx.train)
+    }
+}
+
+impl TextModel {
+    /// Builds the language model from `prefix` (normally `model.language_model`).
+    pub fn new(loader: &mut Loader, prefix: &str, cfg: &TextConfig) -> Result<Self> {
+        let embed_tokens =
+            loader.tensor(&format!("{prefix}.embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], Init::Normal)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(loader, &format!("{prefix}.layers.{i}"), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(loader, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        Ok(TextModel { config: cfg.clone(), embed_tokens, layers, norm })
+    }
+
+    /// Token embeddings `[batch, len, hidden]` of `input_ids` `[batch, len]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let vocab = self.config.vocab_size;
+        if input_ids.numel() > 0 {
+            let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
+            if lo < 0 || hi >= vocab {
+                return Err(VlmError::Input(format!("input_ids hold ids in [{lo}, {hi}], outside the vocabulary 0..{vocab}")));
+            }
+        }
+        Ok(Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false))
+    }
+
+    /// Rotary tables and mask for position ids `[3, batch, len]` and an attention mask `[batch,
+    /// len]` (1 = token, 0 = padding), in compute dtype `kind`.
+    pub fn prepare(&self, position_ids: &Tensor, attention_mask: &Tensor, kind: Kind, train: bool) -> TextContext {
+        let c = &self.config;
+        let (cos, sin) = mrope_cos_sin(position_ids, c.head_dim(), c.rope_theta, c.mrope_section, kind);
+        let valid = attention_mask.to_kind(Kind::Bool);
+        let all_valid = valid.all().int64_value(&[]) != 0;
+        let mask = if all_valid {
+            None
+        } else {
+            let l = valid.size()[1];
+            let causal = Tensor::ones([l, l], (Kind::Bool, valid.device())).tril(0);
+            // [b, 1, 1, l] keys that exist, combined with causality.
+            Some(causal.unsqueeze(0).unsqueeze(0).logical_and(&valid.unsqueeze(1).unsqueeze(1)))
+        };
+        TextContext { cos, sin, mask, train }
+    }
+
+    /// Every weight with its transformers>=4.52 name (`model.language_model.*`), adapters excluded.
+    pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut out = vec![(format!("{prefix}.embed_tokens.weight"), self.embed_tokens.shallow_clone())];
+        for l in &self.layers {
+            push_norm(&mut out, &l.input_layernorm);
+            push_norm(&mut out, &l.post_attention_layernorm);
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                push_linear(&mut out, lin);
+            }
+        }
+        push_norm(&mut out, &self.norm);
+        out
+    }
+
+    /// Runs every layer and the final norm on input embeddings `[batch, len, hidden]`.
+    pub fn forward_embeds(&self, embeds: &Tensor, ctx: &TextContext) -> Tensor {
+        let mut x = embeds.shallow_clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, ctx);
+        }
+        self.norm.forward(&x)
+    }
+}
+
+impl VisitLinears for TextModel {
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        for l in &mut self.layers {
+            f(&mut l.self_attn.q_proj);
+            f(&mut l.self_attn.k_proj);
+            f(&mut l.self_attn.v_proj);
+            f(&mut l.self_attn.o_proj);
+            f(&mut l.mlp.gate_proj);
+            f(&mut l.mlp.up_proj);
+            f(&mut l.mlp.down_proj);
+        }
+    }
+}
