@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod config;
 pub mod controller;
+pub mod deploy;
 pub mod drift;
 pub mod optim;
 pub mod plot;
