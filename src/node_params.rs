@@ -90,6 +90,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("camera_rate_hz", Double, json!(10.0), "Camera frame rate."),
             p("sensor_rate_hz", Double, json!(650.0), "Tactile/OCT sensor sample rate."),
             p("pose_rate_hz", Double, json!(100.0), "Robot pose rate."),
+            p("episode_seconds", Double, json!(10.0), "Length of each simulated episode (scene redrawn after it)."),
         ],
         _ => return None,
     };

@@ -1,7 +1,9 @@
 //! ROS 2 adapters (r2r): message <-> core type conversion and the nodes. No logic lives here.
 
+pub mod collector;
 pub mod interfaces;
 pub mod params;
+pub mod sim_robot;
 
 /// Spins the node on this thread until `stop` is set (r2r delivers messages, service calls and
 /// timers to the async streams while spinning).
