@@ -26,11 +26,6 @@ pub fn status_msg(s: &RecorderStatus, stamp: r2r::builtin_interfaces::msg::Time)
     }
 }
 
-fn stamp_now() -> r2r::builtin_interfaces::msg::Time {
-    let ns = now_ns();
-    r2r::builtin_interfaces::msg::Time { sec: (ns / 1_000_000_000) as i32, nanosec: (ns % 1_000_000_000) as u32 }
-}
-
 /// Runs the collector node until the process is stopped.
 pub fn main() -> Result<()> {
     crate::logging::init("info");
@@ -104,7 +99,7 @@ pub fn main() -> Result<()> {
     let rec = recorder.clone();
     rt.spawn(async move {
         while timer.tick().await.is_ok() {
-            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), stamp_now())) {
+            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), super::convert::time_now())) {
                 tracing::warn!("status: {e}");
             }
         }

@@ -1,6 +1,7 @@
 //! ROS 2 adapters (r2r): message <-> core type conversion and the nodes. No logic lives here.
 
 pub mod collector;
+pub mod convert;
 pub mod interfaces;
 pub mod params;
 pub mod sim_robot;
