@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod dataset;
+pub mod demo;
 pub mod import_bag;
 pub mod record;
 pub mod vlm_features;
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the libtorch build and the device that would be used.
     Device(DeviceArgs),
+    /// Run the loop on an embedded default: simulated recording, dataset, VL features, policy training, publication.
+    Demo(demo::DemoArgs),
     /// Compile recorded episodes into a training dataset, or describe one.
     Dataset(dataset::DatasetArgs),
     /// Record episodes (from the simulated robot with --sim).
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::device::describe(d));
             Ok(())
         }
+        Command::Demo(a) => demo::run(a),
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
@@ -56,7 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Opens the recorded episodes at `path` for `dataset compile`: one episode folder (holding
 /// `episode.json`) or a dataset root whose `episodes/` are all opened. Episodes still being
 /// recorded (a `RECORDING` marker) are skipped with a warning.
-fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
+pub(crate) fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
     use crate::dataset::mcap_episode::{list_episodes, McapEpisode, RECORDING_MARKER};
     let dirs = if path.join("episode.json").exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
     let mut out: Vec<Box<dyn crate::dataset::episode::EpisodeSource>> = Vec::new();

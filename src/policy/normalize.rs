@@ -216,3 +216,20 @@ pub fn apply(x: &Tensor, affine: &(Tensor, Tensor)) -> Tensor {
 pub fn invert(x: &Tensor, affine: &(Tensor, Tensor)) -> Tensor {
     x.to_kind(Kind::Float) * &affine.1 + &affine.0
 }
+
+impl From<&crate::dataset::stats::FieldStats> for FeatureStats {
+    /// The compiled dataset's statistics (f64) as the policy's (f32).
+    fn from(s: &crate::dataset::stats::FieldStats) -> Self {
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        Self { mean: f(&s.mean), std: f(&s.std), min: f(&s.min), max: f(&s.max), q01: f(&s.q01), q99: f(&s.q99) }
+    }
+}
+
+impl NormStats {
+    /// Mean/std normalization from a compiled dataset's training-split statistics
+    /// (`state_dim` 0: the policy takes no state).
+    pub fn from_dataset(stats: &crate::dataset::stats::DatasetStats, state_dim: usize) -> Self {
+        let n = |s: &crate::dataset::stats::FieldStats| Normalizer { mode: NormMode::MeanStd, stats: s.into() };
+        Self { sensor: n(&stats.sensor), state: (state_dim > 0).then(|| n(&stats.state)), action: n(&stats.action) }
+    }
+}
