@@ -5,6 +5,7 @@ pub mod convert;
 pub mod interfaces;
 pub mod params;
 pub mod sim_robot;
+pub mod trainer;
 
 /// Spins the node on this thread until `stop` is set (r2r delivers messages, service calls and
 /// timers to the async streams while spinning).
