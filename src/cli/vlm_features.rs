@@ -35,6 +35,10 @@ pub struct VlmFeaturesArgs {
     /// Tokens averaged into `pooled`: all, image or text.
     #[arg(long, default_value = "all")]
     pub pooling: String,
+    /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to
+    /// the model, as `PeftModel.from_pretrained` would.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -59,7 +63,13 @@ pub fn run(a: VlmFeaturesArgs) -> anyhow::Result<()> {
     let images = a.images.iter().map(|p| load_image(p)).collect::<Result<Vec<_>, _>>()?;
     let sample = processor.sample(&images, &a.prompt)?;
     let batch = processor.collate(&[sample])?;
-    let model = Qwen25VL::load(&a.model, kind, device).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut model = Qwen25VL::load(&a.model, kind, device).with_context(|| format!("loading {}", a.model.display()))?;
+    let adapter_store = tch::nn::VarStore::new(device);
+    if let Some(dir) = &a.adapter {
+        let loaded = crate::vlm::peft::load_adapter(&mut model, dir, &adapter_store.root())
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        println!("adapter {}: LoRA r={} on {} layers", dir.display(), loaded.config.r, loaded.layers.len());
+    }
     let _guard = tch::no_grad_guard();
     let features = model.forward(&batch, false)?;
     let pooled = features.pooled(pooling)?;

@@ -91,6 +91,9 @@ pub enum VlmError {
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The checkpointed backward pass failed.
+    #[error("gradient checkpointing: {0}")]
+    Checkpoint(#[from] super::grad_checkpoint::CheckpointError),
 }
 
 /// Result alias of this module.

@@ -9,9 +9,10 @@
 //!    accumulates the parameters' gradients) and passes the input's gradient on; the stack's
 //!    input gradient finally continues into whatever graph produced the input.
 //!
-//! Random layers (dropout) see the same random numbers in the recomputation: each segment runs
+//! Random layers (dropout) see the same random numbers in the recomputation: each layer runs
 //! after `tch::manual_seed` with a seed drawn at the start of the forward pass. The same seeding
-//! is used without checkpointing, so both modes produce identical gradients.
+//! is used without checkpointing and for every segment length, so all modes produce identical
+//! gradients.
 //!
 //! Layers that need per-forward context (rotary tables, masks, window indices) capture it in
 //! the closure `layer(index, x)`. Stacks chain: when a stack's input was computed from another
@@ -98,8 +99,11 @@ fn draw_seeds(n: usize) -> Result<Vec<i64>, CheckpointError> {
     Ok(Vec::<i64>::try_from(&t)?)
 }
 
-fn run_segment<F: Fn(usize, &Tensor) -> Tensor>(layer: &F, (start, end): (usize, usize), x: &Tensor) -> Tensor {
-    (start..end).fold(x.shallow_clone(), |h, i| layer(i, &h))
+fn run_segment<F: Fn(usize, &Tensor) -> Tensor>(layer: &F, (start, end): (usize, usize), seeds: &[i64], x: &Tensor) -> Tensor {
+    (start..end).fold(x.shallow_clone(), |h, i| {
+        tch::manual_seed(seeds[i]);
+        layer(i, &h)
+    })
 }
 
 /// Runs `layer(0..n_layers)` on `x` as configured by `ck`. With checkpointing the returned
@@ -117,19 +121,18 @@ pub fn run_layers<F: Fn(usize, &Tensor) -> Tensor>(
     }
     let segments: Vec<(usize, usize)> =
         (0..n_layers).step_by(ck.every).map(|s| (s, (s + ck.every).min(n_layers))).collect();
-    let mut seeds = draw_seeds(segments.len() + 2)?;
+    let mut seeds = draw_seeds(n_layers + 2)?;
     let resume_seed = seeds.pop().expect("drawn");
     let after_forward = seeds.pop().expect("drawn");
     let mut inputs = Vec::new();
     let mut h = x.shallow_clone();
-    for (seg, seed) in segments.iter().zip(&seeds) {
-        tch::manual_seed(*seed);
+    for seg in &segments {
         if ck.enabled {
             h = h.detach();
             inputs.push(h.shallow_clone());
-            h = tch::no_grad(|| run_segment(layer, *seg, &h));
+            h = tch::no_grad(|| run_segment(layer, *seg, &seeds, &h));
         } else {
-            h = run_segment(layer, *seg, &h);
+            h = run_segment(layer, *seg, &seeds, &h);
         }
     }
     tch::manual_seed(after_forward);
@@ -160,8 +163,7 @@ impl SegmentRun {
         for (idx, saved) in self.inputs.into_iter().enumerate().rev() {
             let needs_input_grad = idx > 0 || input_needs_grad;
             let xin = saved.detach().set_requires_grad(needs_input_grad);
-            tch::manual_seed(self.seeds[idx]);
-            let out = tch::with_grad(|| run_segment(layer, self.segments[idx], &xin));
+            let out = tch::with_grad(|| run_segment(layer, self.segments[idx], &self.seeds, &xin));
             if out.requires_grad() {
                 backward_with_grad(&out, &grad)?;
             }

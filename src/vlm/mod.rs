@@ -1,6 +1,7 @@
 //! Qwen2.5-VL in tch: config, image processor, tokenizer/prompt, vision tower, text decoder,
 //! weights, LoRA, gradient checkpointing.
 
+pub mod checkpointed;
 pub mod config;
 pub mod error;
 pub mod grad_checkpoint;
@@ -18,6 +19,7 @@ pub mod text;
 pub mod vision;
 pub mod weights;
 
+pub use checkpointed::{CheckpointedPass, TrainCheckpointing};
 pub use config::{Config, TextConfig, VisionConfig};
 pub use error::VlmError;
 pub use image_processor::{load_image, ImageProcessor};

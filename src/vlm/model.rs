@@ -198,6 +198,15 @@ impl TextInputs {
         let text_mask = self.attention_mask.to_kind(Kind::Bool).logical_and(&self.image_mask.logical_not());
         VlFeatures { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask }
     }
+
+    /// Like [`TextInputs::into_features`], also returning the per-forward context (needed to
+    /// recompute checkpointed layers).
+    pub fn into_features_and_context(self, last_hidden_state: Tensor) -> (VlFeatures, TextContext) {
+        let text_mask = self.attention_mask.to_kind(Kind::Bool).logical_and(&self.image_mask.logical_not());
+        let features =
+            VlFeatures { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask };
+        (features, self.ctx)
+    }
 }
 
 impl VisitLinears for Qwen25VL {
