@@ -16,6 +16,7 @@ mod refresh;
 pub mod runner;
 pub mod schedule;
 pub mod types;
+pub mod vla;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use control::{ActionEvent, ControlConfig, ControlCore, PolicyStatus, StaleBehavior};

@@ -174,7 +174,7 @@ pub fn run(job: &HeadsJob, ctx: Option<&JobContext>) -> Result<HeadsResult> {
     std::fs::create_dir_all(&job.work_dir)?;
     let heads_path = job.work_dir.join(HEADS_FILE);
     heads.save(&heads_path, crate::policy::checkpoint::CheckpointStage::Stage1, BTreeMap::new())?;
-    let base_model_id = format!("qwen2_5_vl:{}", hex_sha256(&std::fs::read(job.base_model.join("config.json"))?));
+    let base_model_id = base_model_id(&job.base_model)?;
     let deploy = DeployInfo {
         format_version: DEPLOY_FORMAT_VERSION,
         base_model_id: base_model_id.clone(),
@@ -227,9 +227,23 @@ pub fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
+/// Identity of a base model folder: `qwen2_5_vl:` + sha256 of its config.json and of the
+/// names and sizes of its weight files (cheap; a re-sharded or edited model gets a new id).
+pub fn base_model_id(dir: &Path) -> Result<String> {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
+    let mut h = sha2::Sha256::new();
+    h.update(std::fs::read(dir.join("config.json")).map_err(|e| anyhow!("{}/config.json: {e}", dir.display()))?);
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+        .collect();
+    files.sort();
+    for (name, len) in files {
+        h.update(name.as_bytes());
+        h.update(len.to_le_bytes());
+    }
+    Ok(format!("qwen2_5_vl:{}", hex::encode(h.finalize())))
 }
 
 /// Whether `dir` looks like a base VL model folder (config.json, tokenizer.json, weights).
