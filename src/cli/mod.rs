@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod demo;
 pub mod import_bag;
 pub mod record;
+pub mod train;
 pub mod vlm_features;
 
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
@@ -29,6 +30,8 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Import a rosbag2 bag (MCAP storage) as an episode.
     ImportBag(import_bag::ImportBagArgs),
+    /// Stage 2 fine-tuning (LoRA on the VL model + heads) from a config file (config/train.yaml).
+    Train(train::TrainArgs),
     /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
     VlmFeatures(vlm_features::VlmFeaturesArgs),
 }
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
+        Command::Train(a) => train::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),
     }
 }

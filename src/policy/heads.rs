@@ -74,6 +74,7 @@ pub struct PolicyHeads {
     sensor: SensorEncoder,
     expert: ActionExpert,
     compute_kind: Kind,
+    bn_frozen: bool,
 }
 
 /// Normalization maps as tensors on the heads' device.
@@ -110,7 +111,7 @@ impl PolicyHeads {
         let expert = ActionExpert::new(&root / EXPERT_PREFIX, &cfg);
         let schedule = NoiseSchedule::cosine(&cfg.diffusion);
         let affine = Affine::new(&norm, device);
-        Ok(Self { vs, cfg, norm, affine, schedule, sensor, expert, compute_kind: Kind::Float })
+        Ok(Self { vs, cfg, norm, affine, schedule, sensor, expert, compute_kind: Kind::Float, bn_frozen: false })
     }
 
     /// The configuration.
@@ -156,6 +157,13 @@ impl PolicyHeads {
     /// fp32; they are cast on use so gradients reach the fp32 masters.
     pub fn set_compute_kind(&mut self, kind: Kind) {
         self.compute_kind = kind;
+    }
+
+    /// Freezes the sensor encoder's BatchNorm: training forwards use its running statistics
+    /// instead of batch statistics (fine-tuning with small micro-batches; makes a gradient
+    /// independent of how a batch is split into micro-batches).
+    pub fn set_batch_norm_frozen(&mut self, frozen: bool) {
+        self.bn_frozen = frozen;
     }
 
     /// Number of trainable scalars whose name starts with `prefix` (`""` for all).
@@ -223,7 +231,7 @@ impl PolicyHeads {
     /// Encodes raw sensor windows `[B, T, C]` -> `[B, out_dim]` (compute dtype).
     pub fn encode_sensor(&self, sensor: &Tensor, train: bool) -> Tensor {
         let x = normalize::apply(&sensor.to_device(self.device()), &self.affine.sensor).to_kind(self.compute_kind);
-        self.sensor.forward_t(&x, train)
+        self.sensor.forward_bn(&x, train, train && !self.bn_frozen)
     }
 
     /// The denoiser's condition `[B, d_model]` (compute dtype) after checking the inputs.

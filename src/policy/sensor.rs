@@ -46,13 +46,19 @@ impl SensorEncoder {
     /// `x [B, T, C]` (already normalized, any `T >= 2`; resampled linearly to the configured
     /// window when it differs) -> `[B, out_dim]`. Computes in `x`'s dtype.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_bn(x, train, train)
+    }
+
+    /// Like [`SensorEncoder::forward_t`]; BatchNorm uses batch statistics only when `bn_train`
+    /// (false: the running statistics, frozen).
+    pub fn forward_bn(&self, x: &Tensor, train: bool, bn_train: bool) -> Tensor {
         let mut h = x.transpose(1, 2);
         if h.size()[2] != self.window {
             let k = h.kind();
             h = h.to_kind(Kind::Float).upsample_linear1d([self.window], true, None).to_kind(k);
         }
         for (conv, bn) in &self.conv {
-            h = bn.forward_t(&conv.forward(&h), train).gelu("none");
+            h = bn.forward_t(&conv.forward(&h), bn_train).gelu("none");
         }
         let h = h.transpose(1, 2) + self.pos_embed.to_kind(x.kind());
         let h = self.transformer.forward_t(&h, train).mean_dim(1, false, None);

@@ -8,6 +8,7 @@
 //! - [`publish`]: versioned deployable checkpoints with verified manifests.
 //! - [`progress`] and [`plot`]: progress events, hub, throttle, log, bar; curves PNG.
 //! - [`config`]: `config/train.yaml` and `config/vram_presets.yaml`.
+//! - [`stage2`]: the Stage 2 job (LoRA on the VL model + heads) with its cache modes.
 //! - [`tensor_io`]: safetensors <-> tch with metadata, durable writes.
 
 pub mod cache;
@@ -22,5 +23,6 @@ pub mod progress;
 pub mod publish;
 pub mod runner;
 pub mod service;
+pub mod stage2;
 pub mod state;
 pub mod tensor_io;

@@ -217,14 +217,16 @@ impl AdamW {
     }
 
     /// Applies one AdamW update with each group's `lr * lr_factor`. Parameters without a gradient
-    /// are skipped (as torch does). A non-finite gradient is an error and nothing is updated.
+    /// are skipped (as torch does), and so are frozen ones (`requires_grad` false, e.g. a LoRA
+    /// frozen for feature-cached epochs, whose old gradient is still defined). A non-finite
+    /// gradient is an error and nothing is updated.
     pub fn step(&mut self, lr_factor: f64) -> Result<(), OptimError> {
         let grads: Vec<Option<Tensor>> = self
             .slots
             .iter()
             .map(|s| {
                 let g = s.param.grad();
-                g.defined().then_some(g)
+                (g.defined() && s.param.requires_grad()).then_some(g)
             })
             .collect();
         let present: Vec<(usize, &Tensor)> = grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|g| (i, g))).collect();

@@ -33,6 +33,11 @@ pub trait TrainTask {
     /// The differentiable mean loss over `samples` and the seconds spent fetching their data.
     /// [`TaskError::OutOfMemory`] makes the loop halve the micro-batch and redo the step.
     fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError>;
+    /// Called after the backward of each [`TrainTask::loss`] (e.g. to finish a gradient-
+    /// checkpointed backward pass by recomputing its segments).
+    fn after_backward(&mut self) -> Result<(), TaskError> {
+        Ok(())
+    }
     /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`).
     fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, String>;
     /// The deployable files for the current weights (heads, PEFT adapter, stats, config).
@@ -311,6 +316,7 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Resu
         let scaled = loss * mb.loss_scale;
         loss_sum += scaled.double_value(&[]);
         scaled.f_backward().map_err(|e| TaskError::from(e.to_string()))?;
+        task.after_backward()?;
     }
     Ok((loss_sum, data_s))
 }

@@ -2,30 +2,38 @@
 //! validated (dataset, model folder, overrides) before anything starts, one job runs at a time
 //! through [`JobController`], and each published checkpoint is sent on a channel.
 //!
-//! The job run here is [`heads_job`]: the policy heads fine-tuned on frozen VL features of the
-//! base model. Stage 2 (LoRA on the VL model) is not wired into this service yet.
+//! A request with a stage-1 checkpoint runs Stage 2 ([`stage2`]: LoRA on the VL model + heads,
+//! configured by the embedded `config/train.yaml` with the request's folders, a manual memory
+//! setting for CPU, and `overrides` as a YAML mapping of `section.key: value`, e.g.
+//! `{run.epochs: 3, cache.mode: features}`); its state, cache and logs go under
+//! `<runs_root>/<job_id>/`. A request without one runs [`heads_job`] (the policy heads on frozen
+//! VL features; `overrides` = [`Overrides`]). Both publish under `checkpoints_root`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 
 use serde::Deserialize;
 use serde_json::json;
 
+use super::config::TrainConfig;
 use super::controller::{JobContext, JobController, JobOutcome, RejectReason, Validator};
 use super::heads_job::{self, small_heads, HeadsJob};
 use super::progress::ProgressHub;
 use super::publish::Published;
+use super::stage2::{self, Stage2Job};
 
 /// A start request, as StartFineTune carries it.
 #[derive(Debug, Clone, Default)]
 pub struct StartRequest {
     /// Compiled dataset folder.
     pub dataset: String,
-    /// Stage-1 heads checkpoint (informational until Stage 2 is wired in).
+    /// Stage-1 deployable checkpoint folder; non-empty runs Stage 2 from it.
     pub stage1_checkpoint: String,
     /// Base model folder; empty = the service default.
     pub base_model: String,
-    /// YAML/JSON mapping of [`Overrides`].
+    /// YAML/JSON mapping: [`Overrides`] for the heads job; `section.key: value` of
+    /// `config/train.yaml` for Stage 2.
     pub overrides: String,
 }
 
@@ -61,6 +69,39 @@ pub fn parse_overrides(text: &str) -> Result<Overrides, String> {
     Ok(o)
 }
 
+/// The Stage 2 configuration of a request: the embedded `config/train.yaml` with the request's
+/// dataset, base model and stage-1 checkpoint, job folders under `run_dir`, CPU-sized manual
+/// memory settings (micro-batch 4 x 1, rank 8), then the request's `section.key: value`
+/// overrides; errors name the bad key or value.
+pub fn stage2_config(r: &StartRequest, base_model: &std::path::Path, run_dir: &std::path::Path, checkpoints: &std::path::Path) -> Result<TrainConfig, String> {
+    let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
+    let mut sets = vec![
+        format!("data.dataset_dir={}", q(std::path::Path::new(&r.dataset))),
+        format!("model.base_model_dir={}", q(base_model)),
+        format!("model.stage1_checkpoint={}", q(std::path::Path::new(&r.stage1_checkpoint))),
+        format!("run.output_dir={}", q(run_dir)),
+        format!("cache.dir={}", q(&run_dir.join("cache"))),
+        format!("checkpoint.state_dir={}", q(&run_dir.join("state"))),
+        format!("checkpoint.publish_dir={}", q(checkpoints)),
+        format!("progress.log_file={}", q(&run_dir.join("progress.jsonl"))),
+        format!("progress.plot_file={}", q(&run_dir.join("curves.png"))),
+        "memory.preset=manual".into(),
+        "memory.micro_batch=4".into(),
+        "memory.accum_steps=1".into(),
+        "lora.rank=8".into(),
+        "run.epochs=3".into(),
+    ];
+    if !r.overrides.trim().is_empty() {
+        let map: BTreeMap<String, serde_yaml::Value> =
+            serde_yaml::from_str(&r.overrides).map_err(|e| format!("overrides `{}`: expected a mapping of `section.key: value`: {e}", r.overrides))?;
+        for (k, v) in map {
+            let v = serde_yaml::to_string(&v).map_err(|e| format!("overrides `{k}`: {e}"))?;
+            sets.push(format!("{k}={}", v.trim_end()));
+        }
+    }
+    TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml (embedded)", &sets).map_err(|e| e.to_string())
+}
+
 /// Where the service keeps things.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -86,10 +127,23 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
         if p.join("index.json").is_file() { Ok(()) } else { Err(RejectReason::DatasetMissing(format!("{}: no compiled dataset (index.json)", p.display()))) }
     };
     let model_ok = move |r: &StartRequest| heads_job::check_model_dir(&c.model_dir(r)).map_err(RejectReason::ModelDirInvalid);
-    let config_ok = |r: &StartRequest| parse_overrides(&r.overrides).map(|_| ()).map_err(RejectReason::ConfigInvalid);
+    let c2 = cfg.clone();
+    let config_ok = move |r: &StartRequest| {
+        if r.stage1_checkpoint.is_empty() {
+            return parse_overrides(&r.overrides).map(|_| ()).map_err(RejectReason::ConfigInvalid);
+        }
+        let stage1 = PathBuf::from(&r.stage1_checkpoint);
+        super::deploy::DeployInfo::read(&stage1)
+            .map_err(|e| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", stage1.display())))?;
+        let cfg = stage2_config(r, &c2.model_dir(r), &c2.runs_root.join("check"), &c2.checkpoints_root).map_err(RejectReason::ConfigInvalid)?;
+        stage2::resolve_memory(&cfg).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))
+    };
     let validators: Vec<Box<dyn Validator<StartRequest>>> = vec![Box::new(dataset_ok), Box::new(model_ok), Box::new(config_ok)];
     let published = std::sync::Mutex::new(published);
     let job = move |ctx: JobContext, r: StartRequest| {
+        if !r.stage1_checkpoint.is_empty() {
+            return run_stage2(&cfg, &ctx, &r, &published);
+        }
         let o = parse_overrides(&r.overrides).expect("validated before start");
         let job = HeadsJob {
             dataset: PathBuf::from(&r.dataset),
@@ -121,6 +175,37 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
         }
     };
     JobController::new(job, validators, hub)
+}
+
+fn run_stage2(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest, published: &std::sync::Mutex<Sender<(String, Published)>>) -> JobOutcome {
+    let run_dir = cfg.runs_root.join(&ctx.job_id);
+    let config = match stage2_config(r, &cfg.model_dir(r), &run_dir, &cfg.checkpoints_root) {
+        Ok(c) => c,
+        Err(error) => return JobOutcome::Failed { error },
+    };
+    let job = Stage2Job { config, resume: false };
+    let mut announce = |p: &Published| {
+        let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p.clone())));
+    };
+    match stage2::run(&job, ctx, &mut announce) {
+        Ok(res) => {
+            let summary = json!({
+                "stage": 2,
+                "val_action_error_before": res.val_action_error_before,
+                "val_action_error_after": res.val_action_error,
+                "lora_params_changed": res.lora_params_changed,
+                "cache_refreshes": res.cache_refreshes,
+                "versions": res.published,
+                "global_step": res.run.counters.global_step,
+            });
+            if res.run.cancelled {
+                JobOutcome::Cancelled { summary }
+            } else {
+                JobOutcome::Completed { summary }
+            }
+        }
+        Err(e) => JobOutcome::Failed { error: format!("{e:#}") },
+    }
 }
 
 #[cfg(test)]

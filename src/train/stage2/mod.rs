@@ -1,0 +1,136 @@
+//! Stage 2: LoRA on the VL model's decoder + sensor encoder + diffusion action expert, starting
+//! from a stage-1 deployable checkpoint (heads only, `train::heads_job`), on a compiled dataset,
+//! driven by the generic loop [`runner::run`] (accumulation, clipping, schedule, exact resume,
+//! best/latest, publication, plot, progress, cancel, out-of-memory halving).
+//!
+//! Cache modes (`cache.mode`, see [`task`]): `vision` (frozen vision-tower embeddings cached once,
+//! decoder + LoRA live every step), `features` (pooled VL features cached; heads train on them
+//! with the LoRA frozen; refresh epochs train the LoRA live and rewrite the cache), `off` (the
+//! whole VL model live every step).
+
+mod task;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+
+use super::config::{TrainConfig, VramPresets};
+use super::controller::JobContext;
+use super::optim::Accumulation;
+use super::publish::{Published, Publisher};
+use super::runner::{self, RunSummary, RunnerConfig};
+pub use task::Stage2Task;
+
+/// The metric that selects the best checkpoint (mean DDIM action error, physical units).
+pub const BEST_METRIC: &str = "val_action_error";
+
+/// A Stage 2 job.
+#[derive(Debug, Clone)]
+pub struct Stage2Job {
+    /// The whole configuration (`config/train.yaml` format).
+    pub config: TrainConfig,
+    /// Continue from `<checkpoint.state_dir>/latest.safetensors` when it exists.
+    pub resume: bool,
+}
+
+/// What a Stage 2 run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage2Result {
+    /// The loop's summary (counters, validation per epoch, published versions).
+    pub run: RunSummary,
+    /// Mean validation action error of the stage-1 checkpoint (base VL model, LoRA zero).
+    pub val_action_error_before: f64,
+    /// Mean validation action error after the last finished epoch (None when none finished).
+    pub val_action_error: Option<f64>,
+    /// Per action dimension, after the last finished epoch.
+    pub val_action_error_per_dim: Vec<f64>,
+    /// Whether any LoRA weight differs from its initial value.
+    pub lora_params_changed: bool,
+    /// Refresh epochs run (`features` mode).
+    pub cache_refreshes: u64,
+    /// Vision-cache entries computed by this process (`vision` mode; 0 when all were on disk).
+    pub vision_entries_built: u64,
+    /// Published checkpoint versions, in order.
+    pub published: Vec<String>,
+    /// Micro-batch and accumulation used.
+    pub accumulation: Accumulation,
+}
+
+/// Micro-batch, accumulation and LoRA rank from the memory settings. On a device without a
+/// known memory size (CPU), `memory.preset: auto` is an error naming the fix.
+pub fn resolve_memory(cfg: &TrainConfig) -> Result<(Accumulation, u32)> {
+    let presets = if cfg.memory.preset == "manual" {
+        VramPresets { presets: Vec::new() }
+    } else {
+        VramPresets::load(&cfg.memory.presets_file)?
+    };
+    let m = cfg.resolve_memory(&presets, None).map_err(|e| {
+        anyhow!("{e} (the accelerator's memory size is not known here: name a preset or set memory.micro_batch/accum_steps and lora.rank)")
+    })?;
+    Ok((Accumulation::new(m.micro_batch, m.accum_steps)?, m.lora_rank))
+}
+
+/// Runs (or, with `job.resume`, continues) a Stage 2 job. `ctx` receives progress and may cancel
+/// between optimizer steps; `on_publish` is called after each publication.
+pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published)) -> Result<Stage2Result> {
+    let cfg = &job.config;
+    let (accumulation, rank) = resolve_memory(cfg)?;
+    let mut task = Stage2Task::new(cfg, rank)?;
+    let before = task.validation_metrics()?;
+    let runner_cfg = RunnerConfig {
+        epochs: cfg.run.epochs,
+        accumulation,
+        adamw: cfg.adamw(),
+        groups: cfg.param_groups(),
+        warmup_ratio: cfg.optim.warmup_ratio,
+        min_lr_ratio: cfg.optim.min_lr_ratio,
+        grad_clip_norm: cfg.optim.grad_clip_norm,
+        seed: cfg.run.seed,
+        best_metric: BEST_METRIC.into(),
+        state_dir: cfg.checkpoint.state_dir.clone(),
+        resume: job.resume,
+        publish_dir: Some(cfg.checkpoint.publish_dir.clone()),
+        base_model_id: task.base_model_id().to_string(),
+        plot_file: Some(cfg.progress.plot_file.clone()),
+    };
+    if !job.resume && runner_cfg.state_dir.join("latest.safetensors").exists() {
+        std::fs::remove_file(runner_cfg.state_dir.join("latest.safetensors"))
+            .with_context(|| format!("removing the old state in {}", runner_cfg.state_dir.display()))?;
+    }
+    let summary = runner::run(&mut task, &runner_cfg, ctx, on_publish)?;
+    if !summary.published.is_empty() {
+        // Publication happens on each new best and at the end: the last two are the latest and the best.
+        let protect: Vec<&str> = summary.published.iter().rev().take(2).map(String::as_str).collect();
+        Publisher::new(&cfg.checkpoint.publish_dir)?.prune(cfg.checkpoint.keep_versions, &protect)?;
+    }
+    let last: Option<&BTreeMap<String, f64>> = summary.validation.last();
+    let per_dim = last.map(|m| per_dim(m)).unwrap_or_default();
+    Ok(Stage2Result {
+        val_action_error_before: before[BEST_METRIC],
+        val_action_error: last.and_then(|m| m.get(BEST_METRIC).copied()),
+        val_action_error_per_dim: per_dim,
+        lora_params_changed: task.lora_params_changed(),
+        cache_refreshes: task.refreshes(),
+        vision_entries_built: task.vision_entries_built(),
+        published: summary.published.clone(),
+        accumulation: summary.accumulation,
+        run: summary,
+    })
+}
+
+/// `val_action_error/<dim>` values in dimension order.
+fn per_dim(m: &BTreeMap<String, f64>) -> Vec<f64> {
+    let mut dims: Vec<(usize, f64)> = m
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("val_action_error/dim").and_then(|d| d.parse().ok()).map(|d| (d, *v)))
+        .collect();
+    dims.sort_by_key(|d| d.0);
+    dims.into_iter().map(|d| d.1).collect()
+}
+
+/// Folder of the job's own files (heads and adapter before publication).
+fn work_dir(cfg: &TrainConfig) -> PathBuf {
+    cfg.run.output_dir.join("stage2_work")
+}

@@ -1,0 +1,577 @@
+//! [`Stage2Task`]: the model side of Stage 2 for [`crate::train::runner`].
+//!
+//! - Parameters: LoRA on the decoder ([`GROUP_VL_LORA`], fp32 masters), sensor encoder
+//!   ([`GROUP_SENSOR_ENCODER`]), fusion + action expert ([`GROUP_HEADS`]). The sensor encoder's
+//!   BatchNorm keeps the stage-1 running statistics (frozen), so an update does not depend on
+//!   how a batch is split into micro-batches.
+//! - `vision` mode: merged vision-tower embeddings per sample, cached once (key: base model,
+//!   processor settings, image bytes; no adapter since LoRA is on the decoder only); each step
+//!   runs the decoder with LoRA from them.
+//! - `features` mode: pooled VL features cached (key adds the adapter hash and the prompt).
+//!   Cached epochs train the heads with the LoRA frozen; a refresh epoch (every
+//!   `rebuild_interval_epochs` cached epochs, or when the drift measured at the last refresh
+//!   reached `drift_threshold`) runs the VL model live with the LoRA trainable; after it the
+//!   drift of the probe set (new adapter vs the cached features) is measured and the cache is
+//!   rewritten under the new adapter's key (old entries removed).
+//! - `off` mode: the whole VL model live every step.
+//!
+//! Per-sample diffusion noise derives from (run seed, epoch, sample index), so it does not depend
+//! on the micro-batch split; LoRA dropout draws from libtorch's generator, seeded per
+//! micro-batch by the runner.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::dataset::reader::{Dataset, Sample};
+use crate::dataset::store::Split;
+use crate::policy::checkpoint::CheckpointStage;
+use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
+use crate::train::cache::{cache_key, CacheKey, FeatureCache, KeyInput};
+use crate::train::config::{CacheMode, ComputeDtype, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
+use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
+use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
+use crate::train::heads_job::{base_model_id, mean, validation_error};
+use crate::train::optim::NamedParam;
+use crate::train::progress::{CacheStatus, Phase};
+use crate::train::publish::{PublishItem, Source};
+use crate::train::runner::{TaskError, TrainTask};
+use crate::train::state::derive_seed;
+use crate::vlm::grad_checkpoint::Checkpointing;
+use crate::vlm::lora::{inject_lora, lora_parameters, LoraConfig, TargetModules};
+use crate::vlm::peft::{save_adapter, AdapterMeta};
+use crate::vlm::precision::Precision;
+use crate::vlm::prompt::chat_prompt;
+use crate::vlm::{Pooling, Qwen25VL, VlBatch, VlProcessor};
+
+const NOISE_STREAM: u64 = 0x5354_4147_4532; // "STAGE2"
+const VAL_STREAM: u64 = 0x5641_4c32; // "VAL2"
+const EMBEDS: &str = "embeds";
+const POOLED: &str = "pooled";
+
+/// Features-mode state saved with the training state (exact resume).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct FeatureState {
+    /// Adapter hash the cached features were computed with (None: not built yet).
+    adapter: Option<String>,
+    /// Cached epochs begun since the last (re)build.
+    cached_since_refresh: u64,
+    /// Refresh epochs begun.
+    refreshes: u64,
+    /// Drift measured after the last refresh epoch.
+    drift: Option<DriftStats>,
+    /// The epoch whose decision is below (so a resumed epoch keeps it).
+    decided_epoch: Option<u64>,
+    /// Whether that epoch runs the VL model live.
+    live: bool,
+}
+
+/// Stage 2 model side; see the module doc.
+pub struct Stage2Task {
+    mode: CacheMode,
+    device: Device,
+    precision: Precision,
+    seed: u64,
+    ds: Dataset,
+    train_idx: Vec<usize>,
+    val_idx: Vec<usize>,
+    vlm: Qwen25VL,
+    _lora_vs: nn::VarStore,
+    lora_cfg: LoraConfig,
+    lora_init: Vec<Tensor>,
+    processor: VlProcessor,
+    processor_json: serde_json::Value,
+    base_model_id: String,
+    base_model_dir: PathBuf,
+    heads: PolicyHeads,
+    deploy: DeployInfo,
+    checkpointing: Checkpointing,
+    cache: Option<FeatureCache>,
+    refresh: Option<RefreshPolicy>,
+    probe: Vec<usize>,
+    fs: FeatureState,
+    epoch: u64,
+    vision_built: u64,
+    work_dir: PathBuf,
+    dataset_dir: PathBuf,
+    pending: Option<crate::vlm::CheckpointedPass>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Stage2Task {
+    /// Loads the dataset, the base model (frozen weights in the compute dtype) with fresh LoRA of
+    /// rank `rank` (seeded by `run.seed`; B = 0 so features start equal to the base model's), the
+    /// stage-1 heads and deploy description, and opens the cache.
+    pub fn new(cfg: &TrainConfig, rank: u32) -> Result<Self> {
+        let device = crate::device::parse(&cfg.run.device).map_err(|e| anyhow!(e))?;
+        let precision = match cfg.model.compute_dtype {
+            ComputeDtype::F32 => Precision::F32,
+            ComputeDtype::Bf16 => Precision::Bf16,
+        };
+        let ds = Dataset::open(&cfg.data.dataset_dir).with_context(|| format!("dataset {}", cfg.data.dataset_dir.display()))?;
+        let (train_idx, val_idx) = (ds.split_indices(Split::Train), ds.split_indices(Split::Val));
+        if train_idx.is_empty() || val_idx.is_empty() {
+            return Err(anyhow!(
+                "{}: {} train / {} validation samples; both must be non-empty",
+                cfg.data.dataset_dir.display(),
+                train_idx.len(),
+                val_idx.len()
+            ));
+        }
+        let stage1 = &cfg.model.stage1_checkpoint;
+        let deploy1 = DeployInfo::read(stage1).with_context(|| format!("stage-1 checkpoint {}", stage1.display()))?;
+        let base_dir = &cfg.model.base_model_dir;
+        crate::train::heads_job::check_model_dir(base_dir).map_err(|e| anyhow!("model.base_model_dir: {e}"))?;
+        let base_id = base_model_id(base_dir)?;
+        if deploy1.base_model_id != base_id {
+            return Err(anyhow!(
+                "stage-1 checkpoint {} was trained with base model {}, but model.base_model_dir {} is {}",
+                stage1.display(),
+                deploy1.base_model_id,
+                base_dir.display(),
+                base_id
+            ));
+        }
+        if deploy1.pooling != "all" {
+            return Err(anyhow!("stage-1 checkpoint {}: pooling `{}` (this job trains with `all`)", stage1.display(), deploy1.pooling));
+        }
+        let [t_len, channels] = ds.index.sensor_shape;
+        let [horizon, action_dim] = ds.index.action_shape;
+        if (deploy1.sensor_window, deploy1.sensor_channels, deploy1.horizon, deploy1.action_dim) != (t_len, channels, horizon, action_dim) {
+            return Err(anyhow!(
+                "stage-1 checkpoint {} expects sensor [{}, {}] and actions [{}, {}]; dataset {} has sensor {:?} and actions {:?}",
+                stage1.display(),
+                deploy1.sensor_window,
+                deploy1.sensor_channels,
+                deploy1.horizon,
+                deploy1.action_dim,
+                cfg.data.dataset_dir.display(),
+                ds.index.sensor_shape,
+                ds.index.action_shape
+            ));
+        }
+        let (mut heads, _) = PolicyHeads::load(&stage1.join(HEADS_FILE), device)?;
+        heads.set_compute_kind(precision.compute_kind());
+        heads.set_batch_norm_frozen(true);
+
+        let mut vlm = Qwen25VL::load(base_dir, precision.compute_kind(), device)?;
+        for (_, t) in vlm.named_tensors() {
+            let _ = t.f_set_requires_grad(false);
+        }
+        let lora_cfg = LoraConfig {
+            r: rank as i64,
+            lora_alpha: cfg.lora.alpha,
+            lora_dropout: cfg.lora.dropout,
+            target_modules: TargetModules::Regex(format!(
+                r".*language_model.*\.({})",
+                cfg.lora.target_modules.iter().map(|m| regex::escape(m)).collect::<Vec<_>>().join("|")
+            )),
+            exclude_modules: None,
+            use_rslora: false,
+        };
+        let lora_vs = nn::VarStore::new(device);
+        tch::manual_seed(derive_seed(cfg.run.seed, &[0x4c4f_5241]) as i64);
+        inject_lora(&mut vlm, &lora_cfg, &lora_vs.root())?;
+        let lora_init = lora_parameters(&mut vlm).into_iter().map(|(_, t)| t.detach().copy()).collect();
+        let processor = VlProcessor::from_model_dir(base_dir, &vlm.config, Some(deploy1.processor.min_pixels), Some(deploy1.processor.max_pixels))?;
+        let ip = &processor.image;
+        let processor_json = serde_json::json!({
+            "min_pixels": ip.min_pixels, "max_pixels": ip.max_pixels, "patch_size": ip.patch_size,
+            "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
+            "image_mean": ip.image_mean, "image_std": ip.image_std,
+        });
+        let mode = cfg.cache.mode;
+        let cache = match mode {
+            CacheMode::Off => None,
+            _ => Some(FeatureCache::open(&cfg.cache.dir, cfg.cache_config())?),
+        };
+        let mut deploy = deploy1;
+        deploy.adapter = Some(ADAPTER_DIR.into());
+        deploy.dtype = match precision {
+            Precision::F32 => "f32".into(),
+            Precision::Bf16 => "bf16".into(),
+        };
+        let probe = train_idx.iter().copied().take(cfg.cache.probe_samples.max(1)).collect();
+        Ok(Self {
+            mode,
+            device,
+            precision,
+            seed: cfg.run.seed,
+            ds,
+            train_idx,
+            val_idx,
+            vlm,
+            _lora_vs: lora_vs,
+            lora_cfg,
+            lora_init,
+            processor,
+            processor_json,
+            base_model_id: base_id,
+            base_model_dir: base_dir.clone(),
+            heads,
+            deploy,
+            checkpointing: if cfg.model.gradient_checkpointing { Checkpointing::every(1) } else { Checkpointing::OFF },
+            cache,
+            refresh: cfg.refresh_policy(),
+            probe,
+            fs: FeatureState::default(),
+            epoch: 0,
+            vision_built: 0,
+            work_dir: super::work_dir(cfg),
+            dataset_dir: cfg.data.dataset_dir.clone(),
+            pending: None,
+        })
+    }
+
+    /// Identity of the base model.
+    pub fn base_model_id(&self) -> &str {
+        &self.base_model_id
+    }
+
+    /// Whether any LoRA weight differs from its initial value.
+    pub fn lora_params_changed(&mut self) -> bool {
+        let now = lora_parameters(&mut self.vlm);
+        now.iter().zip(&self.lora_init).any(|((_, t), t0)| !t.detach().equal(t0))
+    }
+
+    /// Hash of the current LoRA weights (the features cache's adapter version).
+    pub fn adapter_hash(&mut self) -> String {
+        let mut h = sha2::Sha256::new();
+        for (name, t) in lora_parameters(&mut self.vlm) {
+            h.update(name.as_bytes());
+            let v = Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default();
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        }
+        hex::encode(&h.finalize()[..12])
+    }
+
+    /// Refresh epochs begun (`features` mode).
+    pub fn refreshes(&self) -> u64 {
+        self.fs.refreshes
+    }
+
+    /// Vision-cache entries computed by this process.
+    pub fn vision_entries_built(&self) -> u64 {
+        self.vision_built
+    }
+
+    /// The cache key of sample `i` for `kind` (`vision`: no adapter, no prompt; `features`: the
+    /// given adapter hash and the chat prompt).
+    pub fn sample_key(&self, i: usize, kind: &str, adapter: &str) -> Result<CacheKey> {
+        let cams = self.ds.index.cameras.len();
+        let images: Vec<&[u8]> = (0..cams).map(|c| self.ds.jpeg(i, c)).collect::<Result<_, _>>()?;
+        let prompt = if kind == "features" {
+            let instruction = &self.ds.index.episodes[self.ds.index.samples[i].episode].instruction;
+            chat_prompt(cams, instruction)
+        } else {
+            String::new()
+        };
+        Ok(cache_key(&KeyInput {
+            kind,
+            base_model: &self.base_model_id,
+            adapter,
+            processor: &self.processor_json,
+            prompt: &prompt,
+            images: &images,
+        }))
+    }
+
+    fn vl_batch(&self, samples: &[Sample]) -> Result<VlBatch> {
+        let vs = samples.iter().map(|s| self.processor.sample(&s.images, &s.instruction)).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.processor.collate(&vs)?)
+    }
+
+    /// Cached vision embeddings of sample `i` (computed and stored on a miss).
+    fn vision_embeds(&mut self, i: usize, sample: &Sample) -> Result<Tensor> {
+        let key = self.sample_key(i, "vision", "none")?;
+        let cache = self.cache.as_mut().expect("vision mode has a cache");
+        cache.pin(key);
+        if let Some(t) = cache.get(&key) {
+            return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
+        }
+        let b = self.vl_batch(std::slice::from_ref(sample))?;
+        let e = tch::no_grad(|| self.vlm.image_embeds(&b.pixel_values, &b.image_grid_thw, false))?;
+        let cpu = e.to_device(Device::Cpu);
+        self.cache.as_mut().expect("cache").put(key, &[(EMBEDS.to_string(), cpu.shallow_clone())])?;
+        self.vision_built += 1;
+        Ok(cpu)
+    }
+
+    /// Pooled VL features `[B, hidden]` (f32) of `samples` with the current LoRA, computed live;
+    /// `train` keeps the graph and LoRA dropout. With gradient checkpointing in training, the
+    /// returned pass must be completed after the loss's backward.
+    fn live_features(&mut self, idx: &[usize], samples: &[Sample], train: bool) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
+        let batch = self.vl_batch(samples)?;
+        let embeds = if self.mode == CacheMode::Vision {
+            let mut parts = Vec::with_capacity(idx.len());
+            for (&i, s) in idx.iter().zip(samples) {
+                parts.push(self.vision_embeds(i, s)?);
+            }
+            Some(Tensor::cat(&parts, 0))
+        } else {
+            None
+        };
+        let ck = self.checkpointing;
+        let run = |vlm: &Qwen25VL| -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
+            let (f, pass) = match (&embeds, train && ck != Checkpointing::OFF) {
+                (Some(e), true) => {
+                    let (f, p) = vlm.forward_checkpointed_with_image_embeds(&batch, Some(e), ck, true)?;
+                    (f, Some(p))
+                }
+                (Some(e), false) => (vlm.forward_with_image_embeds(&batch, Some(e), train)?, None),
+                (None, true) => {
+                    let (f, p) = vlm.forward_checkpointed(&batch, crate::vlm::TrainCheckpointing { vision: Checkpointing::OFF, text: ck }, true)?;
+                    (f, Some(p))
+                }
+                (None, false) => (vlm.forward(&batch, train)?, None),
+            };
+            Ok((f.pooled(Pooling::All)?, pass))
+        };
+        if train {
+            run(&self.vlm)
+        } else {
+            tch::no_grad(|| run(&self.vlm))
+        }
+    }
+
+    /// Cached pooled features of sample `i` under the adapter the cache holds.
+    fn cached_features(&mut self, i: usize) -> Result<Tensor> {
+        let adapter = self.fs.adapter.clone().ok_or_else(|| anyhow!("the features cache is not built"))?;
+        let key = self.sample_key(i, "features", &adapter)?;
+        let cache = self.cache.as_mut().expect("features mode has a cache");
+        if let Some(t) = cache.get(&key) {
+            return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
+        }
+        let s = self.ds.sample(i)?;
+        let (f, _) = self.live_features(&[i], std::slice::from_ref(&s), false)?;
+        let f = f.to_device(Device::Cpu);
+        self.cache.as_mut().expect("cache").put(key, &[(POOLED.to_string(), f.shallow_clone())])?;
+        Ok(f)
+    }
+
+    /// Writes the features of every sample under the current adapter's key, pins them and
+    /// removes every other entry (older adapters).
+    fn rebuild_features(&mut self) -> Result<()> {
+        let adapter = self.adapter_hash();
+        self.fs.adapter = Some(adapter.clone());
+        self.cache.as_mut().expect("cache").unpin_all();
+        for i in 0..self.ds.len() {
+            let key = self.sample_key(i, "features", &adapter)?;
+            self.cache.as_mut().expect("cache").pin(key);
+            self.cached_features(i)?;
+        }
+        self.cache.as_mut().expect("cache").remove_unpinned()?;
+        Ok(())
+    }
+
+    fn set_lora_trainable(&mut self, on: bool) {
+        for (_, t) in lora_parameters(&mut self.vlm) {
+            let _ = t.f_set_requires_grad(on);
+        }
+    }
+
+    /// Validation metrics of the current weights: `val_loss` (diffusion loss, fixed noise),
+    /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`. In
+    /// `features` mode the features come from the cache, otherwise they are computed live.
+    pub fn validation_metrics(&mut self) -> Result<BTreeMap<String, f64>> {
+        let val = self.val_idx.clone();
+        let mut features: Vec<Tensor> = (0..self.ds.len()).map(|_| Tensor::new()).collect();
+        for &i in &val {
+            features[i] = self.features_nograd(i)?;
+        }
+        let err = validation_error(&self.heads, &self.ds, &val, &features, self.seed)?;
+        let b = self.ds.batch(&val)?;
+        let vl = HeadsVl::pooled(Tensor::cat(&val.iter().map(|&i| features[i].to_device(self.device)).collect::<Vec<_>>(), 0));
+        let sensor = b.sensor.to_tensor().to_device(self.device);
+        let actions = b.action.to_tensor().to_device(self.device);
+        let seeds: Vec<u64> = val.iter().map(|&i| derive_seed(self.seed, &[VAL_STREAM, i as u64])).collect();
+        let loss = tch::no_grad(|| self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, false))?;
+        let mut m = BTreeMap::new();
+        m.insert("val_loss".to_string(), loss.double_value(&[]));
+        m.insert(super::BEST_METRIC.to_string(), mean(&err));
+        for (d, e) in err.iter().enumerate() {
+            m.insert(format!("val_action_error/dim{d}"), *e);
+        }
+        Ok(m)
+    }
+
+    fn features_nograd(&mut self, i: usize) -> Result<Tensor> {
+        if self.mode == CacheMode::Features && self.fs.adapter.is_some() {
+            return self.cached_features(i);
+        }
+        let s = self.ds.sample(i)?;
+        Ok(self.live_features(&[i], std::slice::from_ref(&s), false)?.0)
+    }
+
+    fn begin(&mut self, epoch: u64) -> Result<Phase> {
+        self.epoch = epoch;
+        match self.mode {
+            CacheMode::Off => Ok(Phase::Training),
+            CacheMode::Vision => {
+                if epoch == 0 || self.vision_built == 0 {
+                    for i in 0..self.ds.len() {
+                        let s = self.ds.sample(i)?;
+                        self.vision_embeds(i, &s)?;
+                    }
+                }
+                Ok(Phase::Training)
+            }
+            CacheMode::Features => {
+                if self.fs.decided_epoch != Some(epoch) {
+                    let live = match (&self.fs.adapter, self.refresh) {
+                        (None, _) => false,
+                        (Some(_), Some(p)) => matches!(p.decide(self.fs.cached_since_refresh, self.fs.drift.as_ref()), RefreshDecision::Refresh(_)),
+                        (Some(_), None) => false,
+                    };
+                    if live {
+                        self.fs.refreshes += 1;
+                        self.fs.cached_since_refresh = 0;
+                    } else {
+                        self.fs.cached_since_refresh += 1;
+                    }
+                    self.fs.decided_epoch = Some(epoch);
+                    self.fs.live = live;
+                }
+                self.set_lora_trainable(self.fs.live);
+                if !self.fs.live && self.fs.adapter.as_deref() != Some(&self.adapter_hash()) {
+                    self.rebuild_features()?;
+                }
+                Ok(if self.fs.live { Phase::RefreshingCache } else { Phase::Training })
+            }
+        }
+    }
+
+    fn step_loss(&mut self, idx: &[usize]) -> Result<(Tensor, f64)> {
+        let t0 = Instant::now();
+        let samples: Vec<Sample> = idx.iter().map(|&i| self.ds.sample(i)).collect::<Result<_, _>>()?;
+        let [t_len, channels] = self.ds.index.sensor_shape;
+        let [horizon, action_dim] = self.ds.index.action_shape;
+        let n = idx.len() as i64;
+        let sensor = Tensor::from_slice(&samples.iter().flat_map(|s| s.sensor.iter().copied()).collect::<Vec<f32>>())
+            .reshape([n, t_len as i64, channels as i64])
+            .to_device(self.device);
+        let actions = Tensor::from_slice(&samples.iter().flat_map(|s| s.action.iter().copied()).collect::<Vec<f32>>())
+            .reshape([n, horizon as i64, action_dim as i64])
+            .to_device(self.device);
+        let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
+        let cached = self.mode == CacheMode::Features && !self.fs.live;
+        let (pooled, pass, data_s) = if cached {
+            let f = idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
+            (Tensor::cat(&f, 0).to_device(self.device), None, t0.elapsed().as_secs_f64())
+        } else {
+            let data_s = t0.elapsed().as_secs_f64();
+            let (f, p) = self.live_features(idx, &samples, true)?;
+            (f, p, data_s)
+        };
+        let vl = HeadsVl::pooled(pooled);
+        let loss = self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
+        self.pending = pass;
+        Ok((loss, data_s))
+    }
+}
+
+impl TrainTask for Stage2Task {
+    fn params(&mut self) -> Vec<NamedParam> {
+        let mut out: Vec<NamedParam> = lora_parameters(&mut self.vlm)
+            .into_iter()
+            .map(|(name, tensor)| NamedParam { name: format!("vl.{name}"), group: GROUP_VL_LORA.into(), tensor })
+            .collect();
+        let g = self.heads.param_groups();
+        out.extend(g.sensor_encoder.into_iter().map(|p| NamedParam { name: format!("heads.{}", p.name), group: GROUP_SENSOR_ENCODER.into(), tensor: p.tensor }));
+        out.extend(g.action_expert.into_iter().map(|p| NamedParam { name: format!("heads.{}", p.name), group: GROUP_HEADS.into(), tensor: p.tensor }));
+        out
+    }
+
+    fn train_len(&self) -> usize {
+        self.train_idx.len()
+    }
+
+    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase, String> {
+        self.begin(epoch).map_err(|e| format!("{e:#}"))
+    }
+
+    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError> {
+        let idx: Vec<usize> = samples.iter().map(|&k| self.train_idx[k]).collect();
+        self.step_loss(&idx).map_err(|e| TaskError::from(format!("{e:#}")))
+    }
+
+    fn after_backward(&mut self) -> Result<(), TaskError> {
+        match self.pending.take() {
+            Some(pass) => pass.backward(&self.vlm).map_err(|e| TaskError::from(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
+        let mut run = || -> Result<BTreeMap<String, f64>> {
+            if self.mode == CacheMode::Features && self.fs.live {
+                // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
+                let probe = self.probe.clone();
+                let cached = probe.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
+                let mut fresh = Vec::with_capacity(probe.len());
+                for &i in &probe {
+                    let s = self.ds.sample(i)?;
+                    fresh.push(self.live_features(&[i], std::slice::from_ref(&s), false)?.0.to_device(Device::Cpu));
+                }
+                self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
+                self.rebuild_features()?;
+            }
+            self.validation_metrics()
+        };
+        run().map_err(|e| format!("{e:#}"))
+    }
+
+    fn deployable(&mut self) -> Result<Vec<PublishItem>, String> {
+        let mut run = || -> Result<Vec<PublishItem>> {
+            std::fs::create_dir_all(&self.work_dir)?;
+            let heads_path = self.work_dir.join(HEADS_FILE);
+            let stage = CheckpointStage::Stage2 { adapter_dir: ADAPTER_DIR.into(), base_model_id: self.base_model_id.clone() };
+            self.heads.save(&heads_path, stage, BTreeMap::new())?;
+            let adapter_dir = self.work_dir.join(ADAPTER_DIR);
+            let meta = AdapterMeta { base_model_name_or_path: Some(self.base_model_dir.display().to_string()), task_type: None };
+            save_adapter(&mut self.vlm, &self.lora_cfg, &meta, &adapter_dir)?;
+            Ok(vec![
+                PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
+                PublishItem { dest: ADAPTER_DIR.into(), source: Source::Dir(adapter_dir) },
+                PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(self.deploy.to_json().into_bytes()) },
+                PublishItem { dest: STATS_FILE.into(), source: Source::File(self.dataset_dir.join(STATS_FILE)) },
+            ])
+        };
+        run().map_err(|e| format!("{e:#}"))
+    }
+
+    fn cache_state(&self) -> serde_json::Value {
+        serde_json::to_value(&self.fs).expect("cache state serializes")
+    }
+
+    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        if state.is_null() {
+            return Ok(());
+        }
+        self.fs = serde_json::from_value(state.clone()).map_err(|e| format!("cache state: {e}"))?;
+        Ok(())
+    }
+
+    fn cache_status(&self) -> CacheStatus {
+        let stats = self.cache.as_ref().map(|c| c.stats()).unwrap_or_default();
+        CacheStatus {
+            mode: self.mode.as_str().into(),
+            building: self.mode == CacheMode::Features && self.fs.live,
+            hit_rate: stats.hit_rate(),
+            entries: stats.entries,
+            size_bytes: stats.disk_bytes,
+            drift: self.fs.drift.map(|d| d.rel_l2_mean),
+            refreshes: self.fs.refreshes,
+        }
+    }
+}

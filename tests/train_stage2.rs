@@ -1,0 +1,351 @@
+//! Stage 2 on CPU with the tiny random Qwen2.5-VL (tests/fixtures/vlm/tiny_a), on a small dataset
+//! recorded from the simulated robot and compiled in the test, starting from a stage-1
+//! checkpoint trained here with `heads_job`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use tch::{Device, Tensor};
+use vla_finetune::dataset::compile::{compile, CompileConfig};
+use vla_finetune::train::cache::FeatureCache;
+use vla_finetune::train::config::TrainConfig;
+use vla_finetune::train::controller::{JobContext, JobStatus, StartResponse};
+use vla_finetune::train::heads_job::{self, small_heads, HeadsJob};
+use vla_finetune::train::progress::ProgressHub;
+use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
+use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
+use vla_finetune::train::state::read_state_meta;
+use vla_finetune::train::tensor_io::read_safetensors;
+
+/// libtorch's generator is process-global: one training run at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dataset: PathBuf,
+    base: PathBuf,
+    stage1: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("rec");
+        vla_finetune::cli::record::run(vla_finetune::cli::record::RecordArgs {
+            sim: true,
+            episodes: 3,
+            seconds: 1.6,
+            out: rec.clone(),
+            seed: 3,
+            cameras: 1,
+            width: 56,
+            height: 56,
+            camera_hz: 10.0,
+            sensor_hz: 650.0,
+            pose_hz: 100.0,
+            realtime: false,
+            queue: 4096,
+            queue_mb: 64,
+            compression: vla_finetune::dataset::mcap_episode::Compression::Zstd,
+            operator: "test".into(),
+            json: true,
+        })
+        .unwrap();
+        let eps: Vec<Box<dyn vla_finetune::dataset::episode::EpisodeSource>> = vla_finetune::dataset::mcap_episode::list_episodes(&rec)
+            .unwrap()
+            .into_iter()
+            .map(|d| Box::new(vla_finetune::dataset::mcap_episode::McapEpisode::open(&d).unwrap()) as Box<_>)
+            .collect();
+        let refs: Vec<&dyn vla_finetune::dataset::episode::EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
+        let mut cc = CompileConfig::default();
+        cc.align.sensor_window_s = 0.05;
+        cc.align.sensor_samples = 16;
+        cc.split.val_fraction = 0.34;
+        cc.split.seed = 3;
+        let dataset = dir.path().join("data");
+        compile(&refs, &cc, &dataset, true).unwrap();
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/tiny_a");
+        let mut heads = small_heads();
+        heads.sensor.conv_channels = vec![16, 16];
+        (heads.sensor.d_model, heads.sensor.ff_dim, heads.sensor.out_dim, heads.sensor.dropout) = (16, 32, 16, 0.0);
+        (heads.expert.d_model, heads.expert.ff_dim, heads.expert.n_layers, heads.expert.dropout) = (32, 64, 1, 0.0);
+        let job = HeadsJob {
+            dataset: dataset.clone(),
+            base_model: base.clone(),
+            checkpoints: dir.path().join("ck1"),
+            work_dir: dir.path().join("heads_job"),
+            epochs: 2,
+            batch_size: 8,
+            lr: 1e-3,
+            seed: 3,
+            heads,
+        };
+        let stage1 = heads_job::run(&job, None).unwrap().published.unwrap().dir;
+        Fixture { _dir: dir, dataset, base, stage1 }
+    })
+}
+
+/// The embedded config/train.yaml pointed at the fixture, with outputs under `out`.
+fn config(out: &Path, sets: &[&str]) -> TrainConfig {
+    let f = fixture();
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut all = vec![
+        format!("data.dataset_dir={}", q(&f.dataset)),
+        format!("model.base_model_dir={}", q(&f.base)),
+        format!("model.stage1_checkpoint={}", q(&f.stage1)),
+        format!("run.output_dir={}", q(out)),
+        format!("cache.dir={}", q(&out.join("cache"))),
+        format!("checkpoint.state_dir={}", q(&out.join("state"))),
+        format!("checkpoint.publish_dir={}", q(&out.join("ck"))),
+        format!("progress.log_file={}", q(&out.join("log.jsonl"))),
+        format!("progress.plot_file={}", q(&out.join("curves.png"))),
+        "run.device=cpu".into(),
+        "run.seed=5".into(),
+        "model.compute_dtype=f32".into(),
+        "memory.preset=manual".into(),
+        "memory.micro_batch=4".into(),
+        "memory.accum_steps=1".into(),
+        "lora.rank=4".into(),
+        "optim.lr_vl_lora=1.0e-3".into(),
+        "optim.lr_heads=1.0e-3".into(),
+        "optim.lr_sensor_encoder=1.0e-3".into(),
+        "optim.warmup_ratio=0.0".into(),
+    ];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &all).unwrap()
+}
+
+fn ctx() -> JobContext {
+    JobContext { job_id: "t".into(), cancel: Default::default(), progress: ProgressHub::new(1024) }
+}
+
+fn run(cfg: &TrainConfig) -> Stage2Result {
+    stage2::run(&Stage2Job { config: cfg.clone(), resume: false }, &ctx(), &mut |_| {}).unwrap()
+}
+
+/// Every tensor of the latest published checkpoint (adapter and heads), by name.
+fn published_tensors(cfg: &TrainConfig) -> Vec<(String, Tensor)> {
+    let dir = std::fs::canonicalize(cfg.checkpoint.publish_dir.join("latest")).unwrap();
+    let mut out = read_safetensors(&dir.join("adapter/adapter_model.safetensors")).unwrap().tensors;
+    out.extend(read_safetensors(&dir.join("heads.safetensors")).unwrap().tensors);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn assert_close(a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f64) {
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        let d = (ta - tb).abs().max().double_value(&[]);
+        assert!(d <= tol, "{na}: max abs difference {d} > {tol}");
+    }
+}
+
+fn lora_differs(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+    a.iter().zip(b).any(|((n, x), (_, y))| n.contains("lora_") && !x.equal(y))
+}
+
+#[test]
+fn vision_mode_equals_off_mode_builds_the_vision_cache_once_and_beats_stage1() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["run.epochs=3", "lora.dropout=0.0"];
+    let vcfg = config(&dir.path().join("v"), &[&common[..], &["cache.mode=vision", "model.gradient_checkpointing=true"]].concat());
+    let v = run(&vcfg);
+    let ocfg = config(&dir.path().join("o"), &[&common[..], &["cache.mode=off", "model.gradient_checkpointing=false"]].concat());
+    let o = run(&ocfg);
+    let n = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().len() as u64;
+    assert_eq!(v.vision_entries_built, n, "every sample's vision embeddings computed once");
+    assert!(v.lora_params_changed && o.lora_params_changed);
+    // Cached vision embeddings + checkpointed decoder == live full forward without checkpointing.
+    assert_close(&published_tensors(&vcfg), &published_tensors(&ocfg), 2e-5);
+    assert!((v.val_action_error.unwrap() - o.val_action_error.unwrap()).abs() < 1e-4);
+    assert!(
+        v.val_action_error.unwrap() < v.val_action_error_before,
+        "stage 2 {:?} should beat stage 1 {}",
+        v.val_action_error,
+        v.val_action_error_before
+    );
+    // A second run on the same cache folder computes nothing.
+    let again = config(&dir.path().join("v"), &["run.epochs=1", "cache.mode=vision"]);
+    assert_eq!(run(&again).vision_entries_built, 0);
+}
+
+fn features_run(out: &Path, epochs: u64) -> (Stage2Task, runner::RunSummary, TrainConfig) {
+    let cfg = config(out, &[&format!("run.epochs={epochs}"), "cache.mode=features", "cache.rebuild_interval_epochs=2"]);
+    let (acc, rank) = stage2::resolve_memory(&cfg).unwrap();
+    let mut task = Stage2Task::new(&cfg, rank).unwrap();
+    let rc = RunnerConfig {
+        epochs,
+        accumulation: acc,
+        adamw: cfg.adamw(),
+        groups: cfg.param_groups(),
+        warmup_ratio: 0.0,
+        min_lr_ratio: 0.1,
+        grad_clip_norm: 1.0,
+        seed: 5,
+        best_metric: stage2::BEST_METRIC.into(),
+        state_dir: cfg.checkpoint.state_dir.clone(),
+        resume: false,
+        publish_dir: None,
+        base_model_id: task.base_model_id().into(),
+        plot_file: None,
+    };
+    let s = runner::run(&mut task, &rc, &ctx(), &mut |_| {}).unwrap();
+    (task, s, cfg)
+}
+
+#[test]
+fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let n = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().len();
+    // Two cached epochs: LoRA frozen, heads trained.
+    let (mut a, _, acfg) = features_run(&dir.path().join("a"), 2);
+    assert!(!a.lora_params_changed());
+    assert_eq!(a.refreshes(), 0);
+    let h0 = a.adapter_hash();
+    let cache = FeatureCache::open(&acfg.cache.dir, acfg.cache_config()).unwrap();
+    assert_eq!(cache.stats().entries, n as u64);
+    assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "features", &h0).unwrap())));
+    // Interval 2: epoch 2 is a refresh epoch; LoRA trains and the cache moves to the new adapter.
+    let (mut b, _, bcfg) = features_run(&dir.path().join("b"), 3);
+    assert!(b.lora_params_changed());
+    assert_eq!(b.refreshes(), 1);
+    assert_eq!(b.cache_status().refreshes, 1);
+    assert!(b.cache_status().drift.unwrap() > 0.0, "drift measured after the refresh");
+    let h1 = b.adapter_hash();
+    assert_ne!(h0, h1);
+    let cache = FeatureCache::open(&bcfg.cache.dir, bcfg.cache_config()).unwrap();
+    assert_eq!(cache.stats().entries, n as u64, "old-adapter entries removed");
+    assert!((0..n).all(|i| cache.contains(&b.sample_key(i, "features", &h1).unwrap())));
+    assert!((0..n).all(|i| !cache.contains(&b.sample_key(i, "features", &h0).unwrap())));
+    // Same base, processor and images: the vision key ignores the adapter, the features key does not.
+    assert_eq!(b.sample_key(0, "vision", "none").unwrap(), a.sample_key(0, "vision", "none").unwrap());
+    assert_ne!(b.sample_key(0, "features", &h0).unwrap(), b.sample_key(1, "features", &h0).unwrap());
+}
+
+#[test]
+fn micro_batch_2_by_4_equals_batch_8_by_1() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["run.epochs=1", "lora.dropout=0.0", "cache.mode=vision"];
+    let a = config(&dir.path().join("a"), &[&common[..], &["memory.micro_batch=2", "memory.accum_steps=4"]].concat());
+    let b = config(&dir.path().join("b"), &[&common[..], &["memory.micro_batch=8", "memory.accum_steps=1"]].concat());
+    let (ra, rb) = (run(&a), run(&b));
+    assert_eq!(ra.run.counters.global_step, rb.run.counters.global_step);
+    assert!(ra.lora_params_changed);
+    assert_close(&published_tensors(&a), &published_tensors(&b), 1e-5);
+}
+
+#[test]
+fn resume_after_cancel_equals_an_uninterrupted_run() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["run.epochs=2", "cache.mode=vision", "memory.micro_batch=2", "memory.accum_steps=1"];
+    let full = config(&dir.path().join("full"), &sets);
+    let r_full = run(&full);
+    let part = config(&dir.path().join("part"), &sets);
+    let c = ctx();
+    let mut rx = c.progress.subscribe();
+    let cancel = c.cancel.clone();
+    let watcher = std::thread::spawn(move || {
+        while let Ok(ev) = rx.blocking_recv() {
+            if ev.step >= 3 {
+                cancel.cancel();
+                return;
+            }
+        }
+    });
+    let r1 = stage2::run(&Stage2Job { config: part.clone(), resume: false }, &c, &mut |_| {}).unwrap();
+    watcher.join().unwrap();
+    assert!(r1.run.cancelled, "cancelled mid-run");
+    let meta = read_state_meta(&part.checkpoint.state_dir.join("latest.safetensors")).unwrap();
+    assert!(meta.counters.global_step < r_full.run.counters.global_step);
+    let r2 = stage2::run(&Stage2Job { config: part.clone(), resume: true }, &ctx(), &mut |_| {}).unwrap();
+    assert!(!r2.run.cancelled);
+    assert_eq!(r2.run.counters, r_full.run.counters);
+    assert_eq!(r2.val_action_error, r_full.val_action_error);
+    assert_close(&published_tensors(&part), &published_tensors(&full), 0.0);
+}
+
+#[test]
+fn published_adapter_reloads_with_peft_loader() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &["run.epochs=1", "cache.mode=vision"]);
+    let r = run(&cfg);
+    assert!(r.lora_params_changed);
+    let ck = std::fs::canonicalize(cfg.checkpoint.publish_dir.join("latest")).unwrap();
+    vla_finetune::train::publish::verify(&ck).unwrap();
+    let info = vla_finetune::train::deploy::DeployInfo::read(&ck).unwrap();
+    assert_eq!(info.adapter.as_deref(), Some("adapter"));
+    assert_eq!(info.base_model_id, heads_job::base_model_id(&fixture().base).unwrap());
+    let mut m = vla_finetune::vlm::Qwen25VL::load(&fixture().base, tch::Kind::Float, Device::Cpu).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let loaded = vla_finetune::vlm::peft::load_adapter(&mut m, &ck.join("adapter"), &vs.root()).unwrap();
+    assert!(!loaded.layers.is_empty() && loaded.layers.iter().all(|l| l.contains("language_model")));
+    let saved = read_safetensors(&ck.join("adapter/adapter_model.safetensors")).unwrap().tensors;
+    let now = vla_finetune::vlm::lora::lora_parameters(&mut m);
+    assert_eq!(saved.len(), now.len());
+    for (name, t) in now {
+        let (_, s) = saved.iter().find(|(k, _)| k.ends_with(&name)).unwrap();
+        assert!(s.equal(&t), "{name}");
+    }
+    let (heads, meta) = vla_finetune::policy::heads::PolicyHeads::load(&ck.join("heads.safetensors"), Device::Cpu).unwrap();
+    assert!(matches!(meta.stage, vla_finetune::policy::checkpoint::CheckpointStage::Stage2 { .. }));
+    assert_eq!(heads.config().vl_dim, 32);
+}
+
+#[test]
+fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_state() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use vla_finetune::train::controller::RejectReason;
+    use vla_finetune::train::service::{controller, ServiceConfig, StartRequest};
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServiceConfig { base_model: f.base.clone(), runs_root: dir.path().join("runs"), checkpoints_root: dir.path().join("ck") };
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let c = controller(cfg, ProgressHub::new(1024), tx);
+    let req = StartRequest {
+        dataset: f.dataset.display().to_string(),
+        stage1_checkpoint: f.stage1.display().to_string(),
+        base_model: String::new(),
+        overrides: "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}".into(),
+    };
+    let bad = StartRequest { overrides: "{cache.mode: sometimes}".into(), ..req.clone() };
+    assert!(matches!(c.start(bad), StartResponse::Rejected(RejectReason::ConfigInvalid(m)) if m.contains("sometimes")));
+    let missing = StartRequest { stage1_checkpoint: dir.path().join("nope").display().to_string(), ..req.clone() };
+    assert!(matches!(c.start(missing), StartResponse::Rejected(RejectReason::ModelDirInvalid(m)) if m.contains("nope")));
+    let mut rx = c.progress().subscribe();
+    let StartResponse::Accepted { job_id } = c.start(req.clone()) else { panic!("not started") };
+    assert!(matches!(c.start(req), StartResponse::Rejected(RejectReason::AlreadyRunning { .. })));
+    // Wait for the first optimizer step, then cancel.
+    while let Ok(ev) = rx.blocking_recv() {
+        if ev.step >= 1 {
+            break;
+        }
+    }
+    c.cancel(&job_id);
+    let status = c.join();
+    assert!(matches!(status, JobStatus::Finished { ref outcome, .. } if matches!(outcome, vla_finetune::train::controller::JobOutcome::Cancelled { .. })), "{status:?}");
+    let meta = read_state_meta(&dir.path().join("runs").join(&job_id).join("state/latest.safetensors")).unwrap();
+    assert!(meta.counters.global_step >= 1 && meta.counters.global_step <= 3, "stopped within a step: {:?}", meta.counters);
+    assert_eq!(meta.counters.epoch, 0);
+}
+
+#[test]
+fn cache_keys_for_features_depend_on_adapter_and_prompt_not_for_vision() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &["cache.mode=features"]);
+    let task = Stage2Task::new(&cfg, 4).unwrap();
+    assert_ne!(task.sample_key(0, "features", "a").unwrap(), task.sample_key(0, "features", "b").unwrap());
+    assert_ne!(task.sample_key(0, "vision", "none").unwrap(), task.sample_key(0, "features", "none").unwrap());
+    let cfg2 = config(dir.path(), &["cache.mode=features"]);
+    let again = Stage2Task::new(&cfg2, 4).unwrap();
+    assert_eq!(task.sample_key(0, "features", "a").unwrap(), again.sample_key(0, "features", "a").unwrap());
+    let _ = task.cache_status();
+}
