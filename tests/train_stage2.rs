@@ -127,7 +127,7 @@ fn run(cfg: &TrainConfig) -> Stage2Result {
 
 /// Every tensor of the latest published checkpoint (adapter and heads), by name.
 fn published_tensors(cfg: &TrainConfig) -> Vec<(String, Tensor)> {
-    let dir = std::fs::canonicalize(cfg.checkpoint.publish_dir.join("latest")).unwrap();
+    let dir = vla_finetune::train::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
     let mut out = read_safetensors(&dir.join("adapter/adapter_model.safetensors")).unwrap().tensors;
     out.extend(read_safetensors(&dir.join("heads.safetensors")).unwrap().tensors);
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -143,10 +143,6 @@ fn assert_close(a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f64) {
     }
 }
 
-fn lora_differs(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-    a.iter().zip(b).any(|((n, x), (_, y))| n.contains("lora_") && !x.equal(y))
-}
-
 #[test]
 fn vision_mode_equals_off_mode_builds_the_vision_cache_once_and_beats_stage1() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,8 +152,9 @@ fn vision_mode_equals_off_mode_builds_the_vision_cache_once_and_beats_stage1() {
     let v = run(&vcfg);
     let ocfg = config(&dir.path().join("o"), &[&common[..], &["cache.mode=off", "model.gradient_checkpointing=false"]].concat());
     let o = run(&ocfg);
-    let n = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().len() as u64;
-    assert_eq!(v.vision_entries_built, n, "every sample's vision embeddings computed once");
+    let entries = FeatureCache::open(&vcfg.cache.dir, vcfg.cache_config()).unwrap().stats().entries;
+    assert!(entries > 0);
+    assert_eq!(v.vision_entries_built, entries, "each distinct image's vision embeddings computed once");
     assert!(v.lora_params_changed && o.lora_params_changed);
     // Cached vision embeddings + checkpointed decoder == live full forward without checkpointing.
     assert_close(&published_tensors(&vcfg), &published_tensors(&ocfg), 2e-5);
@@ -208,7 +205,8 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     assert_eq!(a.refreshes(), 0);
     let h0 = a.adapter_hash();
     let cache = FeatureCache::open(&acfg.cache.dir, acfg.cache_config()).unwrap();
-    assert_eq!(cache.stats().entries, n as u64);
+    let distinct: std::collections::BTreeSet<_> = (0..n).map(|i| a.sample_key(i, "features", &h0).unwrap()).collect();
+    assert_eq!(cache.stats().entries, distinct.len() as u64, "one entry per distinct sample");
     assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "features", &h0).unwrap())));
     // Interval 2: epoch 2 is a refresh epoch; LoRA trains and the cache moves to the new adapter.
     let (mut b, _, bcfg) = features_run(&dir.path().join("b"), 3);
@@ -219,7 +217,7 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     let h1 = b.adapter_hash();
     assert_ne!(h0, h1);
     let cache = FeatureCache::open(&bcfg.cache.dir, bcfg.cache_config()).unwrap();
-    assert_eq!(cache.stats().entries, n as u64, "old-adapter entries removed");
+    assert_eq!(cache.stats().entries, distinct.len() as u64, "old-adapter entries removed");
     assert!((0..n).all(|i| cache.contains(&b.sample_key(i, "features", &h1).unwrap())));
     assert!((0..n).all(|i| !cache.contains(&b.sample_key(i, "features", &h0).unwrap())));
     // Same base, processor and images: the vision key ignores the adapter, the features key does not.
@@ -237,7 +235,23 @@ fn micro_batch_2_by_4_equals_batch_8_by_1() {
     let (ra, rb) = (run(&a), run(&b));
     assert_eq!(ra.run.counters.global_step, rb.run.counters.global_step);
     assert!(ra.lora_params_changed);
-    assert_close(&published_tensors(&a), &published_tensors(&b), 1e-5);
+    // The key bias of attention has a zero true gradient (softmax ignores a per-query constant);
+    // its float-noise gradient is scaled to full lr-sized steps by Adam, so that slice is left out.
+    let without_key_bias = |v: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
+        v.into_iter()
+            .map(|(n, t)| {
+                if n.ends_with("in_proj_bias") {
+                    let d = t.size()[0] / 3;
+                    let t = t.copy();
+                    let _ = t.narrow(0, d, d).fill_(0.0);
+                    (n, t)
+                } else {
+                    (n, t)
+                }
+            })
+            .collect()
+    };
+    assert_close(&without_key_bias(published_tensors(&a)), &without_key_bias(published_tensors(&b)), 1e-5);
 }
 
 #[test]
@@ -278,7 +292,7 @@ fn published_adapter_reloads_with_peft_loader() {
     let cfg = config(dir.path(), &["run.epochs=1", "cache.mode=vision"]);
     let r = run(&cfg);
     assert!(r.lora_params_changed);
-    let ck = std::fs::canonicalize(cfg.checkpoint.publish_dir.join("latest")).unwrap();
+    let ck = vla_finetune::train::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
     vla_finetune::train::publish::verify(&ck).unwrap();
     let info = vla_finetune::train::deploy::DeployInfo::read(&ck).unwrap();
     assert_eq!(info.adapter.as_deref(), Some("adapter"));

@@ -19,7 +19,7 @@
 //! on the micro-batch split; LoRA dropout draws from libtorch's generator, seeded per
 //! micro-batch by the runner.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -75,7 +75,6 @@ struct FeatureState {
 pub struct Stage2Task {
     mode: CacheMode,
     device: Device,
-    precision: Precision,
     seed: u64,
     ds: Dataset,
     train_idx: Vec<usize>,
@@ -100,10 +99,6 @@ pub struct Stage2Task {
     work_dir: PathBuf,
     dataset_dir: PathBuf,
     pending: Option<crate::vlm::CheckpointedPass>,
-}
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
 }
 
 impl Stage2Task {
@@ -203,7 +198,6 @@ impl Stage2Task {
         Ok(Self {
             mode,
             device,
-            precision,
             seed: cfg.run.seed,
             ds,
             train_idx,
@@ -368,7 +362,7 @@ impl Stage2Task {
         for i in 0..self.ds.len() {
             let key = self.sample_key(i, "features", &adapter)?;
             self.cache.as_mut().expect("cache").pin(key);
-            self.cached_features(i)?;
+            let _ = self.cached_features(i)?;
         }
         self.cache.as_mut().expect("cache").remove_unpinned()?;
         Ok(())
@@ -421,7 +415,7 @@ impl Stage2Task {
                 if epoch == 0 || self.vision_built == 0 {
                     for i in 0..self.ds.len() {
                         let s = self.ds.sample(i)?;
-                        self.vision_embeds(i, &s)?;
+                        let _ = self.vision_embeds(i, &s)?;
                     }
                 }
                 Ok(Phase::Training)
@@ -443,7 +437,8 @@ impl Stage2Task {
                     self.fs.live = live;
                 }
                 self.set_lora_trainable(self.fs.live);
-                if !self.fs.live && self.fs.adapter.as_deref() != Some(&self.adapter_hash()) {
+                let current = self.adapter_hash();
+                if !self.fs.live && self.fs.adapter.as_deref() != Some(current.as_str()) {
                     self.rebuild_features()?;
                 }
                 Ok(if self.fs.live { Phase::RefreshingCache } else { Phase::Training })
