@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod dataset;
 pub mod demo;
 pub mod import_bag;
@@ -31,6 +32,8 @@ pub enum Command {
     ImportBag(import_bag::ImportBagArgs),
     /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
     VlmFeatures(vlm_features::VlmFeaturesArgs),
+    /// Benchmark the Stage 2 step, vision-cache building and act() (JSON comparable with scripts/reference_bench.py).
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments of `device`.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -56,16 +56,31 @@ impl Qwen25VL {
             let merged = v.merge(run.output(), &ctx);
             Some((run, ctx, merged))
         };
-        let inputs = self.text_inputs(batch, vision.as_ref().map(|(_, _, m)| m), train)?;
+        let (features, mut pass) =
+            self.forward_checkpointed_with_image_embeds(batch, vision.as_ref().map(|(_, _, m)| m), ck.text, train)?;
+        pass.vision = vision.map(|(run, ctx, _)| (run, ctx));
+        Ok((features, pass))
+    }
+
+    /// The decoder part of [`Qwen25VL::forward_checkpointed`] with precomputed image embeddings
+    /// (e.g. from a vision cache; see [`Qwen25VL::forward_with_image_embeds`]), decoder layers
+    /// checkpointed as `ck` says. Finish with [`CheckpointedPass::backward`].
+    pub fn forward_checkpointed_with_image_embeds(
+        &self,
+        batch: &VlBatch,
+        image_embeds: Option<&Tensor>,
+        ck: Checkpointing,
+        train: bool,
+    ) -> Result<(VlFeatures, CheckpointedPass)> {
+        let inputs = self.text_inputs(batch, image_embeds, train)?;
         let lm = &self.language_model;
         let text = {
             let ctx = &inputs.ctx;
-            run_layers(&inputs.embeds, lm.layers.len(), ck.text, &|i, h: &Tensor| lm.layers[i].forward(h, ctx))?
+            run_layers(&inputs.embeds, lm.layers.len(), ck, &|i, h: &Tensor| lm.layers[i].forward(h, ctx))?
         };
         let last = lm.norm.forward(text.output());
         let (features, text_ctx) = inputs.into_features_and_context(last);
-        let vision = vision.map(|(run, ctx, _)| (run, ctx));
-        Ok((features, CheckpointedPass { vision, text, text_ctx }))
+        Ok((features, CheckpointedPass { vision: None, text, text_ctx }))
     }
 }
 
