@@ -18,8 +18,8 @@ fn batch() -> VlBatch {
 
 /// Pooled-feature loss and every LoRA gradient (by name) after backward.
 fn loss_and_grads(model: &mut Qwen25VL, run: &dyn Fn(&Qwen25VL) -> Tensor) -> (f64, Vec<(String, Tensor)>) {
-    let params = lora_parameters(model);
-    for (_, p) in &params {
+    let mut params = lora_parameters(model);
+    for (_, p) in &mut params {
         p.zero_grad();
     }
     let loss = run(model).double_value(&[]);
