@@ -40,7 +40,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "off,vision,features")]
     pub cache: Vec<CacheMode>,
     /// Gradient checkpointing of every decoder layer in the step.
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub checkpointing: bool,
     /// Compute precision.
     #[arg(long, value_enum, default_value = "bf16")]
