@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use tch::{Device, Kind};
+use vla_finetune::bench::shapes::config_json;
 use vla_finetune::dataset::episode::RgbImage;
 use vla_finetune::vlm::image_processor::ImageProcessor;
 use vla_finetune::vlm::processor::{collate, VlSample};
@@ -142,30 +143,6 @@ fn main() {
     println!("init_s={init_s:.1} rss_after_init_mb={weights_mb:.0} preprocess_ms_per_view={prep_ms:.1}");
     println!("vision_ms={vis_ms:.1} vision_cpu_s={vis_cpu:.1} vision_peak_rss_mb={vis_peak:.0}");
     println!("full_ms={full_ms:.1} full_cpu_s={full_cpu:.1} full_peak_rss_mb={full_peak:.0}");
-}
-
-fn config_json(cfg: &Config) -> serde_json::Value {
-    let (t, v) = (&cfg.text, &cfg.vision);
-    serde_json::json!({
-        "model_type": "qwen2_5_vl",
-        "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
-        "vision_start_token_id": cfg.vision_start_token_id, "vision_end_token_id": cfg.vision_end_token_id,
-        "tie_word_embeddings": t.tie_word_embeddings,
-        "text_config": {
-            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": t.mrope_section},
-            "tie_word_embeddings": t.tie_word_embeddings,
-        },
-        "vision_config": {
-            "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
-            "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
-            "fullatt_block_indexes": v.fullatt_block_indexes, "tokens_per_second": v.tokens_per_second,
-        },
-    })
 }
 
 fn load_test(cfg: &Config, kind: Kind, dir: &std::path::Path) {

@@ -161,7 +161,7 @@ def ddim_sample(expert, cond, x, steps, alphas_cumprod, clamp=True):
     for k, t in enumerate(ts):
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[ts[k + 1]] if k + 1 < len(ts) else 1.0
-        eps = expert.denoise(x, torch.full((x.shape[0],), t, dtype=torch.long), cond)
+        eps = expert.denoise(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), cond)
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
         if clamp:
             x0 = x0.clamp(-1, 1)

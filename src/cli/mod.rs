@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod dataset;
 pub mod demo;
 pub mod import_bag;
@@ -34,6 +35,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
     VlmFeatures(vlm_features::VlmFeaturesArgs),
+    /// Benchmark the Stage 2 step, vision-cache building and act() (JSON comparable with scripts/reference_bench.py).
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments of `device`.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ImportBag(a) => import_bag::run(a),
         Command::Train(a) => train::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

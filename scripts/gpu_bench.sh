@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Ours vs the Python stack on one CUDA card, full Qwen2.5-VL-3B shapes (random weights), 2 views
+# of 896x896 (1024 patches, 256 tokens each), batch 2, LoRA r 8, bf16, gradient checkpointing,
+# cache modes off / vision / features, plus vision-cache build and act() latency.
+#
+# Needs: python with torch 2.11.0 (+cu130), transformers, peft, safetensors (no network, no
+# Rust); the release binary built elsewhere (`cargo build --release --bin vla_finetune`) at
+# $VLA_BIN (default target/release/vla_finetune); run from the repository root (the binary reads
+# the tokenizer fixture under tests/fixtures/vlm). Writes $OUT_DIR/{ours,reference}.json and
+# prints the side-by-side table (ratios ours / reference). About 5-8 minutes on an H100.
+#
+#   scripts/gpu_bench.sh                                    # the GPU run
+#   scripts/gpu_bench.sh --device cpu --quick               # end-to-end check on CPU (tiny, 1 step)
+#   scripts/gpu_bench.sh --device cpu --model reduced --precision f32   # `make bench-cpu`
+set -euo pipefail
+
+DEVICE=cuda
+QUICK=0
+MODEL=full
+PRECISION=bf16
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE="$2"; shift 2 ;;
+        --model) MODEL="$2"; shift 2 ;;
+        --precision) PRECISION="$2"; shift 2 ;;
+        --quick) QUICK=1; MODEL=tiny; shift ;;
+        *) echo "gpu_bench.sh: unknown argument $1 (expected --device D, --model tiny|reduced|full, --precision f32|bf16, --quick)" >&2; exit 2 ;;
+    esac
+done
+
+PY="${PYTHON:-python3}"
+BIN="${VLA_BIN:-target/release/vla_finetune}"
+OUT_DIR="${OUT_DIR:-${OUT:-out}/gpu_bench}"
+[ -x "$BIN" ] || { echo "gpu_bench.sh: no vla_finetune binary at $BIN (set VLA_BIN)" >&2; exit 1; }
+
+# The binary links libtorch from wherever it was built: point it at this machine's torch, and
+# preload libtorch_cuda (a binary built against CPU-only libtorch does not link it, and CUDA then
+# reports itself unavailable).
+TORCH_LIB="$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ "$DEVICE" != cpu ] && [ -e "$TORCH_LIB/libtorch_cuda.so" ]; then
+    export LD_PRELOAD="$TORCH_LIB/libtorch_cuda.so${LD_PRELOAD:+ $LD_PRELOAD}"
+fi
+"$BIN" device --device "$DEVICE"
+if [ "$DEVICE" != cpu ] && ! "$BIN" device --device "$DEVICE" | grep -q "CUDA available"; then
+    echo "gpu_bench.sh: the binary sees no CUDA device with $TORCH_LIB" >&2
+    exit 1
+fi
+"$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+
+case "$MODEL" in
+    full) SHAPES=(--model full --views 2 --image-size 896 --batch 2); RUN=(--steps 5 --warmup 2 --ddim-steps 10) ;;
+    reduced) SHAPES=(--model reduced --views 2 --image-size 224 --batch 2); RUN=(--steps 3 --warmup 1 --ddim-steps 10) ;;
+    tiny) SHAPES=(--model tiny --views 2 --batch 2); RUN=(--steps 3 --warmup 1 --ddim-steps 10) ;;
+    *) echo "gpu_bench.sh: --model $MODEL: expected tiny, reduced or full" >&2; exit 2 ;;
+esac
+[ "$QUICK" = 1 ] && RUN=(--steps 1 --warmup 1 --ddim-steps 2)
+COMMON=(--rank 8 --precision "$PRECISION" --checkpointing on --device "$DEVICE" --kinds step,vision-cache,act --cache off,vision,features)
+
+mkdir -p "$OUT_DIR"
+"$BIN" bench "${SHAPES[@]}" "${COMMON[@]}" "${RUN[@]}" --export "$OUT_DIR/setup" --json "$OUT_DIR/ours.json"
+"$PY" scripts/reference_bench.py --setup "$OUT_DIR/setup" "${COMMON[@]}" "${RUN[@]}" --json "$OUT_DIR/reference.json"
+"$PY" scripts/bench_compare.py "$OUT_DIR/ours.json" "$OUT_DIR/reference.json"
