@@ -12,6 +12,8 @@ fn colcon(args: &[&str]) -> String {
         .args(args)
         .args(["--base-paths", ".", "msg"])
         .current_dir(ROOT)
+        // No log folder in the source tree.
+        .env("COLCON_LOG_PATH", "/dev/null")
         .output()
         .expect("colcon from the project venv (make venv)");
     assert!(out.status.success(), "colcon {args:?}: {}", String::from_utf8_lossy(&out.stderr));

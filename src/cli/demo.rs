@@ -1,21 +1,29 @@
-//! `vla_finetune demo`: the loop on an embedded default, on CPU, without ROS.
-//!
-//! What runs now (each step is the library's real code): the simulated robot's episodes are
-//! recorded to MCAP, compiled into a training set, VL features are computed with the tiny
-//! random Qwen2.5-VL shipped with the tests (Hugging Face layout, copied into the output), the
-//! policy heads (sensor encoder + diffusion action expert) are trained on them with frozen VL
-//! features (`train::heads_job`), validated (DDIM action error in physical units before and
-//! after), and the result is published as a verified checkpoint. Stage 2 (LoRA on the VL model)
-//! and the parallel policy process with hot-swap are not part of this build yet; the report says so.
+//! `vla_finetune demo`: the whole loop on an embedded default, on CPU, without ROS. Every step is
+//! the library's real code:
+//! 1. the simulated robot's episodes are recorded to MCAP (rosbag2 layout);
+//! 2. they are compiled into a training set;
+//! 3. stage 1: the policy heads (sensor encoder + diffusion action expert) train on frozen VL
+//!    features of the tiny random Qwen2.5-VL shipped with the tests (Hugging Face layout, copied
+//!    into the output) and are published as a verified checkpoint;
+//! 4. a policy process (`vla_finetune policy`, a child process) starts on the simulated robot's
+//!    live inputs, watching the checkpoints folder, and hot-swaps to each new version;
+//! 5. Stage 2 fine-tunes LoRA + heads from the stage-1 checkpoint in cache mode `features` with a
+//!    refresh epoch (so both the cached and the live path run) and publishes its checkpoints;
+//! 6. once the policy acts with the last one, it is stopped and the report is written.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use serde_json::json;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 
 use crate::dataset::compile::{compile, CompileConfig};
+use crate::train::config::TrainConfig;
+use crate::train::controller::JobContext;
 use crate::train::heads_job::{mean, small_heads, HeadsJob};
+use crate::train::progress::{BarRenderer, ProgressHub};
+use crate::train::stage2::{self, Stage2Job};
 
 /// Arguments of `demo`.
 #[derive(clap::Args, Debug)]
@@ -29,9 +37,21 @@ pub struct DemoArgs {
     /// Seconds per episode.
     #[arg(long, default_value_t = 6.0)]
     pub seconds: f64,
-    /// Training epochs of the heads.
+    /// Training epochs of stage 1 (heads on frozen VL features).
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
+    /// Stage 2 epochs (a refresh epoch every `--refresh-every` epochs).
+    #[arg(long, default_value_t = 4)]
+    pub stage2_epochs: u64,
+    /// Stage 2 cache refresh interval, epochs.
+    #[arg(long, default_value_t = 2)]
+    pub refresh_every: u64,
+    /// Control rate of the policy process, Hz.
+    #[arg(long, default_value_t = 10.0)]
+    pub policy_rate_hz: f64,
+    /// A reduced run (4 short episodes, fewer epochs) for tests and CI.
+    #[arg(long)]
+    pub quick: bool,
     /// Seed of the simulator, the split and the training.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -43,16 +63,21 @@ fn embedded_base_model() -> PathBuf {
 }
 
 /// Runs the demo and prints its report (also written to `<out>/report.json`).
-pub fn run(a: DemoArgs) -> Result<()> {
+pub fn run(mut a: DemoArgs) -> Result<()> {
+    if a.quick {
+        (a.episodes, a.seconds, a.epochs, a.stage2_epochs) = (4, 3.0, 10, 3);
+    }
     let t0 = Instant::now();
     tch::set_num_threads(1);
     if a.out.exists() {
         std::fs::remove_dir_all(&a.out).with_context(|| format!("clearing {}", a.out.display()))?;
     }
     std::fs::create_dir_all(&a.out)?;
-    let (data_root, dataset_dir, base_dir) = (a.out.join("recordings"), a.out.join("dataset"), a.out.join("base_model"));
+    let out = std::fs::canonicalize(&a.out)?;
+    let (data_root, dataset_dir, base_dir, checkpoints) =
+        (out.join("recordings"), out.join("dataset"), out.join("base_model"), out.join("checkpoints"));
 
-    eprintln!("[1/3] recording {} simulated episodes", a.episodes);
+    eprintln!("[1/5] recording {} simulated episodes", a.episodes);
     super::record::run(super::record::RecordArgs {
         sim: true,
         episodes: a.episodes,
@@ -73,7 +98,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         json: false,
     })?;
 
-    eprintln!("[2/3] compiling the training set");
+    eprintln!("[2/5] compiling the training set");
     let episodes = super::open_recorded_episodes(&data_root)?;
     let refs: Vec<&dyn crate::dataset::episode::EpisodeSource> = episodes.iter().map(|e| e.as_ref()).collect();
     let mut cc = CompileConfig::default();
@@ -83,65 +108,221 @@ pub fn run(a: DemoArgs) -> Result<()> {
     cc.split.seed = a.seed;
     let compiled = compile(&refs, &cc, &dataset_dir, true)?;
 
-    eprintln!("[3/3] VL features with the embedded tiny Qwen2.5-VL, policy heads training, publication");
+    eprintln!("[3/5] stage 1: policy heads on frozen VL features of the embedded tiny Qwen2.5-VL");
     copy_dir(&embedded_base_model(), &base_dir)?;
     let job = HeadsJob {
         dataset: dataset_dir.clone(),
         base_model: base_dir.clone(),
-        checkpoints: a.out.join("checkpoints"),
-        work_dir: a.out.join("heads_job"),
+        checkpoints: checkpoints.clone(),
+        work_dir: out.join("stage1"),
         epochs: a.epochs,
         batch_size: 16,
         lr: 1e-3,
         seed: a.seed,
         heads: small_heads(),
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let hub = crate::train::progress::ProgressHub::new(64);
-    let ctx = crate::train::controller::JobContext { job_id: "demo".into(), cancel: Default::default(), progress: hub.clone() };
-    let mut events = hub.subscribe();
-    let printer = std::thread::spawn(move || {
-        let bar = crate::train::progress::BarRenderer::stderr();
-        while rx.try_recv().is_err() {
-            match events.try_recv() {
-                Ok(ev) => bar.update(&ev),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        }
-    });
-    let result = crate::train::heads_job::run(&job, Some(&ctx));
-    let _ = tx.send(());
-    let _ = printer.join();
-    let r = result?;
-    let published = r.published.expect("not cancelled");
+    let s1 = with_progress_bar(|ctx| crate::train::heads_job::run(&job, Some(ctx)))?;
+    let stage1 = s1.published.context("stage 1 ended without a checkpoint")?;
 
+    eprintln!("[4/5] policy process: hot-swapping checkpoints from {}", checkpoints.display());
+    let status_file = out.join("policy_status.json");
+    let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, a.policy_rate_hz, a.seed, &out.join("policy.log"))?;
+    policy.wait_active(&stage1.version, Duration::from_secs(180))?;
+
+    eprintln!("[5/5] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
+    let config = stage2_config(&a, &out, &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
+    let s2 = with_progress_bar(|ctx| stage2::run(&Stage2Job { config, resume: false }, ctx, &mut |p| eprintln!("published {}", p.version)))?;
+    let last = s2.published.last().context("Stage 2 published no checkpoint")?.clone();
+    policy.wait_active(&last, Duration::from_secs(180))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let status = policy.stop()?;
+
+    let swap = status["swaps"].as_array().and_then(|s| s.iter().rev().find(|s| s["version"] == last.as_str())).cloned().unwrap_or(Value::Null);
+    let mut published = vec![stage1.version.clone()];
+    published.extend(s2.published.iter().cloned());
     let report = json!({
         "episodes": compiled.report.episodes.len(),
-        "samples_train": r.samples.0,
-        "samples_val": r.samples.1,
+        "samples_train": s1.samples.0,
+        "samples_val": s1.samples.1,
         "drops": compiled.report.drops,
-        "untrained_val_action_error": mean(&r.val_error_before),
-        "stage1_val_action_error": mean(&r.val_error_after),
-        "stage1_val_action_error_per_dim": r.val_error_after,
-        "stage1_train_loss_per_epoch": r.train_loss,
-        "stage2": "not run: Stage 2 (LoRA on the VL model) and the hot-swapping policy process are not wired into the demo in this build",
-        "published_versions": [published.version],
-        "checkpoint": published.dir,
+        "untrained_val_action_error": mean(&s1.val_error_before),
+        "stage1_val_action_error": s2.val_action_error_before,
+        "stage2_val_action_error": s2.val_action_error,
+        "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
+        "stage1_train_loss_per_epoch": s1.train_loss,
+        "stage2_validation_per_epoch": s2.run.validation,
+        "lora_params_changed": s2.lora_params_changed,
+        "cache_refreshes": s2.cache_refreshes,
+        "published_versions": published,
+        "active_version": status["active_version"],
+        "hotswap_latency_ms": swap["hotswap_latency_ms"],
+        "missed_ticks": status["missed_ticks"],
+        "policy_ticks": status["ticks"],
+        "policy_actions": status["actions"],
+        "policy_control_latency_ms": status["control_latency"],
+        "checkpoints": checkpoints,
+        "adapter": checkpoints.join(&last).join(crate::train::deploy::ADAPTER_DIR),
+        "plot": out.join("stage2/curves.png"),
         "dataset": dataset_dir,
         "base_model": base_dir,
+        "policy_status": status_file,
         "wall_s": t0.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&report)?;
-    std::fs::write(a.out.join("report.json"), &text)?;
+    std::fs::write(out.join("report.json"), &text)?;
     println!("{text}");
     println!(
-        "validation action error (mean abs, physical units): untrained {:.3} -> trained heads {:.3}; checkpoint {}; report {}",
-        mean(&r.val_error_before),
-        mean(&r.val_error_after),
-        published.dir.display(),
-        a.out.join("report.json").display()
+        "\nepisodes {} (samples train {} / val {}), validation action error (mean abs, physical units): untrained {:.3}, stage 1 {:.3}, Stage 2 {}\n\
+         policy: active {} after hot-swap in {} ms, {} missed ticks of {}\nplots {} and {}; report {}",
+        report["episodes"],
+        report["samples_train"],
+        report["samples_val"],
+        mean(&s1.val_error_before),
+        s2.val_action_error_before,
+        s2.val_action_error.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
+        report["active_version"],
+        report["hotswap_latency_ms"],
+        report["missed_ticks"],
+        report["policy_ticks"],
+        out.join("stage1").display(),
+        out.join("stage2/curves.png").display(),
+        out.join("report.json").display()
     );
     Ok(())
+}
+
+/// The Stage 2 configuration of the demo: config/train.yaml with CPU-sized settings.
+fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: &Path, checkpoints: &Path) -> Result<TrainConfig> {
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let work = out.join("stage2");
+    let sets = vec![
+        format!("data.dataset_dir={}", q(dataset)),
+        format!("model.base_model_dir={}", q(base)),
+        format!("model.stage1_checkpoint={}", q(stage1)),
+        format!("run.output_dir={}", q(&work)),
+        format!("run.epochs={}", a.stage2_epochs),
+        format!("run.seed={}", a.seed),
+        "run.device=cpu".into(),
+        // f32 on CPU (bf16 is the GPU default); checkpointing as on a GPU.
+        "model.compute_dtype=f32".into(),
+        "memory.preset=manual".into(),
+        "memory.micro_batch=4".into(),
+        "memory.accum_steps=2".into(),
+        "lora.rank=8".into(),
+        // The tiny random model needs larger steps than a pretrained 3B.
+        "optim.lr_vl_lora=1.0e-3".into(),
+        "optim.lr_heads=3.0e-4".into(),
+        "optim.lr_sensor_encoder=3.0e-4".into(),
+        "cache.mode=features".into(),
+        format!("cache.rebuild_interval_epochs={}", a.refresh_every),
+        format!("cache.dir={}", q(&work.join("cache"))),
+        format!("checkpoint.state_dir={}", q(&work.join("state"))),
+        format!("checkpoint.publish_dir={}", q(checkpoints)),
+        "checkpoint.keep_versions=20".into(),
+        format!("progress.log_file={}", q(&work.join("progress.jsonl"))),
+        format!("progress.plot_file={}", q(&work.join("curves.png"))),
+    ];
+    let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/vram_presets.yaml");
+    let mut all = vec![format!("memory.presets_file={}", q(&presets))];
+    all.extend(sets);
+    Ok(TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml", &all)?)
+}
+
+/// Runs `f` with a job context whose progress is drawn as a bar on stderr.
+fn with_progress_bar<T>(f: impl FnOnce(&JobContext) -> Result<T>) -> Result<T> {
+    let hub = ProgressHub::new(256);
+    let ctx = JobContext { job_id: "demo".into(), cancel: Default::default(), progress: hub.clone() };
+    let mut events = hub.subscribe();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let printer = std::thread::spawn(move || {
+        let bar = BarRenderer::stderr();
+        while rx.try_recv().is_err() {
+            match events.try_recv() {
+                Ok(ev) => bar.update(&ev),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    let result = f(&ctx);
+    let _ = tx.send(());
+    let _ = printer.join();
+    result
+}
+
+/// The `vla_finetune policy` child process and its status file.
+struct PolicyProcess {
+    child: Child,
+    status_file: PathBuf,
+}
+
+impl PolicyProcess {
+    fn spawn(base: &Path, checkpoints: &Path, status_file: &Path, rate_hz: f64, seed: u64, log: &Path) -> Result<Self> {
+        let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("policy")
+            .arg("--base-model")
+            .arg(base)
+            .arg("--checkpoints")
+            .arg(checkpoints)
+            .args(["--sim", "--rate-hz", &rate_hz.to_string(), "--seed", &seed.to_string(), "--status-period-s", "0.5"])
+            .arg("--status-json")
+            .arg(status_file)
+            .env("TORCH_NUM_THREADS", "1")
+            .stdin(Stdio::piped())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting the policy process")?;
+        Ok(Self { child, status_file: status_file.to_path_buf() })
+    }
+
+    fn status(&self) -> Option<Value> {
+        serde_json::from_slice(&std::fs::read(&self.status_file).ok()?).ok()
+    }
+
+    /// Waits until the policy acts with `version`.
+    fn wait_active(&mut self, version: &str, timeout: Duration) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            if let Some(code) = self.child.try_wait()? {
+                bail!("the policy process exited ({code}) before activating {version}; see policy.log beside {}", self.status_file.display());
+            }
+            if let Some(s) = self.status() {
+                let acting = s["swaps"].as_array().is_some_and(|sw| sw.iter().any(|w| w["version"] == version && w["hotswap_latency_ms"].is_number()));
+                if s["active_version"] == version && acting {
+                    return Ok(());
+                }
+                if let Some(r) = s["rejected"].as_array().and_then(|r| r.iter().find(|r| r["version"] == version)) {
+                    bail!("the policy process refused {version}: {}", r["reason"]);
+                }
+            }
+            if t.elapsed() > timeout {
+                bail!("the policy process did not act with {version} within {} s", timeout.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Closes its stdin (the stop signal), waits for it and returns its final status.
+    fn stop(mut self) -> Result<Value> {
+        drop(self.child.stdin.take());
+        let code = self.child.wait()?;
+        if !code.success() {
+            bail!("the policy process failed ({code})");
+        }
+        let s = self.status().context("the policy process wrote no final status")?;
+        if s["finished"] != true {
+            bail!("the policy process's last status is not final");
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for PolicyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
