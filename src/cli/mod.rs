@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod dataset;
 pub mod demo;
 pub mod import_bag;
+pub mod policy;
 pub mod record;
 pub mod vlm_features;
 
@@ -31,6 +32,8 @@ pub enum Command {
     ImportBag(import_bag::ImportBagArgs),
     /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
     VlmFeatures(vlm_features::VlmFeaturesArgs),
+    /// Run the policy (hot-swapping checkpoints from a folder) on the simulated robot.
+    Policy(policy::PolicyArgs),
 }
 
 /// Arguments of `device`.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),
+        Command::Policy(a) => policy::run(a),
     }
 }
 
