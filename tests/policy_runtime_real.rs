@@ -52,14 +52,28 @@ fn image() -> RgbImage {
     RgbImage { width: 56, height: 56, data }
 }
 
+/// Input and output shapes of a checkpoint.
+#[derive(Clone)]
+struct Io {
+    cameras: Vec<String>,
+    channels: usize,
+    window: usize,
+    horizon: usize,
+}
+
+/// The shapes the rig's runtime feeds.
+fn rig_io() -> Io {
+    Io { cameras: vec![CAM.into()], channels: CHANNELS, window: WINDOW, horizon: HORIZON }
+}
+
 /// Tiny heads for the tiny VL model (hidden size 32).
-fn heads_config(action_dim: i64) -> PolicyConfig {
+fn heads_config(io: &Io, action_dim: i64) -> PolicyConfig {
     PolicyConfig {
         vl_dim: 32,
         state_dim: 0,
-        sensor: SensorEncoderConfig { window: WINDOW as i64, in_channels: CHANNELS as i64, conv_channels: vec![8, 16], d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, out_dim: 8, dropout: 0.0 },
+        sensor: SensorEncoderConfig { window: io.window as i64, in_channels: io.channels as i64, conv_channels: vec![8, 16], d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, out_dim: 8, dropout: 0.0 },
         fusion: FusionConfig { kind: FusionKind::Concat, n_heads: 2 },
-        expert: ActionExpertConfig { horizon: HORIZON as i64, action_dim, d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, dropout: 0.0 },
+        expert: ActionExpertConfig { horizon: io.horizon as i64, action_dim, d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, dropout: 0.0 },
         diffusion: DiffusionConfig { train_steps: 20, default_ddim_steps: 3, ..DiffusionConfig::default() },
     }
 }
@@ -75,8 +89,13 @@ struct Spec {
 
 /// Publishes a deployable checkpoint with the trainer's Publisher (moves `latest`).
 fn publish(root: &Path, work: &Path, spec: &Spec) -> String {
+    publish_io(root, work, spec, &rig_io())
+}
+
+/// [`publish`] for other shapes.
+fn publish_io(root: &Path, work: &Path, spec: &Spec, io: &Io) -> String {
     tch::manual_seed(spec.seed);
-    let heads = PolicyHeads::new(heads_config(spec.action_dim), NormStats::identity(CHANNELS, 0, spec.action_dim as usize), Device::Cpu).unwrap();
+    let heads = PolicyHeads::new(heads_config(io, spec.action_dim), NormStats::identity(io.channels, 0, spec.action_dim as usize), Device::Cpu).unwrap();
     let heads_path = work.join(format!("heads_{}.safetensors", spec.seed));
     let stage = match spec.adapter {
         Some(_) => CheckpointStage::Stage2 { adapter_dir: "adapter".into(), base_model_id: base_model_id(&base_dir()).unwrap() },
@@ -88,14 +107,14 @@ fn publish(root: &Path, work: &Path, spec: &Spec) -> String {
         format_version: DEPLOY_FORMAT_VERSION,
         base_model_id: base_model_id(&base_dir()).unwrap(),
         adapter: spec.adapter.as_ref().map(|_| "adapter".to_string()),
-        cameras: vec![CAM.into()],
+        cameras: io.cameras.clone(),
         processor: ProcessorSettings { min_pixels: image.min_pixels, max_pixels: image.max_pixels },
         pooling: "all".into(),
-        sensor_channels: CHANNELS,
-        sensor_window: WINDOW,
+        sensor_channels: io.channels,
+        sensor_window: io.window,
         sensor_window_s: 0.1,
         state_dim: 0,
-        horizon: HORIZON,
+        horizon: io.horizon,
         action_dim: spec.action_dim as usize,
         step_period_s: 0.05,
         ddim_steps: 3,
@@ -402,4 +421,61 @@ fn hot_swap_under_load_with_the_real_loader() {
     assert_eq!(first, vec![v1.as_str(), v2.as_str()]);
     assert!(rig.notices.iter().any(|n| matches!(n, RuntimeNotice::Stale { inputs } if inputs == &vec!["oct".to_string()])));
     rig.handle.shutdown();
+}
+
+/// `vla_finetune policy --sim` as its own process beside a publishing "trainer" (this test): it
+/// starts without a checkpoint, picks up a Stage 1 and a Stage 2 version from `latest`, rejects a
+/// corrupted one, writes its status JSON and exits at --duration-s. Timing numbers are printed
+/// (docs/benchmarks-policy-node.md), not asserted; `POLICY_CLI_SECONDS` lengthens the run.
+#[test]
+fn policy_cli_process_hot_swaps_published_checkpoints() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let status = work.path().join("status.json");
+    let seconds: f64 = std::env::var("POLICY_CLI_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(14.0);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+        .args(["policy", "--sim", "--rate-hz", "10", "--status-period-s", "0.5"])
+        .arg("--base-model")
+        .arg(base_dir())
+        .arg("--checkpoints")
+        .arg(root.path())
+        .arg("--status-json")
+        .arg(&status)
+        .args(["--duration-s", &seconds.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sim = Io { cameras: vec!["camera0".into(), "camera1".into()], channels: 1026, window: 65, horizon: 8 };
+    let t0 = Instant::now();
+    let wait_status = |what: &str, cond: &dyn Fn(&serde_json::Value) -> bool| loop {
+        assert!(t0.elapsed() < Duration::from_secs_f64(seconds + 60.0), "timed out waiting for {what}");
+        if let Some(v) = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+            if cond(&v) {
+                return v;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let first = wait_status("the first status", &|v| v["ticks"].as_u64().unwrap_or(0) >= 5);
+    assert_eq!(first["active_version"], "", "no checkpoint yet");
+    assert_eq!(first["actions"], 0, "no action before the first checkpoint");
+    let v1 = publish_io(root.path(), work.path(), &Spec { seed: 21, action_dim: 7, adapter: None, corrupt: false }, &sim);
+    wait_status("v1 acting", &|v| v["swaps"].as_array().is_some_and(|s| s.iter().any(|s| s["version"] == v1.as_str() && s["hotswap_latency_ms"].is_number())));
+    let v2 = publish_io(root.path(), work.path(), &Spec { seed: 22, action_dim: 7, adapter: Some(lora_dir()), corrupt: false }, &sim);
+    wait_status("v2 acting", &|v| v["swaps"].as_array().is_some_and(|s| s.iter().any(|s| s["version"] == v2.as_str() && s["hotswap_latency_ms"].is_number())));
+    let v3 = publish_io(root.path(), work.path(), &Spec { seed: 23, action_dim: 7, adapter: Some(lora_dir()), corrupt: true }, &sim);
+    wait_status("v3 rejected", &|v| v["rejected"].as_array().is_some_and(|r| r.iter().any(|r| r["version"] == v3.as_str())));
+    // Keep stdin open (wait() would close it, which also stops the policy).
+    let _stdin = child.stdin.take();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let last: serde_json::Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&last).unwrap());
+    assert_eq!(last["finished"], true);
+    assert_eq!(last["stop_reason"], "duration reached");
+    assert_eq!(last["active_version"], v2.as_str());
+    let rejected = last["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert!(rejected[0]["reason"].as_str().unwrap().contains(HEADS_FILE), "{}", rejected[0]);
+    assert!(last["actions"].as_u64().unwrap() > 0 && last["control_latency"]["p50_ms"].is_number());
 }

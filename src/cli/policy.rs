@@ -402,7 +402,10 @@ pub fn run(a: PolicyArgs) -> Result<()> {
                 _ = &mut stdin_closed => return Ok("stdin closed".to_string()),
             }
         }
-    })?;
+    });
+    // The stdin reader may still block in read(); do not wait for it.
+    rt.shutdown_background();
+    let stop_reason = stop_reason?;
     stop.store(true, Ordering::Relaxed);
     let status = handle.status.borrow().clone();
     while let Ok(ev) = handle.events.try_recv() {

@@ -108,7 +108,11 @@ fn ck_err(dir: &Path, reason: impl ToString) -> RuntimeError {
 
 impl ModelLoader for VlaLoader {
     fn verify(&self, dir: &Path) -> Result<CheckpointMeta, RuntimeError> {
-        let manifest = crate::train::publish::verify(dir).map_err(|e| ck_err(dir, e))?;
+        let manifest = crate::train::publish::verify(dir).map_err(|e| {
+            // The publisher's errors already name the folder.
+            let text = e.to_string();
+            ck_err(dir, text.strip_prefix(&format!("checkpoint `{}`: ", dir.display())).unwrap_or(&text))
+        })?;
         let deploy = DeployInfo::read(dir).map_err(|e| ck_err(dir, e))?;
         if deploy.base_model_id != self.base_id {
             return Err(ck_err(dir, format!("deploy.json: base_model_id {}, but the loaded base model {} is {}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
