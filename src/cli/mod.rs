@@ -6,6 +6,7 @@ pub mod bench;
 pub mod dataset;
 pub mod demo;
 pub mod import_bag;
+pub mod policy;
 pub mod record;
 pub mod train;
 pub mod vlm_features;
@@ -37,6 +38,8 @@ pub enum Command {
     VlmFeatures(vlm_features::VlmFeaturesArgs),
     /// Benchmark the Stage 2 step, vision-cache building and act() (JSON comparable with scripts/reference_bench.py).
     Bench(bench::BenchArgs),
+    /// Run the policy (hot-swapping checkpoints from a folder) on the simulated robot.
+    Policy(policy::PolicyArgs),
 }
 
 /// Arguments of `device`.
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Policy(a) => policy::run(a),
     }
 }
 

@@ -4,6 +4,7 @@ pub mod collector;
 pub mod convert;
 pub mod interfaces;
 pub mod params;
+pub mod policy;
 pub mod sim_robot;
 pub mod trainer;
 

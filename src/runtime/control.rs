@@ -68,8 +68,67 @@ pub struct ActionEvent {
     pub held: bool,
     /// Runtime clock time the observation was taken (for held chunks: of the original).
     pub obs_taken_at: Duration,
+    /// `taken_at` of the observation the VL features used by this chunk were computed from
+    /// (VL features refresh every N ticks in the background, so they are older than `obs_taken_at`).
+    pub vl_obs_taken_at: Duration,
     /// Runtime clock time of publication.
     pub published_at: Duration,
+}
+
+/// Something that happened in the runtime. [`PolicyStatus`] holds only the latest state; these
+/// are for logs and reports (the receiver must be drained: the channel is unbounded).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuntimeNotice {
+    /// A checkpoint became active (between two ticks) at runtime clock time `at`.
+    Activated {
+        /// Its version.
+        version: String,
+        /// Whether it was validated on live input before activation.
+        validated: bool,
+        /// Runtime clock time of its announcement.
+        announced_at: Duration,
+        /// Runtime clock time of activation.
+        at: Duration,
+    },
+    /// The first action of a newly activated version was published.
+    FirstAction {
+        /// Its version.
+        version: String,
+        /// From the announcement to the publication.
+        latency: Duration,
+    },
+    /// A checkpoint was refused before activation; the running version was not touched.
+    Rejected {
+        /// The refused version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// The active version failed and was dropped.
+    RolledBack {
+        /// The failed version.
+        from: String,
+        /// The version acting now (`None`: none left).
+        to: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// The set of stale inputs changed to these (non-empty) names.
+    Stale {
+        /// Stale input names.
+        inputs: Vec<String>,
+    },
+    /// Every input is fresh again.
+    Fresh,
+    /// VL features were refreshed in the background.
+    VlRefreshed {
+        /// Version whose encoder ran.
+        version: String,
+        /// `taken_at` of the observation it encoded.
+        obs_taken_at: Duration,
+        /// Time the encoder took.
+        took: Duration,
+    },
 }
 
 /// The policy's state, published after every tick.
@@ -133,6 +192,7 @@ pub struct ControlCore {
     refresher: Refresher,
     events: UnboundedSender<ActionEvent>,
     status_tx: watch::Sender<PolicyStatus>,
+    notices: UnboundedSender<RuntimeNotice>,
     status: PolicyStatus,
     last_action: Option<ActionEvent>,
 }
@@ -148,6 +208,7 @@ impl ControlCore {
         refresher: Refresher,
         events: UnboundedSender<ActionEvent>,
         status_tx: watch::Sender<PolicyStatus>,
+        notices: UnboundedSender<RuntimeNotice>,
     ) -> Self {
         Self {
             cfg,
@@ -160,6 +221,7 @@ impl ControlCore {
             refresher,
             events,
             status_tx,
+            notices,
             status: PolicyStatus { message: "waiting for a checkpoint".into(), ..Default::default() },
             last_action: None,
         }
@@ -203,7 +265,9 @@ impl ControlCore {
             ev.published_at = done;
             if !ev.held {
                 if let Some(t) = self.active.as_mut().and_then(|a| a.announced_at.take()) {
-                    self.status.hotswap_latency_ms = Some(done.saturating_sub(t).as_secs_f64() * 1e3);
+                    let latency = done.saturating_sub(t);
+                    self.status.hotswap_latency_ms = Some(latency.as_secs_f64() * 1e3);
+                    self.notify(RuntimeNotice::FirstAction { version: ev.chunk.version.clone(), latency });
                 }
                 self.last_action = Some(ev.clone());
             }
@@ -211,6 +275,11 @@ impl ControlCore {
             let _ = self.events.send(ev);
         }
         self.status_tx.send_replace(self.status.clone());
+    }
+
+    fn notify(&self, n: RuntimeNotice) {
+        // No receiver (the node is shutting down) is not the loop's concern.
+        let _ = self.notices.send(n);
     }
 
     fn versions(&self) -> Vec<String> {
@@ -231,6 +300,7 @@ impl ControlCore {
                     self.status.rejected += 1;
                     self.status.message = format!("rejected {version}: {reason}");
                     tracing::warn!("{}", self.status.message);
+                    self.notify(RuntimeNotice::Rejected { version, reason });
                 }
             }
         }
@@ -245,6 +315,7 @@ impl ControlCore {
             None => format!("activated {} ({validated})", meta.version),
         };
         tracing::info!("{}", self.status.message);
+        self.notify(RuntimeNotice::Activated { version: meta.version.clone(), validated: features.is_some(), announced_at, at: self.clock.now() });
         let slot = Slot { meta, model, features, announced_at: Some(announced_at) };
         if let Some(old) = self.previous.take() {
             retire(old);
@@ -260,6 +331,7 @@ impl ControlCore {
                 Ok(f) => {
                     self.status.vl_refreshes += 1;
                     self.status.last_vl_refresh_ms = Some(r.took.as_secs_f64() * 1e3);
+                    self.notify(RuntimeNotice::VlRefreshed { version: r.version.clone(), obs_taken_at: f.obs_taken_at, took: r.took });
                     let slot = self.active.iter_mut().chain(self.previous.iter_mut()).find(|s| s.meta.version == r.version);
                     if let Some(s) = slot {
                         if s.features.as_ref().is_none_or(|old| old.obs_taken_at <= f.obs_taken_at) {
@@ -279,11 +351,18 @@ impl ControlCore {
     fn act(&mut self, slot: &TickSlot) -> Option<ActionEvent> {
         let obs = match self.inputs.snapshot() {
             Snapshot::Fresh(obs) => {
-                self.status.stale_inputs.clear();
+                if !self.status.stale_inputs.is_empty() {
+                    self.status.stale_inputs.clear();
+                    self.notify(RuntimeNotice::Fresh);
+                }
                 Arc::new(obs)
             }
             Snapshot::Stale(stale) => {
-                self.status.stale_inputs = stale.iter().map(|s| s.name.clone()).collect();
+                let names: Vec<String> = stale.iter().map(|s| s.name.clone()).collect();
+                if names != self.status.stale_inputs {
+                    self.notify(RuntimeNotice::Stale { inputs: names.clone() });
+                    self.status.stale_inputs = names;
+                }
                 let list = stale.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
                 let held = match (self.cfg.stale_behavior, &self.last_action) {
                     (StaleBehavior::Hold, Some(last)) => Some(ActionEvent { tick: slot.index, held: true, ..last.clone() }),
@@ -309,13 +388,23 @@ impl ControlCore {
                 return None;
             };
             match run_model(active.model.as_mut(), features, &obs, &active.meta.version, &self.io) {
-                Ok(chunk) => return Some(ActionEvent { chunk, tick: slot.index, held: false, obs_taken_at: obs.taken_at, published_at: Duration::ZERO }),
+                Ok(chunk) => {
+                    return Some(ActionEvent {
+                        chunk,
+                        tick: slot.index,
+                        held: false,
+                        obs_taken_at: obs.taken_at,
+                        vl_obs_taken_at: features.obs_taken_at,
+                        published_at: Duration::ZERO,
+                    })
+                }
                 Err(reason) => {
                     let mut failed = String::new();
                     if let Some(s) = self.active.take() {
                         failed = s.meta.version.clone();
                         retire(s);
                     }
+                    self.notify(RuntimeNotice::RolledBack { from: failed.clone(), to: self.previous.as_ref().map(|p| p.meta.version.clone()), reason: reason.clone() });
                     match self.previous.take() {
                         Some(prev) => {
                             self.status.rollbacks += 1;

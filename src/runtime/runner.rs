@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::clock::Clock;
-use super::control::{ActionEvent, ControlConfig, ControlCore, PolicyStatus};
+use super::control::{ActionEvent, ControlConfig, ControlCore, PolicyStatus, RuntimeNotice};
 use super::error::RuntimeError;
 use super::hotswap::{spawn_watcher, Acceptance, Announcer, SwapWorker};
 use super::inputs::{InputBuffers, InputConfig};
@@ -87,6 +87,8 @@ pub struct RuntimeHandle {
     pub events: mpsc::UnboundedReceiver<ActionEvent>,
     /// Status after every tick.
     pub status: watch::Receiver<PolicyStatus>,
+    /// Swaps, rejections, roll-backs, stale-input changes and VL refreshes, in order (drain it).
+    pub notices: mpsc::UnboundedReceiver<RuntimeNotice>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -130,8 +132,9 @@ pub fn build(cfg: RuntimeConfig, loader: Arc<dyn ModelLoader>, clock: Arc<dyn Cl
     let refresher = super::refresh::Refresher::spawn(clock.clone())?;
     let (events_tx, events) = mpsc::unbounded_channel();
     let (status_tx, status) = watch::channel(PolicyStatus::default());
-    let core = ControlCore::new(cfg.control.clone(), io, clock, inputs.clone(), worker.outcomes, refresher, events_tx, status_tx);
-    Ok((core, RuntimeHandle { inputs, announcer: worker.announcer, events, status, stop, threads }))
+    let (notices_tx, notices) = mpsc::unbounded_channel();
+    let core = ControlCore::new(cfg.control.clone(), io, clock, inputs.clone(), worker.outcomes, refresher, events_tx, status_tx, notices_tx);
+    Ok((core, RuntimeHandle { inputs, announcer: worker.announcer, events, status, notices, stop, threads }))
 }
 
 /// Builds the runtime and runs its control loop on a dedicated thread (`vla-control`).

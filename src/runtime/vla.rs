@@ -1,19 +1,25 @@
 //! The real model behind the runtime: deployable checkpoints (train::deploy) of the VLA policy.
-//! The base VL model is loaded once and shared by every version; a version brings its heads
-//! (and, for Stage 2, its adapter). VL features = the base model's pooled last hidden state on
-//! the camera frames (in the checkpoint's camera order) with the instruction, built with the
-//! same processor and prompt as training; actions = DDIM over the heads, in physical units.
+//! The base VL model is loaded once and never modified; a version brings its heads and, for
+//! Stage 2, a PEFT LoRA adapter. A heads-only version runs on the base model itself; an adapter
+//! version gets its own [`Qwen25VL`] whose weights share storage with the base
+//! ([`Qwen25VL::share_weights`]) plus the adapter's LoRA layers (unmerged), so a version costs
+//! only its LoRA and heads parameters and the running version is untouched while the next one
+//! loads. VL features = the model's pooled last hidden state on the camera frames (in the
+//! checkpoint's camera order) with the instruction, built with the same processor and prompt as
+//! training; actions = DDIM over the heads, in physical units.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use super::error::RuntimeError;
 use super::model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 use super::types::{ActionChunk, CheckpointMeta, IoSpec, Observation, VlFeatures};
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadFeatures};
 use crate::train::deploy::{DeployInfo, HEADS_FILE};
+use crate::vlm::linear::VisitLinears;
+use crate::vlm::peft::{load_adapter, read_adapter_config, ADAPTER_CONFIG};
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
 
 /// Loads deployable checkpoints against one base model folder.
@@ -21,6 +27,9 @@ pub struct VlaLoader {
     base_dir: PathBuf,
     base_id: String,
     vlm: Arc<Mutex<Qwen25VL>>,
+    /// Module paths of the base model's linear layers (adapter targets are checked against it
+    /// without locking the model).
+    linears: Vec<String>,
     processor: Arc<VlProcessor>,
     ddim_steps: usize,
 }
@@ -29,10 +38,14 @@ impl VlaLoader {
     /// Loads the base model (f32, CPU) once; `ddim_steps` 0 = the checkpoint's own setting.
     pub fn new(base_dir: &Path, ddim_steps: usize) -> anyhow::Result<Self> {
         let config = crate::vlm::Config::from_file(&base_dir.join("config.json"))?;
+        let mut vlm = Qwen25VL::load(base_dir, Kind::Float, Device::Cpu)?;
+        let mut linears = Vec::new();
+        vlm.visit_linears_mut(&mut |l| linears.push(l.path.clone()));
         Ok(Self {
             base_dir: base_dir.to_path_buf(),
             base_id: crate::train::heads_job::base_model_id(base_dir)?,
-            vlm: Arc::new(Mutex::new(Qwen25VL::load(base_dir, Kind::Float, Device::Cpu)?)),
+            vlm: Arc::new(Mutex::new(vlm)),
+            linears,
             processor: Arc::new(VlProcessor::from_model_dir(base_dir, &config, None, None)?),
             ddim_steps,
         })
@@ -42,6 +55,51 @@ impl VlaLoader {
     pub fn base_model_id(&self) -> &str {
         &self.base_id
     }
+
+    /// The VL model a version computes features with: the shared base for a heads-only version,
+    /// a weight-sharing copy with the adapter's LoRA layers otherwise.
+    fn version_model(&self, dir: &Path, adapter: Option<&str>) -> Result<(Arc<Mutex<Qwen25VL>>, Option<nn::VarStore>), RuntimeError> {
+        let Some(rel) = adapter else { return Ok((self.vlm.clone(), None)) };
+        let mut model = {
+            let base = self.vlm.lock().map_err(|_| ck_err(dir, "base VL model lock poisoned"))?;
+            base.share_weights().map_err(|e| ck_err(dir, format!("sharing the base model's weights: {e}")))?
+        };
+        let vars = nn::VarStore::new(Device::Cpu);
+        load_adapter(&mut model, &dir.join(rel), &vars.root()).map_err(|e| ck_err(dir, format!("adapter: {e}")))?;
+        Ok((Arc::new(Mutex::new(model)), Some(vars)))
+    }
+
+    /// Checks a version's adapter folder against the base model before anything is loaded:
+    /// the folder stays inside the checkpoint, its config parses, and its `target_modules`
+    /// select linear layers of the base model. (Tensor keys and shapes are checked by
+    /// [`load_adapter`] before it changes the version's model.)
+    fn check_adapter(&self, dir: &Path, rel: &str) -> Result<(), RuntimeError> {
+        let inside = Path::new(rel).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if rel.is_empty() || !inside {
+            return Err(ck_err(dir, format!("deploy.json: adapter `{rel}`: expected a folder name inside the checkpoint")));
+        }
+        let adir = dir.join(rel);
+        let (config, _) = read_adapter_config(&adir).map_err(|e| ck_err(dir, format!("adapter: {e}")))?;
+        let mut selected = 0;
+        for path in &self.linears {
+            if config.selects(path).map_err(|e| ck_err(dir, format!("adapter: {}: {e}", adir.join(ADAPTER_CONFIG).display())))? {
+                selected += 1;
+            }
+        }
+        if selected == 0 {
+            return Err(ck_err(
+                dir,
+                format!(
+                    "adapter: {}: target_modules {} select none of the {} linear layers of base model {}",
+                    adir.join(ADAPTER_CONFIG).display(),
+                    config.target_modules,
+                    self.linears.len(),
+                    self.base_dir.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn ck_err(dir: &Path, reason: impl ToString) -> RuntimeError {
@@ -50,13 +108,27 @@ fn ck_err(dir: &Path, reason: impl ToString) -> RuntimeError {
 
 impl ModelLoader for VlaLoader {
     fn verify(&self, dir: &Path) -> Result<CheckpointMeta, RuntimeError> {
-        let manifest = crate::train::publish::verify(dir).map_err(|e| ck_err(dir, e))?;
+        let manifest = crate::train::publish::verify(dir).map_err(|e| {
+            // The publisher's errors already name the folder.
+            let text = e.to_string();
+            ck_err(dir, text.strip_prefix(&format!("checkpoint `{}`: ", dir.display())).unwrap_or(&text))
+        })?;
         let deploy = DeployInfo::read(dir).map_err(|e| ck_err(dir, e))?;
-        if let Some(adapter) = &deploy.adapter {
-            return Err(ck_err(dir, format!("has a LoRA adapter `{adapter}`; this loader runs heads-only checkpoints on the frozen base model")));
-        }
         if deploy.base_model_id != self.base_id {
-            return Err(ck_err(dir, format!("trained on base model {}, loaded base model {} is {}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
+            return Err(ck_err(dir, format!("deploy.json: base_model_id {}, but the loaded base model {} is {}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
+        }
+        let image = &self.processor.image;
+        if (deploy.processor.min_pixels, deploy.processor.max_pixels) != (image.min_pixels, image.max_pixels) {
+            return Err(ck_err(
+                dir,
+                format!(
+                    "deploy.json: processor min_pixels/max_pixels {}/{}, but the base model's processor uses {}/{}",
+                    deploy.processor.min_pixels, deploy.processor.max_pixels, image.min_pixels, image.max_pixels
+                ),
+            ));
+        }
+        if let Some(rel) = &deploy.adapter {
+            self.check_adapter(dir, rel)?;
         }
         use sha2::Digest;
         let manifest_bytes = std::fs::read(dir.join("manifest.json")).map_err(|e| ck_err(dir, e))?;
@@ -97,15 +169,18 @@ impl ModelLoader for VlaLoader {
             other => return Err(ck_err(dir, format!("deploy.json: pooling `{other}`: expected all, image or text"))),
         };
         let steps = if self.ddim_steps > 0 { self.ddim_steps } else { deploy.ddim_steps };
+        let (vlm, adapter_vars) = self.version_model(dir, deploy.adapter.as_deref())?;
         Ok(LoadedModel {
-            encoder: Box::new(Encoder { vlm: self.vlm.clone(), processor: self.processor.clone(), pooling, version: meta.version.clone() }),
-            model: Box::new(Heads { heads, version: meta.version.clone(), steps, step_period_s: deploy.step_period_s as f32, tick: 0 }),
+            encoder: Box::new(Encoder { vlm, _adapter_vars: adapter_vars, processor: self.processor.clone(), pooling, version: meta.version.clone() }),
+            model: Box::new(Heads { heads, version: meta.version.clone(), steps, step_period_s: deploy.step_period_s as f32 }),
         })
     }
 }
 
 struct Encoder {
     vlm: Arc<Mutex<Qwen25VL>>,
+    /// Owner of the version's LoRA parameters (adapter versions only).
+    _adapter_vars: Option<nn::VarStore>,
     processor: Arc<VlProcessor>,
     pooling: Pooling,
     version: String,
@@ -128,7 +203,12 @@ struct Heads {
     version: String,
     steps: usize,
     step_period_s: f32,
-    tick: u64,
+}
+
+/// The DDIM noise seed of the action chunk for `obs`: its snapshot time in ns, so a chunk is
+/// reproducible from the observation alone (`PolicyHeads::sample(.., steps, action_seed(obs))`).
+pub fn action_seed(obs: &Observation) -> u64 {
+    obs.taken_at.as_nanos() as u64
 }
 
 impl ActionModel for Heads {
@@ -142,10 +222,14 @@ impl ActionModel for Heads {
         let ch = obs.sensor.channels;
         let sensor = Tensor::from_slice(&obs.sensor.values).reshape([1, (obs.sensor.values.len() / ch.max(1)) as i64, ch as i64]);
         let vl = HeadFeatures::pooled(pooled.shallow_clone());
-        let seed = self.tick;
-        self.tick += 1;
-        let out = self.heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, self.steps, seed).map_err(|e| err(&e))?;
         let c = self.heads.config();
+        let state = match (&obs.state, c.state_dim) {
+            (_, 0) => None,
+            (Some(s), d) => Some(Tensor::from_slice(&s.values).to_kind(Kind::Float).reshape([1, d])),
+            (None, d) => return Err(err(&format!("the heads use a robot state of {d} values, but no state input is configured"))),
+        };
+        let seed = action_seed(obs);
+        let out = self.heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: state.as_ref() }, self.steps, seed).map_err(|e| err(&e))?;
         let values = Vec::<f32>::try_from(out.to_kind(Kind::Float).reshape([-1])).map_err(|e| err(&e))?;
         Ok(ActionChunk { version: self.version.clone(), horizon: c.expert.horizon as usize, action_dim: c.expert.action_dim as usize, step_period_s: self.step_period_s, values })
     }

@@ -81,6 +81,14 @@ impl Qwen25VL {
         Self::build(config.clone(), Loader::new(WeightSource::Random, kind, device)?)
     }
 
+    /// A second model on the same weight storage as this one (nothing is copied; adapters are
+    /// not carried over). Attach a LoRA adapter to it to run a fine-tuned version beside the
+    /// unchanged base; never merge LoRA into it (merging writes into the shared weights).
+    pub fn share_weights(&self) -> Result<Self> {
+        let map = self.named_tensors().into_iter().map(|(n, t)| (n, t.shallow_clone())).collect();
+        Self::build(self.config.clone(), Loader::new(WeightSource::Shared(map), self.kind(), self.device())?)
+    }
+
     fn build(config: Config, mut loader: Loader) -> Result<Self> {
         let visual = VisionTower::new(&mut loader, "model.visual", &config.vision)?;
         let language_model = TextModel::new(&mut loader, "model.language_model", &config.text)?;

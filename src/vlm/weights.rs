@@ -176,6 +176,9 @@ pub enum WeightSource {
     Checkpoint(SafetensorsStore),
     /// Random weights (benchmarks, tests).
     Random,
+    /// Tensors of an already loaded model by name, handed out without copying (they share
+    /// storage); each must be asked for once with its stored shape, dtype and device.
+    Shared(HashMap<String, Tensor>),
 }
 
 /// Hands out the model's tensors by name in the target dtype and device.
@@ -218,6 +221,20 @@ impl Loader {
                 };
                 Ok(t.set_requires_grad(false))
             }
+            WeightSource::Shared(map) => {
+                let t = map.remove(name).ok_or_else(|| VlmError::Input(format!("shared weights: no tensor `{name}`")))?;
+                if t.size() != shape || t.kind() != self.kind || t.device() != self.device {
+                    return Err(VlmError::Input(format!(
+                        "shared weights: `{name}` is {:?} {:?} on {:?}, expected {shape:?} {:?} on {:?}",
+                        t.size(),
+                        t.kind(),
+                        t.device(),
+                        self.kind,
+                        self.device
+                    )));
+                }
+                Ok(t)
+            }
         }
     }
 
@@ -225,7 +242,7 @@ impl Loader {
     pub fn check_unused(&mut self, name: &str, shape: &[i64]) -> Result<()> {
         match &mut self.source {
             WeightSource::Checkpoint(store) => store.check(name, shape),
-            WeightSource::Random => Ok(()),
+            WeightSource::Random | WeightSource::Shared(_) => Ok(()),
         }
     }
 
@@ -242,6 +259,12 @@ impl Loader {
         match &self.source {
             WeightSource::Checkpoint(store) => store.finish(),
             WeightSource::Random => Ok(()),
+            WeightSource::Shared(map) if map.is_empty() => Ok(()),
+            WeightSource::Shared(map) => {
+                let mut names: Vec<&String> = map.keys().collect();
+                names.sort();
+                Err(VlmError::Input(format!("shared weights: {} tensors not used by the model, e.g. {:?}", names.len(), &names[..names.len().min(5)])))
+            }
         }
     }
 }

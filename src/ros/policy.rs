@@ -1,0 +1,251 @@
+//! Policy node: a thin r2r adapter over the ROS-free policy runtime (`runtime`). Camera
+//! (sensor_msgs/Image or CompressedImage) and sensor (vla_finetune_msgs/SensorFrame) topics of the
+//! stream mapping feed the input buffers; checkpoint announcements on `~/checkpoint_in`
+//! (CheckpointInfo, reliable + transient-local, remapped to the trainer's `~/checkpoint`) and the
+//! optional `checkpoints_dir` watcher feed the hot-swap; action chunks go to `~/action_chunk`,
+//! status to `~/status`, and with `target_output` twist/pose the first step of each chunk to
+//! `~/target_twist` (TwistStamped) or `~/target_pose` (PoseStamped, relative, tool frame).
+//! The robot state stream is not an input: the heads in this build are trained without state.
+
+use super::convert::time_now;
+use super::interfaces::msg;
+use super::params::{declare, ParamsExt};
+use crate::dataset::cdr::{MsgType, RosMessage, SensorFrame};
+use crate::dataset::mcap_episode::decode_image;
+use crate::dataset::streams::StreamConfig;
+use crate::runtime::output::{pose_delta, twist, TargetOutput};
+use crate::runtime::{
+    ActionEvent, CameraInput, ControlConfig, InputConfig, PolicyStatus, RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior,
+    SystemClock, VlaLoader, WatchConfig,
+};
+use anyhow::{anyhow, bail, Context as _, Result};
+use futures::StreamExt;
+use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, TwistStamped, Vector3};
+use r2r::std_msgs::msg::Header;
+use r2r::QosProfile;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ActionChunk from a published action event.
+pub fn action_msg(ev: &ActionEvent, frame_id: &str) -> msg::ActionChunk {
+    let c = &ev.chunk;
+    msg::ActionChunk {
+        header: Header { stamp: time_now(), frame_id: frame_id.to_string() },
+        checkpoint_version: c.version.clone(),
+        horizon: c.horizon as u32,
+        action_dim: c.action_dim as u32,
+        step_period_s: c.step_period_s,
+        values: c.values.clone(),
+    }
+}
+
+/// PolicyStatus from the runtime's status.
+pub fn status_msg(s: &PolicyStatus) -> msg::PolicyStatus {
+    msg::PolicyStatus {
+        stamp: time_now(),
+        active_version: s.active_version.clone(),
+        previous_version: s.previous_version.clone(),
+        acting: s.acting,
+        stale_inputs: s.stale_inputs.clone(),
+        ticks: s.ticks,
+        missed_ticks: s.missed_ticks,
+        last_tick_ms: s.last_tick_ms as f32,
+        message: s.message.clone(),
+    }
+}
+
+fn header(frame_id: &str) -> Header {
+    Header { stamp: time_now(), frame_id: frame_id.to_string() }
+}
+
+/// Samples and per-sample stamps of a SensorFrame: `values` holds `k` samples of `channels`;
+/// the header stamps the last one, earlier ones get stamps 1 ns apart before it (only their
+/// order matters to the input buffer).
+pub fn sensor_samples(f: &SensorFrame) -> Result<(Vec<f32>, Vec<i64>)> {
+    let c = f.channels as usize;
+    if c == 0 || f.values.len() % c != 0 {
+        bail!("SensorFrame with {} values is not a whole number of samples of {} channels", f.values.len(), f.channels);
+    }
+    let k = f.values.len() / c;
+    let last = f.header.stamp.to_ns();
+    Ok((f.values.clone(), (0..k).map(|i| last - (k - 1 - i) as i64).collect()))
+}
+
+/// The runtime configuration from the node's parameters and stream mapping.
+fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &StreamConfig) -> Result<RuntimeConfig> {
+    let [sensor] = streams.sensors.as_slice() else {
+        bail!("streams_config: the policy reads exactly one sensor stream, found {}", streams.sensors.len());
+    };
+    let channels = sensor.channels.ok_or_else(|| anyhow!("streams_config: sensor `{}` needs `channels`", sensor.name))?;
+    let rate = p.double("control_rate_hz");
+    if !(rate > 0.0 && rate.is_finite()) {
+        bail!("parameter control_rate_hz = {rate}: expected a positive number");
+    }
+    let age = |name: &str| {
+        let v = p.double(name);
+        if v > 0.0 && v.is_finite() { Ok(Duration::from_secs_f64(v)) } else { Err(anyhow!("parameter {name} = {v}: expected a positive number")) }
+    };
+    let count = |name: &str| usize::try_from(p.int(name)).ok().filter(|v| *v > 0).ok_or_else(|| anyhow!("parameter {name} = {}: expected at least 1", p.int(name)));
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let dir = p.string("checkpoints_dir");
+    Ok(RuntimeConfig {
+        inputs: InputConfig {
+            cameras: streams.cameras.iter().map(|c| Ok(CameraInput { name: c.name.clone(), max_age: age("max_camera_age_s")? })).collect::<Result<_>>()?,
+            sensor: SensorInput { name: sensor.name.clone(), channels, window: count("sensor_window")?, max_age: age("max_sensor_age_s")? },
+            state: None,
+            instruction: p.string("instruction"),
+        },
+        control: ControlConfig {
+            period,
+            tick_budget: period,
+            vl_refresh_ticks: u32::try_from(count("vl_refresh_ticks")?).context("parameter vl_refresh_ticks")?,
+            stale_behavior: p.string("stale_behavior").parse::<StaleBehavior>().map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
+        },
+        horizon: count("horizon")?,
+        action_dim: count("action_dim")?,
+        base_model_id: None,
+        watch: (!dir.is_empty()).then(|| WatchConfig { root: PathBuf::from(dir), poll: Duration::from_millis(200) }),
+    })
+}
+
+/// Runs the policy node until the process is stopped.
+pub fn main() -> Result<()> {
+    crate::logging::init("info");
+    let ctx = r2r::Context::create()?;
+    let mut node = r2r::Node::create(ctx, "vla_policy", "")?;
+    let p = declare(&node, "policy_node")?;
+    let device = crate::device::parse(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
+    if device != tch::Device::Cpu {
+        tracing::warn!("parameter device = {}: the policy runtime of this build runs on the CPU", p.string("device"));
+    }
+    let streams_path = p.string("streams_config");
+    let streams = StreamConfig::load(Path::new(&streams_path)).with_context(|| format!("parameter streams_config = `{streams_path}`"))?;
+    let target: TargetOutput = p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
+    let base_model = p.string("base_model");
+    if base_model.is_empty() {
+        bail!("parameter base_model is empty: set the base VL model folder the checkpoints belong to");
+    }
+    let ddim_steps = usize::try_from(p.int("ddim_steps")).map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
+    let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps)?);
+    let cfg = runtime_config(&p, &streams)?;
+    let mut handle = crate::runtime::start(cfg, loader, Arc::new(SystemClock::new()))?;
+    let rt = tokio::runtime::Runtime::new()?;
+
+    for spec in &streams.cameras {
+        let kind = spec.kind();
+        let mut sub = node.subscribe_raw(&spec.topic, kind.name(), QosProfile::sensor_data())?;
+        let (inputs, name, topic) = (handle.inputs.clone(), spec.name.clone(), spec.topic.clone());
+        rt.spawn(async move {
+            while let Some(cdr) = sub.next().await {
+                let pushed = decode_image(kind, &cdr).map_err(|e| anyhow!(e)).and_then(|img| {
+                    let stamp = kind.header_stamp(&cdr)?.unwrap_or(0);
+                    Ok(inputs.push_frame(&name, img, stamp)?)
+                });
+                if let Err(e) = pushed {
+                    tracing::warn!("{topic}: {e}");
+                }
+            }
+        });
+    }
+    let sensor = &streams.sensors[0];
+    if sensor.kind() != MsgType::SensorFrame {
+        bail!("streams_config: sensor `{}` has type {}; the policy reads {}", sensor.name, sensor.msg_type, MsgType::SensorFrame.name());
+    }
+    let mut sub = node.subscribe_raw(&sensor.topic, sensor.kind().name(), QosProfile::sensor_data())?;
+    let (inputs, topic) = (handle.inputs.clone(), sensor.topic.clone());
+    rt.spawn(async move {
+        while let Some(cdr) = sub.next().await {
+            let pushed = SensorFrame::decode(&cdr).map_err(anyhow::Error::from).and_then(|f| {
+                let (values, stamps) = sensor_samples(&f)?;
+                Ok(inputs.push_sensor(&values, &stamps)?)
+            });
+            if let Err(e) = pushed {
+                tracing::warn!("{topic}: {e}");
+            }
+        }
+    });
+
+    let mut ckpt = node.subscribe::<msg::CheckpointInfo>("~/checkpoint_in", QosProfile::default().reliable().transient_local().keep_last(1))?;
+    let announcer = handle.announcer.clone();
+    rt.spawn(async move {
+        while let Some(info) = ckpt.next().await {
+            tracing::info!("checkpoint {} announced at {}", info.version, info.path);
+            if let Err(e) = announcer.announce(info.version.clone(), PathBuf::from(&info.path)) {
+                tracing::error!("{e}");
+            }
+        }
+    });
+    let start = p.string("checkpoint");
+    if !start.is_empty() {
+        let manifest = crate::train::publish::verify(Path::new(&start)).with_context(|| format!("parameter checkpoint = `{start}`"))?;
+        handle.announcer.announce(manifest.version, PathBuf::from(&start))?;
+    }
+
+    let action_pub = node.create_publisher::<msg::ActionChunk>("~/action_chunk", QosProfile::default())?;
+    let twist_pub = (target == TargetOutput::Twist).then(|| node.create_publisher::<TwistStamped>("~/target_twist", QosProfile::default())).transpose()?;
+    let pose_pub = (target == TargetOutput::Pose).then(|| node.create_publisher::<PoseStamped>("~/target_pose", QosProfile::default())).transpose()?;
+    let mut events = std::mem::replace(&mut handle.events, tokio::sync::mpsc::unbounded_channel().1);
+    rt.spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Err(e) = action_pub.publish(&action_msg(&ev, "tool")) {
+                tracing::warn!("action_chunk: {e}");
+            }
+            if let Some(pubr) = &twist_pub {
+                match twist(&ev.chunk) {
+                    Ok(t) => {
+                        let v = |a: [f64; 3]| Vector3 { x: a[0], y: a[1], z: a[2] };
+                        let m = TwistStamped { header: header("tool"), twist: Twist { linear: v(t.linear), angular: v(t.angular) } };
+                        if let Err(e) = pubr.publish(&m) {
+                            tracing::warn!("target_twist: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("target_twist: {e}"),
+                }
+            }
+            if let Some(pubr) = &pose_pub {
+                match pose_delta(&ev.chunk) {
+                    Ok(d) => {
+                        let (q, x) = (d.orientation, d.position);
+                        let pose = Pose { position: Point { x: x[0], y: x[1], z: x[2] }, orientation: Quaternion { x: q[0], y: q[1], z: q[2], w: q[3] } };
+                        if let Err(e) = pubr.publish(&PoseStamped { header: header("tool"), pose }) {
+                            tracing::warn!("target_pose: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("target_pose: {e}"),
+                }
+            }
+        }
+    });
+
+    let status_pub = node.create_publisher::<msg::PolicyStatus>("~/status", QosProfile::default())?;
+    let mut status = handle.status.clone();
+    rt.spawn(async move {
+        while status.changed().await.is_ok() {
+            let m = status_msg(&status.borrow_and_update());
+            if let Err(e) = status_pub.publish(&m) {
+                tracing::warn!("status: {e}");
+            }
+        }
+    });
+    let mut notices = std::mem::replace(&mut handle.notices, tokio::sync::mpsc::unbounded_channel().1);
+    rt.spawn(async move {
+        while let Some(n) = notices.recv().await {
+            match n {
+                RuntimeNotice::Rejected { version, reason } => tracing::warn!("rejected {version}: {reason}"),
+                RuntimeNotice::RolledBack { from, to, reason } => tracing::warn!("dropped {from} (now {to:?}): {reason}"),
+                RuntimeNotice::Activated { version, validated, .. } => tracing::info!("activated {version} (validated: {validated})"),
+                RuntimeNotice::FirstAction { version, latency } => tracing::info!("{version} acting, {:.1} ms after announcement", latency.as_secs_f64() * 1e3),
+                RuntimeNotice::Stale { inputs } => tracing::warn!("stale inputs: {}", inputs.join(", ")),
+                RuntimeNotice::Fresh => tracing::info!("inputs fresh"),
+                RuntimeNotice::VlRefreshed { .. } => {}
+            }
+        }
+    });
+
+    tracing::info!("policy ready: {} cameras, sensor `{}`, {} Hz", streams.cameras.len(), sensor.name, p.double("control_rate_hz"));
+    super::spin(&mut node, &AtomicBool::new(false));
+    handle.shutdown();
+    Ok(())
+}
