@@ -173,7 +173,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     println!("{text}");
     println!(
         "\nepisodes {} (samples train {} / val {}), validation action error (mean abs, physical units): untrained {:.3}, stage 1 {:.3}, Stage 2 {}\n\
-         policy: active {} after hot-swap in {} ms, {} missed ticks of {}\nplots {} and {}; report {}",
+         policy: active {} after hot-swap in {} ms, {} missed ticks of {}\nplot {}; checkpoints {}; report {}",
         report["episodes"],
         report["samples_train"],
         report["samples_val"],
@@ -184,8 +184,8 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         report["hotswap_latency_ms"],
         report["missed_ticks"],
         report["policy_ticks"],
-        out.join("stage1").display(),
         out.join("stage2/curves.png").display(),
+        checkpoints.display(),
         out.join("report.json").display()
     );
     Ok(())
