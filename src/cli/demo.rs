@@ -10,6 +10,10 @@
 //! 5. Stage 2 fine-tunes LoRA + heads from the stage-1 checkpoint in cache mode `features` with a
 //!    refresh epoch (so both the cached and the live path run) and publishes its checkpoints;
 //! 6. once the policy acts with the last one, it is stopped and the report is written.
+//!
+//! In the report, `stage1_val_action_error` and `stage2_val_action_error` are measured by the same
+//! Stage 2 validation code (DDIM action error, mean absolute, physical units, validation
+//! episodes); `stage1_job_val_action_error` is stage 1's own validation of its result.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,9 +24,7 @@ use serde_json::{json, Value};
 
 use crate::dataset::compile::{compile, CompileConfig};
 use crate::train::config::TrainConfig;
-use crate::train::controller::JobContext;
 use crate::train::heads_job::{mean, small_heads, HeadsJob};
-use crate::train::progress::{BarRenderer, ProgressHub};
 use crate::train::stage2::{self, Stage2Job};
 
 /// Arguments of `demo`.
@@ -121,7 +123,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         seed: a.seed,
         heads: small_heads(),
     };
-    let s1 = with_progress_bar(|ctx| crate::train::heads_job::run(&job, Some(ctx)))?;
+    let s1 = super::with_progress_bar("demo", |ctx| crate::train::heads_job::run(&job, Some(ctx)))?;
     let stage1 = s1.published.context("stage 1 ended without a checkpoint")?;
 
     eprintln!("[4/5] policy process: hot-swapping checkpoints from {}", checkpoints.display());
@@ -131,7 +133,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
 
     eprintln!("[5/5] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
     let config = stage2_config(&a, &out, &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
-    let s2 = with_progress_bar(|ctx| stage2::run(&Stage2Job { config, resume: false }, ctx, &mut |p| eprintln!("published {}", p.version)))?;
+    let s2 = super::with_progress_bar("demo", |ctx| stage2::run(&Stage2Job { config, resume: false }, ctx, &mut |p| eprintln!("published {}", p.version)))?;
     let last = s2.published.last().context("Stage 2 published no checkpoint")?.clone();
     policy.wait_active(&last, Duration::from_secs(180))?;
     std::thread::sleep(Duration::from_secs(2));
@@ -146,6 +148,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         "samples_val": s1.samples.1,
         "drops": compiled.report.drops,
         "untrained_val_action_error": mean(&s1.val_error_before),
+        "stage1_job_val_action_error": mean(&s1.val_error_after),
         "stage1_val_action_error": s2.val_action_error_before,
         "stage2_val_action_error": s2.val_action_error,
         "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
@@ -226,27 +229,6 @@ fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: 
     let mut all = vec![format!("memory.presets_file={}", q(&presets))];
     all.extend(sets);
     Ok(TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml", &all)?)
-}
-
-/// Runs `f` with a job context whose progress is drawn as a bar on stderr.
-fn with_progress_bar<T>(f: impl FnOnce(&JobContext) -> Result<T>) -> Result<T> {
-    let hub = ProgressHub::new(256);
-    let ctx = JobContext { job_id: "demo".into(), cancel: Default::default(), progress: hub.clone() };
-    let mut events = hub.subscribe();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let printer = std::thread::spawn(move || {
-        let bar = BarRenderer::stderr();
-        while rx.try_recv().is_err() {
-            match events.try_recv() {
-                Ok(ev) => bar.update(&ev),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    });
-    let result = f(&ctx);
-    let _ = tx.send(());
-    let _ = printer.join();
-    result
 }
 
 /// The `vla_finetune policy` child process and its status file.

@@ -9,6 +9,7 @@ pub mod import_bag;
 pub mod policy;
 pub mod record;
 pub mod train;
+pub mod train_heads;
 pub mod vlm_features;
 
 /// Record demonstrations, fine-tune a sensor-aware VLA policy and run it, without ROS.
@@ -24,7 +25,7 @@ pub struct Cli {
 pub enum Command {
     /// Print the libtorch build and the device that would be used.
     Device(DeviceArgs),
-    /// Run the loop on an embedded default: simulated recording, dataset, VL features, policy training, publication.
+    /// The whole loop on an embedded default: simulated recording, dataset, stage 1, Stage 2, a hot-swapping policy process.
     Demo(demo::DemoArgs),
     /// Compile recorded episodes into a training dataset, or describe one.
     Dataset(dataset::DatasetArgs),
@@ -32,6 +33,8 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Import a rosbag2 bag (MCAP storage) as an episode.
     ImportBag(import_bag::ImportBagArgs),
+    /// Stage 1: train the policy heads on frozen VL features and publish a heads-only checkpoint.
+    TrainHeads(train_heads::TrainHeadsArgs),
     /// Stage 2 fine-tuning (LoRA on the VL model + heads) from a config file (config/train.yaml).
     Train(train::TrainArgs),
     /// Run Qwen2.5-VL on images + a prompt and write inputs and features to safetensors.
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
+        Command::TrainHeads(a) => train_heads::run(a),
         Command::Train(a) => train::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),
         Command::Bench(a) => bench::run(a),
@@ -84,4 +88,25 @@ pub(crate) fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<V
         out.push(Box::new(McapEpisode::open(&dir)?));
     }
     Ok(out)
+}
+
+/// Runs `f` with a job context whose progress is drawn as a bar on stderr.
+pub(crate) fn with_progress_bar<T>(job_id: &str, f: impl FnOnce(&crate::train::controller::JobContext) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let hub = crate::train::progress::ProgressHub::new(256);
+    let ctx = crate::train::controller::JobContext { job_id: job_id.into(), cancel: Default::default(), progress: hub.clone() };
+    let mut events = hub.subscribe();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let printer = std::thread::spawn(move || {
+        let bar = crate::train::progress::BarRenderer::stderr();
+        while rx.try_recv().is_err() {
+            match events.try_recv() {
+                Ok(ev) => bar.update(&ev),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    });
+    let result = f(&ctx);
+    let _ = tx.send(());
+    let _ = printer.join();
+    result
 }
