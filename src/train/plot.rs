@@ -1,15 +1,20 @@
 //! Loss and validation-error curves as a PNG, written at the end of each epoch.
 //!
-//! Drawn with `plotters` (bitmap backend, encoded to PNG by the `image` crate) WITHOUT any text:
-//! plotters needs a system or bundled font for labels, and CI machines have none. So the image is
-//! two framed panels with light grid lines and no labels: left = training loss per optimizer step,
-//! right = each validation series per epoch, in [`PALETTE`] order. The numbers and the colour of
-//! each series are written beside it as `<name>.json` (see [`write_curves`]), and every value is
-//! also in the JSON-lines progress log.
+//! Drawn with `plotters` (bitmap backend, encoded to PNG by the `image` crate) and labelled in
+//! DejaVu Sans, whose bytes are compiled into the binary (the `dejavu` crate, registered in
+//! plotters' `ab_glyph` font table), so no system font is needed (CI machines have none). Two
+//! panels side by side, each a titled chart with named axes, tick labels and light grid lines,
+//! with its legend (a [`SWATCH`]-pixel colour square and the series name per row) in a column to
+//! the right of the chart: left = training loss per optimizer step, right = each validation
+//! series per epoch on a shared y range, in [`PALETTE`] order. The numbers and the colour of each
+//! series are also written beside the image as `<name>.json` (see [`write_curves`]), and every
+//! value is in the JSON-lines progress log.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use plotters::prelude::*;
+use plotters::style::FontStyle;
 use serde::Serialize;
 
 use super::tensor_io::{write_atomic, TensorIoError};
@@ -17,8 +22,33 @@ use super::tensor_io::{write_atomic, TensorIoError};
 /// Colour of the training-loss curve.
 pub const TRAIN_COLOR: (u8, u8, u8) = (31, 119, 180);
 /// Colours of validation series, in order (repeats after the last).
-pub const PALETTE: [(u8, u8, u8); 5] = [(214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)];
+pub const PALETTE: [(u8, u8, u8); 9] = [
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (23, 190, 207),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+];
+/// Colour of all text: titles, axis names, tick labels and legend entries.
+pub const TEXT_COLOR: (u8, u8, u8) = (0, 0, 0);
+/// Side in pixels of the filled colour square in front of each legend entry.
+pub const SWATCH: u32 = 10;
+/// The smallest image [`write_curves`] draws, `(width, height)`: room for the labels.
+pub const MIN_SIZE: (u32, u32) = (480, 240);
 const GRID: RGBColor = RGBColor(225, 225, 225);
+/// The family the bundled font is registered under (plotters' name for sans-serif).
+const FONT: &str = "sans-serif";
+const TITLE_PX: f64 = 16.0;
+const AXIS_NAME_PX: f64 = 13.0;
+const TICK_PX: f64 = 12.0;
+const LEGEND_PX: f64 = 12.0;
+const LEGEND_ROW_PX: i32 = 18;
+/// Top of the first legend row: level with the top of the plotting area, below the title.
+const LEGEND_TOP_PX: i32 = 34;
 
 /// Errors of plotting.
 #[derive(Debug, thiserror::Error)]
@@ -72,17 +102,20 @@ pub fn validation_color(i: usize) -> (u8, u8, u8) {
 /// `png_path` with extension `.json`. Both files are replaced atomically.
 pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height: u32) -> Result<(), PlotError> {
     let draw_err = |reason: String| PlotError::Draw { path: png_path.to_path_buf(), reason };
-    if width < 64 || height < 32 {
-        return Err(draw_err(format!("size {width}x{height} is too small (at least 64x32)")));
+    if width < MIN_SIZE.0 || height < MIN_SIZE.1 {
+        return Err(draw_err(format!("size {width}x{height} is too small (at least {}x{})", MIN_SIZE.0, MIN_SIZE.1)));
     }
+    register_bundled_font().map_err(draw_err)?;
     let mut buf = vec![0u8; width as usize * height as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
         let panels = root.split_evenly((1, 2));
         let train = [Curve { name: "train_loss".into(), points: curves.train_loss.clone() }];
-        draw_panel(&panels[0], &train, |_| TRAIN_COLOR).map_err(draw_err)?;
-        draw_panel(&panels[1], &curves.validation, validation_color).map_err(draw_err)?;
+        let left = Panel { title: "Loss per optimizer step", x_name: "optimizer step", y_name: "loss", curves: &train };
+        draw_panel(&panels[0], &left, |_| TRAIN_COLOR).map_err(draw_err)?;
+        let right = Panel { title: "Validation per epoch", x_name: "epoch", y_name: "value", curves: &curves.validation };
+        draw_panel(&panels[1], &right, validation_color).map_err(draw_err)?;
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
     let img = image::RgbImage::from_raw(width, height, buf).ok_or_else(|| draw_err("buffer size".into()))?;
@@ -103,24 +136,79 @@ pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height
     Ok(())
 }
 
+/// Registers the bundled DejaVu Sans as [`FONT`] once per process.
+fn register_bundled_font() -> Result<(), String> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
+                .map_err(|_| "the bundled DejaVu Sans font does not parse as a TrueType font".to_string())
+        })
+        .clone()
+}
+
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-/// One framed panel with a 4x4 grid and the curves scaled to their joint range.
-fn draw_panel(area: &Area<'_>, curves: &[Curve], color: impl Fn(usize) -> (u8, u8, u8)) -> Result<(), String> {
+/// What one panel shows.
+struct Panel<'a> {
+    title: &'a str,
+    x_name: &'a str,
+    y_name: &'a str,
+    curves: &'a [Curve],
+}
+
+fn text_style(px: f64) -> TextStyle<'static> {
+    const INK: RGBColor = RGBColor(TEXT_COLOR.0, TEXT_COLOR.1, TEXT_COLOR.2);
+    TextStyle::from((FONT, px).into_font()).color(&INK)
+}
+
+/// A titled chart with named axes and tick labels, the curves scaled to their joint range, and
+/// the legend in a column to its right.
+fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, color: impl Fn(usize) -> (u8, u8, u8)) -> Result<(), String> {
+    let legend_style = text_style(LEGEND_PX);
+    let text_width = |t: &str| area.estimate_text_size(t, &legend_style).map(|(w, _)| w).map_err(|e| e.to_string());
+    // The legend column takes at most a third of the panel; longer names are shortened with `…`.
+    let max_text = area.dim_in_pixel().0 / 3 - SWATCH - 14;
+    let mut names = Vec::with_capacity(panel.curves.len());
+    for c in panel.curves {
+        names.push(fit_text(&c.name, max_text, &text_width)?);
+    }
+    let mut widest = 0;
+    for n in &names {
+        widest = widest.max(text_width(n)?);
+    }
+    let (chart_area, legend_area) = area.split_horizontally(area.dim_in_pixel().0 - (widest + SWATCH + 14));
+
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
-    let pts = || curves.iter().flat_map(|c| c.points.iter().filter(finite));
+    let pts = || panel.curves.iter().flat_map(|c| c.points.iter().filter(finite));
     let (x0, x1) = padded_range(pts().map(|p| p.0), 0.0);
     let (y0, y1) = padded_range(pts().map(|p| p.1), 0.05);
-    let mut chart = ChartBuilder::on(area).margin(12).build_cartesian_2d(x0..x1, y0..y1).map_err(|e| e.to_string())?;
-    let grid = (1..4).flat_map(|i| {
-        let fx = x0 + (x1 - x0) * i as f64 / 4.0;
-        let fy = y0 + (y1 - y0) * i as f64 / 4.0;
-        [vec![(fx, y0), (fx, y1)], vec![(x0, fy), (x1, fy)]]
-    });
-    chart.draw_series(grid.map(|l| PathElement::new(l, GRID))).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&chart_area)
+        .margin(8)
+        .caption(panel.title, text_style(TITLE_PX))
+        .x_label_area_size(38)
+        .y_label_area_size(58)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| e.to_string())?;
+    let x_label = |x: &f64| if (x - x.round()).abs() < 1e-9 { format!("{x:.0}") } else { String::new() };
+    let y_label = tick_label(y1 - y0);
+    chart
+        .configure_mesh()
+        .x_desc(panel.x_name)
+        .y_desc(panel.y_name)
+        .axis_desc_style(text_style(AXIS_NAME_PX))
+        .label_style(text_style(TICK_PX))
+        .x_labels(((x1 - x0).floor() as usize + 1).clamp(2, 6))
+        .y_labels(5)
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
+        .bold_line_style(GRID)
+        .light_line_style(TRANSPARENT)
+        .draw()
+        .map_err(|e| e.to_string())?;
     let frame = vec![(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)];
     chart.draw_series(std::iter::once(PathElement::new(frame, BLACK))).map_err(|e| e.to_string())?;
-    for (i, c) in curves.iter().enumerate() {
+    for (i, c) in panel.curves.iter().enumerate() {
         let (r, g, b) = color(i);
         let style = RGBColor(r, g, b).stroke_width(2);
         let points: Vec<(f64, f64)> = c.points.iter().filter(finite).copied().collect();
@@ -130,7 +218,56 @@ fn draw_panel(area: &Area<'_>, curves: &[Curve], color: impl Fn(usize) -> (u8, u
             chart.draw_series(LineSeries::new(points, style)).map_err(|e| e.to_string())?;
         }
     }
+
+    // Legend rows; when they do not all fit, the last row says how many are left out.
+    let rows = ((legend_area.dim_in_pixel().1 as i32 - LEGEND_TOP_PX) / LEGEND_ROW_PX).max(1) as usize;
+    let shown = if names.len() > rows { rows - 1 } else { names.len() };
+    let swatch = SWATCH as i32;
+    for (i, name) in names.iter().take(shown).enumerate() {
+        let y = LEGEND_TOP_PX + i as i32 * LEGEND_ROW_PX;
+        let (r, g, b) = color(i);
+        legend_area
+            .draw(&Rectangle::new([(2, y), (2 + swatch, y + swatch)], RGBColor(r, g, b).filled()))
+            .map_err(|e| e.to_string())?;
+        legend_area.draw_text(name, &legend_style, (swatch + 8, y - 1)).map_err(|e| e.to_string())?;
+    }
+    if shown < names.len() {
+        let y = LEGEND_TOP_PX + shown as i32 * LEGEND_ROW_PX;
+        let more = format!("+{} more (see .json)", names.len() - shown);
+        legend_area.draw_text(&fit_text(&more, max_text + SWATCH + 6, &text_width)?, &legend_style, (2, y - 1)).map_err(|e| e.to_string())?;
+    }
     Ok(())
+}
+
+/// `text`, or its longest prefix followed by `…` that is at most `max_px` wide.
+fn fit_text(text: &str, max_px: u32, width: &impl Fn(&str) -> Result<u32, String>) -> Result<String, String> {
+    if width(text)? <= max_px {
+        return Ok(text.to_string());
+    }
+    let mut chars: Vec<char> = text.chars().collect();
+    while !chars.is_empty() {
+        chars.pop();
+        let short: String = chars.iter().chain(std::iter::once(&'…')).collect();
+        if width(&short)? <= max_px {
+            return Ok(short);
+        }
+    }
+    Ok("…".to_string())
+}
+
+/// Formats y tick values of an axis spanning `span` with as many decimals as about five ticks
+/// need; scientific notation for very large or very small magnitudes.
+fn tick_label(span: f64) -> impl Fn(&f64) -> String {
+    let step = span / 5.0;
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    move |v: &f64| {
+        let v = if v.abs() < step * 1e-6 { 0.0 } else { *v };
+        if decimals > 4 || v.abs() >= 1e5 {
+            format!("{v:.1e}")
+        } else {
+            format!("{v:.decimals$}")
+        }
+    }
 }
 
 /// `(min, max)` of `values` widened by `pad` of the span; a unit range around a single value or
