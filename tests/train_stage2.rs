@@ -193,6 +193,7 @@ fn features_run_with(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, run
         grad_clip_norm: 1.0,
         seed: 5,
         best_metric: stage2::BEST_METRIC.into(),
+        val_every_epochs: 1,
         state_dir: cfg.checkpoint.state_dir.clone(),
         resume: false,
         publish_dir: None,

@@ -109,6 +109,7 @@ pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publis
         grad_clip_norm: cfg.optim.grad_clip_norm,
         seed: cfg.run.seed,
         best_metric: BEST_METRIC.into(),
+        val_every_epochs: cfg.data.val_every_epochs,
         state_dir: cfg.checkpoint.state_dir.clone(),
         resume: job.resume,
         publish_dir: Some(cfg.checkpoint.publish_dir.clone()),

@@ -559,8 +559,8 @@ impl TrainTask for Stage2Task {
         }
     }
 
-    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
-        let mut run = || -> Result<BTreeMap<String, f64>> {
+    fn end_epoch(&mut self, _epoch: u64) -> Result<(), String> {
+        let mut run = || -> Result<()> {
             if self.mode == CacheMode::Features && self.fs.live {
                 // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
                 let probe = self.probe.clone();
@@ -573,9 +573,13 @@ impl TrainTask for Stage2Task {
                 self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
                 self.rebuild_features()?;
             }
-            self.validation_metrics()
+            Ok(())
         };
         run().map_err(|e| format!("{e:#}"))
+    }
+
+    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
+        self.validation_metrics().map_err(|e| format!("{e:#}"))
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>, String> {
