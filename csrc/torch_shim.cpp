@@ -1,6 +1,7 @@
 // Small additions to libtorch's C API that tch 0.24 does not expose:
 // - peak/current memory of the active accelerator's caching allocator (the numbers behind
 //   torch.cuda.max_memory_allocated / torch.accelerator.max_memory_allocated) and a peak reset;
+// - free/total memory of an accelerator (torch.cuda.mem_get_info);
 // - backward from a non-scalar output with an explicit output gradient (out.backward(grad)).
 // Every function catches C++ exceptions and reports failure through its return value, so no
 // exception ever crosses into Rust.
@@ -53,6 +54,21 @@ int vla_accelerator_reset_peak(int device_index, char* err, size_t err_len) {
   try {
     if (!accelerator_ok(device_index)) return 0;
     at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device_index));
+    return 1;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// Writes the free (out[0]) and total (out[1]) bytes of device `device_index`, as
+// torch.cuda.mem_get_info reports them; same return convention.
+int vla_accelerator_memory_info(int device_index, int64_t* out, char* err, size_t err_len) {
+  try {
+    if (!accelerator_ok(device_index)) return 0;
+    auto info = at::accelerator::getMemoryInfo(static_cast<c10::DeviceIndex>(device_index));
+    out[0] = static_cast<int64_t>(info.first);
+    out[1] = static_cast<int64_t>(info.second);
     return 1;
   } catch (const std::exception& e) {
     copy_message(e.what(), err, err_len);

@@ -2,7 +2,9 @@
 """Checks a full-model adapter written by our Rust code with Python peft (0.21.2,
 transformers 5.23.0): PeftModel.from_pretrained on the base model, then the last hidden state
 of a fixture case must match the one Rust computed (relative max error <= 1e-5) and the input
-ids must be identical. Exits 1 with the reason on any mismatch.
+ids must be identical. When RUST_OUT also holds `pooled` (`[1, hidden]`, the mean of the last
+hidden state over every token, our Pooling::All), peft's pooled feature must match it too.
+Exits 1 with the reason on any mismatch.
 
 Usage: check_vlm_peft_forward.py BASE_DIR ADAPTER_DIR CASE RUST_OUT.safetensors
 """
@@ -38,7 +40,16 @@ def main():
     if err > 1e-5:
         print(f"FAIL: last_hidden_state relative max error {err:.3e} > 1e-5 ({n_adapted} adapted layers)")
         sys.exit(1)
-    print(f"OK {n_adapted} adapted layers, relative max error {err:.3e}")
+    msg = f"OK {n_adapted} adapted layers, relative max error {err:.3e}"
+    if "pooled" in rust:
+        # One sample without padding: every token counts.
+        ref_pooled = ref.mean(dim=0)
+        perr = ((rust["pooled"][0] - ref_pooled).abs().max() / ref_pooled.abs().max()).item()
+        if perr > 1e-5:
+            print(f"FAIL: pooled features relative max error {perr:.3e} > 1e-5")
+            sys.exit(1)
+        msg += f", pooled relative max error {perr:.3e}"
+    print(msg)
 
 
 if __name__ == "__main__":

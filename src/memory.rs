@@ -3,7 +3,8 @@
 //! - Accelerator: the caching allocator's statistics, the same numbers as
 //!   `torch.cuda.max_memory_allocated()` / `torch.cuda.memory_allocated()` (read through
 //!   libtorch's device-generic `at::accelerator` API by a small C++ shim, csrc/torch_shim.cpp),
-//!   with a peak reset like `torch.cuda.reset_peak_memory_stats()`. When no accelerator is
+//!   with a peak reset like `torch.cuda.reset_peak_memory_stats()`, and the device's free/total
+//!   memory like `torch.cuda.mem_get_info()`. When no accelerator is
 //!   present (CPU-only machine, or libtorch_cuda not loaded) the queries return `Ok(None)` and
 //!   the reset does nothing.
 //! - Host: the process's resident-set high-water mark (`VmHWM` of /proc/self/status) and its
@@ -15,6 +16,7 @@ use std::ffi::{c_char, c_int, CStr};
 extern "C" {
     fn vla_accelerator_memory_stats(device: c_int, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
     fn vla_accelerator_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn vla_accelerator_memory_info(device: c_int, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
 }
 
 /// Errors of the memory queries.
@@ -72,6 +74,30 @@ pub fn accelerator_memory(device: usize) -> Result<Option<AcceleratorMemory>, Me
             reserved: out[2].max(0) as u64,
             peak_reserved: out[3].max(0) as u64,
         })),
+        0 => Ok(None),
+        _ => Err(MemoryError::Allocator { device, message: message(&err) }),
+    }
+}
+
+/// Free and total memory of one accelerator, in bytes (`torch.cuda.mem_get_info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceleratorCapacity {
+    /// Bytes the device can still hand out (other processes' use and this process's reserved
+    /// but unused allocator blocks count as used).
+    pub free: u64,
+    /// The device's total memory.
+    pub total: u64,
+}
+
+/// Free/total memory of accelerator `device`, or `None` when there is no such accelerator.
+pub fn accelerator_capacity(device: usize) -> Result<Option<AcceleratorCapacity>, MemoryError> {
+    let mut out = [0i64; 2];
+    let mut err = [0 as c_char; ERR_LEN];
+    let index = c_int::try_from(device).unwrap_or(c_int::MAX);
+    // SAFETY: `out` holds the 2 values the shim writes; `err` is a writable buffer of ERR_LEN.
+    let rc = unsafe { vla_accelerator_memory_info(index, out.as_mut_ptr(), err.as_mut_ptr(), ERR_LEN) };
+    match rc {
+        1 => Ok(Some(AcceleratorCapacity { free: out[0].max(0) as u64, total: out[1].max(0) as u64 })),
         0 => Ok(None),
         _ => Err(MemoryError::Allocator { device, message: message(&err) }),
     }

@@ -3,7 +3,7 @@
 //! against a known device allocation).
 
 use tch::{Device, Kind, Tensor};
-use vla_finetune::memory::{accelerator_memory, host_memory, max_memory_allocated, peaks, reset_host_peak, reset_peak_memory_stats, reset_peaks};
+use vla_finetune::memory::{accelerator_capacity, accelerator_memory, host_memory, max_memory_allocated, peaks, reset_host_peak, reset_peak_memory_stats, reset_peaks};
 
 const MB: u64 = 1 << 20;
 
@@ -57,4 +57,21 @@ fn accelerator_statistics_are_none_without_cuda_and_exact_with_it() {
     assert!(after.allocated < base.allocated + 64 * MB);
     assert!(reset_peak_memory_stats(0).unwrap());
     assert!(max_memory_allocated(0).unwrap().unwrap() < base.allocated + 64 * MB);
+}
+
+#[test]
+fn accelerator_capacity_is_none_without_cuda_and_sees_an_allocation_with_it() {
+    if !tch::Cuda::is_available() {
+        assert_eq!(accelerator_capacity(0).unwrap(), None);
+        return;
+    }
+    assert_eq!(accelerator_capacity(usize::MAX).unwrap(), None, "no such device");
+    let before = accelerator_capacity(0).unwrap().unwrap();
+    assert!(before.free <= before.total && before.total >= 1 << 30, "{before:?}");
+    let t = Tensor::ones([64 * MB as i64], (Kind::Float, Device::Cuda(0))); // 256 MiB, more than any cached block
+    tch::Cuda::synchronize(0);
+    let during = accelerator_capacity(0).unwrap().unwrap();
+    assert_eq!(during.total, before.total);
+    assert!(during.free + 250 * MB <= before.free, "free {} -> {} with 256 MiB allocated", before.free, during.free);
+    drop(t);
 }

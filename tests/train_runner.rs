@@ -26,6 +26,9 @@ struct Toy {
     cancel_after: Option<(u64, CancelToken)>,
     /// Simulated accelerator: micro-batches larger than this run out of memory.
     max_micro: usize,
+    /// Epochs passed to `end_epoch` and to `validate`, in order.
+    ended: Vec<u64>,
+    validated: Vec<u64>,
 }
 
 fn toy(cancel_after: Option<(u64, CancelToken)>) -> Toy {
@@ -44,6 +47,8 @@ fn toy(cancel_after: Option<(u64, CancelToken)>) -> Toy {
         losses: 0,
         cancel_after,
         max_micro: usize::MAX,
+        ended: Vec::new(),
+        validated: Vec::new(),
     }
 }
 
@@ -81,7 +86,12 @@ impl TrainTask for Toy {
         let pred = self.forward(&self.x.index_select(0, &idx), true);
         Ok(((pred - self.y.index_select(0, &idx)).square().mean(Kind::Float), 0.0))
     }
-    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
+    fn end_epoch(&mut self, epoch: u64) -> Result<(), String> {
+        self.ended.push(epoch);
+        Ok(())
+    }
+    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, String> {
+        self.validated.push(epoch);
         let mse = tch::no_grad(|| (self.forward(&self.vx, false) - &self.vy).square().mean(Kind::Float).double_value(&[]));
         Ok(BTreeMap::from([("val_mse".to_string(), mse)]))
     }
@@ -116,6 +126,7 @@ fn config(dir: &Path, resume: bool) -> RunnerConfig {
         grad_clip_norm: 1.0,
         seed: 11,
         best_metric: "val_mse".into(),
+        val_every_epochs: 1,
         state_dir: dir.join("state"),
         resume,
         publish_dir: Some(dir.join("checkpoints")),
@@ -226,4 +237,35 @@ fn out_of_memory_halves_the_micro_batch_without_losing_the_step() {
     let err = run(&mut none, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("out of memory at micro-batch 1"), "{err}");
     assert_eq!(TaskError::from("shape mismatch".to_string()), TaskError::Failed("shape mismatch".into()));
+}
+
+#[test]
+fn validates_every_n_epochs_and_at_the_last_with_best_among_validated() {
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let (every, sparse) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let hub = ProgressHub::new(4096);
+    let mut a = toy(None);
+    let ra = run(&mut a, &RunnerConfig { epochs: 5, ..config(every.path(), false) }, &ctx(CancelToken::default(), &hub), &mut |_| {}).unwrap();
+    let mut b = toy(None);
+    let cb = RunnerConfig { epochs: 5, val_every_epochs: 2, ..config(sparse.path(), false) };
+    let rb = run(&mut b, &cb, &ctx(CancelToken::default(), &hub), &mut |_| {}).unwrap();
+    assert_eq!(b.ended, vec![0, 1, 2, 3, 4], "every epoch ends");
+    assert_eq!(b.validated, vec![1, 3, 4], "every 2nd epoch and the last");
+    assert_eq!(rb.validated_epochs, vec![1, 3, 4]);
+    assert_eq!(ra.validated_epochs, vec![0, 1, 2, 3, 4]);
+    // Validation does not touch training: the same epochs give the same metrics.
+    let pick: Vec<_> = [1, 3, 4].iter().map(|&e| ra.validation[e].clone()).collect();
+    assert_eq!(rb.validation, pick);
+    let best = pick.iter().map(|m| m["val_mse"]).fold(f64::INFINITY, f64::min);
+    assert_eq!(rb.best, Some(best));
+    assert_eq!(rb.counters, ra.counters);
+    // Published: each new best among validated epochs, and the last.
+    let mut want = 0;
+    let mut so_far = f64::INFINITY;
+    for (i, m) in pick.iter().enumerate() {
+        let new_best = m["val_mse"] < so_far;
+        so_far = so_far.min(m["val_mse"]);
+        want += usize::from(new_best || i == pick.len() - 1);
+    }
+    assert_eq!(rb.published.len(), want);
 }

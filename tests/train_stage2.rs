@@ -2,6 +2,8 @@
 //! recorded from the simulated robot and compiled in the test, starting from a stage-1
 //! checkpoint trained here with `heads_job`.
 
+mod vlm_common;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -171,7 +173,14 @@ fn vision_mode_equals_off_mode_builds_the_vision_cache_once_and_beats_stage1() {
 }
 
 fn features_run(out: &Path, epochs: u64) -> (Stage2Task, runner::RunSummary, TrainConfig) {
-    let cfg = config(out, &[&format!("run.epochs={epochs}"), "cache.mode=features", "cache.rebuild_interval_epochs=2"]);
+    features_run_with(out, epochs, &[])
+}
+
+/// A features-mode run (refresh every 2 cached epochs) with `sets` applied last.
+fn features_run_with(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, runner::RunSummary, TrainConfig) {
+    let epochs_set = format!("run.epochs={epochs}");
+    let all: Vec<&str> = [&[epochs_set.as_str(), "cache.mode=features", "cache.rebuild_interval_epochs=2"][..], sets].concat();
+    let cfg = config(out, &all);
     let (acc, rank) = stage2::resolve_memory(&cfg).unwrap();
     let mut task = Stage2Task::new(&cfg, rank).unwrap();
     let rc = RunnerConfig {
@@ -184,6 +193,7 @@ fn features_run(out: &Path, epochs: u64) -> (Stage2Task, runner::RunSummary, Tra
         grad_clip_norm: 1.0,
         seed: 5,
         best_metric: stage2::BEST_METRIC.into(),
+        val_every_epochs: 1,
         state_dir: cfg.checkpoint.state_dir.clone(),
         resume: false,
         publish_dir: None,
@@ -223,6 +233,48 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     // Same base, processor and images: the vision key ignores the adapter, the features key does not.
     assert_eq!(b.sample_key(0, "vision", "none").unwrap(), a.sample_key(0, "vision", "none").unwrap());
     assert_ne!(b.sample_key(0, "features", &h0).unwrap(), b.sample_key(1, "features", &h0).unwrap());
+}
+
+#[test]
+fn features_mode_offloads_the_vl_model_in_cached_epochs_only_on_an_accelerator() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (device, spec) = if tch::Cuda::is_available() { (Device::Cuda(0), "run.device=cuda") } else { (Device::Cpu, "run.device=cpu") };
+    // Epochs 0, 1 cached, 2 a refresh (VL model back on the device), 3 cached again.
+    let (on, s_on, _) = features_run_with(&dir.path().join("on"), 4, &[spec, "memory.offload_vl_when_cached=true"]);
+    let (off, s_off, _) = features_run_with(&dir.path().join("off"), 4, &[spec, "memory.offload_vl_when_cached=false"]);
+    assert_eq!(on.refreshes(), 1);
+    let offloaded = device != Device::Cpu;
+    assert_eq!(on.vl_offloaded(), offloaded, "offload happens only on an accelerator");
+    assert_eq!(on.cache_status().vl_offloaded, offloaded);
+    assert_eq!(on.vl_weight_devices(), vec![Device::Cpu]);
+    assert!(!off.vl_offloaded());
+    assert_eq!(off.vl_weight_devices(), vec![device]);
+    // Where the weights wait between uses does not change the training.
+    assert_eq!(s_on.validation, s_off.validation);
+}
+
+#[test]
+fn memory_auto_measures_the_accelerator_and_names_the_fix_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/vram_presets.yaml");
+    let file = format!("memory.presets_file={:?}", presets.display().to_string());
+    let auto = ["memory.preset=auto", "memory.micro_batch=null", "memory.accum_steps=null", "lora.rank=null", &file];
+    let cpu = config(dir.path(), &auto);
+    let e = stage2::resolve_memory(&cpu).unwrap_err().to_string();
+    assert!(e.contains("memory.preset") && e.contains("run.device `cpu`") && e.contains("name a preset"), "{e}");
+    // With a measured size: the largest preset whose 95 % fits (37.0 GiB free: 24gb, 2 x 16, rank 8; 38 would be 40gb).
+    let (acc, rank) = stage2::resolve_memory_with(&cpu, Some(37.0)).unwrap();
+    assert_eq!((acc.micro_batch, acc.accum_steps, rank), (2, 16, 8));
+    let e = stage2::resolve_memory_with(&cpu, Some(8.0)).unwrap_err().to_string();
+    assert!(e.contains("8.0 GiB") && e.contains("12gb"), "{e}");
+    if tch::Cuda::is_available() {
+        let cuda = config(dir.path(), &[&auto[..], &["run.device=cuda"]].concat());
+        let free = vla_finetune::memory::accelerator_capacity(0).unwrap().unwrap().free as f64 / (1u64 << 30) as f64;
+        let want = stage2::resolve_memory_with(&cuda, Some(free)).unwrap();
+        let got = stage2::resolve_memory(&cuda).unwrap();
+        assert_eq!((got.0.micro_batch, got.0.accum_steps, got.1), (want.0.micro_batch, want.0.accum_steps, want.1));
+    }
 }
 
 #[test]
@@ -308,9 +360,39 @@ fn published_adapter_reloads_with_peft_loader() {
         let (_, s) = saved.iter().find(|(k, _)| k.ends_with(&name)).unwrap();
         assert!(s.equal(&t), "{name}");
     }
+    peft_gives_our_pooled_features(&ck.join("adapter"), &m, loaded.layers.len());
     let (heads, meta) = vla_finetune::policy::heads::PolicyHeads::load(&ck.join("heads.safetensors"), Device::Cpu).unwrap();
     assert!(matches!(meta.stage, vla_finetune::policy::checkpoint::CheckpointStage::Stage2 { .. }));
     assert_eq!(heads.config().vl_dim, 32);
+}
+
+/// Python peft (`PeftModel.from_pretrained` on tiny_a with the published `adapter`) gives the
+/// last hidden state and the pooled feature (mean over all tokens) that `adapted` (ours, with
+/// the same adapter loaded) computes on a fixture case; the adapter visibly changes the features.
+fn peft_gives_our_pooled_features(adapter: &Path, adapted: &vla_finetune::vlm::Qwen25VL, n_layers: usize) {
+    use vla_finetune::vlm::Pooling;
+    let (_, p) = vlm_common::processor(&fixture().base);
+    let batch = p.collate(&[vlm_common::case_sample(&p, "two_images")]).unwrap();
+    let out = tch::no_grad(|| adapted.forward(&batch, false).unwrap());
+    let pooled = out.pooled(Pooling::All).unwrap();
+    let base = vla_finetune::vlm::Qwen25VL::load(&fixture().base, tch::Kind::Float, Device::Cpu).unwrap();
+    let base_pooled = tch::no_grad(|| base.forward(&batch, false).unwrap()).pooled(Pooling::All).unwrap();
+    let change = vlm_common::rel_err(&pooled, &base_pooled);
+    assert!(change > 1e-4, "the trained adapter changes pooled features by only {change:e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let rust = tmp.path().join("rust.safetensors");
+    Tensor::write_safetensors(&[("input_ids", batch.input_ids), ("last_hidden_state", out.last_hidden_state), ("pooled", pooled)], &rust).unwrap();
+    let res = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_vlm_peft_forward.py"))
+        .arg(&fixture().base)
+        .arg(adapter)
+        .arg("two_images")
+        .arg(&rust)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&res.stderr));
+    assert!(stdout.contains(&format!("OK {n_layers} adapted layers")) && stdout.contains("pooled"), "{stdout}");
 }
 
 #[test]

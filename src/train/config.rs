@@ -390,7 +390,7 @@ impl TrainConfig {
     }
 
     /// Micro-batch, accumulation and rank: the named preset, or for `auto` the largest preset
-    /// fitting `accelerator_gib` (the device's total memory, GiB; required then; see
+    /// fitting `accelerator_gib` (the device's free memory, GiB; required then; see
     /// [`VramPresets::best_fit`]); explicit `micro_batch`/`accum_steps` and `lora.rank` override
     /// the preset. The training loop may still halve the micro-batch on out-of-memory.
     pub fn resolve_memory(&self, presets: &VramPresets, accelerator_gib: Option<f64>) -> Result<ResolvedMemory, ConfigError> {
@@ -495,7 +495,7 @@ impl VramPresets {
         self.presets.iter().find(|p| p.name == name)
     }
 
-    /// The preset with the most memory for a device of `total_gib` memory. A card sold as N GB
+    /// The preset with the most memory for a device with `total_gib` memory available. A card sold as N GB
     /// reports a little less (a 24 GB card ~23.6-24.0 GiB, an 80 GB H100 ~79.2 GiB), so a preset
     /// fits when `0.95 * vram_gb <= total_gib`.
     pub fn best_fit(&self, total_gib: f64) -> Option<&VramPreset> {

@@ -77,6 +77,9 @@ pub struct CacheStatus {
     pub drift: Option<f64>,
     /// Refresh epochs done so far.
     pub refreshes: u64,
+    /// Whether the VL model's weights are in host memory (features-mode cached epochs).
+    #[serde(default)]
+    pub vl_offloaded: bool,
 }
 
 /// One progress report of a training job. Optional numbers are absent (`null` in JSON) until
@@ -326,6 +329,9 @@ pub fn render_message(ev: &ProgressEvent) -> String {
         let mut c = format!("cache {} hit {:.0}%", ev.cache.mode, ev.cache.hit_rate * 100.0);
         if let Some(d) = ev.cache.drift {
             c.push_str(&format!(" drift {d:.3}"));
+        }
+        if ev.cache.vl_offloaded {
+            c.push_str(" (VL model in host memory)");
         }
         parts.push(c);
     }

@@ -38,6 +38,11 @@ pub trait TrainTask {
     fn after_backward(&mut self) -> Result<(), TaskError> {
         Ok(())
     }
+    /// Called after the last step of every epoch, before any validation (e.g. to rewrite a
+    /// feature cache after a refresh epoch).
+    fn end_epoch(&mut self, _epoch: u64) -> Result<(), String> {
+        Ok(())
+    }
     /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`).
     fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, String>;
     /// The deployable files for the current weights (heads, PEFT adapter, stats, config).
@@ -96,6 +101,9 @@ pub struct RunnerConfig {
     pub seed: u64,
     /// The validation metric that defines "best" (lower is better).
     pub best_metric: String,
+    /// Validate after every N-th epoch and after the last one (>= 1); best selection and
+    /// publication of a new best consider validated epochs only.
+    pub val_every_epochs: u64,
     /// Resumable state folder.
     pub state_dir: PathBuf,
     /// Resume from `<state_dir>/latest.safetensors` when it exists.
@@ -128,8 +136,10 @@ pub struct RunSummary {
     pub counters: Counters,
     /// Best value of the best metric so far.
     pub best: Option<f64>,
-    /// Validation metrics per finished epoch.
+    /// Validation metrics per validated epoch.
     pub validation: Vec<BTreeMap<String, f64>>,
+    /// The (0-based) epoch of each `validation` entry.
+    pub validated_epochs: Vec<u64>,
     /// Published versions, in order.
     pub published: Vec<String>,
     /// Micro-batch and accumulation at the end (smaller than configured after out-of-memory).
@@ -141,8 +151,22 @@ pub struct RunSummary {
 struct History {
     train_loss: Vec<(u64, f64)>,
     validation: Vec<BTreeMap<String, f64>>,
+    /// Epoch of each `validation` entry (absent in states written before it existed: one per epoch).
+    #[serde(default)]
+    validated_epochs: Vec<u64>,
     best: Option<f64>,
     published: Vec<String>,
+}
+
+impl History {
+    /// The epoch of each validation entry.
+    fn epochs(&self) -> Vec<u64> {
+        if self.validated_epochs.len() == self.validation.len() {
+            self.validated_epochs.clone()
+        } else {
+            (0..self.validation.len() as u64).collect()
+        }
+    }
 }
 
 fn infra(e: impl std::fmt::Display) -> RunError {
@@ -224,7 +248,7 @@ pub fn run(
             if ctx.cancel.is_cancelled() {
                 event(Phase::Checkpointing, &run, task, &|_| {});
                 save(&latest_path, &opt, &mut run, task, &hist)?;
-                return Ok(RunSummary { cancelled: true, counters: run.counters, best: hist.best, validation: hist.validation, published: hist.published, accumulation: run.accumulation });
+                return Ok(RunSummary { cancelled: true, counters: run.counters, best: hist.best, validated_epochs: hist.epochs(), validation: hist.validation, published: hist.published, accumulation: run.accumulation });
             }
             let s = run.counters.step_in_epoch as usize;
             let batch = &order[s * eff..((s + 1) * eff).min(n)];
@@ -268,16 +292,26 @@ pub fn run(
                 ev.compute_time_s = (wall - data_s).max(0.0);
             });
         }
+        task.end_epoch(epoch).map_err(task_err("end_epoch", &run))?;
+        let last = epoch + 1 == cfg.epochs;
+        if !(last || (epoch + 1) % cfg.val_every_epochs.max(1) == 0) {
+            run.counters.epoch += 1;
+            run.counters.step_in_epoch = 0;
+            event(Phase::Checkpointing, &run, task, &|ev| ev.message = format!("epoch {epoch}: not a validation epoch"));
+            save(&latest_path, &opt, &mut run, task, &hist)?;
+            continue;
+        }
         event(Phase::Validating, &run, task, &|_| {});
         let metrics = task.validate(epoch).map_err(task_err("validate", &run))?;
         let value = *metrics
             .get(&cfg.best_metric)
             .ok_or_else(|| task_err("validate", &run)(format!("metrics lack `{}`", cfg.best_metric)))?;
+        hist.validated_epochs = hist.epochs();
+        hist.validated_epochs.push(epoch);
         hist.validation.push(metrics.clone());
         run.counters.epoch += 1;
         run.counters.step_in_epoch = 0;
         let is_best = value.is_finite() && hist.best.is_none_or(|b| value < b);
-        let last = run.counters.epoch == cfg.epochs;
         if is_best {
             hist.best = Some(value);
         }
@@ -303,7 +337,7 @@ pub fn run(
             write_curves(plot, &curves(&hist), 960, 400).map_err(infra)?;
         }
     }
-    Ok(RunSummary { cancelled: false, counters: run.counters, best: hist.best, validation: hist.validation, published: hist.published, accumulation: run.accumulation })
+    Ok(RunSummary { cancelled: false, counters: run.counters, best: hist.best, validated_epochs: hist.epochs(), validation: hist.validation, published: hist.published, accumulation: run.accumulation })
 }
 
 /// Forward and backward of one optimizer step's micro-batches; returns (mean loss, data seconds).
@@ -322,6 +356,7 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Resu
 }
 
 fn curves(h: &History) -> TrainingCurves {
+    let epochs = h.epochs();
     let mut names: Vec<&String> = h.validation.iter().flat_map(|m| m.keys()).collect();
     names.sort();
     names.dedup();
@@ -331,7 +366,7 @@ fn curves(h: &History) -> TrainingCurves {
             .into_iter()
             .map(|name| Curve {
                 name: name.clone(),
-                points: h.validation.iter().enumerate().filter_map(|(e, m)| m.get(name).map(|v| (e as f64, *v))).collect(),
+                points: h.validation.iter().zip(&epochs).filter_map(|(m, &e)| m.get(name).map(|v| (e as f64, *v))).collect(),
             })
             .collect(),
     }

@@ -58,18 +58,38 @@ pub struct Stage2Result {
     pub accumulation: Accumulation,
 }
 
-/// Micro-batch, accumulation and LoRA rank from the memory settings. On a device without a
-/// known memory size (CPU), `memory.preset: auto` is an error naming the fix.
+/// Micro-batch, accumulation and LoRA rank from the memory settings. `memory.preset: auto` on a
+/// CUDA device picks the largest preset fitting the device's free memory now; on CPU (no
+/// accelerator memory size) it is an error naming the fix.
 pub fn resolve_memory(cfg: &TrainConfig) -> Result<(Accumulation, u32)> {
+    let free_gib = if cfg.memory.preset == "auto" { free_accelerator_gib(&cfg.run.device)? } else { None };
+    resolve_memory_with(cfg, free_gib)
+}
+
+/// [`resolve_memory`] with the accelerator's free memory given (GiB; `None`: no accelerator).
+pub fn resolve_memory_with(cfg: &TrainConfig, free_gib: Option<f64>) -> Result<(Accumulation, u32)> {
     let presets = if cfg.memory.preset == "manual" {
         VramPresets { presets: Vec::new() }
     } else {
         VramPresets::load(&cfg.memory.presets_file)?
     };
-    let m = cfg.resolve_memory(&presets, None).map_err(|e| {
-        anyhow!("{e} (the accelerator's memory size is not known here: name a preset or set memory.micro_batch/accum_steps and lora.rank)")
+    let m = cfg.resolve_memory(&presets, free_gib).map_err(|e| match free_gib {
+        None => anyhow!("{e} (run.device `{}` has no accelerator memory to measure: name a preset or set memory.micro_batch/accum_steps and lora.rank)", cfg.run.device),
+        Some(gib) => anyhow!("{e} (run.device `{}` has {gib:.1} GiB free)", cfg.run.device),
     })?;
     Ok((Accumulation::new(m.micro_batch, m.accum_steps)?, m.lora_rank))
+}
+
+/// Free memory (GiB) of the CUDA device `run.device` names; `None` for a CPU device.
+fn free_accelerator_gib(device: &str) -> Result<Option<f64>> {
+    match crate::device::parse(device).map_err(|e| anyhow!("run.device: {e}"))? {
+        tch::Device::Cuda(i) => {
+            let cap = crate::memory::accelerator_capacity(i)?
+                .ok_or_else(|| anyhow!("run.device `{device}`: CUDA device {i} is not available (memory.preset `auto` measures its free memory)"))?;
+            Ok(Some(cap.free as f64 / (1u64 << 30) as f64))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Runs (or, with `job.resume`, continues) a Stage 2 job. `ctx` receives progress and may cancel
@@ -89,6 +109,7 @@ pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publis
         grad_clip_norm: cfg.optim.grad_clip_norm,
         seed: cfg.run.seed,
         best_metric: BEST_METRIC.into(),
+        val_every_epochs: cfg.data.val_every_epochs,
         state_dir: cfg.checkpoint.state_dir.clone(),
         resume: job.resume,
         publish_dir: Some(cfg.checkpoint.publish_dir.clone()),

@@ -12,7 +12,11 @@
 //!   `rebuild_interval_epochs` cached epochs, or when the drift measured at the last refresh
 //!   reached `drift_threshold`) runs the VL model live with the LoRA trainable; after it the
 //!   drift of the probe set (new adapter vs the cached features) is measured and the cache is
-//!   rewritten under the new adapter's key (old entries removed).
+//!   rewritten under the new adapter's key (old entries removed). With
+//!   `memory.offload_vl_when_cached` on an accelerator, the VL model's frozen base weights move
+//!   to host memory for cached epochs and back to the device whenever the VL model runs (refresh
+//!   epochs, drift probes, cache misses); the LoRA weights stay on the device, so the
+//!   optimizer's parameters are never replaced. On CPU it changes nothing.
 //! - `off` mode: the whole VL model live every step.
 //!
 //! Per-sample diffusion noise derives from (run seed, epoch, sample index), so it does not depend
@@ -99,6 +103,10 @@ pub struct Stage2Task {
     work_dir: PathBuf,
     dataset_dir: PathBuf,
     pending: Option<crate::vlm::CheckpointedPass>,
+    /// Offload the base VL weights during cached epochs (features mode on an accelerator).
+    offload: bool,
+    /// Whether the base VL weights are in host memory now.
+    vl_offloaded: bool,
 }
 
 impl Stage2Task {
@@ -222,6 +230,8 @@ impl Stage2Task {
             work_dir: super::work_dir(cfg),
             dataset_dir: cfg.data.dataset_dir.clone(),
             pending: None,
+            offload: mode == CacheMode::Features && cfg.memory.offload_vl_when_cached && device != Device::Cpu,
+            vl_offloaded: false,
         })
     }
 
@@ -247,6 +257,41 @@ impl Stage2Task {
             }
         }
         hex::encode(&h.finalize()[..12])
+    }
+
+    /// Whether the VL model's base weights are in host memory now (features-mode offload).
+    pub fn vl_offloaded(&self) -> bool {
+        self.vl_offloaded
+    }
+
+    /// Device of every base VL weight (one entry when all are on the same device).
+    pub fn vl_weight_devices(&self) -> Vec<Device> {
+        let mut out: Vec<Device> = Vec::new();
+        for (_, t) in self.vlm.named_tensors() {
+            if !out.contains(&t.device()) {
+                out.push(t.device());
+            }
+        }
+        out
+    }
+
+    /// Moves the base VL weights to `device` in place (`param.data = param.data.to(device)`, as
+    /// `nn.Module.to` does): every holder of these tensors sees the move.
+    fn move_vl_weights(&mut self, device: Device) {
+        for (_, mut t) in self.vlm.named_tensors() {
+            if t.device() != device {
+                let moved = t.to_device(device);
+                t.set_data(&moved);
+            }
+        }
+    }
+
+    /// Puts the base VL weights back on the training device if they were offloaded.
+    fn vl_to_device(&mut self) {
+        if self.vl_offloaded {
+            self.move_vl_weights(self.device);
+            self.vl_offloaded = false;
+        }
     }
 
     /// Refresh epochs begun (`features` mode).
@@ -305,6 +350,7 @@ impl Stage2Task {
     /// `train` keeps the graph and LoRA dropout. With gradient checkpointing in training, the
     /// returned pass must be completed after the loss's backward.
     fn live_features(&mut self, idx: &[usize], samples: &[Sample], train: bool) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
+        self.vl_to_device();
         let batch = self.vl_batch(samples)?;
         let embeds = if self.mode == CacheMode::Vision {
             let mut parts = Vec::with_capacity(idx.len());
@@ -441,6 +487,12 @@ impl Stage2Task {
                 if !self.fs.live && self.fs.adapter.as_deref() != Some(current.as_str()) {
                     self.rebuild_features()?;
                 }
+                if self.fs.live {
+                    self.vl_to_device();
+                } else if self.offload && !self.vl_offloaded {
+                    self.move_vl_weights(Device::Cpu);
+                    self.vl_offloaded = true;
+                }
                 Ok(if self.fs.live { Phase::RefreshingCache } else { Phase::Training })
             }
         }
@@ -507,8 +559,8 @@ impl TrainTask for Stage2Task {
         }
     }
 
-    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
-        let mut run = || -> Result<BTreeMap<String, f64>> {
+    fn end_epoch(&mut self, _epoch: u64) -> Result<(), String> {
+        let mut run = || -> Result<()> {
             if self.mode == CacheMode::Features && self.fs.live {
                 // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
                 let probe = self.probe.clone();
@@ -521,9 +573,13 @@ impl TrainTask for Stage2Task {
                 self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
                 self.rebuild_features()?;
             }
-            self.validation_metrics()
+            Ok(())
         };
         run().map_err(|e| format!("{e:#}"))
+    }
+
+    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
+        self.validation_metrics().map_err(|e| format!("{e:#}"))
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>, String> {
@@ -567,6 +623,7 @@ impl TrainTask for Stage2Task {
             size_bytes: stats.disk_bytes,
             drift: self.fs.drift.map(|d| d.rel_l2_mean),
             refreshes: self.fs.refreshes,
+            vl_offloaded: self.vl_offloaded,
         }
     }
 }
