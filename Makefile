@@ -40,7 +40,7 @@ demo: build
 	$(CARGO) run --bin vla_finetune -- demo --out $(DEMO_OUT)
 
 # Ours vs the Python stack (transformers + peft) on this machine's CPU at reduced 3B shapes, f32;
-# tables and JSON under out/bench-cpu (docs/benchmarks-bench.md). The GPU run: scripts/gpu_bench.sh.
+# tables and JSON under out/bench-cpu (docs/benchmarks.md). The GPU run: scripts/gpu_bench.sh.
 bench-cpu: venv
 	$(CARGO) build --bin vla_finetune
 	OUT_DIR=out/bench-cpu VLA_BIN=target/debug/vla_finetune PYTHON=$(PY) scripts/gpu_bench.sh --device cpu --model reduced --precision f32

@@ -1,5 +1,5 @@
 //! `act()` latency at the reference sizes, batch 1, 5 / 10 / 20 DDIM steps (benchmark, not a
-//! test: run explicitly, results go to docs/benchmarks-policy.md):
+//! test: run explicitly, results go to docs/benchmarks.md):
 //!
 //! `cargo test --test policy_bench -- --ignored --nocapture`
 //!

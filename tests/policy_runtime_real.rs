@@ -426,7 +426,7 @@ fn hot_swap_under_load_with_the_real_loader() {
 /// `vla_finetune policy --sim` as its own process beside a publishing "trainer" (this test): it
 /// starts without a checkpoint, picks up a Stage 1 and a Stage 2 version from `latest`, rejects a
 /// corrupted one, writes its status JSON and exits at --duration-s. Timing numbers are printed
-/// (docs/benchmarks-policy-node.md), not asserted; `POLICY_CLI_SECONDS` lengthens the run.
+/// (docs/benchmarks.md), not asserted; `POLICY_CLI_SECONDS` lengthens the run.
 #[test]
 fn policy_cli_process_hot_swaps_published_checkpoints() {
     let root = tempfile::tempdir().unwrap();

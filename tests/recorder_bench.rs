@@ -1,4 +1,4 @@
-//! Benchmark (ignored by default; numbers go to docs/benchmarks-recorder.md, no timing asserts):
+//! Benchmark (ignored by default; numbers go to docs/benchmarks.md, no timing asserts):
 //! the recorder core alone, fed pre-generated simulator messages for the load (5 cameras
 //! 640x360 rgb8 at 30 Hz, 650 Hz x 1026 floats, 100 Hz pose), 10 s of data per compression.
 //! `cargo test --test recorder_bench -- --ignored --nocapture`
