@@ -123,8 +123,9 @@ fn eta_and_memory() {
     assert_eq!(eta_seconds(0, 10, Duration::from_secs(5)), None);
     assert_eq!(eta_seconds(4, 10, Duration::from_secs(8)), Some(12.0));
     assert_eq!(eta_seconds(10, 10, Duration::from_secs(8)), Some(0.0));
-    let peak = peak_host_memory_bytes().expect("Linux /proc");
+    // Current first: the peak read after it can only be as large or larger.
     let now = host_memory_bytes().unwrap();
+    let peak = peak_host_memory_bytes().expect("Linux /proc");
     assert!(peak >= now && now > 1 << 20, "peak {peak} now {now}");
 }
 
