@@ -13,7 +13,9 @@
 //!
 //! In the report, `stage1_val_action_error` and `stage2_val_action_error` are measured by the same
 //! Stage 2 validation code (DDIM action error, mean absolute, physical units, validation
-//! episodes); `stage1_job_val_action_error` is stage 1's own validation of its result.
+//! episodes) on the weights the policy ends up running (the last published version);
+//! `stage2_best_val_action_error` is the best validated epoch (also published);
+//! `stage1_job_val_action_error` is stage 1's own validation of its result.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -153,6 +155,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         "stage1_val_action_error": s2.val_action_error_before,
         "stage2_val_action_error": s2.val_action_error,
         "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
+        "stage2_best_val_action_error": s2.run.best,
         "stage1_train_loss_per_epoch": s1.train_loss,
         "stage2_validation_per_epoch": s2.run.validation,
         "lora_params_changed": s2.lora_params_changed,
