@@ -3,6 +3,7 @@
 //! running policy. The core is ROS-free; `ros` (feature `ros`) only adapts it to ROS 2.
 
 pub mod bench;
+pub mod civil_date;
 pub mod cli;
 pub mod dataset;
 pub mod device;
