@@ -92,21 +92,13 @@ pub(crate) fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<V
 
 /// Runs `f` with a job context whose progress is drawn as a bar on stderr.
 pub(crate) fn with_progress_bar<T>(job_id: &str, f: impl FnOnce(&crate::train::controller::JobContext) -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let hub = crate::train::progress::ProgressHub::new(256);
+    use crate::train::progress::{spawn_sink, BarRenderer, Phase, ProgressEvent, ProgressHub, Throttle};
+    let hub = ProgressHub::new(256);
+    let sink = spawn_sink(hub.subscribe(), job_id.into(), None, Some((BarRenderer::stderr(), Throttle::new(10.0))));
     let ctx = crate::train::controller::JobContext { job_id: job_id.into(), cancel: Default::default(), progress: hub.clone() };
-    let mut events = hub.subscribe();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let printer = std::thread::spawn(move || {
-        let bar = crate::train::progress::BarRenderer::stderr();
-        while rx.try_recv().is_err() {
-            match events.try_recv() {
-                Ok(ev) => bar.update(&ev),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        }
-    });
     let result = f(&ctx);
-    let _ = tx.send(());
-    let _ = printer.join();
+    // Ends the sink (a job that already sent its own terminal event ended it before).
+    hub.publish(ProgressEvent::new(job_id, if result.is_ok() { Phase::Done } else { Phase::Failed }));
+    let _ = sink.join();
     result
 }
