@@ -85,6 +85,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("instruction", String, json!(""), "Language instruction given to the policy."),
             p("target_output", String, json!("none"), "Also publish the first action as: none, twist or pose."),
             p("device", String, json!("auto"), "auto, cpu, cuda or cuda:N."),
+            p("dtype", String, json!("auto"), "VL model dtype: auto (bf16 on CUDA, f32 on the CPU), f32 or bf16."),
         ],
         "sim_robot_node" => vec![
             p("seed", Integer, json!(0), "Scene and noise seed."),

@@ -173,7 +173,7 @@ fn adapter_versions_share_the_base_and_match_a_directly_loaded_adapter() {
     tch::set_num_threads(1);
     let root = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let loader = VlaLoader::new(&base_dir(), 0).unwrap();
+    let loader = VlaLoader::new(&base_dir(), 0, Device::Cpu, Kind::Float).unwrap();
     let v1 = publish(root.path(), work.path(), &Spec { seed: 1, action_dim: 2, adapter: None, corrupt: false });
     let v2 = publish(root.path(), work.path(), &Spec { seed: 2, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
     let img = image();
@@ -206,6 +206,43 @@ fn adapter_versions_share_the_base_and_match_a_directly_loaded_adapter() {
     assert_eq!(max_diff(&feats(&mut l1.encoder), &base_before), 0.0);
 }
 
+#[test]
+fn a_bf16_loader_runs_the_vl_model_in_bf16_and_acts_like_the_f32_one() {
+    tch::set_num_threads(1);
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let v = publish(root.path(), work.path(), &Spec { seed: 2, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
+    let dir = root.path().join(&v);
+    let img = image();
+    let obs = observation(&img, (0..WINDOW * CHANNELS).map(|i| (i as f32 * 0.37).sin()).collect(), 7 * MS);
+    let run = |kind: Kind| {
+        let loader = VlaLoader::new(&base_dir(), 0, Device::Cpu, kind).unwrap();
+        assert_eq!(loader.placement(), (Device::Cpu, kind));
+        let meta = loader.verify(&dir).unwrap();
+        let mut m = loader.load(&dir, &meta).unwrap();
+        let f = m.encoder.features(&obs).unwrap();
+        let chunk = m.model.act_with(&f, &obs).unwrap();
+        (f.get::<Tensor>().unwrap().shallow_clone(), Tensor::from_slice(&chunk.values))
+    };
+    let (f32_feats, f32_act) = run(Kind::Float);
+    let (bf16_feats, bf16_act) = run(Kind::BFloat16);
+    let rel = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+        (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[])
+    };
+    // bf16 keeps 8 mantissa bits: a few parts in a thousand per op, ~1e-2 after the stack.
+    let feat_err = rel(&bf16_feats, &f32_feats);
+    // Two f32 runs are bit-identical (one thread), so a difference above float noise shows the
+    // weights really ran in bf16.
+    assert!(feat_err > 1e-4 && feat_err < 3e-2, "pooled features bf16 vs f32: relative error {feat_err}");
+    eprintln!("bf16 vs f32: features {feat_err:.2e}, actions {:.2e}", rel(&bf16_act, &f32_act));
+    let feat_ref = rel(&f32_feats, &reference_features(Some(&lora_dir()), &img));
+    assert!(feat_ref < 1e-6, "f32 loader = Qwen25VL + load_adapter: {feat_ref}");
+    // Same noise seed, heads in f32 on both: the chunks differ only through the features.
+    let act_err = rel(&bf16_act, &f32_act);
+    assert!(act_err < 1e-2, "action chunk bf16 vs f32: relative error {act_err}");
+}
+
 /// Copies lora_a and applies `edit` to its adapter_config.json.
 fn edited_adapter(dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
     let out = dir.join("adapter_src");
@@ -223,7 +260,7 @@ fn edited_adapter(dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf 
 #[test]
 fn incompatible_adapters_are_refused_naming_file_and_field() {
     tch::set_num_threads(1);
-    let loader = VlaLoader::new(&base_dir(), 0).unwrap();
+    let loader = VlaLoader::new(&base_dir(), 0, Device::Cpu, Kind::Float).unwrap();
     let root = tempfile::tempdir().unwrap();
 
     let work = tempfile::tempdir().unwrap();
@@ -262,7 +299,7 @@ struct Rig {
 impl Rig {
     fn new(root: &Path) -> Rig {
         let clock = Arc::new(ManualClock::new());
-        let loader = Arc::new(VlaLoader::new(&base_dir(), 0).unwrap());
+        let loader = Arc::new(VlaLoader::new(&base_dir(), 0, Device::Cpu, Kind::Float).unwrap());
         let cfg = RuntimeConfig {
             inputs: InputConfig {
                 cameras: vec![CameraInput { name: CAM.into(), max_age: 500 * MS }],
@@ -480,4 +517,25 @@ fn policy_cli_process_hot_swaps_published_checkpoints() {
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0]["reason"].as_str().unwrap().contains(HEADS_FILE), "{}", rejected[0]);
     assert!(last["actions"].as_u64().unwrap() > 0 && last["control_latency"]["p50_ms"].is_number());
+    // `--device auto --dtype auto`: f32 on the CPU, bf16 on a GPU.
+    let expected = if tch::Cuda::is_available() { ("Cuda(0)", "BFloat16") } else { ("Cpu", "Float") };
+    assert_eq!((last["device"].as_str().unwrap(), last["dtype"].as_str().unwrap()), expected);
+}
+
+#[test]
+fn policy_cli_names_a_missing_device_or_unknown_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value, expected) in [("--device", "cuda:99", "CUDA device 99 is not available"), ("--dtype", "f16", "expected auto, f32 or bf16")] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+            .args(["policy", "--sim", "--duration-s", "1", "--checkpoints"])
+            .arg(dir.path().join("checkpoints"))
+            .arg("--base-model")
+            .arg(base_dir())
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(flag) && err.contains(expected), "{flag} {value}: {err}");
+    }
+    assert!(!dir.path().join("checkpoints").exists(), "arguments are checked before anything is created");
 }

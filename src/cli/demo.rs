@@ -263,6 +263,8 @@ impl PolicyProcess {
             .arg("--checkpoints")
             .arg(checkpoints)
             .args(["--sim", "--rate-hz", &rate_hz.to_string(), "--seed", &seed.to_string(), "--status-period-s", "0.5"])
+            // On the CPU like the demo's training (run.device=cpu).
+            .args(["--device", "cpu"])
             .arg("--status-json")
             .arg(status_file)
             .env("TORCH_NUM_THREADS", "1")

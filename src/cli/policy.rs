@@ -49,6 +49,12 @@ pub struct PolicyArgs {
     /// Recompute VL features every N control ticks.
     #[arg(long, default_value_t = 4)]
     pub vl_refresh_ticks: u32,
+    /// Where the models run: auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The VL model's dtype: auto (bf16 on CUDA, f32 on the CPU), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// DDIM steps per chunk (0: each checkpoint's own setting).
     #[arg(long, default_value_t = 0)]
     pub ddim_steps: usize,
@@ -140,6 +146,10 @@ impl Latency {
 /// The status JSON.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct StatusReport {
+    /// Device the models run on (`Cpu`, `Cuda(0)`).
+    pub device: String,
+    /// dtype of the VL model (`Float`, `BFloat16`).
+    pub dtype: String,
     /// Version acting now (empty before the first checkpoint).
     pub active_version: String,
     /// Activations in order.
@@ -343,10 +353,12 @@ fn stdin_is_pipe() -> bool {
 /// Runs `policy`.
 pub fn run(a: PolicyArgs) -> Result<()> {
     check_args(&a)?;
+    let device = crate::device::parse_available(&a.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let kind = crate::device::parse_dtype(&a.dtype, device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     std::fs::create_dir_all(&a.checkpoints).with_context(|| format!("creating {}", a.checkpoints.display()))?;
     let sim = SimConfig { seed: a.seed, cameras: a.cameras, width: a.width, height: a.height, ..Default::default() };
-    eprintln!("loading base model {}", a.base_model.display());
-    let loader = Arc::new(VlaLoader::new(&a.base_model, a.ddim_steps)?);
+    eprintln!("loading base model {} ({kind:?} on {device:?})", a.base_model.display());
+    let loader = Arc::new(VlaLoader::new(&a.base_model, a.ddim_steps, device, kind)?);
     let clock = Arc::new(SystemClock::new());
     let mut handle = crate::runtime::start(runtime_config(&a, &sim), loader, clock.clone())?;
     eprintln!("policy running at {} Hz, watching {}/latest", a.rate_hz, a.checkpoints.display());
@@ -359,6 +371,7 @@ pub fn run(a: PolicyArgs) -> Result<()> {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut collector = StatusCollector::default();
+    (collector.report.device, collector.report.dtype) = (format!("{device:?}"), format!("{kind:?}"));
     let stop_reason = rt.block_on(async {
         let deadline = a.duration_s.map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
         let mut status_timer = tokio::time::interval(Duration::from_secs_f64(a.status_period_s));

@@ -116,10 +116,8 @@ pub fn main() -> Result<()> {
     let ctx = r2r::Context::create()?;
     let mut node = r2r::Node::create(ctx, "vla_policy", "")?;
     let p = declare(&node, "policy_node")?;
-    let device = crate::device::parse(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
-    if device != tch::Device::Cpu {
-        tracing::warn!("parameter device = {}: the policy runtime of this build runs on the CPU", p.string("device"));
-    }
+    let device = crate::device::parse_available(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
+    let kind = crate::device::parse_dtype(&p.string("dtype"), device).map_err(|e| anyhow!("parameter dtype: {e}"))?;
     let streams_path = p.string("streams_config");
     let streams = StreamConfig::load(Path::new(&streams_path)).with_context(|| format!("parameter streams_config = `{streams_path}`"))?;
     let target: TargetOutput = p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
@@ -128,7 +126,7 @@ pub fn main() -> Result<()> {
         bail!("parameter base_model is empty: set the base VL model folder the checkpoints belong to");
     }
     let ddim_steps = usize::try_from(p.int("ddim_steps")).map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
-    let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps)?);
+    let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps, device, kind)?);
     let cfg = runtime_config(&p, &streams)?;
     let mut handle = crate::runtime::start(cfg, loader, Arc::new(SystemClock::new()))?;
     let rt = tokio::runtime::Runtime::new()?;

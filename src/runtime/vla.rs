@@ -6,7 +6,9 @@
 //! only its LoRA and heads parameters and the running version is untouched while the next one
 //! loads. VL features = the model's pooled last hidden state on the camera frames (in the
 //! checkpoint's camera order) with the instruction, built with the same processor and prompt as
-//! training; actions = DDIM over the heads, in physical units.
+//! training; actions = DDIM over the heads, in physical units. The VL model runs on the loader's
+//! device in its dtype (bf16 on a GPU, f32 on the CPU by default); the heads run in f32 on the
+//! same device.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,13 +34,16 @@ pub struct VlaLoader {
     linears: Vec<String>,
     processor: Arc<VlProcessor>,
     ddim_steps: usize,
+    device: Device,
+    kind: Kind,
 }
 
 impl VlaLoader {
-    /// Loads the base model (f32, CPU) once; `ddim_steps` 0 = the checkpoint's own setting.
-    pub fn new(base_dir: &Path, ddim_steps: usize) -> anyhow::Result<Self> {
+    /// Loads the base model once, its weights in `kind` on `device`; `ddim_steps` 0 = the
+    /// checkpoint's own setting.
+    pub fn new(base_dir: &Path, ddim_steps: usize, device: Device, kind: Kind) -> anyhow::Result<Self> {
         let config = crate::vlm::Config::from_file(&base_dir.join("config.json"))?;
-        let mut vlm = Qwen25VL::load(base_dir, Kind::Float, Device::Cpu)?;
+        let mut vlm = Qwen25VL::load(base_dir, kind, device)?;
         let mut linears = Vec::new();
         vlm.visit_linears_mut(&mut |l| linears.push(l.path.clone()));
         Ok(Self {
@@ -48,7 +53,14 @@ impl VlaLoader {
             linears,
             processor: Arc::new(VlProcessor::from_model_dir(base_dir, &config, None, None)?),
             ddim_steps,
+            device,
+            kind,
         })
+    }
+
+    /// Where the models run and the VL model's dtype.
+    pub fn placement(&self) -> (Device, Kind) {
+        (self.device, self.kind)
     }
 
     /// Identity of the loaded base model (checkpoints must name the same).
@@ -64,7 +76,7 @@ impl VlaLoader {
             let base = self.vlm.lock().map_err(|_| ck_err(dir, "base VL model lock poisoned"))?;
             base.share_weights().map_err(|e| ck_err(dir, format!("sharing the base model's weights: {e}")))?
         };
-        let vars = nn::VarStore::new(Device::Cpu);
+        let vars = nn::VarStore::new(self.device);
         load_adapter(&mut model, &dir.join(rel), &vars.root()).map_err(|e| ck_err(dir, format!("adapter: {e}")))?;
         Ok((Arc::new(Mutex::new(model)), Some(vars)))
     }
@@ -149,7 +161,7 @@ impl ModelLoader for VlaLoader {
 
     fn load(&self, dir: &Path, meta: &CheckpointMeta) -> Result<LoadedModel, RuntimeError> {
         let deploy = DeployInfo::read(dir).map_err(|e| ck_err(dir, e))?;
-        let (heads, _) = PolicyHeads::load(&dir.join(HEADS_FILE), Device::Cpu).map_err(|e| ck_err(dir, e))?;
+        let (heads, _) = PolicyHeads::load(&dir.join(HEADS_FILE), self.device).map_err(|e| ck_err(dir, e))?;
         let c = heads.config();
         let io = &meta.io;
         let checks = [
@@ -220,6 +232,7 @@ impl ActionModel for Heads {
         let err = |e: &dyn std::fmt::Display| RuntimeError::Model { version: self.version.clone(), reason: e.to_string() };
         let pooled = features.get::<Tensor>().ok_or_else(|| err(&"VL features of another model type"))?;
         let ch = obs.sensor.channels;
+        // Host tensors: the heads move their inputs to their own device.
         let sensor = Tensor::from_slice(&obs.sensor.values).reshape([1, (obs.sensor.values.len() / ch.max(1)) as i64, ch as i64]);
         let vl = HeadFeatures::pooled(pooled.shallow_clone());
         let c = self.heads.config();
@@ -230,7 +243,7 @@ impl ActionModel for Heads {
         };
         let seed = action_seed(obs);
         let out = self.heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: state.as_ref() }, self.steps, seed).map_err(|e| err(&e))?;
-        let values = Vec::<f32>::try_from(out.to_kind(Kind::Float).reshape([-1])).map_err(|e| err(&e))?;
+        let values = Vec::<f32>::try_from(out.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).map_err(|e| err(&e))?;
         Ok(ActionChunk { version: self.version.clone(), horizon: c.expert.horizon as usize, action_dim: c.expert.action_dim as usize, step_period_s: self.step_period_s, values })
     }
 }
