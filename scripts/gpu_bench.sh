@@ -31,21 +31,7 @@ done
 PY="${PYTHON:-python3}"
 BIN="${VLA_BIN:-target/release/vla_finetune}"
 OUT_DIR="${OUT_DIR:-${OUT:-out}/gpu_bench}"
-[ -x "$BIN" ] || { echo "gpu_bench.sh: no vla_finetune binary at $BIN (set VLA_BIN)" >&2; exit 1; }
-
-# The binary links libtorch from wherever it was built: point it at this machine's torch, and
-# preload libtorch_cuda (a binary built against CPU-only libtorch does not link it, and CUDA then
-# reports itself unavailable).
-TORCH_LIB="$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if [ "$DEVICE" != cpu ] && [ -e "$TORCH_LIB/libtorch_cuda.so" ]; then
-    export LD_PRELOAD="$TORCH_LIB/libtorch_cuda.so${LD_PRELOAD:+ $LD_PRELOAD}"
-fi
-"$BIN" device --device "$DEVICE"
-if [ "$DEVICE" != cpu ] && ! "$BIN" device --device "$DEVICE" | grep -q "CUDA available"; then
-    echo "gpu_bench.sh: the binary sees no CUDA device with $TORCH_LIB" >&2
-    exit 1
-fi
+source "$(dirname "$0")/torch_env.sh"
 "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
 case "$MODEL" in

@@ -2,7 +2,7 @@
 //! matching policy-heads configs, the synthetic camera frames and the Hugging Face `config.json`
 //! a reference implementation loads to build the same model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -45,15 +45,8 @@ impl ModelSize {
 }
 
 /// The tiny fixture model's directory; its tokenizer and special-token ids serve every size.
-/// Looked up under the working directory first (a binary copied to another machine, run from a
-/// checkout of the repository), then in the source tree the binary was built from.
 pub fn fixture_dir() -> PathBuf {
-    const REL: &str = "tests/fixtures/vlm/tiny_a";
-    let local = PathBuf::from(REL);
-    if local.join("config.json").exists() {
-        return local;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(REL)
+    crate::repo_files::repo_file("tests/fixtures/vlm/tiny_a")
 }
 
 /// The backbone config of `size`. Special-token ids are the fixture tokenizer's, so one

@@ -1,4 +1,5 @@
-//! `vla_finetune demo`: the whole loop on an embedded default, on CPU, without ROS. Every step is
+//! `vla_finetune demo`: the whole loop on an embedded default, on CPU (Stage 2 and the policy on
+//! a GPU with `--device cuda`), without ROS. Every step is
 //! the library's real code:
 //! 1. the simulated robot's episodes are recorded to MCAP (rosbag2 layout);
 //! 2. they are compiled into a training set;
@@ -59,11 +60,22 @@ pub struct DemoArgs {
     /// Seed of the simulator, the split and the training.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Where Stage 2 and the policy process run: cpu (f32; the reproducible default), or auto,
+    /// cuda, cuda:N (bf16 on a GPU). Stage 1 and the recording run on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DemoArgs {
+    /// `--device`, checked to exist in this process.
+    fn device(&self) -> Result<tch::Device> {
+        crate::device::parse_available(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))
+    }
 }
 
 /// The tiny random Qwen2.5-VL (Hugging Face layout) embedded in the repository's test fixtures.
 fn embedded_base_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/tiny_a")
+    crate::repo_files::repo_file("tests/fixtures/vlm/tiny_a")
 }
 
 /// Runs the demo and prints its report (also written to `<out>/report.json`).
@@ -72,6 +84,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         (a.episodes, a.seconds, a.epochs, a.stage2_epochs) = (4, 3.0, 10, 3);
     }
     let t0 = Instant::now();
+    a.device()?;
     tch::set_num_threads(1);
     if a.out.exists() {
         std::fs::remove_dir_all(&a.out).with_context(|| format!("clearing {}", a.out.display()))?;
@@ -130,7 +143,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
 
     eprintln!("[4/5] policy process: hot-swapping checkpoints from {}", checkpoints.display());
     let status_file = out.join("policy_status.json");
-    let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, a.policy_rate_hz, a.seed, &out.join("policy.log"))?;
+    let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, &a, &out.join("policy.log"))?;
     policy.wait_active(&stage1.version, Duration::from_secs(180))?;
     lower_training_priority();
 
@@ -198,8 +211,10 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The Stage 2 configuration of the demo: config/train.yaml with CPU-sized settings.
+/// The Stage 2 configuration of the demo: config/train.yaml with CPU-sized settings (on
+/// `--device`).
 fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: &Path, checkpoints: &Path) -> Result<TrainConfig> {
+    let on_cuda = a.device()?.is_cuda();
     let q = |p: &Path| format!("{:?}", p.display().to_string());
     let work = out.join("stage2");
     let sets = vec![
@@ -209,9 +224,9 @@ fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: 
         format!("run.output_dir={}", q(&work)),
         format!("run.epochs={}", a.stage2_epochs),
         format!("run.seed={}", a.seed),
-        "run.device=cpu".into(),
-        // f32 on CPU (bf16 is the GPU default); checkpointing as on a GPU.
-        "model.compute_dtype=f32".into(),
+        format!("run.device={}", a.device),
+        // f32 on the CPU, bf16 (the GPU default) on CUDA; checkpointing as on a GPU.
+        format!("model.compute_dtype={}", if on_cuda { "bf16" } else { "f32" }),
         "memory.preset=manual".into(),
         "memory.micro_batch=4".into(),
         "memory.accum_steps=2".into(),
@@ -229,7 +244,7 @@ fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: 
         format!("progress.log_file={}", q(&work.join("progress.jsonl"))),
         format!("progress.plot_file={}", q(&work.join("curves.png"))),
     ];
-    let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/vram_presets.yaml");
+    let presets = std::fs::canonicalize(crate::repo_files::repo_file("config/vram_presets.yaml"))?;
     let mut all = vec![format!("memory.presets_file={}", q(&presets))];
     all.extend(sets);
     Ok(TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml", &all)?)
@@ -254,7 +269,8 @@ struct PolicyProcess {
 }
 
 impl PolicyProcess {
-    fn spawn(base: &Path, checkpoints: &Path, status_file: &Path, rate_hz: f64, seed: u64, log: &Path) -> Result<Self> {
+    fn spawn(base: &Path, checkpoints: &Path, status_file: &Path, a: &DemoArgs, log: &Path) -> Result<Self> {
+        let (rate_hz, seed) = (a.policy_rate_hz, a.seed);
         let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(std::env::current_exe()?)
             .arg("policy")
@@ -263,8 +279,8 @@ impl PolicyProcess {
             .arg("--checkpoints")
             .arg(checkpoints)
             .args(["--sim", "--rate-hz", &rate_hz.to_string(), "--seed", &seed.to_string(), "--status-period-s", "0.5"])
-            // On the CPU like the demo's training (run.device=cpu).
-            .args(["--device", "cpu"])
+            // On the device of the demo's Stage 2.
+            .args(["--device", &a.device])
             .arg("--status-json")
             .arg(status_file)
             .env("TORCH_NUM_THREADS", "1")
