@@ -1,7 +1,8 @@
 // Small additions to libtorch's C API that tch 0.24 does not expose:
 // - peak/current memory of the active accelerator's caching allocator (the numbers behind
 //   torch.cuda.max_memory_allocated / torch.accelerator.max_memory_allocated) and a peak reset;
-// - free/total memory of an accelerator (torch.cuda.mem_get_info);
+// - free/total memory of an accelerator (torch.cuda.mem_get_info) and a release of the
+//   allocator's unused blocks (torch.cuda.empty_cache);
 // - backward from a non-scalar output with an explicit output gradient (out.backward(grad)).
 // Every function catches C++ exceptions and reports failure through its return value, so no
 // exception ever crosses into Rust.
@@ -69,6 +70,20 @@ int vla_accelerator_memory_info(int device_index, int64_t* out, char* err, size_
     auto info = at::accelerator::getMemoryInfo(static_cast<c10::DeviceIndex>(device_index));
     out[0] = static_cast<int64_t>(info.first);
     out[1] = static_cast<int64_t>(info.second);
+    return 1;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// Returns the caching allocator's unused blocks to the device (torch.cuda.empty_cache), so other
+// processes (a policy node on the same GPU) can use them. Returns 1 on success, 0 when no
+// accelerator is available, -1 on error.
+int vla_accelerator_empty_cache(char* err, size_t err_len) {
+  try {
+    if (!accelerator_ok(0)) return 0;
+    at::accelerator::emptyCache();
     return 1;
   } catch (const std::exception& e) {
     copy_message(e.what(), err, err_len);

@@ -3,8 +3,9 @@
 //! - Accelerator: the caching allocator's statistics, the same numbers as
 //!   `torch.cuda.max_memory_allocated()` / `torch.cuda.memory_allocated()` (read through
 //!   libtorch's device-generic `at::accelerator` API by a small C++ shim, csrc/torch_shim.cpp),
-//!   with a peak reset like `torch.cuda.reset_peak_memory_stats()`, and the device's free/total
-//!   memory like `torch.cuda.mem_get_info()`. When no accelerator is
+//!   with a peak reset like `torch.cuda.reset_peak_memory_stats()`, the device's free/total
+//!   memory like `torch.cuda.mem_get_info()` and a release of unused cached blocks like
+//!   `torch.cuda.empty_cache()`. When no accelerator is
 //!   present (CPU-only machine, or libtorch_cuda not loaded) the queries return `Ok(None)` and
 //!   the reset does nothing.
 //! - Host: the process's resident-set high-water mark (`VmHWM` of /proc/self/status) and its
@@ -17,6 +18,7 @@ extern "C" {
     fn vla_accelerator_memory_stats(device: c_int, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
     fn vla_accelerator_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn vla_accelerator_memory_info(device: c_int, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
+    fn vla_accelerator_empty_cache(err: *mut c_char, err_len: usize) -> c_int;
 }
 
 /// Errors of the memory queries.
@@ -120,6 +122,19 @@ pub fn reset_peak_memory_stats(device: usize) -> Result<bool, MemoryError> {
         1 => Ok(true),
         0 => Ok(false),
         _ => Err(MemoryError::Allocator { device, message: message(&err) }),
+    }
+}
+
+/// Returns the caching allocator's unused blocks to the accelerator (`torch.cuda.empty_cache`),
+/// so `reserved` drops to what live tensors hold. Returns whether an accelerator was there.
+pub fn release_cached_accelerator_memory() -> Result<bool, MemoryError> {
+    let mut err = [0 as c_char; ERR_LEN];
+    // SAFETY: `err` is a writable buffer of ERR_LEN bytes.
+    let rc = unsafe { vla_accelerator_empty_cache(err.as_mut_ptr(), ERR_LEN) };
+    match rc {
+        1 => Ok(true),
+        0 => Ok(false),
+        _ => Err(MemoryError::Allocator { device: 0, message: message(&err) }),
     }
 }
 

@@ -3,7 +3,10 @@
 //! against a known device allocation).
 
 use tch::{Device, Kind, Tensor};
-use vla_finetune::memory::{accelerator_capacity, accelerator_memory, host_memory, max_memory_allocated, peaks, reset_host_peak, reset_peak_memory_stats, reset_peaks};
+use vla_finetune::memory::{
+    accelerator_capacity, accelerator_memory, host_memory, max_memory_allocated, peaks, release_cached_accelerator_memory, reset_host_peak,
+    reset_peak_memory_stats, reset_peaks,
+};
 
 const MB: u64 = 1 << 20;
 
@@ -34,6 +37,7 @@ fn accelerator_statistics_are_none_without_cuda_and_exact_with_it() {
         assert_eq!(accelerator_memory(0).unwrap(), None);
         assert_eq!(max_memory_allocated(0).unwrap(), None);
         assert!(!reset_peak_memory_stats(0).unwrap());
+        assert!(!release_cached_accelerator_memory().unwrap());
         assert_eq!(peaks(0).unwrap().accelerator_peak, None);
         reset_peaks(0).unwrap();
         return;
@@ -55,6 +59,10 @@ fn accelerator_statistics_are_none_without_cuda_and_exact_with_it() {
     let after = accelerator_memory(0).unwrap().unwrap();
     assert!(after.peak_allocated >= base.allocated + 64 * MB);
     assert!(after.allocated < base.allocated + 64 * MB);
+    assert!(after.reserved >= after.allocated + 64 * MB, "the freed block stays cached: {after:?}");
+    assert!(release_cached_accelerator_memory().unwrap());
+    let released = accelerator_memory(0).unwrap().unwrap();
+    assert!(released.reserved + 64 * MB <= after.reserved, "empty_cache returns it: {after:?} -> {released:?}");
     assert!(reset_peak_memory_stats(0).unwrap());
     assert!(max_memory_allocated(0).unwrap().unwrap() < base.allocated + 64 * MB);
 }

@@ -492,6 +492,8 @@ impl Stage2Task {
                 } else if self.offload && !self.vl_offloaded {
                     self.move_vl_weights(Device::Cpu);
                     self.vl_offloaded = true;
+                    // Hand the freed blocks back to the device (a policy may share the GPU).
+                    crate::memory::release_cached_accelerator_memory()?;
                 }
                 Ok(if self.fs.live { Phase::RefreshingCache } else { Phase::Training })
             }
