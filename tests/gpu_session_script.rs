@@ -1,5 +1,5 @@
 //! scripts/gpu_session.sh (the one call a lent CUDA machine gets) run end to end as far as a CPU
-//! allows (`--device cpu`: the whole loop with demo --quick, then gpu_bench.sh --quick): it
+//! allows (`all --device cpu`: the whole loop with demo --quick, then gpu_bench.sh --quick): it
 //! finds the binary and torch the way it will there, and returns the files it promises.
 
 use std::path::Path;
@@ -19,7 +19,7 @@ fn gpu_session_dry_run_on_cpu_returns_the_demo_report_and_both_benchmarks() {
     let tmp = tempfile::tempdir().unwrap();
     let o = Command::new("bash")
         .arg(Path::new(ROOT).join("scripts/gpu_session.sh"))
-        .args(["--device", "cpu"])
+        .args(["all", "--device", "cpu"])
         .current_dir(ROOT)
         .env("VLA_BIN", env!("CARGO_BIN_EXE_vla_finetune"))
         .env("PYTHON", Path::new(ROOT).join(".venv/bin/python"))
