@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ours vs the Python stack on one CUDA card, full Qwen2.5-VL-3B shapes (random weights), 2 views
-# of 896x896 (1024 patches, 256 tokens each), batch 2, LoRA r 8, bf16, gradient checkpointing,
+# of 448x448 (1024 patches of 14 px, 256 LLM tokens each), batch 2, LoRA r 8, bf16, gradient checkpointing,
 # cache modes off / vision / features, plus vision-cache build and act() latency.
 #
 # Needs: python with torch 2.11.0 (+cu130), transformers, peft, safetensors (no network, no
@@ -35,7 +35,7 @@ source "$(dirname "$0")/torch_env.sh"
 "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
 case "$MODEL" in
-    full) SHAPES=(--model full --views 2 --image-size 896 --batch 2); RUN=(--steps 5 --warmup 2 --ddim-steps 10) ;;
+    full) SHAPES=(--model full --views 2 --image-size 448 --batch 2); RUN=(--steps 5 --warmup 2 --ddim-steps 10) ;;
     reduced) SHAPES=(--model reduced --views 2 --image-size 224 --batch 2); RUN=(--steps 3 --warmup 1 --ddim-steps 10) ;;
     tiny) SHAPES=(--model tiny --views 2 --batch 2); RUN=(--steps 3 --warmup 1 --ddim-steps 10) ;;
     *) echo "gpu_bench.sh: --model $MODEL: expected tiny, reduced or full" >&2; exit 2 ;;

@@ -34,12 +34,13 @@ impl ModelSize {
     }
 
     /// Default square camera-frame side: 56 (4 tokens per view) for `tiny`, 224 (64 tokens) for
-    /// `reduced`, 896 (1024 patches, 256 tokens) for `full`.
+    /// `reduced`, 448 for `full` (32 x 32 = 1024 patches of 14 px, the "~1000 patches"
+    /// per view; 256 LLM tokens after the 2 x 2 merge).
     pub fn default_image_size(self) -> u32 {
         match self {
             Self::Tiny => 56,
             Self::Reduced => 224,
-            Self::Full => 896,
+            Self::Full => 448,
         }
     }
 }

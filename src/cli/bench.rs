@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Camera views per sample.
     #[arg(long, default_value_t = 2)]
     pub views: usize,
-    /// Side of the square synthetic frames (default: 56 tiny, 224 reduced, 896 full).
+    /// Side of the square synthetic frames (default: 56 tiny, 224 reduced, 448 full).
     #[arg(long)]
     pub image_size: Option<u32>,
     /// Samples per step.
