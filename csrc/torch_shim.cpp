@@ -3,7 +3,8 @@
 //   torch.cuda.max_memory_allocated / torch.accelerator.max_memory_allocated) and a peak reset;
 // - free/total memory of an accelerator (torch.cuda.mem_get_info) and a release of the
 //   allocator's unused blocks (torch.cuda.empty_cache);
-// - backward from a non-scalar output with an explicit output gradient (out.backward(grad)).
+// - backward from a non-scalar output with an explicit output gradient (out.backward(grad));
+// - dropping a parameter's gradient (`param.grad = None`).
 // Every function catches C++ exceptions and reports failure through its return value, so no
 // exception ever crosses into Rust.
 #include <ATen/DeviceAccelerator.h>
@@ -84,6 +85,19 @@ int vla_accelerator_empty_cache(char* err, size_t err_len) {
   try {
     if (!accelerator_ok(0)) return 0;
     at::accelerator::emptyCache();
+    return 1;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// `param.grad = None`, as torch's `optimizer.zero_grad()` does by default: the next backward
+// writes a fresh gradient instead of adding into a zero-filled one. `t` is a tch tensor
+// (at::Tensor*). Returns 1 on success, -1 on error.
+int vla_tensor_clear_grad(at::Tensor* t, char* err, size_t err_len) {
+  try {
+    if (t->grad().defined()) t->mutable_grad().reset();
     return 1;
   } catch (const std::exception& e) {
     copy_message(e.what(), err, err_len);

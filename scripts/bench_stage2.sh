@@ -7,7 +7,7 @@ B=${1:-/tmp/b2}; O=${2:-/tmp/b2bench}; mkdir -p $O
 for dtype in f32 bf16; do
 for mode in off vision features; do
   w=$O/$mode-$dtype; rm -rf $w
-  /usr/bin/time -v target/debug/vla_finetune train --config config/train.yaml --quiet \
+  /usr/bin/time -v "${VLA_BIN:-target/debug/vla_finetune}" train --config config/train.yaml --quiet \
     --set data.dataset_dir=$B/dataset --set model.base_model_dir=$B/base_model \
     --set model.stage1_checkpoint=$B/checkpoints/v0001 --set run.output_dir=$w \
     --set run.epochs=3 --set run.seed=42 --set run.device=cpu --set model.compute_dtype=$dtype \

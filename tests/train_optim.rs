@@ -138,12 +138,42 @@ fn bad_params_and_gradients_are_named() {
         NamedParam { name: "bad".into(), group: "heads".into(), tensor: y.shallow_clone() },
     ];
     let mut opt = AdamW::new(AdamWConfig::default(), g(), params).unwrap();
-    (x.sum(Kind::Float) + (y * f64::NAN).sum(Kind::Float)).backward();
+    (x.sum(Kind::Float) + (&y * f64::NAN).sum(Kind::Float)).backward();
     let before = x.copy();
     let err = opt.step(1.0).err().unwrap();
     assert!(matches!(&err, OptimError::NonFiniteGrad { name } if name == "bad"), "{err}");
     assert_eq!(max_abs_diff(&x, &before), 0.0, "nothing may be updated");
     assert!(matches!(opt.clip_grad_norm(1.0), Err(OptimError::NonFiniteGrad { name }) if name == "bad"));
+
+    // One infinite element in an otherwise finite gradient is found too.
+    opt.zero_grad();
+    let mask = Tensor::from_slice(&[1.0f32, f32::INFINITY, 1.0]);
+    (x.sum(Kind::Float) + (&y * 1e-3 * mask).sum(Kind::Float)).backward();
+    let err = opt.step(1.0).err().unwrap();
+    assert!(matches!(&err, OptimError::NonFiniteGrad { name } if name == "bad"), "{err}");
+}
+
+#[test]
+fn zero_grad_drops_gradients_and_a_parameter_without_one_is_not_updated() {
+    let g = vec![GroupConfig { name: "heads".into(), lr: 1e-2, weight_decay: 0.1 }];
+    let x = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let y = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let params = vec![
+        NamedParam { name: "x".into(), group: "heads".into(), tensor: x.shallow_clone() },
+        NamedParam { name: "y".into(), group: "heads".into(), tensor: y.shallow_clone() },
+    ];
+    let mut opt = AdamW::new(AdamWConfig::default(), g, params).unwrap();
+    (x.sum(Kind::Float) + y.sum(Kind::Float)).backward();
+    opt.step(1.0).unwrap();
+    opt.zero_grad();
+    assert!(!x.grad().defined() && !y.grad().defined(), "gradients dropped, as torch's zero_grad(set_to_none=True)");
+    // Only x gets a gradient: y keeps its value (no decay, no momentum step), as in torch.
+    let y_before = y.copy();
+    (&x * 2.0).sum(Kind::Float).backward();
+    assert_eq!(Vec::<f32>::try_from(x.grad()).unwrap(), vec![2.0; 3], "written fresh, not added to the old one");
+    opt.step(1.0).unwrap();
+    assert_eq!(max_abs_diff(&y, &y_before), 0.0);
+    assert_eq!(opt.steps_taken(), 2);
 }
 
 /// Linear model y = x W^T + b, loss = mean squared error over the step's batch.

@@ -173,10 +173,12 @@ impl AdamW {
         self.slots.iter().map(|s| s.step).max().unwrap_or(0)
     }
 
-    /// Zeroes (drops) every parameter's gradient.
+    /// Drops every parameter's gradient (`param.grad = None`, torch's default), so the next
+    /// backward writes it instead of adding into zeros and a parameter that gets none is
+    /// skipped by [`AdamW::step`].
     pub fn zero_grad(&mut self) {
         for s in &mut self.slots {
-            s.param.zero_grad();
+            clear_grad(&mut s.param);
         }
     }
 
@@ -232,8 +234,11 @@ impl AdamW {
         let present: Vec<(usize, &Tensor)> = grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|g| (i, g))).collect();
         if let Some((_, first)) = present.first() {
             let device = first.device();
+            // A NaN or inf anywhere makes a gradient's sum non-finite (a sum reads the gradient
+            // once and writes nothing, unlike an element-wise isfinite). A finite gradient whose
+            // sum overflows would overflow its square in `exp_avg_sq` anyway.
             let flags = tch::no_grad(|| {
-                Tensor::stack(&present.iter().map(|(_, g)| g.isfinite().all().to_device(device)).collect::<Vec<_>>(), 0)
+                Tensor::stack(&present.iter().map(|(_, g)| g.sum(Kind::Float).isfinite().to_device(device)).collect::<Vec<_>>(), 0)
             });
             // One host sync; the per-parameter flags are read only when something is wrong.
             if flags.all().int64_value(&[]) == 0 {
@@ -252,14 +257,20 @@ impl AdamW {
                 if s.decay && group.weight_decay != 0.0 {
                     let _ = s.param.g_mul_scalar_(1.0 - lr * group.weight_decay);
                 }
+                // torch's single-tensor AdamW, in place: two temporaries per parameter.
                 let _ = s.exp_avg.lerp_(&grad, 1.0 - beta1);
                 let _ = s.exp_avg_sq.g_mul_scalar_(beta2);
                 let _ = s.exp_avg_sq.addcmul_(&(&grad * (1.0 - beta2)), &grad);
                 let bc1 = 1.0 - beta1.powi(s.step as i32);
                 let bc2 = 1.0 - beta2.powi(s.step as i32);
                 let step_size = lr / bc1;
-                let denom = (s.exp_avg_sq.sqrt() / bc2.sqrt()) + eps;
-                let _ = s.param.g_add_(&((&s.exp_avg / &denom) * (-step_size)));
+                // param += -step_size * m / (sqrt(v) / sqrt(bc2) + eps); tch's addcdiv_ has no
+                // `value`, so the step size divides the denominator.
+                let mut denom = s.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bc2.sqrt());
+                let _ = denom.g_add_scalar_(eps);
+                let _ = denom.g_div_scalar_(-step_size);
+                let _ = s.param.addcdiv_(&s.exp_avg, &denom);
             }
         });
         Ok(())
@@ -310,6 +321,21 @@ impl AdamW {
             }
         });
         Ok(())
+    }
+}
+
+extern "C" {
+    fn vla_tensor_clear_grad(t: *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> std::ffi::c_int;
+}
+
+/// Drops `t`'s gradient through the shim (csrc/torch_shim.cpp); should libtorch refuse, the
+/// gradient is zero-filled instead, which gives the same next gradient.
+fn clear_grad(t: &mut Tensor) {
+    let mut err = [0 as std::ffi::c_char; 256];
+    // SAFETY: `t` is a live tensor; `err` is a writable buffer of its length.
+    let rc = unsafe { vla_tensor_clear_grad(t.as_mut_ptr(), err.as_mut_ptr(), err.len()) };
+    if rc != 1 {
+        t.zero_grad();
     }
 }
 
