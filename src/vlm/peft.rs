@@ -334,7 +334,11 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, PeftError> {
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| PeftError::Safetensors { path: path.into(), message: e.to_string() })?;
     let mut out = Vec::new();
-    for (key, view) in st.tensors() {
+    // In key order: the safetensors crate lists tensors in hash order, and the first bad tensor
+    // found is the one an error names, so it must not change from run to run.
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, view) in tensors {
         let bad = |message: String| PeftError::BadTensor { path: path.into(), key: key.clone(), message };
         let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("dtype {:?} is not a float type", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
