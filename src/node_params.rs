@@ -18,6 +18,16 @@ pub enum ParamKind {
 }
 
 impl ParamKind {
+    /// The ROS name of the type (as `ros2 param describe` says it).
+    pub fn ros_name(self) -> &'static str {
+        match self {
+            ParamKind::String => "string",
+            ParamKind::Integer => "integer",
+            ParamKind::Double => "double",
+            ParamKind::Bool => "bool",
+        }
+    }
+
     /// Whether a YAML/launch value of this JSON shape fits the type.
     pub fn accepts(self, v: &Value) -> bool {
         match self {
@@ -55,7 +65,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
     let params = match executable {
         "collector_node" => vec![
             p("dataset_root", String, json!("vla_data"), "Folder where episodes are recorded (episodes/<id>/)."),
-            p("streams_config", String, json!(""), "Stream mapping YAML (topics -> cameras, sensors, state, command)."),
+            p("streams_config", String, json!("config/streams_sim.yaml"), "Stream mapping YAML: topics -> cameras, sensors, state, command (relative: the package's share folder first)."),
             p("queue_capacity", Integer, json!(4096), "Messages buffered before drops are counted."),
             p("status_rate_hz", Double, json!(1.0), "Rate of ~/status."),
         ],
@@ -63,25 +73,26 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("base_model", String, json!(""), "Default base VL model folder (Hugging Face layout)."),
             p("runs_root", String, json!("vla_runs"), "Folder for job state, logs and plots."),
             p("checkpoints_root", String, json!("vla_checkpoints"), "Folder of published checkpoints."),
-            p("train_config", String, json!(""), "Training config YAML; empty = built-in defaults."),
-            p("vram_preset", String, json!("auto"), "24gb, 40gb, 80gb or auto."),
-            p("device", String, json!("auto"), "auto, cpu, cuda or cuda:N."),
+            p("train_config", String, json!(""), "Stage 2 training config YAML (relative: the package's share folder first); empty = built-in config/train.yaml."),
+            p("vram_preset", String, json!("auto"), "Stage 2 memory.preset: 12gb, 24gb, 40gb, 80gb, manual or auto (free accelerator memory; CPU-sized on a CPU)."),
+            p("device", String, json!("auto"), "Stage 2 run.device: auto, cpu, cuda or cuda:N."),
             p("progress_rate_hz", Double, json!(2.0), "Maximum rate of ~/progress."),
+            p("shutdown_grace_s", Double, json!(4.0), "On SIGINT/SIGTERM, how long a cancelled job may take to save its state."),
         ],
         "policy_node" => vec![
             p("checkpoint", String, json!(""), "Checkpoint folder to start with; empty = wait for ~/checkpoint."),
             p("checkpoints_dir", String, json!(""), "Also watch this folder's `latest` for new checkpoints."),
             p("base_model", String, json!(""), "Base VL model folder the checkpoints' adapters belong to."),
-            p("streams_config", String, json!(""), "Stream mapping YAML (same as the collector's)."),
+            p("streams_config", String, json!("config/streams_sim.yaml"), "Stream mapping YAML, same as the collector's (relative: the package's share folder first)."),
             p("control_rate_hz", Double, json!(10.0), "Control loop rate."),
             p("vl_refresh_ticks", Integer, json!(4), "Recompute VL features every N control ticks."),
             p("ddim_steps", Integer, json!(10), "DDIM sampling steps per action chunk."),
             p("max_camera_age_s", Double, json!(0.5), "Older camera input counts as stale."),
             p("max_sensor_age_s", Double, json!(0.1), "Older sensor input counts as stale."),
             p("stale_behavior", String, json!("none"), "On stale input: none (publish nothing) or hold."),
-            p("sensor_window", Integer, json!(65), "Sensor samples per window the checkpoints expect."),
-            p("horizon", Integer, json!(8), "Action steps per chunk the checkpoints produce."),
-            p("action_dim", Integer, json!(7), "Values per action step."),
+            p("sensor_window", Integer, json!(0), "Sensor samples per window; 0 = from the checkpoint (a set value rejects checkpoints that differ)."),
+            p("horizon", Integer, json!(0), "Action steps per chunk; 0 = from the checkpoint."),
+            p("action_dim", Integer, json!(0), "Values per action step; 0 = from the checkpoint."),
             p("instruction", String, json!(""), "Language instruction given to the policy."),
             p("target_output", String, json!("none"), "Also publish the first action as: none, twist or pose."),
             p("device", String, json!("auto"), "auto, cpu, cuda or cuda:N."),
@@ -96,6 +107,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("sensor_rate_hz", Double, json!(650.0), "Tactile/OCT sensor sample rate."),
             p("pose_rate_hz", Double, json!(100.0), "Robot pose rate."),
             p("episode_seconds", Double, json!(10.0), "Length of each simulated episode (scene redrawn after it)."),
+            p("published_log", String, json!(""), "Append `<topic> <stamp_ns>` per published message to this file (tests); empty = off."),
         ],
         _ => return None,
     };

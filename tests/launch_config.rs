@@ -18,11 +18,16 @@ struct LaunchNode {
     inline: Vec<(String, String)>,
 }
 
-/// Resolves `$(var config_dir)` / `$(find-pkg-share vla_finetune)` to this source tree.
-fn resolve(value: &str) -> String {
-    value
-        .replace("$(var config_dir)", &format!("{ROOT}/config"))
-        .replace("$(find-pkg-share vla_finetune)", ROOT)
+/// Resolves `$(var NAME)` to the argument's default and `$(find-pkg-share vla_finetune)` to this
+/// source tree (the installed share folder holds the same launch/ and config/).
+fn resolve(value: &str, args: &std::collections::BTreeMap<String, String>) -> String {
+    let mut v = value.replace("$(find-pkg-share vla_finetune)", ROOT);
+    for _ in 0..4 {
+        for (name, default) in args {
+            v = v.replace(&format!("$(var {name})"), default);
+        }
+    }
+    v
 }
 
 fn attr(e: &quick_xml::events::BytesStart, key: &str) -> Option<String> {
@@ -37,8 +42,13 @@ fn parse_launch(path: &Path) -> Vec<LaunchNode> {
     let mut reader = quick_xml::Reader::from_str(&text);
     let mut nodes = Vec::new();
     let mut current: Option<LaunchNode> = None;
+    let mut args = std::collections::BTreeMap::new();
     loop {
         match reader.read_event().unwrap_or_else(|e| panic!("{path:?}: invalid XML: {e}")) {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"arg" => {
+                let name = attr(&e, "name").unwrap_or_else(|| panic!("{path:?}: <arg> without name"));
+                args.insert(name, attr(&e, "default").unwrap_or_default());
+            }
             Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"node" => {
                 let node = LaunchNode {
                     exec: attr(&e, "exec").unwrap_or_else(|| panic!("{path:?}: <node> without exec")),
@@ -53,10 +63,10 @@ fn parse_launch(path: &Path) -> Vec<LaunchNode> {
             Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"param" => {
                 let node = current.as_mut().unwrap_or_else(|| panic!("{path:?}: <param> outside <node>"));
                 if let Some(from) = attr(&e, "from") {
-                    node.param_files.push(PathBuf::from(resolve(&from)));
+                    node.param_files.push(PathBuf::from(resolve(&from, &args)));
                 } else {
                     let name = attr(&e, "name").unwrap_or_else(|| panic!("{path:?}: <param> without name"));
-                    node.inline.push((name, resolve(&attr(&e, "value").unwrap_or_default())));
+                    node.inline.push((name, resolve(&attr(&e, "value").unwrap_or_default(), &args)));
                 }
             }
             Event::End(e) if e.name().as_ref() == b"node" => nodes.extend(current.take()),

@@ -1,173 +1,107 @@
-//! The doc-only stand-ins (src/ros/interfaces_standin.rs) must mirror the interface files
-//! (msg/msg/*.msg, msg/srv/*.srv) field by field, in order, with the types r2r generates.
+//! The interface files (msg/msg/*.msg, msg/srv/*.srv) follow rosidl's naming rules and use no
+//! field name that a generator emits verbatim into a language where it is a keyword (C, C++,
+//! Python, Rust): `string operator` made the C++ type support fail to compile. That the nodes'
+//! use of the generated types matches the files is checked by compiling them (`make ros`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
-
-/// name -> ordered (field, rust type) pairs.
-type Interfaces = BTreeMap<String, Vec<(String, String)>>;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The Rust type r2r generates for a ROS field type.
-fn rust_type(ros: &str) -> String {
-    if let Some(i) = ros.find('[') {
-        return format!("Vec<{}>", rust_type(&ros[..i]));
-    }
-    let prim = match ros {
-        "bool" => "bool",
-        "byte" | "char" | "uint8" => "u8",
-        "int8" => "i8",
-        "int16" => "i16",
-        "uint16" => "u16",
-        "int32" => "i32",
-        "uint32" => "u32",
-        "int64" => "i64",
-        "uint64" => "u64",
-        "float32" => "f32",
-        "float64" => "f64",
-        "string" | "wstring" => "String",
-        other => return other.rsplit('/').next().unwrap().to_string(),
-    };
-    prim.to_string()
-}
+const C: &[&str] = &[
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern", "float", "for", "goto", "if",
+    "inline", "int", "long", "register", "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union",
+    "unsigned", "void", "volatile", "while", "bool", "true", "false",
+];
+const CPP: &[&str] = &[
+    "alignas", "alignof", "and", "and_eq", "asm", "bitand", "bitor", "catch", "char8_t", "char16_t", "char32_t", "class", "compl", "concept",
+    "consteval", "constexpr", "constinit", "const_cast", "co_await", "co_return", "co_yield", "decltype", "delete", "dynamic_cast",
+    "explicit", "export", "friend", "mutable", "namespace", "new", "noexcept", "not", "not_eq", "nullptr", "operator", "or", "or_eq",
+    "private", "protected", "public", "reinterpret_cast", "requires", "static_assert", "static_cast", "template", "this", "thread_local",
+    "throw", "try", "typeid", "typename", "using", "virtual", "wchar_t", "xor", "xor_eq",
+];
+const PYTHON: &[&str] = &[
+    "and", "as", "assert", "async", "await", "class", "def", "del", "elif", "except", "finally", "from", "global", "import", "in", "is",
+    "lambda", "nonlocal", "not", "or", "pass", "raise", "try", "with", "yield", "none",
+];
+const RUST: &[&str] = &[
+    "abstract", "become", "box", "crate", "dyn", "final", "fn", "impl", "let", "loop", "macro", "match", "mod", "move", "mut", "override",
+    "priv", "pub", "ref", "self", "super", "trait", "type", "typeof", "unsafe", "unsized", "use", "where", "yield", "gen",
+];
 
-/// Fields of one section of an interface file (constants skipped).
-fn parse_fields(text: &str) -> Vec<(String, String)> {
+/// Field names of one section of an interface file (constants included: they are members too).
+fn field_names(text: &str) -> Vec<String> {
     text.lines()
         .map(|l| l.split('#').next().unwrap().trim())
-        .filter(|l| !l.is_empty() && !l.contains('='))
+        .filter(|l| !l.is_empty())
         .map(|l| {
-            let mut it = l.split_whitespace();
-            let ty = it.next().unwrap();
-            let name = it.next().unwrap_or_else(|| panic!("field without a name: `{l}`"));
-            (name.to_string(), rust_type(ty))
+            let decl = l.split('=').next().unwrap();
+            let mut it = decl.split_whitespace();
+            it.next();
+            it.next().unwrap_or_else(|| panic!("field without a name: `{l}`")).to_string()
         })
         .collect()
 }
 
-/// Every message and service request/response defined by the interface files.
-fn from_interface_files(root: &Path) -> Interfaces {
-    let mut out = Interfaces::new();
-    for (dir, ext) in [("msg/msg", "msg"), ("msg/srv", "srv")] {
+/// What is wrong with a field name, if anything: rosidl wants lowercase alphanumerics with
+/// single underscores between them, starting with a letter; constants are upper case.
+fn name_problem(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    for (lang, words) in [("C", C), ("C++", CPP), ("Python", PYTHON), ("Rust", RUST)] {
+        if words.contains(&lower.as_str()) {
+            return Some(format!("`{name}` is a {lang} keyword"));
+        }
+    }
+    let is_constant = name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    let body_ok = |c: char| if is_constant { c.is_ascii_uppercase() || c.is_ascii_digit() } else { c.is_ascii_lowercase() || c.is_ascii_digit() };
+    let ok = name.starts_with(|c: char| c.is_ascii_alphabetic()) && !name.ends_with('_') && !name.contains("__") && name.chars().all(|c| c == '_' || body_ok(c));
+    (!ok).then(|| format!("`{name}` breaks rosidl's naming rule ([a-z][a-z0-9]*(_[a-z0-9]+)*)"))
+}
+
+/// (interface, field, problem) for every bad name in the interface files under `root`.
+fn problems(root: &Path) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for dir in ["msg/msg", "msg/srv"] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().and_then(|e| e.to_str()) != Some(ext) {
-                continue;
-            }
             let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            if !name.starts_with(|c: char| c.is_ascii_uppercase()) || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
+                out.push((name.clone(), String::new(), "interface names are CamelCase".into()));
+            }
             let text = std::fs::read_to_string(&path).unwrap();
-            if ext == "msg" {
-                out.insert(format!("msg::{name}"), parse_fields(&text));
-            } else {
-                let (req, res) = text.split_once("\n---").unwrap_or_else(|| panic!("{path:?}: no ---"));
-                out.insert(format!("srv::{name}::Request"), parse_fields(req));
-                out.insert(format!("srv::{name}::Response"), parse_fields(res));
+            for section in text.split("\n---") {
+                for field in field_names(section) {
+                    if let Some(p) = name_problem(&field) {
+                        out.push((name.clone(), field, p));
+                    }
+                }
             }
         }
     }
     out
 }
 
-fn type_name(ty: &syn::Type) -> String {
-    match ty {
-        syn::Type::Path(p) => {
-            let seg = p.path.segments.last().unwrap();
-            match &seg.arguments {
-                syn::PathArguments::AngleBracketed(a) => {
-                    let inner: Vec<String> = a
-                        .args
-                        .iter()
-                        .map(|g| match g {
-                            syn::GenericArgument::Type(t) => type_name(t),
-                            _ => panic!("unexpected generic argument"),
-                        })
-                        .collect();
-                    format!("{}<{}>", seg.ident, inner.join(","))
-                }
-                _ => seg.ident.to_string(),
-            }
-        }
-        _ => panic!("unexpected field type in stand-in"),
-    }
-}
-
-fn collect_structs(items: &[syn::Item], prefix: &str, out: &mut Interfaces) {
-    for item in items {
-        match item {
-            syn::Item::Struct(s) => {
-                if let syn::Fields::Named(f) = &s.fields {
-                    let fields = f
-                        .named
-                        .iter()
-                        .map(|f| (f.ident.as_ref().unwrap().to_string(), type_name(&f.ty)))
-                        .collect();
-                    out.insert(format!("{prefix}{}", s.ident), fields);
-                }
-            }
-            syn::Item::Mod(m) => {
-                if let Some((_, inner)) = &m.content {
-                    collect_structs(inner, &format!("{prefix}{}::", m.ident), out);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Every struct with named fields in the stand-in file, by module path.
-fn from_standin(root: &Path) -> Interfaces {
-    let src = std::fs::read_to_string(root.join("src/ros/interfaces_standin.rs")).unwrap();
-    let file = syn::parse_file(&src).expect("stand-in file parses");
-    let mut out = Interfaces::new();
-    collect_structs(&file.items, "", &mut out);
-    out
-}
-
-/// Differences between the interface files and the stand-ins, one line each.
-fn drift(files: &Interfaces, standin: &Interfaces) -> Vec<String> {
-    let mut diffs = Vec::new();
-    for (name, fields) in files {
-        match standin.get(name) {
-            None => diffs.push(format!("{name}: in the interface files, missing from the stand-in")),
-            Some(s) if s != fields => diffs.push(format!("{name}: interface files {fields:?} vs stand-in {s:?}")),
-            Some(_) => {}
-        }
-    }
-    for name in standin.keys() {
-        if !files.contains_key(name) {
-            diffs.push(format!("{name}: in the stand-in, not in the interface files"));
-        }
-    }
-    diffs
+#[test]
+fn interface_field_names_are_valid_in_every_generated_language() {
+    let bad = problems(Path::new(ROOT));
+    assert!(bad.is_empty(), "{bad:#?}");
 }
 
 #[test]
-fn standins_mirror_interface_files() {
-    let root = Path::new(ROOT);
-    let files = from_interface_files(root);
-    assert!(files.len() >= 14, "expected 6 messages and 4 services, found {:?}", files.keys());
-    let diffs = drift(&files, &from_standin(root));
-    assert!(diffs.is_empty(), "stand-ins drifted from the interface files:\n{}", diffs.join("\n"));
-}
-
-#[test]
-fn a_field_changed_in_a_msg_file_is_detected() {
-    let root = Path::new(ROOT);
-    let standin = from_standin(root);
-    let mut files = from_interface_files(root);
-    files.get_mut("msg::TrainingProgress").unwrap().push(("grad_norm".into(), "f32".into()));
-    assert_eq!(drift(&files, &standin).len(), 1);
-    let mut files = from_interface_files(root);
-    files.get_mut("srv::StartFineTune::Request").unwrap()[0].1 = "u32".into();
-    assert_eq!(drift(&files, &standin).len(), 1);
-}
-
-#[test]
-fn ros_types_map_like_r2r() {
-    assert_eq!(rust_type("float32[]"), "Vec<f32>");
-    assert_eq!(rust_type("uint8[16]"), "Vec<u8>");
-    assert_eq!(rust_type("std_msgs/Header"), "Header");
-    assert_eq!(rust_type("string[]"), "Vec<String>");
-    assert_eq!(parse_fields("# c\nint32 A=3\nfloat64 x  # m\n"), vec![("x".to_string(), "f64".to_string())]);
+fn the_check_catches_keywords_and_naming_rule_breaks() {
+    for (name, lang) in [("operator", "C++"), ("type", "Rust"), ("lambda", "Python"), ("register", "C"), ("None", "Python")] {
+        assert!(name_problem(name).is_some_and(|p| p.contains(lang)), "{name}: {:?}", name_problem(name));
+    }
+    for bad in ["Camel", "two__underscores", "trailing_", "9lives", "dash-ed"] {
+        assert!(name_problem(bad).is_some_and(|p| p.contains("naming rule")), "{bad}");
+    }
+    for good in ["operator_name", "val_action_error", "peak_accel_bytes", "MAX_STEPS", "x2"] {
+        assert_eq!(name_problem(good), None, "{good}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["msg/msg", "msg/srv"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    std::fs::write(dir.path().join("msg/srv/StartEpisode.srv"), "string instruction\nstring operator\n---\nbool started\n").unwrap();
+    let found = problems(dir.path());
+    assert_eq!(found, vec![("StartEpisode".into(), "operator".into(), "`operator` is a C++ keyword".into())]);
 }

@@ -402,7 +402,7 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     use vla_finetune::train::service::{controller, ServiceConfig, StartRequest};
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ServiceConfig { base_model: f.base.clone(), runs_root: dir.path().join("runs"), checkpoints_root: dir.path().join("ck") };
+    let cfg = ServiceConfig::new(f.base.clone(), dir.path().join("runs"), dir.path().join("ck"));
     let (tx, _rx) = std::sync::mpsc::channel();
     let c = controller(cfg, ProgressHub::new(1024), tx);
     let req = StartRequest {

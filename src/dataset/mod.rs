@@ -4,6 +4,7 @@ pub mod align;
 pub mod cdr;
 pub mod compile;
 pub mod episode;
+pub mod gaps;
 pub mod import;
 pub mod mcap_episode;
 pub mod reader;

@@ -32,7 +32,7 @@ pub enum RecorderError {
     #[error("no episode is being recorded")]
     NotRecording,
     /// The outcome is not one of the accepted words.
-    #[error("outcome `{0}` is not one of success, failure, aborted")]
+    #[error("outcome `{0}` is not one of success, failure, aborted, interrupted")]
     BadOutcome(String),
     /// Writing the episode failed.
     #[error(transparent)]
@@ -86,6 +86,9 @@ pub enum PushOutcome {
     UnknownTopic,
 }
 
+/// Episode outcomes a stop accepts (`interrupted`: the recorder was shut down while recording).
+pub const OUTCOMES: [&str; 4] = ["success", "failure", "aborted", "interrupted"];
+
 /// Counters of one topic since the recorder started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TopicStatus {
@@ -116,6 +119,8 @@ pub struct RecorderStatus {
     pub queued: u64,
     /// Payload bytes waiting in the queue.
     pub queued_bytes: u64,
+    /// Messages written to the current (or last) episode.
+    pub episode_messages: u64,
     /// Per-topic counters, in mapping order.
     pub topics: Vec<TopicStatus>,
 }
@@ -143,6 +148,7 @@ struct Shared {
     queued: AtomicU64,
     queued_bytes: AtomicU64,
     queue_bytes: u64,
+    episode_written: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -184,6 +190,7 @@ impl Recorder {
             queued: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
             queue_bytes: config.queue_bytes.max(1) as u64,
+            episode_written: AtomicU64::new(0),
             state: Mutex::new(State::default()),
         });
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -274,6 +281,16 @@ impl Recorder {
         }
     }
 
+    /// Counts `n` messages of `topic` as lost before they reached the recorder (seen missing by
+    /// the transport, e.g. from stamp gaps); they show in the status and the episode's drops.
+    pub fn count_lost(&self, topic: &str, n: u64) {
+        if let Some(&(i, _)) = self.index.get(topic) {
+            if self.shared.recording.load(Ordering::Acquire) {
+                self.shared.counters[i].dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Checks topic, recording state and type; counts the message as received (and dropped when
     /// its type does not match the mapping). Returns the topic's index.
     fn admit(&self, topic: &str, type_name: &str) -> Result<usize, PushOutcome> {
@@ -315,7 +332,7 @@ impl Recorder {
 
     /// Like [`Recorder::stop`] with an explicit stop time (a simulated clock).
     pub fn stop_at(&self, outcome: &str, stop_ns: i64) -> Result<EpisodeMeta, RecorderError> {
-        if !["success", "failure", "aborted"].contains(&outcome) {
+        if !OUTCOMES.contains(&outcome) {
             return Err(RecorderError::BadOutcome(outcome.into()));
         }
         self.shared.recording.store(false, Ordering::Release);
@@ -334,6 +351,7 @@ impl Recorder {
             error: st.error.clone(),
             queued: self.shared.queued.load(Ordering::Relaxed),
             queued_bytes: self.shared.queued_bytes.load(Ordering::Relaxed),
+            episode_messages: self.shared.episode_written.load(Ordering::Relaxed),
             topics: self
                 .shared
                 .topics
@@ -431,6 +449,7 @@ impl Worker {
         let ep = EpisodeWriter::create(&self.config.root, meta, &self.config.streams, self.config.writer.clone())?;
         let id = ep.meta().id.clone();
         self.base_drops = self.shared.dropped_snapshot();
+        self.shared.episode_written.store(0, Ordering::Relaxed);
         self.current = Some(ep);
         let mut st = self.shared.state.lock().expect("state lock");
         st.episode = Some(id.clone());
@@ -481,6 +500,7 @@ impl Worker {
         match ep.write(name, self.types[topic].name(), cdr, stamp_ns, recv_ns) {
             Ok(()) => {
                 c.written.fetch_add(1, Ordering::Relaxed);
+                self.shared.episode_written.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(cdr.len() as u64, Ordering::Relaxed);
             }
             Err(e) => {

@@ -71,9 +71,52 @@ pub struct StreamSpec {
     /// Expected channel count (sensors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<usize>,
+    /// Nominal publish rate; with it a live recorder counts messages missing between stamps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_hz: Option<f64>,
+    /// Subscription QoS of a live recorder (default: best effort, depth 100, which matches
+    /// reliable and best-effort publishers alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<StreamQos>,
+}
+
+/// Delivery guarantee of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reliability {
+    /// Retransmit lost samples (the publisher must offer it).
+    Reliable,
+    /// Take what arrives; matches every publisher.
+    BestEffort,
+}
+
+/// Quality of service of one stream's subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQos {
+    /// Delivery guarantee.
+    pub reliability: Reliability,
+    /// Samples kept by the middleware before the oldest is discarded.
+    #[serde(default = "default_qos_depth")]
+    pub depth: usize,
+}
+
+fn default_qos_depth() -> usize {
+    100
+}
+
+impl Default for StreamQos {
+    fn default() -> Self {
+        Self { reliability: Reliability::BestEffort, depth: default_qos_depth() }
+    }
 }
 
 impl StreamSpec {
+    /// The stream's subscription QoS (its `qos`, or [`StreamQos::default`]).
+    pub fn qos(&self) -> StreamQos {
+        self.qos.unwrap_or_default()
+    }
+
     /// The parsed message type (validated at load).
     pub fn kind(&self) -> MsgType {
         MsgType::parse(&self.msg_type).expect("validated when the mapping was loaded")
@@ -152,6 +195,14 @@ impl StreamConfig {
                 if !(a.is_finite() && a > 0.0) {
                     return Err(invalid(format!("topic `{}`: max_age_ms must be a positive number, got {a}", s.topic)));
                 }
+            }
+            if let Some(r) = s.rate_hz {
+                if !(r.is_finite() && r > 0.0) {
+                    return Err(invalid(format!("topic `{}`: rate_hz must be a positive number, got {r}", s.topic)));
+                }
+            }
+            if s.qos.is_some_and(|q| q.depth == 0) {
+                return Err(invalid(format!("topic `{}`: qos.depth must be at least 1", s.topic)));
             }
             if !topics.insert(s.topic.clone()) {
                 return Err(invalid(format!("topic `{}` is mapped twice", s.topic)));

@@ -1,14 +1,18 @@
 //! Collector node: raw subscriptions to the configured topics feed the ROS-free recorder core
-//! (`dataset::recorder`); `~/start_episode`, `~/stop_episode` and `~/status` adapt it.
+//! (`dataset::recorder`); `~/start_episode`, `~/stop_episode` and `~/status` adapt it. Messages
+//! lost before they reach the recorder are counted from the stamps of streams with a `rate_hz`.
+//! SIGINT / SIGTERM close an open episode as `interrupted`, keeping everything received.
 
+use super::convert::time_now;
 use super::interfaces::{msg, srv};
-use super::params::{declare, ParamsExt};
+use super::params::{declare, share_file, ParamsExt};
+use super::NodeRuntime;
+use crate::dataset::gaps::GapCounter;
 use crate::dataset::recorder::{now_ns, EpisodeInfo, Recorder, RecorderConfig, RecorderStatus};
-use crate::dataset::streams::StreamConfig;
+use crate::dataset::streams::{Reliability, StreamConfig, StreamSpec};
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use r2r::QosProfile;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// CollectorStatus from the recorder's status snapshot.
@@ -26,14 +30,28 @@ pub fn status_msg(s: &RecorderStatus, stamp: r2r::builtin_interfaces::msg::Time)
     }
 }
 
-/// Runs the collector node until the process is stopped.
+/// The subscription QoS of a mapped stream.
+pub fn qos(spec: &StreamSpec) -> QosProfile {
+    let q = spec.qos();
+    let base = QosProfile::default().keep_last(q.depth);
+    match q.reliability {
+        Reliability::Reliable => base.reliable(),
+        Reliability::BestEffort => base.best_effort(),
+    }
+}
+
+/// The ROS name of a mapped topic: relative, so a namespaced launch moves it with the node (the
+/// mapping's absolute name stays the recorded one).
+pub fn ros_topic(topic: &str) -> &str {
+    topic.trim_start_matches('/')
+}
+
+/// Runs the collector node until SIGINT / SIGTERM.
 pub fn main() -> Result<()> {
-    crate::logging::init("info");
-    let ctx = r2r::Context::create()?;
-    let mut node = r2r::Node::create(ctx, "vla_collector", "")?;
-    let p = declare(&node, "collector_node")?;
-    let streams_path = p.string("streams_config");
-    let streams = StreamConfig::load(std::path::Path::new(&streams_path)).with_context(|| format!("parameter streams_config = `{streams_path}`"))?;
+    let mut n = NodeRuntime::new("vla_collector")?;
+    let p = declare(&mut n.node, &n.rt, "collector_node", |_, _| {})?;
+    let streams_path = share_file(&p.string("streams_config"));
+    let streams = StreamConfig::load(&streams_path).with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
     let config = RecorderConfig {
         root: p.string("dataset_root").into(),
         streams: streams.clone(),
@@ -49,24 +67,27 @@ pub fn main() -> Result<()> {
         }
     }
     let recorder = Arc::new(recorder);
-    let rt = tokio::runtime::Runtime::new()?;
 
     for (_, spec) in streams.all() {
-        let mut sub = node.subscribe_raw(&spec.topic, spec.kind().name(), QosProfile::sensor_data())?;
-        let (rec, topic, ty) = (recorder.clone(), spec.topic.clone(), spec.kind().name());
-        rt.spawn(async move {
+        let mut sub = n.node.subscribe_raw(ros_topic(&spec.topic), spec.kind().name(), qos(spec))?;
+        let (rec, topic, kind) = (recorder.clone(), spec.topic.clone(), spec.kind());
+        let mut gaps = spec.rate_hz.map(GapCounter::new);
+        n.rt.spawn(async move {
             while let Some(cdr) = sub.next().await {
-                rec.push_received(&topic, ty, cdr, now_ns());
+                if let (Some(g), Ok(Some(stamp))) = (gaps.as_mut(), kind.header_stamp(&cdr)) {
+                    rec.count_lost(&topic, g.observe(stamp));
+                }
+                rec.push_received(&topic, kind.name(), cdr, now_ns());
             }
         });
     }
 
-    let mut start = node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
+    let mut start = n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
     let rec = recorder.clone();
-    rt.spawn(async move {
+    n.rt.spawn(async move {
         while let Some(req) = start.next().await {
             let m = &req.message;
-            let info = EpisodeInfo { id: None, instruction: m.instruction.clone(), task: m.task.clone(), operator: m.operator.clone() };
+            let info = EpisodeInfo { id: None, instruction: m.instruction.clone(), task: m.task.clone(), operator: m.operator_name.clone() };
             let resp = match rec.start(info, now_ns()) {
                 Ok(id) => srv::StartEpisode::Response { started: true, episode_id: id, reason: String::new() },
                 Err(e) => srv::StartEpisode::Response { started: false, episode_id: String::new(), reason: e.to_string() },
@@ -77,15 +98,12 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut stop = node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
+    let mut stop = n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
     let rec = recorder.clone();
-    rt.spawn(async move {
+    n.rt.spawn(async move {
         while let Some(req) = stop.next().await {
             let resp = match rec.stop(&req.message.outcome) {
-                Ok(meta) => {
-                    let written = rec.status().topics.iter().map(|t| t.written).sum();
-                    srv::StopEpisode::Response { stopped: true, episode_id: meta.id, messages: written, reason: String::new() }
-                }
+                Ok(meta) => srv::StopEpisode::Response { stopped: true, episode_id: meta.id, messages: rec.status().episode_messages, reason: String::new() },
                 Err(e) => srv::StopEpisode::Response { stopped: false, episode_id: String::new(), messages: 0, reason: e.to_string() },
             };
             if let Err(e) = req.respond(resp) {
@@ -94,18 +112,24 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let status_pub = node.create_publisher::<msg::CollectorStatus>("~/status", QosProfile::default())?;
-    let mut timer = node.create_wall_timer(std::time::Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
+    let status_pub = n.node.create_publisher::<msg::CollectorStatus>("~/status", QosProfile::default())?;
+    let mut timer = n.node.create_wall_timer(std::time::Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
     let rec = recorder.clone();
-    rt.spawn(async move {
+    n.rt.spawn(async move {
         while timer.tick().await.is_ok() {
-            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), super::convert::time_now())) {
+            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), time_now())) {
                 tracing::warn!("status: {e}");
             }
         }
     });
 
     tracing::info!("collector ready: {} topics -> {}", streams.all().len(), p.string("dataset_root"));
-    super::spin(&mut node, &AtomicBool::new(false));
+    n.spin();
+    if recorder.status().recording {
+        match recorder.stop("interrupted") {
+            Ok(meta) => tracing::info!("episode {} closed as interrupted ({} messages)", meta.id, recorder.status().episode_messages),
+            Err(e) => tracing::error!("closing the episode at shutdown: {e}"),
+        }
+    }
     Ok(())
 }

@@ -5,13 +5,68 @@ pub mod convert;
 pub mod interfaces;
 pub mod params;
 pub mod policy;
+pub mod rosout;
 pub mod sim_robot;
 pub mod trainer;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Set when SIGINT or SIGTERM arrives (`ros2 launch` sends SIGINT on shutdown, then SIGTERM).
+/// The handlers replace an inherited "ignore" disposition, so a node started in the background
+/// by a shell without job control still stops on SIGINT.
+pub fn stop_on_signals(rt: &tokio::runtime::Runtime) -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _guard = rt.enter();
+    for (kind, name) in [(SignalKind::interrupt(), "SIGINT"), (SignalKind::terminate(), "SIGTERM")] {
+        let mut s = signal(kind).with_context(|| format!("install a {name} handler"))?;
+        let stop = stop.clone();
+        rt.spawn(async move {
+            while s.recv().await.is_some() {
+                tracing::info!("{name}: shutting down");
+                stop.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    Ok(stop)
+}
+
 /// Spins the node on this thread until `stop` is set (r2r delivers messages, service calls and
 /// timers to the async streams while spinning).
-pub fn spin(node: &mut r2r::Node, stop: &std::sync::atomic::AtomicBool) {
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        node.spin_once(std::time::Duration::from_millis(5));
+pub fn spin(node: &mut r2r::Node, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        node.spin_once(Duration::from_millis(5));
+    }
+}
+
+/// A node with its runtime and shutdown flag: the common start of every node's `main`.
+pub struct NodeRuntime {
+    /// The r2r node.
+    pub node: r2r::Node,
+    /// Runs the node's async tasks (one per subscription, service and timer).
+    pub rt: tokio::runtime::Runtime,
+    /// Set by SIGINT / SIGTERM.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl NodeRuntime {
+    /// Creates the node `name` (launch and `--ros-args` may rename or namespace it) with logs on
+    /// stderr and /rosout.
+    pub fn new(name: &str) -> Result<Self> {
+        let ctx = r2r::Context::create().context("initialize ROS 2 (rcl)")?;
+        let node = r2r::Node::create(ctx, name, "").with_context(|| format!("create node `{name}`"))?;
+        rosout::init(&node.logger().to_string(), "info");
+        let rt = tokio::runtime::Runtime::new()?;
+        let stop = stop_on_signals(&rt)?;
+        Ok(Self { node, rt, stop })
+    }
+
+    /// Spins until SIGINT / SIGTERM.
+    pub fn spin(&mut self) {
+        spin(&mut self.node, &self.stop);
     }
 }

@@ -9,7 +9,9 @@
 
 use super::convert::time_now;
 use super::interfaces::msg;
-use super::params::{declare, ParamsExt};
+use super::collector::{qos, ros_topic};
+use super::params::{declare, share_file, ParamsExt};
+use super::NodeRuntime;
 use crate::dataset::cdr::{MsgType, RosMessage, SensorFrame};
 use crate::dataset::mcap_episode::decode_image;
 use crate::dataset::streams::StreamConfig;
@@ -24,7 +26,6 @@ use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, Twist
 use r2r::std_msgs::msg::Header;
 use r2r::QosProfile;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,8 +74,33 @@ pub fn sensor_samples(f: &SensorFrame) -> Result<(Vec<f32>, Vec<i64>)> {
     Ok((f.values.clone(), (0..k).map(|i| last - (k - 1 - i) as i64).collect()))
 }
 
-/// The runtime configuration from the node's parameters and stream mapping.
-fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &StreamConfig) -> Result<RuntimeConfig> {
+/// Sensor window, horizon and action size the runtime is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shapes {
+    /// Sensor samples per window.
+    pub sensor_window: usize,
+    /// Action steps per chunk.
+    pub horizon: usize,
+    /// Values per action step.
+    pub action_dim: usize,
+}
+
+/// The shapes from the parameters, each 0 ("from the checkpoint") taken from `checkpoint`'s
+/// deploy.json; an explicit value is kept (a checkpoint that disagrees is then rejected).
+pub fn resolve_shapes(p: &serde_json::Map<String, serde_json::Value>, checkpoint: Option<&Path>) -> Result<Shapes> {
+    let param = |name: &str| usize::try_from(p.int(name)).map_err(|_| anyhow!("parameter {name} = {}: expected 0 (from the checkpoint) or more", p.int(name)));
+    let (w, h, a) = (param("sensor_window")?, param("horizon")?, param("action_dim")?);
+    if w > 0 && h > 0 && a > 0 {
+        return Ok(Shapes { sensor_window: w, horizon: h, action_dim: a });
+    }
+    let dir = checkpoint.ok_or_else(|| anyhow!("sensor_window, horizon and action_dim come from the checkpoint, and none is known yet"))?;
+    let d = crate::train::deploy::DeployInfo::read(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+    let pick = |v: usize, from: usize| if v > 0 { v } else { from };
+    Ok(Shapes { sensor_window: pick(w, d.sensor_window), horizon: pick(h, d.horizon), action_dim: pick(a, d.action_dim) })
+}
+
+/// The runtime configuration from the node's parameters, stream mapping and shapes.
+fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &StreamConfig, shapes: Shapes) -> Result<RuntimeConfig> {
     let [sensor] = streams.sensors.as_slice() else {
         bail!("streams_config: the policy reads exactly one sensor stream, found {}", streams.sensors.len());
     };
@@ -93,7 +119,7 @@ fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &Stre
     Ok(RuntimeConfig {
         inputs: InputConfig {
             cameras: streams.cameras.iter().map(|c| Ok(CameraInput { name: c.name.clone(), max_age: age("max_camera_age_s")? })).collect::<Result<_>>()?,
-            sensor: SensorInput { name: sensor.name.clone(), channels, window: count("sensor_window")?, max_age: age("max_sensor_age_s")? },
+            sensor: SensorInput { name: sensor.name.clone(), channels, window: shapes.sensor_window, max_age: age("max_sensor_age_s")? },
             state: None,
             instruction: p.string("instruction"),
         },
@@ -103,37 +129,69 @@ fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &Stre
             vl_refresh_ticks: u32::try_from(count("vl_refresh_ticks")?).context("parameter vl_refresh_ticks")?,
             stale_behavior: p.string("stale_behavior").parse::<StaleBehavior>().map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
         },
-        horizon: count("horizon")?,
-        action_dim: count("action_dim")?,
+        horizon: shapes.horizon,
+        action_dim: shapes.action_dim,
         base_model_id: None,
         watch: (!dir.is_empty()).then(|| WatchConfig { root: PathBuf::from(dir), poll: Duration::from_millis(200) }),
     })
 }
 
-/// Runs the policy node until the process is stopped.
+/// Runs the policy node until SIGINT / SIGTERM. Until a checkpoint is known (the `checkpoint`
+/// parameter or the first announcement) when the shapes come from it, nothing is published.
 pub fn main() -> Result<()> {
-    crate::logging::init("info");
-    let ctx = r2r::Context::create()?;
-    let mut node = r2r::Node::create(ctx, "vla_policy", "")?;
-    let p = declare(&node, "policy_node")?;
+    let mut n = NodeRuntime::new("vla_policy")?;
+    let p = declare(&mut n.node, &n.rt, "policy_node", |_, _| {})?;
     let device = crate::device::parse_available(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
     let kind = crate::device::parse_dtype(&p.string("dtype"), device).map_err(|e| anyhow!("parameter dtype: {e}"))?;
-    let streams_path = p.string("streams_config");
-    let streams = StreamConfig::load(Path::new(&streams_path)).with_context(|| format!("parameter streams_config = `{streams_path}`"))?;
+    let streams_path = share_file(&p.string("streams_config"));
+    let streams = StreamConfig::load(&streams_path).with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
     let target: TargetOutput = p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
     let base_model = p.string("base_model");
     if base_model.is_empty() {
         bail!("parameter base_model is empty: set the base VL model folder the checkpoints belong to");
     }
     let ddim_steps = usize::try_from(p.int("ddim_steps")).map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
+
+    let (announced_tx, mut announced) = tokio::sync::mpsc::unbounded_channel::<(String, PathBuf)>();
+    let mut ckpt = n.node.subscribe::<msg::CheckpointInfo>("~/checkpoint_in", super::trainer::checkpoint_qos())?;
+    n.rt.spawn(async move {
+        while let Some(info) = ckpt.next().await {
+            tracing::info!("checkpoint {} announced at {}", info.version, info.path);
+            if announced_tx.send((info.version.clone(), PathBuf::from(&info.path))).is_err() {
+                break;
+            }
+        }
+    });
+    let mut first = match p.string("checkpoint").as_str() {
+        "" => None,
+        start => {
+            let manifest = crate::train::publish::verify(Path::new(start)).with_context(|| format!("parameter checkpoint = `{start}`"))?;
+            Some((manifest.version, PathBuf::from(start)))
+        }
+    };
+    let shapes = match resolve_shapes(&p, first.as_ref().map(|(_, d)| d.as_path())) {
+        Ok(s) => s,
+        Err(_) if first.is_none() => {
+            tracing::info!("waiting for a checkpoint announcement on ~/checkpoint_in (sensor_window, horizon and action_dim come from it)");
+            while first.is_none() && !n.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n.node.spin_once(Duration::from_millis(20));
+                first = announced.try_recv().ok();
+            }
+            let Some((_, dir)) = &first else { return Ok(()) };
+            resolve_shapes(&p, Some(dir))?
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!("shapes: sensor window {}, horizon {}, action size {}", shapes.sensor_window, shapes.horizon, shapes.action_dim);
     let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps, device, kind)?);
-    let cfg = runtime_config(&p, &streams)?;
+    let cfg = runtime_config(&p, &streams, shapes)?;
     let mut handle = crate::runtime::start(cfg, loader, Arc::new(SystemClock::new()))?;
-    let rt = tokio::runtime::Runtime::new()?;
+    let node = &mut n.node;
+    let rt = &n.rt;
 
     for spec in &streams.cameras {
         let kind = spec.kind();
-        let mut sub = node.subscribe_raw(&spec.topic, kind.name(), QosProfile::sensor_data())?;
+        let mut sub = node.subscribe_raw(ros_topic(&spec.topic), kind.name(), qos(spec))?;
         let (inputs, name, topic) = (handle.inputs.clone(), spec.name.clone(), spec.topic.clone());
         rt.spawn(async move {
             while let Some(cdr) = sub.next().await {
@@ -151,7 +209,7 @@ pub fn main() -> Result<()> {
     if sensor.kind() != MsgType::SensorFrame {
         bail!("streams_config: sensor `{}` has type {}; the policy reads {}", sensor.name, sensor.msg_type, MsgType::SensorFrame.name());
     }
-    let mut sub = node.subscribe_raw(&sensor.topic, sensor.kind().name(), QosProfile::sensor_data())?;
+    let mut sub = node.subscribe_raw(ros_topic(&sensor.topic), sensor.kind().name(), qos(sensor))?;
     let (inputs, topic) = (handle.inputs.clone(), sensor.topic.clone());
     rt.spawn(async move {
         while let Some(cdr) = sub.next().await {
@@ -165,21 +223,17 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut ckpt = node.subscribe::<msg::CheckpointInfo>("~/checkpoint_in", QosProfile::default().reliable().transient_local().keep_last(1))?;
     let announcer = handle.announcer.clone();
+    if let Some((version, dir)) = first {
+        announcer.announce(version, dir)?;
+    }
     rt.spawn(async move {
-        while let Some(info) = ckpt.next().await {
-            tracing::info!("checkpoint {} announced at {}", info.version, info.path);
-            if let Err(e) = announcer.announce(info.version.clone(), PathBuf::from(&info.path)) {
+        while let Some((version, dir)) = announced.recv().await {
+            if let Err(e) = announcer.announce(version, dir) {
                 tracing::error!("{e}");
             }
         }
     });
-    let start = p.string("checkpoint");
-    if !start.is_empty() {
-        let manifest = crate::train::publish::verify(Path::new(&start)).with_context(|| format!("parameter checkpoint = `{start}`"))?;
-        handle.announcer.announce(manifest.version, PathBuf::from(&start))?;
-    }
 
     let action_pub = node.create_publisher::<msg::ActionChunk>("~/action_chunk", QosProfile::default())?;
     let twist_pub = (target == TargetOutput::Twist).then(|| node.create_publisher::<TwistStamped>("~/target_twist", QosProfile::default())).transpose()?;
@@ -243,7 +297,8 @@ pub fn main() -> Result<()> {
     });
 
     tracing::info!("policy ready: {} cameras, sensor `{}`, {} Hz", streams.cameras.len(), sensor.name, p.double("control_rate_hz"));
-    super::spin(&mut node, &AtomicBool::new(false));
+    n.spin();
     handle.shutdown();
+    tracing::info!("policy stopped");
     Ok(())
 }

@@ -1,22 +1,25 @@
 //! Simulated robot node: publishes the simulator's camera, tactile/OCT and pose messages (already
 //! CDR-encoded by `sim`) in real time, episode after episode, on the topics of
-//! config/streams_sim.yaml.
+//! config/streams_sim.yaml with their QoS. With `published_log` set it appends one line
+//! `<topic> <stamp_ns>` per published message, so tests can compare a recording with what was sent.
 
+use super::collector::ros_topic;
 use super::params::{declare, ParamsExt};
+use super::NodeRuntime;
 use crate::dataset::recorder::now_ns;
+use crate::dataset::streams::Reliability;
 use crate::sim::SimConfig;
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use r2r::QosProfile;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::io::Write as _;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Runs the simulated robot node until the process is stopped.
+/// Runs the simulated robot node until SIGINT / SIGTERM.
 pub fn main() -> Result<()> {
-    crate::logging::init("info");
-    let ctx = r2r::Context::create()?;
-    let mut node = r2r::Node::create(ctx, "sim_robot", "")?;
-    let p = declare(&node, "sim_robot_node")?;
+    let mut n = NodeRuntime::new("sim_robot")?;
+    let p = declare(&mut n.node, &n.rt, "sim_robot_node", |_, _| {})?;
     let sim = SimConfig {
         seed: p.int("seed") as u64,
         cameras: p.int("cameras").max(1) as usize,
@@ -28,25 +31,49 @@ pub fn main() -> Result<()> {
         ..SimConfig::default()
     };
     let episode_s = p.double("episode_seconds");
+    let mut log = match p.string("published_log").as_str() {
+        "" => None,
+        path => Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("parameter published_log = `{path}`"))?,
+        )),
+    };
     let mut publishers = HashMap::new();
     for (_, spec) in sim.streams().all() {
-        let publisher = node.create_publisher_untyped(&spec.topic, spec.kind().name(), QosProfile::sensor_data())?;
+        let q = spec.qos();
+        let qos = match q.reliability {
+            Reliability::Reliable => QosProfile::default().reliable(),
+            Reliability::BestEffort => QosProfile::sensor_data(),
+        }
+        .keep_last(q.depth);
+        let publisher = n.node.create_publisher_untyped(ros_topic(&spec.topic), spec.kind().name(), qos)?;
         publishers.insert(spec.topic.clone(), publisher);
     }
-    std::thread::spawn(move || {
+    let stop = n.stop.clone();
+    let publishing = std::thread::spawn(move || {
         for index in 0.. {
             let (start_wall, start_ns) = (Instant::now(), now_ns());
-            let episode = sim.episode(index, start_ns, episode_s);
             tracing::info!("sim episode {index}: target {}", sim.scene(index).target_color);
-            for m in episode {
+            for m in sim.episode(index, start_ns, episode_s) {
                 let due = start_wall + Duration::from_nanos((m.stamp_ns - start_ns).max(0) as u64);
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                if let Err(e) = publishers[&m.topic].publish_raw(&m.cdr) {
-                    tracing::warn!("{}: {e}", m.topic);
+                if stop.load(Ordering::SeqCst) {
+                    return log;
+                }
+                match publishers[&m.topic].publish_raw(&m.cdr) {
+                    Ok(()) => {
+                        if let Some(w) = log.as_mut() {
+                            let _ = writeln!(w, "{} {}", m.topic, m.stamp_ns);
+                        }
+                    }
+                    Err(e) => tracing::warn!("{}: {e}", m.topic),
                 }
             }
         }
+        log
     });
-    super::spin(&mut node, &AtomicBool::new(false));
+    n.spin();
+    if let Ok(Some(mut w)) = publishing.join() {
+        w.flush().context("flush published_log")?;
+    }
     Ok(())
 }

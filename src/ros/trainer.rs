@@ -1,40 +1,55 @@
 //! Trainer node: `~/start_finetune`, `~/cancel_finetune`, `~/progress` (throttled) and
 //! `~/checkpoint` (reliable + transient-local) over the ROS-free fine-tuning service
 //! (`train::service`). Jobs run on their own thread; the executor only adapts messages.
+//! SIGINT / SIGTERM cancel a running job, which saves its resumable state at the next step
+//! boundary; the node waits up to `shutdown_grace_s` for that.
 
 use super::convert::{checkpoint_msg, progress_msg};
 use super::interfaces::{msg, srv};
-use super::params::{declare, ParamsExt};
-use crate::train::controller::{CancelResponse, JobStatus, StartResponse};
+use super::params::{declare, share_file, ParamsExt};
+use super::NodeRuntime;
+use crate::train::controller::{CancelResponse, JobController, JobStatus, StartResponse};
 use crate::train::progress::{ProgressHub, Throttle};
 use crate::train::service::{controller, ServiceConfig, StartRequest};
 use anyhow::Result;
 use futures::StreamExt;
 use r2r::QosProfile;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
 
-/// Runs the trainer node until the process is stopped.
+/// The QoS of `~/checkpoint`: a policy node started later still gets the latest announcement.
+pub fn checkpoint_qos() -> QosProfile {
+    QosProfile::default().reliable().transient_local().keep_last(1)
+}
+
+/// Runs the trainer node until SIGINT / SIGTERM.
 pub fn main() -> Result<()> {
-    crate::logging::init("info");
-    let ctx = r2r::Context::create()?;
-    let mut node = r2r::Node::create(ctx, "vla_trainer", "")?;
-    let p = declare(&node, "trainer_node")?;
+    let mut n = NodeRuntime::new("vla_trainer")?;
+    let p = declare(&mut n.node, &n.rt, "trainer_node", |_, _| {})?;
+    let train_config = p.string("train_config");
     let cfg = ServiceConfig {
-        base_model: p.string("base_model").into(),
-        runs_root: p.string("runs_root").into(),
-        checkpoints_root: p.string("checkpoints_root").into(),
+        train_config: (!train_config.is_empty()).then(|| share_file(&train_config)),
+        vram_preset: p.string("vram_preset"),
+        device: p.string("device"),
+        ..ServiceConfig::new(p.string("base_model").into(), p.string("runs_root").into(), p.string("checkpoints_root").into())
     };
     let hub = ProgressHub::new(256);
     let (published_tx, published_rx) = std::sync::mpsc::channel();
     let jobs = controller(cfg, hub.clone(), published_tx);
-    let rt = tokio::runtime::Runtime::new()?;
 
-    let progress_pub = node.create_publisher::<msg::TrainingProgress>("~/progress", QosProfile::default())?;
+    let progress_pub = n.node.create_publisher::<msg::TrainingProgress>("~/progress", QosProfile::default())?;
     let mut events = hub.subscribe();
     let mut throttle = Throttle::new(p.double("progress_rate_hz"));
-    rt.spawn(async move {
-        while let Ok(ev) = events.recv().await {
+    n.rt.spawn(async move {
+        loop {
+            let ev = match events.recv().await {
+                Ok(ev) => ev,
+                Err(RecvError::Lagged(skipped)) => {
+                    tracing::debug!("progress: {skipped} events skipped (throttled anyway)");
+                    continue;
+                }
+                Err(RecvError::Closed) => break,
+            };
             if throttle.admit(&ev, Instant::now()) {
                 if let Err(e) = progress_pub.publish(&progress_msg(&ev)) {
                     tracing::warn!("progress: {e}");
@@ -43,18 +58,19 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let checkpoint_pub = node.create_publisher::<msg::CheckpointInfo>("~/checkpoint", QosProfile::default().reliable().transient_local().keep_last(1))?;
+    let checkpoint_pub = n.node.create_publisher::<msg::CheckpointInfo>("~/checkpoint", checkpoint_qos())?;
     std::thread::spawn(move || {
         for (job_id, published) in published_rx {
+            tracing::info!("announcing checkpoint {} of job {job_id}", published.version);
             if let Err(e) = checkpoint_pub.publish(&checkpoint_msg(&published, &job_id)) {
                 tracing::error!("checkpoint announcement of {}: {e}", published.version);
             }
         }
     });
 
-    let mut start = node.create_service::<srv::StartFineTune::Service>("~/start_finetune", QosProfile::services_default())?;
+    let mut start = n.node.create_service::<srv::StartFineTune::Service>("~/start_finetune", QosProfile::services_default())?;
     let c = jobs.clone();
-    rt.spawn(async move {
+    n.rt.spawn(async move {
         while let Some(req) = start.next().await {
             let m = &req.message;
             let r = StartRequest { dataset: m.dataset.clone(), stage1_checkpoint: m.stage1_checkpoint.clone(), base_model: m.base_model.clone(), overrides: m.overrides.clone() };
@@ -68,9 +84,9 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut cancel = node.create_service::<srv::CancelFineTune::Service>("~/cancel_finetune", QosProfile::services_default())?;
+    let mut cancel = n.node.create_service::<srv::CancelFineTune::Service>("~/cancel_finetune", QosProfile::services_default())?;
     let c = jobs.clone();
-    rt.spawn(async move {
+    n.rt.spawn(async move {
         while let Some(req) = cancel.next().await {
             let id = match (&req.message.job_id, c.status()) {
                 (id, _) if !id.is_empty() => id.clone(),
@@ -88,6 +104,25 @@ pub fn main() -> Result<()> {
     });
 
     tracing::info!("trainer ready");
-    super::spin(&mut node, &AtomicBool::new(false));
+    n.spin();
+    cancel_running(&n.rt, &jobs, Duration::from_secs_f64(p.double("shutdown_grace_s").max(0.0)));
     Ok(())
+}
+
+/// Cancels the running job (if any) and waits up to `grace` for it to save its state and end.
+fn cancel_running(rt: &tokio::runtime::Runtime, jobs: &JobController<StartRequest>, grace: Duration) {
+    let JobStatus::Running { job_id, .. } = jobs.status() else { return };
+    jobs.cancel(&job_id);
+    let mut status = jobs.watch_status();
+    let ended = rt.block_on(tokio::time::timeout(grace, async {
+        while matches!(*status.borrow_and_update(), JobStatus::Running { .. }) {
+            if status.changed().await.is_err() {
+                break;
+            }
+        }
+    }));
+    match ended {
+        Ok(()) => tracing::info!("job {job_id} cancelled; its state is saved (resume it with the same runs folder)"),
+        Err(_) => tracing::warn!("job {job_id} did not reach a step boundary within {grace:?}; its last saved state is kept"),
+    }
 }

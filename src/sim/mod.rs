@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::dataset::cdr::{Header, Image, MsgType, PoseStamped, RosMessage, SensorFrame, Time};
-use crate::dataset::streams::{StreamConfig, StreamSpec};
+use crate::dataset::streams::{Reliability, StreamConfig, StreamQos, StreamSpec};
 
 pub use render::CameraView;
 pub use robot::{Robot, ToolPose};
@@ -59,13 +59,23 @@ pub const SENSOR_TOPIC: &str = "/sim/oct/frame";
 /// Topic of the tool pose.
 pub const POSE_TOPIC: &str = "/sim/robot/pose";
 
+/// QoS of the simulated cameras: best effort, as camera drivers publish.
+fn best_effort(depth: usize) -> StreamQos {
+    StreamQos { reliability: Reliability::BestEffort, depth }
+}
+
+/// QoS of the simulated sensor and pose: reliable.
+fn reliable(depth: usize) -> StreamQos {
+    StreamQos { reliability: Reliability::Reliable, depth }
+}
+
 impl SimConfig {
-    /// The stream mapping of what the simulator publishes.
+    /// The stream mapping of what the simulator publishes, with the QoS it publishes with.
     pub fn streams(&self) -> StreamConfig {
         let camera_age = 1500.0 / self.camera_hz;
         let mut c = StreamConfig {
             cameras: (0..self.cameras)
-                .map(|i| StreamSpec { name: format!("camera{i}"), topic: camera_topic(i), msg_type: MsgType::Image.name().into(), max_age_ms: Some(camera_age), channels: None })
+                .map(|i| StreamSpec { name: format!("camera{i}"), topic: camera_topic(i), msg_type: MsgType::Image.name().into(), max_age_ms: Some(camera_age), channels: None, rate_hz: Some(self.camera_hz), qos: Some(best_effort(10)) })
                 .collect(),
             sensors: vec![StreamSpec {
                 name: "oct".into(),
@@ -73,8 +83,10 @@ impl SimConfig {
                 msg_type: MsgType::SensorFrame.name().into(),
                 max_age_ms: Some(10.0),
                 channels: Some(self.sensor_channels),
+                rate_hz: None,
+                qos: Some(reliable(1000)),
             }],
-            state: StreamSpec { name: "pose".into(), topic: POSE_TOPIC.into(), msg_type: MsgType::PoseStamped.name().into(), max_age_ms: Some(30.0), channels: None },
+            state: StreamSpec { name: "pose".into(), topic: POSE_TOPIC.into(), msg_type: MsgType::PoseStamped.name().into(), max_age_ms: Some(30.0), channels: None, rate_hz: Some(self.pose_hz), qos: Some(reliable(1000)) },
             command: None,
         };
         c.validate("simulator").expect("simulator mapping is valid");

@@ -69,28 +69,35 @@ pub fn parse_overrides(text: &str) -> Result<Overrides, String> {
     Ok(o)
 }
 
-/// The Stage 2 configuration of a request: the embedded `config/train.yaml` with the request's
-/// dataset, base model and stage-1 checkpoint, job folders under `run_dir`, CPU-sized manual
-/// memory settings (micro-batch 4 x 1, rank 8), then the request's `section.key: value`
-/// overrides; errors name the bad key or value.
-pub fn stage2_config(r: &StartRequest, base_model: &std::path::Path, run_dir: &std::path::Path, checkpoints: &std::path::Path) -> Result<TrainConfig, String> {
+/// The Stage 2 configuration of a request. Precedence, lowest first: the built-in
+/// `config/train.yaml`, the service's `train_config` file (replacing it), the service's
+/// `vram_preset` and `device`, the request's folders (dataset, base model, stage-1 checkpoint,
+/// job folders under `run_dir`), then the request's `section.key: value` overrides. With preset
+/// `auto` on a CPU device (no accelerator memory to measure) a CPU-sized setting is used
+/// (micro-batch 4 x 1, LoRA rank 8). Errors name the bad key or value and where it came from.
+pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path::Path) -> Result<TrainConfig, String> {
     let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
-    let mut sets = vec![
+    let (text, origin) = match &svc.train_config {
+        Some(path) => (std::fs::read_to_string(path).map_err(|e| format!("train_config `{}`: {e}", path.display()))?, path.display().to_string()),
+        None => (include_str!("../../config/train.yaml").to_string(), "config/train.yaml (embedded)".to_string()),
+    };
+    let cpu_auto = svc.vram_preset == "auto" && matches!(crate::device::parse(&svc.device), Ok(tch::Device::Cpu));
+    let preset = if cpu_auto { "manual" } else { svc.vram_preset.as_str() };
+    let mut sets = vec![format!("run.device={}", q(std::path::Path::new(&svc.device))), format!("memory.preset={}", q(std::path::Path::new(preset)))];
+    if cpu_auto {
+        sets.extend(["memory.micro_batch=4".into(), "memory.accum_steps=1".into(), "lora.rank=8".into()]);
+    }
+    sets.extend([
         format!("data.dataset_dir={}", q(std::path::Path::new(&r.dataset))),
-        format!("model.base_model_dir={}", q(base_model)),
+        format!("model.base_model_dir={}", q(&svc.model_dir(r))),
         format!("model.stage1_checkpoint={}", q(std::path::Path::new(&r.stage1_checkpoint))),
         format!("run.output_dir={}", q(run_dir)),
         format!("cache.dir={}", q(&run_dir.join("cache"))),
         format!("checkpoint.state_dir={}", q(&run_dir.join("state"))),
-        format!("checkpoint.publish_dir={}", q(checkpoints)),
+        format!("checkpoint.publish_dir={}", q(&svc.checkpoints_root)),
         format!("progress.log_file={}", q(&run_dir.join("progress.jsonl"))),
         format!("progress.plot_file={}", q(&run_dir.join("curves.png"))),
-        "memory.preset=manual".into(),
-        "memory.micro_batch=4".into(),
-        "memory.accum_steps=1".into(),
-        "lora.rank=8".into(),
-        "run.epochs=3".into(),
-    ];
+    ]);
     if !r.overrides.trim().is_empty() {
         let map: BTreeMap<String, serde_yaml::Value> =
             serde_yaml::from_str(&r.overrides).map_err(|e| format!("overrides `{}`: expected a mapping of `section.key: value`: {e}", r.overrides))?;
@@ -99,7 +106,7 @@ pub fn stage2_config(r: &StartRequest, base_model: &std::path::Path, run_dir: &s
             sets.push(format!("{k}={}", v.trim_end()));
         }
     }
-    TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml (embedded)", &sets).map_err(|e| e.to_string())
+    TrainConfig::from_yaml(&text, &origin, &sets).map_err(|e| e.to_string())
 }
 
 /// Where the service keeps things.
@@ -111,9 +118,20 @@ pub struct ServiceConfig {
     pub runs_root: PathBuf,
     /// Published checkpoints.
     pub checkpoints_root: PathBuf,
+    /// Stage 2 training config file (`None`: the built-in `config/train.yaml`).
+    pub train_config: Option<PathBuf>,
+    /// `memory.preset` of Stage 2 jobs: a preset of `config/vram_presets.yaml`, `auto` or `manual`.
+    pub vram_preset: String,
+    /// `run.device` of Stage 2 jobs: auto, cpu, cuda or cuda:N.
+    pub device: String,
 }
 
 impl ServiceConfig {
+    /// Folders as given; the built-in training config, preset `auto`, device `auto`.
+    pub fn new(base_model: PathBuf, runs_root: PathBuf, checkpoints_root: PathBuf) -> Self {
+        Self { base_model, runs_root, checkpoints_root, train_config: None, vram_preset: "auto".into(), device: "auto".into() }
+    }
+
     fn model_dir(&self, r: &StartRequest) -> PathBuf {
         if r.base_model.is_empty() { self.base_model.clone() } else { PathBuf::from(&r.base_model) }
     }
@@ -135,7 +153,7 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
         let stage1 = PathBuf::from(&r.stage1_checkpoint);
         super::deploy::DeployInfo::read(&stage1)
             .map_err(|e| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", stage1.display())))?;
-        let cfg = stage2_config(r, &c2.model_dir(r), &c2.runs_root.join("check"), &c2.checkpoints_root).map_err(RejectReason::ConfigInvalid)?;
+        let cfg = stage2_config(&c2, r, &c2.runs_root.join("check")).map_err(RejectReason::ConfigInvalid)?;
         stage2::resolve_memory(&cfg).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))
     };
     let validators: Vec<Box<dyn Validator<StartRequest>>> = vec![Box::new(dataset_ok), Box::new(model_ok), Box::new(config_ok)];
@@ -179,7 +197,7 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
 
 fn run_stage2(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest, published: &std::sync::Mutex<Sender<(String, Published)>>) -> JobOutcome {
     let run_dir = cfg.runs_root.join(&ctx.job_id);
-    let config = match stage2_config(r, &cfg.model_dir(r), &run_dir, &cfg.checkpoints_root) {
+    let config = match stage2_config(cfg, r, &run_dir) {
         Ok(c) => c,
         Err(error) => return JobOutcome::Failed { error },
     };
@@ -224,7 +242,7 @@ mod tests {
     #[test]
     fn requests_with_a_missing_dataset_or_model_are_rejected_without_starting() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = ServiceConfig { base_model: dir.path().join("nomodel"), runs_root: dir.path().join("runs"), checkpoints_root: dir.path().join("ck") };
+        let cfg = ServiceConfig::new(dir.path().join("nomodel"), dir.path().join("runs"), dir.path().join("ck"));
         let (tx, _rx) = std::sync::mpsc::channel();
         let c = controller(cfg, ProgressHub::new(8), tx);
         let r = StartRequest { dataset: dir.path().join("nodata").display().to_string(), ..Default::default() };

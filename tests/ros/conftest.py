@@ -1,0 +1,136 @@
+"""A ROS 2 graph for the tests: the package's installed nodes started as its launch files start
+them (tests/ros/launch_xml.py), driven and observed by rclpy. Everything runs inside a private
+network namespace with only loopback (scripts/netns_run.sh); outside one the session fails."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "install"
+SHARE = INSTALL / "vla_finetune" / "share" / "vla_finetune"
+LIBEXEC = INSTALL / "vla_finetune" / "lib" / "vla_finetune"
+TINY_MODEL = REPO / "tests" / "fixtures" / "vlm" / "tiny_a"
+CLI = REPO / "target" / "debug" / "vla_finetune"
+
+
+def pytest_configure(config):
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if line.strip()]
+    if names != ["lo"]:
+        pytest.exit(
+            f"the ROS tests need a private network namespace with only loopback (found links {names}); "
+            "run them through scripts/netns_run.sh, which uses `unshare -n` as root and `unshare -rn` "
+            "(a user namespace) otherwise",
+            returncode=2,
+        )
+    if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+        pytest.exit("ROS_AUTOMATIC_DISCOVERY_RANGE must be LOCALHOST (scripts/netns_run.sh sets it)", returncode=2)
+    for path in (LIBEXEC, SHARE):
+        if not path.is_dir():
+            pytest.exit(f"{path} is missing: build the workspace first (make ros)", returncode=2)
+
+
+class Proc:
+    """A started node: its process and its log."""
+
+    def __init__(self, spec, popen, log):
+        self.spec, self.popen, self.log = spec, popen, log
+
+    def interrupt(self, timeout=10.0):
+        """SIGINT, as `ros2 launch` sends on shutdown; the exit code (None if still running)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def output(self):
+        return Path(self.log).read_text(errors="replace")
+
+
+class Graph:
+    """Starts the nodes of launch files; stops them all at the end of the test."""
+
+    def __init__(self, tmp):
+        self.tmp, self.procs = Path(tmp), []
+
+    def launch(self, launch_file, args=None, extra_params=None, cwd=None):
+        """Starts every node `ros2 launch vla_finetune <launch_file> k:=v ...` starts;
+        `extra_params` = {executable: {param: value}} are the test's own, applied last."""
+        import launch_xml
+
+        specs = launch_xml.nodes(SHARE / "launch" / launch_file, args, {"vla_finetune": str(SHARE)})
+        started = {}
+        for spec in specs:
+            argv = [str(LIBEXEC / spec.executable)] + spec.ros_args(self.tmp, (extra_params or {}).get(spec.executable))
+            log = self.tmp / f"{spec.name}.log"
+            env = {**os.environ, **spec.env}
+            p = subprocess.Popen(argv, cwd=cwd or self.tmp, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            started[spec.executable] = Proc(spec, p, log)
+            self.procs.append(started[spec.executable])
+        return started
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.interrupt(10.0) is None:
+                p.popen.kill()
+                p.popen.wait()
+
+
+@pytest.fixture
+def graph(tmp_path):
+    g = Graph(tmp_path)
+    yield g
+    g.stop_all()
+
+
+@pytest.fixture(scope="session")
+def ros_node():
+    import rclpy
+
+    rclpy.init()
+    node = rclpy.create_node("vla_test_client")
+    yield node
+    node.destroy_node()
+    rclpy.shutdown()
+
+
+def spin_until(node, predicate, timeout, what):
+    """Spins `node` until `predicate()` is true; fails naming `what` after `timeout` seconds."""
+    import rclpy
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        rclpy.spin_once(node, timeout_sec=0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def call(node, srv_type, name, request, timeout=30.0):
+    """Calls service `name` once it is available; returns the response."""
+    import rclpy
+
+    client = node.create_client(srv_type, name)
+    try:
+        spin_until(node, client.service_is_ready, timeout, f"service {name}")
+        future = client.call_async(request)
+        rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+        assert future.done(), f"no response from {name} within {timeout} s"
+        return future.result()
+    finally:
+        node.destroy_client(client)
+
+
+class Collect:
+    """Messages of one topic, in arrival order."""
+
+    def __init__(self, node, msg_type, topic, qos=10):
+        self.items = []
+        self.sub = node.create_subscription(msg_type, topic, self.items.append, qos)

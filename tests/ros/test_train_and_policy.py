@@ -1,0 +1,135 @@
+"""Trainer and policy nodes on a real ROS 2 graph, with the shipped launch files and parameter
+files: StartFineTune on the tiny model, progress at its rate with increasing steps, cancel with a
+resumable state, CheckpointInfo latched for late subscribers, the policy node (default
+parameters) activating the announced checkpoint and acting while its inputs are fresh, rejecting
+a corrupted checkpoint, parameters served by the rcl_interfaces services, and SIGINT ending
+every node with exit code 0."""
+
+import shutil
+import subprocess
+import time
+
+import rclpy
+from conftest import CLI, TINY_MODEL, Collect, call, spin_until
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+from vla_finetune_msgs.msg import ActionChunk, CheckpointInfo, PolicyStatus, TrainingProgress
+from vla_finetune_msgs.srv import CancelFineTune, StartFineTune
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def compiled_dataset(tmp_path):
+    """Two short simulated episodes compiled by the CLI (the trainer node trains on this)."""
+    rec = tmp_path / "recorded"
+    for args in (
+        ["record", "--sim", "--episodes", "3", "--seconds", "3", "--width", "112", "--height", "64", "--seed", "3", "--out", str(rec)],
+        ["dataset", "compile", "--episodes", str(rec), "--out", str(tmp_path / "compiled")],
+    ):
+        out = subprocess.run([str(CLI)] + args, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    return tmp_path / "compiled"
+
+
+def progress_of(items, job_id):
+    return [m for m in items if m.job_id == job_id]
+
+
+def wait_terminal(node, progress, job_id, timeout):
+    spin_until(node, lambda: any(m.phase in ("done", "failed", "cancelled") for m in progress_of(progress.items, job_id)), timeout, f"job {job_id} to end")
+    return progress_of(progress.items, job_id)[-1]
+
+
+def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_path):
+    from rcl_interfaces.srv import GetParameters, ListParameters
+
+    dataset = compiled_dataset(tmp_path)
+    train = graph.launch(
+        "collect_and_train.launch.xml",
+        {"use_sim": "true", "base_model": str(TINY_MODEL), "dataset_root": str(tmp_path / "data")},
+        {"sim_robot_node": {"image_width": 112, "image_height": 64}},
+    )
+    policy = graph.launch("policy.launch.xml", {"base_model": str(TINY_MODEL)})
+    procs = {**train, **policy}
+    progress = Collect(ros_node, TrainingProgress, "/vla_trainer/progress", 1000)
+    status = Collect(ros_node, PolicyStatus, "/vla_policy/status", 100)
+    actions = Collect(ros_node, ActionChunk, "/vla_policy/action_chunk", 100)
+
+    # Parameters are declared with types and served by the parameter services.
+    names = call(ros_node, ListParameters, "/vla_policy/list_parameters", ListParameters.Request()).result.names
+    for expected in ("sensor_window", "horizon", "action_dim", "control_rate_hz", "base_model", "use_sim_time"):
+        assert expected in names, names
+    got = call(ros_node, GetParameters, "/vla_policy/get_parameters", GetParameters.Request(names=["control_rate_hz", "sensor_window"])).values
+    assert (got[0].double_value, got[1].integer_value) == (10.0, 0), got
+
+    # Stage 1 through the service; a second start while it runs is rejected with a reason.
+    start = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{epochs: 3}"))
+    assert start.accepted and start.job_id, start.reason
+    second = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset)))
+    assert not second.accepted and "already" in second.reason, second
+    last = wait_terminal(ros_node, progress, start.job_id, 600)
+    assert last.phase == "done", last.message
+    mine = progress_of(progress.items, start.job_id)
+    steps = [m.step for m in mine]
+    assert steps == sorted(steps) and steps[-1] > 0, steps
+    assert last.total_steps > 0 and last.total_epochs == 3
+    training = [m for m in mine if m.phase == "training"]
+    if len(training) >= 3:
+        span = (training[-1].stamp.sec + training[-1].stamp.nanosec * 1e-9) - (training[0].stamp.sec + training[0].stamp.nanosec * 1e-9)
+        assert (len(training) - 1) / max(span, 1e-3) <= 2.0 * 1.5, f"{len(training)} training messages in {span:.2f} s (progress_rate_hz 2)"
+
+    # The announcement is latched: a subscriber created now still receives it.
+    late = Collect(ros_node, CheckpointInfo, "/vla_trainer/checkpoint", LATCHED)
+    spin_until(ros_node, lambda: late.items, 30, "the latched CheckpointInfo")
+    info = late.items[-1]
+    assert info.job_id == start.job_id and info.version and info.path
+
+    # The policy node, with its shipped parameters, activates it and acts while inputs are fresh.
+    spin_until(ros_node, lambda: any(s.active_version == info.version and s.acting for s in status.items), 180, f"the policy acting with {info.version}")
+    spin_until(ros_node, lambda: len([a for a in actions.items if a.checkpoint_version == info.version]) >= 3, 60, "action chunks")
+    chunk = actions.items[-1]
+    assert chunk.horizon * chunk.action_dim == len(chunk.values) > 0
+
+    # A corrupted checkpoint is rejected and the active version stays.
+    bad = tmp_path / "bad_checkpoint"
+    shutil.copytree(info.path, bad)
+    heads = next(p for p in bad.iterdir() if p.suffix == ".safetensors")
+    heads.write_bytes(heads.read_bytes()[:-16] + b"\0" * 16)
+    pub = ros_node.create_publisher(CheckpointInfo, "/vla_trainer/checkpoint", LATCHED)
+    pub.publish(CheckpointInfo(version="v9999", path=str(bad), job_id="forged"))
+    spin_until(ros_node, lambda: any("v9999" in s.message for s in status.items), 60, "the rejection of v9999")
+    n = len(status.items)
+    spin_until(ros_node, lambda: len(status.items) > n + 2, 30, "more policy status")
+    assert status.items[-1].active_version == info.version, status.items[-1]
+    ros_node.destroy_publisher(pub)
+
+    # Stage 2 from that checkpoint, cancelled within a step with a resumable state.
+    s2 = call(
+        ros_node,
+        StartFineTune,
+        "/vla_trainer/start_finetune",
+        StartFineTune.Request(dataset=str(dataset), stage1_checkpoint=info.path, overrides="{run.epochs: 50, model.compute_dtype: f32, cache.mode: vision}"),
+    )
+    assert s2.accepted, s2.reason
+    spin_until(ros_node, lambda: any(m.step >= 1 and m.phase == "training" for m in progress_of(progress.items, s2.job_id)), 300, "a Stage 2 step")
+    cancel = call(ros_node, CancelFineTune, "/vla_trainer/cancel_finetune", CancelFineTune.Request(job_id=s2.job_id))
+    assert cancel.cancelled, cancel.reason
+    assert wait_terminal(ros_node, progress, s2.job_id, 120).phase == "cancelled"
+    assert (tmp_path / "vla_runs" / s2.job_id / "state" / "latest.safetensors").is_file()
+    unknown = call(ros_node, CancelFineTune, "/vla_trainer/cancel_finetune", CancelFineTune.Request(job_id="no-such-job"))
+    assert not unknown.cancelled and "no-such-job" in unknown.reason
+
+    # Inputs go stale when the robot stops: no more actions.
+    assert procs["sim_robot_node"].interrupt(10.0) == 0, procs["sim_robot_node"].output()[-3000:]
+    spin_until(ros_node, lambda: any(not s.acting and s.stale_inputs for s in status.items[-5:]), 30, "stale inputs")
+    time.sleep(1.0)
+    for _ in range(20):
+        rclpy.spin_once(ros_node, timeout_sec=0.05)
+    before = len(actions.items)
+    for _ in range(40):
+        rclpy.spin_once(ros_node, timeout_sec=0.05)
+    assert len(actions.items) == before, "actions published with stale inputs"
+
+    # SIGINT ends every node with exit code 0.
+    codes = {exe: p.interrupt(10.0) for exe, p in procs.items() if exe != "sim_robot_node"}
+    assert all(c == 0 for c in codes.values()), {exe: (c, procs[exe].output()[-3000:]) for exe, c in codes.items() if c != 0}
