@@ -68,6 +68,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("streams_config", String, json!("config/streams_sim.yaml"), "Stream mapping YAML: topics -> cameras, sensors, state, command (relative: the package's share folder first)."),
             p("queue_capacity", Integer, json!(4096), "Messages buffered before drops are counted."),
             p("status_rate_hz", Double, json!(1.0), "Rate of ~/status."),
+            p("stop_drain_s", Double, json!(1.0), "On StopEpisode, wait up to this long for messages stamped before the stop that are still in flight."),
         ],
         "trainer_node" => vec![
             p("base_model", String, json!(""), "Default base VL model folder (Hugging Face layout)."),

@@ -1,7 +1,8 @@
 //! Collector node: raw subscriptions to the configured topics feed the ROS-free recorder core
 //! (`dataset::recorder`); `~/start_episode`, `~/stop_episode` and `~/status` adapt it. Messages
 //! lost before they reach the recorder are counted from the stamps of streams with a `rate_hz`.
-//! SIGINT / SIGTERM close an open episode as `interrupted`, keeping everything received.
+//! A stop first waits (up to `stop_drain_s`) for messages stamped before it that are still in
+//! flight. SIGINT / SIGTERM close an open episode as `interrupted`, keeping everything received.
 
 use super::convert::time_now;
 use super::interfaces::{msg, srv};
@@ -13,7 +14,9 @@ use crate::dataset::streams::{Reliability, StreamConfig, StreamSpec};
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use r2r::QosProfile;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// CollectorStatus from the recorder's status snapshot.
 pub fn status_msg(s: &RecorderStatus, stamp: r2r::builtin_interfaces::msg::Time) -> msg::CollectorStatus {
@@ -46,6 +49,16 @@ pub fn ros_topic(topic: &str) -> &str {
     topic.trim_start_matches('/')
 }
 
+/// Waits (at most `limit`) until every topic that has delivered anything has delivered a message
+/// stamped at or after `stop_ns`, so messages in flight when a stop is asked still enter the
+/// episode (a busy machine delays 690 KB camera images by hundreds of milliseconds).
+async fn drain_in_flight(newest: &[AtomicI64], stop_ns: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline && newest.iter().map(|n| n.load(Ordering::Relaxed)).any(|t| t != i64::MIN && t < stop_ns) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Runs the collector node until SIGINT / SIGTERM.
 pub fn main() -> Result<()> {
     let mut n = NodeRuntime::new("vla_collector")?;
@@ -67,20 +80,24 @@ pub fn main() -> Result<()> {
         }
     }
     let recorder = Arc::new(recorder);
+    let newest: Arc<Vec<AtomicI64>> = Arc::new(streams.all().iter().map(|_| AtomicI64::new(i64::MIN)).collect());
 
-    for (_, spec) in streams.all() {
+    for (i, (_, spec)) in streams.all().into_iter().enumerate() {
         let mut sub = n.node.subscribe_raw(ros_topic(&spec.topic), spec.kind().name(), qos(spec))?;
-        let (rec, topic, kind) = (recorder.clone(), spec.topic.clone(), spec.kind());
+        let (rec, topic, kind, newest) = (recorder.clone(), spec.topic.clone(), spec.kind(), newest.clone());
         let mut gaps = spec.rate_hz.map(GapCounter::new);
         n.rt.spawn(async move {
             while let Some(cdr) = sub.next().await {
-                if let (Some(g), Ok(Some(stamp))) = (gaps.as_mut(), kind.header_stamp(&cdr)) {
+                let stamp = kind.header_stamp(&cdr).ok().flatten();
+                if let (Some(g), Some(stamp)) = (gaps.as_mut(), stamp) {
                     rec.count_lost(&topic, g.observe(stamp));
                 }
                 rec.push_received(&topic, kind.name(), cdr, now_ns());
+                newest[i].fetch_max(stamp.unwrap_or_else(now_ns), Ordering::Relaxed);
             }
         });
     }
+    let drain = Duration::from_secs_f64(p.double("stop_drain_s").max(0.0));
 
     let mut start = n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
     let rec = recorder.clone();
@@ -99,9 +116,10 @@ pub fn main() -> Result<()> {
     });
 
     let mut stop = n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
-    let rec = recorder.clone();
+    let (rec, newest) = (recorder.clone(), newest.clone());
     n.rt.spawn(async move {
         while let Some(req) = stop.next().await {
+            drain_in_flight(&newest, now_ns(), drain).await;
             let resp = match rec.stop(&req.message.outcome) {
                 Ok(meta) => srv::StopEpisode::Response { stopped: true, episode_id: meta.id, messages: rec.status().episode_messages, reason: String::new() },
                 Err(e) => srv::StopEpisode::Response { stopped: false, episode_id: String::new(), messages: 0, reason: e.to_string() },

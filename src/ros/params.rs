@@ -39,6 +39,16 @@ pub fn declare(
             params.insert(spec.name.to_string(), p);
             out.insert(spec.name.to_string(), value);
         }
+        // Declared by every rclcpp node too; true makes the node clock follow /clock.
+        match params.get("use_sim_time").map(|p| &p.value) {
+            None | Some(ParameterValue::NotSet) => {
+                let mut p = Parameter::new(ParameterValue::Bool(false));
+                p.description = "Use the /clock topic as the node clock.";
+                params.insert("use_sim_time".into(), p);
+            }
+            Some(ParameterValue::Bool(_)) => {}
+            Some(v) => bail!("parameter `use_sim_time`: expected bool, got {v:?}"),
+        }
         out
     };
     let (services, mut changes) = node.make_parameter_handler()?;

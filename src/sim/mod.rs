@@ -83,7 +83,7 @@ impl SimConfig {
                 msg_type: MsgType::SensorFrame.name().into(),
                 max_age_ms: Some(10.0),
                 channels: Some(self.sensor_channels),
-                rate_hz: None,
+                rate_hz: Some(self.sensor_hz),
                 qos: Some(reliable(1000)),
             }],
             state: StreamSpec { name: "pose".into(), topic: POSE_TOPIC.into(), msg_type: MsgType::PoseStamped.name().into(), max_age_ms: Some(30.0), channels: None, rate_hz: Some(self.pose_hz), qos: Some(reliable(1000)) },

@@ -77,8 +77,8 @@ def main():
         ep = tmp / "data" / "episodes" / row["episode"]
         meta = json.loads((ep / "episode.json").read_text())
         rec = read_episode(ep)
-        sent = published_between(tmp / "published.log", row["t0"], row["t1"] - 200_000_000)
-        topics = {t: {"published": n, "recorded": sum(1 for s in rec.get(t, {}) if row["t0"] <= s <= row["t1"] - 200_000_000), "drops_counted": meta["drops"].get(t, 0)} for t, n in sorted(sent.items())}
+        sent = published_between(tmp / "published.log", row["t0"], row["t1"])
+        topics = {t: {"published": n, "recorded": sum(1 for s in rec.get(t, {}) if row["t0"] <= s <= row["t1"]), "drops_counted": meta["drops"].get(t, 0)} for t, n in sorted(sent.items())}
         report.append({"episode": row["episode"], "cpu_percent": row["cpu_percent"], "topics": topics})
         print(f"{row['episode']}: cpu {json.dumps({k: round(v) for k, v in row['cpu_percent'].items()})}")
         for t, v in topics.items():

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-INSTALL = REPO / "install"
-SHARE = INSTALL / "vla_finetune" / "share" / "vla_finetune"
-LIBEXEC = INSTALL / "vla_finetune" / "lib" / "vla_finetune"
+# The package's install prefix (colcon's install/vla_finetune; VLA_ROS_PREFIX to test another).
+PREFIX = Path(os.environ.get("VLA_ROS_PREFIX", REPO / "install" / "vla_finetune"))
+SHARE = PREFIX / "share" / "vla_finetune"
+LIBEXEC = PREFIX / "lib" / "vla_finetune"
 TINY_MODEL = REPO / "tests" / "fixtures" / "vlm" / "tiny_a"
 CLI = REPO / "target" / "debug" / "vla_finetune"
 
