@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use vla_finetune::dataset::align::AlignConfig;
 use vla_finetune::dataset::compile::{compile, CompileConfig, SplitConfig, StoreConfig};
-use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, Stamp, StateSeries};
+use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries};
 use vla_finetune::dataset::reader::{BatchReader, Dataset, ReaderConfig};
 use vla_finetune::dataset::store::Split;
 
@@ -56,22 +56,22 @@ impl EpisodeSource for SynthEpisode {
     fn cameras(&self) -> Vec<String> {
         vec!["front".into(), "wrist".into()]
     }
-    fn camera_stamps(&self, _camera: &str) -> anyhow::Result<Vec<Stamp>> {
+    fn camera_stamps(&self, _camera: &str) -> Result<Vec<Stamp>, SourceError> {
         Ok(self.stamps(1_000_000_000 / 15))
     }
-    fn camera_frame(&self, camera: &str, index: usize) -> anyhow::Result<RgbImage> {
+    fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError> {
         let offset = if camera == "front" { 0 } else { 15 };
         Ok(self.frames[(index + offset) % self.frames.len()].clone())
     }
-    fn sensor(&self, _name: &str) -> anyhow::Result<SensorSeries> {
+    fn sensor(&self, _name: &str) -> Result<SensorSeries, SourceError> {
         Ok(self.sensor.clone())
     }
-    fn state(&self) -> anyhow::Result<StateSeries> {
+    fn state(&self) -> Result<StateSeries, SourceError> {
         let stamps = self.stamps(10 * MS);
         let values = (0..stamps.len()).map(|k| vec![k as f64 * 0.1, 0.0, 1.0, 0.0, 0.0, (k as f64 * 0.5) % 360.0 - 180.0]).collect();
         Ok(StateSeries { names: ["x", "y", "z", "roll", "pitch", "yaw"].map(String::from).to_vec(), is_angle_deg: vec![false, false, false, true, true, true], stamps, values })
     }
-    fn commands(&self) -> anyhow::Result<Option<StateSeries>> {
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
         Ok(None)
     }
 }

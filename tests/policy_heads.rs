@@ -278,7 +278,7 @@ impl VlFeatureSource for FakeVl {
     fn vl_dim(&self) -> i64 {
         8
     }
-    fn features(&self, obs: &[VlObservation]) -> anyhow::Result<VlFeatures> {
+    fn features(&self, obs: &[VlObservation]) -> Result<VlFeatures, vla_finetune::vlm::VlmError> {
         let v: Vec<f32> = obs.iter().flat_map(|o| vec![o.instruction.len() as f32; 8]).collect();
         Ok(VlFeatures::pooled(Tensor::from_slice(&v).view([obs.len() as i64, 8])))
     }

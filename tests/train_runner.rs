@@ -10,7 +10,8 @@ use vla_finetune::train::controller::{CancelToken, JobContext};
 use vla_finetune::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
 use vla_finetune::train::progress::{CacheStatus, Phase, ProgressHub};
 use vla_finetune::train::publish::{verify, PublishItem, Source};
-use vla_finetune::train::runner::{run, RunnerConfig, TaskError, TrainTask};
+use vla_finetune::train::error::TrainError;
+use vla_finetune::train::runner::{run, Runner, RunnerConfig, TrainTask};
 
 static TORCH_RNG: Mutex<()> = Mutex::new(());
 
@@ -68,13 +69,14 @@ impl TrainTask for Toy {
     fn train_len(&self) -> usize {
         30
     }
-    fn begin_epoch(&mut self, _epoch: u64) -> Result<Phase, String> {
+    fn begin_epoch(&mut self, _epoch: u64) -> Result<Phase, TrainError> {
         self.epochs_begun += 1;
         Ok(Phase::Training)
     }
-    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError> {
+    fn loss(&mut self, samples: &[usize], _global_step: u64) -> Result<(Tensor, f64), TrainError> {
         if samples.len() > self.max_micro {
-            return Err(TaskError::from("CUDA out of memory. Tried to allocate 2.00 GiB".to_string()));
+            // What libtorch raises; the one conversion into TrainError classifies it.
+            return Err(tch::TchError::Torch("CUDA out of memory. Tried to allocate 2.00 GiB".into()).into());
         }
         self.losses += 1;
         if let Some((k, token)) = &self.cancel_after {
@@ -86,24 +88,24 @@ impl TrainTask for Toy {
         let pred = self.forward(&self.x.index_select(0, &idx), true);
         Ok(((pred - self.y.index_select(0, &idx)).square().mean(Kind::Float), 0.0))
     }
-    fn end_epoch(&mut self, epoch: u64) -> Result<(), String> {
+    fn end_epoch(&mut self, epoch: u64) -> Result<(), TrainError> {
         self.ended.push(epoch);
         Ok(())
     }
-    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, String> {
+    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, TrainError> {
         self.validated.push(epoch);
         let mse = tch::no_grad(|| (self.forward(&self.vx, false) - &self.vy).square().mean(Kind::Float).double_value(&[]));
         Ok(BTreeMap::from([("val_mse".to_string(), mse)]))
     }
-    fn deployable(&mut self) -> Result<Vec<PublishItem>, String> {
-        let w = Vec::<f32>::try_from(self.head.detach().flatten(0, -1)).map_err(|e: tch::TchError| e.to_string())?;
+    fn deployable(&mut self) -> Result<Vec<PublishItem>, TrainError> {
+        let w = Vec::<f32>::try_from(self.head.detach().flatten(0, -1))?;
         Ok(vec![PublishItem { dest: "heads.json".into(), source: Source::Bytes(serde_json::to_vec(&w).unwrap()) }])
     }
     fn cache_state(&self) -> serde_json::Value {
         serde_json::json!({"epochs_begun": self.epochs_begun})
     }
-    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        self.epochs_begun = state["epochs_begun"].as_u64().ok_or("no epochs_begun")?;
+    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), TrainError> {
+        self.epochs_begun = state["epochs_begun"].as_u64().ok_or_else(|| TrainError::invalid("toy state", "no epochs_begun"))?;
         Ok(())
     }
     fn cache_status(&self) -> CacheStatus {
@@ -234,9 +236,12 @@ fn out_of_memory_halves_the_micro_batch_without_losing_the_step() {
     let dir = tempfile::tempdir().unwrap();
     let mut none = toy(None);
     none.max_micro = 0;
-    let err = run(&mut none, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("out of memory at micro-batch 1"), "{err}");
-    assert_eq!(TaskError::from("shape mismatch".to_string()), TaskError::Failed("shape mismatch".into()));
+    let err = run(&mut none, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap_err();
+    assert!(err.is_out_of_memory(), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("at micro-batch 1") && text.contains("CUDA out of memory"), "{text}");
+    // Any other libtorch error stops the run at once.
+    assert!(matches!(TrainError::from(tch::TchError::Torch("shape mismatch".into())), TrainError::Torch(_)));
 }
 
 #[test]
@@ -268,4 +273,64 @@ fn validates_every_n_epochs_and_at_the_last_with_best_among_validated() {
         want += usize::from(new_best || i == pick.len() - 1);
     }
     assert_eq!(rb.published.len(), want);
+}
+
+#[test]
+fn every_event_of_a_run_carries_the_current_step_and_steps_never_decrease() {
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let hub = ProgressHub::new(4096);
+    let mut rx = hub.subscribe();
+    let token = CancelToken::new();
+    // Cancelled in epoch 1, then resumed: both processes' events, in order.
+    let mut first = toy(Some((15 + 2 * 2 + 2, token.clone())));
+    assert!(run(&mut first, &config(dir.path(), true), &ctx(token, &hub), &mut |_| {}).unwrap().cancelled);
+    let mut second = toy(None);
+    let sum = run(&mut second, &config(dir.path(), true), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap();
+    let mut events = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        events.push(ev);
+    }
+    let steps: Vec<u64> = events.iter().map(|e| e.step).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "steps decrease: {steps:?}");
+    assert_eq!(*steps.last().unwrap(), sum.counters.global_step);
+    // Validating (of epoch e) and publishing (once epoch e+1 is the current one) happen after
+    // epoch e's 8 steps and report them.
+    for ev in events.iter() {
+        match ev.phase {
+            Phase::Validating => assert_eq!(ev.step, 8 * (ev.epoch + 1), "validating epoch {}", ev.epoch),
+            Phase::Publishing => assert_eq!(ev.step, 8 * ev.epoch, "publishing at epoch {}", ev.epoch),
+            _ => {}
+        }
+    }
+    assert_eq!(events.iter().filter(|e| e.phase == Phase::Validating).count(), 4);
+}
+
+#[test]
+fn the_loop_can_be_driven_step_by_step() {
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let hub = ProgressHub::new(64);
+    let c = ctx(CancelToken::new(), &hub);
+    let cfg = config(dir.path(), false);
+    let mut task = toy(None);
+    let mut on_publish = |_: &vla_finetune::train::publish::Published| {};
+    let mut runner = Runner::new(&mut task, &cfg, &c, &mut on_publish).unwrap();
+    let err = runner.step().unwrap_err().to_string();
+    assert!(err.contains("before begin_epoch"), "{err}");
+    assert_eq!(runner.steps_per_epoch(), 8);
+    runner.begin_epoch().unwrap();
+    for _ in 0..8 {
+        assert!(runner.step().unwrap().is_finite());
+    }
+    let c0 = runner.counters();
+    assert_eq!((c0.epoch, c0.step_in_epoch, c0.global_step, c0.samples_seen), (0, 8, 8, 30));
+    runner.end_epoch().unwrap();
+    let c1 = runner.counters();
+    assert_eq!((c1.epoch, c1.step_in_epoch, c1.global_step), (1, 0, 8));
+    let s = runner.summary(false);
+    assert_eq!((s.validated_epochs.clone(), s.published.len(), s.train_loss_per_epoch.len()), (vec![0], 1, 1));
+    assert!(dir.path().join("state/latest.safetensors").exists());
+    drop(runner);
+    assert_eq!((task.ended.clone(), task.validated.clone()), (vec![0], vec![0]));
 }

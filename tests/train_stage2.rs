@@ -12,7 +12,7 @@ use vla_finetune::dataset::compile::{compile, CompileConfig};
 use vla_finetune::train::cache::FeatureCache;
 use vla_finetune::train::config::TrainConfig;
 use vla_finetune::train::controller::{JobContext, JobStatus, StartResponse};
-use vla_finetune::train::heads_job::{self, small_heads, HeadsJob};
+use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use vla_finetune::train::progress::ProgressHub;
 use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
@@ -78,13 +78,11 @@ fn fixture() -> &'static Fixture {
             base_model: base.clone(),
             checkpoints: dir.path().join("ck1"),
             work_dir: dir.path().join("heads_job"),
-            epochs: 2,
-            batch_size: 8,
-            lr: 1e-3,
-            seed: 3,
+            train: HeadsTrainConfig { epochs: 2, batch_size: 8, lr: 1e-3, seed: 3, ..HeadsTrainConfig::default() },
             heads,
+            resume: false,
         };
-        let stage1 = heads_job::run(&job, None).unwrap().published.unwrap().dir;
+        let stage1 = heads_job::run(&job, &ctx(), &mut |_| {}).unwrap().published.unwrap().dir;
         Fixture { _dir: dir, dataset, base, stage1 }
     })
 }
@@ -444,4 +442,58 @@ fn cache_keys_for_features_depend_on_adapter_and_prompt_not_for_vision() {
     let again = Stage2Task::new(&cfg2, 4).unwrap();
     assert_eq!(task.sample_key(0, "features", "a").unwrap(), again.sample_key(0, "features", "a").unwrap());
     let _ = task.cache_status();
+}
+
+/// `train-heads` (stage 1) killed mid-run and started again with `--resume` ends with the same
+/// heads, counters and validation as an uninterrupted run, as `train` does.
+#[test]
+fn train_heads_resumes_after_a_kill_like_train() {
+    use std::process::{Command, Stdio};
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let cli = |name: &str, resume: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vla_finetune"));
+        c.args(["train-heads", "--size", "small", "--epochs", "4", "--batch-size", "8", "--seed", "3", "--set", "val_every_epochs=2"])
+            .arg("--dataset")
+            .arg(&f.dataset)
+            .arg("--base-model")
+            .arg(&f.base)
+            .arg("--checkpoints")
+            .arg(dir.path().join(name).join("ck"))
+            .arg("--work-dir")
+            .arg(dir.path().join(name).join("work"));
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let json = |o: std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "train-heads failed: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let full = json(cli("full", false).output().unwrap());
+
+    let mut child = cli("part", false).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let state = dir.path().join("part/work/state/latest.safetensors");
+    let t0 = std::time::Instant::now();
+    while !state.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "train-heads ended before its first saved state");
+        assert!(t0.elapsed().as_secs() < 600, "no state after 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to save anything more
+    child.wait().unwrap();
+    let killed_at = read_state_meta(&state).unwrap().counters;
+    assert!(killed_at.epoch < 4 && killed_at.global_step > 0, "killed mid-run: {killed_at:?}");
+
+    let resumed = json(cli("part", true).output().unwrap());
+    for key in ["global_step", "val_action_error", "val_action_error_per_dim", "best_val_action_error", "train_loss_per_epoch"] {
+        assert_eq!(resumed[key], full[key], "`{key}`");
+    }
+    let heads = |r: &serde_json::Value| {
+        let mut t = read_safetensors(&Path::new(r["checkpoint"].as_str().unwrap()).join("heads.safetensors")).unwrap().tensors;
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    assert_close(&heads(&resumed), &heads(&full), 0.0);
 }

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use crate::dataset::compile::{compile, CompileConfig};
 use crate::train::config::TrainConfig;
-use crate::train::heads_job::{mean, small_heads, HeadsJob};
+use crate::train::heads_job::{mean, small_heads, HeadsJob, HeadsTrainConfig};
 use crate::train::stage2::{self, Stage2Job};
 
 /// Arguments of `demo`.
@@ -132,13 +132,11 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         base_model: base_dir.clone(),
         checkpoints: checkpoints.clone(),
         work_dir: out.join("stage1"),
-        epochs: a.epochs,
-        batch_size: 16,
-        lr: 1e-3,
-        seed: a.seed,
+        train: HeadsTrainConfig { epochs: a.epochs as u64, seed: a.seed, ..HeadsTrainConfig::default() },
         heads: small_heads(),
+        resume: false,
     };
-    let s1 = super::with_progress_bar("demo", |ctx| crate::train::heads_job::run(&job, Some(ctx)))?;
+    let s1 = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run(&job, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
     let stage1 = s1.published.context("stage 1 ended without a checkpoint")?;
 
     eprintln!("[4/5] policy process: hot-swapping checkpoints from {}", checkpoints.display());
@@ -149,7 +147,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
 
     eprintln!("[5/5] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
     let config = stage2_config(&a, &out, &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
-    let s2 = super::with_progress_bar("demo", |ctx| stage2::run(&Stage2Job { config, resume: false }, ctx, &mut |p| eprintln!("published {}", p.version)))?;
+    let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
     let last = s2.published.last().context("Stage 2 published no checkpoint")?.clone();
     policy.wait_active(&last, Duration::from_secs(180))?;
     std::thread::sleep(Duration::from_secs(2));
@@ -169,7 +167,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         "stage2_val_action_error": s2.val_action_error,
         "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
         "stage2_best_val_action_error": s2.run.best,
-        "stage1_train_loss_per_epoch": s1.train_loss,
+        "stage1_train_loss_per_epoch": s1.run.train_loss_per_epoch,
         "stage2_validation_per_epoch": s2.run.validation,
         "lora_params_changed": s2.lora_params_changed,
         "cache_refreshes": s2.cache_refreshes,

@@ -90,15 +90,51 @@ pub(crate) fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<V
     Ok(out)
 }
 
-/// Runs `f` with a job context whose progress is drawn as a bar on stderr.
-pub(crate) fn with_progress_bar<T>(job_id: &str, f: impl FnOnce(&crate::train::controller::JobContext) -> anyhow::Result<T>) -> anyhow::Result<T> {
-    use crate::train::progress::{spawn_sink, BarRenderer, Phase, ProgressEvent, ProgressHub, Throttle};
+/// Runs `f` with a job context whose progress is drawn as a bar on stderr; with `ctrl_c` a
+/// Ctrl-C requests the job's cancel (the job stops at its next optimizer step).
+pub(crate) fn with_progress_bar<T>(
+    job_id: &str,
+    ctrl_c: bool,
+    f: impl FnOnce(&crate::train::controller::JobContext) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use crate::train::progress::{spawn_sink, BarRenderer, Phase, ProgressHub, Throttle};
     let hub = ProgressHub::new(256);
     let sink = spawn_sink(hub.subscribe(), job_id.into(), None, Some((BarRenderer::stderr(), Throttle::new(10.0))));
     let ctx = crate::train::controller::JobContext { job_id: job_id.into(), cancel: Default::default(), progress: hub.clone() };
+    if ctrl_c {
+        let cancel = ctx.cancel.clone();
+        let _ = ctrlc_cancel(move || cancel.cancel());
+    }
     let result = f(&ctx);
     // Ends the sink (a job that already sent its own terminal event ended it before).
-    hub.publish(ProgressEvent::new(job_id, if result.is_ok() { Phase::Done } else { Phase::Failed }));
+    hub.publish(terminal_event(&hub, job_id, if result.is_ok() { Phase::Done } else { Phase::Failed }));
     let _ = sink.join();
     result
+}
+
+/// The job's last event (so the step and epoch stay those reached) in the terminal `phase`.
+pub(crate) fn terminal_event(hub: &crate::train::progress::ProgressHub, job_id: &str, phase: crate::train::progress::Phase) -> crate::train::progress::ProgressEvent {
+    use crate::train::progress::ProgressEvent;
+    let fresh = ProgressEvent::new(job_id, phase);
+    match hub.latest().filter(|e| e.job_id == job_id) {
+        Some(mut ev) => {
+            (ev.phase, ev.time_unix_ms, ev.eta_s, ev.message) = (phase, fresh.time_unix_ms, None, String::new());
+            ev
+        }
+        None => fresh,
+    }
+}
+
+/// Installs a SIGINT handler calling `f` once (best effort: a second Ctrl-C kills the process).
+pub(crate) fn ctrlc_cancel(f: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("cancel requested: stopping at the next optimizer step");
+                f();
+            }
+        })
+    });
+    Ok(())
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::train::config::TrainConfig;
 use crate::train::controller::JobContext;
-use crate::train::progress::{spawn_sink, BarRenderer, JsonlLog, Phase, ProgressEvent, ProgressHub, Throttle};
+use crate::train::progress::{spawn_sink, BarRenderer, JsonlLog, Phase, ProgressHub, Throttle};
 use crate::train::stage2::{self, Stage2Job};
 
 /// Arguments of `train`.
@@ -43,7 +43,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let sink = spawn_sink(hub.subscribe(), job_id.clone(), Some(log), bar);
     let ctx = JobContext { job_id: job_id.clone(), cancel: Default::default(), progress: hub.clone() };
     let cancel = ctx.cancel.clone();
-    let _ = ctrlc_cancel(move || cancel.cancel());
+    let _ = super::ctrlc_cancel(move || cancel.cancel());
     let job = Stage2Job { config, resume: a.resume };
     let result = stage2::run(&job, &ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()));
     let phase = match &result {
@@ -51,7 +51,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Ok(_) => Phase::Done,
         Err(_) => Phase::Failed,
     };
-    let mut ev = ProgressEvent::new(job_id, phase);
+    let mut ev = super::terminal_event(&hub, &job_id, phase);
     if let Err(e) = &result {
         ev.message = format!("{e:#}");
     }
@@ -65,19 +65,5 @@ pub fn run(a: TrainArgs) -> Result<()> {
         r.val_action_error.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
         job.config.progress.log_file.display()
     );
-    Ok(())
-}
-
-/// Installs a SIGINT handler calling `f` once (best effort: a second Ctrl-C kills the process).
-fn ctrlc_cancel(f: impl Fn() + Send + 'static) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::spawn(move || {
-        rt.block_on(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("cancel requested: stopping at the next optimizer step");
-                f();
-            }
-        })
-    });
     Ok(())
 }

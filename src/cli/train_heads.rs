@@ -1,6 +1,9 @@
 //! `vla_finetune train-heads`: stage 1, the policy heads (sensor encoder + diffusion action
 //! expert) trained on frozen VL features of the base model, validated in physical units and
-//! published as a verified heads-only checkpoint, the starting point of `train` (Stage 2).
+//! published as verified heads-only checkpoints, the starting point of `train` (Stage 2).
+//! Settings come from `--config` (config/train_heads.yaml format; built-in defaults without it),
+//! `--set key=value` and the flags below. Ctrl-C cancels at the next optimizer step and leaves a
+//! resumable state in `<work-dir>/state` (`--resume` continues it).
 
 use std::path::PathBuf;
 
@@ -8,7 +11,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::policy::config::PolicyConfig;
-use crate::train::heads_job::{self, mean, small_heads, HeadsJob};
+use crate::train::heads_job::{self, mean, small_heads, HeadsJob, HeadsTrainConfig};
 
 /// Arguments of `train-heads`.
 #[derive(clap::Args, Debug)]
@@ -19,52 +22,74 @@ pub struct TrainHeadsArgs {
     /// Base VL model folder (Hugging Face layout).
     #[arg(long)]
     pub base_model: PathBuf,
-    /// Root of published checkpoints (the new version and `latest` go there).
+    /// Root of published checkpoints (the new versions and `latest` go there).
     #[arg(long, default_value = "checkpoints")]
     pub checkpoints: PathBuf,
-    /// Folder for the job's own files.
+    /// Folder for the job's own files (heads before publication, `state/`, `curves.png`).
     #[arg(long, default_value = "out/stage1")]
     pub work_dir: PathBuf,
-    /// Epochs.
-    #[arg(long, default_value_t = 30)]
-    pub epochs: usize,
-    /// Samples per optimizer step.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Seed of the order, noise and initialization.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Settings file (config/train_heads.yaml format); without it the built-in defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one setting, `key=value` (YAML value), e.g. `weight_decay=0.01`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Epochs (overrides the settings).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Samples per optimizer step (overrides the settings).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate (overrides the settings).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the order, noise and initialization (overrides the settings).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Heads sizes: `reference` (the reference design's sizes) or `small` (CPU runs).
     #[arg(long, default_value = "reference", value_parser = ["reference", "small"])]
     pub size: String,
+    /// Continue from the training state in `<work-dir>/state` when there is one.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl TrainHeadsArgs {
+    /// `--set` followed by the flags, as overrides.
+    fn overrides(&self) -> Vec<String> {
+        let mut o = self.set.clone();
+        let flags = [
+            ("epochs", self.epochs.map(|v| v.to_string())),
+            ("batch_size", self.batch_size.map(|v| v.to_string())),
+            ("lr", self.lr.map(|v| format!("{v:?}"))),
+            ("seed", self.seed.map(|v| v.to_string())),
+        ];
+        o.extend(flags.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
+        o
+    }
 }
 
 /// Runs stage 1 and prints its result as JSON.
 pub fn run(a: TrainHeadsArgs) -> Result<()> {
+    let train = HeadsTrainConfig::load(a.config.as_deref(), &a.overrides())?;
     let heads = if a.size == "small" { small_heads() } else { PolicyConfig::default() };
-    let job = HeadsJob {
-        dataset: a.dataset,
-        base_model: a.base_model,
-        checkpoints: a.checkpoints,
-        work_dir: a.work_dir,
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        seed: a.seed,
-        heads,
-    };
-    let r = super::with_progress_bar("train-heads", |ctx| heads_job::run(&job, Some(ctx)))?;
-    let published = r.published.context("stage 1 was cancelled before publication")?;
+    let job = HeadsJob { dataset: a.dataset, base_model: a.base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume };
+    let r = super::with_progress_bar("train-heads", true, |ctx| {
+        Ok(heads_job::run(&job, ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()))?)
+    })?;
+    let published = r.published.with_context(|| {
+        format!("stage 1 was cancelled at step {}; `--resume` continues from {}", r.run.counters.global_step, job.state_dir().display())
+    })?;
     let out = json!({
         "samples_train": r.samples.0,
         "samples_val": r.samples.1,
         "val_action_error_before": mean(&r.val_error_before),
         "val_action_error": mean(&r.val_error_after),
         "val_action_error_per_dim": r.val_error_after,
-        "train_loss_per_epoch": r.train_loss,
+        "best_val_action_error": r.run.best,
+        "train_loss_per_epoch": r.run.train_loss_per_epoch,
+        "global_step": r.run.counters.global_step,
+        "published": r.run.published,
         "version": published.version,
         "checkpoint": published.dir,
     });

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::episode::{EpisodeSource, SensorSeries, Stamp, StateSeries};
+use super::episode::{EpisodeSource, SensorSeries, SourceError, Stamp, StateSeries};
 
 /// Which stamp of each message is the data's time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -164,14 +164,14 @@ pub enum AlignError {
     #[error("compile config: {0}")]
     Config(String),
     /// The episode source failed to provide a stream.
-    #[error("episode `{episode}`: reading stream `{stream}`: {message}")]
+    #[error("episode `{episode}`: reading stream `{stream}`: {source}")]
     Source {
         /// Episode id.
         episode: String,
         /// Stream name.
         stream: String,
         /// The source's error.
-        message: String,
+        source: SourceError,
     },
     /// A stream's contents are inconsistent.
     #[error("episode `{episode}`: stream `{stream}`: {what}")]
@@ -372,8 +372,8 @@ pub struct Aligner {
     reports: Vec<StreamReport>,
 }
 
-fn src_err(ep: &str, stream: &str, e: anyhow::Error) -> AlignError {
-    AlignError::Source { episode: ep.into(), stream: stream.into(), message: format!("{e:#}") }
+fn src_err(ep: &str, stream: &str, source: SourceError) -> AlignError {
+    AlignError::Source { episode: ep.into(), stream: stream.into(), source }
 }
 
 fn check_state(ep: &str, stream: &str, s: &StateSeries) -> Result<(), AlignError> {

@@ -75,6 +75,43 @@ pub struct StateSeries {
     pub values: Vec<Vec<f64>>,
 }
 
+/// A failed read from an [`EpisodeSource`]; each names the episode and the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The episode has no stream of that name.
+    #[error("episode {episode}: no {kind} stream `{name}`")]
+    NoStream {
+        /// Episode id.
+        episode: String,
+        /// `camera` or `sensor`.
+        kind: &'static str,
+        /// The stream asked for.
+        name: String,
+    },
+    /// A frame index past the camera's last frame.
+    #[error("episode {episode}: camera `{camera}` has {frames} frames, asked for {index}")]
+    NoFrame {
+        /// Episode id.
+        episode: String,
+        /// Camera stream.
+        camera: String,
+        /// Frames it has.
+        frames: usize,
+        /// The index asked for.
+        index: usize,
+    },
+    /// Reading or decoding a message failed.
+    #[error("episode {episode}: {what}: {source}")]
+    Read {
+        /// Episode id.
+        episode: String,
+        /// The stream and message (e.g. camera `front` (/cam/front) frame 3).
+        what: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
 /// Read access to one episode's streams, as alignment needs them.
 pub trait EpisodeSource {
     /// Metadata.
@@ -82,15 +119,15 @@ pub trait EpisodeSource {
     /// Camera stream names, in configured order.
     fn cameras(&self) -> Vec<String>;
     /// Stamps of every frame of `camera`, in recorded order.
-    fn camera_stamps(&self, camera: &str) -> anyhow::Result<Vec<Stamp>>;
+    fn camera_stamps(&self, camera: &str) -> Result<Vec<Stamp>, SourceError>;
     /// Decodes frame `index` of `camera` to RGB8.
-    fn camera_frame(&self, camera: &str, index: usize) -> anyhow::Result<RgbImage>;
+    fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError>;
     /// The sensor stream named `name`.
-    fn sensor(&self, name: &str) -> anyhow::Result<SensorSeries>;
+    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError>;
     /// The robot state stream.
-    fn state(&self) -> anyhow::Result<StateSeries>;
+    fn state(&self) -> Result<StateSeries, SourceError>;
     /// Recorded commands, if a command topic was configured (same layout as the state).
-    fn commands(&self) -> anyhow::Result<Option<StateSeries>>;
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError>;
 }
 
 /// An episode held in memory (synthetic streams in tests, small recordings).
@@ -109,12 +146,12 @@ pub struct MemoryEpisode {
 }
 
 impl MemoryEpisode {
-    fn camera(&self, camera: &str) -> anyhow::Result<&Vec<(Stamp, RgbImage)>> {
+    fn camera(&self, camera: &str) -> Result<&Vec<(Stamp, RgbImage)>, SourceError> {
         self.cameras
             .iter()
             .find(|(n, _)| n == camera)
             .map(|(_, f)| f)
-            .ok_or_else(|| anyhow::anyhow!("episode {}: no camera stream `{camera}`", self.meta.id))
+            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "camera", name: camera.into() })
     }
 }
 
@@ -125,26 +162,29 @@ impl EpisodeSource for MemoryEpisode {
     fn cameras(&self) -> Vec<String> {
         self.cameras.iter().map(|(n, _)| n.clone()).collect()
     }
-    fn camera_stamps(&self, camera: &str) -> anyhow::Result<Vec<Stamp>> {
+    fn camera_stamps(&self, camera: &str) -> Result<Vec<Stamp>, SourceError> {
         Ok(self.camera(camera)?.iter().map(|(s, _)| *s).collect())
     }
-    fn camera_frame(&self, camera: &str, index: usize) -> anyhow::Result<RgbImage> {
+    fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError> {
         let frames = self.camera(camera)?;
-        frames.get(index).map(|(_, i)| i.clone()).ok_or_else(|| {
-            anyhow::anyhow!("episode {}: camera `{camera}` has {} frames, asked for {index}", self.meta.id, frames.len())
+        frames.get(index).map(|(_, i)| i.clone()).ok_or_else(|| SourceError::NoFrame {
+            episode: self.meta.id.clone(),
+            camera: camera.into(),
+            frames: frames.len(),
+            index,
         })
     }
-    fn sensor(&self, name: &str) -> anyhow::Result<SensorSeries> {
+    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
         self.sensors
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, s)| s.clone())
-            .ok_or_else(|| anyhow::anyhow!("episode {}: no sensor stream `{name}`", self.meta.id))
+            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "sensor", name: name.into() })
     }
-    fn state(&self) -> anyhow::Result<StateSeries> {
+    fn state(&self) -> Result<StateSeries, SourceError> {
         Ok(self.state.clone())
     }
-    fn commands(&self) -> anyhow::Result<Option<StateSeries>> {
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
         Ok(self.commands.clone())
     }
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::cdr::{self, MsgType, RosMessage};
-use super::episode::{EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, StateSeries, Stamp};
+use super::episode::{EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, StateSeries, Stamp};
 use super::streams::{Role, StreamConfig, StreamSpec};
 
 /// Name of the marker file present while an episode is being recorded.
@@ -990,6 +990,16 @@ fn push_state(s: &mut StateSeries, t: MsgType, stamp: Stamp, data: &[u8]) -> Res
     Ok(())
 }
 
+impl McapEpisode {
+    /// The camera stream named `camera` with its frame references.
+    fn camera_stream(&self, camera: &str) -> Result<&(StreamSpec, Vec<FrameRef>), SourceError> {
+        self.frames
+            .iter()
+            .find(|(s, _)| s.name == camera)
+            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "camera", name: camera.into() })
+    }
+}
+
 impl EpisodeSource for McapEpisode {
     fn meta(&self) -> &EpisodeMeta {
         &self.meta
@@ -997,23 +1007,29 @@ impl EpisodeSource for McapEpisode {
     fn cameras(&self) -> Vec<String> {
         self.frames.iter().map(|(s, _)| s.name.clone()).collect()
     }
-    fn camera_stamps(&self, camera: &str) -> anyhow::Result<Vec<Stamp>> {
-        let (_, f) = self.frames.iter().find(|(s, _)| s.name == camera).ok_or_else(|| anyhow::anyhow!("episode {}: no camera stream `{camera}`", self.meta.id))?;
+    fn camera_stamps(&self, camera: &str) -> Result<Vec<Stamp>, SourceError> {
+        let (_, f) = self.camera_stream(camera)?;
         Ok(f.iter().map(|r| r.stamp).collect())
     }
-    fn camera_frame(&self, camera: &str, index: usize) -> anyhow::Result<RgbImage> {
-        let (spec, f) = self.frames.iter().find(|(s, _)| s.name == camera).ok_or_else(|| anyhow::anyhow!("episode {}: no camera stream `{camera}`", self.meta.id))?;
-        let r = f.get(index).ok_or_else(|| anyhow::anyhow!("episode {}: camera `{camera}` has {} frames, asked for {index}", self.meta.id, f.len()))?;
-        let raw = self.raw_message(r)?;
-        decode_image(spec.kind(), &raw).map_err(|e| anyhow::anyhow!("episode {}: camera `{camera}` ({}) frame {index}: {e}", self.meta.id, spec.topic))
+    fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError> {
+        let (spec, f) = self.camera_stream(camera)?;
+        let episode = || self.meta.id.clone();
+        let r = f.get(index).ok_or_else(|| SourceError::NoFrame { episode: episode(), camera: camera.into(), frames: f.len(), index })?;
+        let what = || format!("camera `{camera}` ({}) frame {index}", spec.topic);
+        let raw = self.raw_message(r).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: Box::new(e) })?;
+        decode_image(spec.kind(), &raw).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: e.into() })
     }
-    fn sensor(&self, name: &str) -> anyhow::Result<SensorSeries> {
-        self.sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| anyhow::anyhow!("episode {}: no sensor stream `{name}`", self.meta.id))
+    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
+        self.sensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "sensor", name: name.into() })
     }
-    fn state(&self) -> anyhow::Result<StateSeries> {
+    fn state(&self) -> Result<StateSeries, SourceError> {
         Ok(self.state.clone())
     }
-    fn commands(&self) -> anyhow::Result<Option<StateSeries>> {
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
         Ok(self.commands.clone())
     }
 }

@@ -51,8 +51,8 @@ pub enum PolicyError {
     #[error("no VL features: the observation has none and the policy has no VL feature source")]
     NoVlFeatures,
     /// The VL feature source failed.
-    #[error("VL feature source: {0:#}")]
-    VlSource(anyhow::Error),
+    #[error("VL feature source: {0}")]
+    VlSource(#[source] crate::vlm::VlmError),
     /// File system error.
     #[error("{path}: {source}")]
     Io {

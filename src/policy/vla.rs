@@ -22,7 +22,7 @@ pub trait VlFeatureSource: Send {
     /// Size of the pooled feature (must equal the heads' `vl_dim`).
     fn vl_dim(&self) -> i64;
     /// Features of `obs` (batch order kept): pooled `[B, vl_dim]`, plus tokens when available.
-    fn features(&self, obs: &[VlObservation]) -> anyhow::Result<VlFeatures>;
+    fn features(&self, obs: &[VlObservation]) -> Result<VlFeatures, crate::vlm::VlmError>;
 }
 
 /// A batch of observations for [`VlaPolicy::act`].

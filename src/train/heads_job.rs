@@ -1,15 +1,17 @@
-//! Fine-tuning of the policy heads (sensor encoder + diffusion action expert) on frozen VL
-//! features of the base model: VL features are computed once per sample (a feature cache that is
-//! never stale because the VL model does not change), the heads train with AdamW + warmup/cosine
-//! + clipping, validation reports the DDIM action error in physical units, and the result is
-//! published as a verified deployable checkpoint (train::deploy). This is stage 1 of the
-//! reference design; Stage 2 adds LoRA on the VL model.
+//! Stage 1 of the reference design: the policy heads (sensor encoder + diffusion action expert)
+//! trained on frozen VL features of the base model. The VL features are computed once per sample
+//! (a feature cache that is never stale because the VL model does not change); [`HeadsTask`] is
+//! the model side for the one training loop ([`runner`]), which brings AdamW + warmup/cosine +
+//! clipping, exact resume, out-of-memory halving, best-checkpoint selection and publication.
+//! Validation reports the DDIM action error in physical units; each new best and the last epoch
+//! are published as verified deployable checkpoints (train::deploy). Stage 2 adds LoRA on the VL
+//! model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use anyhow::{anyhow, Result};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dataset::reader::Dataset;
@@ -17,12 +19,131 @@ use crate::dataset::store::Split;
 use crate::policy::config::PolicyConfig;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures};
 use crate::policy::normalize::NormStats;
+use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
 use crate::train::controller::JobContext;
 use crate::train::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE, STATS_FILE};
-use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam};
-use crate::train::progress::{Phase, ProgressEvent};
-use crate::train::publish::{verify, PublishItem, PublishRequest, Published, Publisher, Source};
+use crate::train::error::TrainError;
+use crate::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
+use crate::train::progress::{CacheStatus, Phase, ProgressEvent};
+use crate::train::publish::{verify, PublishItem, Published, Source};
+use crate::train::runner::{self, RunSummary, RunnerConfig, TrainTask};
+use crate::train::state::derive_seed;
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// The metric that selects the best checkpoint (mean DDIM action error, physical units).
+pub const BEST_METRIC: &str = "val_action_error";
+/// DDIM steps of validation sampling (and of the deployed policy).
+pub const DDIM_STEPS: usize = 10;
+
+/// Loop and optimizer settings of stage 1 (`config/train_heads.yaml`; every key required there,
+/// unknown keys are errors).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadsTrainConfig {
+    /// Epochs.
+    pub epochs: u64,
+    /// Samples per optimizer step.
+    pub batch_size: usize,
+    /// Peak learning rate of the heads.
+    pub lr: f64,
+    /// Decoupled weight decay (not on biases and norms).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    pub grad_clip_norm: f64,
+    /// Epochs of linear warmup (capped at `epochs`).
+    pub warmup_epochs: u64,
+    /// Cosine floor as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Validate every this many epochs (and after the last).
+    pub val_every_epochs: u64,
+    /// Seed of the order, noise and initialization.
+    pub seed: u64,
+    /// Sample rate of the sensor stream, Hz (the deployed sensor window is `samples / rate`).
+    pub sensor_rate_hz: f64,
+    /// Published versions kept in the checkpoints root (the latest and the best are never pruned).
+    pub keep_versions: usize,
+}
+
+impl Default for HeadsTrainConfig {
+    /// The values of `config/train_heads.yaml`.
+    fn default() -> Self {
+        Self {
+            epochs: 30,
+            batch_size: 16,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            grad_clip_norm: 1.0,
+            warmup_epochs: 1,
+            min_lr_ratio: 0.1,
+            val_every_epochs: 1,
+            seed: 0,
+            sensor_rate_hz: 650.0,
+            keep_versions: 5,
+        }
+    }
+}
+
+impl HeadsTrainConfig {
+    /// Reads `path` (or the defaults when None), applies `overrides` (`key=value`, YAML value)
+    /// and validates.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> std::result::Result<Self, ConfigError> {
+        let (mut doc, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io { path: p.to_path_buf(), source })?;
+                let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse { origin: p.display().to_string(), reason: e.to_string() })?;
+                (doc, p.display().to_string())
+            }
+            None => (serde_yaml::to_value(Self::default()).expect("the defaults serialize"), "defaults".to_string()),
+        };
+        for spec in overrides {
+            apply_override(&mut doc, spec)?;
+        }
+        let cfg: Self = serde_yaml::from_value(doc).map_err(|e| ConfigError::Parse { origin, reason: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value's range; the error names the key.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        let bad = |key: &str, reason: &str| Err(ConfigError::Invalid { key: key.to_string(), reason: reason.to_string() });
+        let finite_pos = |v: f64| v > 0.0 && v.is_finite();
+        if self.epochs == 0 {
+            return bad("epochs", "must be >= 1");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be >= 1");
+        }
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be finite and >= 0");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", "must be finite and >= 0");
+        }
+        if !finite_pos(self.grad_clip_norm) {
+            return bad("grad_clip_norm", "must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("min_lr_ratio", "must be in [0, 1]");
+        }
+        if self.val_every_epochs == 0 {
+            return bad("val_every_epochs", "must be >= 1");
+        }
+        if !finite_pos(self.sensor_rate_hz) {
+            return bad("sensor_rate_hz", "must be positive");
+        }
+        if self.keep_versions == 0 {
+            return bad("keep_versions", "must be >= 1");
+        }
+        Ok(())
+    }
+
+    /// Fraction of the optimizer steps in warmup (`warmup_epochs / epochs`, at most 1).
+    pub fn warmup_ratio(&self) -> f64 {
+        (self.warmup_epochs as f64 / self.epochs as f64).min(1.0)
+    }
+}
 
 /// What to train.
 #[derive(Debug, Clone)]
@@ -33,32 +154,36 @@ pub struct HeadsJob {
     pub base_model: PathBuf,
     /// Root of published checkpoints.
     pub checkpoints: PathBuf,
-    /// Folder for the job's own files (heads weights before publication).
+    /// Folder for the job's own files: heads weights before publication, the resumable state
+    /// (`state/`) and the curves plot (`curves.png`).
     pub work_dir: PathBuf,
-    /// Epochs.
-    pub epochs: usize,
-    /// Samples per optimizer step.
-    pub batch_size: usize,
-    /// Peak learning rate of the heads.
-    pub lr: f64,
-    /// Seed of the order, noise and initialization.
-    pub seed: u64,
+    /// Loop and optimizer settings.
+    pub train: HeadsTrainConfig,
     /// Heads sizes; the input/output sizes are taken from the dataset and the VL model.
     pub heads: PolicyConfig,
+    /// Continue from `<work_dir>/state/latest.safetensors` when it exists.
+    pub resume: bool,
 }
 
-/// What a finished job produced.
+impl HeadsJob {
+    /// The resumable state folder.
+    pub fn state_dir(&self) -> PathBuf {
+        self.work_dir.join("state")
+    }
+}
+
+/// What a stage-1 job produced.
 #[derive(Debug)]
 pub struct HeadsResult {
+    /// The loop's summary (counters, validation per epoch, published versions, cancelled).
+    pub run: RunSummary,
     /// Mean absolute validation action error per action dimension before training (physical units).
     pub val_error_before: Vec<f64>,
-    /// The same after training.
+    /// The same after the last validated epoch (empty when none was validated).
     pub val_error_after: Vec<f64>,
-    /// Mean training loss per epoch.
-    pub train_loss: Vec<f64>,
     /// Train / validation sample counts.
     pub samples: (usize, usize),
-    /// The published checkpoint (None when cancelled before the end).
+    /// The checkpoint of the last epoch, verified (None when cancelled before the end).
     pub published: Option<Published>,
 }
 
@@ -78,137 +203,253 @@ pub fn small_heads() -> PolicyConfig {
     cfg
 }
 
-fn emit(ctx: Option<&JobContext>, phase: Phase, f: impl FnOnce(&mut ProgressEvent)) {
-    if let Some(ctx) = ctx {
-        let mut ev = ProgressEvent::new(ctx.job_id.clone(), phase);
-        f(&mut ev);
-        ctx.progress.publish(ev);
+/// Runs (or, with `job.resume`, continues) stage 1. `ctx` receives progress and may cancel
+/// between optimizer steps; `on_publish` is called after each publication.
+pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published)) -> Result<HeadsResult> {
+    job.train.validate()?;
+    ctx.progress.publish(ProgressEvent::new(&ctx.job_id, Phase::Preparing));
+    let mut task = HeadsTask::new(job, ctx)?;
+    let val_error_before = task.validation_error()?;
+    let t = &job.train;
+    let cfg = RunnerConfig {
+        epochs: t.epochs,
+        accumulation: Accumulation::new(t.batch_size, 1)?,
+        adamw: AdamWConfig::default(),
+        groups: vec![GroupConfig { name: GROUP_HEADS.into(), lr: t.lr, weight_decay: t.weight_decay }],
+        warmup_ratio: t.warmup_ratio(),
+        min_lr_ratio: t.min_lr_ratio,
+        grad_clip_norm: t.grad_clip_norm,
+        seed: t.seed,
+        best_metric: BEST_METRIC.into(),
+        val_every_epochs: t.val_every_epochs,
+        state_dir: job.state_dir(),
+        resume: job.resume,
+        publish_dir: Some(job.checkpoints.clone()),
+        base_model_id: task.deploy.base_model_id.clone(),
+        plot_file: Some(job.work_dir.join("curves.png")),
+    };
+    let mut last = None;
+    let summary = runner::run(&mut task, &cfg, ctx, &mut |p: &Published| {
+        last = Some(p.clone());
+        on_publish(p);
+    })?;
+    runner::prune_published(&job.checkpoints, t.keep_versions, &summary)?;
+    let published = if summary.cancelled { None } else { last };
+    if let Some(p) = &published {
+        verify(&p.dir)?;
+    }
+    Ok(HeadsResult {
+        val_error_after: summary.validation.last().map(per_dim).unwrap_or_default(),
+        run: summary,
+        val_error_before,
+        samples: (task.train_idx.len(), task.val_idx.len()),
+        published,
+    })
+}
+
+/// `val_action_error/dim<k>` values in dimension order.
+pub fn per_dim(m: &BTreeMap<String, f64>) -> Vec<f64> {
+    let mut dims: Vec<(usize, f64)> = m
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("val_action_error/dim").and_then(|d| d.parse().ok()).map(|d| (d, *v)))
+        .collect();
+    dims.sort_by_key(|d| d.0);
+    dims.into_iter().map(|d| d.1).collect()
+}
+
+/// The metrics of per-dimension errors: `val_action_error` (mean) and `val_action_error/dim<k>`.
+pub fn error_metrics(err: &[f64]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::from([(BEST_METRIC.to_string(), mean(err))]);
+    for (d, e) in err.iter().enumerate() {
+        m.insert(format!("val_action_error/dim{d}"), *e);
+    }
+    m
+}
+
+/// Stage 1's model side: fresh heads on features of the frozen base model, computed once.
+pub struct HeadsTask {
+    ds: Dataset,
+    dataset_dir: PathBuf,
+    train_idx: Vec<usize>,
+    val_idx: Vec<usize>,
+    /// Pooled VL features `[1, hidden]` of every sample.
+    features: Vec<Tensor>,
+    heads: PolicyHeads,
+    deploy: DeployInfo,
+    seed: u64,
+    work_dir: PathBuf,
+}
+
+impl HeadsTask {
+    /// Opens the dataset, computes the VL features of every sample with the base model (CPU,
+    /// f32) and builds fresh heads (initialized from `job.train.seed`) sized to the dataset and
+    /// the model.
+    pub fn new(job: &HeadsJob, ctx: &JobContext) -> Result<Self> {
+        tch::manual_seed(job.train.seed as i64);
+        let ds = Dataset::open(&job.dataset)?;
+        let (train_idx, val_idx) = (ds.split_indices(Split::Train), ds.split_indices(Split::Val));
+        if train_idx.is_empty() || val_idx.is_empty() {
+            return Err(TrainError::invalid(
+                format!("dataset `{}`", job.dataset.display()),
+                format!("{} train / {} validation samples; both must be non-empty", train_idx.len(), val_idx.len()),
+            ));
+        }
+        check_model_dir(&job.base_model)?;
+        let vl_config = crate::vlm::Config::from_file(&job.base_model.join("config.json"))?;
+        let vlm = Qwen25VL::load(&job.base_model, Kind::Float, Device::Cpu)?;
+        let processor = VlProcessor::from_model_dir(&job.base_model, &vl_config, None, None)?;
+        let mut building = ProgressEvent::new(&ctx.job_id, Phase::BuildingCache);
+        building.cache.building = true;
+        ctx.progress.publish(building);
+        let mut features = Vec::with_capacity(ds.len());
+        for i in 0..ds.len() {
+            let s = ds.sample(i)?;
+            let batch = processor.collate(&[processor.sample(&s.images, &s.instruction)?])?;
+            let f = tch::no_grad(|| vlm.forward(&batch, false))?;
+            features.push(f.pooled(Pooling::All)?.detach());
+        }
+        let [t_len, channels] = ds.index.sensor_shape;
+        let [horizon, action_dim] = ds.index.action_shape;
+        let mut cfg = job.heads.clone();
+        cfg.vl_dim = vl_config.text.hidden_size;
+        cfg.state_dim = 0;
+        cfg.sensor.window = t_len as i64;
+        cfg.sensor.in_channels = channels as i64;
+        cfg.expert.horizon = horizon as i64;
+        cfg.expert.action_dim = action_dim as i64;
+        let heads = PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu)?;
+        let deploy = DeployInfo {
+            format_version: DEPLOY_FORMAT_VERSION,
+            base_model_id: base_model_id(&job.base_model)?,
+            adapter: None,
+            cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
+            processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },
+            pooling: "all".into(),
+            sensor_channels: channels,
+            sensor_window: t_len,
+            sensor_window_s: t_len as f64 / job.train.sensor_rate_hz,
+            state_dim: 0,
+            horizon,
+            action_dim,
+            step_period_s: 1.0 / ds.index.control_hz,
+            ddim_steps: DDIM_STEPS,
+            dtype: "f32".into(),
+        };
+        Ok(Self {
+            ds,
+            dataset_dir: job.dataset.clone(),
+            train_idx,
+            val_idx,
+            features,
+            heads,
+            deploy,
+            seed: job.train.seed,
+            work_dir: job.work_dir.clone(),
+        })
+    }
+
+    /// Mean absolute DDIM action error per action dimension of the current heads on the
+    /// validation split (physical units).
+    pub fn validation_error(&self) -> Result<Vec<f64>> {
+        validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed)
+    }
+
+    /// The sensor encoder's BatchNorm running statistics (the heads' non-trainable variables).
+    fn buffers(&self) -> BTreeMap<String, Tensor> {
+        self.heads.var_store().variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect()
     }
 }
 
-/// Runs the job; `ctx` (from the job controller) receives progress and may cancel between steps.
-pub fn run(job: &HeadsJob, ctx: Option<&JobContext>) -> Result<HeadsResult> {
-    tch::manual_seed(job.seed as i64);
-    emit(ctx, Phase::Preparing, |_| {});
-    let ds = Dataset::open(&job.dataset)?;
-    let (train_idx, val_idx) = (ds.split_indices(Split::Train), ds.split_indices(Split::Val));
-    if train_idx.is_empty() || val_idx.is_empty() {
-        return Err(anyhow!(
-            "{}: {} train / {} validation samples; both must be non-empty",
-            job.dataset.display(),
-            train_idx.len(),
-            val_idx.len()
-        ));
-    }
-    let vl_config = crate::vlm::Config::from_file(&job.base_model.join("config.json"))?;
-    let vlm = Qwen25VL::load(&job.base_model, Kind::Float, Device::Cpu)?;
-    let processor = VlProcessor::from_model_dir(&job.base_model, &vl_config, None, None)?;
-    emit(ctx, Phase::BuildingCache, |e| e.cache.building = true);
-    let mut features = Vec::with_capacity(ds.len());
-    for i in 0..ds.len() {
-        let s = ds.sample(i)?;
-        let batch = processor.collate(&[processor.sample(&s.images, &s.instruction)?])?;
-        let f = tch::no_grad(|| vlm.forward(&batch, false))?;
-        features.push(f.pooled(Pooling::All)?.detach());
+/// A tensor's shape and values in the task state.
+#[derive(Serialize, Deserialize)]
+struct SavedBuffer {
+    shape: Vec<i64>,
+    values: Vec<f32>,
+}
+
+impl TrainTask for HeadsTask {
+    fn params(&mut self) -> Vec<NamedParam> {
+        let groups = self.heads.param_groups();
+        groups
+            .sensor_encoder
+            .into_iter()
+            .chain(groups.action_expert)
+            .map(|p| NamedParam { name: p.name, group: GROUP_HEADS.into(), tensor: p.tensor })
+            .collect()
     }
 
-    let [t_len, channels] = ds.index.sensor_shape;
-    let [horizon, action_dim] = ds.index.action_shape;
-    let mut cfg = job.heads.clone();
-    cfg.vl_dim = vl_config.text.hidden_size;
-    cfg.state_dim = 0;
-    cfg.sensor.window = t_len as i64;
-    cfg.sensor.in_channels = channels as i64;
-    cfg.expert.horizon = horizon as i64;
-    cfg.expert.action_dim = action_dim as i64;
-    let heads = PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu)?;
-    let val_error_before = validation_error(&heads, &ds, &val_idx, &features, job.seed)?;
-    let groups = heads.param_groups();
-    let params: Vec<NamedParam> = groups
-        .sensor_encoder
-        .into_iter()
-        .chain(groups.action_expert)
-        .map(|p| NamedParam { name: p.name, group: "heads".into(), tensor: p.tensor })
-        .collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), vec![GroupConfig { name: "heads".into(), lr: job.lr, weight_decay: 1e-4 }], params)?;
-    let steps_per_epoch = train_idx.len().div_ceil(job.batch_size);
-    let total = (steps_per_epoch * job.epochs) as u64;
-    let schedule = CosineSchedule { warmup_steps: steps_per_epoch as u64, total_steps: total, min_lr_ratio: 0.1 };
-    let mut train_loss = Vec::new();
-    let mut step = 0u64;
-    for epoch in 0..job.epochs {
-        let order = crate::train::state::epoch_order(job.seed, epoch as u64, train_idx.len());
-        let mut epoch_loss = 0.0;
-        for chunk in order.chunks(job.batch_size) {
-            if ctx.is_some_and(|c| c.cancel.is_cancelled()) {
-                return Ok(HeadsResult { val_error_before, val_error_after: Vec::new(), train_loss, samples: (train_idx.len(), val_idx.len()), published: None });
-            }
-            let idx: Vec<usize> = chunk.iter().map(|&k| train_idx[k]).collect();
-            let b = ds.batch(&idx)?;
-            let vl = VlFeatures::pooled(Tensor::cat(&idx.iter().map(|&i| features[i].shallow_clone()).collect::<Vec<_>>(), 0));
-            let (sensor, actions) = (b.sensor.to_tensor(), b.action.to_tensor());
-            let seeds: Vec<u64> = idx.iter().map(|&i| crate::train::state::derive_seed(job.seed, &[step, i as u64])).collect();
-            opt.zero_grad();
-            let loss = heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
-            loss.backward();
-            opt.clip_grad_norm(1.0)?;
-            let factor = schedule.factor(step);
-            opt.step(factor)?;
-            let l = loss.double_value(&[]);
-            epoch_loss += l * idx.len() as f64;
-            step += 1;
-            emit(ctx, Phase::Training, |e| {
-                (e.epoch, e.total_epochs, e.step, e.total_steps) = (epoch as u64, job.epochs as u64, step, total);
-                (e.loss, e.lr) = (Some(l), Some(job.lr * factor));
-                e.cache.mode = "features".into();
-                e.cache.entries = features.len() as u64;
-                e.cache.hit_rate = 1.0;
-            });
-        }
-        train_loss.push(epoch_loss / train_idx.len() as f64);
+    fn train_len(&self) -> usize {
+        self.train_idx.len()
     }
-    emit(ctx, Phase::Validating, |_| {});
-    let val_error_after = validation_error(&heads, &ds, &val_idx, &features, job.seed)?;
 
-    emit(ctx, Phase::Publishing, |_| {});
-    std::fs::create_dir_all(&job.work_dir)?;
-    let heads_path = job.work_dir.join(HEADS_FILE);
-    heads.save(&heads_path, crate::policy::checkpoint::CheckpointStage::Stage1, BTreeMap::new())?;
-    let base_model_id = base_model_id(&job.base_model)?;
-    let deploy = DeployInfo {
-        format_version: DEPLOY_FORMAT_VERSION,
-        base_model_id: base_model_id.clone(),
-        adapter: None,
-        cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
-        processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },
-        pooling: "all".into(),
-        sensor_channels: channels,
-        sensor_window: t_len,
-        sensor_window_s: t_len as f64 / 650.0,
-        state_dim: 0,
-        horizon,
-        action_dim,
-        step_period_s: 1.0 / ds.index.control_hz,
-        ddim_steps: 10,
-        dtype: "f32".into(),
-    };
-    let mut metrics = BTreeMap::new();
-    metrics.insert("val_action_error".to_string(), mean(&val_error_after));
-    for (d, e) in val_error_after.iter().enumerate() {
-        metrics.insert(format!("val_action_error/dim{d}"), *e);
+    fn begin_epoch(&mut self, _epoch: u64) -> Result<Phase> {
+        Ok(Phase::Training)
     }
-    let published = Publisher::new(&job.checkpoints)?.publish(&PublishRequest {
-        base_model_id,
-        metrics,
-        info: json!({"stage": 1, "epoch": job.epochs, "global_step": step}),
-        items: vec![
+
+    /// Diffusion loss; each sample's noise derives from (seed, optimizer step, sample index), so
+    /// it does not depend on how a step is split into micro-batches.
+    fn loss(&mut self, samples: &[usize], global_step: u64) -> Result<(Tensor, f64)> {
+        let t0 = Instant::now();
+        let idx: Vec<usize> = samples.iter().map(|&k| self.train_idx[k]).collect();
+        let b = self.ds.batch(&idx)?;
+        let vl = VlFeatures::pooled(Tensor::cat(&idx.iter().map(|&i| self.features[i].shallow_clone()).collect::<Vec<_>>(), 0));
+        let (sensor, actions) = (b.sensor.to_tensor(), b.action.to_tensor());
+        let data_s = t0.elapsed().as_secs_f64();
+        let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[global_step, i as u64])).collect();
+        let loss = self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
+        Ok((loss, data_s))
+    }
+
+    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>> {
+        Ok(error_metrics(&self.validation_error()?))
+    }
+
+    fn deployable(&mut self) -> Result<Vec<PublishItem>> {
+        std::fs::create_dir_all(&self.work_dir).map_err(TrainError::io("create folder", &self.work_dir))?;
+        let heads_path = self.work_dir.join(HEADS_FILE);
+        self.heads.save(&heads_path, crate::policy::checkpoint::CheckpointStage::Stage1, BTreeMap::new())?;
+        Ok(vec![
             PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
-            PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(deploy.to_json().into_bytes()) },
-            PublishItem { dest: STATS_FILE.into(), source: Source::File(job.dataset.join("stats.json")) },
-        ],
-    })?;
-    verify(&published.dir)?;
-    Ok(HeadsResult { val_error_before, val_error_after, train_loss, samples: (train_idx.len(), val_idx.len()), published: Some(published) })
+            PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(self.deploy.to_json().into_bytes()) },
+            PublishItem { dest: STATS_FILE.into(), source: Source::File(self.dataset_dir.join(STATS_FILE)) },
+        ])
+    }
+
+    /// The BatchNorm running statistics (not optimizer parameters, so not in the optimizer's
+    /// part of the state), for an exact resume.
+    fn cache_state(&self) -> serde_json::Value {
+        let saved: BTreeMap<String, SavedBuffer> = self
+            .buffers()
+            .into_iter()
+            .map(|(name, t)| {
+                let values = Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1)).expect("a CPU float buffer converts");
+                (name, SavedBuffer { shape: t.size(), values })
+            })
+            .collect();
+        serde_json::json!({ "buffers": saved })
+    }
+
+    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let bad = |reason: String| TrainError::invalid("stage-1 task state", reason);
+        let saved: BTreeMap<String, SavedBuffer> = serde_json::from_value(state["buffers"].clone()).map_err(|e| bad(format!("`buffers`: {e}")))?;
+        let mut buffers = self.buffers();
+        if saved.len() != buffers.len() {
+            return Err(bad(format!("{} buffers saved, the heads have {}", saved.len(), buffers.len())));
+        }
+        for (name, s) in saved {
+            let t = buffers.get_mut(&name).ok_or_else(|| bad(format!("buffer `{name}` is not in the heads")))?;
+            if t.size() != s.shape {
+                return Err(bad(format!("buffer `{name}`: saved shape {:?}, the heads have {:?}", s.shape, t.size())));
+            }
+            let src = Tensor::from_slice(&s.values).reshape(s.shape.as_slice()).to_kind(t.kind());
+            tch::no_grad(|| t.f_copy_(&src))?;
+        }
+        Ok(())
+    }
+
+    fn cache_status(&self) -> CacheStatus {
+        CacheStatus { mode: "features".into(), entries: self.features.len() as u64, hit_rate: 1.0, ..Default::default() }
+    }
 }
 
 /// Mean absolute DDIM action error per action dimension over `val`, in physical units, with a
@@ -217,7 +458,7 @@ pub fn validation_error(heads: &PolicyHeads, ds: &Dataset, val: &[usize], featur
     let b = ds.batch(val)?;
     let vl = VlFeatures::pooled(Tensor::cat(&val.iter().map(|&i| features[i].shallow_clone()).collect::<Vec<_>>(), 0));
     let sensor = b.sensor.to_tensor();
-    let pred = heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, 10, seed)?;
+    let pred = heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, DDIM_STEPS, seed)?;
     let err = (pred - b.action.to_tensor()).abs().mean_dim(&[0i64, 1][..], false, Kind::Double);
     Ok(Vec::<f64>::try_from(err)?)
 }
@@ -232,8 +473,10 @@ pub fn mean(v: &[f64]) -> f64 {
 pub fn base_model_id(dir: &Path) -> Result<String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    h.update(std::fs::read(dir.join("config.json")).map_err(|e| anyhow!("{}/config.json: {e}", dir.display()))?);
-    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)?
+    let config = dir.join("config.json");
+    h.update(std::fs::read(&config).map_err(TrainError::io("read", &config))?);
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map_err(TrainError::io("list folder", dir))?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
         .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
@@ -247,14 +490,33 @@ pub fn base_model_id(dir: &Path) -> Result<String> {
 }
 
 /// Whether `dir` looks like a base VL model folder (config.json, tokenizer.json, weights).
-pub fn check_model_dir(dir: &Path) -> Result<(), String> {
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    let missing = |what: &str| Err(TrainError::invalid(dir.display().to_string(), format!("no {what}")));
     for f in ["config.json", "tokenizer.json"] {
         if !dir.join(f).is_file() {
-            return Err(format!("{}: no {f}", dir.display()));
+            return missing(f);
         }
     }
     if !dir.join("model.safetensors").is_file() && !dir.join("model.safetensors.index.json").is_file() {
-        return Err(format!("{}: no model.safetensors or model.safetensors.index.json", dir.display()));
+        return missing("model.safetensors or model.safetensors.index.json");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settings_file_holds_the_defaults_and_overrides_name_bad_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/train_heads.yaml");
+        assert_eq!(HeadsTrainConfig::load(Some(&path), &[]).unwrap(), HeadsTrainConfig::default());
+        let c = HeadsTrainConfig::load(None, &["weight_decay=0.01".into(), "epochs=4".into()]).unwrap();
+        assert_eq!((c.weight_decay, c.epochs, c.grad_clip_norm), (0.01, 4, 1.0));
+        assert_eq!(c.warmup_ratio(), 0.25);
+        let e = HeadsTrainConfig::load(None, &["clip=2".into()]).unwrap_err().to_string();
+        assert!(e.contains("no key `clip`"), "{e}");
+        let e = HeadsTrainConfig::load(None, &["sensor_rate_hz=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("sensor_rate_hz") && e.contains("positive"), "{e}");
+    }
 }

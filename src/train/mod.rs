@@ -1,8 +1,10 @@
-//! Stage 2 training: loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
+//! Training (stage 1 and Stage 2): loop, feature cache, optimizer groups, schedule, checkpoints, publication, progress.
 //!
 //! - [`optim`]: AdamW with parameter groups, clipping, warmup + cosine, gradient accumulation.
 //! - [`state`]: exact-resume training state and the per-step seed derivation.
-//! - [`runner`]: the model-independent loop over a [`runner::TrainTask`].
+//! - [`runner`]: the one model-independent loop over a [`runner::TrainTask`].
+//! - [`error`]: [`error::TrainError`], the typed errors of a training job.
+//! - [`heads_job`]: stage 1, the policy heads on frozen VL features.
 //! - [`controller`]: one job at a time on its own thread, validators, cancel, status.
 //! - [`cache`] and [`drift`]: feature-cache keys and store; drift and the refresh decision.
 //! - [`publish`]: versioned deployable checkpoints with verified manifests.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod controller;
 pub mod deploy;
 pub mod drift;
+pub mod error;
 pub mod heads_job;
 pub mod optim;
 pub mod plot;

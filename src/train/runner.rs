@@ -1,12 +1,13 @@
-//! The generic Stage 2 training loop over a [`TrainTask`] (the model side: parameters, losses,
-//! validation, cache epochs, deployable files). It owns everything model-independent: epochs and
-//! optimizer steps with gradient accumulation, per-step seeds, clipping, the schedule, cooperative
-//! cancel, exact-resume state (`<state_dir>/latest.safetensors`, `best.safetensors`), progress
-//! events, the curves plot, and publication of a deployable checkpoint on each new best and at
-//! the end.
+//! The one training loop, over a [`TrainTask`] (the model side: parameters, losses, validation,
+//! cache epochs, deployable files); stage 1 (`heads_job`) and Stage 2 (`stage2`) both run on it.
+//! [`Runner`] owns everything model-independent: epochs and optimizer steps with gradient
+//! accumulation, per-step seeds, clipping, the schedule, cooperative cancel, out-of-memory
+//! halving of the micro-batch, exact-resume state (`<state_dir>/latest.safetensors`,
+//! `best.safetensors`), progress events (each carrying the current optimizer step), the curves
+//! plot, and publication of a deployable checkpoint on each new best and at the end.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use tch::Tensor;
 
 use super::config::GROUP_HEADS;
 use super::controller::JobContext;
+use super::error::TrainError;
 use super::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam};
 use super::plot::{write_curves, Curve, TrainingCurves};
 use super::progress::{eta_seconds, peak_host_memory_bytes, CacheStatus, Phase, ProgressEvent};
@@ -29,53 +31,35 @@ pub trait TrainTask {
     fn train_len(&self) -> usize;
     /// Prepares epoch `epoch` (build or refresh a cache, move the VL model, set LoRA trainable or
     /// frozen) and returns the phase its steps report (`Training` or `RefreshingCache`).
-    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase, String>;
-    /// The differentiable mean loss over `samples` and the seconds spent fetching their data.
-    /// [`TaskError::OutOfMemory`] makes the loop halve the micro-batch and redo the step.
-    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError>;
+    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase, TrainError>;
+    /// The differentiable mean loss over `samples` and the seconds spent fetching their data;
+    /// `global_step` is the optimizer step it is for (steps completed before it), the same for
+    /// every micro-batch of the step. [`TrainError::OutOfMemory`] makes the loop halve the
+    /// micro-batch and redo the step.
+    fn loss(&mut self, samples: &[usize], global_step: u64) -> Result<(Tensor, f64), TrainError>;
     /// Called after the backward of each [`TrainTask::loss`] (e.g. to finish a gradient-
     /// checkpointed backward pass by recomputing its segments).
-    fn after_backward(&mut self) -> Result<(), TaskError> {
+    fn after_backward(&mut self) -> Result<(), TrainError> {
         Ok(())
     }
     /// Called after the last step of every epoch, before any validation (e.g. to rewrite a
     /// feature cache after a refresh epoch).
-    fn end_epoch(&mut self, _epoch: u64) -> Result<(), String> {
+    fn end_epoch(&mut self, _epoch: u64) -> Result<(), TrainError> {
         Ok(())
     }
     /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`).
-    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, String>;
+    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, TrainError>;
     /// The deployable files for the current weights (heads, PEFT adapter, stats, config).
-    fn deployable(&mut self) -> Result<Vec<PublishItem>, String>;
-    /// Opaque cache state saved with the training state.
+    fn deployable(&mut self) -> Result<Vec<PublishItem>, TrainError>;
+    /// Opaque task state saved with the training state (cache bookkeeping, buffers).
     fn cache_state(&self) -> serde_json::Value;
-    /// Restores the cache state of a resumed run.
-    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    /// Restores the state of a resumed run (`Null` when the state file has none).
+    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), TrainError>;
     /// The cache as reported in progress events.
     fn cache_status(&self) -> CacheStatus;
     /// Peak accelerator memory since the epoch began, bytes (None on CPU).
     fn peak_accel_mem_bytes(&self) -> Option<u64> {
         None
-    }
-}
-
-/// A failed [`TrainTask::loss`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TaskError {
-    /// The accelerator ran out of memory; the step can be retried with a smaller micro-batch.
-    OutOfMemory(String),
-    /// Anything else; the run stops.
-    Failed(String),
-}
-
-impl From<String> for TaskError {
-    /// Classifies a libtorch error message: one saying "out of memory" is [`TaskError::OutOfMemory`].
-    fn from(message: String) -> Self {
-        if message.to_ascii_lowercase().contains("out of memory") {
-            TaskError::OutOfMemory(message)
-        } else {
-            TaskError::Failed(message)
-        }
     }
 }
 
@@ -106,7 +90,8 @@ pub struct RunnerConfig {
     pub val_every_epochs: u64,
     /// Resumable state folder.
     pub state_dir: PathBuf,
-    /// Resume from `<state_dir>/latest.safetensors` when it exists.
+    /// Resume from `<state_dir>/latest.safetensors` when it exists; without it an old state
+    /// there is removed first.
     pub resume: bool,
     /// Where to publish deployable checkpoints (None: do not publish).
     pub publish_dir: Option<PathBuf>,
@@ -114,17 +99,6 @@ pub struct RunnerConfig {
     pub base_model_id: String,
     /// Curves PNG written after each epoch (None: no plot).
     pub plot_file: Option<PathBuf>,
-}
-
-/// Errors of the loop.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The task failed.
-    #[error("{phase} (epoch {epoch}, step {step}): {message}")]
-    Task { phase: &'static str, epoch: u64, step: u64, message: String },
-    /// Optimizer, state, publication or plot failure.
-    #[error("{0}")]
-    Infra(String),
 }
 
 /// How the loop ended.
@@ -140,6 +114,8 @@ pub struct RunSummary {
     pub validation: Vec<BTreeMap<String, f64>>,
     /// The (0-based) epoch of each `validation` entry.
     pub validated_epochs: Vec<u64>,
+    /// Mean training loss (over samples) of each finished epoch.
+    pub train_loss_per_epoch: Vec<f64>,
     /// Published versions, in order.
     pub published: Vec<String>,
     /// Micro-batch and accumulation at the end (smaller than configured after out-of-memory).
@@ -156,6 +132,12 @@ struct History {
     validated_epochs: Vec<u64>,
     best: Option<f64>,
     published: Vec<String>,
+    /// Mean training loss of each finished epoch (absent in older states).
+    #[serde(default)]
+    epoch_loss: Vec<f64>,
+    /// Sum of step loss x step samples in the current epoch.
+    #[serde(default)]
+    epoch_loss_sum: f64,
 }
 
 impl History {
@@ -169,187 +151,355 @@ impl History {
     }
 }
 
-fn infra(e: impl std::fmt::Display) -> RunError {
-    RunError::Infra(e.to_string())
-}
-
-/// Runs (or resumes) the loop. Checks `ctx.cancel` before every optimizer step; on cancel it
-/// writes `latest.safetensors` at the current step and returns with `cancelled: true`.
-/// `on_publish` is called right after each publication (the trainer node announces it on
-/// `~/checkpoint`).
+/// Runs (or resumes) the loop: [`Runner::new`] then [`Runner::run`].
 pub fn run(
     task: &mut dyn TrainTask,
     cfg: &RunnerConfig,
     ctx: &JobContext,
     on_publish: &mut dyn FnMut(&Published),
-) -> Result<RunSummary, RunError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| infra(format!("create `{}`: {e}", cfg.state_dir.display())))?;
-    let latest_path = cfg.state_dir.join("latest.safetensors");
-    let best_path = cfg.state_dir.join("best.safetensors");
-    let mut opt = AdamW::new(cfg.adamw.clone(), cfg.groups.clone(), task.params()).map_err(infra)?;
-    let n = task.train_len();
-    if n == 0 {
-        return Err(RunError::Task { phase: "preparing", epoch: 0, step: 0, message: "the training set is empty".into() });
-    }
-    let steps_per_epoch = n.div_ceil(cfg.accumulation.effective_batch()) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs;
-    let mut run = RunState {
-        run_seed: cfg.seed,
-        counters: Counters::default(),
-        schedule: CosineSchedule {
-            warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as u64,
-            total_steps,
-            min_lr_ratio: cfg.min_lr_ratio,
-        },
-        accumulation: cfg.accumulation,
-        cache_state: serde_json::Value::Null,
-        extra: serde_json::Value::Null,
-    };
-    let mut hist = History::default();
-    if cfg.resume && latest_path.exists() {
-        let meta = load_state(&latest_path, &mut opt).map_err(infra)?;
-        task.restore_cache_state(&meta.cache_state)
-            .map_err(|message| RunError::Task { phase: "preparing", epoch: meta.counters.epoch, step: meta.counters.global_step, message })?;
-        hist = serde_json::from_value(meta.extra.clone()).map_err(|e| infra(format!("`{}` history: {e}", latest_path.display())))?;
-        run = RunState { run_seed: meta.run_seed, counters: meta.counters, schedule: meta.schedule, accumulation: meta.accumulation, cache_state: meta.cache_state, extra: meta.extra };
-    }
-    let publisher = cfg.publish_dir.as_ref().map(Publisher::new).transpose().map_err(infra)?;
-    let started = Instant::now();
-    let start_step = run.counters.global_step;
-    let event = |phase: Phase, run: &RunState, task: &dyn TrainTask, extra: &dyn Fn(&mut ProgressEvent)| {
-        let mut ev = ProgressEvent::new(&ctx.job_id, phase);
-        ev.epoch = run.counters.epoch;
-        ev.total_epochs = cfg.epochs;
-        ev.step = run.counters.global_step;
-        ev.total_steps = total_steps;
-        ev.cache = task.cache_status();
-        ev.peak_accel_mem_bytes = task.peak_accel_mem_bytes();
-        ev.peak_host_mem_bytes = peak_host_memory_bytes();
-        ev.eta_s = eta_seconds(run.counters.global_step - start_step, total_steps - start_step, started.elapsed());
-        extra(&mut ev);
-        ctx.progress.publish(ev);
-    };
-    let save = |path: &PathBuf, opt: &AdamW, run: &mut RunState, task: &dyn TrainTask, hist: &History| -> Result<(), RunError> {
-        run.cache_state = task.cache_state();
-        run.extra = serde_json::to_value(hist).map_err(infra)?;
-        save_state(path, opt, run).map_err(infra)
-    };
+) -> Result<RunSummary, TrainError> {
+    Runner::new(task, cfg, ctx, on_publish)?.run()
+}
 
-    while run.counters.epoch < cfg.epochs {
-        let epoch = run.counters.epoch;
-        let task_err = |phase: &'static str, run: &RunState| {
-            let step = run.counters.global_step;
-            move |message| RunError::Task { phase, epoch, step, message }
+/// The loop's state between steps; see the module doc.
+pub struct Runner<'a> {
+    task: &'a mut dyn TrainTask,
+    cfg: &'a RunnerConfig,
+    ctx: &'a JobContext,
+    on_publish: &'a mut dyn FnMut(&Published),
+    opt: AdamW,
+    state: RunState,
+    hist: History,
+    publisher: Option<Publisher>,
+    n: usize,
+    steps_per_epoch: u64,
+    started: Instant,
+    start_step: u64,
+    /// The current epoch's sample order and step phase, set by [`Runner::begin_epoch`].
+    epoch: Option<(Vec<usize>, Phase)>,
+}
+
+impl<'a> Runner<'a> {
+    /// Builds the optimizer over the task's parameters and, with `cfg.resume`, restores
+    /// `<state_dir>/latest.safetensors` (parameters, moments, counters, history, task state);
+    /// without it an old state there is removed. `on_publish` is called right after each
+    /// publication (the trainer node announces it on `~/checkpoint`).
+    pub fn new(
+        task: &'a mut dyn TrainTask,
+        cfg: &'a RunnerConfig,
+        ctx: &'a JobContext,
+        on_publish: &'a mut dyn FnMut(&Published),
+    ) -> Result<Self, TrainError> {
+        let fail = |e: TrainError| e.at("preparing", 0, 0);
+        std::fs::create_dir_all(&cfg.state_dir).map_err(TrainError::io("create folder", &cfg.state_dir)).map_err(fail)?;
+        let latest = cfg.state_dir.join("latest.safetensors");
+        if !cfg.resume && latest.exists() {
+            std::fs::remove_file(&latest).map_err(TrainError::io("remove the old state", &latest)).map_err(fail)?;
+        }
+        let n = task.train_len();
+        if n == 0 {
+            return Err(fail(TrainError::invalid("training set", "is empty (expected at least one sample)")));
+        }
+        let opt = AdamW::new(cfg.adamw.clone(), cfg.groups.clone(), task.params()).map_err(|e| fail(e.into()))?;
+        let steps_per_epoch = n.div_ceil(cfg.accumulation.effective_batch()) as u64;
+        let total_steps = steps_per_epoch * cfg.epochs;
+        let state = RunState {
+            run_seed: cfg.seed,
+            counters: Counters::default(),
+            schedule: CosineSchedule {
+                warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as u64,
+                total_steps,
+                min_lr_ratio: cfg.min_lr_ratio,
+            },
+            accumulation: cfg.accumulation,
+            cache_state: serde_json::Value::Null,
+            extra: serde_json::Value::Null,
         };
-        let phase = task.begin_epoch(epoch).map_err(task_err("begin_epoch", &run))?;
-        let order = epoch_order(run.run_seed, epoch, n);
-        let eff = cfg.accumulation.effective_batch();
-        while run.counters.step_in_epoch < steps_per_epoch {
-            if ctx.cancel.is_cancelled() {
-                event(Phase::Checkpointing, &run, task, &|_| {});
-                save(&latest_path, &opt, &mut run, task, &hist)?;
-                return Ok(RunSummary { cancelled: true, counters: run.counters, best: hist.best, validated_epochs: hist.epochs(), validation: hist.validation, published: hist.published, accumulation: run.accumulation });
-            }
-            let s = run.counters.step_in_epoch as usize;
-            let batch = &order[s * eff..((s + 1) * eff).min(n)];
-            let t0 = Instant::now();
-            let (step_loss, data_s) = loop {
-                opt.zero_grad();
-                match accumulate(task, &run, batch) {
-                    Ok(v) => break v,
-                    Err(TaskError::OutOfMemory(msg)) => {
-                        opt.zero_grad();
-                        let Some(smaller) = run.accumulation.halved() else {
-                            return Err(task_err("loss", &run)(format!("out of memory at micro-batch 1: {msg}")));
-                        };
-                        tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory: micro-batch halved, step redone");
-                        run.accumulation = smaller;
-                        event(phase, &run, task, &|ev| {
-                            ev.message = format!("out of memory: micro-batch {} x accumulation {}", smaller.micro_batch, smaller.accum_steps)
-                        });
-                    }
-                    Err(TaskError::Failed(msg)) => return Err(task_err("loss", &run)(msg)),
+        let publisher = cfg.publish_dir.as_ref().map(Publisher::new).transpose().map_err(|e| fail(e.into()))?;
+        let mut runner = Runner {
+            task,
+            cfg,
+            ctx,
+            on_publish,
+            opt,
+            state,
+            hist: History::default(),
+            publisher,
+            n,
+            steps_per_epoch,
+            started: Instant::now(),
+            start_step: 0,
+            epoch: None,
+        };
+        if cfg.resume && latest.exists() {
+            runner.restore(&latest)?;
+        }
+        Ok(runner)
+    }
+
+    /// Loads a saved state into the optimizer, the counters, the history and the task.
+    fn restore(&mut self, path: &Path) -> Result<(), TrainError> {
+        let meta = load_state(path, &mut self.opt).map_err(|e| TrainError::from(e).at("preparing", 0, 0))?;
+        let (epoch, step) = (meta.counters.epoch, meta.counters.global_step);
+        self.task.restore_cache_state(&meta.cache_state).map_err(|e| e.at("restore", epoch, step))?;
+        self.hist = serde_json::from_value(meta.extra.clone())
+            .map_err(|e| TrainError::invalid(format!("training state `{}`", path.display()), format!("history: {e}")).at("restore", epoch, step))?;
+        self.state = RunState {
+            run_seed: meta.run_seed,
+            counters: meta.counters,
+            schedule: meta.schedule,
+            accumulation: meta.accumulation,
+            cache_state: meta.cache_state,
+            extra: meta.extra,
+        };
+        self.start_step = step;
+        Ok(())
+    }
+
+    /// Runs every remaining epoch. Checks `ctx.cancel` before every optimizer step; on cancel
+    /// it writes `latest.safetensors` at the current step and returns with `cancelled: true`.
+    pub fn run(mut self) -> Result<RunSummary, TrainError> {
+        while self.state.counters.epoch < self.cfg.epochs {
+            self.begin_epoch()?;
+            while self.state.counters.step_in_epoch < self.steps_per_epoch {
+                if self.ctx.cancel.is_cancelled() {
+                    self.event(Phase::Checkpointing, |ev| ev.message = "cancelled: saving the state".into());
+                    self.save(&self.cfg.state_dir.join("latest.safetensors"))?;
+                    return Ok(self.summary(true));
                 }
-            };
-            if !step_loss.is_finite() {
-                return Err(task_err("loss", &run)(format!("loss is {step_loss}")));
+                self.step()?;
             }
-            opt.clip_grad_norm(cfg.grad_clip_norm).map_err(infra)?;
-            let factor = run.schedule.factor(run.counters.global_step);
-            opt.step(factor).map_err(infra)?;
-            run.counters.global_step += 1;
-            run.counters.step_in_epoch += 1;
-            run.counters.samples_seen += batch.len() as u64;
-            hist.train_loss.push((run.counters.global_step, step_loss));
-            let wall = t0.elapsed().as_secs_f64();
-            let lrs = opt.lrs(factor);
-            let lr = lrs.iter().find(|(g, _)| g == GROUP_HEADS).or(lrs.first()).map(|(_, v)| *v);
-            event(phase, &run, task, &|ev| {
-                ev.loss = Some(step_loss);
-                ev.lr = lr;
-                ev.samples_per_s = (wall > 0.0).then(|| batch.len() as f64 / wall);
-                ev.data_time_s = data_s;
-                ev.compute_time_s = (wall - data_s).max(0.0);
-            });
+            self.end_epoch()?;
         }
-        task.end_epoch(epoch).map_err(task_err("end_epoch", &run))?;
-        let last = epoch + 1 == cfg.epochs;
-        if !(last || (epoch + 1) % cfg.val_every_epochs.max(1) == 0) {
-            run.counters.epoch += 1;
-            run.counters.step_in_epoch = 0;
-            event(Phase::Checkpointing, &run, task, &|ev| ev.message = format!("epoch {epoch}: not a validation epoch"));
-            save(&latest_path, &opt, &mut run, task, &hist)?;
-            continue;
+        Ok(self.summary(false))
+    }
+
+    /// Counters now.
+    pub fn counters(&self) -> Counters {
+        self.state.counters
+    }
+
+    /// Micro-batch and accumulation now.
+    pub fn accumulation(&self) -> Accumulation {
+        self.state.accumulation
+    }
+
+    /// Optimizer steps per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_per_epoch
+    }
+
+    /// Starts the current epoch: the task prepares it, the sample order is drawn.
+    pub fn begin_epoch(&mut self) -> Result<(), TrainError> {
+        let epoch = self.state.counters.epoch;
+        let phase = self.task.begin_epoch(epoch).map_err(|e| self.located(e, "begin_epoch"))?;
+        if self.state.counters.step_in_epoch == 0 {
+            self.hist.epoch_loss_sum = 0.0;
         }
-        event(Phase::Validating, &run, task, &|_| {});
-        let metrics = task.validate(epoch).map_err(task_err("validate", &run))?;
-        let value = *metrics
-            .get(&cfg.best_metric)
-            .ok_or_else(|| task_err("validate", &run)(format!("metrics lack `{}`", cfg.best_metric)))?;
-        hist.validated_epochs = hist.epochs();
-        hist.validated_epochs.push(epoch);
-        hist.validation.push(metrics.clone());
-        run.counters.epoch += 1;
-        run.counters.step_in_epoch = 0;
-        let is_best = value.is_finite() && hist.best.is_none_or(|b| value < b);
-        if is_best {
-            hist.best = Some(value);
+        self.epoch = Some((epoch_order(self.state.run_seed, epoch, self.n), phase));
+        Ok(())
+    }
+
+    /// One optimizer step of the current epoch (after [`Runner::begin_epoch`]): forward and
+    /// backward of its micro-batches (on out-of-memory with the micro-batch halved and the step
+    /// redone), clipping, the update, a progress event. Returns the step's mean loss.
+    pub fn step(&mut self) -> Result<f64, TrainError> {
+        let Some((order, phase)) = self.epoch.take() else {
+            return Err(self.located(TrainError::invalid("step", "called before begin_epoch"), "step"));
+        };
+        let result = self.step_in(&order, phase);
+        self.epoch = Some((order, phase));
+        result
+    }
+
+    fn step_in(&mut self, order: &[usize], phase: Phase) -> Result<f64, TrainError> {
+        let eff = self.cfg.accumulation.effective_batch();
+        let s = self.state.counters.step_in_epoch as usize;
+        let batch = &order[s * eff..((s + 1) * eff).min(self.n)];
+        let t0 = Instant::now();
+        let (step_loss, data_s) = self.forward_backward(batch, phase)?;
+        if !step_loss.is_finite() {
+            return Err(self.located(TrainError::invalid("loss", format!("is {step_loss} (expected a finite number)")), "loss"));
         }
-        if let (Some(p), true) = (&publisher, is_best || last) {
-            event(Phase::Publishing, &run, task, &|_| {});
-            let items = task.deployable().map_err(task_err("deployable", &run))?;
-            let req = PublishRequest {
-                base_model_id: cfg.base_model_id.clone(),
-                metrics: metrics.clone(),
-                info: serde_json::json!({"job_id": ctx.job_id, "epoch": epoch, "global_step": run.counters.global_step, "best": is_best}),
-                items,
-            };
-            let published = p.publish(&req).map_err(infra)?;
-            on_publish(&published);
-            hist.published.push(published.version);
-        }
-        event(Phase::Checkpointing, &run, task, &|ev| ev.message = format!("epoch {epoch}: {} = {value}", cfg.best_metric));
-        save(&latest_path, &opt, &mut run, task, &hist)?;
-        if is_best {
-            save(&best_path, &opt, &mut run, task, &hist)?;
-        }
-        if let Some(plot) = &cfg.plot_file {
-            write_curves(plot, &curves(&hist), 960, 400).map_err(infra)?;
+        let factor = self.state.schedule.factor(self.state.counters.global_step);
+        self.opt.clip_grad_norm(self.cfg.grad_clip_norm).and_then(|_| self.opt.step(factor)).map_err(|e| self.located(e.into(), "optimizer step"))?;
+        let c = &mut self.state.counters;
+        c.global_step += 1;
+        c.step_in_epoch += 1;
+        c.samples_seen += batch.len() as u64;
+        self.hist.train_loss.push((c.global_step, step_loss));
+        self.hist.epoch_loss_sum += step_loss * batch.len() as f64;
+        let wall = t0.elapsed().as_secs_f64();
+        let lrs = self.opt.lrs(factor);
+        let lr = lrs.iter().find(|(g, _)| g == GROUP_HEADS).or(lrs.first()).map(|(_, v)| *v);
+        self.event(phase, |ev| {
+            ev.loss = Some(step_loss);
+            ev.lr = lr;
+            ev.samples_per_s = (wall > 0.0).then(|| batch.len() as f64 / wall);
+            ev.data_time_s = data_s;
+            ev.compute_time_s = (wall - data_s).max(0.0);
+        });
+        Ok(step_loss)
+    }
+
+    /// Gradients of one step's `batch`; halves the micro-batch and redoes it on out-of-memory.
+    /// Returns (mean loss, data seconds).
+    fn forward_backward(&mut self, batch: &[usize], phase: Phase) -> Result<(f64, f64), TrainError> {
+        loop {
+            self.opt.zero_grad();
+            match accumulate(self.task, &self.state, batch) {
+                Ok(v) => return Ok(v),
+                Err(TrainError::OutOfMemory { source }) => {
+                    self.opt.zero_grad();
+                    let Some(smaller) = self.state.accumulation.halved() else {
+                        return Err(self.located(TrainError::OutOfMemory { source }, "loss at micro-batch 1"));
+                    };
+                    tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory: micro-batch halved, step redone");
+                    self.state.accumulation = smaller;
+                    self.event(phase, |ev| {
+                        ev.message = format!("out of memory: micro-batch {} x accumulation {}", smaller.micro_batch, smaller.accum_steps)
+                    });
+                }
+                Err(e) => return Err(self.located(e, "loss")),
+            }
         }
     }
-    Ok(RunSummary { cancelled: false, counters: run.counters, best: hist.best, validated_epochs: hist.epochs(), validation: hist.validation, published: hist.published, accumulation: run.accumulation })
+
+    /// Ends the current epoch: the task's `end_epoch`, then on a validation epoch validation,
+    /// best selection and publication, then the state saved (and the plot drawn).
+    pub fn end_epoch(&mut self) -> Result<(), TrainError> {
+        let epoch = self.state.counters.epoch;
+        self.task.end_epoch(epoch).map_err(|e| self.located(e, "end_epoch"))?;
+        self.epoch = None;
+        self.hist.epoch_loss.push(self.hist.epoch_loss_sum / self.n as f64);
+        self.hist.epoch_loss_sum = 0.0;
+        let last = epoch + 1 == self.cfg.epochs;
+        let validate = last || (epoch + 1) % self.cfg.val_every_epochs.max(1) == 0;
+        let metrics = if validate { Some(self.validate()?) } else { None };
+        self.state.counters.epoch += 1;
+        self.state.counters.step_in_epoch = 0;
+        let Some(metrics) = metrics else {
+            self.event(Phase::Checkpointing, |ev| ev.message = format!("epoch {epoch}: not a validation epoch"));
+            return self.save(&self.cfg.state_dir.join("latest.safetensors"));
+        };
+        let value = metrics[&self.cfg.best_metric];
+        let is_best = value.is_finite() && self.hist.best.is_none_or(|b| value < b);
+        if is_best {
+            self.hist.best = Some(value);
+        }
+        if is_best || last {
+            self.publish(epoch, metrics, is_best)?;
+        }
+        self.event(Phase::Checkpointing, |ev| ev.message = format!("epoch {epoch}: {} = {value}", self.cfg.best_metric));
+        self.save(&self.cfg.state_dir.join("latest.safetensors"))?;
+        if is_best {
+            self.save(&self.cfg.state_dir.join("best.safetensors"))?;
+        }
+        if let Some(plot) = &self.cfg.plot_file {
+            write_curves(plot, &curves(&self.hist), 960, 400).map_err(|e| self.located(e.into(), "plot"))?;
+        }
+        Ok(())
+    }
+
+    /// Validation of the epoch just trained; records the metrics in the history.
+    fn validate(&mut self) -> Result<BTreeMap<String, f64>, TrainError> {
+        let epoch = self.state.counters.epoch;
+        self.event(Phase::Validating, |_| {});
+        let metrics = self.task.validate(epoch).map_err(|e| self.located(e, "validate"))?;
+        if !metrics.contains_key(&self.cfg.best_metric) {
+            let reason = format!("lack `{}` (have: {})", self.cfg.best_metric, metrics.keys().cloned().collect::<Vec<_>>().join(", "));
+            return Err(self.located(TrainError::invalid("validation metrics", reason), "validate"));
+        }
+        self.hist.validated_epochs = self.hist.epochs();
+        self.hist.validated_epochs.push(epoch);
+        self.hist.validation.push(metrics.clone());
+        Ok(metrics)
+    }
+
+    /// Publishes the current weights as a deployable checkpoint (no-op without a publish folder).
+    fn publish(&mut self, epoch: u64, metrics: BTreeMap<String, f64>, is_best: bool) -> Result<(), TrainError> {
+        if self.publisher.is_none() {
+            return Ok(());
+        }
+        self.event(Phase::Publishing, |_| {});
+        let items = self.task.deployable().map_err(|e| self.located(e, "deployable"))?;
+        let req = PublishRequest {
+            base_model_id: self.cfg.base_model_id.clone(),
+            metrics,
+            info: serde_json::json!({"job_id": self.ctx.job_id, "epoch": epoch, "global_step": self.state.counters.global_step, "best": is_best}),
+            items,
+        };
+        let published = self.publisher.as_ref().expect("checked above").publish(&req).map_err(|e| self.located(e.into(), "publish"))?;
+        (self.on_publish)(&published);
+        self.hist.published.push(published.version);
+        Ok(())
+    }
+
+    /// Writes the training state (optimizer, counters, history, task state) to `path`.
+    pub fn save(&mut self, path: &Path) -> Result<(), TrainError> {
+        self.state.cache_state = self.task.cache_state();
+        self.state.extra = serde_json::to_value(&self.hist).map_err(|e| self.located(TrainError::invalid("training history", e.to_string()), "save"))?;
+        save_state(path, &self.opt, &self.state).map_err(|e| self.located(e.into(), "save"))
+    }
+
+    /// The summary of the run so far.
+    pub fn summary(&self, cancelled: bool) -> RunSummary {
+        RunSummary {
+            cancelled,
+            counters: self.state.counters,
+            best: self.hist.best,
+            validation: self.hist.validation.clone(),
+            validated_epochs: self.hist.epochs(),
+            train_loss_per_epoch: self.hist.epoch_loss.clone(),
+            published: self.hist.published.clone(),
+            accumulation: self.state.accumulation,
+        }
+    }
+
+    /// `e` located at the current epoch and optimizer step.
+    fn located(&self, e: TrainError, phase: &'static str) -> TrainError {
+        e.at(phase, self.state.counters.epoch, self.state.counters.global_step)
+    }
+
+    /// Publishes a progress event for `phase` at the current counters; `extra` fills the rest.
+    fn event(&self, phase: Phase, extra: impl FnOnce(&mut ProgressEvent)) {
+        let c = self.state.counters;
+        let total_steps = self.state.schedule.total_steps;
+        let mut ev = ProgressEvent::new(&self.ctx.job_id, phase);
+        ev.epoch = c.epoch;
+        ev.total_epochs = self.cfg.epochs;
+        ev.step = c.global_step;
+        ev.total_steps = total_steps;
+        ev.cache = self.task.cache_status();
+        ev.peak_accel_mem_bytes = self.task.peak_accel_mem_bytes();
+        ev.peak_host_mem_bytes = peak_host_memory_bytes();
+        ev.eta_s = eta_seconds(c.global_step - self.start_step, total_steps.saturating_sub(self.start_step), self.started.elapsed());
+        extra(&mut ev);
+        self.ctx.progress.publish(ev);
+    }
+}
+
+/// Prunes `publish_dir` to `keep` versions, never removing the run's last two publications (on
+/// each new best and at the end, so they are the latest and the best).
+pub fn prune_published(publish_dir: &Path, keep: usize, summary: &RunSummary) -> Result<(), TrainError> {
+    if summary.published.is_empty() {
+        return Ok(());
+    }
+    let protect: Vec<&str> = summary.published.iter().rev().take(2).map(String::as_str).collect();
+    Publisher::new(publish_dir)?.prune(keep, &protect)?;
+    Ok(())
 }
 
 /// Forward and backward of one optimizer step's micro-batches; returns (mean loss, data seconds).
-fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Result<(f64, f64), TaskError> {
+fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Result<(f64, f64), TrainError> {
     let (mut loss_sum, mut data_s) = (0.0, 0.0);
     for (mi, mb) in run.accumulation.micro_batches(batch.len()).into_iter().enumerate() {
         seed_torch(run.run_seed, run.counters.global_step, mi as u64);
-        let (loss, d) = task.loss(&batch[mb.range.clone()])?;
+        let (loss, d) = task.loss(&batch[mb.range.clone()], run.counters.global_step)?;
         data_s += d;
         let scaled = loss * mb.loss_scale;
-        loss_sum += scaled.double_value(&[]);
-        scaled.f_backward().map_err(|e| TaskError::from(e.to_string()))?;
+        loss_sum += scaled.f_double_value(&[])?;
+        scaled.f_backward()?;
         task.after_backward()?;
     }
     Ok((loss_sum, data_s))

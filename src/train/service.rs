@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::config::TrainConfig;
 use super::controller::{JobContext, JobController, JobOutcome, RejectReason, Validator};
-use super::heads_job::{self, small_heads, HeadsJob};
+use super::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use super::progress::ProgressHub;
 use super::publish::Published;
 use super::stage2::{self, Stage2Job};
@@ -144,7 +144,7 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
         let p = PathBuf::from(&r.dataset);
         if p.join("index.json").is_file() { Ok(()) } else { Err(RejectReason::DatasetMissing(format!("{}: no compiled dataset (index.json)", p.display()))) }
     };
-    let model_ok = move |r: &StartRequest| heads_job::check_model_dir(&c.model_dir(r)).map_err(RejectReason::ModelDirInvalid);
+    let model_ok = move |r: &StartRequest| heads_job::check_model_dir(&c.model_dir(r)).map_err(|e| RejectReason::ModelDirInvalid(e.to_string()));
     let c2 = cfg.clone();
     let config_ok = move |r: &StartRequest| {
         if r.stage1_checkpoint.is_empty() {
@@ -163,30 +163,32 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
             return run_stage2(&cfg, &ctx, &r, &published);
         }
         let o = parse_overrides(&r.overrides).expect("validated before start");
+        let train = HeadsTrainConfig { epochs: o.epochs as u64, batch_size: o.batch_size, lr: o.lr, seed: o.seed, ..HeadsTrainConfig::default() };
         let job = HeadsJob {
             dataset: PathBuf::from(&r.dataset),
             base_model: cfg.model_dir(&r),
             checkpoints: cfg.checkpoints_root.clone(),
             work_dir: cfg.runs_root.join(&ctx.job_id),
-            epochs: o.epochs,
-            batch_size: o.batch_size,
-            lr: o.lr,
-            seed: o.seed,
+            train,
             heads: small_heads(),
+            resume: false,
         };
-        match heads_job::run(&job, Some(&ctx)) {
+        let mut announce = |p: &Published| {
+            let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p.clone())));
+        };
+        match heads_job::run(&job, &ctx, &mut announce) {
             Ok(res) => {
                 let summary = json!({
                     "val_action_error_before": heads_job::mean(&res.val_error_before),
                     "val_action_error_after": heads_job::mean(&res.val_error_after),
                     "version": res.published.as_ref().map(|p| p.version.clone()),
+                    "versions": res.run.published,
+                    "global_step": res.run.counters.global_step,
                 });
-                match res.published {
-                    Some(p) => {
-                        let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p)));
-                        JobOutcome::Completed { summary }
-                    }
-                    None => JobOutcome::Cancelled { summary },
+                if res.published.is_some() {
+                    JobOutcome::Completed { summary }
+                } else {
+                    JobOutcome::Cancelled { summary }
                 }
             }
             Err(e) => JobOutcome::Failed { error: format!("{e:#}") },

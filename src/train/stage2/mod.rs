@@ -13,18 +13,21 @@ mod task;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use super::config::{TrainConfig, VramPresets};
 use super::controller::JobContext;
+use super::error::TrainError;
+use super::heads_job::per_dim;
 use super::optim::Accumulation;
-use super::publish::{Published, Publisher};
+use super::publish::Published;
 use super::runner::{self, RunSummary, RunnerConfig};
 pub use task::Stage2Task;
 
+type Result<T> = std::result::Result<T, TrainError>;
+
 /// The metric that selects the best checkpoint (mean DDIM action error, physical units).
-pub const BEST_METRIC: &str = "val_action_error";
+pub use super::heads_job::BEST_METRIC;
 
 /// A Stage 2 job.
 #[derive(Debug, Clone)]
@@ -74,18 +77,22 @@ pub fn resolve_memory_with(cfg: &TrainConfig, free_gib: Option<f64>) -> Result<(
         VramPresets::load(&cfg.memory.presets_file)?
     };
     let m = cfg.resolve_memory(&presets, free_gib).map_err(|e| match free_gib {
-        None => anyhow!("{e} (run.device `{}` has no accelerator memory to measure: name a preset or set memory.micro_batch/accum_steps and lora.rank)", cfg.run.device),
-        Some(gib) => anyhow!("{e} (run.device `{}` has {gib:.1} GiB free)", cfg.run.device),
+        None => TrainError::invalid(
+            "memory",
+            format!("{e} (run.device `{}` has no accelerator memory to measure: name a preset or set memory.micro_batch/accum_steps and lora.rank)", cfg.run.device),
+        ),
+        Some(gib) => TrainError::invalid("memory", format!("{e} (run.device `{}` has {gib:.1} GiB free)", cfg.run.device)),
     })?;
     Ok((Accumulation::new(m.micro_batch, m.accum_steps)?, m.lora_rank))
 }
 
 /// Free memory (GiB) of the CUDA device `run.device` names; `None` for a CPU device.
 fn free_accelerator_gib(device: &str) -> Result<Option<f64>> {
-    match crate::device::parse(device).map_err(|e| anyhow!("run.device: {e}"))? {
+    match crate::device::parse(device).map_err(|e| TrainError::invalid("run.device", e))? {
         tch::Device::Cuda(i) => {
-            let cap = crate::memory::accelerator_capacity(i)?
-                .ok_or_else(|| anyhow!("run.device `{device}`: CUDA device {i} is not available (memory.preset `auto` measures its free memory)"))?;
+            let cap = crate::memory::accelerator_capacity(i)?.ok_or_else(|| {
+                TrainError::invalid(format!("run.device `{device}`"), format!("CUDA device {i} is not available (memory.preset `auto` measures its free memory)"))
+            })?;
             Ok(Some(cap.free as f64 / (1u64 << 30) as f64))
         }
         _ => Ok(None),
@@ -116,18 +123,10 @@ pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publis
         base_model_id: task.base_model_id().to_string(),
         plot_file: Some(cfg.progress.plot_file.clone()),
     };
-    if !job.resume && runner_cfg.state_dir.join("latest.safetensors").exists() {
-        std::fs::remove_file(runner_cfg.state_dir.join("latest.safetensors"))
-            .with_context(|| format!("removing the old state in {}", runner_cfg.state_dir.display()))?;
-    }
     let summary = runner::run(&mut task, &runner_cfg, ctx, on_publish)?;
-    if !summary.published.is_empty() {
-        // Publication happens on each new best and at the end: the last two are the latest and the best.
-        let protect: Vec<&str> = summary.published.iter().rev().take(2).map(String::as_str).collect();
-        Publisher::new(&cfg.checkpoint.publish_dir)?.prune(cfg.checkpoint.keep_versions, &protect)?;
-    }
+    runner::prune_published(&cfg.checkpoint.publish_dir, cfg.checkpoint.keep_versions, &summary)?;
     let last: Option<&BTreeMap<String, f64>> = summary.validation.last();
-    let per_dim = last.map(|m| per_dim(m)).unwrap_or_default();
+    let per_dim = last.map(per_dim).unwrap_or_default();
     Ok(Stage2Result {
         val_action_error_before: before[BEST_METRIC],
         val_action_error: last.and_then(|m| m.get(BEST_METRIC).copied()),
@@ -139,16 +138,6 @@ pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publis
         accumulation: summary.accumulation,
         run: summary,
     })
-}
-
-/// `val_action_error/<dim>` values in dimension order.
-fn per_dim(m: &BTreeMap<String, f64>) -> Vec<f64> {
-    let mut dims: Vec<(usize, f64)> = m
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("val_action_error/dim").and_then(|d| d.parse().ok()).map(|d| (d, *v)))
-        .collect();
-    dims.sort_by_key(|d| d.0);
-    dims.into_iter().map(|d| d.1).collect()
 }
 
 /// Folder of the job's own files (heads and adapter before publication).

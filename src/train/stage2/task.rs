@@ -27,7 +27,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tch::{nn, Device, Kind, Tensor};
@@ -40,11 +39,12 @@ use crate::train::cache::{cache_key, CacheKey, FeatureCache, KeyInput};
 use crate::train::config::{CacheMode, ComputeDtype, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
-use crate::train::heads_job::{base_model_id, mean, validation_error};
+use crate::train::error::TrainError;
+use crate::train::heads_job::{base_model_id, error_metrics, validation_error};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
 use crate::train::publish::{PublishItem, Source};
-use crate::train::runner::{TaskError, TrainTask};
+use crate::train::runner::TrainTask;
 use crate::train::state::derive_seed;
 use crate::vlm::grad_checkpoint::Checkpointing;
 use crate::vlm::lora::{inject_lora, lora_parameters, LoraConfig, TargetModules};
@@ -52,6 +52,8 @@ use crate::vlm::peft::{save_adapter, AdapterMeta};
 use crate::vlm::precision::Precision;
 use crate::vlm::prompt::chat_prompt;
 use crate::vlm::{Pooling, Qwen25VL, VlBatch, VlProcessor};
+
+type Result<T> = std::result::Result<T, TrainError>;
 
 const NOISE_STREAM: u64 = 0x5354_4147_4532; // "STAGE2"
 const VAL_STREAM: u64 = 0x5641_4c32; // "VAL2"
@@ -114,51 +116,48 @@ impl Stage2Task {
     /// rank `rank` (seeded by `run.seed`; B = 0 so features start equal to the base model's), the
     /// stage-1 heads and deploy description, and opens the cache.
     pub fn new(cfg: &TrainConfig, rank: u32) -> Result<Self> {
-        let device = crate::device::parse(&cfg.run.device).map_err(|e| anyhow!(e))?;
+        let device = crate::device::parse(&cfg.run.device).map_err(|e| TrainError::invalid("run.device", e))?;
         let precision = match cfg.model.compute_dtype {
             ComputeDtype::F32 => Precision::F32,
             ComputeDtype::Bf16 => Precision::Bf16,
         };
-        let ds = Dataset::open(&cfg.data.dataset_dir).with_context(|| format!("dataset {}", cfg.data.dataset_dir.display()))?;
+        let ds = Dataset::open(&cfg.data.dataset_dir)?;
         let (train_idx, val_idx) = (ds.split_indices(Split::Train), ds.split_indices(Split::Val));
         if train_idx.is_empty() || val_idx.is_empty() {
-            return Err(anyhow!(
-                "{}: {} train / {} validation samples; both must be non-empty",
-                cfg.data.dataset_dir.display(),
-                train_idx.len(),
-                val_idx.len()
+            return Err(TrainError::invalid(
+                format!("dataset `{}`", cfg.data.dataset_dir.display()),
+                format!("{} train / {} validation samples; both must be non-empty", train_idx.len(), val_idx.len()),
             ));
         }
         let stage1 = &cfg.model.stage1_checkpoint;
-        let deploy1 = DeployInfo::read(stage1).with_context(|| format!("stage-1 checkpoint {}", stage1.display()))?;
+        let deploy1 = DeployInfo::read(stage1)?;
         let base_dir = &cfg.model.base_model_dir;
-        crate::train::heads_job::check_model_dir(base_dir).map_err(|e| anyhow!("model.base_model_dir: {e}"))?;
+        crate::train::heads_job::check_model_dir(base_dir).map_err(|e| TrainError::invalid("model.base_model_dir", e.to_string()))?;
         let base_id = base_model_id(base_dir)?;
         if deploy1.base_model_id != base_id {
-            return Err(anyhow!(
-                "stage-1 checkpoint {} was trained with base model {}, but model.base_model_dir {} is {}",
-                stage1.display(),
-                deploy1.base_model_id,
-                base_dir.display(),
-                base_id
+            return Err(TrainError::invalid(
+                format!("stage-1 checkpoint `{}`", stage1.display()),
+                format!("was trained with base model {}, but model.base_model_dir {} is {}", deploy1.base_model_id, base_dir.display(), base_id),
             ));
         }
         if deploy1.pooling != "all" {
-            return Err(anyhow!("stage-1 checkpoint {}: pooling `{}` (this job trains with `all`)", stage1.display(), deploy1.pooling));
+            return Err(TrainError::invalid(format!("stage-1 checkpoint `{}`", stage1.display()), format!("pooling `{}` (this job trains with `all`)", deploy1.pooling)));
         }
         let [t_len, channels] = ds.index.sensor_shape;
         let [horizon, action_dim] = ds.index.action_shape;
         if (deploy1.sensor_window, deploy1.sensor_channels, deploy1.horizon, deploy1.action_dim) != (t_len, channels, horizon, action_dim) {
-            return Err(anyhow!(
-                "stage-1 checkpoint {} expects sensor [{}, {}] and actions [{}, {}]; dataset {} has sensor {:?} and actions {:?}",
-                stage1.display(),
-                deploy1.sensor_window,
-                deploy1.sensor_channels,
-                deploy1.horizon,
-                deploy1.action_dim,
-                cfg.data.dataset_dir.display(),
-                ds.index.sensor_shape,
-                ds.index.action_shape
+            return Err(TrainError::invalid(
+                format!("stage-1 checkpoint `{}`", stage1.display()),
+                format!(
+                    "expects sensor [{}, {}] and actions [{}, {}]; dataset {} has sensor {:?} and actions {:?}",
+                    deploy1.sensor_window,
+                    deploy1.sensor_channels,
+                    deploy1.horizon,
+                    deploy1.action_dim,
+                    cfg.data.dataset_dir.display(),
+                    ds.index.sensor_shape,
+                    ds.index.action_shape
+                ),
             ));
         }
         let (mut heads, _) = PolicyHeads::load(&stage1.join(HEADS_FILE), device)?;
@@ -308,7 +307,7 @@ impl Stage2Task {
     /// given adapter hash and the chat prompt).
     pub fn sample_key(&self, i: usize, kind: &str, adapter: &str) -> Result<CacheKey> {
         let cams = self.ds.index.cameras.len();
-        let images: Vec<&[u8]> = (0..cams).map(|c| self.ds.jpeg(i, c)).collect::<Result<_, _>>()?;
+        let images: Vec<&[u8]> = (0..cams).map(|c| self.ds.jpeg(i, c)).collect::<std::result::Result<_, _>>()?;
         let prompt = if kind == "features" {
             let instruction = &self.ds.index.episodes[self.ds.index.samples[i].episode].instruction;
             chat_prompt(cams, instruction)
@@ -326,7 +325,7 @@ impl Stage2Task {
     }
 
     fn vl_batch(&self, samples: &[Sample]) -> Result<VlBatch> {
-        let vs = samples.iter().map(|s| self.processor.sample(&s.images, &s.instruction)).collect::<Result<Vec<_>, _>>()?;
+        let vs = samples.iter().map(|s| self.processor.sample(&s.images, &s.instruction)).collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(self.processor.collate(&vs)?)
     }
 
@@ -386,7 +385,7 @@ impl Stage2Task {
 
     /// Cached pooled features of sample `i` under the adapter the cache holds.
     fn cached_features(&mut self, i: usize) -> Result<Tensor> {
-        let adapter = self.fs.adapter.clone().ok_or_else(|| anyhow!("the features cache is not built"))?;
+        let adapter = self.fs.adapter.clone().ok_or_else(|| TrainError::invalid("features cache", "is not built yet (expected a cached epoch after it was built)"))?;
         let key = self.sample_key(i, "features", &adapter)?;
         let cache = self.cache.as_mut().expect("features mode has a cache");
         if let Some(t) = cache.get(&key) {
@@ -436,12 +435,8 @@ impl Stage2Task {
         let actions = b.action.to_tensor().to_device(self.device);
         let seeds: Vec<u64> = val.iter().map(|&i| derive_seed(self.seed, &[VAL_STREAM, i as u64])).collect();
         let loss = tch::no_grad(|| self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, false))?;
-        let mut m = BTreeMap::new();
-        m.insert("val_loss".to_string(), loss.double_value(&[]));
-        m.insert(super::BEST_METRIC.to_string(), mean(&err));
-        for (d, e) in err.iter().enumerate() {
-            m.insert(format!("val_action_error/dim{d}"), *e);
-        }
+        let mut m = error_metrics(&err);
+        m.insert("val_loss".to_string(), loss.f_double_value(&[])?);
         Ok(m)
     }
 
@@ -502,7 +497,7 @@ impl Stage2Task {
 
     fn step_loss(&mut self, idx: &[usize]) -> Result<(Tensor, f64)> {
         let t0 = Instant::now();
-        let samples: Vec<Sample> = idx.iter().map(|&i| self.ds.sample(i)).collect::<Result<_, _>>()?;
+        let samples: Vec<Sample> = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<_, _>>()?;
         let [t_len, channels] = self.ds.index.sensor_shape;
         let [horizon, action_dim] = self.ds.index.action_shape;
         let n = idx.len() as i64;
@@ -545,73 +540,67 @@ impl TrainTask for Stage2Task {
         self.train_idx.len()
     }
 
-    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase, String> {
-        self.begin(epoch).map_err(|e| format!("{e:#}"))
+    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase> {
+        self.begin(epoch)
     }
 
-    fn loss(&mut self, samples: &[usize]) -> Result<(Tensor, f64), TaskError> {
+    fn loss(&mut self, samples: &[usize], _global_step: u64) -> Result<(Tensor, f64)> {
         let idx: Vec<usize> = samples.iter().map(|&k| self.train_idx[k]).collect();
-        self.step_loss(&idx).map_err(|e| TaskError::from(format!("{e:#}")))
+        self.step_loss(&idx)
     }
 
-    fn after_backward(&mut self) -> Result<(), TaskError> {
+    fn after_backward(&mut self) -> Result<()> {
         match self.pending.take() {
-            Some(pass) => pass.backward(&self.vlm).map_err(|e| TaskError::from(e.to_string())),
+            Some(pass) => Ok(pass.backward(&self.vlm)?),
             None => Ok(()),
         }
     }
 
-    fn end_epoch(&mut self, _epoch: u64) -> Result<(), String> {
-        let mut run = || -> Result<()> {
-            if self.mode == CacheMode::Features && self.fs.live {
-                // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
-                let probe = self.probe.clone();
-                let cached = probe.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
-                let mut fresh = Vec::with_capacity(probe.len());
-                for &i in &probe {
-                    let s = self.ds.sample(i)?;
-                    fresh.push(self.live_features(&[i], std::slice::from_ref(&s), false)?.0.to_device(Device::Cpu));
-                }
-                self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
-                self.rebuild_features()?;
+    fn end_epoch(&mut self, _epoch: u64) -> Result<()> {
+        if self.mode == CacheMode::Features && self.fs.live {
+            // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
+            let probe = self.probe.clone();
+            let cached = probe.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
+            let mut fresh = Vec::with_capacity(probe.len());
+            for &i in &probe {
+                let s = self.ds.sample(i)?;
+                fresh.push(self.live_features(&[i], std::slice::from_ref(&s), false)?.0.to_device(Device::Cpu));
             }
-            Ok(())
-        };
-        run().map_err(|e| format!("{e:#}"))
+            self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
+            self.rebuild_features()?;
+        }
+        Ok(())
     }
 
-    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>, String> {
-        self.validation_metrics().map_err(|e| format!("{e:#}"))
+    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>> {
+        self.validation_metrics()
     }
 
-    fn deployable(&mut self) -> Result<Vec<PublishItem>, String> {
-        let mut run = || -> Result<Vec<PublishItem>> {
-            std::fs::create_dir_all(&self.work_dir)?;
-            let heads_path = self.work_dir.join(HEADS_FILE);
-            let stage = CheckpointStage::Stage2 { adapter_dir: ADAPTER_DIR.into(), base_model_id: self.base_model_id.clone() };
-            self.heads.save(&heads_path, stage, BTreeMap::new())?;
-            let adapter_dir = self.work_dir.join(ADAPTER_DIR);
-            let meta = AdapterMeta { base_model_name_or_path: Some(self.base_model_dir.display().to_string()), task_type: None };
-            save_adapter(&mut self.vlm, &self.lora_cfg, &meta, &adapter_dir)?;
-            Ok(vec![
-                PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
-                PublishItem { dest: ADAPTER_DIR.into(), source: Source::Dir(adapter_dir) },
-                PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(self.deploy.to_json().into_bytes()) },
-                PublishItem { dest: STATS_FILE.into(), source: Source::File(self.dataset_dir.join(STATS_FILE)) },
-            ])
-        };
-        run().map_err(|e| format!("{e:#}"))
+    fn deployable(&mut self) -> Result<Vec<PublishItem>> {
+        std::fs::create_dir_all(&self.work_dir).map_err(TrainError::io("create folder", &self.work_dir))?;
+        let heads_path = self.work_dir.join(HEADS_FILE);
+        let stage = CheckpointStage::Stage2 { adapter_dir: ADAPTER_DIR.into(), base_model_id: self.base_model_id.clone() };
+        self.heads.save(&heads_path, stage, BTreeMap::new())?;
+        let adapter_dir = self.work_dir.join(ADAPTER_DIR);
+        let meta = AdapterMeta { base_model_name_or_path: Some(self.base_model_dir.display().to_string()), task_type: None };
+        save_adapter(&mut self.vlm, &self.lora_cfg, &meta, &adapter_dir)?;
+        Ok(vec![
+            PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
+            PublishItem { dest: ADAPTER_DIR.into(), source: Source::Dir(adapter_dir) },
+            PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(self.deploy.to_json().into_bytes()) },
+            PublishItem { dest: STATS_FILE.into(), source: Source::File(self.dataset_dir.join(STATS_FILE)) },
+        ])
     }
 
     fn cache_state(&self) -> serde_json::Value {
         serde_json::to_value(&self.fs).expect("cache state serializes")
     }
 
-    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+    fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<()> {
         if state.is_null() {
             return Ok(());
         }
-        self.fs = serde_json::from_value(state.clone()).map_err(|e| format!("cache state: {e}"))?;
+        self.fs = serde_json::from_value(state.clone()).map_err(|e| TrainError::invalid("features-mode cache state", e.to_string()))?;
         Ok(())
     }
 
