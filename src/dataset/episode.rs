@@ -75,10 +75,35 @@ pub struct StateSeries {
     pub values: Vec<Vec<f64>>,
 }
 
+/// What a damaged recording lost: its readable part is used, the rest is reported here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Damage {
+    /// Size of the recording file, bytes.
+    pub file_bytes: u64,
+    /// Bytes that could not be read (damaged records and an unreadable tail).
+    pub bytes_lost: u64,
+    /// Chunks read.
+    pub chunks_read: u64,
+    /// Records (chunks) skipped as damaged.
+    pub records_lost: u64,
+    /// Usable messages read.
+    pub messages_read: u64,
+    /// Why, one line per damaged record or cut.
+    pub reasons: Vec<String>,
+}
+
 /// Read access to one episode's streams, as alignment needs them.
 pub trait EpisodeSource {
     /// Metadata.
     fn meta(&self) -> &EpisodeMeta;
+    /// Why the episode cannot be read at all (it is then listed as left out); `None` when it can.
+    fn unreadable(&self) -> Option<String> {
+        None
+    }
+    /// What the recording lost, when it is damaged but partly readable.
+    fn damage(&self) -> Option<Damage> {
+        None
+    }
     /// Camera stream names, in configured order.
     fn cameras(&self) -> Vec<String>;
     /// Stamps of every frame of `camera`, in recorded order.
@@ -146,5 +171,52 @@ impl EpisodeSource for MemoryEpisode {
     }
     fn commands(&self) -> anyhow::Result<Option<StateSeries>> {
         Ok(self.commands.clone())
+    }
+}
+
+/// An episode that could not be opened: compile lists it as left out with `error`.
+#[derive(Debug, Clone)]
+pub struct UnreadableEpisode {
+    /// Metadata (the id is the folder name).
+    pub meta: EpisodeMeta,
+    /// Why it cannot be read, naming the file.
+    pub error: String,
+}
+
+impl UnreadableEpisode {
+    /// An unreadable episode `id` and why.
+    pub fn new(id: &str, error: String) -> Self {
+        Self { meta: EpisodeMeta { id: id.into(), ..Default::default() }, error }
+    }
+
+    fn fail<T>(&self) -> anyhow::Result<T> {
+        Err(anyhow::anyhow!("{}", self.error))
+    }
+}
+
+impl EpisodeSource for UnreadableEpisode {
+    fn meta(&self) -> &EpisodeMeta {
+        &self.meta
+    }
+    fn unreadable(&self) -> Option<String> {
+        Some(self.error.clone())
+    }
+    fn cameras(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn camera_stamps(&self, _camera: &str) -> anyhow::Result<Vec<Stamp>> {
+        self.fail()
+    }
+    fn camera_frame(&self, _camera: &str, _index: usize) -> anyhow::Result<RgbImage> {
+        self.fail()
+    }
+    fn sensor(&self, _name: &str) -> anyhow::Result<SensorSeries> {
+        self.fail()
+    }
+    fn state(&self) -> anyhow::Result<StateSeries> {
+        self.fail()
+    }
+    fn commands(&self) -> anyhow::Result<Option<StateSeries>> {
+        self.fail()
     }
 }
