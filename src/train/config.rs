@@ -269,7 +269,7 @@ impl TrainConfig {
             apply_override(&mut value, spec)?;
             if let (true, Err(e)) = (file_ok, serde_yaml::from_value::<TrainConfig>(value.clone())) {
                 let key = spec.split_once('=').map_or(spec.as_str(), |(k, _)| k.trim());
-                return Err(ConfigError::Override { spec: spec.clone(), reason: format!("`{key}` (from --set): {e}") });
+                return Err(ConfigError::Parse { origin: format!("--set {spec}"), reason: format!("`{key}` (from --set): {e}") });
             }
         }
         let mut cfg: TrainConfig = match serde_yaml::from_value(value) {

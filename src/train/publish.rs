@@ -176,8 +176,9 @@ pub struct Published {
 #[derive(Debug, Clone)]
 pub struct Publisher {
     root: PathBuf,
-    /// Metric (lower is better) that may not get worse when `latest` moves on the same dataset.
-    guard: Option<String>,
+    /// Metric (lower is better) and the version `latest` named when the guard was set: a later
+    /// version worse than that one on the same dataset does not become latest.
+    guard: Option<(String, Option<String>)>,
 }
 
 impl Publisher {
@@ -189,17 +190,18 @@ impl Publisher {
     }
 
     /// From now on `latest` is not moved to a version whose `metric` (lower is better) is worse
-    /// than the current latest's on the same data: both checkpoints carry the same dataset
-    /// statistics (`stats.json` with one sha256), which a compiled dataset has once, with its
-    /// validation split. Such a version is still published (kept), not made latest.
-    pub fn guard_latest(mut self, metric: impl Into<String>) -> Self {
-        self.guard = Some(metric.into());
-        self
+    /// than that of the version `latest` names now (a training restarted over an earlier one),
+    /// on the same data: both checkpoints carry the same dataset statistics (`stats.json` with
+    /// one sha256), which a compiled dataset has once, with its validation split. Such a version
+    /// is still published (kept), not made latest. Within one run the caller decides.
+    pub fn guard_latest(mut self, metric: impl Into<String>) -> Result<Self, PublishError> {
+        self.guard = Some((metric.into(), self.latest()?));
+        Ok(self)
     }
 
     /// Whether committing `m` moves `latest` (see [`Publisher::guard_latest`]).
     fn moves_latest(&self, m: &Manifest) -> Result<bool, PublishError> {
-        let (Some(metric), Some(prev)) = (&self.guard, self.latest()?) else { return Ok(true) };
+        let Some((metric, Some(prev))) = &self.guard else { return Ok(true) };
         let Ok(bytes) = fs::read(self.root.join(&prev).join(MANIFEST_NAME)) else { return Ok(true) };
         let Ok(old) = serde_json::from_slice::<Manifest>(&bytes) else { return Ok(true) };
         let data = |x: &Manifest| x.file(STATS_NAME).map(|f| f.sha256.clone());

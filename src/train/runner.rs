@@ -213,7 +213,7 @@ pub fn run(
         hist = serde_json::from_value(meta.extra.clone()).map_err(|e| infra(format!("`{}` history: {e}", latest_path.display())))?;
         run = RunState { run_seed: meta.run_seed, counters: meta.counters, schedule: meta.schedule, accumulation: meta.accumulation, cache_state: meta.cache_state, extra: meta.extra };
     }
-    let publisher = cfg.publish_dir.as_ref().map(Publisher::new).transpose().map_err(infra)?.map(|p| p.guard_latest(&cfg.best_metric));
+    let publisher = cfg.publish_dir.as_ref().map(|d| Publisher::new(d)?.guard_latest(&cfg.best_metric)).transpose().map_err(infra)?;
     let started = Instant::now();
     let start_step = run.counters.global_step;
     let event = |phase: Phase, run: &RunState, task: &dyn TrainTask, extra: &dyn Fn(&mut ProgressEvent)| {
