@@ -539,3 +539,54 @@ fn policy_cli_names_a_missing_device_or_unknown_dtype() {
     }
     assert!(!dir.path().join("checkpoints").exists(), "arguments are checked before anything is created");
 }
+
+/// A checkpoints folder that does not exist is said loudly (stderr, status) and waited for, not
+/// created; a status file that cannot be written any more does not stop the control loop; with
+/// --require-checkpoint a root without `latest` is refused at startup.
+#[test]
+fn policy_cli_reports_a_missing_root_and_survives_an_unwritable_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-checkpoints");
+    let status_dir = dir.path().join("s");
+    std::fs::create_dir(&status_dir).unwrap();
+    let status = status_dir.join("status.json");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+        .args(["policy", "--sim", "--rate-hz", "10", "--status-period-s", "0.2", "--duration-s", "6", "--checkpoints"])
+        .arg(&missing)
+        .arg("--base-model")
+        .arg(base_dir())
+        .arg("--status-json")
+        .arg(&status)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let first = loop {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no status written");
+        if let Some(v) = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let warnings = first["warnings"].as_array().unwrap();
+    assert!(warnings.iter().any(|w| w.as_str().unwrap().contains("no-such-checkpoints does not exist")), "{first}");
+    // The status folder becomes a file: every later write fails.
+    std::fs::remove_dir_all(&status_dir).unwrap();
+    std::fs::write(&status_dir, b"").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("status file") && err.contains("not written (control goes on)"), "{err}");
+    assert!(err.contains("policy stopped (duration reached)"), "{err}");
+    assert!(!missing.exists(), "the folder is not created");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+        .args(["policy", "--sim", "--require-checkpoint", "--checkpoints"])
+        .arg(&missing)
+        .arg("--base-model")
+        .arg(base_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no published `latest` and --require-checkpoint was given"), "{err}");
+}

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::dataset::compile::{compile, CompileConfig, CompileReport};
-use crate::dataset::episode::EpisodeSource;
+use crate::dataset::episode::{Damage, EpisodeSource};
 use crate::dataset::stats::{DatasetStats, FieldStats};
 use crate::dataset::store::{read_json, DatasetIndex, Split, REPORT_FILE, STATS_FILE};
 
@@ -43,7 +43,14 @@ pub struct CompileArgs {
     /// Replace an existing dataset folder.
     #[arg(long)]
     pub overwrite: bool,
+    /// Exit 0 even when episodes were left out or damaged (the dataset is written either way;
+    /// without this the exit status is 3 then).
+    #[arg(long)]
+    pub allow_losses: bool,
 }
+
+/// Exit status of a compile that wrote a dataset but left episodes out or read damaged ones.
+pub const EXIT_LOSSES: u8 = 3;
 
 /// Arguments of `dataset info`.
 #[derive(Args, Debug)]
@@ -96,7 +103,36 @@ pub fn run_compile(a: &CompileArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<
     for f in &r.failed_episodes {
         eprintln!("warning: episode `{}` left out: {}", f.id, f.error);
     }
-    Ok(())
+    let damaged: Vec<_> = r.episodes.iter().filter_map(|e| e.damage.as_ref().map(|d| (&e.id, d))).collect();
+    for (id, d) in &damaged {
+        eprintln!("warning: episode `{id}` is damaged: {}", describe_damage(d));
+    }
+    if (r.failed_episodes.is_empty() && damaged.is_empty()) || a.allow_losses {
+        return Ok(());
+    }
+    Err(super::Exit {
+        code: EXIT_LOSSES,
+        message: format!(
+            "{}: written with losses: {} episode(s) left out, {} damaged (see report.json; --allow-losses exits 0)",
+            a.out.display(),
+            r.failed_episodes.len(),
+            damaged.len()
+        ),
+    }
+    .into())
+}
+
+/// One line: what a damaged recording kept and lost, and why.
+pub fn describe_damage(d: &Damage) -> String {
+    format!(
+        "{} messages from {} chunks read, {} of {} bytes lost ({} damaged records): {}",
+        d.messages_read,
+        d.chunks_read,
+        d.bytes_lost,
+        d.file_bytes,
+        d.records_lost,
+        d.reasons.join("; ")
+    )
 }
 
 /// The `dataset info` text (or JSON with `json`).
@@ -105,11 +141,13 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
     let stats: DatasetStats = read_json(&dir.join(STATS_FILE))?;
     let report: CompileReport = read_json(&dir.join(REPORT_FILE))?;
     let count = |sp: Split| index.episodes.iter().filter(|e| e.split == sp).count();
+    let damaged: Vec<_> = report.episodes.iter().filter_map(|e| e.damage.as_ref().map(|d| (&e.id, d))).collect();
     let samples = |sp: Split| index.samples.iter().filter(|s| s.split == sp).count();
     if json_out {
         let v = json!({
             "dir": dir,
-            "episodes": { "total": index.episodes.len(), "train": count(Split::Train), "val": count(Split::Val), "failed": report.failed_episodes },
+            "episodes": { "total": index.episodes.len(), "train": count(Split::Train), "val": count(Split::Val), "failed": report.failed_episodes,
+                "damaged": damaged.iter().map(|(id, d)| json!({ "id": id, "damage": d })).collect::<Vec<_>>() },
             "samples": { "total": index.samples.len(), "train": samples(Split::Train), "val": samples(Split::Val), "candidates": report.candidates },
             "drops": report.drops,
             "streams": report.streams,
@@ -139,6 +177,10 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
     ));
     for f in &report.failed_episodes {
         line(format!("  left out `{}`: {}", f.id, f.error));
+    }
+    line(format!("damaged recordings (compiled from what could be read): {}", damaged.len()));
+    for (id, d) in &damaged {
+        line(format!("  damaged `{id}`: {}", describe_damage(d)));
     }
     line(format!(
         "samples: {} ({} train, {} val) of {} sample times at {} Hz, {} shards",

@@ -44,6 +44,7 @@ pub fn run(a: ImportBagArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "episode": r.meta.id, "dir": r.dir, "imported": r.imported, "skipped": r.skipped, "unmapped": r.unmapped,
+            "removed_leftover": r.removed_leftover,
         }))?
     );
     Ok(())

@@ -53,6 +53,21 @@ pub struct DeviceArgs {
     pub device: String,
 }
 
+/// An error that asks for a specific exit status; its message is printed like any error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The exit status.
+    pub code: u8,
+    /// What happened.
+    pub message: String,
+}
+
+/// The exit status for an error from [`run`]: an [`Exit`]'s code, otherwise 1.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    e.downcast_ref::<Exit>().map_or(1, |x| x.code)
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -74,20 +89,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Opens the recorded episodes at `path` for `dataset compile`: one episode folder (holding
-/// `episode.json`) or a dataset root whose `episodes/` are all opened. Episodes still being
-/// recorded (a `RECORDING` marker) are skipped with a warning.
-pub(crate) fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
-    use crate::dataset::mcap_episode::{list_episodes, McapEpisode, RECORDING_MARKER};
-    let dirs = if path.join("episode.json").exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
+/// `episode.json`) or a dataset root whose `episodes/` are all opened. An episode that cannot be
+/// opened is kept as an [`UnreadableEpisode`](crate::dataset::episode::UnreadableEpisode), so
+/// compile lists it with the reason and compiles the rest. One left unfinished by a recorder
+/// that is gone (kill -9) is recovered first, as the next `record` would; one whose recorder
+/// still runs is listed as being recorded.
+pub fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
+    use crate::dataset::episode::UnreadableEpisode;
+    use crate::dataset::mcap_episode::{list_episodes, McapEpisode, EPISODE_JSON};
+    let dirs = if path.join(EPISODE_JSON).exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
     let mut out: Vec<Box<dyn crate::dataset::episode::EpisodeSource>> = Vec::new();
     for dir in dirs {
-        if dir.join(RECORDING_MARKER).exists() {
-            tracing::warn!("{}: still being recorded (RECORDING marker); skipped", dir.display());
-            continue;
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let opened = finish_unfinished(&dir).and_then(|()| McapEpisode::open(&dir).map_err(|e| e.to_string()));
+        match opened {
+            Ok(ep) => out.push(Box::new(ep)),
+            Err(error) => {
+                tracing::warn!("{}: unreadable, left out: {error}", dir.display());
+                out.push(Box::new(UnreadableEpisode::new(&id, error)));
+            }
         }
-        out.push(Box::new(McapEpisode::open(&dir)?));
     }
     Ok(out)
+}
+
+/// Recovers an episode left unfinished (a `RECORDING` marker) by a recorder that is no longer
+/// running; `Err` names the live recorder when there is one, or why recovery failed.
+fn finish_unfinished(dir: &std::path::Path) -> Result<(), String> {
+    use crate::dataset::mcap_episode::RECORDING_MARKER;
+    let marker = dir.join(RECORDING_MARKER);
+    let Ok(text) = std::fs::read_to_string(&marker) else { return Ok(()) };
+    if let Some(pid) = crate::dataset::recovery::live_recorder(&text) {
+        return Err(format!("{}: still being recorded by pid {pid}; compile it after that recording stops", dir.display()));
+    }
+    let r = crate::dataset::recovery::recover_episode(dir).map_err(|e| e.to_string())?;
+    tracing::warn!(
+        "{}: recovered an episode left unfinished by a stopped recorder: {} messages from {} chunks{}",
+        dir.display(),
+        r.messages,
+        r.chunks,
+        r.stopped.map(|s| format!(" (damaged tail: {s})")).unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// Runs `f` with a job context whose progress is drawn as a bar on stderr; with `ctrl_c` a

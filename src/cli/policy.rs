@@ -28,9 +28,13 @@ pub struct PolicyArgs {
     /// Base VL model folder (Hugging Face layout) the checkpoints belong to.
     #[arg(long)]
     pub base_model: PathBuf,
-    /// Checkpoints root; its `latest` is watched and every new version is hot-swapped in.
+    /// Checkpoints root; its `latest` is watched and every new version is hot-swapped in. A
+    /// folder that does not exist is reported (stderr, log, status) and waited for.
     #[arg(long)]
     pub checkpoints: PathBuf,
+    /// Refuse to start when the checkpoints root has no published `latest` yet.
+    #[arg(long)]
+    pub require_checkpoint: bool,
     /// Read inputs from the simulated robot (live topics are read by the ROS policy node).
     #[arg(long)]
     pub sim: bool,
@@ -184,6 +188,9 @@ pub struct StatusReport {
     pub finished: bool,
     /// Why it stopped (in the last write).
     pub stop_reason: Option<String>,
+    /// Problems that do not stop the control loop (a missing checkpoints folder, a status file
+    /// that cannot be written), each once.
+    pub warnings: Vec<String>,
 }
 
 /// Collects notices and actions into a [`StatusReport`].
@@ -253,6 +260,14 @@ impl StatusCollector {
         }
     }
 
+    /// Records a problem that does not stop the control loop, logging it the first time.
+    pub fn warn(&mut self, what: String) {
+        if !self.report.warnings.contains(&what) {
+            tracing::warn!("{what}");
+            self.report.warnings.push(what);
+        }
+    }
+
     /// The report with the latest counters.
     pub fn report(&mut self, status: &crate::runtime::PolicyStatus, elapsed: Duration) -> StatusReport {
         let r = &mut self.report;
@@ -273,6 +288,18 @@ pub fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> Res
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// Writes the status best-effort: a failure is a warning in the next report, never a stop.
+fn write_status(path: &std::path::Path, collector: &mut StatusCollector, report: &StatusReport) {
+    if let Err(e) = write_json_atomic(path, report) {
+        collector.warn(format!("status file {} not written (control goes on): {e:#}", path.display()));
+    }
+}
+
+/// The warning for a checkpoints root that does not exist, or `None`.
+fn missing_root_warning(root: &std::path::Path) -> Option<String> {
+    (!root.is_dir()).then(|| format!("checkpoints folder {} does not exist: no model acts until a checkpoint is published there", root.display()))
 }
 
 fn check_args(a: &PolicyArgs) -> Result<()> {
@@ -355,7 +382,9 @@ pub fn run(a: PolicyArgs) -> Result<()> {
     check_args(&a)?;
     let device = crate::device::parse_available(&a.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let kind = crate::device::parse_dtype(&a.dtype, device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    std::fs::create_dir_all(&a.checkpoints).with_context(|| format!("creating {}", a.checkpoints.display()))?;
+    if a.require_checkpoint && crate::runtime::hotswap::read_latest(&a.checkpoints)?.is_none() {
+        bail!("--checkpoints {}: no published `latest` and --require-checkpoint was given", a.checkpoints.display());
+    }
     let sim = SimConfig { seed: a.seed, cameras: a.cameras, width: a.width, height: a.height, ..Default::default() };
     eprintln!("loading base model {} ({kind:?} on {device:?})", a.base_model.display());
     let loader = Arc::new(VlaLoader::new(&a.base_model, a.ddim_steps, device, kind)?);
@@ -372,6 +401,10 @@ pub fn run(a: PolicyArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut collector = StatusCollector::default();
     (collector.report.device, collector.report.dtype) = (format!("{device:?}"), format!("{kind:?}"));
+    if let Some(w) = missing_root_warning(&a.checkpoints) {
+        eprintln!("warning: {w}");
+        collector.warn(w);
+    }
     let stop_reason = rt.block_on(async {
         let deadline = a.duration_s.map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
         let mut status_timer = tokio::time::interval(Duration::from_secs_f64(a.status_period_s));
@@ -401,7 +434,7 @@ pub fn run(a: PolicyArgs) -> Result<()> {
                 _ = status_timer.tick() => {
                     if let Some(path) = &a.status_json {
                         let report = collector.report(&handle.status.borrow(), clock.now());
-                        write_json_atomic(path, &report)?;
+                        write_status(path, &mut collector, &report);
                     }
                     if feeder.is_finished() {
                         return Ok::<_, anyhow::Error>("the simulated robot feed stopped".to_string());
@@ -433,7 +466,7 @@ pub fn run(a: PolicyArgs) -> Result<()> {
     handle.shutdown();
     let fed = feeder.join().map_err(|_| anyhow::anyhow!("the simulated robot feed panicked"))?;
     if let Some(path) = &a.status_json {
-        write_json_atomic(path, &report)?;
+        write_status(path, &mut collector, &report);
     }
     eprintln!(
         "policy stopped ({stop_reason}): {} ticks, {} missed, {} actions, active {:?}, {} swaps, {} rejected",

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::train::config::TrainConfig;
 use crate::train::controller::JobContext;
+use crate::train::guard;
 use crate::train::progress::{spawn_sink, BarRenderer, JsonlLog, Phase, ProgressHub, Throttle};
 use crate::train::stage2::{self, Stage2Job};
 
@@ -23,8 +24,12 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Continue from the training state in `checkpoint.state_dir` when there is one.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fresh")]
     pub resume: bool,
+    /// Start over, replacing the training state in `checkpoint.state_dir` (without this or
+    /// --resume, an existing state is refused).
+    #[arg(long)]
+    pub fresh: bool,
     /// No progress bar (the log is still written).
     #[arg(long)]
     pub quiet: bool,
@@ -33,6 +38,13 @@ pub struct TrainArgs {
 /// Runs the job and prints its result.
 pub fn run(a: TrainArgs) -> Result<()> {
     let config = TrainConfig::load(&a.config, &a.set)?;
+    crate::device::parse_available(&config.run.device).map_err(|e| anyhow::anyhow!("run.device: {e}"))?;
+    let state_dir = &config.checkpoint.state_dir;
+    guard::check_start(state_dir, a.resume, a.fresh)?;
+    let lock = guard::StateLock::acquire(state_dir)?;
+    for p in &lock.removed {
+        eprintln!("removed {} (left by an interrupted run)", p.display());
+    }
     if let Some(parent) = config.progress.log_file.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }

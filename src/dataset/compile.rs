@@ -4,7 +4,11 @@
 //! (no sample of one episode lands in both), aligned with [`Aligner`], its frames encoded to JPEG,
 //! and its samples appended to shards. Statistics come from the training split only. An episode
 //! that cannot be read or does not match the dataset's shapes is listed in the report with its
-//! error and the others are still compiled.
+//! error and the others are still compiled. The expected streams are those of the majority of
+//! the episodes that yield sample times (ties: the first by id), so one empty or odd episode
+//! never sets them. A damaged recording is compiled from what could be read and its
+//! [`Damage`] is reported with the episode. A compile that yields no sample is an error and
+//! leaves any existing output untouched.
 //!
 //! Besides the alignment drop reasons ([`super::align::DropReason`]), a sample is dropped as
 //! `camera_bad_frame:<camera>` when its frame cannot be read or encoded, and as
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::align::{AlignConfig, AlignError, Aligner, DropCounts, StreamReport};
-use super::episode::{EpisodeSource, RgbImage};
+use super::episode::{Damage, EpisodeSource, RgbImage};
 use super::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
 use super::store::{
     write_synced, CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, StoreError, CONFIG_FILE, FORMAT,
@@ -113,6 +117,18 @@ pub enum CompileError {
     /// Writing the dataset failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Nothing usable: no dataset is written and an existing one is kept.
+    #[error("{out}: no usable sample from {episodes} episode(s) ({failed} left out{first}); nothing written, an existing dataset there is kept")]
+    NoSamples {
+        /// The output folder.
+        out: std::path::PathBuf,
+        /// Episodes given.
+        episodes: usize,
+        /// Of which left out.
+        failed: usize,
+        /// The first episode left out and why, as `; first: <id>: <error>`.
+        first: String,
+    },
 }
 
 /// An episode left out, with the reason.
@@ -173,6 +189,9 @@ pub struct EpisodeReport {
     pub skew: BTreeMap<String, Skew>,
     /// Spread of the camera frames used together: newest minus oldest frame stamp per sample.
     pub camera_spread: Skew,
+    /// What a damaged recording lost (its readable part was compiled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damage: Option<Damage>,
 }
 
 /// Per-stream figures over all episodes.
@@ -270,6 +289,31 @@ struct Shapes {
     action_dim: usize,
 }
 
+impl Shapes {
+    fn of(al: &Aligner) -> Self {
+        Shapes { cameras: al.camera_names(), sensor_channels: al.sensor_channels(), state_names: al.state_names().to_vec(), action_dim: al.action_dim() }
+    }
+}
+
+/// The shapes of most episodes that yield sample times (ties: the first in `order`); `None` when
+/// no episode yields any.
+fn majority_shapes(episodes: &[&dyn EpisodeSource], order: &[usize], cfg: &AlignConfig) -> Option<Shapes> {
+    let mut votes: Vec<(Shapes, usize)> = Vec::new();
+    for &i in order {
+        let Ok(al) = Aligner::new(episodes[i], cfg) else { continue };
+        if al.sample_times().is_empty() {
+            continue;
+        }
+        let s = Shapes::of(&al);
+        match votes.iter_mut().find(|(v, _)| *v == s) {
+            Some((_, n)) => *n += 1,
+            None => votes.push((s, 1)),
+        }
+    }
+    let best = votes.iter().map(|(_, n)| *n).max()?;
+    votes.into_iter().find(|(_, n)| *n == best).map(|(s, _)| s)
+}
+
 /// A frame's JPEG bytes and size, or why it could not be read/encoded.
 type EncodedFrame = Result<(Vec<u8>, (u32, u32)), String>;
 
@@ -297,24 +341,24 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// Fixes the dataset's shapes and starts the statistics.
+    fn set_shapes(&mut self, s: Shapes) {
+        let seed = self.cfg.split.seed;
+        let r = self.cfg.store.stats_reservoir_rows;
+        self.stats = Some([
+            StatsAccumulator::new(s.sensor_channels, r, seed ^ 1),
+            StatsAccumulator::new(s.state_names.len(), r, seed ^ 2),
+            StatsAccumulator::new(s.action_dim, r, seed ^ 3),
+        ]);
+        self.camera_sizes = vec![None; s.cameras.len()];
+        self.shapes = Some(s);
+    }
+
     fn check_shapes(&mut self, al: &Aligner) -> Result<(), String> {
-        let s = Shapes {
-            cameras: al.camera_names(),
-            sensor_channels: al.sensor_channels(),
-            state_names: al.state_names().to_vec(),
-            action_dim: al.action_dim(),
-        };
+        let s = Shapes::of(al);
         match &self.shapes {
             None => {
-                let seed = self.cfg.split.seed;
-                let r = self.cfg.store.stats_reservoir_rows;
-                self.stats = Some([
-                    StatsAccumulator::new(s.sensor_channels, r, seed ^ 1),
-                    StatsAccumulator::new(s.state_names.len(), r, seed ^ 2),
-                    StatsAccumulator::new(s.action_dim, r, seed ^ 3),
-                ]);
-                self.camera_sizes = vec![None; s.cameras.len()];
-                self.shapes = Some(s);
+                self.set_shapes(s);
                 Ok(())
             }
             Some(first) if *first == s => Ok(()),
@@ -327,6 +371,9 @@ impl Builder<'_> {
 
     /// Compiles one episode; `Err` only for failures that leave the episode out entirely.
     fn episode(&mut self, src: &dyn EpisodeSource, ep_index: usize, split: Split) -> Result<EpisodeReport, String> {
+        if let Some(why) = src.unreadable() {
+            return Err(why);
+        }
         let cfg = self.cfg;
         let al = Aligner::new(src, &cfg.align).map_err(|e| e.to_string())?;
         self.check_shapes(&al)?;
@@ -340,6 +387,7 @@ impl Builder<'_> {
             streams: al.stream_reports().to_vec(),
             skew: BTreeMap::new(),
             camera_spread: Skew::default(),
+            damage: src.damage(),
         };
         let times = al.sample_times();
         rep.candidates = times.len() as u64;
@@ -474,6 +522,11 @@ pub fn compile(episodes: &[&dyn EpisodeSource], cfg: &CompileConfig, out: &Path,
     let staging = Staging::create(out, overwrite)?;
     let result = build(episodes, &order, &splits, cfg, &staging.dir);
     match result {
+        Ok(o) if o.report.samples == 0 => {
+            staging.abandon();
+            let first = o.report.failed_episodes.first().map(|f| format!("; first: {}: {}", f.id, f.error)).unwrap_or_default();
+            Err(CompileError::NoSamples { out: out.to_path_buf(), episodes: episodes.len(), failed: o.report.failed_episodes.len(), first })
+        }
         Ok(o) => {
             staging.commit()?;
             Ok(o)
@@ -491,6 +544,9 @@ fn build(episodes: &[&dyn EpisodeSource], order: &[usize], splits: &[Split], cfg
         n => n,
     };
     let mut b = Builder { cfg, dir, shapes: None, camera_sizes: Vec::new(), shard: None, shards: Vec::new(), samples: Vec::new(), stats: None, threads };
+    if let Some(s) = majority_shapes(episodes, order, &cfg.align) {
+        b.set_shapes(s);
+    }
     let mut report = CompileReport::default();
     let mut entries = Vec::new();
     for (&i, &split) in order.iter().zip(splits) {
@@ -509,6 +565,10 @@ fn build(episodes: &[&dyn EpisodeSource], order: &[usize], splits: &[Split], cfg
                 report.episodes.push(rep);
             }
             Err(error) => {
+                let error = match src.damage() {
+                    Some(d) => format!("{error} (the recording is damaged: {})", d.reasons.join("; ")),
+                    None => error,
+                };
                 tracing::warn!(episode = %meta.id, %error, "episode left out of the dataset");
                 report.failed_episodes.push(FailedEpisode { id: meta.id.clone(), error });
             }

@@ -112,10 +112,35 @@ pub enum SourceError {
     },
 }
 
+/// What a damaged recording lost: its readable part is used, the rest is reported here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Damage {
+    /// Size of the recording file, bytes.
+    pub file_bytes: u64,
+    /// Bytes that could not be read (damaged records and an unreadable tail).
+    pub bytes_lost: u64,
+    /// Chunks read.
+    pub chunks_read: u64,
+    /// Records (chunks) skipped as damaged.
+    pub records_lost: u64,
+    /// Usable messages read.
+    pub messages_read: u64,
+    /// Why, one line per damaged record or cut.
+    pub reasons: Vec<String>,
+}
+
 /// Read access to one episode's streams, as alignment needs them.
 pub trait EpisodeSource {
     /// Metadata.
     fn meta(&self) -> &EpisodeMeta;
+    /// Why the episode cannot be read at all (it is then listed as left out); `None` when it can.
+    fn unreadable(&self) -> Option<String> {
+        None
+    }
+    /// What the recording lost, when it is damaged but partly readable.
+    fn damage(&self) -> Option<Damage> {
+        None
+    }
     /// Camera stream names, in configured order.
     fn cameras(&self) -> Vec<String>;
     /// Stamps of every frame of `camera`, in recorded order.
@@ -186,5 +211,52 @@ impl EpisodeSource for MemoryEpisode {
     }
     fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
         Ok(self.commands.clone())
+    }
+}
+
+/// An episode that could not be opened: compile lists it as left out with `error`.
+#[derive(Debug, Clone)]
+pub struct UnreadableEpisode {
+    /// Metadata (the id is the folder name).
+    pub meta: EpisodeMeta,
+    /// Why it cannot be read, naming the file.
+    pub error: String,
+}
+
+impl UnreadableEpisode {
+    /// An unreadable episode `id` and why.
+    pub fn new(id: &str, error: String) -> Self {
+        Self { meta: EpisodeMeta { id: id.into(), ..Default::default() }, error }
+    }
+
+    fn fail<T>(&self) -> Result<T, SourceError> {
+        Err(SourceError::Read { episode: self.meta.id.clone(), what: "the recording".into(), source: self.error.clone().into() })
+    }
+}
+
+impl EpisodeSource for UnreadableEpisode {
+    fn meta(&self) -> &EpisodeMeta {
+        &self.meta
+    }
+    fn unreadable(&self) -> Option<String> {
+        Some(self.error.clone())
+    }
+    fn cameras(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn camera_stamps(&self, _camera: &str) -> Result<Vec<Stamp>, SourceError> {
+        self.fail()
+    }
+    fn camera_frame(&self, _camera: &str, _index: usize) -> Result<RgbImage, SourceError> {
+        self.fail()
+    }
+    fn sensor(&self, _name: &str) -> Result<SensorSeries, SourceError> {
+        self.fail()
+    }
+    fn state(&self) -> Result<StateSeries, SourceError> {
+        self.fail()
+    }
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
+        self.fail()
     }
 }

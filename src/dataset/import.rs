@@ -3,7 +3,6 @@
 //! receive times.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -107,6 +106,9 @@ pub struct ImportReport {
     pub skipped: BTreeMap<String, u64>,
     /// Messages of topics not in the mapping, per topic (left out).
     pub unmapped: BTreeMap<String, u64>,
+    /// An earlier import of this episode was interrupted before writing any message; its
+    /// folder was removed.
+    pub removed_leftover: bool,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +183,8 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
     let start = msgs.iter().map(|m| m.4).min().unwrap_or(0);
     let stop = msgs.iter().map(|m| m.4).max().unwrap_or(0);
     let meta = EpisodeMeta { id, instruction: opts.instruction.clone(), task: opts.task.clone(), operator: opts.operator.clone(), start_ns: start, ..Default::default() };
+    let leftover = super::mcap_episode::episode_dir(root, &meta.id);
+    let removed_leftover = super::recovery::remove_empty_leftover(&leftover).map_err(|source| ImportError::Io { path: leftover.clone(), source })?;
     let mut w = EpisodeWriter::create(root, meta, streams, opts.writer.clone())?;
     let mut imported: BTreeMap<String, u64> = BTreeMap::new();
     for (topic, t, data, stamp, recv) in &msgs {
@@ -189,22 +193,22 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
     }
     let dir = w.dir().to_path_buf();
     let meta = w.finish(&opts.outcome, stop, BTreeMap::new())?;
-    Ok(ImportReport { meta, dir, imported, skipped, unmapped })
+    Ok(ImportReport { meta, dir, imported, skipped, unmapped, removed_leftover })
 }
 
 /// Visits every message of an MCAP bag file: (topic, type, encoding, log time, CDR).
 fn read_mcap(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
-    let file = File::open(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
-    // SAFETY: read-only map of a bag file; bags are not modified while imported.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    // Read, not mapped: a bag shrinking under a map would raise SIGBUS.
+    let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
     let mut channels = HashMap::new();
-    let end = scan_mcap(&map, &mut channels, |chs, m| {
+    let end = scan_mcap(&bytes, &mut channels, |chs, m| {
         if let Some(ch) = chs.get(&m.channel) {
             visit(&ch.topic, &ch.type_name, &ch.encoding, m.log_time as i64, &m.data);
         }
     });
-    if !end.complete {
-        return Err(ImportError::Damaged { path: path.to_path_buf(), message: end.stopped.unwrap_or_else(|| "data section incomplete".into()) });
+    if !end.complete || !end.lost.is_empty() {
+        let why = end.lost.into_iter().chain(end.stopped).collect::<Vec<_>>().join("; ");
+        return Err(ImportError::Damaged { path: path.to_path_buf(), message: if why.is_empty() { "data section incomplete".into() } else { why } });
     }
     Ok(())
 }

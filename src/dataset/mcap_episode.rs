@@ -18,7 +18,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::cdr::{self, MsgType, RosMessage};
-use super::episode::{EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, StateSeries, Stamp};
+use super::episode::{Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, StateSeries, Stamp};
 use super::streams::{Role, StreamConfig, StreamSpec};
 
 /// Name of the marker file present while an episode is being recorded.
@@ -194,6 +194,8 @@ pub struct EpisodeWriter {
     opts: WriterOptions,
     mcap: Option<mcap::Writer<QuotaFile>>,
     closed: Arc<AtomicBool>,
+    /// An MCAP operation failed: the writer is not used again (see [`EpisodeWriter::dispose`]).
+    failed: bool,
     channels: HashMap<String, (u16, MsgType)>,
     counts: BTreeMap<String, TopicCount>,
     bounds: Option<(i64, i64)>,
@@ -233,6 +235,7 @@ impl EpisodeWriter {
             opts,
             mcap: Some(mcap),
             closed,
+            failed: false,
             channels: HashMap::new(),
             counts: BTreeMap::new(),
             bounds: None,
@@ -264,10 +267,9 @@ impl EpisodeWriter {
             }
             None => self.add_channel(topic, type_name)?,
         };
-        let mcap = self.mcap.as_mut().expect("writer open until finish");
         let header = MessageHeader { channel_id: channel, sequence: self.sequence, log_time: recv_ns.max(0) as u64, publish_time: stamp_ns.max(0) as u64 };
         self.sequence = self.sequence.wrapping_add(1);
-        mcap.write_to_known_channel(&header, cdr).map_err(|source| mcap_error(&self.mcap_path, source))?;
+        self.mcap_op(|m| m.write_to_known_channel(&header, cdr))?;
         let c = self.counts.get_mut(topic).expect("channel registered");
         c.count += 1;
         self.bounds = Some(match self.bounds {
@@ -291,7 +293,35 @@ impl EpisodeWriter {
     /// Closes the current chunk and hands everything written so far to the OS.
     pub fn flush(&mut self) -> Result<(), EpisodeError> {
         self.last_flush_wall = Instant::now();
-        self.mcap.as_mut().expect("writer open until finish").flush().map_err(|source| mcap_error(&self.mcap_path, source))
+        self.mcap_op(|m| m.flush())
+    }
+
+    /// Runs one operation on the MCAP writer; after a failure every later one is refused, as the
+    /// crate's writer may be left without its file and panic when used.
+    fn mcap_op<T>(&mut self, f: impl FnOnce(&mut mcap::Writer<QuotaFile>) -> Result<T, mcap::McapError>) -> Result<T, EpisodeError> {
+        let path = &self.mcap_path;
+        let mcap = match self.mcap.as_mut() {
+            Some(m) if !self.failed => m,
+            _ => return Err(EpisodeError::Corrupt { path: path.clone(), message: "an earlier write to the episode file failed; nothing more is written to it".into() }),
+        };
+        f(mcap).map_err(|source| {
+            self.failed = true;
+            mcap_error(path, source)
+        })
+    }
+
+    /// Lets go of the MCAP writer. Dropping it finishes the file, which after a failed operation
+    /// can panic inside the mcap crate ("self.writer should never be None"): such a writer is
+    /// leaked instead (its file stays open until the process ends), the file being closed off.
+    fn dispose(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        if let Some(m) = self.mcap.take() {
+            if self.failed {
+                std::mem::forget(m);
+            } else {
+                drop(m);
+            }
+        }
     }
 
     fn add_channel(&mut self, topic: &str, type_name: &str) -> Result<u16, EpisodeError> {
@@ -304,11 +334,9 @@ impl EpisodeWriter {
         if t != spec.kind() {
             return Err(EpisodeError::Topic { topic: topic.into(), message: format!("type `{type_name}` but the mapping says {}", spec.msg_type) });
         }
-        let path = self.mcap_path.clone();
-        let mcap = self.mcap.as_mut().expect("writer open until finish");
-        let schema = mcap.add_schema(t.name(), "ros2msg", t.schema_text().as_bytes()).map_err(|source| mcap_error(&path, source))?;
+        let schema = self.mcap_op(|m| m.add_schema(t.name(), "ros2msg", t.schema_text().as_bytes()))?;
         let md = BTreeMap::from([("offered_qos_profiles".to_string(), QOS_PROFILE.to_string())]);
-        let id = mcap.add_channel(schema, topic, "cdr", &md).map_err(|source| mcap_error(&path, source))?;
+        let id = self.mcap_op(|m| m.add_channel(schema, topic, "cdr", &md))?;
         self.channels.insert(topic.into(), (id, t));
         self.counts.insert(topic.into(), TopicCount { topic: topic.into(), type_name: t.name().into(), count: 0 });
         Ok(id)
@@ -334,12 +362,10 @@ impl EpisodeWriter {
         self.meta.outcome = outcome.to_string();
         self.meta.stop_ns = stop_ns;
         self.meta.drops = drops;
-        let mut mcap = self.mcap.take().expect("finish once");
-        let mcap_err = |source| mcap_error(&self.mcap_path, source);
         let md = mcap::records::Metadata { name: "vla_finetune.episode".into(), metadata: meta_as_map(&self.meta) };
-        mcap.write_metadata(&md).map_err(mcap_err)?;
-        mcap.finish().map_err(mcap_err)?;
-        let mut quota = mcap.into_inner();
+        self.mcap_op(|m| m.write_metadata(&md))?;
+        self.mcap_op(|m| m.finish())?;
+        let mut quota = self.mcap.take().expect("present: mcap_op succeeded").into_inner();
         quota.flush().map_err(io_err(&self.mcap_path))?;
         quota.inner.get_ref().sync_all().map_err(io_err(&self.mcap_path))?;
         let counts: Vec<TopicCount> = self.counts.values().cloned().collect();
@@ -355,10 +381,9 @@ impl EpisodeWriter {
     /// keeps every chunk flushed before the error, and the marker stays so recovery rebuilds it.
     /// `episode.json` is updated with `outcome` when possible.
     pub fn abandon(mut self, outcome: &str, stop_ns: i64, drops: BTreeMap<String, u64>) -> EpisodeMeta {
-        // Dropping an mcap::Writer tries to finish the file: close the file off first so
-        // nothing more is written to a failing disk.
-        self.closed.store(true, Ordering::Relaxed);
-        drop(self.mcap.take());
+        // Dropping an mcap::Writer tries to finish the file: `dispose` closes the file off first
+        // so nothing more is written to a failing disk.
+        self.dispose();
         self.meta.outcome = outcome.to_string();
         self.meta.stop_ns = stop_ns;
         self.meta.drops = drops;
@@ -373,8 +398,7 @@ impl Drop for EpisodeWriter {
     fn drop(&mut self) {
         // An episode dropped without finish/abandon (a panic elsewhere) is left exactly as a crash
         // would leave it; recovery handles it.
-        self.closed.store(true, Ordering::Relaxed);
-        drop(self.mcap.take());
+        self.dispose();
     }
 }
 
@@ -543,25 +567,36 @@ pub struct ScanEnd {
     pub chunks: usize,
     /// Byte offset (in the file) of each good chunk record.
     pub chunk_offsets: Vec<usize>,
+    /// Records skipped as damaged (bad CRC, bad compression, unparsable) while their framing
+    /// held, so the scan went on past them: why, per record.
+    pub lost: Vec<String>,
+    /// Bytes of those skipped records.
+    pub lost_bytes: usize,
+    /// Byte offset where the scan ended (the data-end record, or where the file stopped making sense).
+    pub end_offset: usize,
 }
 
 /// Reads an MCAP data section record by record, handing every message of every valid chunk to
-/// `on_message` in file order, and stops at the first record that is truncated or fails to parse
-/// or decompress (what a crash leaves) instead of failing: everything before it is delivered.
+/// `on_message` in file order. A record that fails to parse or decompress (bad CRC) while its
+/// length still fits the file is skipped and listed in [`ScanEnd::lost`]; the scan stops at the
+/// first truncated record (what a crash leaves) instead of failing: everything before it is
+/// delivered.
 pub fn scan_mcap<'a>(
     buf: &'a [u8],
     channels: &mut HashMap<u16, ScannedChannel>,
     mut on_message: impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'a>),
 ) -> ScanEnd {
-    let mut end = ScanEnd { complete: false, stopped: None, chunks: 0, chunk_offsets: Vec::new() };
+    let mut end = ScanEnd { complete: false, stopped: None, chunks: 0, chunk_offsets: Vec::new(), lost: Vec::new(), lost_bytes: 0, end_offset: 0 };
     if buf.len() < 8 || &buf[..8] != MCAP_MAGIC {
         end.stopped = Some("not an MCAP file (bad magic)".into());
         return end;
     }
     let mut schemas: HashMap<u16, String> = HashMap::new();
+    top_level_channels(buf, &mut schemas, channels);
     let mut pos = 8usize;
     let mut loose = 0usize;
     loop {
+        end.end_offset = pos;
         if pos == buf.len() {
             end.stopped = Some(format!("file ends at byte {pos} without a data-end record"));
             return end;
@@ -580,33 +615,24 @@ pub fn scan_mcap<'a>(
         let record = match mcap::read::parse_record(op, body) {
             Ok(r) => r,
             Err(e) => {
-                end.stopped = Some(format!("record at byte {pos} (op 0x{op:02x}) does not parse: {e}"));
-                return end;
+                end.lost.push(format!("record at byte {pos} (op 0x{op:02x}) does not parse: {e}"));
+                end.lost_bytes += 9 + body.len();
+                pos += 9 + body.len();
+                continue;
             }
         };
         match record {
             Record::Chunk { header, data } => {
                 // Decode the whole chunk first so a damaged chunk contributes nothing.
-                let mut inner = Vec::new();
-                let mut failed = None;
-                match mcap::read::ChunkReader::new(header, &data) {
-                    Ok(reader) => {
-                        for r in reader {
-                            match r {
-                                Ok(r) => inner.push(r),
-                                Err(e) => {
-                                    failed = Some(e.to_string());
-                                    break;
-                                }
-                            }
-                        }
+                let inner = match decode_chunk(&header, &data) {
+                    Ok(records) => records,
+                    Err(e) => {
+                        end.lost.push(format!("chunk at byte {pos} is damaged: {e}"));
+                        end.lost_bytes += 9 + body.len();
+                        pos += 9 + body.len();
+                        continue;
                     }
-                    Err(e) => failed = Some(e.to_string()),
-                }
-                if let Some(e) = failed {
-                    end.stopped = Some(format!("chunk at byte {pos} is damaged: {e}"));
-                    return end;
-                }
+                };
                 let chunk = end.chunks;
                 let mut ordinal = 0;
                 for r in inner {
@@ -650,6 +676,84 @@ pub fn scan_mcap<'a>(
     }
 }
 
+/// Largest uncompressed chunk accepted (the recorder closes chunks at a few MiB).
+const MAX_CHUNK_BYTES: u64 = 1 << 30;
+
+/// Decompresses a chunk, checks its size and CRC, then parses its records, every length checked
+/// against what is there. Done here rather than by the mcap crate's chunk reader, which trusts
+/// lengths read from not yet CRC-checked data and panics ("capacity overflow") on a damaged one.
+fn decode_chunk(header: &mcap::records::ChunkHeader, data: &[u8]) -> Result<Vec<Record<'static>>, String> {
+    let size = header.uncompressed_size;
+    if size > MAX_CHUNK_BYTES {
+        return Err(format!("announces {size} uncompressed bytes; expected at most {MAX_CHUNK_BYTES}"));
+    }
+    let raw = match header.compression.as_str() {
+        "" => data.to_vec(),
+        "zstd" => zstd::bulk::decompress(data, size as usize).map_err(|e| format!("zstd: {e}"))?,
+        "lz4" => {
+            let mut out = Vec::new();
+            let dec = lz4::Decoder::new(data).map_err(|e| format!("lz4: {e}"))?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(dec, size + 1), &mut out).map_err(|e| format!("lz4: {e}"))?;
+            out
+        }
+        other => return Err(format!("compression `{other}`; expected zstd, lz4 or none")),
+    };
+    if raw.len() as u64 != size {
+        return Err(format!("decompresses to {} bytes; the header says {size}", raw.len()));
+    }
+    let crc = crc32fast::hash(&raw);
+    if header.uncompressed_crc != 0 && crc != header.uncompressed_crc {
+        return Err(format!("CRC {crc:08x} of the content; the header says {:08x}", header.uncompressed_crc));
+    }
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    while pos < raw.len() {
+        if raw.len() - pos < 9 {
+            return Err(format!("truncated record header at byte {pos} of the content"));
+        }
+        let len = u64::from_le_bytes(raw[pos + 1..pos + 9].try_into().expect("8 bytes"));
+        if len > (raw.len() - pos - 9) as u64 {
+            return Err(format!("record at byte {pos} of the content announces {len} bytes, {} present", raw.len() - pos - 9));
+        }
+        let body = &raw[pos + 9..pos + 9 + len as usize];
+        records.push(mcap::read::parse_record(raw[pos], body).map_err(|e| format!("record at byte {pos} of the content: {e}"))?.into_owned());
+        pos += 9 + len as usize;
+    }
+    Ok(records)
+}
+
+/// Reads the schema and channel records outside chunks (a finished file repeats them in its
+/// summary), so the messages of later chunks stay readable when the chunk that first declared
+/// their channel is damaged. Walks the record framing only; stops where it breaks.
+fn top_level_channels(buf: &[u8], schemas: &mut HashMap<u16, String>, channels: &mut HashMap<u16, ScannedChannel>) {
+    let mut pos = 8usize;
+    let mut found = Vec::new();
+    while buf.len().saturating_sub(pos) >= 9 {
+        let len = u64::from_le_bytes(buf[pos + 1..pos + 9].try_into().expect("8 bytes"));
+        if len > (buf.len() - pos - 9) as u64 {
+            break;
+        }
+        let (op, body) = (buf[pos], &buf[pos + 9..pos + 9 + len as usize]);
+        if op == 0x03 || op == 0x04 {
+            if let Ok(r) = mcap::read::parse_record(op, body) {
+                found.push(r);
+            }
+        }
+        pos += 9 + len as usize;
+    }
+    for r in &found {
+        if let Record::Schema { header, .. } = r {
+            schemas.insert(header.id, header.name.clone());
+        }
+    }
+    for r in found {
+        if let Record::Channel(c) = r {
+            let type_name = schemas.get(&c.schema_id).cloned().unwrap_or_default();
+            channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
+        }
+    }
+}
+
 /// Where a camera frame lives in the file.
 #[derive(Debug, Clone, Copy)]
 struct FrameRef {
@@ -664,7 +768,9 @@ pub struct McapEpisode {
     mcap_path: PathBuf,
     meta: EpisodeMeta,
     streams: StreamConfig,
-    map: memmap2::Mmap,
+    /// The whole MCAP file, read into memory: a map would turn a file truncated under the reader
+    /// into SIGBUS.
+    map: Vec<u8>,
     chunk_offsets: Vec<usize>,
     frames: Vec<(StreamSpec, Vec<FrameRef>)>,
     sensors: Vec<(String, SensorSeries)>,
@@ -682,16 +788,14 @@ impl McapEpisode {
     /// cannot be used (undecodable, wrong channel count, non-finite sensor values, step/size
     /// mismatch, stamps not increasing) are skipped and counted per topic and reason in
     /// [`McapEpisode::skipped`]. A file truncated by a crash is read up to its last good chunk
-    /// ([`McapEpisode::complete`] is then false).
+    /// ([`McapEpisode::complete`] is then false); a damaged chunk is skipped; both are reported by
+    /// [`EpisodeSource::damage`]. The file is read into memory, not mapped.
     pub fn open(dir: &Path) -> Result<McapEpisode, EpisodeError> {
         let meta = read_episode_json(dir)?;
         let sp = dir.join(STREAMS_YAML);
         let streams = StreamConfig::load(&sp).map_err(|e| EpisodeError::Meta { path: sp.clone(), message: e.to_string() })?;
         let mcap_path = dir.join(mcap_file_name(&meta.id));
-        let file = File::open(&mcap_path).map_err(io_err(&mcap_path))?;
-        // SAFETY: the file is opened read-only and episodes are never modified once written
-        // (recovery replaces the file by rename, so an open map keeps the old inode).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&mcap_path))?;
+        let map = std::fs::read(&mcap_path).map_err(io_err(&mcap_path))?;
         let mut ep = McapEpisode {
             dir: dir.to_path_buf(),
             mcap_path,
@@ -705,7 +809,7 @@ impl McapEpisode {
             commands: streams.command.as_ref().map(|_| StateSeries::default()),
             skipped: BTreeMap::new(),
             counts: BTreeMap::new(),
-            scan: ScanEnd { complete: false, stopped: None, chunks: 0, chunk_offsets: Vec::new() },
+            scan: ScanEnd { complete: false, stopped: None, chunks: 0, chunk_offsets: Vec::new(), lost: Vec::new(), lost_bytes: 0, end_offset: 0 },
             cache: Mutex::new(None),
         };
         ep.index()?;
@@ -745,8 +849,9 @@ impl McapEpisode {
             let data = if role == Role::Camera { Vec::new() } else { m.data.into_owned() };
             msgs.push((ch.topic.clone(), t, stamp, m.chunk, m.ordinal, data));
         });
-        if scan.chunks == 0 && !scan.complete {
-            return Err(EpisodeError::Corrupt { path: self.mcap_path.clone(), message: scan.stopped.clone().unwrap_or_else(|| "no data".into()) });
+        if scan.chunks == 0 && (!scan.complete || !scan.lost.is_empty()) {
+            let why = scan.lost.iter().chain(&scan.stopped).cloned().collect::<Vec<_>>().join("; ");
+            return Err(EpisodeError::Corrupt { path: self.mcap_path.clone(), message: format!("no readable chunk: {}", if why.is_empty() { "no data" } else { &why }) });
         }
         let mut last_stamp: HashMap<String, i64> = HashMap::new();
         for (topic, t, stamp, chunk, ordinal, data) in msgs {
@@ -817,13 +922,8 @@ impl McapEpisode {
         let Record::Chunk { header, data } = mcap::read::parse_record(buf[off], &buf[off + 9..off + 9 + len]).map_err(|e| corrupt(e.to_string()))? else {
             return Err(corrupt(format!("no chunk at byte {off}")));
         };
-        let mut out = Vec::new();
-        for r in mcap::read::ChunkReader::new(header, &data).map_err(|e| corrupt(e.to_string()))? {
-            if let Record::Message { data, .. } = r.map_err(|e| corrupt(e.to_string()))? {
-                out.push(data.into_owned());
-            }
-        }
-        Ok(out)
+        let records = decode_chunk(&header, &data).map_err(corrupt)?;
+        Ok(records.into_iter().filter_map(|r| if let Record::Message { data, .. } = r { Some(data.into_owned()) } else { None }).collect())
     }
 
     fn raw_message(&self, f: &FrameRef) -> Result<Vec<u8>, EpisodeError> {
@@ -998,11 +1098,37 @@ impl McapEpisode {
             .find(|(s, _)| s.name == camera)
             .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "camera", name: camera.into() })
     }
+
+    /// What the file lost: damaged records skipped, a truncated tail, a missing footer.
+    fn file_damage(&self) -> Option<Damage> {
+        let s = &self.scan;
+        let footer = self.map.len() >= 16 && self.map.ends_with(MCAP_MAGIC);
+        if s.complete && s.lost.is_empty() && footer {
+            return None;
+        }
+        let tail = if s.complete { 0 } else { self.map.len() - s.end_offset };
+        let mut reasons = s.lost.clone();
+        reasons.extend(s.stopped.iter().map(|w| format!("{w}; the rest of the file is unreadable")));
+        if s.complete && !footer {
+            reasons.push("the file has no footer (cut after its data section); no message lost".into());
+        }
+        Some(Damage {
+            file_bytes: self.map.len() as u64,
+            bytes_lost: (s.lost_bytes + tail) as u64,
+            chunks_read: s.chunks as u64,
+            records_lost: s.lost.len() as u64,
+            messages_read: self.counts.values().sum(),
+            reasons,
+        })
+    }
 }
 
 impl EpisodeSource for McapEpisode {
     fn meta(&self) -> &EpisodeMeta {
         &self.meta
+    }
+    fn damage(&self) -> Option<Damage> {
+        self.file_damage()
     }
     fn cameras(&self) -> Vec<String> {
         self.frames.iter().map(|(s, _)| s.name.clone()).collect()

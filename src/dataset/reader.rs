@@ -136,6 +136,7 @@ impl Dataset {
     pub fn open(dir: &Path) -> Result<Self, ReaderError> {
         let index = DatasetIndex::load(dir)?;
         let stats: DatasetStats = read_json(&dir.join(STATS_FILE))?;
+        stats.validate().map_err(|what| ReaderError::Stats { dir: dir.to_path_buf(), what })?;
         let shards = index.shards.iter().map(|s| ShardReader::open(&dir.join(&s.file))).collect::<Result<Vec<_>, _>>()?;
         Ok(Self { dir: dir.to_path_buf(), index, stats, shards })
     }

@@ -54,6 +54,36 @@ pub struct RecoveryReport {
     pub stopped: Option<String>,
 }
 
+/// The pid a `RECORDING` marker (`pid N`) names, when that process still runs.
+pub fn live_recorder(marker: &str) -> Option<i32> {
+    let pid: i32 = marker.trim().strip_prefix("pid ")?.trim().parse().ok()?;
+    (pid > 0 && process_alive(pid)).then_some(pid)
+}
+
+/// Whether process `pid` exists (signal 0 delivers nothing; EPERM means it exists).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for the process.
+    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+}
+
+/// Removes the folder of an episode whose writer died before any message reached the disk (a
+/// `RECORDING` marker from a process that is gone and no readable chunk): nothing is lost, and
+/// the folder would block writing the episode again. Returns whether it was removed.
+pub fn remove_empty_leftover(dir: &Path) -> std::io::Result<bool> {
+    let Ok(marker) = std::fs::read_to_string(dir.join(RECORDING_MARKER)) else { return Ok(false) };
+    if live_recorder(&marker).is_some() {
+        return Ok(false);
+    }
+    let id = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let bytes = std::fs::read(dir.join(mcap_file_name(&id))).unwrap_or_default();
+    if scan_mcap(&bytes, &mut HashMap::new(), |_, _| {}).chunks > 0 {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(dir)?;
+    tracing::warn!("{}: removed the empty leftover of an interrupted write", dir.display());
+    Ok(true)
+}
+
 /// Episode folders under `root` that still carry the recording marker.
 pub fn find_unfinished(root: &Path) -> Result<Vec<PathBuf>, RecoveryError> {
     let eps = list_episodes(root).map_err(|e| RecoveryError::Unusable { path: root.to_path_buf(), message: e.to_string() })?;
@@ -87,16 +117,13 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
     }
     let path = dir.join(mcap_file_name(&id));
     // A crash right after the folder was made can leave no (or an empty) MCAP: recover it empty.
-    let map = match File::open(&path) {
-        Ok(file) if file.metadata().map(|m| m.len() > 0).unwrap_or(false) => {
-            // SAFETY: read-only map of a file no process writes any more (its recorder is gone).
-            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?)
-        }
-        Ok(_) => None,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+    // Read, not mapped: a file shrinking under a map would raise SIGBUS.
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(io(&path)(e)),
     };
-    let data: &[u8] = map.as_deref().unwrap_or(&[]);
+    let data: &[u8] = &bytes;
 
     let tmp = dir.join(format!("{}.recovering", mcap_file_name(&id)));
     let out = File::create(&tmp).map_err(io(&tmp))?;
@@ -166,7 +193,6 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
     inner.flush().map_err(io(&tmp))?;
     inner.get_ref().sync_all().map_err(io(&tmp))?;
     drop(inner);
-    drop(map);
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     let counts: Vec<TopicCount> = counts.into_values().collect();
     let (start, stop) = bounds.unwrap_or((meta.start_ns, meta.start_ns));

@@ -39,11 +39,29 @@ impl FieldStats {
         self.mean.len()
     }
 
+    /// Checks that every per-dimension list has `dims()` finite entries; the error names the
+    /// list, its length and the expected one.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = self.dims();
+        for (name, v) in [("std", &self.std), ("min", &self.min), ("max", &self.max), ("q01", &self.q01), ("q99", &self.q99)] {
+            if v.len() != d {
+                return Err(format!("`{name}` has {} values; expected {d} (as many as `mean`)", v.len()));
+            }
+        }
+        for (name, v) in [("mean", &self.mean), ("std", &self.std)] {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(format!("`{name}[{i}]` is {}; expected a finite number", v[i]));
+            }
+        }
+        Ok(())
+    }
+
     /// Normalizes `x` in place, `(x - mean) / max(std, MIN_STD)`; `x` holds whole rows of
-    /// `dims()` values. Returns false (leaving `x` unchanged) when its length is not a multiple.
+    /// `dims()` values. Returns false (leaving `x` unchanged) when its length is not a multiple
+    /// or `std` does not have `dims()` values.
     pub fn normalize(&self, x: &mut [f32]) -> bool {
         let d = self.dims();
-        if d == 0 || x.len() % d != 0 {
+        if d == 0 || x.len() % d != 0 || self.std.len() != d {
             return false;
         }
         for row in x.chunks_mut(d) {
@@ -64,6 +82,16 @@ pub struct DatasetStats {
     pub state: FieldStats,
     /// Per action channel.
     pub action: FieldStats,
+}
+
+impl DatasetStats {
+    /// [`FieldStats::validate`] of every field, the error naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, f) in [("sensor", &self.sensor), ("state", &self.state), ("action", &self.action)] {
+            f.validate().map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Streaming accumulator for [`FieldStats`].

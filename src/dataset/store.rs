@@ -331,23 +331,27 @@ impl ShardReader {
 pub struct Staging {
     /// Folder being written.
     pub dir: PathBuf,
+    /// Staging and replaced folders left by compiles that were killed, removed on creation.
+    pub removed: Vec<PathBuf>,
     target: PathBuf,
     overwrite: bool,
 }
 
 impl Staging {
-    /// Creates `<target>.staging-<pid>`; fails if `target` exists and `overwrite` is false.
+    /// Creates `<target>.staging-<pid>` after removing the `.staging-<pid>` and `.old-<pid>`
+    /// siblings of processes that are gone; fails if `target` exists and `overwrite` is false.
     pub fn create(target: &Path, overwrite: bool) -> Result<Self, StoreError> {
         if target.exists() && !overwrite {
             return Err(StoreError::Invalid { path: target.to_path_buf(), what: "already exists; expected a new folder (pass overwrite)".into() });
         }
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
+        let removed = remove_dead_siblings(target, &name)?;
         let dir = target.with_file_name(format!(".{name}.staging-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(Self { dir, target: target.to_path_buf(), overwrite })
+        Ok(Self { dir, removed, target: target.to_path_buf(), overwrite })
     }
 
     /// Moves the finished folder into place (replacing an old one when allowed).
@@ -373,4 +377,26 @@ impl Staging {
     pub fn abandon(self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Removes `.<name>.staging-<pid>` and `.<name>.old-<pid>` folders beside `target` whose process
+/// is gone (a compile killed mid-write), logging each.
+fn remove_dead_siblings(target: &Path, name: &str) -> Result<Vec<PathBuf>, StoreError> {
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(Vec::new()) };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let pid = [".staging-", ".old-"].iter().find_map(|k| file.strip_prefix(&format!(".{name}{k}"))).and_then(|p| p.parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|&p| p as u32 != std::process::id() && !super::recovery::process_alive(p)) {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            tracing::warn!("{}: removed the leftover of a compile (pid {pid}) that did not finish", path.display());
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }

@@ -257,14 +257,28 @@ impl TrainConfig {
         Self::from_yaml(&text, &path.display().to_string(), overrides)
     }
 
-    /// Parses YAML `text` (named `origin` in errors), applies `overrides` and validates.
+    /// Parses YAML `text` (named `origin` in errors), applies `overrides` and validates. A value
+    /// of the wrong type is blamed on the override that brought it (naming its key and `--set`)
+    /// or on the file (with its line and column). `model.stage1_checkpoint` may name a
+    /// checkpoints root or its `latest` (see [`resolve_checkpoint_dir`](super::publish::resolve_checkpoint_dir)).
     pub fn from_yaml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
         let parse = |reason: String| ConfigError::Parse { origin: origin.to_string(), reason };
         let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
+        let file_ok = serde_yaml::from_value::<TrainConfig>(value.clone()).is_ok();
         for spec in overrides {
             apply_override(&mut value, spec)?;
+            if let (true, Err(e)) = (file_ok, serde_yaml::from_value::<TrainConfig>(value.clone())) {
+                let key = spec.split_once('=').map_or(spec.as_str(), |(k, _)| k.trim());
+                return Err(ConfigError::Parse { origin: format!("--set {spec}"), reason: format!("`{key}` (from --set): {e}") });
+            }
         }
-        let cfg: TrainConfig = serde_yaml::from_value(value).map_err(|e| parse(e.to_string()))?;
+        let mut cfg: TrainConfig = match serde_yaml::from_value(value) {
+            Ok(c) => c,
+            // The file's own error, with its position.
+            Err(e) => return Err(parse(serde_yaml::from_str::<TrainConfig>(text).err().map_or(e.to_string(), |fe| fe.to_string()))),
+        };
+        cfg.model.stage1_checkpoint =
+            super::publish::resolve_checkpoint_dir(&cfg.model.stage1_checkpoint).map_err(|e| invalid("model.stage1_checkpoint", e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -11,6 +11,7 @@
 //! - [`progress`] and [`plot`]: progress events, hub, throttle, log, bar; curves PNG.
 //! - [`config`]: `config/train.yaml` and `config/vram_presets.yaml`.
 //! - [`stage2`]: the Stage 2 job (LoRA on the VL model + heads) with its cache modes.
+//! - [`guard`]: one training per state folder, no silent restart over an existing state.
 //! - [`tensor_io`]: safetensors <-> tch with metadata, durable writes.
 
 pub mod cache;
@@ -19,6 +20,7 @@ pub mod controller;
 pub mod deploy;
 pub mod drift;
 pub mod error;
+pub mod guard;
 pub mod heads_job;
 pub mod optim;
 pub mod plot;

@@ -32,6 +32,8 @@ use super::tensor_io::{fsync_dir, write_atomic, TensorIoError};
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
 /// File name of the manifest inside a checkpoint folder.
 pub const MANIFEST_NAME: &str = "manifest.json";
+/// The dataset statistics a checkpoint carries (its identity for [`Publisher::guard_latest`]).
+const STATS_NAME: &str = super::deploy::STATS_FILE;
 /// File name of the pointer to the latest version inside the root.
 pub const LATEST_NAME: &str = "latest";
 const TMP_PREFIX: &str = ".tmp-";
@@ -166,12 +168,17 @@ pub struct Published {
     pub manifest: Manifest,
     /// sha256 (hex) of the `manifest.json` bytes.
     pub manifest_sha256: String,
+    /// Whether `latest` now names it (false: kept, not announced, see [`Publisher::guard_latest`]).
+    pub latest: bool,
 }
 
 /// Publishes versioned checkpoints under one root folder (usually `checkpoints/`).
 #[derive(Debug, Clone)]
 pub struct Publisher {
     root: PathBuf,
+    /// Metric (lower is better) and the version `latest` named when the guard was set: a later
+    /// version worse than that one on the same dataset does not become latest.
+    guard: Option<(String, Option<String>)>,
 }
 
 impl Publisher {
@@ -179,7 +186,33 @@ impl Publisher {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, PublishError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io_err("create folder", &root))?;
-        Ok(Self { root })
+        Ok(Self { root, guard: None })
+    }
+
+    /// From now on `latest` is not moved to a version whose `metric` (lower is better) is worse
+    /// than that of the version `latest` names now (a training restarted over an earlier one),
+    /// on the same data: both checkpoints carry the same dataset statistics (`stats.json` with
+    /// one sha256), which a compiled dataset has once, with its validation split. Such a version
+    /// is still published (kept), not made latest. Within one run the caller decides.
+    pub fn guard_latest(mut self, metric: impl Into<String>) -> Result<Self, PublishError> {
+        self.guard = Some((metric.into(), self.latest()?));
+        Ok(self)
+    }
+
+    /// Whether committing `m` moves `latest` (see [`Publisher::guard_latest`]).
+    fn moves_latest(&self, m: &Manifest) -> Result<bool, PublishError> {
+        let Some((metric, Some(prev))) = &self.guard else { return Ok(true) };
+        let Ok(bytes) = fs::read(self.root.join(&prev).join(MANIFEST_NAME)) else { return Ok(true) };
+        let Ok(old) = serde_json::from_slice::<Manifest>(&bytes) else { return Ok(true) };
+        let data = |x: &Manifest| x.file(STATS_NAME).map(|f| f.sha256.clone());
+        let same_data = data(m).is_some() && data(m) == data(&old);
+        match (m.metrics.get(metric), old.metrics.get(metric)) {
+            (Some(new), Some(was)) if same_data && new.is_finite() && was.is_finite() && new > was => {
+                tracing::warn!("{}: {metric} {new} is worse than {prev}'s {was} on the same data; kept, `latest` stays at {prev}", m.version);
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
     }
 
     /// The root folder.
@@ -293,11 +326,14 @@ impl Publisher {
         if dir.exists() {
             return Err(PublishError::Request(format!("`{}` already exists", dir.display())));
         }
+        let latest = self.moves_latest(&staged.manifest)?;
         fs::rename(&staged.tmp_dir, &dir).map_err(io_err("rename into", &dir))?;
         fsync_dir(&self.root)?;
-        write_atomic(&self.root.join(LATEST_NAME), format!("{}\n", staged.version).as_bytes())?;
+        if latest {
+            write_atomic(&self.root.join(LATEST_NAME), format!("{}\n", staged.version).as_bytes())?;
+        }
         let manifest_sha256 = hash_file(&dir.join(MANIFEST_NAME))?.0;
-        Ok(Published { version: staged.version, dir, manifest: staged.manifest, manifest_sha256 })
+        Ok(Published { version: staged.version, dir, manifest: staged.manifest, manifest_sha256, latest })
     }
 
     /// [`Publisher::stage`] then [`Publisher::commit`].
@@ -326,6 +362,21 @@ impl Publisher {
         }
         Ok(removed)
     }
+}
+
+/// The checkpoint folder `path` means: a checkpoints root (a folder with a `latest` pointer and
+/// no manifest of its own) or its `latest` file mean the version `latest` names; anything else
+/// is returned as given.
+pub fn resolve_checkpoint_dir(path: &Path) -> Result<PathBuf, PublishError> {
+    let root = if path.file_name().is_some_and(|n| n == LATEST_NAME) && path.is_file() {
+        path.parent().unwrap_or(Path::new("."))
+    } else if path.is_dir() && !path.join(MANIFEST_NAME).exists() && path.join(LATEST_NAME).is_file() {
+        path
+    } else {
+        return Ok(path.to_path_buf());
+    };
+    let p = Publisher { root: root.to_path_buf(), guard: None };
+    p.latest_dir()?.ok_or_else(|| PublishError::Latest { path: root.join(LATEST_NAME), reason: "vanished while being read".into() })
 }
 
 /// Reads `<dir>/manifest.json`, recomputes every listed file's size and sha256 and checks that no

@@ -215,7 +215,7 @@ impl<'a> Runner<'a> {
             cache_state: serde_json::Value::Null,
             extra: serde_json::Value::Null,
         };
-        let publisher = cfg.publish_dir.as_ref().map(Publisher::new).transpose().map_err(|e| fail(e.into()))?;
+        let publisher = cfg.publish_dir.as_ref().map(|d| Publisher::new(d)?.guard_latest(&cfg.best_metric)).transpose().map_err(|e| fail(e.into()))?;
         let mut runner = Runner {
             task,
             cfg,
@@ -430,7 +430,9 @@ impl<'a> Runner<'a> {
             items,
         };
         let published = self.publisher.as_ref().expect("checked above").publish(&req).map_err(|e| self.located(e.into(), "publish"))?;
-        (self.on_publish)(&published);
+        if published.latest {
+            (self.on_publish)(&published);
+        }
         self.hist.published.push(published.version);
         Ok(())
     }
