@@ -21,11 +21,12 @@ struct LaunchNode {
 /// Resolves `$(var NAME)` to the argument's default and `$(find-pkg-share vla_finetune)` to this
 /// source tree (the installed share folder holds the same launch/ and config/).
 fn resolve(value: &str, args: &std::collections::BTreeMap<String, String>) -> String {
-    let mut v = value.replace("$(find-pkg-share vla_finetune)", ROOT);
+    let mut v = value.to_string();
     for _ in 0..4 {
         for (name, default) in args {
             v = v.replace(&format!("$(var {name})"), default);
         }
+        v = v.replace("$(find-pkg-share vla_finetune)", ROOT);
     }
     v
 }
