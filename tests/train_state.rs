@@ -125,14 +125,7 @@ fn resume_mid_epoch_is_bitwise_identical() {
     tch::manual_seed(4242); // resume must not depend on the generator's state
     let mut c = toy(); // fresh, differently-initialized-in-principle objects
     let meta = load_state(&path, &mut c.opt).unwrap();
-    let mut run_c = RunState {
-        run_seed: meta.run_seed,
-        counters: meta.counters,
-        schedule: meta.schedule,
-        accumulation: meta.accumulation,
-        cache_state: meta.cache_state,
-        extra: meta.extra,
-    };
+    let mut run_c = RunState::from(meta);
     train(&mut c, &mut run_c, None);
     assert_eq!(run_c.counters, run_a.counters);
     for (p, q) in [(&a.w1, &c.w1), (&a.b1, &c.b1), (&a.w2, &c.w2)] {

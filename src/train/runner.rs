@@ -244,14 +244,7 @@ impl<'a> Runner<'a> {
         self.task.restore_cache_state(&meta.cache_state).map_err(|e| e.at("restore", epoch, step))?;
         self.hist = serde_json::from_value(meta.extra.clone())
             .map_err(|e| TrainError::invalid(format!("training state `{}`", path.display()), format!("history: {e}")).at("restore", epoch, step))?;
-        self.state = RunState {
-            run_seed: meta.run_seed,
-            counters: meta.counters,
-            schedule: meta.schedule,
-            accumulation: meta.accumulation,
-            cache_state: meta.cache_state,
-            extra: meta.extra,
-        };
+        self.state = meta.into();
         self.start_step = step;
         Ok(())
     }

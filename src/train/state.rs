@@ -92,6 +92,13 @@ pub struct RunState {
     pub extra: serde_json::Value,
 }
 
+impl From<StateMeta> for RunState {
+    /// The run state a saved state resumes (the optimizer's part is restored by [`load_state`]).
+    fn from(m: StateMeta) -> Self {
+        Self { run_seed: m.run_seed, counters: m.counters, schedule: m.schedule, accumulation: m.accumulation, cache_state: m.cache_state, extra: m.extra }
+    }
+}
+
 /// Writes the optimizer's parameters and moments plus `run` to `path`, atomically.
 pub fn save_state(path: &Path, opt: &AdamW, run: &RunState) -> Result<(), StateError> {
     let exported = opt.export_state();
