@@ -64,10 +64,10 @@ fn save_load_round_trip_stage1_and_stage2() {
     let extra = BTreeMap::from([("epoch".to_string(), serde_json::json!(7))]);
     let saved = h.save(&path, CheckpointStage::Stage1, extra).unwrap();
     let (loaded, meta) = PolicyHeads::load(&path, Device::Cpu).unwrap();
-    // JSON floats round-trip to the last bit or one ulp; everything else exactly.
-    let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-15 * y.abs());
-    assert!(close(&meta.schedule.betas, &h.schedule().betas) && close(&meta.schedule.alphas_cumprod, &h.schedule().alphas_cumprod));
-    assert_eq!(CheckpointMeta { schedule: saved.schedule.clone(), ..meta.clone() }, saved);
+    // Everything round-trips to the last bit, the schedule's f64s included (a one-ulp change
+    // there changes the sampled actions).
+    assert_eq!(meta, saved);
+    assert_eq!(meta.schedule, *h.schedule());
     assert_eq!(meta.config, *h.config());
     assert_eq!(meta.normalization, *h.norm());
     assert_eq!(meta.extra["epoch"], 7);
