@@ -59,10 +59,11 @@ fn p(name: &'static str, kind: ParamKind, default: Value, description: &'static 
 /// Executables of the ROS nodes (cargo binaries of this package).
 pub const NODE_EXECUTABLES: [&str; 4] = ["collector_node", "trainer_node", "policy_node", "sim_robot_node"];
 
-/// Declared parameters of the node run by `executable`, or None for an unknown executable.
+/// Declared parameters of the node run by `executable`, or None for an unknown executable. Every
+/// node also has rcl's `use_sim_time`, as every rclcpp node does.
 pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
     use ParamKind::*;
-    let params = match executable {
+    let mut params = match executable {
         "collector_node" => vec![
             p("dataset_root", String, json!("vla_data"), "Folder where episodes are recorded (episodes/<id>/)."),
             p("streams_config", String, json!("config/streams_sim.yaml"), "Stream mapping YAML: topics -> cameras, sensors, state, command (relative: the package's share folder first)."),
@@ -112,6 +113,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
         ],
         _ => return None,
     };
+    params.push(p("use_sim_time", Bool, json!(false), "Node clock from the /clock topic (simulated time) for stamps, schedules and staleness."));
     Some(params)
 }
 

@@ -4,12 +4,11 @@
 //! A stop first waits (up to `stop_drain_s`) for messages stamped before it that are still in
 //! flight. SIGINT / SIGTERM close an open episode as `interrupted`, keeping everything received.
 
-use super::convert::time_now;
 use super::interfaces::{msg, srv};
 use super::params::{declare, share_file, ParamsExt};
 use super::NodeRuntime;
 use crate::dataset::gaps::GapCounter;
-use crate::dataset::recorder::{now_ns, EpisodeInfo, Recorder, RecorderConfig, RecorderStatus};
+use crate::dataset::recorder::{EpisodeInfo, Recorder, RecorderConfig, RecorderStatus};
 use crate::dataset::streams::{Reliability, StreamConfig, StreamSpec};
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
@@ -84,7 +83,7 @@ pub fn main() -> Result<()> {
 
     for (i, (_, spec)) in streams.all().into_iter().enumerate() {
         let mut sub = n.node.subscribe_raw(ros_topic(&spec.topic), spec.kind().name(), qos(spec))?;
-        let (rec, topic, kind, newest) = (recorder.clone(), spec.topic.clone(), spec.kind(), newest.clone());
+        let (rec, topic, kind, newest, clock) = (recorder.clone(), spec.topic.clone(), spec.kind(), newest.clone(), n.clock.clone());
         let mut gaps = spec.rate_hz.map(GapCounter::new);
         n.rt.spawn(async move {
             while let Some(cdr) = sub.next().await {
@@ -92,20 +91,21 @@ pub fn main() -> Result<()> {
                 if let (Some(g), Some(stamp)) = (gaps.as_mut(), stamp) {
                     rec.count_lost(&topic, g.observe(stamp));
                 }
-                rec.push_received(&topic, kind.name(), cdr, now_ns());
-                newest[i].fetch_max(stamp.unwrap_or_else(now_ns), Ordering::Relaxed);
+                let received = clock.now_ns();
+                rec.push_received(&topic, kind.name(), cdr, received);
+                newest[i].fetch_max(stamp.unwrap_or(received), Ordering::Relaxed);
             }
         });
     }
     let drain = Duration::from_secs_f64(p.double("stop_drain_s").max(0.0));
 
     let mut start = n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
-    let rec = recorder.clone();
+    let (rec, clock) = (recorder.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while let Some(req) = start.next().await {
             let m = &req.message;
             let info = EpisodeInfo { id: None, instruction: m.instruction.clone(), task: m.task.clone(), operator: m.operator_name.clone() };
-            let resp = match rec.start(info, now_ns()) {
+            let resp = match rec.start(info, clock.now_ns()) {
                 Ok(id) => srv::StartEpisode::Response { started: true, episode_id: id, reason: String::new() },
                 Err(e) => srv::StartEpisode::Response { started: false, episode_id: String::new(), reason: e.to_string() },
             };
@@ -116,11 +116,12 @@ pub fn main() -> Result<()> {
     });
 
     let mut stop = n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
-    let (rec, newest) = (recorder.clone(), newest.clone());
+    let (rec, newest, clock) = (recorder.clone(), newest.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while let Some(req) = stop.next().await {
-            drain_in_flight(&newest, now_ns(), drain).await;
-            let resp = match rec.stop(&req.message.outcome) {
+            let stop_ns = clock.now_ns();
+            drain_in_flight(&newest, stop_ns, drain).await;
+            let resp = match rec.stop_at(&req.message.outcome, stop_ns) {
                 Ok(meta) => srv::StopEpisode::Response { stopped: true, episode_id: meta.id, messages: rec.status().episode_messages, reason: String::new() },
                 Err(e) => srv::StopEpisode::Response { stopped: false, episode_id: String::new(), messages: 0, reason: e.to_string() },
             };
@@ -132,10 +133,10 @@ pub fn main() -> Result<()> {
 
     let status_pub = n.node.create_publisher::<msg::CollectorStatus>("~/status", QosProfile::default())?;
     let mut timer = n.node.create_wall_timer(std::time::Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
-    let rec = recorder.clone();
+    let (rec, clock) = (recorder.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while timer.tick().await.is_ok() {
-            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), time_now())) {
+            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), clock.now())) {
                 tracing::warn!("status: {e}");
             }
         }
@@ -144,7 +145,7 @@ pub fn main() -> Result<()> {
     tracing::info!("collector ready: {} topics -> {}", streams.all().len(), p.string("dataset_root"));
     n.spin();
     if recorder.status().recording {
-        match recorder.stop("interrupted") {
+        match recorder.stop_at("interrupted", n.clock.now_ns()) {
             Ok(meta) => tracing::info!("episode {} closed as interrupted ({} messages)", meta.id, recorder.status().episode_messages),
             Err(e) => tracing::error!("closing the episode at shutdown: {e}"),
         }

@@ -10,13 +10,8 @@ pub fn time_from_ns(ns: i64) -> Time {
     Time { sec: ns.div_euclid(1_000_000_000) as i32, nanosec: ns.rem_euclid(1_000_000_000) as u32 }
 }
 
-/// The current wall-clock time as a ROS time.
-pub fn time_now() -> Time {
-    time_from_ns(crate::dataset::recorder::now_ns())
-}
-
-/// TrainingProgress from a trainer progress event (unknown numbers become NaN / 0).
-pub fn progress_msg(ev: &ProgressEvent) -> msg::TrainingProgress {
+/// TrainingProgress from a trainer progress event stamped `stamp` (unknown numbers become NaN / 0).
+pub fn progress_msg(ev: &ProgressEvent, stamp: Time) -> msg::TrainingProgress {
     let f = |v: Option<f64>| v.map(|x| x as f32).unwrap_or(f32::NAN);
     let cache_state = if ev.cache.building {
         if ev.cache.refreshes > 0 { "refreshing" } else { "building" }
@@ -26,7 +21,7 @@ pub fn progress_msg(ev: &ProgressEvent) -> msg::TrainingProgress {
         "cold"
     };
     msg::TrainingProgress {
-        stamp: time_from_ns(ev.time_unix_ms as i64 * 1_000_000),
+        stamp,
         job_id: ev.job_id.clone(),
         phase: ev.phase.as_str().to_string(),
         epoch: ev.epoch as u32,
@@ -49,14 +44,14 @@ pub fn progress_msg(ev: &ProgressEvent) -> msg::TrainingProgress {
     }
 }
 
-/// CheckpointInfo for a published checkpoint. Per-dimension validation errors are the manifest
+/// CheckpointInfo for a published checkpoint, stamped `stamp`. Per-dimension validation errors are the manifest
 /// metrics named `val_action_error/<dim>`; `val_loss` is the metric of that name.
-pub fn checkpoint_msg(p: &Published, job_id: &str) -> msg::CheckpointInfo {
+pub fn checkpoint_msg(p: &Published, job_id: &str, stamp: Time) -> msg::CheckpointInfo {
     let m = &p.manifest;
     let per_dim: Vec<(&String, &f64)> = m.metrics.iter().filter(|(k, _)| k.starts_with("val_action_error/")).collect();
     let info_u64 = |k: &str| m.info.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     msg::CheckpointInfo {
-        stamp: time_now(),
+        stamp,
         version: p.version.clone(),
         path: std::fs::canonicalize(&p.dir).unwrap_or_else(|_| p.dir.clone()).display().to_string(),
         manifest_sha256: p.manifest_sha256.clone(),

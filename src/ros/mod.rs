@@ -1,5 +1,6 @@
 //! ROS 2 adapters (r2r): message <-> core type conversion and the nodes. No logic lives here.
 
+pub mod clock;
 pub mod collector;
 pub mod convert;
 pub mod interfaces;
@@ -51,6 +52,8 @@ pub struct NodeRuntime {
     pub rt: tokio::runtime::Runtime,
     /// Set by SIGINT / SIGTERM.
     pub stop: Arc<AtomicBool>,
+    /// The node's ROS clock (simulated time with `use_sim_time`): every stamp a node writes.
+    pub clock: clock::NodeClock,
 }
 
 impl NodeRuntime {
@@ -62,7 +65,8 @@ impl NodeRuntime {
         rosout::init(&node.logger().to_string(), "info");
         let rt = tokio::runtime::Runtime::new()?;
         let stop = stop_on_signals(&rt)?;
-        Ok(Self { node, rt, stop })
+        let clock = clock::NodeClock::of(&node);
+        Ok(Self { node, rt, stop, clock })
     }
 
     /// Spins until SIGINT / SIGTERM.

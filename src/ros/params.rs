@@ -9,9 +9,6 @@ use r2r::{Parameter, ParameterValue};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-/// Parameters every rcl node may be given besides its own.
-const RCL_PARAMS: [&str; 1] = ["use_sim_time"];
-
 /// The node's parameter values by name (overrides applied), as JSON values; starts the
 /// parameter services on `rt`. Changes made later through them arrive on `on_change`.
 pub fn declare(
@@ -23,7 +20,7 @@ pub fn declare(
     let specs = node_params::declared(executable).ok_or_else(|| anyhow!("no parameter declarations for `{executable}`"))?;
     let out = {
         let mut params = node.params.lock().map_err(|_| anyhow!("parameter table poisoned"))?;
-        let unknown: Vec<&String> = params.keys().filter(|n| !specs.iter().any(|s| s.name == n.as_str()) && !RCL_PARAMS.contains(&n.as_str())).collect();
+        let unknown: Vec<&String> = params.keys().filter(|n| !specs.iter().any(|s| s.name == n.as_str())).collect();
         if !unknown.is_empty() {
             let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
             bail!("{executable}: unknown parameter(s) {unknown:?}; declared: {}", names.join(", "));
@@ -38,16 +35,6 @@ pub fn declare(
             p.description = spec.description;
             params.insert(spec.name.to_string(), p);
             out.insert(spec.name.to_string(), value);
-        }
-        // Declared by every rclcpp node too; true makes the node clock follow /clock.
-        match params.get("use_sim_time").map(|p| &p.value) {
-            None | Some(ParameterValue::NotSet) => {
-                let mut p = Parameter::new(ParameterValue::Bool(false));
-                p.description = "Use the /clock topic as the node clock.";
-                params.insert("use_sim_time".into(), p);
-            }
-            Some(ParameterValue::Bool(_)) => {}
-            Some(v) => bail!("parameter `use_sim_time`: expected bool, got {v:?}"),
         }
         out
     };

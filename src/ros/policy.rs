@@ -7,7 +7,7 @@
 //! `~/target_twist` (TwistStamped) or `~/target_pose` (PoseStamped, relative, tool frame).
 //! The robot state stream is not an input: the heads in this build are trained without state.
 
-use super::convert::time_now;
+use super::clock::RuntimeRosClock;
 use super::interfaces::msg;
 use super::collector::{qos, ros_topic};
 use super::params::{declare, share_file, ParamsExt};
@@ -18,22 +18,23 @@ use crate::dataset::streams::StreamConfig;
 use crate::runtime::output::{pose_delta, twist, TargetOutput};
 use crate::runtime::{
     ActionEvent, CameraInput, ControlConfig, InputConfig, PolicyStatus, RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior,
-    SystemClock, VlaLoader, WatchConfig,
+    VlaLoader, WatchConfig,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use futures::StreamExt;
 use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, TwistStamped, Vector3};
+use r2r::builtin_interfaces::msg::Time;
 use r2r::std_msgs::msg::Header;
 use r2r::QosProfile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// ActionChunk from a published action event.
-pub fn action_msg(ev: &ActionEvent, frame_id: &str) -> msg::ActionChunk {
+/// ActionChunk from a published action event, stamped `stamp`.
+pub fn action_msg(ev: &ActionEvent, header: Header) -> msg::ActionChunk {
     let c = &ev.chunk;
     msg::ActionChunk {
-        header: Header { stamp: time_now(), frame_id: frame_id.to_string() },
+        header,
         checkpoint_version: c.version.clone(),
         horizon: c.horizon as u32,
         action_dim: c.action_dim as u32,
@@ -42,10 +43,10 @@ pub fn action_msg(ev: &ActionEvent, frame_id: &str) -> msg::ActionChunk {
     }
 }
 
-/// PolicyStatus from the runtime's status.
-pub fn status_msg(s: &PolicyStatus) -> msg::PolicyStatus {
+/// PolicyStatus from the runtime's status, stamped `stamp`.
+pub fn status_msg(s: &PolicyStatus, stamp: Time) -> msg::PolicyStatus {
     msg::PolicyStatus {
-        stamp: time_now(),
+        stamp,
         active_version: s.active_version.clone(),
         previous_version: s.previous_version.clone(),
         acting: s.acting,
@@ -57,8 +58,8 @@ pub fn status_msg(s: &PolicyStatus) -> msg::PolicyStatus {
     }
 }
 
-fn header(frame_id: &str) -> Header {
-    Header { stamp: time_now(), frame_id: frame_id.to_string() }
+fn header(stamp: Time, frame_id: &str) -> Header {
+    Header { stamp, frame_id: frame_id.to_string() }
 }
 
 /// Samples and per-sample stamps of a SensorFrame: `values` holds `k` samples of `channels`;
@@ -185,7 +186,7 @@ pub fn main() -> Result<()> {
     tracing::info!("shapes: sensor window {}, horizon {}, action size {}", shapes.sensor_window, shapes.horizon, shapes.action_dim);
     let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps, device, kind)?);
     let cfg = runtime_config(&p, &streams, shapes)?;
-    let mut handle = crate::runtime::start(cfg, loader, Arc::new(SystemClock::new()))?;
+    let mut handle = crate::runtime::start(cfg, loader, Arc::new(RuntimeRosClock::new(n.clock.clone())))?;
     let node = &mut n.node;
     let rt = &n.rt;
 
@@ -239,16 +240,18 @@ pub fn main() -> Result<()> {
     let twist_pub = (target == TargetOutput::Twist).then(|| node.create_publisher::<TwistStamped>("~/target_twist", QosProfile::default())).transpose()?;
     let pose_pub = (target == TargetOutput::Pose).then(|| node.create_publisher::<PoseStamped>("~/target_pose", QosProfile::default())).transpose()?;
     let mut events = std::mem::replace(&mut handle.events, tokio::sync::mpsc::unbounded_channel().1);
+    let clock = n.clock.clone();
     rt.spawn(async move {
         while let Some(ev) = events.recv().await {
-            if let Err(e) = action_pub.publish(&action_msg(&ev, "tool")) {
+            let stamp = clock.now();
+            if let Err(e) = action_pub.publish(&action_msg(&ev, header(stamp.clone(), "tool"))) {
                 tracing::warn!("action_chunk: {e}");
             }
             if let Some(pubr) = &twist_pub {
                 match twist(&ev.chunk) {
                     Ok(t) => {
                         let v = |a: [f64; 3]| Vector3 { x: a[0], y: a[1], z: a[2] };
-                        let m = TwistStamped { header: header("tool"), twist: Twist { linear: v(t.linear), angular: v(t.angular) } };
+                        let m = TwistStamped { header: header(stamp.clone(), "tool"), twist: Twist { linear: v(t.linear), angular: v(t.angular) } };
                         if let Err(e) = pubr.publish(&m) {
                             tracing::warn!("target_twist: {e}");
                         }
@@ -261,7 +264,7 @@ pub fn main() -> Result<()> {
                     Ok(d) => {
                         let (q, x) = (d.orientation, d.position);
                         let pose = Pose { position: Point { x: x[0], y: x[1], z: x[2] }, orientation: Quaternion { x: q[0], y: q[1], z: q[2], w: q[3] } };
-                        if let Err(e) = pubr.publish(&PoseStamped { header: header("tool"), pose }) {
+                        if let Err(e) = pubr.publish(&PoseStamped { header: header(stamp.clone(), "tool"), pose }) {
                             tracing::warn!("target_pose: {e}");
                         }
                     }
@@ -272,10 +275,10 @@ pub fn main() -> Result<()> {
     });
 
     let status_pub = node.create_publisher::<msg::PolicyStatus>("~/status", QosProfile::default())?;
-    let mut status = handle.status.clone();
+    let (mut status, clock) = (handle.status.clone(), n.clock.clone());
     rt.spawn(async move {
         while status.changed().await.is_ok() {
-            let m = status_msg(&status.borrow_and_update());
+            let m = status_msg(&status.borrow_and_update(), clock.now());
             if let Err(e) = status_pub.publish(&m) {
                 tracing::warn!("status: {e}");
             }

@@ -1,12 +1,11 @@
 //! Simulated robot node: publishes the simulator's camera, tactile/OCT and pose messages (already
-//! CDR-encoded by `sim`) in real time, episode after episode, on the topics of
-//! config/streams_sim.yaml with their QoS. With `published_log` set it appends one line
+//! CDR-encoded by `sim`) in real time, episode after episode, stamped by the node clock, on the
+//! topics of config/streams_sim.yaml with their QoS. With `published_log` set it appends one line
 //! `<topic> <stamp_ns>` per published message, so tests can compare a recording with what was sent.
 
 use super::collector::ros_topic;
 use super::params::{declare, ParamsExt};
 use super::NodeRuntime;
-use crate::dataset::recorder::now_ns;
 use crate::dataset::streams::Reliability;
 use crate::sim::SimConfig;
 use anyhow::{Context as _, Result};
@@ -48,10 +47,17 @@ pub fn main() -> Result<()> {
         let publisher = n.node.create_publisher_untyped(ros_topic(&spec.topic), spec.kind().name(), qos)?;
         publishers.insert(spec.topic.clone(), publisher);
     }
-    let stop = n.stop.clone();
+    let (stop, clock) = (n.stop.clone(), n.clock.clone());
     let publishing = std::thread::spawn(move || {
         for index in 0.. {
-            let (start_wall, start_ns) = (Instant::now(), now_ns());
+            // Under simulated time the clock reads 0 until /clock has spoken: stamps start then.
+            while clock.now_ns() == 0 {
+                if stop.load(Ordering::SeqCst) {
+                    return log;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let (start_wall, start_ns) = (Instant::now(), clock.now_ns());
             tracing::info!("sim episode {index}: target {}", sim.scene(index).target_color);
             for m in sim.episode(index, start_ns, episode_s) {
                 let due = start_wall + Duration::from_nanos((m.stamp_ns - start_ns).max(0) as u64);

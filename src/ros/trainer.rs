@@ -40,6 +40,7 @@ pub fn main() -> Result<()> {
     let progress_pub = n.node.create_publisher::<msg::TrainingProgress>("~/progress", QosProfile::default())?;
     let mut events = hub.subscribe();
     let mut throttle = Throttle::new(p.double("progress_rate_hz"));
+    let clock = n.clock.clone();
     n.rt.spawn(async move {
         loop {
             let ev = match events.recv().await {
@@ -51,7 +52,7 @@ pub fn main() -> Result<()> {
                 Err(RecvError::Closed) => break,
             };
             if throttle.admit(&ev, Instant::now()) {
-                if let Err(e) = progress_pub.publish(&progress_msg(&ev)) {
+                if let Err(e) = progress_pub.publish(&progress_msg(&ev, clock.now())) {
                     tracing::warn!("progress: {e}");
                 }
             }
@@ -59,10 +60,11 @@ pub fn main() -> Result<()> {
     });
 
     let checkpoint_pub = n.node.create_publisher::<msg::CheckpointInfo>("~/checkpoint", checkpoint_qos())?;
+    let clock = n.clock.clone();
     std::thread::spawn(move || {
         for (job_id, published) in published_rx {
             tracing::info!("announcing checkpoint {} of job {job_id}", published.version);
-            if let Err(e) = checkpoint_pub.publish(&checkpoint_msg(&published, &job_id)) {
+            if let Err(e) = checkpoint_pub.publish(&checkpoint_msg(&published, &job_id, clock.now())) {
                 tracing::error!("checkpoint announcement of {}: {e}", published.version);
             }
         }

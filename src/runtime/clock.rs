@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 pub trait Clock: Send + Sync {
     /// Time since the clock's origin.
     fn now(&self) -> Duration;
-    /// Returns at or after `t` (immediately when `t` has passed).
+    /// Waits for `t` (returns at once when it has passed). A clock whose time can pause (ROS
+    /// simulated time) may return before `t` after a bounded wait: callers read `now` again.
     fn sleep_until(&self, t: Duration);
 }
 

@@ -237,6 +237,9 @@ impl ControlCore {
         let mut sched = self.scheduler();
         while !stop.load(Ordering::Relaxed) {
             self.clock.sleep_until(sched.next_start());
+            if self.clock.now() < sched.next_start() {
+                continue;
+            }
             let slot = sched.begin(self.clock.now());
             self.tick(slot);
         }

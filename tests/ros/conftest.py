@@ -2,6 +2,7 @@
 them (tests/ros/launch_xml.py), driven and observed by rclpy. Everything runs inside a private
 network namespace with only loopback (scripts/netns_run.sh); outside one the session fails."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -135,3 +136,40 @@ class Collect:
     def __init__(self, node, msg_type, topic, qos=10):
         self.items = []
         self.sub = node.create_subscription(msg_type, topic, self.items.append, qos)
+
+
+def compiled_dataset(tmp_path):
+    """Three short simulated episodes recorded and compiled by the CLI (for the trainer node)."""
+    rec = tmp_path / "recorded"
+    for args in (
+        ["record", "--sim", "--episodes", "3", "--seconds", "3", "--width", "112", "--height", "64", "--seed", "3", "--out", str(rec)],
+        ["dataset", "compile", "--episodes", str(rec), "--out", str(tmp_path / "compiled")],
+    ):
+        out = subprocess.run([str(CLI)] + args, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    return tmp_path / "compiled"
+
+
+def read_episode(ep_dir):
+    """Per-topic messages (stamp -> value digest) decoded by rosbags from the episode."""
+    from rosbags.rosbag2 import Reader
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    ts.register(get_types_from_msg("std_msgs/Header header\nfloat32[] values\nuint32 channels\nstring layout\n", "vla_finetune_msgs/msg/SensorFrame"))
+    out = {}
+    with Reader(ep_dir) as r:
+        for conn, _, raw in r.messages():
+            m = ts.deserialize_cdr(raw, conn.msgtype)
+            stamp = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
+            out.setdefault(conn.topic, {})[stamp] = digest(conn.msgtype, m)
+    return out
+
+
+def digest(msgtype, m):
+    if msgtype.endswith("Image"):
+        return hashlib.sha256(bytes(m.data)).hexdigest() + f"/{m.width}x{m.height}/{m.encoding}"
+    if msgtype.endswith("SensorFrame"):
+        return hashlib.sha256(m.values.tobytes()).hexdigest() + f"/{m.channels}/{m.layout}"
+    p, q = m.pose.position, m.pose.orientation
+    return repr((p.x, p.y, p.z, q.x, q.y, q.z, q.w))

@@ -3,13 +3,12 @@ StopEpisode hold what the simulated robot published in that window (or count the
 as drops), bad requests are rejected with reasons, SIGINT closes an open episode, and the
 recorded messages decode with the Python `rosbags` library to the values published live."""
 
-import hashlib
 import json
 import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import Collect, call, spin_until
+from conftest import Collect, call, digest, read_episode, spin_until
 
 from vla_finetune_msgs.msg import CollectorStatus, SensorFrame
 from vla_finetune_msgs.srv import StartEpisode, StopEpisode
@@ -50,31 +49,6 @@ def published_between(log, t0, t1):
         if t0 <= int(stamp) <= t1:
             counts[topic] += 1
     return counts
-
-
-def read_episode(ep_dir):
-    """Per-topic messages (stamp -> value digest) decoded by rosbags from the episode."""
-    from rosbags.rosbag2 import Reader
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
-    ts = get_typestore(Stores.ROS2_JAZZY)
-    ts.register(get_types_from_msg("std_msgs/Header header\nfloat32[] values\nuint32 channels\nstring layout\n", "vla_finetune_msgs/msg/SensorFrame"))
-    out = {}
-    with Reader(ep_dir) as r:
-        for conn, _, raw in r.messages():
-            m = ts.deserialize_cdr(raw, conn.msgtype)
-            stamp = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
-            out.setdefault(conn.topic, {})[stamp] = digest(conn.msgtype, m)
-    return out
-
-
-def digest(msgtype, m):
-    if msgtype.endswith("Image"):
-        return hashlib.sha256(bytes(m.data)).hexdigest() + f"/{m.width}x{m.height}/{m.encoding}"
-    if msgtype.endswith("SensorFrame"):
-        return hashlib.sha256(m.values.tobytes()).hexdigest() + f"/{m.channels}/{m.layout}"
-    p, q = m.pose.position, m.pose.orientation
-    return repr((p.x, p.y, p.z, q.x, q.y, q.z, q.w))
 
 
 def test_episodes_hold_what_the_robot_published_and_bad_requests_are_rejected(graph, ros_node, tmp_path):

@@ -22,8 +22,10 @@ def test_collect_and_train_starts_the_simulated_robot_only_when_asked():
     assert [(n.executable, n.name) for n in nodes] == [("sim_robot_node", "sim_robot"), ("collector_node", "vla_collector"), ("trainer_node", "vla_trainer")]
     collector = nodes[1]
     assert collector.param_files == [f"{SHARE}/config/collector_node.yaml"]
-    assert dict(collector.params) == {"dataset_root": "/d", "streams_config": f"{SHARE}/config/streams_sim.yaml"}
-    assert dict(nodes[2].params) == {"base_model": "/m"}
+    assert dict(collector.params) == {"use_sim_time": "false", "dataset_root": "/d", "streams_config": f"{SHARE}/config/streams_sim.yaml"}
+    assert dict(nodes[2].params) == {"use_sim_time": "false", "base_model": "/m"}
+    simulated = read("collect_and_train.launch.xml", {"use_sim": "true", "use_sim_time": "true"})
+    assert [dict(n.params)["use_sim_time"] for n in simulated] == ["true"] * 3
     for n in nodes:
         assert (LIBEXEC / n.executable).is_file(), n.executable
         assert all(os.path.isfile(f) for f in n.param_files), n.param_files
@@ -34,7 +36,7 @@ def test_policy_launch_remaps_the_announcements_relatively_and_honours_a_user_pr
     [policy] = read("policy.launch.xml", {"base_model": "/m", "streams_config": "/s.yaml"}, {"FASTRTPS_DEFAULT_PROFILES_FILE": "/mine.xml"})
     assert (policy.executable, policy.name) == ("policy_node", "vla_policy")
     assert policy.remaps == [("~/checkpoint_in", "vla_trainer/checkpoint")]
-    assert dict(policy.params) == {"base_model": "/m", "checkpoint": "", "streams_config": "/s.yaml"}
+    assert dict(policy.params) == {"use_sim_time": "false", "base_model": "/m", "checkpoint": "", "streams_config": "/s.yaml"}
     assert policy.env == {"FASTRTPS_DEFAULT_PROFILES_FILE": "/mine.xml"}
 
 

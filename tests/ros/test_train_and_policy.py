@@ -6,29 +6,16 @@ a corrupted checkpoint, parameters served by the rcl_interfaces services, and SI
 every node with exit code 0."""
 
 import shutil
-import subprocess
 import time
 
 import rclpy
-from conftest import CLI, TINY_MODEL, Collect, call, spin_until
+from conftest import TINY_MODEL, Collect, call, compiled_dataset, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from vla_finetune_msgs.msg import ActionChunk, CheckpointInfo, PolicyStatus, TrainingProgress
 from vla_finetune_msgs.srv import CancelFineTune, StartFineTune
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def compiled_dataset(tmp_path):
-    """Two short simulated episodes compiled by the CLI (the trainer node trains on this)."""
-    rec = tmp_path / "recorded"
-    for args in (
-        ["record", "--sim", "--episodes", "3", "--seconds", "3", "--width", "112", "--height", "64", "--seed", "3", "--out", str(rec)],
-        ["dataset", "compile", "--episodes", str(rec), "--out", str(tmp_path / "compiled")],
-    ):
-        out = subprocess.run([str(CLI)] + args, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-    return tmp_path / "compiled"
 
 
 def progress_of(items, job_id):
