@@ -307,7 +307,7 @@ impl Rig {
                 state: None,
                 instruction: INSTRUCTION.into(),
             },
-            control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing },
+            control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing, start_enabled: true },
             horizon: HORIZON,
             action_dim: 2,
             base_model_id: Some(loader.base_model_id().to_string()),

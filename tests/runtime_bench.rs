@@ -35,7 +35,7 @@ fn bench_runtime() {
             state: Some(StateInput { name: "pose".into(), dim: 6, max_age: 1000 * MS }),
             instruction: "insert the needle".into(),
         },
-        control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing },
+        control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing, start_enabled: true },
         horizon: 8,
         action_dim: 7,
         base_model_id: None,

@@ -1,5 +1,5 @@
-//! Hot-swap, roll-back, deadline accounting, background VL refresh and the stale-input guard of
-//! the policy runtime, on a virtual clock (deterministic under any CPU load): the test drives the
+//! Hot-swap, roll-back, operator controls (safety gate, pin, roll back), deadline accounting,
+//! background VL refresh and the stale-input guard of the policy runtime, on a virtual clock (deterministic under any CPU load): the test drives the
 //! control loop tick by tick while the real hot-swap and refresh threads run.
 //!
 //! Expected actions are hand-computed: the fake checkpoints output `gain * mean(sensor ch 0) +
@@ -32,6 +32,10 @@ struct Rig {
 
 impl Rig {
     fn new(stale: StaleBehavior) -> Rig {
+        Self::with(stale, true)
+    }
+
+    fn with(stale: StaleBehavior, start_enabled: bool) -> Rig {
         let clock = Arc::new(ManualClock::new());
         let knobs = Arc::new(Knobs::default());
         knobs.act_cost_us.store(2000, Ordering::SeqCst);
@@ -43,7 +47,7 @@ impl Rig {
                 state: Some(StateInput { name: "pose".into(), dim: 2, max_age: 500 * MS }),
                 instruction: "insert the needle".into(),
             },
-            control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: stale },
+            control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: stale, start_enabled },
             horizon: 4,
             action_dim: 3,
             base_model_id: Some("tiny-qwen2.5-vl@sha256:feed".into()),
@@ -113,6 +117,26 @@ impl Rig {
 
     fn publish(&self, cfg: &FakeConfig, w: &[f32], b: &[f32]) -> std::path::PathBuf {
         write_checkpoint(self.root.path(), cfg, w, b)
+    }
+
+    /// Announces a sensor model `gain * mean + offset` as `version`.
+    fn announce(&self, version: &str, offset: f32) {
+        let c = self.config(version);
+        let (w, b) = sensor_model(&c, 1.0, offset);
+        let d = self.publish(&c, &w, &b);
+        self.handle.announcer.announce(version, &d).unwrap();
+    }
+
+    /// Sends an operator command and ticks until the loop has answered it.
+    fn command(&mut self, command: OperatorCommand) -> (OperatorReply, Vec<ActionEvent>) {
+        let mut answer = self.handle.operator.send(command);
+        let mut events = Vec::new();
+        loop {
+            events.extend(self.step());
+            if let Ok(reply) = answer.try_recv() {
+                return (reply, events);
+            }
+        }
     }
 }
 
@@ -368,4 +392,69 @@ fn stale_input_guard_publishes_nothing_or_holds_and_clears() {
         assert_eq!(st.missed_ticks, 0);
         rig.handle.shutdown();
     }
+}
+
+#[test]
+fn operator_gate_pin_and_roll_back() {
+    let mut rig = Rig::with(StaleBehavior::Hold, false);
+    rig.announce("v0001", 100.0);
+    let ev = rig.step_until("v0001 active", |s| s.active_version == "v0001");
+    // Disabled from the start: loaded, fresh inputs, yet nothing is published (not even held).
+    assert!(ev.is_empty() && rig.step().is_empty());
+    let st = rig.core.status().clone();
+    assert!(!st.enabled && !st.acting && st.message.starts_with("disabled"), "{st:?}");
+
+    let (reply, _) = rig.command(OperatorCommand::Enable(true));
+    assert_eq!(reply.unwrap(), "enabled: publishing actions");
+    let ev = rig.step();
+    all_values(&ev, "v0001", 100.5);
+    assert_eq!(ev.len(), 1);
+    rig.announce("v0002", 200.0);
+    rig.step_until("v0002 active", |s| s.active_version == "v0002");
+    all_values(&rig.step(), "v0002", 200.5);
+
+    // Roll back: v0001 acts again and is pinned; an announced v0003 waits.
+    let (reply, _) = rig.command(OperatorCommand::RollBack);
+    assert_eq!(reply.unwrap(), "rolled back to v0001 (pinned; v0002 kept as previous)");
+    let st = rig.core.status().clone();
+    assert_eq!((st.active_version.as_str(), st.previous_version.as_str(), st.pinned_version.as_str()), ("v0001", "v0002", "v0001"));
+    all_values(&rig.step(), "v0001", 100.5);
+    rig.announce("v0003", 300.0);
+    let ev = rig.step_until("v0003 prepared", |s| s.message.contains("v0003 is ready and waits"));
+    all_values(&ev, "v0001", 100.5);
+    for _ in 0..3 {
+        all_values(&rig.step(), "v0001", 100.5);
+    }
+    assert_eq!(rig.core.status().active_version, "v0001");
+
+    // A version that is not loaded cannot be pinned; nothing changes.
+    let (reply, _) = rig.command(OperatorCommand::Pin(Some("v0099".into())));
+    let err = reply.unwrap_err().to_string();
+    assert_eq!(err, "operator command `pin v0099`: version `v0099` is not loaded (active `v0001`, previous `v0002`)");
+    // Pinning the previous version makes it active.
+    let (reply, _) = rig.command(OperatorCommand::Pin(Some("v0002".into())));
+    assert!(reply.unwrap().starts_with("pinned v0002 (was previous)"));
+    all_values(&rig.step(), "v0002", 200.5);
+
+    // Unpin: the waiting v0003 is activated at once, v0002 kept as previous.
+    let (reply, ev) = rig.command(OperatorCommand::Pin(None));
+    assert!(reply.unwrap().starts_with("unpinned; activated v0003"), "{:?}", rig.core.status());
+    all_values(&ev, "v0003", 300.5);
+    all_values(&rig.step(), "v0003", 300.5);
+    let st = rig.core.status().clone();
+    assert_eq!((st.active_version.as_str(), st.previous_version.as_str(), st.pinned_version.as_str()), ("v0003", "v0002", ""));
+
+    // Disable: nothing is published, not even the held last action while inputs are stale.
+    let (reply, _) = rig.command(OperatorCommand::Enable(false));
+    assert!(reply.unwrap().starts_with("disabled"));
+    assert!(rig.step().is_empty());
+    rig.feed_sensor = false;
+    rig.clock.advance(200 * MS);
+    for _ in 0..3 {
+        assert!(rig.step().is_empty(), "disabled, stale, stale_behavior hold: still nothing");
+    }
+    // Nothing to roll back to is refused with the reason.
+    let mut lone = Rig::with(StaleBehavior::Nothing, true);
+    let (reply, _) = lone.command(OperatorCommand::RollBack);
+    assert_eq!(reply.unwrap_err().to_string(), "operator command `roll back`: no previous version to roll back to (active ``, previous ``)");
 }

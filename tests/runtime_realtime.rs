@@ -46,7 +46,7 @@ fn twenty_hz_loop_hot_swaps_from_a_watched_folder_without_missing_ticks() {
             state: Some(StateInput { name: "pose".into(), dim: 6, max_age: 2000 * MS }),
             instruction: "insert the needle".into(),
         },
-        control: ControlConfig { period: 50 * MS, tick_budget: 500 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing },
+        control: ControlConfig { period: 50 * MS, tick_budget: 500 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing, start_enabled: true },
         horizon: 4,
         action_dim: 3,
         base_model_id: None,

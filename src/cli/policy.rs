@@ -334,7 +334,7 @@ pub fn runtime_config(a: &PolicyArgs, sim: &SimConfig) -> RuntimeConfig {
             state: None,
             instruction: sim.scene(0).instruction(),
         },
-        control: ControlConfig { period, tick_budget: period, vl_refresh_ticks: a.vl_refresh_ticks, stale_behavior: a.stale_behavior },
+        control: ControlConfig { period, tick_budget: period, vl_refresh_ticks: a.vl_refresh_ticks, stale_behavior: a.stale_behavior, start_enabled: true },
         horizon: a.horizon,
         action_dim: a.action_dim,
         base_model_id: None,

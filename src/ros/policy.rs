@@ -5,6 +5,10 @@
 //! optional `checkpoints_dir` watcher feed the hot-swap; action chunks go to `~/action_chunk`,
 //! status to `~/status`, and with `target_output` twist/pose the first step of each chunk to
 //! `~/target_twist` (TwistStamped) or `~/target_pose` (PoseStamped, relative, tool frame).
+//! Safety gate: nothing is published until `~/enable` (std_srvs/SetBool) is called with true
+//! (unless `start_enabled`); false stops publishing. `~/rollback` (std_srvs/Trigger) makes the
+//! previous version active and pins it; the `pinned_version` parameter pins / unpins and
+//! `instruction` replaces the instruction, both at run time (`ros2 param set`).
 //! The robot state stream is not an input: the heads in this build are trained without state.
 
 use super::clock::RuntimeRosClock;
@@ -17,15 +21,16 @@ use crate::dataset::mcap_episode::decode_image;
 use crate::dataset::streams::StreamConfig;
 use crate::runtime::output::{pose_delta, twist, TargetOutput};
 use crate::runtime::{
-    ActionEvent, CameraInput, ControlConfig, InputConfig, PolicyStatus, RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior,
-    VlaLoader, WatchConfig,
+    ActionEvent, CameraInput, ControlConfig, InputBuffers, InputConfig, Operator, OperatorCommand, OperatorReply, PolicyStatus,
+    RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior, VlaLoader, WatchConfig,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use futures::StreamExt;
 use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, TwistStamped, Vector3};
 use r2r::builtin_interfaces::msg::Time;
 use r2r::std_msgs::msg::Header;
-use r2r::QosProfile;
+use r2r::std_srvs::srv::{SetBool, Trigger};
+use r2r::{ParameterValue, QosProfile};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +52,8 @@ pub fn action_msg(ev: &ActionEvent, header: Header) -> msg::ActionChunk {
 pub fn status_msg(s: &PolicyStatus, stamp: Time) -> msg::PolicyStatus {
     msg::PolicyStatus {
         stamp,
+        enabled: s.enabled,
+        pinned_version: s.pinned_version.clone(),
         active_version: s.active_version.clone(),
         previous_version: s.previous_version.clone(),
         acting: s.acting,
@@ -129,6 +136,7 @@ fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &Stre
             tick_budget: period,
             vl_refresh_ticks: u32::try_from(count("vl_refresh_ticks")?).context("parameter vl_refresh_ticks")?,
             stale_behavior: p.string("stale_behavior").parse::<StaleBehavior>().map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
+            start_enabled: p.boolean("start_enabled"),
         },
         horizon: shapes.horizon,
         action_dim: shapes.action_dim,
@@ -141,7 +149,14 @@ fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &Stre
 /// parameter or the first announcement) when the shapes come from it, nothing is published.
 pub fn main() -> Result<()> {
     let mut n = NodeRuntime::new("vla_policy")?;
-    let p = declare(&mut n.node, &n.rt, "policy_node", |_, _| {})?;
+    let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+    let p = declare(&mut n.node, &n.rt, "policy_node", move |name, value| {
+        // The receiver lives as long as the node.
+        let _ = changes_tx.send((name.to_string(), value.clone()));
+    })?;
+    if !p.string("pinned_version").is_empty() {
+        bail!("parameter pinned_version is set at run time (`ros2 param set`) to a loaded version; start with `checkpoint` instead");
+    }
     let device = crate::device::parse_available(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
     let kind = crate::device::parse_dtype(&p.string("dtype"), device).map_err(|e| anyhow!("parameter dtype: {e}"))?;
     let streams_path = share_file(&p.string("streams_config"));
@@ -224,6 +239,9 @@ pub fn main() -> Result<()> {
         }
     });
 
+    serve_operator(node, rt, &handle.operator)?;
+    rt.spawn(apply_parameter_changes(changes, handle.inputs.clone(), handle.operator.clone()));
+
     let announcer = handle.announcer.clone();
     if let Some((version, dir)) = first {
         announcer.announce(version, dir)?;
@@ -304,4 +322,65 @@ pub fn main() -> Result<()> {
     handle.shutdown();
     tracing::info!("policy stopped");
     Ok(())
+}
+
+/// `success` and `message` of a service answering an operator command.
+fn answer(reply: Result<OperatorReply, tokio::sync::oneshot::error::RecvError>) -> (bool, String) {
+    match reply {
+        Ok(Ok(message)) => (true, message),
+        Ok(Err(e)) => (false, e.to_string()),
+        Err(_) => (false, "the control loop has stopped".into()),
+    }
+}
+
+/// `~/enable` (SetBool: true enables publishing, false disables it) and `~/rollback` (Trigger).
+fn serve_operator(node: &mut r2r::Node, rt: &tokio::runtime::Runtime, operator: &Operator) -> Result<()> {
+    let mut enable = node.create_service::<SetBool::Service>("~/enable", QosProfile::services_default())?;
+    let op = operator.clone();
+    rt.spawn(async move {
+        while let Some(req) = enable.next().await {
+            let (success, message) = answer(op.send(OperatorCommand::Enable(req.message.data)).await);
+            if let Err(e) = req.respond(SetBool::Response { success, message }) {
+                tracing::error!("enable: could not respond: {e}");
+            }
+        }
+    });
+    let mut rollback = node.create_service::<Trigger::Service>("~/rollback", QosProfile::services_default())?;
+    let op = operator.clone();
+    rt.spawn(async move {
+        while let Some(req) = rollback.next().await {
+            let (success, message) = answer(op.send(OperatorCommand::RollBack).await);
+            if let Err(e) = req.respond(Trigger::Response { success, message }) {
+                tracing::error!("rollback: could not respond: {e}");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Applies run-time parameter changes: `instruction` from the next VL refresh on,
+/// `pinned_version` as a pin (empty: unpin). Others take effect at the next start.
+async fn apply_parameter_changes(
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<(String, ParameterValue)>,
+    inputs: Arc<InputBuffers>,
+    operator: Operator,
+) {
+    while let Some((name, value)) = changes.recv().await {
+        match (name.as_str(), value) {
+            ("instruction", ParameterValue::String(s)) => {
+                tracing::info!("instruction: {s}");
+                inputs.set_instruction(s);
+            }
+            ("pinned_version", ParameterValue::String(v)) => {
+                let (ok, message) = answer(operator.send(OperatorCommand::Pin((!v.is_empty()).then_some(v))).await);
+                if ok {
+                    tracing::info!("{message}");
+                } else {
+                    tracing::error!("{message} (the status's pinned_version is what holds)");
+                }
+            }
+            ("instruction" | "pinned_version", other) => tracing::error!("parameter {name}: expected a string, got {other:?}; ignored"),
+            _ => tracing::warn!("parameter {name} takes effect at the next start of the node"),
+        }
+    }
 }

@@ -7,6 +7,9 @@
 //! Roll-back: whenever the active model fails or produces a non-finite or mis-sized chunk, the
 //! previous version becomes active again within the same tick and acts on its own features; the
 //! failed version is dropped. Without a previous version, nothing is published for that tick.
+//!
+//! Operator commands ([`super::operator`]) are applied between ticks: nothing is published while
+//! the loop is disabled, and a pinned version stays active (see the module for the rules).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -16,9 +19,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc::UnboundedSender, watch};
 
 use super::clock::Clock;
+use super::error::RuntimeError;
 use super::hotswap::{Prepared, SwapOutcome};
 use super::inputs::{InputBuffers, Snapshot};
 use super::model::ActionModel;
+use super::operator::{OperatorCommand, OperatorReply, OperatorRequest};
 use super::refresh::Refresher;
 use super::schedule::{TickScheduler, TickSlot};
 use super::types::{ActionChunk, CheckpointMeta, IoSpec, Observation, VlFeatures};
@@ -55,6 +60,8 @@ pub struct ControlConfig {
     pub vl_refresh_ticks: u32,
     /// Behaviour on stale input.
     pub stale_behavior: StaleBehavior,
+    /// Publish actions from the start; false: none until an operator enables them.
+    pub start_enabled: bool,
 }
 
 /// One published action chunk.
@@ -134,6 +141,10 @@ pub enum RuntimeNotice {
 /// The policy's state, published after every tick.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicyStatus {
+    /// Whether actions are published (the operator's safety gate).
+    pub enabled: bool,
+    /// The version an operator pinned (empty: following announcements).
+    pub pinned_version: String,
     /// Version acting now; empty before the first load.
     pub active_version: String,
     /// Version kept for roll-back; empty when none.
@@ -189,6 +200,9 @@ pub struct ControlCore {
     active: Option<Slot>,
     previous: Option<Slot>,
     swaps: Receiver<SwapOutcome>,
+    operator: Receiver<OperatorRequest>,
+    /// The newest prepared version waiting while one is pinned.
+    waiting: Option<Prepared>,
     refresher: Refresher,
     events: UnboundedSender<ActionEvent>,
     status_tx: watch::Sender<PolicyStatus>,
@@ -205,11 +219,13 @@ impl ControlCore {
         clock: Arc<dyn Clock>,
         inputs: Arc<InputBuffers>,
         swaps: Receiver<SwapOutcome>,
+        operator: Receiver<OperatorRequest>,
         refresher: Refresher,
         events: UnboundedSender<ActionEvent>,
         status_tx: watch::Sender<PolicyStatus>,
         notices: UnboundedSender<RuntimeNotice>,
     ) -> Self {
+        let enabled = cfg.start_enabled;
         Self {
             cfg,
             io,
@@ -218,11 +234,13 @@ impl ControlCore {
             active: None,
             previous: None,
             swaps,
+            operator,
+            waiting: None,
             refresher,
             events,
             status_tx,
             notices,
-            status: PolicyStatus { message: "waiting for a checkpoint".into(), ..Default::default() },
+            status: PolicyStatus { message: "waiting for a checkpoint".into(), enabled, ..Default::default() },
             last_action: None,
         }
     }
@@ -237,6 +255,7 @@ impl ControlCore {
         let mut sched = self.scheduler();
         while !stop.load(Ordering::Relaxed) {
             self.clock.sleep_until(sched.next_start());
+            self.take_operator_requests();
             if self.clock.now() < sched.next_start() {
                 continue;
             }
@@ -255,6 +274,7 @@ impl ControlCore {
         let start = self.clock.now();
         self.status.ticks = slot.index + 1;
         self.status.missed_ticks += slot.skipped;
+        self.take_operator_requests();
         self.take_swap_outcomes();
         self.take_refreshes();
         let published = self.act(&slot);
@@ -292,12 +312,89 @@ impl ControlCore {
     fn update_versions(&mut self) {
         self.status.active_version = self.active.as_ref().map(|s| s.meta.version.clone()).unwrap_or_default();
         self.status.previous_version = self.previous.as_ref().map(|s| s.meta.version.clone()).unwrap_or_default();
+        // A pin follows an automatic roll-back away from the pinned version.
+        if self.pinned().is_some_and(|p| p != self.status.active_version) {
+            self.status.pinned_version = self.status.active_version.clone();
+        }
         self.refresher.retain(self.versions());
+    }
+
+    fn pinned(&self) -> Option<&str> {
+        Some(self.status.pinned_version.as_str()).filter(|p| !p.is_empty())
+    }
+
+    fn take_operator_requests(&mut self) {
+        let mut any = false;
+        while let Ok(req) = self.operator.try_recv() {
+            let reply = self.apply(&req.command);
+            match &reply {
+                Ok(m) => tracing::info!("operator {}: {m}", req.command),
+                Err(e) => tracing::warn!("{e}"),
+            }
+            // A requester that stopped waiting is not the loop's concern.
+            let _ = req.reply.send(reply);
+            any = true;
+        }
+        if any {
+            self.status_tx.send_replace(self.status.clone());
+        }
+    }
+
+    fn apply(&mut self, command: &OperatorCommand) -> OperatorReply {
+        let refuse = |reason: String| Err(RuntimeError::Operator { command: command.to_string(), reason });
+        let loaded = format!("active `{}`, previous `{}`", self.status.active_version, self.status.previous_version);
+        self.status.message = match command {
+            OperatorCommand::Enable(on) => {
+                self.status.enabled = *on;
+                if *on { "enabled: publishing actions".into() } else { "disabled: publishing no action until enabled".into() }
+            }
+            OperatorCommand::Pin(Some(v)) if *v == self.status.active_version => {
+                self.status.pinned_version = v.clone();
+                format!("pinned {v}: announced versions wait until unpinned")
+            }
+            OperatorCommand::Pin(Some(v)) if *v == self.status.previous_version => {
+                self.swap_active_and_previous();
+                self.status.pinned_version = v.clone();
+                format!("pinned {v} (was previous): announced versions wait until unpinned")
+            }
+            OperatorCommand::Pin(Some(v)) => return refuse(format!("version `{v}` is not loaded ({loaded})")),
+            OperatorCommand::Pin(None) => {
+                self.status.pinned_version.clear();
+                match self.waiting.take() {
+                    Some(p) => {
+                        self.activate(p);
+                        format!("unpinned; {}", self.status.message)
+                    }
+                    None => "unpinned: following announcements".into(),
+                }
+            }
+            OperatorCommand::RollBack if self.previous.is_none() => return refuse(format!("no previous version to roll back to ({loaded})")),
+            OperatorCommand::RollBack => {
+                self.swap_active_and_previous();
+                self.status.pinned_version = self.status.active_version.clone();
+                format!("rolled back to {} (pinned; {} kept as previous)", self.status.active_version, self.status.previous_version)
+            }
+        };
+        Ok(self.status.message.clone())
+    }
+
+    fn swap_active_and_previous(&mut self) {
+        std::mem::swap(&mut self.active, &mut self.previous);
+        if let Some(a) = self.active.as_mut() {
+            a.announced_at = None;
+        }
+        self.status.swaps += 1;
+        self.update_versions();
     }
 
     fn take_swap_outcomes(&mut self) {
         while let Ok(outcome) = self.swaps.try_recv() {
             match outcome {
+                SwapOutcome::Ready(p) if self.pinned().is_some() => {
+                    self.status.message = format!("pinned {}: {} is ready and waits until unpinned", self.status.pinned_version, p.meta.version);
+                    tracing::info!("{}", self.status.message);
+                    self.waiting = Some(*p);
+                }
                 SwapOutcome::Ready(p) => self.activate(*p),
                 SwapOutcome::Rejected { version, reason } => {
                     self.status.rejected += 1;
@@ -368,7 +465,7 @@ impl ControlCore {
                 }
                 let list = stale.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
                 let held = match (self.cfg.stale_behavior, &self.last_action) {
-                    (StaleBehavior::Hold, Some(last)) => Some(ActionEvent { tick: slot.index, held: true, ..last.clone() }),
+                    (StaleBehavior::Hold, Some(last)) if self.status.enabled => Some(ActionEvent { tick: slot.index, held: true, ..last.clone() }),
                     _ => None,
                 };
                 self.status.message =
@@ -383,6 +480,10 @@ impl ControlCore {
         let refresh_due = slot.index % u64::from(self.cfg.vl_refresh_ticks.max(1)) == 0;
         if refresh_due || active.features.is_none() {
             self.refresher.request(&active.meta.version, obs.clone());
+        }
+        if !self.status.enabled {
+            self.status.message = "disabled: publishing no action until enabled".into();
+            return None;
         }
         loop {
             let active = self.active.as_mut()?;

@@ -66,6 +66,14 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
+    /// An operator command was refused (unknown version, nothing to roll back to, loop stopped).
+    #[error("operator command `{command}`: {reason}")]
+    Operator {
+        /// The command.
+        command: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// The runtime configuration is invalid.
     #[error("runtime config `{field}`: {reason}")]
     Config {

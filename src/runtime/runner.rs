@@ -15,6 +15,7 @@ use super::error::RuntimeError;
 use super::hotswap::{spawn_watcher, Acceptance, Announcer, SwapWorker};
 use super::inputs::{InputBuffers, InputConfig};
 use super::model::ModelLoader;
+use super::operator::Operator;
 use super::types::IoSpec;
 
 /// Polls a checkpoints folder's `latest` pointer (use without ROS).
@@ -89,6 +90,8 @@ pub struct RuntimeHandle {
     pub status: watch::Receiver<PolicyStatus>,
     /// Swaps, rejections, roll-backs, stale-input changes and VL refreshes, in order (drain it).
     pub notices: mpsc::UnboundedReceiver<RuntimeNotice>,
+    /// Enables / disables publishing, pins a version, rolls back (clone it for each source).
+    pub operator: Operator,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -133,8 +136,9 @@ pub fn build(cfg: RuntimeConfig, loader: Arc<dyn ModelLoader>, clock: Arc<dyn Cl
     let (events_tx, events) = mpsc::unbounded_channel();
     let (status_tx, status) = watch::channel(PolicyStatus::default());
     let (notices_tx, notices) = mpsc::unbounded_channel();
-    let core = ControlCore::new(cfg.control.clone(), io, clock, inputs.clone(), worker.outcomes, refresher, events_tx, status_tx, notices_tx);
-    Ok((core, RuntimeHandle { inputs, announcer: worker.announcer, events, status, notices, stop, threads }))
+    let (operator, operator_rx) = Operator::channel();
+    let core = ControlCore::new(cfg.control.clone(), io, clock, inputs.clone(), worker.outcomes, operator_rx, refresher, events_tx, status_tx, notices_tx);
+    Ok((core, RuntimeHandle { inputs, announcer: worker.announcer, events, status, notices, operator, stop, threads }))
 }
 
 /// Builds the runtime and runs its control loop on a dedicated thread (`vla-control`).

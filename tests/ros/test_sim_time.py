@@ -11,6 +11,7 @@ import rclpy
 from conftest import TINY_MODEL, Collect, call, compiled_dataset, read_episode, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
+from std_srvs.srv import SetBool
 
 from vla_finetune_msgs.msg import ActionChunk, CheckpointInfo, CollectorStatus, PolicyStatus, TrainingProgress
 from vla_finetune_msgs.srv import StartEpisode, StartFineTune, StopEpisode
@@ -96,6 +97,7 @@ def test_every_stamp_and_the_control_loop_follow_sim_time(graph, ros_node, tmp_p
     info = announced.items[-1]
     assert_simulated([ns(info.stamp)], clock, "CheckpointInfo")
     assert_simulated([ns(m.stamp) for m in progress.items if m.job_id == job.job_id], clock, "TrainingProgress")
+    assert call(ros_node, SetBool, "/vla_policy/enable", SetBool.Request(data=True)).success
     spin_until(ros_node, lambda: len([a for a in actions.items if a.checkpoint_version == info.version]) >= 3, 240, "action chunks")
     assert_simulated([ns(a.header.stamp) for a in actions.items], clock, "ActionChunk")
     assert_simulated([ns(s.stamp) for s in policy_status.items if ns(s.stamp) > 0], clock, "PolicyStatus")

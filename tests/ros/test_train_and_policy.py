@@ -1,16 +1,19 @@
 """Trainer and policy nodes on a real ROS 2 graph, with the shipped launch files and parameter
 files: StartFineTune on the tiny model, progress at its rate with increasing steps, cancel with a
 resumable state, CheckpointInfo latched for late subscribers, the policy node (default
-parameters) activating the announced checkpoint and acting while its inputs are fresh, rejecting
-a corrupted checkpoint, parameters served by the rcl_interfaces services, and SIGINT ending
-every node with exit code 0."""
+parameters) activating the announced checkpoint, publishing nothing until enabled, acting while
+its inputs are fresh, rejecting a corrupted checkpoint, rolling back and pinning on an operator's
+request, parameters served by the rcl_interfaces services, and SIGINT ending every node with
+exit code 0."""
 
+import json
 import shutil
 import time
 
 import rclpy
 from conftest import TINY_MODEL, Collect, call, compiled_dataset, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from std_srvs.srv import SetBool, Trigger
 
 from vla_finetune_msgs.msg import ActionChunk, CheckpointInfo, PolicyStatus, TrainingProgress
 from vla_finetune_msgs.srv import CancelFineTune, StartFineTune
@@ -25,6 +28,30 @@ def progress_of(items, job_id):
 def wait_terminal(node, progress, job_id, timeout):
     spin_until(node, lambda: any(m.phase in ("done", "failed", "cancelled") for m in progress_of(progress.items, job_id)), timeout, f"job {job_id} to end")
     return progress_of(progress.items, job_id)[-1]
+
+
+def spin_for(node, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        rclpy.spin_once(node, timeout_sec=0.02)
+
+
+def set_string_param(node, target, name, value):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    p = Parameter(name=name, value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value))
+    result = call(node, SetParameters, f"{target}/set_parameters", SetParameters.Request(parameters=[p])).results[0]
+    assert result.successful, result.reason
+
+
+def copy_as_version(src, dst, version):
+    """A verified checkpoint folder copied under another version name (manifest rewritten)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = version
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
 
 
 def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_path):
@@ -71,8 +98,15 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
     info = late.items[-1]
     assert info.job_id == start.job_id and info.version and info.path
 
-    # The policy node, with its shipped parameters, activates it and acts while inputs are fresh.
-    spin_until(ros_node, lambda: any(s.active_version == info.version and s.acting for s in status.items), 180, f"the policy acting with {info.version}")
+    # The policy node, with its shipped parameters, activates it but publishes nothing until an
+    # operator enables it; then it acts while inputs are fresh.
+    spin_until(ros_node, lambda: any(s.active_version == info.version for s in status.items), 180, f"the policy loading {info.version}")
+    spin_for(ros_node, 1.5)
+    assert not actions.items, "actions published before ~/enable"
+    assert not status.items[-1].enabled and not status.items[-1].acting, status.items[-1]
+    enabled = call(ros_node, SetBool, "/vla_policy/enable", SetBool.Request(data=True))
+    assert enabled.success and enabled.message == "enabled: publishing actions", enabled
+    spin_until(ros_node, lambda: any(s.active_version == info.version and s.acting and s.enabled for s in status.items), 60, f"the policy acting with {info.version}")
     spin_until(ros_node, lambda: len([a for a in actions.items if a.checkpoint_version == info.version]) >= 3, 60, "action chunks")
     chunk = actions.items[-1]
     assert chunk.horizon * chunk.action_dim == len(chunk.values) > 0
@@ -88,6 +122,32 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
     n = len(status.items)
     spin_until(ros_node, lambda: len(status.items) > n + 2, 30, "more policy status")
     assert status.items[-1].active_version == info.version, status.items[-1]
+
+    # Roll back and pin, between two verified versions (the second a renamed copy of the first).
+    second = copy_as_version(info.path, tmp_path / "copies" / "v0777", "v0777")
+    pub.publish(CheckpointInfo(version="v0777", path=str(second), job_id="copy"))
+    spin_until(ros_node, lambda: any(s.active_version == "v0777" and s.previous_version == info.version for s in status.items), 60, "v0777 active")
+    back = call(ros_node, Trigger, "/vla_policy/rollback", Trigger.Request())
+    assert back.success and back.message == f"rolled back to {info.version} (pinned; v0777 kept as previous)", back
+    spin_until(ros_node, lambda: any(s.active_version == info.version and s.pinned_version == info.version for s in status.items), 30, "the roll-back")
+    n = len(actions.items)
+    spin_until(ros_node, lambda: len(actions.items) >= n + 3, 30, "actions after the roll-back")
+    assert {a.checkpoint_version for a in actions.items[n + 1 :]} == {info.version}
+    set_string_param(ros_node, "/vla_policy", "pinned_version", "v0777")
+    spin_until(ros_node, lambda: any(s.active_version == "v0777" and s.pinned_version == "v0777" for s in status.items), 30, "the pin of v0777")
+    set_string_param(ros_node, "/vla_policy", "pinned_version", "")
+    spin_until(ros_node, lambda: status.items[-1].pinned_version == "" and status.items[-1].active_version == "v0777", 30, "the unpin")
+    again = call(ros_node, Trigger, "/vla_policy/rollback", Trigger.Request())
+    assert again.success and again.message.startswith(f"rolled back to {info.version}"), again
+    # Disabled again: no more actions; enabled: they resume.
+    off = call(ros_node, SetBool, "/vla_policy/enable", SetBool.Request(data=False))
+    assert off.success and off.message.startswith("disabled"), off
+    spin_for(ros_node, 0.5)
+    n = len(actions.items)
+    spin_for(ros_node, 1.5)
+    assert len(actions.items) == n, "actions published while disabled"
+    assert call(ros_node, SetBool, "/vla_policy/enable", SetBool.Request(data=True)).success
+    spin_until(ros_node, lambda: len(actions.items) >= n + 3, 30, "actions after enabling again")
     ros_node.destroy_publisher(pub)
 
     # Stage 2 from that checkpoint, cancelled within a step with a resumable state.
