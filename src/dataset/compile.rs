@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::align::{AlignConfig, AlignError, Aligner, DropCounts, StreamReport};
-use super::episode::{Damage, EpisodeSource, RgbImage};
+use super::episode::{Damage, EpisodeSource, ImageError, RgbImage};
 use super::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
 use super::store::{
     write_synced, CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, StoreError, CONFIG_FILE, FORMAT,
@@ -269,14 +269,14 @@ pub fn split_episodes(ids: &[String], cfg: &SplitConfig) -> Vec<Split> {
 }
 
 /// Encodes an RGB8 frame to JPEG.
-pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageError> {
     if img.data.len() as u64 != img.width as u64 * img.height as u64 * 3 || img.width == 0 || img.height == 0 {
-        return Err(format!("frame {}x{} has {} bytes; expected width*height*3", img.width, img.height, img.data.len()));
+        return Err(ImageError::FrameSize { width: img.width, height: img.height, bytes: img.data.len() });
     }
     let mut buf = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
         .encode(&img.data, img.width, img.height, image::ExtendedColorType::Rgb8)
-        .map_err(|e| format!("JPEG encoding: {e}"))?;
+        .map_err(ImageError::Jpeg)?;
     Ok(buf)
 }
 
@@ -412,7 +412,7 @@ impl Builder<'_> {
             // ... and encode them in parallel.
             let quality = cfg.store.jpeg_quality;
             let encoded = parallel_map(&todo, self.threads, |(_, img)| match img {
-                Ok(img) => encode_jpeg(img, quality).map(|j| (j, (img.width, img.height))),
+                Ok(img) => encode_jpeg(img, quality).map(|j| (j, (img.width, img.height))).map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
             });
             for ((key, _), enc) in todo.iter().zip(encoded) {

@@ -51,6 +51,16 @@ pub enum StoreError {
         /// What is wrong and what was expected.
         what: String,
     },
+    /// A row given to a shard does not have the shard's shapes.
+    #[error("shard row: {input}: {got} values, expected {expected}")]
+    RowShape {
+        /// `sensor`, `state`, `action` or `images`.
+        input: &'static str,
+        /// Values (or images) given.
+        got: usize,
+        /// Values (or images) a row holds.
+        expected: usize,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -225,8 +235,8 @@ impl ShardWriter {
 
     /// Appends a row; `jpegs` has one encoded image per camera. Returns the row number, or
     /// which input has the wrong length.
-    pub fn push(&mut self, sensor: &[f32], state: &[f32], action: &[f32], jpegs: &[&[u8]]) -> Result<usize, String> {
-        let want = |what: &str, got: usize, exp: usize| if got == exp { Ok(()) } else { Err(format!("{what}: {got} values, expected {exp}")) };
+    pub fn push(&mut self, sensor: &[f32], state: &[f32], action: &[f32], jpegs: &[&[u8]]) -> Result<usize, StoreError> {
+        let want = |input, got, expected| if got == expected { Ok(()) } else { Err(StoreError::RowShape { input, got, expected }) };
         want("sensor", sensor.len(), self.sensor_shape[0] * self.sensor_shape[1])?;
         want("state", state.len(), self.state_dim)?;
         want("action", action.len(), self.action_shape[0] * self.action_shape[1])?;
