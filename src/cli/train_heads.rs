@@ -92,6 +92,7 @@ pub fn run(a: TrainHeadsArgs) -> Result<()> {
         "published": r.run.published,
         "version": published.version,
         "checkpoint": published.dir,
+        "latest": published.latest,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

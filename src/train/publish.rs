@@ -251,6 +251,15 @@ impl Publisher {
         Ok(Some(version))
     }
 
+    /// The published `version`, verified (see [`verify`]), with whether `latest` names it.
+    pub fn published(&self, version: &str) -> Result<Published, PublishError> {
+        let dir = self.root.join(version);
+        let manifest = verify(&dir)?;
+        let manifest_sha256 = hash_file(&dir.join(MANIFEST_NAME))?.0;
+        let latest = self.latest()?.as_deref() == Some(version);
+        Ok(Published { version: version.to_string(), dir, manifest, manifest_sha256, latest })
+    }
+
     /// The folder of the latest version, if any.
     pub fn latest_dir(&self) -> Result<Option<PathBuf>, PublishError> {
         Ok(self.latest()?.map(|v| self.root.join(v)))

@@ -185,6 +185,7 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
                     "val_action_error_before": heads_job::mean(&res.val_error_before),
                     "val_action_error_after": heads_job::mean(&res.val_error_after),
                     "version": res.published.as_ref().map(|p| p.version.clone()),
+                    "latest": res.published.as_ref().map(|p| p.latest),
                     "versions": res.run.published,
                     "global_step": res.run.counters.global_step,
                 });
