@@ -574,6 +574,14 @@ fn a_checkpoints_root_or_its_latest_means_the_latest_version() {
     std::fs::write(root.join("latest"), "v0009\n").unwrap();
     let e = resolve_checkpoint_dir(&root).unwrap_err().to_string();
     assert!(e.contains("latest") && e.contains("v0009"), "{e}");
+    // `train` resolves `model.stage1_checkpoint` the same way before anything starts.
+    let (cfg, state) = train_config(dir.path());
+    let stage1 = format!("model.stage1_checkpoint={}", root.join("latest").display());
+    let set = format!("checkpoint.state_dir={}", state.display());
+    let o = cli_in(dir.path(), &["train", "--config", s(&cfg), "--set", &stage1, "--set", &set, "--quiet"]);
+    assert_no_panic(&o, "train from a bad latest");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("model.stage1_checkpoint") && err.contains("names `v0009`, which is not a published version"), "{err}");
 }
 
 // ---------------------------------------------------------------- item 8

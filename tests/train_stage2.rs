@@ -418,7 +418,8 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     let c = controller(cfg, ProgressHub::new(1024), tx);
     let req = StartRequest {
         dataset: f.dataset.display().to_string(),
-        stage1_checkpoint: f.stage1.display().to_string(),
+        // The checkpoints root's `latest` names the stage-1 version.
+        stage1_checkpoint: f.stage1.parent().unwrap().join("latest").display().to_string(),
         base_model: String::new(),
         overrides: "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}".into(),
     };

@@ -28,7 +28,8 @@ use super::stage2::{self, Stage2Job};
 pub struct StartRequest {
     /// Compiled dataset folder.
     pub dataset: String,
-    /// Stage-1 deployable checkpoint folder; non-empty runs Stage 2 from it.
+    /// Stage-1 deployable checkpoint folder, or a checkpoints root or its `latest` (the version
+    /// `latest` names); non-empty runs Stage 2 from it.
     pub stage1_checkpoint: String,
     /// Base model folder; empty = the service default.
     pub base_model: String,
@@ -153,9 +154,9 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
         if r.stage1_checkpoint.is_empty() {
             return parse_overrides(&r.overrides).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(e.to_string()));
         }
-        let stage1 = PathBuf::from(&r.stage1_checkpoint);
-        super::deploy::DeployInfo::read(&stage1)
-            .map_err(|e| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", stage1.display())))?;
+        let invalid = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
+        let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| invalid(&e))?;
+        super::deploy::DeployInfo::read(&stage1).map_err(|e| invalid(&e))?;
         let cfg = stage2_config(&c2, r, &c2.runs_root.join("check")).map_err(|e| RejectReason::ConfigInvalid(e.to_string()))?;
         stage2::resolve_memory(&cfg).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))
     };
