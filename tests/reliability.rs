@@ -360,9 +360,20 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     let mut running = Command::new("sleep").arg("60").spawn().unwrap();
     let live = dir.path().join(format!(".ds.staging-{}", running.id()));
     std::fs::create_dir(&live).unwrap();
-    compile_dir(&root, &dir.path().join("ds"));
+    let out = dir.path().join("ds");
+    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stale.iter().all(|p| !p.exists()), "stale compile folders removed");
     assert!(live.exists(), "a running compile's folder is kept");
+    // ... and listed in report.json and on stdout.
+    let report: vla_finetune::dataset::compile::CompileReport = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let mut removed = report.removed_leftovers;
+    let mut want = stale.to_vec();
+    removed.sort();
+    want.sort();
+    assert_eq!(removed, want);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stale.iter().all(|p| stdout.contains(&format!("removed {} (left by a compile that was killed)", p.display()))), "{stdout}");
     running.kill().unwrap();
     running.wait().unwrap();
     // An import killed right after making its folder: only the marker.

@@ -6,7 +6,7 @@
 //!                             image.<camera> U8 [bytes] (JPEG files back to back) and
 //!                             image.<camera>.offsets I64 [N+1] (byte range of row i: [o[i], o[i+1]))
 //! DIR/stats.json              DatasetStats of the training split
-//! DIR/report.json             CompileReport: drops by reason, per-stream rates, skew
+//! DIR/report.json             CompileReport: drops by reason, per-stream rates, skew, leftovers removed
 //! DIR/compile.yaml            the CompileConfig used
 //! ```
 //! A dataset is written into a sibling staging folder, every file fsynced, then renamed into
