@@ -351,7 +351,10 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();
     child.wait().unwrap();
-    // A compile killed mid-write (its staging folder) and one killed while replacing (old folder).
+    // A compile killed mid-write (its staging folder) and one killed after moving its dataset in,
+    // before removing the one it replaced (old folder beside the dataset).
+    let out = dir.path().join("ds");
+    compile_dir(&root, &out);
     let stale = [dir.path().join(format!(".ds.staging-{dead}")), dir.path().join(format!(".ds.old-{dead}"))];
     for p in &stale {
         std::fs::create_dir_all(p.join("x")).unwrap();
@@ -360,8 +363,7 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     let mut running = Command::new("sleep").arg("60").spawn().unwrap();
     let live = dir.path().join(format!(".ds.staging-{}", running.id()));
     std::fs::create_dir(&live).unwrap();
-    let out = dir.path().join("ds");
-    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out)]);
+    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out), "--overwrite"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stale.iter().all(|p| !p.exists()), "stale compile folders removed");
     assert!(live.exists(), "a running compile's folder is kept");

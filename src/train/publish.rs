@@ -274,11 +274,13 @@ impl Publisher {
             let path = entry.path();
             if name.starts_with(TMP_PREFIX) && path.is_dir() {
                 fs::remove_dir_all(&path).map_err(io_err("remove stale folder", &path))?;
-                removed.push(path);
             } else if name == format!(".{LATEST_NAME}.tmp") {
                 fs::remove_file(&path).map_err(io_err("remove stale file", &path))?;
-                removed.push(path);
+            } else {
+                continue;
             }
+            tracing::warn!("{}: removed the leftover of an interrupted publication", path.display());
+            removed.push(path);
         }
         if !removed.is_empty() {
             fsync_dir(&self.root)?;
