@@ -351,7 +351,10 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();
     child.wait().unwrap();
-    // A compile killed mid-write (its staging folder) and one killed while replacing (old folder).
+    // A compile killed mid-write (its staging folder) and one killed after moving its dataset in,
+    // before removing the one it replaced (old folder beside the dataset).
+    let out = dir.path().join("ds");
+    compile_dir(&root, &out);
     let stale = [dir.path().join(format!(".ds.staging-{dead}")), dir.path().join(format!(".ds.old-{dead}"))];
     for p in &stale {
         std::fs::create_dir_all(p.join("x")).unwrap();
@@ -360,9 +363,19 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     let mut running = Command::new("sleep").arg("60").spawn().unwrap();
     let live = dir.path().join(format!(".ds.staging-{}", running.id()));
     std::fs::create_dir(&live).unwrap();
-    compile_dir(&root, &dir.path().join("ds"));
+    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out), "--overwrite"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stale.iter().all(|p| !p.exists()), "stale compile folders removed");
     assert!(live.exists(), "a running compile's folder is kept");
+    // ... and listed in report.json and on stdout.
+    let report: vla_finetune::dataset::compile::CompileReport = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let mut removed = report.removed_leftovers;
+    let mut want = stale.to_vec();
+    removed.sort();
+    want.sort();
+    assert_eq!(removed, want);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stale.iter().all(|p| stdout.contains(&format!("removed {} (left by a compile that was killed)", p.display()))), "{stdout}");
     running.kill().unwrap();
     running.wait().unwrap();
     // An import killed right after making its folder: only the marker.
@@ -574,6 +587,14 @@ fn a_checkpoints_root_or_its_latest_means_the_latest_version() {
     std::fs::write(root.join("latest"), "v0009\n").unwrap();
     let e = resolve_checkpoint_dir(&root).unwrap_err().to_string();
     assert!(e.contains("latest") && e.contains("v0009"), "{e}");
+    // `train` resolves `model.stage1_checkpoint` the same way before anything starts.
+    let (cfg, state) = train_config(dir.path());
+    let stage1 = format!("model.stage1_checkpoint={}", root.join("latest").display());
+    let set = format!("checkpoint.state_dir={}", state.display());
+    let o = cli_in(dir.path(), &["train", "--config", s(&cfg), "--set", &stage1, "--set", &set, "--quiet"]);
+    assert_no_panic(&o, "train from a bad latest");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("model.stage1_checkpoint") && err.contains("names `v0009`, which is not a published version"), "{err}");
 }
 
 // ---------------------------------------------------------------- item 8

@@ -132,6 +132,7 @@ fn config(dir: &Path, resume: bool) -> RunnerConfig {
         state_dir: dir.join("state"),
         resume,
         publish_dir: Some(dir.join("checkpoints")),
+        allow_worse_latest: false,
         base_model_id: "toy".into(),
         plot_file: Some(dir.join("curves.png")),
     }

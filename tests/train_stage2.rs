@@ -12,7 +12,9 @@ use vla_finetune::dataset::compile::{compile, CompileConfig};
 use vla_finetune::train::cache::FeatureCache;
 use vla_finetune::train::config::TrainConfig;
 use vla_finetune::train::controller::{JobContext, JobStatus, StartResponse};
+use vla_finetune::policy::config::PolicyConfig;
 use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
+use vla_finetune::train::publish::Publisher;
 use vla_finetune::train::progress::ProgressHub;
 use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
@@ -69,22 +71,32 @@ fn fixture() -> &'static Fixture {
         let dataset = dir.path().join("data");
         compile(&refs, &cc, &dataset, true).unwrap();
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/tiny_a");
-        let mut heads = small_heads();
-        heads.sensor.conv_channels = vec![16, 16];
-        (heads.sensor.d_model, heads.sensor.ff_dim, heads.sensor.out_dim, heads.sensor.dropout) = (16, 32, 16, 0.0);
-        (heads.expert.d_model, heads.expert.ff_dim, heads.expert.n_layers, heads.expert.dropout) = (32, 64, 1, 0.0);
         let job = HeadsJob {
             dataset: dataset.clone(),
             base_model: base.clone(),
             checkpoints: dir.path().join("ck1"),
             work_dir: dir.path().join("heads_job"),
-            train: HeadsTrainConfig { epochs: 2, batch_size: 8, lr: 1e-3, seed: 3, ..HeadsTrainConfig::default() },
-            heads,
+            train: stage1_training(),
+            heads: tiny_heads(),
             resume: false,
         };
         let stage1 = heads_job::run(&job, &ctx(), &mut |_| {}).unwrap().published.unwrap().dir;
         Fixture { _dir: dir, dataset, base, stage1 }
     })
+}
+
+/// Stage-1 heads small enough for the tiny model on CPU.
+fn tiny_heads() -> PolicyConfig {
+    let mut heads = small_heads();
+    heads.sensor.conv_channels = vec![16, 16];
+    (heads.sensor.d_model, heads.sensor.ff_dim, heads.sensor.out_dim, heads.sensor.dropout) = (16, 32, 16, 0.0);
+    (heads.expert.d_model, heads.expert.ff_dim, heads.expert.n_layers, heads.expert.dropout) = (32, 64, 1, 0.0);
+    heads
+}
+
+/// The fixture's stage-1 training settings.
+fn stage1_training() -> HeadsTrainConfig {
+    HeadsTrainConfig { epochs: 2, batch_size: 8, lr: 1e-3, seed: 3, ..HeadsTrainConfig::default() }
 }
 
 /// The embedded config/train.yaml pointed at the fixture, with outputs under `out`.
@@ -195,6 +207,7 @@ fn features_run_with(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, run
         state_dir: cfg.checkpoint.state_dir.clone(),
         resume: false,
         publish_dir: None,
+        allow_worse_latest: false,
         base_model_id: task.base_model_id().into(),
         plot_file: None,
     };
@@ -405,7 +418,8 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     let c = controller(cfg, ProgressHub::new(1024), tx);
     let req = StartRequest {
         dataset: f.dataset.display().to_string(),
-        stage1_checkpoint: f.stage1.display().to_string(),
+        // The checkpoints root's `latest` names the stage-1 version.
+        stage1_checkpoint: f.stage1.parent().unwrap().join("latest").display().to_string(),
         base_model: String::new(),
         overrides: "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}".into(),
     };
@@ -496,4 +510,46 @@ fn train_heads_resumes_after_a_kill_like_train() {
         t
     };
     assert_close(&heads(&resumed), &heads(&full), 0.0);
+}
+
+/// Stage 1 runs on the same guarded runner as Stage 2: a run worse than the version `latest`
+/// names, on the same dataset, publishes its version (kept, verified) without moving `latest`
+/// or announcing it; with `allow_worse_latest` the same run becomes latest and is announced.
+#[test]
+fn a_worse_stage1_run_on_the_same_data_is_kept_not_announced_unless_allowed() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ck");
+    let job = |name: &str, train: HeadsTrainConfig| HeadsJob {
+        dataset: f.dataset.clone(),
+        base_model: f.base.clone(),
+        checkpoints: root.clone(),
+        work_dir: dir.path().join(name),
+        train,
+        heads: tiny_heads(),
+        resume: false,
+    };
+    let metric = |v: &str| Publisher::new(&root).unwrap().published(v).unwrap().manifest.metrics[heads_job::BEST_METRIC];
+    let mut announced = Vec::new();
+    let good = heads_job::run(&job("good", stage1_training()), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
+    let good_version = good.published.unwrap().version;
+    assert_eq!(Publisher::new(&root).unwrap().latest().unwrap().as_deref(), Some(good_version.as_str()));
+    // The same heads untrained (learning rate 0): the validation error of the initialization.
+    let untrained = HeadsTrainConfig { epochs: 1, lr: 0.0, ..stage1_training() };
+    let before = announced.len();
+    let worse = heads_job::run(&job("worse", untrained.clone()), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
+    let kept = worse.published.expect("a finished run reports its last checkpoint");
+    assert!(metric(&kept.version) > metric(&good_version), "setup: the untrained run must be worse ({} vs {})", metric(&kept.version), metric(&good_version));
+    assert!(!kept.latest, "not made latest");
+    assert!(kept.dir.is_dir() && Publisher::new(&root).unwrap().versions().unwrap().contains(&kept.version), "kept");
+    assert_eq!(announced.len(), before, "not announced: {announced:?}");
+    assert_eq!(Publisher::new(&root).unwrap().latest().unwrap().as_deref(), Some(good_version.as_str()), "latest stays");
+    // Allowed: the same worse run becomes latest and is announced.
+    let allowed = HeadsTrainConfig { allow_worse_latest: true, ..untrained };
+    let r = heads_job::run(&job("allowed", allowed), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
+    let p = r.published.unwrap();
+    assert!(p.latest && metric(&p.version) > metric(&good_version));
+    assert_eq!(announced.last(), Some(&p.version));
+    assert_eq!(Publisher::new(&root).unwrap().latest().unwrap(), Some(p.version));
 }

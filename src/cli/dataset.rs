@@ -100,6 +100,9 @@ pub fn run_compile(a: &CompileArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<
         r.candidates,
         r.drops.values().sum::<u64>()
     );
+    for p in &r.removed_leftovers {
+        println!("removed {} (left by a compile that was killed)", p.display());
+    }
     for f in &r.failed_episodes {
         eprintln!("warning: episode `{}` left out: {}", f.id, f.error);
     }

@@ -74,6 +74,10 @@ pub fn run(a: TrainHeadsArgs) -> Result<()> {
     let train = HeadsTrainConfig::load(a.config.as_deref(), &a.overrides())?;
     let heads = if a.size == "small" { small_heads() } else { PolicyConfig::default() };
     let job = HeadsJob { dataset: a.dataset, base_model: a.base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume };
+    let lock = crate::train::guard::StateLock::acquire(&job.state_dir())?;
+    for p in &lock.removed {
+        eprintln!("removed {} (left by an interrupted run)", p.display());
+    }
     let r = super::with_progress_bar("train-heads", true, |ctx| {
         Ok(heads_job::run(&job, ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()))?)
     })?;
@@ -92,6 +96,7 @@ pub fn run(a: TrainHeadsArgs) -> Result<()> {
         "published": r.run.published,
         "version": published.version,
         "checkpoint": published.dir,
+        "latest": published.latest,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

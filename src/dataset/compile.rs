@@ -8,20 +8,21 @@
 //! the episodes that yield sample times (ties: the first by id), so one empty or odd episode
 //! never sets them. A damaged recording is compiled from what could be read and its
 //! [`Damage`] is reported with the episode. A compile that yields no sample is an error and
-//! leaves any existing output untouched.
+//! leaves any existing output untouched. The staging folders of compiles that were killed are
+//! removed first and listed in the report.
 //!
 //! Besides the alignment drop reasons ([`super::align::DropReason`]), a sample is dropped as
 //! `camera_bad_frame:<camera>` when its frame cannot be read or encoded, and as
 //! `camera_size_changed:<camera>` when the frame size differs from the camera's first frame.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::align::{AlignConfig, AlignError, Aligner, DropCounts, StreamReport};
-use super::episode::{Damage, EpisodeSource, RgbImage};
+use super::episode::{Damage, EpisodeSource, ImageError, RgbImage};
 use super::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
 use super::store::{
     write_synced, CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, StoreError, CONFIG_FILE, FORMAT,
@@ -121,7 +122,7 @@ pub enum CompileError {
     #[error("{out}: no usable sample from {episodes} episode(s) ({failed} left out{first}); nothing written, an existing dataset there is kept")]
     NoSamples {
         /// The output folder.
-        out: std::path::PathBuf,
+        out: PathBuf,
         /// Episodes given.
         episodes: usize,
         /// Of which left out.
@@ -238,6 +239,10 @@ pub struct CompileReport {
     pub streams: BTreeMap<String, StreamSummary>,
     /// Spread of the camera frames used together, over all episodes.
     pub camera_spread: Skew,
+    /// Folders left by compiles that were killed (`.<out>.staging-<pid>`, `.<out>.old-<pid>`),
+    /// removed before this one wrote anything.
+    #[serde(default)]
+    pub removed_leftovers: Vec<PathBuf>,
 }
 
 /// Splits episodes by id: each id gets the key `sha256(seed_le || id)`, the `round(f * n)` ids
@@ -269,14 +274,14 @@ pub fn split_episodes(ids: &[String], cfg: &SplitConfig) -> Vec<Split> {
 }
 
 /// Encodes an RGB8 frame to JPEG.
-pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageError> {
     if img.data.len() as u64 != img.width as u64 * img.height as u64 * 3 || img.width == 0 || img.height == 0 {
-        return Err(format!("frame {}x{} has {} bytes; expected width*height*3", img.width, img.height, img.data.len()));
+        return Err(ImageError::FrameSize { width: img.width, height: img.height, bytes: img.data.len() });
     }
     let mut buf = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
         .encode(&img.data, img.width, img.height, image::ExtendedColorType::Rgb8)
-        .map_err(|e| format!("JPEG encoding: {e}"))?;
+        .map_err(ImageError::Jpeg)?;
     Ok(buf)
 }
 
@@ -412,7 +417,7 @@ impl Builder<'_> {
             // ... and encode them in parallel.
             let quality = cfg.store.jpeg_quality;
             let encoded = parallel_map(&todo, self.threads, |(_, img)| match img {
-                Ok(img) => encode_jpeg(img, quality).map(|j| (j, (img.width, img.height))),
+                Ok(img) => encode_jpeg(img, quality).map(|j| (j, (img.width, img.height))).map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
             });
             for ((key, _), enc) in todo.iter().zip(encoded) {
@@ -520,7 +525,7 @@ pub fn compile(episodes: &[&dyn EpisodeSource], cfg: &CompileConfig, out: &Path,
     let ids: Vec<String> = order.iter().map(|&i| episodes[i].meta().id.clone()).collect();
     let splits = split_episodes(&ids, &cfg.split);
     let staging = Staging::create(out, overwrite)?;
-    let result = build(episodes, &order, &splits, cfg, &staging.dir);
+    let result = build(episodes, &order, &splits, cfg, &staging.dir, &staging.removed);
     match result {
         Ok(o) if o.report.samples == 0 => {
             staging.abandon();
@@ -538,7 +543,14 @@ pub fn compile(episodes: &[&dyn EpisodeSource], cfg: &CompileConfig, out: &Path,
     }
 }
 
-fn build(episodes: &[&dyn EpisodeSource], order: &[usize], splits: &[Split], cfg: &CompileConfig, dir: &Path) -> Result<CompileOutput, CompileError> {
+fn build(
+    episodes: &[&dyn EpisodeSource],
+    order: &[usize],
+    splits: &[Split],
+    cfg: &CompileConfig,
+    dir: &Path,
+    removed_leftovers: &[PathBuf],
+) -> Result<CompileOutput, CompileError> {
     let threads = match cfg.store.encode_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
@@ -547,7 +559,7 @@ fn build(episodes: &[&dyn EpisodeSource], order: &[usize], splits: &[Split], cfg
     if let Some(s) = majority_shapes(episodes, order, &cfg.align) {
         b.set_shapes(s);
     }
-    let mut report = CompileReport::default();
+    let mut report = CompileReport { removed_leftovers: removed_leftovers.to_vec(), ..Default::default() };
     let mut entries = Vec::new();
     for (&i, &split) in order.iter().zip(splits) {
         let src = episodes[i];

@@ -40,6 +40,57 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
+/// A camera message that does not decode to an [`RgbImage`], or a frame that does not encode.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The message bytes are not the type's CDR.
+    #[error(transparent)]
+    Cdr(#[from] super::cdr::CdrError),
+    /// A raw image in an encoding that is not read.
+    #[error("unsupported image encoding `{0}` (expected rgb8, bgr8, mono8, rgba8, bgra8)")]
+    Encoding(String),
+    /// A raw image whose data does not fill its size.
+    #[error("image {width}x{height} {encoding} with step {step} needs {need} bytes, has {have}")]
+    RawSize {
+        /// Columns.
+        width: u32,
+        /// Rows.
+        height: u32,
+        /// Pixel encoding.
+        encoding: String,
+        /// Bytes per row.
+        step: u32,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// A compressed image that the codec rejects.
+    #[error("compressed image ({format}) does not decode: {source}")]
+    Compressed {
+        /// The message's `format`.
+        format: String,
+        /// The codec's error.
+        source: image::ImageError,
+    },
+    /// The message type holds no image.
+    #[error("{0} is not an image type")]
+    NotImage(&'static str),
+    /// An [`RgbImage`] whose data does not match its size.
+    #[error("frame {width}x{height} has {bytes} bytes; expected width*height*3")]
+    FrameSize {
+        /// Columns.
+        width: u32,
+        /// Rows.
+        height: u32,
+        /// Bytes present.
+        bytes: usize,
+    },
+    /// JPEG encoding failed.
+    #[error("JPEG encoding: {0}")]
+    Jpeg(#[source] image::ImageError),
+}
+
 /// Receive/header stamps of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {

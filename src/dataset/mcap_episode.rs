@@ -18,7 +18,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::cdr::{self, MsgType, RosMessage};
-use super::episode::{Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, StateSeries, Stamp};
+use super::episode::{Damage, EpisodeMeta, EpisodeSource, ImageError, RgbImage, SensorSeries, SourceError, StateSeries, Stamp};
 use super::streams::{Role, StreamConfig, StreamSpec};
 
 /// Name of the marker file present while an episode is being recorded.
@@ -984,14 +984,14 @@ fn bytes_per_pixel(encoding: &str) -> Option<usize> {
 }
 
 /// Decodes an Image or CompressedImage message to RGB8.
-pub fn decode_image(t: MsgType, data: &[u8]) -> Result<RgbImage, String> {
+pub fn decode_image(t: MsgType, data: &[u8]) -> Result<RgbImage, ImageError> {
     match t {
         MsgType::Image => {
-            let v = cdr::ImageView::parse(data).map_err(|e| e.to_string())?;
-            let bpp = bytes_per_pixel(&v.encoding).ok_or_else(|| format!("unsupported image encoding `{}` (expected rgb8, bgr8, mono8, rgba8, bgra8)", v.encoding))?;
+            let v = cdr::ImageView::parse(data)?;
+            let bpp = bytes_per_pixel(&v.encoding).ok_or_else(|| ImageError::Encoding(v.encoding.clone()))?;
             let (w, h, step) = (v.width as usize, v.height as usize, v.step as usize);
             if step < w * bpp || v.data.len() != step * h {
-                return Err(format!("image {}x{} {} with step {} needs {} bytes, has {}", w, h, v.encoding, step, step * h, v.data.len()));
+                return Err(ImageError::RawSize { width: v.width, height: v.height, encoding: v.encoding.clone(), step: v.step, need: step * h, have: v.data.len() });
             }
             let mut out = Vec::with_capacity(w * h * 3);
             for row in v.data.chunks_exact(step) {
@@ -1007,11 +1007,11 @@ pub fn decode_image(t: MsgType, data: &[u8]) -> Result<RgbImage, String> {
             Ok(RgbImage { width: v.width, height: v.height, data: out })
         }
         MsgType::CompressedImage => {
-            let c = cdr::CompressedImage::decode(data).map_err(|e| e.to_string())?;
-            let img = image::load_from_memory(&c.data).map_err(|e| format!("compressed image ({}) does not decode: {e}", c.format))?.to_rgb8();
+            let c = cdr::CompressedImage::decode(data)?;
+            let img = image::load_from_memory(&c.data).map_err(|source| ImageError::Compressed { format: c.format.clone(), source })?.to_rgb8();
             Ok(RgbImage { width: img.width(), height: img.height(), data: img.into_raw() })
         }
-        other => Err(format!("{} is not an image type", other.name())),
+        other => Err(ImageError::NotImage(other.name())),
     }
 }
 
@@ -1143,7 +1143,7 @@ impl EpisodeSource for McapEpisode {
         let r = f.get(index).ok_or_else(|| SourceError::NoFrame { episode: episode(), camera: camera.into(), frames: f.len(), index })?;
         let what = || format!("camera `{camera}` ({}) frame {index}", spec.topic);
         let raw = self.raw_message(r).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: Box::new(e) })?;
-        decode_image(spec.kind(), &raw).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: e.into() })
+        decode_image(spec.kind(), &raw).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: Box::new(e) })
     }
     fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
         self.sensors

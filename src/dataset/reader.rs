@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use super::episode::RgbImage;
 use super::rng::SplitMix64;
-use super::stats::{DatasetStats, FieldStats};
+use super::stats::{DatasetStats, FieldStats, StatsError};
 use super::store::{read_json, DatasetIndex, ShardReader, Split, StoreError, STATS_FILE};
 
 /// Errors reading samples.
@@ -50,12 +50,12 @@ pub enum ReaderError {
         batch: usize,
     },
     /// Statistics unusable for normalization.
-    #[error("{dir}/stats.json: {what}")]
+    #[error("{dir}/stats.json: {source}")]
     Stats {
         /// Dataset folder.
         dir: PathBuf,
         /// What is wrong.
-        what: String,
+        source: StatsError,
     },
 }
 
@@ -136,7 +136,7 @@ impl Dataset {
     pub fn open(dir: &Path) -> Result<Self, ReaderError> {
         let index = DatasetIndex::load(dir)?;
         let stats: DatasetStats = read_json(&dir.join(STATS_FILE))?;
-        stats.validate().map_err(|what| ReaderError::Stats { dir: dir.to_path_buf(), what })?;
+        stats.validate().map_err(|source| ReaderError::Stats { dir: dir.to_path_buf(), source })?;
         let shards = index.shards.iter().map(|s| ShardReader::open(&dir.join(&s.file))).collect::<Result<Vec<_>, _>>()?;
         Ok(Self { dir: dir.to_path_buf(), index, stats, shards })
     }
@@ -196,9 +196,9 @@ impl Dataset {
     /// Reads, decodes and stacks the samples `indices` into a batch.
     pub fn batch(&self, indices: &[usize]) -> Result<Batch, ReaderError> {
         let ix = &self.index;
-        for (name, st) in [("sensor", &self.stats.sensor), ("state", &self.stats.state), ("action", &self.stats.action)] {
+        for (field, st) in [("sensor", &self.stats.sensor), ("state", &self.stats.state), ("action", &self.stats.action)] {
             if st.count == 0 {
-                return Err(ReaderError::Stats { dir: self.dir.clone(), what: format!("`{name}` statistics come from no training sample; cannot normalize") });
+                return Err(ReaderError::Stats { dir: self.dir.clone(), source: StatsError::Empty { field } });
             }
         }
         let b = indices.len();
@@ -229,13 +229,12 @@ impl Dataset {
         Ok(out)
     }
 
-    fn normalized(&self, a: &Array<f32>, st: &FieldStats, name: &str) -> Result<Array<f32>, ReaderError> {
+    fn normalized(&self, a: &Array<f32>, st: &FieldStats, field: &'static str) -> Result<Array<f32>, ReaderError> {
         let mut n = a.clone();
-        if st.dims() != a.shape.last().copied().unwrap_or(0) || !st.normalize(&mut n.data) {
-            return Err(ReaderError::Stats {
-                dir: self.dir.clone(),
-                what: format!("`{name}` statistics have {} dimensions; expected {} (last axis of {:?})", st.dims(), a.shape.last().copied().unwrap_or(0), a.shape),
-            });
+        let expected = a.shape.last().copied().unwrap_or(0);
+        if st.dims() != expected || !st.normalize(&mut n.data) {
+            let source = StatsError::Dims { field, dims: st.dims(), expected, shape: a.shape.clone() };
+            return Err(ReaderError::Stats { dir: self.dir.clone(), source });
         }
         Ok(n)
     }

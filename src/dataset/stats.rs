@@ -30,6 +30,57 @@ pub struct FieldStats {
     pub q99: Vec<f64>,
 }
 
+/// Statistics unusable for normalization; each names the list and what was expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StatsError {
+    /// A per-dimension list has another length than `mean`.
+    #[error("`{list}` has {len} values; expected {expected} (as many as `mean`)")]
+    Length {
+        /// The list (`std`, `min`, ...).
+        list: &'static str,
+        /// Its length.
+        len: usize,
+        /// The length of `mean`.
+        expected: usize,
+    },
+    /// A mean or standard deviation is NaN or infinite.
+    #[error("`{list}[{index}]` is {value}; expected a finite number")]
+    NotFinite {
+        /// `mean` or `std`.
+        list: &'static str,
+        /// The dimension.
+        index: usize,
+        /// The value found.
+        value: f64,
+    },
+    /// A field's statistics come from no training sample.
+    #[error("`{field}` statistics come from no training sample; cannot normalize")]
+    Empty {
+        /// `sensor`, `state` or `action`.
+        field: &'static str,
+    },
+    /// A field's statistics do not fit the values to normalize.
+    #[error("`{field}` statistics have {dims} dimensions; expected {expected} (last axis of {shape:?})")]
+    Dims {
+        /// `sensor`, `state` or `action`.
+        field: &'static str,
+        /// Dimensions of the statistics.
+        dims: usize,
+        /// Last axis of the values.
+        expected: usize,
+        /// Shape of the values.
+        shape: Vec<usize>,
+    },
+    /// A field's statistics are unusable.
+    #[error("{field}: {source}")]
+    Field {
+        /// `sensor`, `state` or `action`.
+        field: &'static str,
+        /// What is wrong with it.
+        source: Box<StatsError>,
+    },
+}
+
 /// Smallest standard deviation divided by when normalizing (constant channels map to 0).
 pub const MIN_STD: f64 = 1e-6;
 
@@ -41,16 +92,16 @@ impl FieldStats {
 
     /// Checks that every per-dimension list has `dims()` finite entries; the error names the
     /// list, its length and the expected one.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), StatsError> {
         let d = self.dims();
-        for (name, v) in [("std", &self.std), ("min", &self.min), ("max", &self.max), ("q01", &self.q01), ("q99", &self.q99)] {
+        for (list, v) in [("std", &self.std), ("min", &self.min), ("max", &self.max), ("q01", &self.q01), ("q99", &self.q99)] {
             if v.len() != d {
-                return Err(format!("`{name}` has {} values; expected {d} (as many as `mean`)", v.len()));
+                return Err(StatsError::Length { list, len: v.len(), expected: d });
             }
         }
-        for (name, v) in [("mean", &self.mean), ("std", &self.std)] {
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(format!("`{name}[{i}]` is {}; expected a finite number", v[i]));
+        for (list, v) in [("mean", &self.mean), ("std", &self.std)] {
+            if let Some(index) = v.iter().position(|x| !x.is_finite()) {
+                return Err(StatsError::NotFinite { list, index, value: v[index] });
             }
         }
         Ok(())
@@ -86,9 +137,9 @@ pub struct DatasetStats {
 
 impl DatasetStats {
     /// [`FieldStats::validate`] of every field, the error naming the field.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, f) in [("sensor", &self.sensor), ("state", &self.state), ("action", &self.action)] {
-            f.validate().map_err(|e| format!("{name}: {e}"))?;
+    pub fn validate(&self) -> Result<(), StatsError> {
+        for (field, f) in [("sensor", &self.sensor), ("state", &self.state), ("action", &self.action)] {
+            f.validate().map_err(|e| StatsError::Field { field, source: Box::new(e) })?;
         }
         Ok(())
     }

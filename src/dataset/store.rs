@@ -6,7 +6,7 @@
 //!                             image.<camera> U8 [bytes] (JPEG files back to back) and
 //!                             image.<camera>.offsets I64 [N+1] (byte range of row i: [o[i], o[i+1]))
 //! DIR/stats.json              DatasetStats of the training split
-//! DIR/report.json             CompileReport: drops by reason, per-stream rates, skew
+//! DIR/report.json             CompileReport: drops by reason, per-stream rates, skew, leftovers removed
 //! DIR/compile.yaml            the CompileConfig used
 //! ```
 //! A dataset is written into a sibling staging folder, every file fsynced, then renamed into
@@ -50,6 +50,16 @@ pub enum StoreError {
         path: PathBuf,
         /// What is wrong and what was expected.
         what: String,
+    },
+    /// A row given to a shard does not have the shard's shapes.
+    #[error("shard row: {input}: {got} values, expected {expected}")]
+    RowShape {
+        /// `sensor`, `state`, `action` or `images`.
+        input: &'static str,
+        /// Values (or images) given.
+        got: usize,
+        /// Values (or images) a row holds.
+        expected: usize,
     },
 }
 
@@ -225,8 +235,8 @@ impl ShardWriter {
 
     /// Appends a row; `jpegs` has one encoded image per camera. Returns the row number, or
     /// which input has the wrong length.
-    pub fn push(&mut self, sensor: &[f32], state: &[f32], action: &[f32], jpegs: &[&[u8]]) -> Result<usize, String> {
-        let want = |what: &str, got: usize, exp: usize| if got == exp { Ok(()) } else { Err(format!("{what}: {got} values, expected {exp}")) };
+    pub fn push(&mut self, sensor: &[f32], state: &[f32], action: &[f32], jpegs: &[&[u8]]) -> Result<usize, StoreError> {
+        let want = |input, got, expected| if got == expected { Ok(()) } else { Err(StoreError::RowShape { input, got, expected }) };
         want("sensor", sensor.len(), self.sensor_shape[0] * self.sensor_shape[1])?;
         want("state", state.len(), self.state_dim)?;
         want("action", action.len(), self.action_shape[0] * self.action_shape[1])?;
@@ -338,14 +348,15 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Creates `<target>.staging-<pid>` after removing the `.staging-<pid>` and `.old-<pid>`
-    /// siblings of processes that are gone; fails if `target` exists and `overwrite` is false.
+    /// Creates `<target>.staging-<pid>` after cleaning the `.staging-<pid>` and `.old-<pid>`
+    /// siblings of processes that are gone (see [`remove_dead_siblings`]); fails if `target`
+    /// exists and `overwrite` is false.
     pub fn create(target: &Path, overwrite: bool) -> Result<Self, StoreError> {
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
+        let removed = remove_dead_siblings(target, &name)?;
         if target.exists() && !overwrite {
             return Err(StoreError::Invalid { path: target.to_path_buf(), what: "already exists; expected a new folder (pass overwrite)".into() });
         }
-        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
-        let removed = remove_dead_siblings(target, &name)?;
         let dir = target.with_file_name(format!(".{name}.staging-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
@@ -380,7 +391,9 @@ impl Staging {
 }
 
 /// Removes `.<name>.staging-<pid>` and `.<name>.old-<pid>` folders beside `target` whose process
-/// is gone (a compile killed mid-write), logging each.
+/// is gone (a compile killed mid-write), logging each; returns them. An `.old-<pid>` is moved
+/// back to `target` instead when `target` is missing (a compile killed between moving the old
+/// dataset aside and moving the new one in).
 fn remove_dead_siblings(target: &Path, name: &str) -> Result<Vec<PathBuf>, StoreError> {
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -393,6 +406,11 @@ fn remove_dead_siblings(target: &Path, name: &str) -> Result<Vec<PathBuf>, Store
         let pid = [".staging-", ".old-"].iter().find_map(|k| file.strip_prefix(&format!(".{name}{k}"))).and_then(|p| p.parse::<i32>().ok());
         if let Some(pid) = pid.filter(|&p| p as u32 != std::process::id() && !super::recovery::process_alive(p)) {
             let path = entry.path();
+            if file.starts_with(&format!(".{name}.old-")) && !target.exists() {
+                std::fs::rename(&path, target).map_err(io(target))?;
+                tracing::warn!("{}: restored from {} (a compile, pid {pid}, was killed while replacing it)", target.display(), path.display());
+                continue;
+            }
             std::fs::remove_dir_all(&path).map_err(io(&path))?;
             tracing::warn!("{}: removed the leftover of a compile (pid {pid}) that did not finish", path.display());
             removed.push(path);

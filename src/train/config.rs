@@ -199,6 +199,9 @@ pub struct CheckpointSection {
     pub publish_dir: PathBuf,
     /// Published versions kept.
     pub keep_versions: usize,
+    /// Let `latest` move to a version worse on the same validation set than the one it named
+    /// when the job started (see [`Publisher::guard_latest`](super::publish::Publisher::guard_latest)).
+    pub allow_worse_latest: bool,
 }
 
 /// `progress` section.

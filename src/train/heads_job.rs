@@ -25,7 +25,7 @@ use crate::train::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FO
 use crate::train::error::TrainError;
 use crate::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
 use crate::train::progress::{CacheStatus, Phase, ProgressEvent};
-use crate::train::publish::{verify, PublishItem, Published, Source};
+use crate::train::publish::{PublishItem, Published, Publisher, Source};
 use crate::train::runner::{self, RunSummary, RunnerConfig, TrainTask};
 use crate::train::state::derive_seed;
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -64,6 +64,8 @@ pub struct HeadsTrainConfig {
     pub sensor_rate_hz: f64,
     /// Published versions kept in the checkpoints root (the latest and the best are never pruned).
     pub keep_versions: usize,
+    /// Let `latest` move to a version worse on the same data than the one it named at the start.
+    pub allow_worse_latest: bool,
 }
 
 impl Default for HeadsTrainConfig {
@@ -81,6 +83,7 @@ impl Default for HeadsTrainConfig {
             seed: 0,
             sensor_rate_hz: 650.0,
             keep_versions: 5,
+            allow_worse_latest: false,
         }
     }
 }
@@ -183,7 +186,9 @@ pub struct HeadsResult {
     pub val_error_after: Vec<f64>,
     /// Train / validation sample counts.
     pub samples: (usize, usize),
-    /// The checkpoint of the last epoch, verified (None when cancelled before the end).
+    /// The checkpoint of the last epoch, verified (None when cancelled before the end); not
+    /// `latest` when worse than the version `latest` named at the start (see
+    /// [`HeadsTrainConfig::allow_worse_latest`]).
     pub published: Option<Published>,
 }
 
@@ -204,7 +209,7 @@ pub fn small_heads() -> PolicyConfig {
 }
 
 /// Runs (or, with `job.resume`, continues) stage 1. `ctx` receives progress and may cancel
-/// between optimizer steps; `on_publish` is called after each publication.
+/// between optimizer steps; `on_publish` is called after each publication that `latest` names.
 pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published)) -> Result<HeadsResult> {
     job.train.validate()?;
     ctx.progress.publish(ProgressEvent::new(&ctx.job_id, Phase::Preparing));
@@ -225,19 +230,16 @@ pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publish
         state_dir: job.state_dir(),
         resume: job.resume,
         publish_dir: Some(job.checkpoints.clone()),
+        allow_worse_latest: t.allow_worse_latest,
         base_model_id: task.deploy.base_model_id.clone(),
         plot_file: Some(job.work_dir.join("curves.png")),
     };
-    let mut last = None;
-    let summary = runner::run(&mut task, &cfg, ctx, &mut |p: &Published| {
-        last = Some(p.clone());
-        on_publish(p);
-    })?;
+    let summary = runner::run(&mut task, &cfg, ctx, on_publish)?;
     runner::prune_published(&job.checkpoints, t.keep_versions, &summary)?;
-    let published = if summary.cancelled { None } else { last };
-    if let Some(p) = &published {
-        verify(&p.dir)?;
-    }
+    let published = match summary.published.last() {
+        Some(v) if !summary.cancelled => Some(Publisher::new(&job.checkpoints)?.published(v)?),
+        _ => None,
+    };
     Ok(HeadsResult {
         val_error_after: summary.validation.last().map(per_dim).unwrap_or_default(),
         run: summary,

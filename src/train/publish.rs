@@ -251,6 +251,15 @@ impl Publisher {
         Ok(Some(version))
     }
 
+    /// The published `version`, verified (see [`verify`]), with whether `latest` names it.
+    pub fn published(&self, version: &str) -> Result<Published, PublishError> {
+        let dir = self.root.join(version);
+        let manifest = verify(&dir)?;
+        let manifest_sha256 = hash_file(&dir.join(MANIFEST_NAME))?.0;
+        let latest = self.latest()?.as_deref() == Some(version);
+        Ok(Published { version: version.to_string(), dir, manifest, manifest_sha256, latest })
+    }
+
     /// The folder of the latest version, if any.
     pub fn latest_dir(&self) -> Result<Option<PathBuf>, PublishError> {
         Ok(self.latest()?.map(|v| self.root.join(v)))
@@ -265,11 +274,13 @@ impl Publisher {
             let path = entry.path();
             if name.starts_with(TMP_PREFIX) && path.is_dir() {
                 fs::remove_dir_all(&path).map_err(io_err("remove stale folder", &path))?;
-                removed.push(path);
             } else if name == format!(".{LATEST_NAME}.tmp") {
                 fs::remove_file(&path).map_err(io_err("remove stale file", &path))?;
-                removed.push(path);
+            } else {
+                continue;
             }
+            tracing::warn!("{}: removed the leftover of an interrupted publication", path.display());
+            removed.push(path);
         }
         if !removed.is_empty() {
             fsync_dir(&self.root)?;

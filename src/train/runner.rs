@@ -95,6 +95,9 @@ pub struct RunnerConfig {
     pub resume: bool,
     /// Where to publish deployable checkpoints (None: do not publish).
     pub publish_dir: Option<PathBuf>,
+    /// Whether `latest` may move to a version worse on the same data than the one it named when
+    /// the run started; false guards it ([`Publisher::guard_latest`] on `best_metric`).
+    pub allow_worse_latest: bool,
     /// Base model identity for manifests.
     pub base_model_id: String,
     /// Curves PNG written after each epoch (None: no plot).
@@ -215,7 +218,15 @@ impl<'a> Runner<'a> {
             cache_state: serde_json::Value::Null,
             extra: serde_json::Value::Null,
         };
-        let publisher = cfg.publish_dir.as_ref().map(|d| Publisher::new(d)?.guard_latest(&cfg.best_metric)).transpose().map_err(|e| fail(e.into()))?;
+        let publisher = cfg
+            .publish_dir
+            .as_ref()
+            .map(|d| {
+                let p = Publisher::new(d)?;
+                if cfg.allow_worse_latest { Ok(p) } else { p.guard_latest(&cfg.best_metric) }
+            })
+            .transpose()
+            .map_err(|e| fail(e.into()))?;
         let mut runner = Runner {
             task,
             cfg,

@@ -16,7 +16,7 @@ use std::sync::mpsc::Sender;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::config::TrainConfig;
+use super::config::{ConfigError, TrainConfig};
 use super::controller::{JobContext, JobController, JobOutcome, RejectReason, Validator};
 use super::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use super::progress::ProgressHub;
@@ -28,7 +28,8 @@ use super::stage2::{self, Stage2Job};
 pub struct StartRequest {
     /// Compiled dataset folder.
     pub dataset: String,
-    /// Stage-1 deployable checkpoint folder; non-empty runs Stage 2 from it.
+    /// Stage-1 deployable checkpoint folder, or a checkpoints root or its `latest` (the version
+    /// `latest` names); non-empty runs Stage 2 from it.
     pub stage1_checkpoint: String,
     /// Base model folder; empty = the service default.
     pub base_model: String,
@@ -58,13 +59,14 @@ impl Default for Overrides {
 }
 
 /// Parses the overrides text (empty = defaults); errors name the bad key or value.
-pub fn parse_overrides(text: &str) -> Result<Overrides, String> {
+pub fn parse_overrides(text: &str) -> Result<Overrides, ConfigError> {
     if text.trim().is_empty() {
         return Ok(Overrides::default());
     }
-    let o: Overrides = serde_yaml::from_str(text).map_err(|e| format!("overrides `{text}`: {e}"))?;
+    let bad = |reason: String| ConfigError::Override { spec: text.to_string(), reason };
+    let o: Overrides = serde_yaml::from_str(text).map_err(|e| bad(e.to_string()))?;
     if o.epochs == 0 || o.batch_size == 0 || !(o.lr > 0.0 && o.lr.is_finite()) {
-        return Err(format!("overrides `{text}`: epochs and batch_size must be >= 1 and lr a positive number"));
+        return Err(bad("epochs and batch_size must be >= 1 and lr a positive number".into()));
     }
     Ok(o)
 }
@@ -75,10 +77,10 @@ pub fn parse_overrides(text: &str) -> Result<Overrides, String> {
 /// job folders under `run_dir`), then the request's `section.key: value` overrides. With preset
 /// `auto` on a CPU device (no accelerator memory to measure) a CPU-sized setting is used
 /// (micro-batch 4 x 1, LoRA rank 8). Errors name the bad key or value and where it came from.
-pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path::Path) -> Result<TrainConfig, String> {
+pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path::Path) -> Result<TrainConfig, ConfigError> {
     let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
     let (text, origin) = match &svc.train_config {
-        Some(path) => (std::fs::read_to_string(path).map_err(|e| format!("train_config `{}`: {e}", path.display()))?, path.display().to_string()),
+        Some(path) => (std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?, path.display().to_string()),
         None => (include_str!("../../config/train.yaml").to_string(), "config/train.yaml (embedded)".to_string()),
     };
     let cpu_auto = svc.vram_preset == "auto" && matches!(crate::device::parse(&svc.device), Ok(tch::Device::Cpu));
@@ -99,14 +101,16 @@ pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path:
         format!("progress.plot_file={}", q(&run_dir.join("curves.png"))),
     ]);
     if !r.overrides.trim().is_empty() {
-        let map: BTreeMap<String, serde_yaml::Value> =
-            serde_yaml::from_str(&r.overrides).map_err(|e| format!("overrides `{}`: expected a mapping of `section.key: value`: {e}", r.overrides))?;
+        let map: BTreeMap<String, serde_yaml::Value> = serde_yaml::from_str(&r.overrides).map_err(|e| ConfigError::Override {
+            spec: r.overrides.clone(),
+            reason: format!("expected a mapping of `section.key: value`: {e}"),
+        })?;
         for (k, v) in map {
-            let v = serde_yaml::to_string(&v).map_err(|e| format!("overrides `{k}`: {e}"))?;
+            let v = serde_yaml::to_string(&v).map_err(|e| ConfigError::Override { spec: k.clone(), reason: e.to_string() })?;
             sets.push(format!("{k}={}", v.trim_end()));
         }
     }
-    TrainConfig::from_yaml(&text, &origin, &sets).map_err(|e| e.to_string())
+    TrainConfig::from_yaml(&text, &origin, &sets)
 }
 
 /// Where the service keeps things.
@@ -148,12 +152,12 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
     let c2 = cfg.clone();
     let config_ok = move |r: &StartRequest| {
         if r.stage1_checkpoint.is_empty() {
-            return parse_overrides(&r.overrides).map(|_| ()).map_err(RejectReason::ConfigInvalid);
+            return parse_overrides(&r.overrides).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(e.to_string()));
         }
-        let stage1 = PathBuf::from(&r.stage1_checkpoint);
-        super::deploy::DeployInfo::read(&stage1)
-            .map_err(|e| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", stage1.display())))?;
-        let cfg = stage2_config(&c2, r, &c2.runs_root.join("check")).map_err(RejectReason::ConfigInvalid)?;
+        let invalid = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
+        let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| invalid(&e))?;
+        super::deploy::DeployInfo::read(&stage1).map_err(|e| invalid(&e))?;
+        let cfg = stage2_config(&c2, r, &c2.runs_root.join("check")).map_err(|e| RejectReason::ConfigInvalid(e.to_string()))?;
         stage2::resolve_memory(&cfg).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))
     };
     let validators: Vec<Box<dyn Validator<StartRequest>>> = vec![Box::new(dataset_ok), Box::new(model_ok), Box::new(config_ok)];
@@ -182,6 +186,7 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
                     "val_action_error_before": heads_job::mean(&res.val_error_before),
                     "val_action_error_after": heads_job::mean(&res.val_error_after),
                     "version": res.published.as_ref().map(|p| p.version.clone()),
+                    "latest": res.published.as_ref().map(|p| p.latest),
                     "versions": res.run.published,
                     "global_step": res.run.counters.global_step,
                 });
@@ -201,7 +206,7 @@ fn run_stage2(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest, published
     let run_dir = cfg.runs_root.join(&ctx.job_id);
     let config = match stage2_config(cfg, r, &run_dir) {
         Ok(c) => c,
-        Err(error) => return JobOutcome::Failed { error },
+        Err(e) => return JobOutcome::Failed { error: e.to_string() },
     };
     let job = Stage2Job { config, resume: false };
     let mut announce = |p: &Published| {
@@ -237,8 +242,10 @@ mod tests {
         assert_eq!(parse_overrides("").unwrap().epochs, 10);
         let o = parse_overrides("{epochs: 3, lr: 0.0005}").unwrap();
         assert_eq!((o.epochs, o.lr, o.batch_size), (3, 0.0005, 16));
-        assert!(parse_overrides("{epoch: 3}").unwrap_err().contains("epoch"));
-        assert!(parse_overrides("{epochs: 0}").unwrap_err().contains(">= 1"));
+        let e = parse_overrides("{epoch: 3}").unwrap_err().to_string();
+        assert!(e.starts_with("override `{epoch: 3}`: unknown field `epoch`"), "{e}");
+        let e = parse_overrides("{epochs: 0}").unwrap_err().to_string();
+        assert!(e.contains("{epochs: 0}") && e.contains(">= 1"), "{e}");
     }
 
     #[test]

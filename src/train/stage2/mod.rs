@@ -120,6 +120,7 @@ pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publis
         state_dir: cfg.checkpoint.state_dir.clone(),
         resume: job.resume,
         publish_dir: Some(cfg.checkpoint.publish_dir.clone()),
+        allow_worse_latest: cfg.checkpoint.allow_worse_latest,
         base_model_id: task.base_model_id().to_string(),
         plot_file: Some(cfg.progress.plot_file.clone()),
     };
