@@ -82,7 +82,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("shutdown_grace_s", Double, json!(4.0), "On SIGINT/SIGTERM, how long a cancelled job may take to save its state."),
         ],
         "policy_node" => vec![
-            p("checkpoint", String, json!(""), "Checkpoint folder to start with; empty = wait for ~/checkpoint."),
+            p("checkpoint", String, json!(""), "Checkpoint folder to start with (a checkpoints root or its `latest`: the version it names); empty = wait for ~/checkpoint."),
             p("checkpoints_dir", String, json!(""), "Also watch this folder's `latest` for new checkpoints."),
             p("base_model", String, json!(""), "Base VL model folder the checkpoints' adapters belong to."),
             p("streams_config", String, json!("config/streams_sim.yaml"), "Stream mapping YAML, same as the collector's (relative: the package's share folder first)."),

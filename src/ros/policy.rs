@@ -181,8 +181,10 @@ pub fn main() -> Result<()> {
     let mut first = match p.string("checkpoint").as_str() {
         "" => None,
         start => {
-            let manifest = crate::train::publish::verify(Path::new(start)).with_context(|| format!("parameter checkpoint = `{start}`"))?;
-            Some((manifest.version, PathBuf::from(start)))
+            let context = || format!("parameter checkpoint = `{start}`");
+            let dir = crate::train::publish::resolve_checkpoint_dir(Path::new(start)).with_context(context)?;
+            let manifest = crate::train::publish::verify(&dir).with_context(context)?;
+            Some((manifest.version, dir))
         }
     };
     let shapes = match resolve_shapes(&p, first.as_ref().map(|(_, d)| d.as_path())) {

@@ -180,3 +180,11 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
     # SIGINT ends every node with exit code 0.
     codes = {exe: p.interrupt(10.0) for exe, p in procs.items() if exe != "sim_robot_node"}
     assert all(c == 0 for c in codes.values()), {exe: (c, procs[exe].output()[-3000:]) for exe, c in codes.items() if c != 0}
+
+    # A policy started on the checkpoints root runs the version its `latest` names.
+    root = tmp_path / "vla_checkpoints"
+    assert (root / "latest").read_text().strip() == info.version
+    restarted = graph.launch("policy.launch.xml", {"base_model": str(TINY_MODEL), "checkpoint": str(root)})
+    later = Collect(ros_node, PolicyStatus, "/vla_policy/status", 100)
+    spin_until(ros_node, lambda: any(s.active_version == info.version for s in later.items), 120, f"{info.version} from {root}")
+    assert restarted["policy_node"].interrupt(10.0) == 0
