@@ -266,6 +266,23 @@ pub fn error_metrics(err: &[f64]) -> BTreeMap<String, f64> {
     m
 }
 
+/// The heads' trainable parameters for the optimizer, named `{prefix}{variable}`, the sensor
+/// encoder's in `sensor_group` and the rest in `expert_group`, each with the heads' own decay flag
+/// (no decay on biases, norms, BatchNorm and positional embeddings).
+pub fn heads_params(heads: &PolicyHeads, prefix: &str, sensor_group: &str, expert_group: &str) -> Vec<NamedParam> {
+    let g = heads.param_groups();
+    let mut out = Vec::new();
+    for (params, group) in [(g.sensor_encoder, sensor_group), (g.action_expert, expert_group)] {
+        out.extend(params.into_iter().map(|p| NamedParam {
+            name: format!("{prefix}{}", p.name),
+            group: group.into(),
+            tensor: p.tensor,
+            decay: p.decay,
+        }));
+    }
+    out
+}
+
 /// Stage 1's model side: fresh heads on features of the frozen base model, computed once.
 pub struct HeadsTask {
     ds: Dataset,
@@ -369,13 +386,7 @@ struct SavedBuffer {
 
 impl TrainTask for HeadsTask {
     fn params(&mut self) -> Vec<NamedParam> {
-        let groups = self.heads.param_groups();
-        groups
-            .sensor_encoder
-            .into_iter()
-            .chain(groups.action_expert)
-            .map(|p| NamedParam { name: p.name, group: GROUP_HEADS.into(), tensor: p.tensor })
-            .collect()
+        heads_params(&self.heads, "", GROUP_HEADS, GROUP_HEADS)
     }
 
     fn train_len(&self) -> usize {

@@ -40,7 +40,7 @@ use crate::train::config::{CacheMode, ComputeDtype, TrainConfig, GROUP_HEADS, GR
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
-use crate::train::heads_job::{base_model_id, error_metrics, validation_error};
+use crate::train::heads_job::{base_model_id, error_metrics, heads_params, validation_error};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
 use crate::train::publish::{PublishItem, Source};
@@ -528,11 +528,9 @@ impl TrainTask for Stage2Task {
     fn params(&mut self) -> Vec<NamedParam> {
         let mut out: Vec<NamedParam> = lora_parameters(&mut self.vlm)
             .into_iter()
-            .map(|(name, tensor)| NamedParam { name: format!("vl.{name}"), group: GROUP_VL_LORA.into(), tensor })
+            .map(|(name, tensor)| NamedParam { name: format!("vl.{name}"), group: GROUP_VL_LORA.into(), tensor, decay: true })
             .collect();
-        let g = self.heads.param_groups();
-        out.extend(g.sensor_encoder.into_iter().map(|p| NamedParam { name: format!("heads.{}", p.name), group: GROUP_SENSOR_ENCODER.into(), tensor: p.tensor }));
-        out.extend(g.action_expert.into_iter().map(|p| NamedParam { name: format!("heads.{}", p.name), group: GROUP_HEADS.into(), tensor: p.tensor }));
+        out.extend(heads_params(&self.heads, "heads.", GROUP_SENSOR_ENCODER, GROUP_HEADS));
         out
     }
 
