@@ -24,7 +24,7 @@
 //! micro-batch by the runner.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ use crate::dataset::store::Split;
 use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
 use crate::train::cache::{cache_key, CacheKey, FeatureCache, KeyInput};
-use crate::train::config::{CacheMode, ComputeDtype, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
+use crate::train::config::{CacheMode, ComputeDtype, ResolvedMemory, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
@@ -45,7 +45,7 @@ use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
 use crate::train::publish::{PublishItem, Source};
 use crate::train::runner::TrainTask;
-use crate::train::state::derive_seed;
+use crate::train::state::{derive_seed, read_state_meta};
 use crate::vlm::grad_checkpoint::Checkpointing;
 use crate::vlm::lora::{inject_lora, lora_parameters, LoraConfig, TargetModules};
 use crate::vlm::peft::{save_adapter, AdapterMeta};
@@ -77,6 +77,22 @@ struct FeatureState {
     live: bool,
 }
 
+/// Key of the memory plan in the task's saved state (beside the [`FeatureState`] fields).
+const MEMORY_KEY: &str = "memory";
+
+/// The memory plan (LoRA rank, micro-batch, accumulation) saved in the training state at `path`;
+/// None for a state written before plans were saved.
+pub fn saved_memory(path: &Path) -> Result<Option<ResolvedMemory>> {
+    memory_in(&read_state_meta(path)?.cache_state)
+}
+
+fn memory_in(state: &serde_json::Value) -> Result<Option<ResolvedMemory>> {
+    state
+        .get(MEMORY_KEY)
+        .map(|m| serde_json::from_value(m.clone()).map_err(|e| TrainError::invalid("training state's memory plan", e.to_string())))
+        .transpose()
+}
+
 /// Stage 2 model side; see the module doc.
 pub struct Stage2Task {
     mode: CacheMode,
@@ -88,6 +104,8 @@ pub struct Stage2Task {
     vlm: Qwen25VL,
     _lora_vs: nn::VarStore,
     lora_cfg: LoraConfig,
+    /// The run's memory plan, saved with the state.
+    memory: ResolvedMemory,
     lora_init: Vec<Tensor>,
     processor: VlProcessor,
     processor_json: serde_json::Value,
@@ -113,9 +131,11 @@ pub struct Stage2Task {
 
 impl Stage2Task {
     /// Loads the dataset, the base model (frozen weights in the compute dtype) with fresh LoRA of
-    /// rank `rank` (seeded by `run.seed`; B = 0 so features start equal to the base model's), the
-    /// stage-1 heads and deploy description, and opens the cache.
-    pub fn new(cfg: &TrainConfig, rank: u32) -> Result<Self> {
+    /// `memory.lora_rank` and alpha `lora.scaling * rank` (seeded by `run.seed`; B = 0 so features
+    /// start equal to the base model's), the stage-1 heads and deploy description, and opens the
+    /// cache. `memory` is saved with the training state (see [`saved_memory`]).
+    pub fn new(cfg: &TrainConfig, memory: &ResolvedMemory) -> Result<Self> {
+        let rank = memory.lora_rank;
         let device = crate::device::parse(&cfg.run.device).map_err(|e| TrainError::invalid("run.device", e))?;
         let precision = match cfg.model.compute_dtype {
             ComputeDtype::F32 => Precision::F32,
@@ -170,7 +190,7 @@ impl Stage2Task {
         }
         let lora_cfg = LoraConfig {
             r: rank as i64,
-            lora_alpha: cfg.lora.alpha,
+            lora_alpha: cfg.lora.scaling * rank as f64,
             lora_dropout: cfg.lora.dropout,
             target_modules: TargetModules::Regex(format!(
                 r".*language_model.*\.({})",
@@ -212,6 +232,7 @@ impl Stage2Task {
             vlm,
             _lora_vs: lora_vs,
             lora_cfg,
+            memory: memory.clone(),
             lora_init,
             processor,
             processor_json,
@@ -591,12 +612,20 @@ impl TrainTask for Stage2Task {
     }
 
     fn cache_state(&self) -> serde_json::Value {
-        serde_json::to_value(&self.fs).expect("cache state serializes")
+        let mut state = serde_json::to_value(&self.fs).expect("cache state serializes");
+        state[MEMORY_KEY] = serde_json::to_value(&self.memory).expect("memory plan serializes");
+        state
     }
 
     fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<()> {
         if state.is_null() {
             return Ok(());
+        }
+        if let Some(saved) = memory_in(state)?.filter(|m| *m != self.memory) {
+            return Err(TrainError::invalid(
+                "training state",
+                format!("was saved with {saved}, but this run was built with {}", self.memory),
+            ));
         }
         self.fs = serde_json::from_value(state.clone()).map_err(|e| TrainError::invalid("features-mode cache state", e.to_string()))?;
         Ok(())
