@@ -487,6 +487,24 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
 }
 
 #[test]
+fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = |micro_batch: usize| {
+        let cfg = config(dir.path(), &["cache.mode=off", &format!("memory.micro_batch={micro_batch}")]);
+        Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).unwrap().validation_metrics().unwrap()
+    };
+    // Chunks of 3 versus the whole validation split (fewer than 1000 samples) in one chunk.
+    let (chunked, whole) = (metrics(3), metrics(1000));
+    assert_eq!(chunked.keys().collect::<Vec<_>>(), whole.keys().collect::<Vec<_>>());
+    assert!(chunked.contains_key("val_loss") && chunked.contains_key(stage2::BEST_METRIC));
+    // Within 1e-6 relative: the errors reach ~50 (physical units), where an f32 ulp is 3.8e-6.
+    for (k, v) in &chunked {
+        assert!((v - whole[k]).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} in chunks of 3, {} in one chunk", whole[k]);
+    }
+}
+
+#[test]
 fn cache_keys_for_features_depend_on_adapter_and_prompt_not_for_vision() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

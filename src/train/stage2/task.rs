@@ -40,7 +40,7 @@ use crate::train::config::{CacheMode, ComputeDtype, ResolvedMemory, TrainConfig,
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
-use crate::train::heads_job::{base_model_id, error_metrics, heads_params, validation_error};
+use crate::train::heads_job::{base_model_id, error_metrics, heads_params, ValidationSums};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
 use crate::train::publish::{PublishItem, Source};
@@ -441,23 +441,18 @@ impl Stage2Task {
     }
 
     /// Validation metrics of the current weights: `val_loss` (diffusion loss, fixed noise),
-    /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`. In
-    /// `features` mode the features come from the cache, otherwise they are computed live.
+    /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`, in
+    /// chunks of the micro-batch. In `features` mode the features come from the cache, otherwise
+    /// they are computed live.
     pub fn validation_metrics(&mut self) -> Result<BTreeMap<String, f64>> {
         let val = self.val_idx.clone();
-        let mut features: Vec<Tensor> = (0..self.ds.len()).map(|_| Tensor::new()).collect();
-        for &i in &val {
-            features[i] = self.features_nograd(i)?;
+        let mut sums = ValidationSums::default();
+        for idx in val.chunks(self.memory.micro_batch.max(1)) {
+            let features = idx.iter().map(|&i| self.features_nograd(i)).collect::<Result<Vec<_>>>()?;
+            sums.add(&self.heads, &self.ds, idx, &Tensor::cat(&features, 0), self.seed, Some(VAL_STREAM))?;
         }
-        let err = validation_error(&self.heads, &self.ds, &val, &features, self.seed)?;
-        let b = self.ds.batch(&val)?;
-        let vl = HeadsVl::pooled(Tensor::cat(&val.iter().map(|&i| features[i].to_device(self.device)).collect::<Vec<_>>(), 0));
-        let sensor = b.sensor.to_tensor().to_device(self.device);
-        let actions = b.action.to_tensor().to_device(self.device);
-        let seeds: Vec<u64> = val.iter().map(|&i| derive_seed(self.seed, &[VAL_STREAM, i as u64])).collect();
-        let loss = tch::no_grad(|| self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, false))?;
-        let mut m = error_metrics(&err);
-        m.insert("val_loss".to_string(), loss.f_double_value(&[])?);
+        let mut m = error_metrics(&sums.errors());
+        m.insert("val_loss".to_string(), sums.loss());
         Ok(m)
     }
 
