@@ -119,7 +119,7 @@ def run_case(case, setup):
             with torch.no_grad(), autocast():
                 cond = expert.condition(vl, sensor_enc(x["sensor"]))
                 noise = torch.randn(b, *x["actions"].shape[1:], device=device)
-                ref.ddim_sample(expert, cond, noise, case["ddim_steps"], cum, clamp=False)
+                ref.ddim_sample(expert, cond, noise, case["ddim_steps"], cum, clamp=True, spacing="trailing")
         ms, per = timed(device, case["warmup"], case["steps"], act), b
     elif case["kind"] == "vision_cache":
         model = build_vl(case, setup, dtype, device).eval()

@@ -7,7 +7,8 @@ saves as `sensor_encoder` and `action_expert` in one `torch.save` dict:
   positional information) -> mean pool -> MLP (about 47 M parameters at the reference sizes).
 - ActionExpert: concat fusion Linear(vl + sensor -> d), sinusoidal timestep MLP, action embedding,
   4-layer transformer (no positional information over the horizon), output Linear (about 58 M).
-- Cosine DDPM schedule (T 100) and the reference's DDIM sampler (which clamps x0 to [-1, 1]).
+- Cosine DDPM schedule (T 100) and the reference's DDIM sampler (x0 clamped to [-1, 1], "leading"
+  timesteps; ours uses "trailing" ones).
 
 Our Rust heads (src/policy) keep these names and add what the reference lacked (positional
 embeddings, normalization); scripts/convert_reference_ckpt.py maps one to the other.
@@ -152,12 +153,25 @@ def cosine_schedule(train_steps=100, s=0.008, max_beta=0.999):
     return betas, cum
 
 
+def ddim_timesteps(t_max, steps, spacing):
+    """Descending DDIM timesteps: "leading" i * (T // steps) (the reference's, first t = 90 of
+    100 at 10 steps) or "trailing" round(arange(T, 0, -T / steps)) - 1 (ours, diffusers', first
+    t = T - 1, where alpha_bar ~ 0; Python's round() ties to even like numpy's)."""
+    if spacing == "leading":
+        return [i * (t_max // steps) for i in range(steps)][::-1]
+    if spacing == "trailing":
+        delta = (t_max - t_max / steps) - t_max  # numpy's arange(T, 0, -T / steps) arithmetic
+        return [round(t_max + i * delta) - 1 for i in range(steps)]
+    raise ValueError(f"spacing {spacing!r}: expected 'leading' or 'trailing'")
+
+
 @torch.no_grad()
-def ddim_sample(expert, cond, x, steps, alphas_cumprod, clamp=True):
-    """Deterministic DDIM from noise `x` [B, H, A] with "leading" timesteps i * (T // steps).
-    `clamp=True` is the reference's behaviour (x0 clamped to [-1, 1]); `False` is ours."""
-    t_max = len(alphas_cumprod)
-    ts = [i * (t_max // steps) for i in range(steps)][::-1]
+def ddim_sample(expert, cond, x, steps, alphas_cumprod, clamp=True, spacing="leading"):
+    """Deterministic DDIM from noise `x` [B, H, A], x0 clamped to [-1, 1] with `clamp`.
+    `spacing="leading"` is the reference's; `"trailing"` is ours (ours clamps x0 to the training
+    actions' normalized range, which is [-1, 1] under the identity normalization of a converted
+    reference checkpoint)."""
+    ts = ddim_timesteps(len(alphas_cumprod), steps, spacing)
     for k, t in enumerate(ts):
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[ts[k + 1]] if k + 1 < len(ts) else 1.0
@@ -213,7 +227,7 @@ def main():
             "sensor_feature": feat,
             "cond": cond,
             "eps": expert.denoise(inputs["x_t"], inputs["t"], cond),
-            "ddim": ddim_sample(expert, cond, inputs["noise"], args.ddim_steps, cum, clamp=False),
+            "ddim": ddim_sample(expert, cond, inputs["noise"], args.ddim_steps, cum, clamp=True, spacing="trailing"),
         }
     from safetensors.torch import save_file
     save_file({**inputs, **outputs}, os.path.join(args.out, "io.safetensors"),

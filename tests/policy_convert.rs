@@ -92,7 +92,8 @@ fn converted_reference_checkpoint_matches_pytorch() {
     let d = max_diff(&eps, &get(&io, "eps"));
     assert!(d < 1e-4, "epsilon differs from PyTorch by {d}");
 
-    // The sampler: same initial noise, deterministic DDIM with 5 steps, no clamping.
+    // The sampler: same initial noise, deterministic DDIM with 5 trailing steps, x0 clamped to
+    // [-1, 1] (the training range under the identity normalization of a converted checkpoint).
     let x = heads.sample_from(&c, get(&io, "noise"), 5, 0.0, &mut NoiseRng::new(0)).unwrap();
     let reference = get(&io, "ddim");
     let scale = reference.abs().max().double_value(&[]).max(1.0);

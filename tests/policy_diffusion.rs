@@ -31,7 +31,11 @@ fn cosine_schedule_matches_closed_form() {
     // The last beta hits the 0.999 cap (f(T) = 0).
     assert_eq!(s.betas[99], 0.999);
     assert!(s.betas.windows(2).all(|w| w[1] >= w[0]), "betas increase");
-    assert_eq!(s.ddim_timesteps(10).unwrap(), vec![90, 80, 70, 60, 50, 40, 30, 20, 10, 0]);
+    // Trailing spacing, as diffusers' `round(arange(T, 0, -T / steps)) - 1` (ties to even).
+    assert_eq!(s.ddim_timesteps(10).unwrap(), vec![99, 89, 79, 69, 59, 49, 39, 29, 19, 9]);
+    assert_eq!(s.ddim_timesteps(8).unwrap(), vec![99, 87, 74, 61, 49, 37, 24, 11]);
+    assert_eq!(s.ddim_timesteps(3).unwrap(), vec![99, 66, 32]);
+    assert_eq!(s.ddim_timesteps(1).unwrap(), vec![99]);
     assert_eq!(s.ddim_timesteps(100).unwrap(), (0..100).rev().collect::<Vec<_>>());
     assert!(matches!(s.ddim_timesteps(0), Err(PolicyError::Input { .. })));
     assert!(matches!(s.ddim_timesteps(101), Err(PolicyError::Input { .. })));
@@ -50,7 +54,7 @@ fn ddim_eta_one_with_all_steps_is_ddpm_ancestral_sampling() {
         let mut rng = NoiseRng::new(seed);
         move || rng.randn(&[64, 8, 7], Device::Cpu).to_kind(Kind::Double)
     };
-    let ddim = s.ddim(x_t.copy(), 100, 1.0, &mut draws(7), &mut toy_eps).unwrap();
+    let ddim = s.ddim(x_t.copy(), 100, 1.0, None, &mut draws(7), &mut toy_eps).unwrap();
     let ddpm = s.ddpm(x_t.copy(), &mut draws(7), &mut toy_eps);
     let scale = ddpm.abs().max().double_value(&[]);
     let d = (&ddim - &ddpm).abs().max().double_value(&[]);
@@ -81,12 +85,12 @@ fn ddim_with_all_steps_follows_the_probability_flow_ode() {
     let z = (&x_t - &mu * a.sqrt()) / (a * sd * sd + 1.0 - a).sqrt();
     let exact = &mu + z * sd;
     let mut no_noise = || -> Tensor { unreachable!("eta 0 draws no noise") };
-    let ddim = s.ddim(x_t.copy(), 100, 0.0, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
+    let ddim = s.ddim(x_t.copy(), 100, 0.0, None, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
     let err = |x: &Tensor| (x - &exact).abs().mean(Kind::Double).double_value(&[]);
     let max_err = (&ddim - &exact).abs().max().double_value(&[]);
     assert!(max_err < 0.05 && err(&ddim) < 0.01, "DDIM(T steps) vs the exact ODE map: max {max_err}, mean {}", err(&ddim));
     // DDIM is a first-order discretization of the ODE: half the steps, about twice the error.
-    let ddim50 = s.ddim(x_t.copy(), 50, 0.0, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
+    let ddim50 = s.ddim(x_t.copy(), 50, 0.0, None, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
     let ratio = err(&ddim50) / err(&ddim);
     assert!((1.6..2.6).contains(&ratio), "error ratio 50 vs 100 steps: {ratio}");
 
@@ -99,6 +103,43 @@ fn ddim_with_all_steps_follows_the_probability_flow_ode() {
     let std = x.std_dim(0, true, false);
     let std_err = (std - sd).abs().max().double_value(&[]);
     assert!(mean_err < 0.05 && std_err < 0.05, "DDPM samples: mean error {mean_err}, std error {std_err}");
+}
+
+#[test]
+fn ddim_first_step_starts_from_pure_noise() {
+    let s = schedule();
+    let f = |t: f64| ((t / 100.0 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+    // alpha_bar_99 = f(99) / f(0) * (1 - 0.999): the last beta is capped, f(100) = 0.
+    let a_first = f(99.0) / f(0.0) * (1.0 - 0.999);
+    let snr_first = a_first / (1.0 - a_first);
+    assert!((snr_first - 2.4285729e-7).abs() < 1e-13, "hand-computed SNR {snr_first}");
+    let mu = Tensor::from_slice(&[2.0f64, -1.0, 0.0, 0.5]).view([1, 1, 4]);
+    let sd = 0.5;
+    for steps in [1usize, 3, 10, 100] {
+        let mut seen = vec![];
+        let mut oracle = gaussian_oracle(&s, &mu, sd);
+        let mut eps = |x: &Tensor, t: usize| {
+            seen.push(t);
+            oracle(x, t)
+        };
+        let mut no_noise = || -> Tensor { unreachable!("eta 0 draws no noise") };
+        let x = NoiseRng::new(5).randn(&[16, 1, 4], Device::Cpu).to_kind(Kind::Double);
+        let _ = s.ddim(x, steps, 0.0, None, &mut no_noise, &mut eps).unwrap();
+        assert_eq!(seen.len(), steps);
+        let a = s.alphas_cumprod[seen[0]];
+        let snr = a / (1.0 - a);
+        assert!((snr - snr_first).abs() <= 1e-9 * snr_first, "{steps} steps: first step at t {} has SNR {snr}", seen[0]);
+    }
+    // Pure noise is a sample of x_99 (SNR ~ 0), so 10 steps of the exact-oracle sampler land on
+    // the data's mean (float64 numpy of the same loop: max mean error 0.001); starting at t = 90
+    // (alpha_bar 0.0195, "leading") treats the noise as holding 14 % signal and misses it by 0.12.
+    // The std's error (~0.07 either way) is the 10-step discretization's.
+    let mut no_noise = || -> Tensor { unreachable!("eta 0 draws no noise") };
+    let x_t = NoiseRng::new(9).randn(&[8192, 1, 4], Device::Cpu).to_kind(Kind::Double);
+    let x = s.ddim(x_t, 10, 0.0, None, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
+    let mean_err = (x.mean_dim(0, false, Kind::Double) - mu.view([1, 4])).abs().max().double_value(&[]);
+    let std_err = (x.std_dim(0, true, false) - sd).abs().max().double_value(&[]);
+    assert!(mean_err < 0.03 && std_err < 0.1, "10-step DDIM samples: mean error {mean_err}, std error {std_err}");
 }
 
 fn tiny_config() -> PolicyConfig {

@@ -34,7 +34,7 @@ fn toy() -> Toy {
     let w = (Tensor::arange(6, o).view([2, 3]) * 0.1).set_requires_grad(true);
     let x = Tensor::linspace(-1.0, 1.0, 30, o).view([10, 3]);
     let y = x.sin().matmul(&Tensor::ones([3, 2], o));
-    let params = vec![NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w.shallow_clone() }];
+    let params = vec![NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w.shallow_clone(), decay: true }];
     let groups = vec![GroupConfig { name: "heads".into(), lr: 0.05, weight_decay: 0.01 }];
     Toy { w, opt: AdamW::new(AdamWConfig::default(), groups, params).unwrap(), x, y }
 }

@@ -7,6 +7,10 @@ use tch::{Kind, Tensor};
 use vla_finetune::train::optim::{
     default_no_decay, Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam, OptimError,
 };
+use vla_finetune::policy::{
+    ActionExpertConfig, FusionConfig, FusionKind, NormStats, PolicyConfig, PolicyHeads, SensorEncoderConfig,
+};
+use vla_finetune::train::heads_job::heads_params;
 use vla_finetune::train::tensor_io::read_safetensors;
 
 fn fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
@@ -44,7 +48,7 @@ fn adamw_groups_schedule_clipping_match_torch() {
     for (name, group) in spec["params"].as_object().unwrap() {
         let t = fx[&format!("init/{name}")].copy().set_requires_grad(true);
         params.insert(name.clone(), t.shallow_clone());
-        named.push(NamedParam { name: name.clone(), group: group.as_str().unwrap().into(), tensor: t });
+        named.push(NamedParam { name: name.clone(), group: group.as_str().unwrap().into(), tensor: t, decay: true });
     }
     let mut opt = AdamW::new(AdamWConfig::default(), groups, named).unwrap();
     // The default no-decay rules pick exactly the fixture's biases and norm.
@@ -99,14 +103,19 @@ fn no_decay_rules_by_name() {
         ("sensor.conv.0.bn.weight", false),
         ("sensor.encoder.layers.1.norm1.weight", false),
         ("heads.fusion.bias", false),
+        ("heads.fusion.attn.in_proj_bias", false),
         ("sensor.ln_f.weight", false),
+        ("heads.action_expert.pos_embed", false),
+        ("model.embeddings.position_embedding.weight", false),
+        ("heads.fusion.attn.in_proj_weight", true),
+        ("heads.pos_embed_proj.weight", true),
         ("heads.fusion.weight", true),
         ("model.layers.0.self_attn.q_proj.lora_A.weight", true),
         ("heads.linear.weight", true),
     ];
     let params = names
         .iter()
-        .map(|(n, _)| NamedParam { name: n.to_string(), group: "g".into(), tensor: Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true) })
+        .map(|(n, _)| NamedParam { name: n.to_string(), group: "g".into(), tensor: Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true), decay: true })
         .collect();
     let g = vec![GroupConfig { name: "g".into(), lr: 1e-3, weight_decay: 0.1 }];
     let cfg = AdamWConfig { no_decay: default_no_decay(), ..Default::default() };
@@ -123,6 +132,7 @@ fn bad_params_and_gradients_are_named() {
         name: name.into(),
         group: group.into(),
         tensor: Tensor::ones([3], (kind, tch::Device::Cpu)).set_requires_grad(true),
+        decay: true,
     };
     let err = AdamW::new(AdamWConfig::default(), g(), vec![p("a", "vl", Kind::Float)]).err().unwrap();
     assert!(matches!(&err, OptimError::Param { name, .. } if name == "a"), "{err}");
@@ -134,8 +144,8 @@ fn bad_params_and_gradients_are_named() {
     let x = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let y = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let params = vec![
-        NamedParam { name: "ok".into(), group: "heads".into(), tensor: x.shallow_clone() },
-        NamedParam { name: "bad".into(), group: "heads".into(), tensor: y.shallow_clone() },
+        NamedParam { name: "ok".into(), group: "heads".into(), tensor: x.shallow_clone(), decay: true },
+        NamedParam { name: "bad".into(), group: "heads".into(), tensor: y.shallow_clone(), decay: true },
     ];
     let mut opt = AdamW::new(AdamWConfig::default(), g(), params).unwrap();
     (x.sum(Kind::Float) + (&y * f64::NAN).sum(Kind::Float)).backward();
@@ -159,8 +169,8 @@ fn zero_grad_drops_gradients_and_a_parameter_without_one_is_not_updated() {
     let x = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let y = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let params = vec![
-        NamedParam { name: "x".into(), group: "heads".into(), tensor: x.shallow_clone() },
-        NamedParam { name: "y".into(), group: "heads".into(), tensor: y.shallow_clone() },
+        NamedParam { name: "x".into(), group: "heads".into(), tensor: x.shallow_clone(), decay: true },
+        NamedParam { name: "y".into(), group: "heads".into(), tensor: y.shallow_clone(), decay: true },
     ];
     let mut opt = AdamW::new(AdamWConfig::default(), g, params).unwrap();
     (x.sum(Kind::Float) + y.sum(Kind::Float)).backward();
@@ -189,8 +199,8 @@ fn linear_setup() -> (Tensor, Tensor, Tensor, Tensor) {
 fn run_accumulated(micro: usize, accum: usize) -> (Tensor, Tensor, Tensor) {
     let (x, y, w, b) = linear_setup();
     let params = vec![
-        NamedParam { name: "w".into(), group: "heads".into(), tensor: w.shallow_clone() },
-        NamedParam { name: "b".into(), group: "heads".into(), tensor: b.shallow_clone() },
+        NamedParam { name: "w".into(), group: "heads".into(), tensor: w.shallow_clone(), decay: true },
+        NamedParam { name: "b".into(), group: "heads".into(), tensor: b.shallow_clone(), decay: true },
     ];
     let g = vec![GroupConfig { name: "heads".into(), lr: 1e-2, weight_decay: 0.01 }];
     let mut opt = AdamW::new(AdamWConfig::default(), g, params).unwrap();
@@ -242,8 +252,8 @@ fn state_export_import_roundtrip_continues_identically() {
     let make = || {
         let (x, y, w, b) = linear_setup();
         let params = vec![
-            NamedParam { name: "w".into(), group: "heads".into(), tensor: w.shallow_clone() },
-            NamedParam { name: "b".into(), group: "heads".into(), tensor: b.shallow_clone() },
+            NamedParam { name: "w".into(), group: "heads".into(), tensor: w.shallow_clone(), decay: true },
+            NamedParam { name: "b".into(), group: "heads".into(), tensor: b.shallow_clone(), decay: true },
         ];
         let g = vec![GroupConfig { name: "heads".into(), lr: 1e-2, weight_decay: 0.01 }];
         (AdamW::new(AdamWConfig::default(), g, params).unwrap(), x, y, w, b)
@@ -275,4 +285,104 @@ fn state_export_import_roundtrip_continues_identically() {
     st.moments.retain(|(n, _, _)| n != "b");
     let err = c.import_state(st).err().unwrap();
     assert!(err.to_string().contains("`b`"), "{err}");
+}
+
+/// Every trainable parameter of small heads (one conv block, one layer each, cross-attention
+/// fusion) with the decay flag the optimizer gives it under the default rules.
+const HEADS_DECAY: &[(&str, bool)] = &[
+    ("heads.sensor_encoder.conv.0.bias", false),
+    ("heads.sensor_encoder.conv.0.weight", true),
+    ("heads.sensor_encoder.conv.1.bias", false),
+    ("heads.sensor_encoder.conv.1.weight", false), // BatchNorm: only the heads' flag knows
+    ("heads.sensor_encoder.pos_embed", false),
+    ("heads.sensor_encoder.proj.0.bias", false),
+    ("heads.sensor_encoder.proj.0.weight", true),
+    ("heads.sensor_encoder.proj.2.bias", false),
+    ("heads.sensor_encoder.proj.2.weight", true),
+    ("heads.sensor_encoder.transformer.layers.0.linear1.bias", false),
+    ("heads.sensor_encoder.transformer.layers.0.linear1.weight", true),
+    ("heads.sensor_encoder.transformer.layers.0.linear2.bias", false),
+    ("heads.sensor_encoder.transformer.layers.0.linear2.weight", true),
+    ("heads.sensor_encoder.transformer.layers.0.norm1.bias", false),
+    ("heads.sensor_encoder.transformer.layers.0.norm1.weight", false),
+    ("heads.sensor_encoder.transformer.layers.0.norm2.bias", false),
+    ("heads.sensor_encoder.transformer.layers.0.norm2.weight", false),
+    ("heads.sensor_encoder.transformer.layers.0.self_attn.in_proj_bias", false),
+    ("heads.sensor_encoder.transformer.layers.0.self_attn.in_proj_weight", true),
+    ("heads.sensor_encoder.transformer.layers.0.self_attn.out_proj.bias", false),
+    ("heads.sensor_encoder.transformer.layers.0.self_attn.out_proj.weight", true),
+    ("heads.action_expert.action_embed.bias", false),
+    ("heads.action_expert.action_embed.weight", true),
+    ("heads.action_expert.fusion.attn.in_proj_bias", false),
+    ("heads.action_expert.fusion.attn.in_proj_weight", true),
+    ("heads.action_expert.fusion.attn.out_proj.bias", false),
+    ("heads.action_expert.fusion.attn.out_proj.weight", true),
+    ("heads.action_expert.fusion.kv_proj.bias", false),
+    ("heads.action_expert.fusion.kv_proj.weight", true),
+    ("heads.action_expert.fusion.out.bias", false),
+    ("heads.action_expert.fusion.out.weight", true),
+    ("heads.action_expert.fusion.query.bias", false),
+    ("heads.action_expert.fusion.query.weight", true),
+    ("heads.action_expert.output.bias", false),
+    ("heads.action_expert.output.weight", true),
+    ("heads.action_expert.pos_embed", false),
+    ("heads.action_expert.time_mlp.1.bias", false),
+    ("heads.action_expert.time_mlp.1.weight", true),
+    ("heads.action_expert.time_mlp.3.bias", false),
+    ("heads.action_expert.time_mlp.3.weight", true),
+    ("heads.action_expert.transformer.layers.0.linear1.bias", false),
+    ("heads.action_expert.transformer.layers.0.linear1.weight", true),
+    ("heads.action_expert.transformer.layers.0.linear2.bias", false),
+    ("heads.action_expert.transformer.layers.0.linear2.weight", true),
+    ("heads.action_expert.transformer.layers.0.norm1.bias", false),
+    ("heads.action_expert.transformer.layers.0.norm1.weight", false),
+    ("heads.action_expert.transformer.layers.0.norm2.bias", false),
+    ("heads.action_expert.transformer.layers.0.norm2.weight", false),
+    ("heads.action_expert.transformer.layers.0.self_attn.in_proj_bias", false),
+    ("heads.action_expert.transformer.layers.0.self_attn.in_proj_weight", true),
+    ("heads.action_expert.transformer.layers.0.self_attn.out_proj.bias", false),
+    ("heads.action_expert.transformer.layers.0.self_attn.out_proj.weight", true),
+];
+
+#[test]
+fn heads_parameters_decay_only_matrices() {
+    tch::set_num_threads(1);
+    let cfg = PolicyConfig {
+        vl_dim: 8,
+        sensor: SensorEncoderConfig {
+            window: 8,
+            in_channels: 3,
+            conv_channels: vec![8],
+            d_model: 8,
+            n_heads: 2,
+            n_layers: 1,
+            ff_dim: 16,
+            out_dim: 8,
+            dropout: 0.0,
+        },
+        fusion: FusionConfig { kind: FusionKind::CrossAttention, n_heads: 2 },
+        expert: ActionExpertConfig { horizon: 4, action_dim: 2, d_model: 8, n_heads: 2, n_layers: 1, ff_dim: 16, dropout: 0.0 },
+        ..PolicyConfig::default()
+    };
+    let heads = PolicyHeads::new(cfg, NormStats::identity(3, 0, 2), tch::Device::Cpu).unwrap();
+    let groups = vec![
+        GroupConfig { name: "sensor_encoder".into(), lr: 1.0, weight_decay: 0.5 },
+        GroupConfig { name: "heads".into(), lr: 1.0, weight_decay: 0.5 },
+    ];
+    let params = heads_params(&heads, "heads.", "sensor_encoder", "heads");
+    let before: Vec<Tensor> = params.iter().map(|p| p.tensor.copy()).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), groups, params).unwrap();
+    let listed: Vec<(&str, bool)> = opt.params().map(|(n, _, d, _)| (n, d)).collect();
+    assert_eq!(listed, HEADS_DECAY);
+    assert!(opt.params().all(|(n, g, _, _)| (g == "sensor_encoder") == n.starts_with("heads.sensor_encoder.")));
+
+    // With zero gradients an AdamW step only decays: lr 1, decay 0.5 halves exactly the
+    // parameters flagged to decay and leaves the others untouched.
+    let zero = opt.params().fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |acc, (_, _, _, t)| acc + (t * 0.0).sum(Kind::Float));
+    zero.backward();
+    opt.step(1.0).unwrap();
+    for ((name, decays, t), b) in opt.params().map(|(n, _, d, t)| (n, d, t)).zip(&before) {
+        let want = if decays { b * 0.5 } else { b.shallow_clone() };
+        assert!(t.allclose(&want, 0.0, 1e-7, false), "{name}: decays {decays}, not applied as such");
+    }
 }

@@ -62,8 +62,8 @@ impl Toy {
 impl TrainTask for Toy {
     fn params(&mut self) -> Vec<NamedParam> {
         vec![
-            NamedParam { name: "sensor.enc.weight".into(), group: "sensor_encoder".into(), tensor: self.enc.shallow_clone() },
-            NamedParam { name: "heads.out.weight".into(), group: "heads".into(), tensor: self.head.shallow_clone() },
+            NamedParam { name: "sensor.enc.weight".into(), group: "sensor_encoder".into(), tensor: self.enc.shallow_clone(), decay: true },
+            NamedParam { name: "heads.out.weight".into(), group: "heads".into(), tensor: self.head.shallow_clone(), decay: true },
         ]
     }
     fn train_len(&self) -> usize {

@@ -10,10 +10,11 @@ use std::sync::{Mutex, OnceLock};
 use tch::{Device, Tensor};
 use vla_finetune::dataset::compile::{compile, CompileConfig};
 use vla_finetune::train::cache::FeatureCache;
-use vla_finetune::train::config::TrainConfig;
+use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
 use vla_finetune::train::controller::{JobContext, JobStatus, StartResponse};
 use vla_finetune::policy::config::PolicyConfig;
 use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
+use vla_finetune::train::optim::Accumulation;
 use vla_finetune::train::publish::Publisher;
 use vla_finetune::train::progress::ProgressHub;
 use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
@@ -191,11 +192,11 @@ fn features_run_with(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, run
     let epochs_set = format!("run.epochs={epochs}");
     let all: Vec<&str> = [&[epochs_set.as_str(), "cache.mode=features", "cache.rebuild_interval_epochs=2"][..], sets].concat();
     let cfg = config(out, &all);
-    let (acc, rank) = stage2::resolve_memory(&cfg).unwrap();
-    let mut task = Stage2Task::new(&cfg, rank).unwrap();
+    let memory = stage2::resolve_memory(&cfg).unwrap();
+    let mut task = Stage2Task::new(&cfg, &memory).unwrap();
     let rc = RunnerConfig {
         epochs,
-        accumulation: acc,
+        accumulation: Accumulation::new(memory.micro_batch, memory.accum_steps).unwrap(),
         adamw: cfg.adamw(),
         groups: cfg.param_groups(),
         warmup_ratio: 0.0,
@@ -275,17 +276,72 @@ fn memory_auto_measures_the_accelerator_and_names_the_fix_on_cpu() {
     let e = stage2::resolve_memory(&cpu).unwrap_err().to_string();
     assert!(e.contains("memory.preset") && e.contains("run.device `cpu`") && e.contains("name a preset"), "{e}");
     // With a measured size: the largest preset whose 95 % fits (37.0 GiB free: 24gb, 2 x 16, rank 8; 38 would be 40gb).
-    let (acc, rank) = stage2::resolve_memory_with(&cpu, Some(37.0)).unwrap();
-    assert_eq!((acc.micro_batch, acc.accum_steps, rank), (2, 16, 8));
+    let m = stage2::resolve_memory_with(&cpu, Some(37.0)).unwrap();
+    assert_eq!((m.preset.as_str(), m.micro_batch, m.accum_steps, m.lora_rank), ("24gb", 2, 16, 8));
     let e = stage2::resolve_memory_with(&cpu, Some(8.0)).unwrap_err().to_string();
     assert!(e.contains("8.0 GiB") && e.contains("12gb"), "{e}");
     if tch::Cuda::is_available() {
         let cuda = config(dir.path(), &[&auto[..], &["run.device=cuda"]].concat());
         let free = vla_finetune::memory::accelerator_capacity(0).unwrap().unwrap().free as f64 / (1u64 << 30) as f64;
-        let want = stage2::resolve_memory_with(&cuda, Some(free)).unwrap();
-        let got = stage2::resolve_memory(&cuda).unwrap();
-        assert_eq!((got.0.micro_batch, got.0.accum_steps, got.1), (want.0.micro_batch, want.0.accum_steps, want.1));
+        assert_eq!(stage2::resolve_memory(&cuda).unwrap(), stage2::resolve_memory_with(&cuda, Some(free)).unwrap());
     }
+}
+
+#[test]
+fn memory_auto_resume_reuses_the_saved_plan_whatever_memory_is_free() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let presets = dir.path().join("presets.yaml");
+    std::fs::write(
+        &presets,
+        "presets:\n  - {name: small, vram_gb: 12, micro_batch: 2, accum_steps: 2, lora_rank: 2}\n  - {name: big, vram_gb: 40, micro_batch: 4, accum_steps: 1, lora_rank: 4}\n",
+    )
+    .unwrap();
+    let file = format!("memory.presets_file={:?}", presets.display().to_string());
+    let auto = ["run.epochs=2", "cache.mode=vision", "memory.preset=auto", "memory.micro_batch=null", "memory.accum_steps=null", "lora.rank=null", &file];
+    let cfg = config(&dir.path().join("run"), &auto);
+    let small = ResolvedMemory { preset: "small".into(), micro_batch: 2, accum_steps: 2, lora_rank: 2 };
+    let big = ResolvedMemory { preset: "big".into(), micro_batch: 4, accum_steps: 1, lora_rank: 4 };
+    assert_eq!(stage2::plan_memory(&cfg, false, &mut || Ok(Some(80.0))).unwrap(), big, "a fresh run measures");
+
+    // Start with 12 GiB free ("small"), cancel after two optimizer steps.
+    let c = ctx();
+    let mut rx = c.progress.subscribe();
+    let cancel = c.cancel.clone();
+    let watcher = std::thread::spawn(move || {
+        while let Ok(ev) = rx.blocking_recv() {
+            if ev.step >= 2 {
+                cancel.cancel();
+                return;
+            }
+        }
+    });
+    let job = |resume| Stage2Job { config: cfg.clone(), resume };
+    let r1 = stage2::run_with_free_memory(&job(false), &c, &mut |_| {}, &mut || Ok(Some(12.0))).unwrap();
+    watcher.join().unwrap();
+    assert!(r1.run.cancelled);
+    let latest = cfg.checkpoint.state_dir.join("latest.safetensors");
+    assert_eq!(stage2::saved_memory(&latest).unwrap(), Some(small.clone()));
+
+    // The resume sees 80 GiB free ("big") but keeps the saved plan without measuring.
+    assert_eq!(stage2::plan_memory(&cfg, true, &mut || Ok(Some(80.0))).unwrap(), small);
+    // An explicit setting that contradicts the saved plan is refused, naming both.
+    let asks_rank_4 = config(&dir.path().join("run"), &[&auto[..], &["lora.rank=4"]].concat());
+    let e = stage2::plan_memory(&asks_rank_4, true, &mut || Ok(Some(12.0))).unwrap_err().to_string();
+    assert!(e.contains("lora.rank 4") && e.contains("LoRA rank 2, micro-batch 2 x 2"), "{e}");
+    let mut measured = 0;
+    let r2 = stage2::run_with_free_memory(&job(true), &ctx(), &mut |_| {}, &mut || {
+        measured += 1;
+        Ok(Some(80.0))
+    })
+    .unwrap();
+    assert_eq!(measured, 0, "a resume with a saved plan does not measure");
+    assert!(!r2.run.cancelled && r2.run.counters.global_step > r1.run.counters.global_step);
+    assert_eq!(r2.accumulation, Accumulation::new(2, 2).unwrap());
+    // The published adapter has the saved rank and alpha = scaling (2.0) x rank.
+    let ck = vla_finetune::train::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    let adapter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((adapter["r"].as_u64(), adapter["lora_alpha"].as_f64()), (Some(2), Some(4.0)));
 }
 
 #[test]
@@ -445,15 +501,33 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
 }
 
 #[test]
+fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = |micro_batch: usize| {
+        let cfg = config(dir.path(), &["cache.mode=off", &format!("memory.micro_batch={micro_batch}")]);
+        Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).unwrap().validation_metrics().unwrap()
+    };
+    // Chunks of 3 versus the whole validation split (fewer than 1000 samples) in one chunk.
+    let (chunked, whole) = (metrics(3), metrics(1000));
+    assert_eq!(chunked.keys().collect::<Vec<_>>(), whole.keys().collect::<Vec<_>>());
+    assert!(chunked.contains_key("val_loss") && chunked.contains_key(stage2::BEST_METRIC));
+    // Within 1e-6 relative: the errors reach ~50 (physical units), where an f32 ulp is 3.8e-6.
+    for (k, v) in &chunked {
+        assert!((v - whole[k]).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} in chunks of 3, {} in one chunk", whole[k]);
+    }
+}
+
+#[test]
 fn cache_keys_for_features_depend_on_adapter_and_prompt_not_for_vision() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &["cache.mode=features"]);
-    let task = Stage2Task::new(&cfg, 4).unwrap();
+    let task = Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).unwrap();
     assert_ne!(task.sample_key(0, "features", "a").unwrap(), task.sample_key(0, "features", "b").unwrap());
     assert_ne!(task.sample_key(0, "vision", "none").unwrap(), task.sample_key(0, "features", "none").unwrap());
     let cfg2 = config(dir.path(), &["cache.mode=features"]);
-    let again = Stage2Task::new(&cfg2, 4).unwrap();
+    let again = Stage2Task::new(&cfg2, &stage2::resolve_memory(&cfg2).unwrap()).unwrap();
     assert_eq!(task.sample_key(0, "features", "a").unwrap(), again.sample_key(0, "features", "a").unwrap());
     let _ = task.cache_status();
 }

@@ -32,9 +32,9 @@ fn toy() -> Toy {
     let b1 = Tensor::zeros([6], o).set_requires_grad(true);
     let w2 = (Tensor::randn([1, 6], o) * 0.5).set_requires_grad(true);
     let params = vec![
-        NamedParam { name: "enc.weight".into(), group: "sensor_encoder".into(), tensor: w1.shallow_clone() },
-        NamedParam { name: "enc.bias".into(), group: "sensor_encoder".into(), tensor: b1.shallow_clone() },
-        NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w2.shallow_clone() },
+        NamedParam { name: "enc.weight".into(), group: "sensor_encoder".into(), tensor: w1.shallow_clone(), decay: true },
+        NamedParam { name: "enc.bias".into(), group: "sensor_encoder".into(), tensor: b1.shallow_clone(), decay: true },
+        NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w2.shallow_clone(), decay: true },
     ];
     let groups = vec![
         GroupConfig { name: "sensor_encoder".into(), lr: 3e-2, weight_decay: 0.01 },
@@ -156,7 +156,7 @@ fn bad_state_files_are_named_errors() {
 
     // A state of another model (one parameter missing).
     let mut other = toy();
-    let params = vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: other.w1.shallow_clone() }];
+    let params = vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: other.w1.shallow_clone(), decay: true }];
     let g = vec![GroupConfig { name: "g".into(), lr: 1e-3, weight_decay: 0.0 }];
     let small = AdamW::new(AdamWConfig::default(), g, params).unwrap();
     let small_path = dir.path().join("small.safetensors");
@@ -165,7 +165,7 @@ fn bad_state_files_are_named_errors() {
     assert!(err.contains("enc.bias") && err.contains("missing"), "{err}");
     // The reverse: the file holds a parameter the optimizer lacks.
     let mut one = toy();
-    let params = vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: one.w1.shallow_clone() }];
+    let params = vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: one.w1.shallow_clone(), decay: true }];
     let g = vec![GroupConfig { name: "g".into(), lr: 1e-3, weight_decay: 0.0 }];
     one.opt = AdamW::new(AdamWConfig::default(), g, params).unwrap();
     let err = load_state(&path, &mut one.opt).err().unwrap().to_string();

@@ -129,15 +129,6 @@ fn new_heads(spec: &CaseSpec, cfg: &PolicyConfig, device: Device) -> Result<Poli
     Ok(heads)
 }
 
-fn heads_params(heads: &PolicyHeads) -> Vec<NamedParam> {
-    let g = heads.param_groups();
-    g.sensor_encoder
-        .into_iter()
-        .chain(g.action_expert)
-        .map(|p| NamedParam { name: format!("heads.{}", p.name), group: "heads".into(), tensor: p.tensor })
-        .collect()
-}
-
 /// Runs `spec` and measures it. Peaks are those of the whole process (run each case in a fresh
 /// process for honest numbers; see the `bench` command).
 pub fn run_case(spec: &CaseSpec) -> Result<Record> {
@@ -216,14 +207,14 @@ fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, devi
     let sensor = inputs.sensor.to_device(device);
     let actions = inputs.actions.to_device(device);
     let lora_vs = nn::VarStore::new(device);
-    let mut params = heads_params(&heads);
+    let mut params = crate::train::heads_job::heads_params(&heads, "heads.", "heads", "heads");
     let heads_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
     let runs_llm = cache != CacheMode::Features;
     if runs_llm {
         inject_lora(&mut model, &lora_config(spec.lora_rank), &lora_vs.root())?;
         let mut lora: Vec<(String, Tensor)> = lora_vs.variables().into_iter().collect();
         lora.sort_by(|a, b| a.0.cmp(&b.0));
-        params.extend(lora.into_iter().map(|(name, tensor)| NamedParam { name, group: "vl_lora".into(), tensor }));
+        params.extend(lora.into_iter().map(|(name, tensor)| NamedParam { name, group: "vl_lora".into(), tensor, decay: true }));
     }
     let lora_params = params.iter().map(|p| p.tensor.numel() as i64).sum::<i64>() - heads_params;
     let groups = vec![

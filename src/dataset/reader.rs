@@ -193,6 +193,20 @@ impl Dataset {
         Ok(Sample { index: i, episode: ep.id.clone(), instruction: ep.instruction.clone(), t_ns: s.t_ns, images, sensor, state, action })
     }
 
+    /// The raw `[B, T, C]` sensor windows and `[B, H, A]` action chunks of `indices`, read
+    /// without decoding any image.
+    pub fn sensor_action(&self, indices: &[usize]) -> Result<(Array<f32>, Array<f32>), ReaderError> {
+        let ([t, c], [h, a]) = (self.index.sensor_shape, self.index.action_shape);
+        let mut sensor = Array { shape: vec![indices.len(), t, c], data: Vec::with_capacity(indices.len() * t * c) };
+        let mut action = Array { shape: vec![indices.len(), h, a], data: Vec::with_capacity(indices.len() * h * a) };
+        for &i in indices {
+            let s = self.index.samples.get(i).ok_or(ReaderError::OutOfRange { index: i, len: self.len() })?;
+            self.shards[s.shard].f32_row("sensor", s.row, t * c, &mut sensor.data)?;
+            self.shards[s.shard].f32_row("action", s.row, h * a, &mut action.data)?;
+        }
+        Ok((sensor, action))
+    }
+
     /// Reads, decodes and stacks the samples `indices` into a batch.
     pub fn batch(&self, indices: &[usize]) -> Result<Batch, ReaderError> {
         let ix = &self.index;

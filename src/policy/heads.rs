@@ -319,7 +319,10 @@ impl PolicyHeads {
     }
 
     /// DDIM from the given initial noise `x_t [B, H, A]` (normalized space); `rng` draws the
-    /// fresh noise when `eta > 0`. Returns physical units; no gradient.
+    /// fresh noise when `eta > 0`. Each step's `x0` estimate is clamped to the training actions'
+    /// range: the first step starts at `alpha_bar ~ 0` (SNR 2.4e-7 for the default schedule),
+    /// where a noise prediction's error reaches `x0` amplified ~2000 times. Returns physical
+    /// units; no gradient.
     pub fn sample_from(
         &self,
         c: &CondInput,
@@ -340,8 +343,18 @@ impl PolicyHeads {
         let x_t = x_t.to_device(dev).to_kind(Kind::Float);
         let mut noise = || rng.randn(&shape, dev);
         let mut eps = |x: &Tensor, t: usize| self.denoise(x, &Tensor::full([b], t as i64, (Kind::Int64, dev)), &cond, false);
-        let x0 = self.schedule.ddim(x_t, ddim_steps, eta, &mut noise, &mut eps)?;
+        let (lo, hi) = self.action_range();
+        let x0 = self.schedule.ddim(x_t, ddim_steps, eta, Some((&lo, &hi)), &mut noise, &mut eps)?;
         Ok(self.denormalize_actions(&x0))
+    }
+
+    /// The training actions' range per action dimension in network space, `[1, 1, A]` each
+    /// (normalized min and max; `[-1, 1]` under identity statistics, the reference's clamp).
+    fn action_range(&self) -> (Tensor, Tensor) {
+        let st = &self.norm.action.stats;
+        let a = self.cfg.expert.action_dim;
+        let norm = |v: &[f32]| self.normalize_actions(&Tensor::from_slice(v).view([1, 1, a]));
+        (norm(&st.min), norm(&st.max))
     }
 }
 

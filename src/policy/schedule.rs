@@ -61,8 +61,11 @@ impl NoiseSchedule {
         Ok(())
     }
 
-    /// DDIM timesteps for `steps` sampling steps, descending ("leading" spacing:
-    /// `i * floor(T / steps)`); `steps = T` gives `T-1 .. 0`.
+    /// DDIM timesteps for `steps` sampling steps, descending, with "trailing" spacing
+    /// (diffusers' `round(arange(T, 0, -T / steps)) - 1`, ties to even): the first is `T-1`,
+    /// where `alpha_bar` is ~0, so sampling starts from what pure noise is; `steps = T` gives
+    /// `T-1 .. 0`. ("Leading" spacing, `i * floor(T / steps)`, started 10 steps of 100 at
+    /// `t = 90`, `alpha_bar = 0.0195`, treating pure noise as if it held 14 % signal.)
     pub fn ddim_timesteps(&self, steps: usize) -> Result<Vec<usize>, PolicyError> {
         let t = self.train_steps();
         if steps == 0 || steps > t {
@@ -71,8 +74,9 @@ impl NoiseSchedule {
                 reason: format!("must be in 1..={t} (the training schedule's length), got {steps}"),
             });
         }
-        let ratio = t / steps;
-        Ok((0..steps).rev().map(|i| i * ratio).collect())
+        // numpy's `arange(T, 0, -T / steps)` computes `T + i * ((T - T / steps) - T)`.
+        let (t_f, delta) = (t as f64, (t as f64 - t as f64 / steps as f64) - t as f64);
+        Ok((0..steps).map(|i| (t_f + i as f64 * delta).round_ties_even() as usize - 1).collect())
     }
 
     /// `x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise` for per-sample timesteps
@@ -89,12 +93,14 @@ impl NoiseSchedule {
     /// DDIM sampling from `x` (pure noise at the first timestep) with `steps` steps and
     /// stochasticity `eta` (0: deterministic, the probability-flow discretization; 1: DDPM's
     /// posterior variance). `eps(x_t, t)` predicts the noise; `noise` draws the fresh noise
-    /// for `eta > 0`. No clipping of `x0`.
+    /// for `eta > 0`. `x0_range` (lower, upper; broadcast against `x`) clamps each step's `x0`
+    /// estimate; None leaves it unclipped.
     pub fn ddim(
         &self,
         mut x: Tensor,
         steps: usize,
         eta: f64,
+        x0_range: Option<(&Tensor, &Tensor)>,
         noise: &mut dyn FnMut() -> Tensor,
         eps: &mut dyn FnMut(&Tensor, usize) -> Tensor,
     ) -> Result<Tensor, PolicyError> {
@@ -103,7 +109,10 @@ impl NoiseSchedule {
             let a_t = self.alphas_cumprod[t];
             let a_prev = ts.get(k + 1).map_or(1.0, |&p| self.alphas_cumprod[p]);
             let e = eps(&x, t);
-            let x0 = (&x - &e * (1.0 - a_t).sqrt()) / a_t.sqrt();
+            let mut x0 = (&x - &e * (1.0 - a_t).sqrt()) / a_t.sqrt();
+            if let Some((lo, hi)) = x0_range {
+                x0 = x0.clamp_tensor(Some(lo), Some(hi));
+            }
             let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).sqrt();
             let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
             x = x0 * a_prev.sqrt() + e * dir;

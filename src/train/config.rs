@@ -82,8 +82,9 @@ pub struct ModelConfig {
 pub struct LoraSection {
     /// Rank; None takes the memory preset's.
     pub rank: Option<u32>,
-    /// Scaling numerator (`alpha / rank`).
-    pub alpha: f64,
+    /// The adapter's scaling `alpha / rank`, the same at every rank: `lora_alpha = scaling *
+    /// rank`, so a preset's rank never changes the update's size (reference: 16 / 8 = 2).
+    pub scaling: f64,
     /// Dropout on the adapter input.
     pub dropout: f64,
     /// Projection names the adapter wraps.
@@ -240,8 +241,10 @@ pub struct TrainConfig {
     pub progress: ProgressSection,
 }
 
-/// Micro-batch, accumulation and LoRA rank after presets and overrides.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Micro-batch, accumulation and LoRA rank after presets and overrides (saved with a Stage 2
+/// run's state, so a resume uses the same ones whatever memory is free then).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResolvedMemory {
     /// The preset used (`manual` when both batch numbers were given).
     pub preset: String,
@@ -251,6 +254,13 @@ pub struct ResolvedMemory {
     pub accum_steps: usize,
     /// LoRA rank.
     pub lora_rank: u32,
+}
+
+impl std::fmt::Display for ResolvedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self { preset, micro_batch, accum_steps, lora_rank } = self;
+        write!(f, "LoRA rank {lora_rank}, micro-batch {micro_batch} x {accum_steps} accumulation (preset `{preset}`)")
+    }
 }
 
 impl TrainConfig {
@@ -295,8 +305,8 @@ impl TrainConfig {
         if let Some(0) = self.lora.rank {
             return Err(invalid("lora.rank", "must be >= 1 (or null for the preset's)"));
         }
-        if !(self.lora.alpha > 0.0 && self.lora.alpha.is_finite()) {
-            return Err(invalid("lora.alpha", "must be positive"));
+        if !(self.lora.scaling > 0.0 && self.lora.scaling.is_finite()) {
+            return Err(invalid("lora.scaling", "must be positive and finite"));
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
             return Err(invalid("lora.dropout", "must be in [0, 1)"));

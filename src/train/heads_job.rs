@@ -18,6 +18,7 @@ use crate::dataset::reader::Dataset;
 use crate::dataset::store::Split;
 use crate::policy::config::PolicyConfig;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures};
+use crate::policy::schedule::NoiseRng;
 use crate::policy::normalize::NormStats;
 use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
 use crate::train::controller::JobContext;
@@ -268,6 +269,23 @@ pub fn error_metrics(err: &[f64]) -> BTreeMap<String, f64> {
     m
 }
 
+/// The heads' trainable parameters for the optimizer, named `{prefix}{variable}`, the sensor
+/// encoder's in `sensor_group` and the rest in `expert_group`, each with the heads' own decay flag
+/// (no decay on biases, norms, BatchNorm and positional embeddings).
+pub fn heads_params(heads: &PolicyHeads, prefix: &str, sensor_group: &str, expert_group: &str) -> Vec<NamedParam> {
+    let g = heads.param_groups();
+    let mut out = Vec::new();
+    for (params, group) in [(g.sensor_encoder, sensor_group), (g.action_expert, expert_group)] {
+        out.extend(params.into_iter().map(|p| NamedParam {
+            name: format!("{prefix}{}", p.name),
+            group: group.into(),
+            tensor: p.tensor,
+            decay: p.decay,
+        }));
+    }
+    out
+}
+
 /// Stage 1's model side: fresh heads on features of the frozen base model, computed once.
 pub struct HeadsTask {
     ds: Dataset,
@@ -279,6 +297,8 @@ pub struct HeadsTask {
     heads: PolicyHeads,
     deploy: DeployInfo,
     seed: u64,
+    /// Validation samples per chunk (the training batch).
+    val_chunk: usize,
     work_dir: PathBuf,
 }
 
@@ -346,6 +366,7 @@ impl HeadsTask {
             heads,
             deploy,
             seed: job.train.seed,
+            val_chunk: job.train.batch_size,
             work_dir: job.work_dir.clone(),
         })
     }
@@ -353,7 +374,7 @@ impl HeadsTask {
     /// Mean absolute DDIM action error per action dimension of the current heads on the
     /// validation split (physical units).
     pub fn validation_error(&self) -> Result<Vec<f64>> {
-        validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed)
+        validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed, self.val_chunk)
     }
 
     /// The sensor encoder's BatchNorm running statistics (the heads' non-trainable variables).
@@ -371,13 +392,7 @@ struct SavedBuffer {
 
 impl TrainTask for HeadsTask {
     fn params(&mut self) -> Vec<NamedParam> {
-        let groups = self.heads.param_groups();
-        groups
-            .sensor_encoder
-            .into_iter()
-            .chain(groups.action_expert)
-            .map(|p| NamedParam { name: p.name, group: GROUP_HEADS.into(), tensor: p.tensor })
-            .collect()
+        heads_params(&self.heads, "", GROUP_HEADS, GROUP_HEADS)
     }
 
     fn train_len(&self) -> usize {
@@ -454,15 +469,73 @@ impl TrainTask for HeadsTask {
     }
 }
 
-/// Mean absolute DDIM action error per action dimension over `val`, in physical units, with a
-/// fixed sampling seed.
-pub fn validation_error(heads: &PolicyHeads, ds: &Dataset, val: &[usize], features: &[Tensor], seed: u64) -> Result<Vec<f64>> {
-    let b = ds.batch(val)?;
-    let vl = VlFeatures::pooled(Tensor::cat(&val.iter().map(|&i| features[i].shallow_clone()).collect::<Vec<_>>(), 0));
-    let sensor = b.sensor.to_tensor();
-    let pred = heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, DDIM_STEPS, seed)?;
-    let err = (pred - b.action.to_tensor()).abs().mean_dim(&[0i64, 1][..], false, Kind::Double);
-    Ok(Vec::<f64>::try_from(err)?)
+/// Stream of the per-sample DDIM start noise of validation.
+const VAL_NOISE_STREAM: u64 = 0x5641_4c4e; // "VALN"
+
+/// The DDIM start noise `[1, H, A]` of dataset sample `i` in a validation pass seeded `seed`:
+/// per sample, so a pass's result does not depend on how it is chunked.
+pub fn validation_noise(heads: &PolicyHeads, seed: u64, i: usize) -> Tensor {
+    let e = &heads.config().expert;
+    NoiseRng::new(derive_seed(seed, &[VAL_NOISE_STREAM, i as u64])).randn(&[1, e.horizon, e.action_dim], heads.device())
+}
+
+/// Running sums of a validation pass taken in chunks: the absolute DDIM action error per action
+/// dimension (physical units) and, optionally, the diffusion loss with fixed per-sample noise.
+#[derive(Debug, Default)]
+pub struct ValidationSums {
+    abs_err: Vec<f64>,
+    loss: f64,
+    samples: usize,
+    horizon: usize,
+}
+
+impl ValidationSums {
+    /// Adds the samples `idx` with their pooled VL features `vl [n, hidden]`, reading only their
+    /// sensor windows and action chunks (no image is decoded). With `loss_stream`, their
+    /// diffusion loss too, with sample `i`'s noise from `derive_seed(seed, [loss_stream, i])`.
+    pub fn add(&mut self, heads: &PolicyHeads, ds: &Dataset, idx: &[usize], vl: &Tensor, seed: u64, loss_stream: Option<u64>) -> Result<()> {
+        let (sensor, action) = ds.sensor_action(idx)?;
+        let dev = heads.device();
+        let (sensor, action) = (sensor.to_tensor().to_device(dev), action.to_tensor().to_device(dev));
+        let vl = VlFeatures::pooled(vl.to_device(dev));
+        let c = CondInput { vl: &vl, sensor: &sensor, state: None };
+        let x_t = Tensor::cat(&idx.iter().map(|&i| validation_noise(heads, seed, i)).collect::<Vec<_>>(), 0);
+        let pred = heads.sample_from(&c, x_t, DDIM_STEPS, 0.0, &mut NoiseRng::new(seed))?;
+        let err = Vec::<f64>::try_from((pred - &action).abs().sum_dim_intlist(&[0i64, 1][..], false, Kind::Double))?;
+        self.abs_err.resize(err.len(), 0.0);
+        self.abs_err.iter_mut().zip(&err).for_each(|(s, e)| *s += e);
+        if let Some(stream) = loss_stream {
+            let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(seed, &[stream, i as u64])).collect();
+            let loss = tch::no_grad(|| heads.loss(&c, &action, &seeds, false))?;
+            self.loss += loss.f_double_value(&[])? * idx.len() as f64;
+        }
+        self.samples += idx.len();
+        self.horizon = action.size()[1] as usize;
+        Ok(())
+    }
+
+    /// Mean absolute action error per action dimension over the samples added.
+    pub fn errors(&self) -> Vec<f64> {
+        let n = (self.samples * self.horizon).max(1) as f64;
+        self.abs_err.iter().map(|e| e / n).collect()
+    }
+
+    /// Mean diffusion loss over the samples added (with a `loss_stream`).
+    pub fn loss(&self) -> f64 {
+        self.loss / self.samples.max(1) as f64
+    }
+}
+
+/// Mean absolute DDIM action error per action dimension over `val`, in physical units, in chunks
+/// of `chunk` samples; `features` holds the pooled VL features `[1, hidden]` of every dataset
+/// sample. Each sample's start noise derives from `seed` and its index ([`validation_noise`]).
+pub fn validation_error(heads: &PolicyHeads, ds: &Dataset, val: &[usize], features: &[Tensor], seed: u64, chunk: usize) -> Result<Vec<f64>> {
+    let mut sums = ValidationSums::default();
+    for idx in val.chunks(chunk.max(1)) {
+        let vl = Tensor::cat(&idx.iter().map(|&i| features[i].shallow_clone()).collect::<Vec<_>>(), 0);
+        sums.add(heads, ds, idx, &vl, seed, None)?;
+    }
+    Ok(sums.errors())
 }
 
 /// Mean of a vector (0 for an empty one).

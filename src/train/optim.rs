@@ -58,10 +58,18 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Default no-decay rules: `*.bias`, any `*norm*.weight` (LayerNorm, RMSNorm, BatchNorm),
-/// and `bn*` / `ln*` modules' weights.
+/// Default no-decay rules: every bias (`*.bias`, `*_bias` such as attention's `in_proj_bias`),
+/// any `*norm*.weight` (LayerNorm, RMSNorm), `bn*` / `ln*` modules' weights, and learned
+/// positional embeddings (`pos_embed`, `position_embedding(s)`). Weights a name cannot tell
+/// apart (the heads' BatchNorm is `sensor_encoder.conv.1.weight`) come with
+/// [`NamedParam::decay`] false from their owner.
 pub fn default_no_decay() -> Vec<String> {
-    vec![r"(^|\.)bias$".into(), r"(?i)norm[^.]*\.weight$".into(), r"(^|\.)(bn|ln)[^.]*\.weight$".into()]
+    vec![
+        r"(^|[._])bias$".into(),
+        r"(?i)norm[^.]*\.weight$".into(),
+        r"(^|\.)(bn|ln)[^.]*\.weight$".into(),
+        r"(^|\.)(pos_embed|position_embeddings?)(\.weight)?$".into(),
+    ]
 }
 
 /// A trainable parameter handed to the optimizer: a leaf fp32 tensor with `requires_grad`.
@@ -72,6 +80,9 @@ pub struct NamedParam {
     pub group: String,
     /// The parameter (shares storage with the model's tensor).
     pub tensor: Tensor,
+    /// The owner's weight-decay flag: false never decays; true decays unless a
+    /// [`AdamWConfig::no_decay`] rule matches the name.
+    pub decay: bool,
 }
 
 struct Slot {
@@ -140,7 +151,7 @@ impl AdamW {
             if !p.tensor.requires_grad() {
                 return perr("does not require grad".into());
             }
-            let decay = !rules.iter().any(|r| r.is_match(&p.name));
+            let decay = p.decay && !rules.iter().any(|r| r.is_match(&p.name));
             let exp_avg = p.tensor.zeros_like().detach();
             let exp_avg_sq = p.tensor.zeros_like().detach();
             slots.push(Slot { name: p.name, group, decay, param: p.tensor, exp_avg, exp_avg_sq, step: 0 });

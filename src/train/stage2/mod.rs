@@ -15,14 +15,14 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::config::{TrainConfig, VramPresets};
+use super::config::{ResolvedMemory, TrainConfig, VramPresets};
 use super::controller::JobContext;
 use super::error::TrainError;
 use super::heads_job::per_dim;
 use super::optim::Accumulation;
 use super::publish::Published;
 use super::runner::{self, RunSummary, RunnerConfig};
-pub use task::Stage2Task;
+pub use task::{saved_memory, Stage2Task};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
@@ -64,26 +64,61 @@ pub struct Stage2Result {
 /// Micro-batch, accumulation and LoRA rank from the memory settings. `memory.preset: auto` on a
 /// CUDA device picks the largest preset fitting the device's free memory now; on CPU (no
 /// accelerator memory size) it is an error naming the fix.
-pub fn resolve_memory(cfg: &TrainConfig) -> Result<(Accumulation, u32)> {
+pub fn resolve_memory(cfg: &TrainConfig) -> Result<ResolvedMemory> {
     let free_gib = if cfg.memory.preset == "auto" { free_accelerator_gib(&cfg.run.device)? } else { None };
     resolve_memory_with(cfg, free_gib)
 }
 
 /// [`resolve_memory`] with the accelerator's free memory given (GiB; `None`: no accelerator).
-pub fn resolve_memory_with(cfg: &TrainConfig, free_gib: Option<f64>) -> Result<(Accumulation, u32)> {
+pub fn resolve_memory_with(cfg: &TrainConfig, free_gib: Option<f64>) -> Result<ResolvedMemory> {
     let presets = if cfg.memory.preset == "manual" {
         VramPresets { presets: Vec::new() }
     } else {
         VramPresets::load(&cfg.memory.presets_file)?
     };
-    let m = cfg.resolve_memory(&presets, free_gib).map_err(|e| match free_gib {
+    cfg.resolve_memory(&presets, free_gib).map_err(|e| match free_gib {
         None => TrainError::invalid(
             "memory",
             format!("{e} (run.device `{}` has no accelerator memory to measure: name a preset or set memory.micro_batch/accum_steps and lora.rank)", cfg.run.device),
         ),
         Some(gib) => TrainError::invalid("memory", format!("{e} (run.device `{}` has {gib:.1} GiB free)", cfg.run.device)),
-    })?;
-    Ok((Accumulation::new(m.micro_batch, m.accum_steps)?, m.lora_rank))
+    })
+}
+
+/// The memory plan of a run. A resume reuses the plan saved in its state (whatever memory is
+/// free now), unless the config explicitly asks for another one, which is an error; otherwise
+/// the settings are resolved, measuring the accelerator with `free_gib` only for
+/// `memory.preset: auto`.
+pub fn plan_memory(cfg: &TrainConfig, resume: bool, free_gib: &mut dyn FnMut() -> Result<Option<f64>>) -> Result<ResolvedMemory> {
+    let latest = cfg.checkpoint.state_dir.join("latest.safetensors");
+    let saved = if resume && latest.exists() { task::saved_memory(&latest)? } else { None };
+    let Some(saved) = saved else {
+        let free = if cfg.memory.preset == "auto" { free_gib()? } else { None };
+        return resolve_memory_with(cfg, free);
+    };
+    match explicit_conflict(cfg, &saved) {
+        None => Ok(saved),
+        Some(asked) => Err(TrainError::invalid(
+            format!("training state `{}`", latest.display()),
+            format!("was saved with {saved}, but the config asks for {asked}: resume with the run's memory settings (or memory.preset `auto`), or start a new run"),
+        )),
+    }
+}
+
+/// The memory setting of `cfg` that is given explicitly and differs from `saved`, if any.
+fn explicit_conflict(cfg: &TrainConfig, saved: &ResolvedMemory) -> Option<String> {
+    let m = &cfg.memory;
+    if let Some(r) = cfg.lora.rank.filter(|r| *r != saved.lora_rank) {
+        return Some(format!("lora.rank {r}"));
+    }
+    match (m.micro_batch, m.accum_steps) {
+        (Some(mb), Some(acc)) if (mb, acc) != (saved.micro_batch, saved.accum_steps) => {
+            Some(format!("memory.micro_batch {mb} x memory.accum_steps {acc}"))
+        }
+        (Some(_), Some(_)) => None,
+        _ if !matches!(m.preset.as_str(), "auto" | "manual") && m.preset != saved.preset => Some(format!("memory.preset `{}`", m.preset)),
+        _ => None,
+    }
 }
 
 /// Free memory (GiB) of the CUDA device `run.device` names; `None` for a CPU device.
@@ -102,9 +137,22 @@ fn free_accelerator_gib(device: &str) -> Result<Option<f64>> {
 /// Runs (or, with `job.resume`, continues) a Stage 2 job. `ctx` receives progress and may cancel
 /// between optimizer steps; `on_publish` is called after each publication.
 pub fn run(job: &Stage2Job, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published)) -> Result<Stage2Result> {
+    let device = job.config.run.device.clone();
+    run_with_free_memory(job, ctx, on_publish, &mut || free_accelerator_gib(&device))
+}
+
+/// [`run`] with the accelerator's free memory (GiB; None: no accelerator) read from `free_gib`,
+/// which is called only when `memory.preset: auto` has to be resolved (see [`plan_memory`]).
+pub fn run_with_free_memory(
+    job: &Stage2Job,
+    ctx: &JobContext,
+    on_publish: &mut dyn FnMut(&Published),
+    free_gib: &mut dyn FnMut() -> Result<Option<f64>>,
+) -> Result<Stage2Result> {
     let cfg = &job.config;
-    let (accumulation, rank) = resolve_memory(cfg)?;
-    let mut task = Stage2Task::new(cfg, rank)?;
+    let memory = plan_memory(cfg, job.resume, free_gib)?;
+    let accumulation = Accumulation::new(memory.micro_batch, memory.accum_steps)?;
+    let mut task = Stage2Task::new(cfg, &memory)?;
     let before = task.validation_metrics()?;
     let runner_cfg = RunnerConfig {
         epochs: cfg.run.epochs,

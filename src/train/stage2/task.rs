@@ -24,7 +24,7 @@
 //! micro-batch by the runner.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -36,16 +36,16 @@ use crate::dataset::store::Split;
 use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
 use crate::train::cache::{cache_key, CacheKey, FeatureCache, KeyInput};
-use crate::train::config::{CacheMode, ComputeDtype, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
+use crate::train::config::{CacheMode, ComputeDtype, ResolvedMemory, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
-use crate::train::heads_job::{base_model_id, error_metrics, validation_error};
+use crate::train::heads_job::{base_model_id, error_metrics, heads_params, ValidationSums};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
 use crate::train::publish::{PublishItem, Source};
 use crate::train::runner::TrainTask;
-use crate::train::state::derive_seed;
+use crate::train::state::{derive_seed, read_state_meta};
 use crate::vlm::grad_checkpoint::Checkpointing;
 use crate::vlm::lora::{inject_lora, lora_parameters, LoraConfig, TargetModules};
 use crate::vlm::peft::{save_adapter, AdapterMeta};
@@ -77,6 +77,22 @@ struct FeatureState {
     live: bool,
 }
 
+/// Key of the memory plan in the task's saved state (beside the [`FeatureState`] fields).
+const MEMORY_KEY: &str = "memory";
+
+/// The memory plan (LoRA rank, micro-batch, accumulation) saved in the training state at `path`;
+/// None for a state written before plans were saved.
+pub fn saved_memory(path: &Path) -> Result<Option<ResolvedMemory>> {
+    memory_in(&read_state_meta(path)?.cache_state)
+}
+
+fn memory_in(state: &serde_json::Value) -> Result<Option<ResolvedMemory>> {
+    state
+        .get(MEMORY_KEY)
+        .map(|m| serde_json::from_value(m.clone()).map_err(|e| TrainError::invalid("training state's memory plan", e.to_string())))
+        .transpose()
+}
+
 /// Stage 2 model side; see the module doc.
 pub struct Stage2Task {
     mode: CacheMode,
@@ -88,6 +104,8 @@ pub struct Stage2Task {
     vlm: Qwen25VL,
     _lora_vs: nn::VarStore,
     lora_cfg: LoraConfig,
+    /// The run's memory plan, saved with the state.
+    memory: ResolvedMemory,
     lora_init: Vec<Tensor>,
     processor: VlProcessor,
     processor_json: serde_json::Value,
@@ -113,9 +131,11 @@ pub struct Stage2Task {
 
 impl Stage2Task {
     /// Loads the dataset, the base model (frozen weights in the compute dtype) with fresh LoRA of
-    /// rank `rank` (seeded by `run.seed`; B = 0 so features start equal to the base model's), the
-    /// stage-1 heads and deploy description, and opens the cache.
-    pub fn new(cfg: &TrainConfig, rank: u32) -> Result<Self> {
+    /// `memory.lora_rank` and alpha `lora.scaling * rank` (seeded by `run.seed`; B = 0 so features
+    /// start equal to the base model's), the stage-1 heads and deploy description, and opens the
+    /// cache. `memory` is saved with the training state (see [`saved_memory`]).
+    pub fn new(cfg: &TrainConfig, memory: &ResolvedMemory) -> Result<Self> {
+        let rank = memory.lora_rank;
         let device = crate::device::parse(&cfg.run.device).map_err(|e| TrainError::invalid("run.device", e))?;
         let precision = match cfg.model.compute_dtype {
             ComputeDtype::F32 => Precision::F32,
@@ -170,7 +190,7 @@ impl Stage2Task {
         }
         let lora_cfg = LoraConfig {
             r: rank as i64,
-            lora_alpha: cfg.lora.alpha,
+            lora_alpha: cfg.lora.scaling * rank as f64,
             lora_dropout: cfg.lora.dropout,
             target_modules: TargetModules::Regex(format!(
                 r".*language_model.*\.({})",
@@ -212,6 +232,7 @@ impl Stage2Task {
             vlm,
             _lora_vs: lora_vs,
             lora_cfg,
+            memory: memory.clone(),
             lora_init,
             processor,
             processor_json,
@@ -420,23 +441,18 @@ impl Stage2Task {
     }
 
     /// Validation metrics of the current weights: `val_loss` (diffusion loss, fixed noise),
-    /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`. In
-    /// `features` mode the features come from the cache, otherwise they are computed live.
+    /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`, in
+    /// chunks of the micro-batch. In `features` mode the features come from the cache, otherwise
+    /// they are computed live.
     pub fn validation_metrics(&mut self) -> Result<BTreeMap<String, f64>> {
         let val = self.val_idx.clone();
-        let mut features: Vec<Tensor> = (0..self.ds.len()).map(|_| Tensor::new()).collect();
-        for &i in &val {
-            features[i] = self.features_nograd(i)?;
+        let mut sums = ValidationSums::default();
+        for idx in val.chunks(self.memory.micro_batch.max(1)) {
+            let features = idx.iter().map(|&i| self.features_nograd(i)).collect::<Result<Vec<_>>>()?;
+            sums.add(&self.heads, &self.ds, idx, &Tensor::cat(&features, 0), self.seed, Some(VAL_STREAM))?;
         }
-        let err = validation_error(&self.heads, &self.ds, &val, &features, self.seed)?;
-        let b = self.ds.batch(&val)?;
-        let vl = HeadsVl::pooled(Tensor::cat(&val.iter().map(|&i| features[i].to_device(self.device)).collect::<Vec<_>>(), 0));
-        let sensor = b.sensor.to_tensor().to_device(self.device);
-        let actions = b.action.to_tensor().to_device(self.device);
-        let seeds: Vec<u64> = val.iter().map(|&i| derive_seed(self.seed, &[VAL_STREAM, i as u64])).collect();
-        let loss = tch::no_grad(|| self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, false))?;
-        let mut m = error_metrics(&err);
-        m.insert("val_loss".to_string(), loss.f_double_value(&[])?);
+        let mut m = error_metrics(&sums.errors());
+        m.insert("val_loss".to_string(), sums.loss());
         Ok(m)
     }
 
@@ -528,11 +544,9 @@ impl TrainTask for Stage2Task {
     fn params(&mut self) -> Vec<NamedParam> {
         let mut out: Vec<NamedParam> = lora_parameters(&mut self.vlm)
             .into_iter()
-            .map(|(name, tensor)| NamedParam { name: format!("vl.{name}"), group: GROUP_VL_LORA.into(), tensor })
+            .map(|(name, tensor)| NamedParam { name: format!("vl.{name}"), group: GROUP_VL_LORA.into(), tensor, decay: true })
             .collect();
-        let g = self.heads.param_groups();
-        out.extend(g.sensor_encoder.into_iter().map(|p| NamedParam { name: format!("heads.{}", p.name), group: GROUP_SENSOR_ENCODER.into(), tensor: p.tensor }));
-        out.extend(g.action_expert.into_iter().map(|p| NamedParam { name: format!("heads.{}", p.name), group: GROUP_HEADS.into(), tensor: p.tensor }));
+        out.extend(heads_params(&self.heads, "heads.", GROUP_SENSOR_ENCODER, GROUP_HEADS));
         out
     }
 
@@ -593,12 +607,20 @@ impl TrainTask for Stage2Task {
     }
 
     fn cache_state(&self) -> serde_json::Value {
-        serde_json::to_value(&self.fs).expect("cache state serializes")
+        let mut state = serde_json::to_value(&self.fs).expect("cache state serializes");
+        state[MEMORY_KEY] = serde_json::to_value(&self.memory).expect("memory plan serializes");
+        state
     }
 
     fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<()> {
         if state.is_null() {
             return Ok(());
+        }
+        if let Some(saved) = memory_in(state)?.filter(|m| *m != self.memory) {
+            return Err(TrainError::invalid(
+                "training state",
+                format!("was saved with {saved}, but this run was built with {}", self.memory),
+            ));
         }
         self.fs = serde_json::from_value(state.clone()).map_err(|e| TrainError::invalid("features-mode cache state", e.to_string()))?;
         Ok(())
