@@ -3,17 +3,18 @@
 //! through [`JobController`], and each published checkpoint is sent on a channel.
 //!
 //! A request with a stage-1 checkpoint runs Stage 2 ([`stage2`]: LoRA on the VL model + heads,
-//! configured by the embedded `config/train.yaml` with the request's folders, a manual memory
-//! setting for CPU, and `overrides` as a YAML mapping of `section.key: value`, e.g.
-//! `{run.epochs: 3, cache.mode: features}`); its state, cache and logs go under
-//! `<runs_root>/<job_id>/`. A request without one runs [`heads_job`] (the policy heads on frozen
-//! VL features; `overrides` = [`Overrides`]). Both publish under `checkpoints_root`.
+//! configured by the embedded `config/train.yaml` with the request's folders and a manual memory
+//! setting for CPU); its state, cache and logs go under `<runs_root>/<job_id>/`. A request
+//! without one runs stage 1 ([`heads_job`]: the policy heads on frozen VL features, configured
+//! by `config/train_heads.yaml`). Both publish under `checkpoints_root`. One override syntax for
+//! both ([`RequestOverrides`]): a YAML mapping of `section.key: value`, where stage 1's keys form
+//! the section `stage1` (`{stage1.epochs: 3}`) and Stage 2's are those of `config/train.yaml`
+//! (`{run.epochs: 3, cache.mode: features}`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 
-use serde::Deserialize;
 use serde_json::json;
 
 use super::config::{ConfigError, TrainConfig};
@@ -33,42 +34,70 @@ pub struct StartRequest {
     pub stage1_checkpoint: String,
     /// Base model folder; empty = the service default.
     pub base_model: String,
-    /// YAML/JSON mapping: [`Overrides`] for the heads job; `section.key: value` of
-    /// `config/train.yaml` for Stage 2.
+    /// YAML/JSON mapping of `section.key: value` ([`RequestOverrides`]).
     pub overrides: String,
 }
 
-/// Training settings a request may override.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Overrides {
-    /// Epochs.
-    pub epochs: usize,
-    /// Samples per optimizer step.
-    pub batch_size: usize,
-    /// Peak learning rate of the heads.
-    pub lr: f64,
-    /// Seed.
-    pub seed: u64,
+/// Section of the override keys that configure stage 1 (`config/train_heads.yaml`).
+pub const STAGE1_SECTION: &str = "stage1";
+
+/// A request's overrides split by stage, each as `key=value` specs for the config loaders.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestOverrides {
+    /// Keys of `config/train_heads.yaml` (given as `stage1.<key>`).
+    pub stage1: Vec<String>,
+    /// `section.key` of `config/train.yaml`.
+    pub stage2: Vec<String>,
 }
 
-impl Default for Overrides {
-    fn default() -> Self {
-        Self { epochs: 10, batch_size: 16, lr: 1e-3, seed: 0 }
+impl RequestOverrides {
+    /// Parses the overrides text (empty = none): a mapping whose keys are `section.key`, values
+    /// any YAML. Errors name the text or the key and what was expected.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut out = Self::default();
+        if text.trim().is_empty() {
+            return Ok(out);
+        }
+        let map: BTreeMap<String, serde_yaml::Value> = serde_yaml::from_str(text).map_err(|e| ConfigError::Override {
+            spec: text.to_string(),
+            reason: format!("expected a mapping of `section.key: value`: {e}"),
+        })?;
+        for (key, value) in map {
+            let bad = |reason: String| ConfigError::Override { spec: key.clone(), reason };
+            let v = serde_yaml::to_string(&value).map_err(|e| bad(e.to_string()))?;
+            match key.split_once('.') {
+                Some((STAGE1_SECTION, k)) => out.stage1.push(format!("{k}={}", v.trim_end())),
+                Some(_) => out.stage2.push(format!("{key}={}", v.trim_end())),
+                None => {
+                    return Err(bad(format!(
+                        "expected `section.key`: `{STAGE1_SECTION}.{key}` for stage 1 (config/train_heads.yaml), a key of config/train.yaml such as `run.{key}` for Stage 2"
+                    )))
+                }
+            }
+        }
+        Ok(out)
     }
-}
 
-/// Parses the overrides text (empty = defaults); errors name the bad key or value.
-pub fn parse_overrides(text: &str) -> Result<Overrides, ConfigError> {
-    if text.trim().is_empty() {
-        return Ok(Overrides::default());
+    /// Checks that every override applies to a stage the request runs.
+    fn check_stage(&self, runs_stage2: bool) -> Result<(), ConfigError> {
+        let (stray, which) = if runs_stage2 { (&self.stage1, "stage 1") } else { (&self.stage2, "Stage 2") };
+        match stray.first() {
+            None => Ok(()),
+            Some(spec) => Err(ConfigError::Override {
+                spec: spec.clone(),
+                reason: format!(
+                    "configures {which}, which this request does not run ({})",
+                    if runs_stage2 { "it runs Stage 2 from stage1_checkpoint" } else { "it runs stage 1; give stage1_checkpoint to run Stage 2" }
+                ),
+            }),
+        }
     }
-    let bad = |reason: String| ConfigError::Override { spec: text.to_string(), reason };
-    let o: Overrides = serde_yaml::from_str(text).map_err(|e| bad(e.to_string()))?;
-    if o.epochs == 0 || o.batch_size == 0 || !(o.lr > 0.0 && o.lr.is_finite()) {
-        return Err(bad("epochs and batch_size must be >= 1 and lr a positive number".into()));
+
+    /// The stage-1 settings: `config/train_heads.yaml`'s values with these overrides.
+    pub fn stage1_config(&self) -> Result<HeadsTrainConfig, ConfigError> {
+        self.check_stage(false)?;
+        HeadsTrainConfig::load(None, &self.stage1)
     }
-    Ok(o)
 }
 
 /// The Stage 2 configuration of a request. Precedence, lowest first: the built-in
@@ -78,6 +107,8 @@ pub fn parse_overrides(text: &str) -> Result<Overrides, ConfigError> {
 /// `auto` on a CPU device (no accelerator memory to measure) a CPU-sized setting is used
 /// (micro-batch 4 x 1, LoRA rank 8). Errors name the bad key or value and where it came from.
 pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path::Path) -> Result<TrainConfig, ConfigError> {
+    let overrides = RequestOverrides::parse(&r.overrides)?;
+    overrides.check_stage(true)?;
     let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
     let (text, origin) = match &svc.train_config {
         Some(path) => (std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?, path.display().to_string()),
@@ -100,16 +131,7 @@ pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path:
         format!("progress.log_file={}", q(&run_dir.join("progress.jsonl"))),
         format!("progress.plot_file={}", q(&run_dir.join("curves.png"))),
     ]);
-    if !r.overrides.trim().is_empty() {
-        let map: BTreeMap<String, serde_yaml::Value> = serde_yaml::from_str(&r.overrides).map_err(|e| ConfigError::Override {
-            spec: r.overrides.clone(),
-            reason: format!("expected a mapping of `section.key: value`: {e}"),
-        })?;
-        for (k, v) in map {
-            let v = serde_yaml::to_string(&v).map_err(|e| ConfigError::Override { spec: k.clone(), reason: e.to_string() })?;
-            sets.push(format!("{k}={}", v.trim_end()));
-        }
-    }
+    sets.extend(overrides.stage2);
     TrainConfig::from_yaml(&text, &origin, &sets)
 }
 
@@ -152,7 +174,7 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
     let c2 = cfg.clone();
     let config_ok = move |r: &StartRequest| {
         if r.stage1_checkpoint.is_empty() {
-            return parse_overrides(&r.overrides).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(e.to_string()));
+            return RequestOverrides::parse(&r.overrides).and_then(|o| o.stage1_config()).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(e.to_string()));
         }
         let invalid = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
         let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| invalid(&e))?;
@@ -166,8 +188,10 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
         if !r.stage1_checkpoint.is_empty() {
             return run_stage2(&cfg, &ctx, &r, &published);
         }
-        let o = parse_overrides(&r.overrides).expect("validated before start");
-        let train = HeadsTrainConfig { epochs: o.epochs as u64, batch_size: o.batch_size, lr: o.lr, seed: o.seed, ..HeadsTrainConfig::default() };
+        let train = match RequestOverrides::parse(&r.overrides).and_then(|o| o.stage1_config()) {
+            Ok(t) => t,
+            Err(e) => return JobOutcome::Failed { error: e.to_string() },
+        };
         let job = HeadsJob {
             dataset: PathBuf::from(&r.dataset),
             base_model: cfg.model_dir(&r),
@@ -238,14 +262,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overrides_parse_with_defaults_and_name_bad_keys() {
-        assert_eq!(parse_overrides("").unwrap().epochs, 10);
-        let o = parse_overrides("{epochs: 3, lr: 0.0005}").unwrap();
-        assert_eq!((o.epochs, o.lr, o.batch_size), (3, 0.0005, 16));
-        let e = parse_overrides("{epoch: 3}").unwrap_err().to_string();
-        assert!(e.starts_with("override `{epoch: 3}`: unknown field `epoch`"), "{e}");
-        let e = parse_overrides("{epochs: 0}").unwrap_err().to_string();
-        assert!(e.contains("{epochs: 0}") && e.contains(">= 1"), "{e}");
+    fn one_override_syntax_for_both_stages_names_bad_keys_and_stray_stages() {
+        let text = "{stage1.epochs: 3, stage1.lr: 0.0005, run.epochs: 2, cache.mode: features}";
+        let o = RequestOverrides::parse(text).unwrap();
+        assert_eq!(o.stage1, ["epochs=3", "lr=0.0005"]);
+        assert_eq!(o.stage2, ["cache.mode=features", "run.epochs=2"]);
+        assert_eq!(RequestOverrides::parse("").unwrap(), RequestOverrides::default());
+        // Stage 1 only: config/train_heads.yaml's values (epochs 30) with the overrides.
+        let t = RequestOverrides::parse("{stage1.epochs: 3, stage1.lr: 0.0005}").unwrap().stage1_config().unwrap();
+        assert_eq!((t.epochs, t.lr, t.batch_size), (3, 0.0005, 16));
+        assert_eq!(RequestOverrides::default().stage1_config().unwrap(), HeadsTrainConfig::default());
+        let e = RequestOverrides::parse("{epochs: 3}").unwrap_err().to_string();
+        assert_eq!(e, "override `epochs`: expected `section.key`: `stage1.epochs` for stage 1 (config/train_heads.yaml), a key of config/train.yaml such as `run.epochs` for Stage 2");
+        let e = RequestOverrides::parse("{stage1.epoch: 3}").unwrap().stage1_config().unwrap_err().to_string();
+        assert_eq!(e, "override `epoch=3`: no key `epoch`");
+        let e = RequestOverrides::parse("{stage1.epochs: 0}").unwrap().stage1_config().unwrap_err().to_string();
+        assert_eq!(e, "config key `epochs`: must be >= 1");
+        let e = RequestOverrides::parse("{run.epochs: 3}").unwrap().stage1_config().unwrap_err().to_string();
+        assert!(e.starts_with("override `run.epochs=3`: configures Stage 2, which this request does not run"), "{e}");
+        let svc = ServiceConfig::new("m".into(), "runs".into(), "ck".into());
+        let r = StartRequest { stage1_checkpoint: "ck/v0001".into(), overrides: "{stage1.epochs: 3}".into(), ..Default::default() };
+        let e = stage2_config(&svc, &r, std::path::Path::new("runs/j")).unwrap_err().to_string();
+        assert!(e.starts_with("override `epochs=3`: configures stage 1, which this request does not run (it runs Stage 2"), "{e}");
+        let e = RequestOverrides::parse("[1, 2]").unwrap_err().to_string();
+        assert!(e.starts_with("override `[1, 2]`: expected a mapping of `section.key: value`"), "{e}");
     }
 
     #[test]

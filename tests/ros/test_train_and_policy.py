@@ -77,7 +77,10 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
     assert (got[0].double_value, got[1].integer_value) == (10.0, 0), got
 
     # Stage 1 through the service; a second start while it runs is rejected with a reason.
-    start = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{epochs: 3}"))
+    # One override syntax for both stages: a key without its section is refused with the fix.
+    flat = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{epochs: 3}"))
+    assert not flat.accepted and "`stage1.epochs` for stage 1" in flat.reason, flat
+    start = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{stage1.epochs: 3}"))
     assert start.accepted and start.job_id, start.reason
     second = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset)))
     assert not second.accepted and "already" in second.reason, second
