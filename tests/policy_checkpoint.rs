@@ -15,6 +15,15 @@ use vla_finetune::policy::{
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
+/// libtorch's default generator is one per process: tests that seed it and draw from it hold
+/// this lock, or a test running beside them draws in between and the "same seed, same output"
+/// comparison fails by chance.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn config() -> PolicyConfig {
     tch::set_num_threads(1);
     PolicyConfig {
@@ -58,6 +67,7 @@ fn act(h: &PolicyHeads) -> Tensor {
 
 #[test]
 fn save_load_round_trip_stage1_and_stage2() {
+    let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let h = trained_heads();
     let path = dir.path().join("heads.safetensors");
@@ -120,6 +130,7 @@ fn tensor_error(e: PolicyError) -> (String, String) {
 
 #[test]
 fn corrupted_or_mismatched_checkpoints_fail_loudly() {
+    let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.safetensors");
     trained_heads().save(&good, CheckpointStage::Stage1, BTreeMap::new()).unwrap();
