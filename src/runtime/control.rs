@@ -28,6 +28,9 @@ use super::refresh::Refresher;
 use super::schedule::{TickScheduler, TickSlot};
 use super::types::{ActionChunk, CheckpointMeta, IoSpec, Observation, VlFeatures};
 
+/// The status message while the operator's gate is closed.
+const DISABLED: &str = "disabled: publishing no action until enabled";
+
 /// What to do while an input is stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StaleBehavior {
@@ -346,7 +349,7 @@ impl ControlCore {
         self.status.message = match command {
             OperatorCommand::Enable(on) => {
                 self.status.enabled = *on;
-                if *on { "enabled: publishing actions".into() } else { "disabled: publishing no action until enabled".into() }
+                if *on { "enabled: publishing actions".into() } else { DISABLED.into() }
             }
             OperatorCommand::Pin(Some(v)) if *v == self.status.active_version => {
                 self.status.pinned_version = v.clone();
@@ -482,7 +485,7 @@ impl ControlCore {
             self.refresher.request(&active.meta.version, obs.clone());
         }
         if !self.status.enabled {
-            self.status.message = "disabled: publishing no action until enabled".into();
+            self.status.message = DISABLED.into();
             return None;
         }
         loop {

@@ -62,12 +62,4 @@ impl Operator {
         }
         answer
     }
-
-    /// Sends `command` and waits for the answer (outside an async context).
-    pub fn request(&self, command: OperatorCommand) -> OperatorReply {
-        let name = command.to_string();
-        self.send(command)
-            .blocking_recv()
-            .unwrap_or_else(|_| Err(RuntimeError::Operator { command: name, reason: "the control loop has stopped".into() }))
-    }
 }
