@@ -13,6 +13,13 @@ fn one_thread() {
     tch::set_num_threads(1);
 }
 
+/// Held by the tests that seed libtorch's per-process generator, so that a test on another
+/// thread cannot draw between the seed and the draws.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn schedule() -> NoiseSchedule {
     one_thread();
     NoiseSchedule::cosine(&DiffusionConfig::default())
@@ -166,6 +173,7 @@ fn tiny_config() -> PolicyConfig {
 
 #[test]
 fn same_seed_same_actions() {
+    let _rng = rng_lock();
     tch::manual_seed(0);
     let heads = PolicyHeads::new(tiny_config(), NormStats::identity(3, 0, 2), Device::Cpu).unwrap();
     let vl = VlFeatures::pooled(Tensor::randn([3, 8], (Kind::Float, Device::Cpu)));
@@ -184,6 +192,7 @@ fn same_seed_same_actions() {
 
 #[test]
 fn expert_fits_two_modes_without_averaging_them() {
+    let _rng = rng_lock();
     tch::manual_seed(1);
     let cfg = tiny_config();
     // Physical actions: every step is +(30, 10) or -(30, 10) (mm-like units), small jitter.

@@ -4,6 +4,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Kind, Tensor};
+
+/// Held by every test that draws from libtorch's per-process generator: the accumulation and
+/// state tests build their data twice from one seed and compare the runs.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
 use vla_finetune::train::optim::{
     default_no_decay, Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam, OptimError,
 };
@@ -220,6 +228,7 @@ fn run_accumulated(micro: usize, accum: usize) -> (Tensor, Tensor, Tensor) {
 
 #[test]
 fn accumulation_2x4_equals_8x1_and_hand_gradient() {
+    let _rng = rng_lock();
     let (g_acc, w_acc, b_acc) = run_accumulated(2, 4);
     let (g_full, w_full, b_full) = run_accumulated(8, 1);
     // Hand gradient of mean((xW^T + b - y)^2) over 8 samples x 2 outputs: 2/(8*2) * (xW^T+b-y)^T x.
@@ -249,6 +258,7 @@ fn accumulation_plan_shapes() {
 
 #[test]
 fn state_export_import_roundtrip_continues_identically() {
+    let _rng = rng_lock();
     let make = || {
         let (x, y, w, b) = linear_setup();
         let params = vec![
@@ -346,6 +356,7 @@ const HEADS_DECAY: &[(&str, bool)] = &[
 
 #[test]
 fn heads_parameters_decay_only_matrices() {
+    let _rng = rng_lock();
     tch::set_num_threads(1);
     let cfg = PolicyConfig {
         vl_dim: 8,
