@@ -20,8 +20,9 @@ if [ -z "${ROS_DISTRO:-}" ] || [ "${VLA_ROS_FROM_WHEELS:-}" = 1 ]; then
   unset _d _vla_libs
 fi
 case ":$PATH:" in *":$_vla_venv/bin:"*) ;; *) export PATH=$_vla_venv/bin:$PATH ;; esac
-# r2r generates Rust types for these interface packages only (and the ones r2r itself needs).
-export IDL_PACKAGE_FILTER=${IDL_PACKAGE_FILTER:-std_msgs;std_srvs;sensor_msgs;geometry_msgs;rosgraph_msgs;vla_finetune_msgs}
+# r2r generates Rust types for these interface packages only (and the ones r2r itself needs;
+# action_msgs and unique_identifier_msgs for the FineTune action).
+export IDL_PACKAGE_FILTER=${IDL_PACKAGE_FILTER:-std_msgs;std_srvs;sensor_msgs;geometry_msgs;rosgraph_msgs;action_msgs;unique_identifier_msgs;vla_finetune_msgs}
 # libtorch for tch comes from the venv's torch wheel.
 export LIBTORCH_USE_PYTORCH=1
 # Camera images are larger than Fast DDS's default shared-memory segment (512 KB) and get lost

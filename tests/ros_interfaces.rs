@@ -1,4 +1,4 @@
-//! The interface files (msg/msg/*.msg, msg/srv/*.srv) follow rosidl's naming rules and use no
+//! The interface files (msg/msg/*.msg, msg/srv/*.srv, msg/action/*.action) follow rosidl's naming rules and use no
 //! field name that a generator emits verbatim into a language where it is a keyword (C, C++,
 //! Python, Rust): `string operator` made the C++ type support fail to compile. That the nodes'
 //! use of the generated types matches the files is checked by compiling them (`make ros`).
@@ -60,7 +60,7 @@ fn name_problem(name: &str) -> Option<String> {
 /// (interface, field, problem) for every bad name in the interface files under `root`.
 fn problems(root: &Path) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for dir in ["msg/msg", "msg/srv"] {
+    for dir in ["msg/msg", "msg/srv", "msg/action"] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_stem().unwrap().to_str().unwrap().to_string();
@@ -98,7 +98,7 @@ fn the_check_catches_keywords_and_naming_rule_breaks() {
         assert_eq!(name_problem(good), None, "{good}");
     }
     let dir = tempfile::tempdir().unwrap();
-    for sub in ["msg/msg", "msg/srv"] {
+    for sub in ["msg/msg", "msg/srv", "msg/action"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
     std::fs::write(dir.path().join("msg/srv/StartEpisode.srv"), "string instruction\nstring operator\n---\nbool started\n").unwrap();

@@ -18,7 +18,7 @@ fn ev(phase: Phase, step: u64) -> ProgressEvent {
 }
 
 #[test]
-fn throttle_limits_rate_but_passes_phase_changes_and_ends() {
+fn throttle_limits_rate_but_passes_phase_changes_ends_and_compile_reports() {
     let t0 = Instant::now();
     let ms = |m| t0 + Duration::from_millis(m);
     let mut th = Throttle::new(2.0);
@@ -32,6 +32,8 @@ fn throttle_limits_rate_but_passes_phase_changes_and_ends() {
         (530, Phase::Training, true),         // phase change back
         (540, Phase::Done, true),             // terminal
         (545, Phase::Done, true),             // terminal events always pass
+        (550, Phase::Compiling, true),        // the compile reports always pass
+        (560, Phase::Compiling, true),
     ];
     for (i, (t, phase, expected)) in seq.into_iter().enumerate() {
         assert_eq!(th.admit(&ev(phase, i as u64), ms(t)), expected, "event {i} at {t} ms ({phase:?})");

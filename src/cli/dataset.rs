@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::dataset::compile::{compile, CompileConfig, CompileReport};
 use crate::dataset::episode::{Damage, EpisodeSource};
+use crate::dataset::selection::{set_discarded, EpisodeSelection, ANY_OUTCOME};
 use crate::dataset::stats::{DatasetStats, FieldStats};
 use crate::dataset::store::{read_json, DatasetIndex, Split, REPORT_FILE, STATS_FILE};
 
@@ -26,6 +27,8 @@ pub enum DatasetCommand {
     Compile(CompileArgs),
     /// Print episode/sample counts, drops by reason, per-stream rates and skew, statistics.
     Info(InfoArgs),
+    /// Leave a recorded episode out of training (or take that back); its files stay.
+    Discard(DiscardArgs),
 }
 
 /// Arguments of `dataset compile`.
@@ -47,6 +50,30 @@ pub struct CompileArgs {
     /// without this the exit status is 3 then).
     #[arg(long)]
     pub allow_losses: bool,
+    /// Compile only episodes with this outcome (repeatable; `any`: every outcome). Discarded
+    /// episodes are always left out. The trainer service's default is `success`.
+    #[arg(long = "outcome", default_value = ANY_OUTCOME)]
+    pub outcomes: Vec<String>,
+    /// Compile only episodes of this task (repeatable; default: every task).
+    #[arg(long = "task")]
+    pub tasks: Vec<String>,
+}
+
+/// Arguments of `dataset discard`.
+#[derive(Args, Debug)]
+pub struct DiscardArgs {
+    /// Episodes root (the folder holding `episodes/`).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Episode id (its folder name under `episodes/`).
+    #[arg(long)]
+    pub id: String,
+    /// Why (kept in episode.json).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Take an earlier discard back.
+    #[arg(long)]
+    pub restore: bool,
 }
 
 /// Exit status of a compile that wrote a dataset but left episodes out or read damaged ones.
@@ -74,6 +101,11 @@ pub fn run(args: DatasetArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<()> {
             println!("{text}");
             Ok(())
         }
+        DatasetCommand::Discard(a) => {
+            set_discarded(&a.root, &a.id, &a.reason, a.restore)?;
+            println!("{}: episode `{}` {}", a.root.display(), a.id, if a.restore { "restored" } else { "discarded" });
+            Ok(())
+        }
     }
 }
 
@@ -87,6 +119,14 @@ pub fn run_compile(a: &CompileArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<
     for dir in &a.episodes {
         eps.extend(open(dir).with_context(|| format!("opening episodes in {}", dir.display()))?);
     }
+    let sel = EpisodeSelection { outcomes: a.outcomes.clone(), tasks: a.tasks.clone() };
+    eps.retain(|e| match (e.unreadable(), sel.excludes(e.meta())) {
+        (None, Some(why)) => {
+            println!("episode `{}` not compiled: {why}", e.meta().id);
+            false
+        }
+        _ => true,
+    });
     let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
     let out = compile(&refs, &cfg, &a.out, a.overwrite)?;
     let r = &out.report;

@@ -89,48 +89,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Opens the recorded episodes at `path` for `dataset compile`: one episode folder (holding
-/// `episode.json`) or a dataset root whose `episodes/` are all opened. An episode that cannot be
-/// opened is kept as an [`UnreadableEpisode`](crate::dataset::episode::UnreadableEpisode), so
-/// compile lists it with the reason and compiles the rest. One left unfinished by a recorder
-/// that is gone (kill -9) is recovered first, as the next `record` would; one whose recorder
-/// still runs is listed as being recorded.
+/// `episode.json`) or a dataset root whose `episodes/` are all opened, as
+/// [`open_recorded`](crate::dataset::selection::open_recorded) does (unreadable ones kept with
+/// their reason, unfinished ones of a stopped recorder recovered).
 pub fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
-    use crate::dataset::episode::UnreadableEpisode;
-    use crate::dataset::mcap_episode::{list_episodes, McapEpisode, EPISODE_JSON};
+    use crate::dataset::mcap_episode::{list_episodes, EPISODE_JSON};
     let dirs = if path.join(EPISODE_JSON).exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
-    let mut out: Vec<Box<dyn crate::dataset::episode::EpisodeSource>> = Vec::new();
-    for dir in dirs {
-        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let opened = finish_unfinished(&dir).and_then(|()| McapEpisode::open(&dir).map_err(|e| e.to_string()));
-        match opened {
-            Ok(ep) => out.push(Box::new(ep)),
-            Err(error) => {
-                tracing::warn!("{}: unreadable, left out: {error}", dir.display());
-                out.push(Box::new(UnreadableEpisode::new(&id, error)));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Recovers an episode left unfinished (a `RECORDING` marker) by a recorder that is no longer
-/// running; `Err` names the live recorder when there is one, or why recovery failed.
-fn finish_unfinished(dir: &std::path::Path) -> Result<(), String> {
-    use crate::dataset::mcap_episode::RECORDING_MARKER;
-    let marker = dir.join(RECORDING_MARKER);
-    let Ok(text) = std::fs::read_to_string(&marker) else { return Ok(()) };
-    if let Some(pid) = crate::dataset::recovery::live_recorder(&text) {
-        return Err(format!("{}: still being recorded by pid {pid}; compile it after that recording stops", dir.display()));
-    }
-    let r = crate::dataset::recovery::recover_episode(dir).map_err(|e| e.to_string())?;
-    tracing::warn!(
-        "{}: recovered an episode left unfinished by a stopped recorder: {} messages from {} chunks{}",
-        dir.display(),
-        r.messages,
-        r.chunks,
-        r.stopped.map(|s| format!(" (damaged tail: {s})")).unwrap_or_default()
-    );
-    Ok(())
+    Ok(crate::dataset::selection::open_recorded(&dirs))
 }
 
 /// Runs `f` with a job context whose progress is drawn as a bar on stderr; with `ctrl_c` a

@@ -27,6 +27,18 @@ pub struct EpisodeMeta {
     pub recovered: bool,
     /// Messages dropped per topic (queue full, invalid input), by topic name.
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// Set when the episode was discarded after recording: it no longer trains (its files stay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<Discard>,
+}
+
+/// Why and when an episode was discarded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Discard {
+    /// The reason given (may be empty).
+    pub reason: String,
+    /// When, nanoseconds since the Unix epoch.
+    pub time_unix_ns: i64,
 }
 
 /// An RGB8 image, row-major, `width * height * 3` bytes.

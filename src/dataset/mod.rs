@@ -11,6 +11,7 @@ pub mod reader;
 pub mod recorder;
 pub mod recovery;
 pub mod rng;
+pub mod selection;
 pub mod stats;
 pub mod store;
 pub mod streams;

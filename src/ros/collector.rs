@@ -1,5 +1,6 @@
 //! Collector node: raw subscriptions to the configured topics feed the ROS-free recorder core
-//! (`dataset::recorder`); `~/start_episode`, `~/stop_episode` and `~/status` adapt it. Messages
+//! (`dataset::recorder`); `~/start_episode`, `~/stop_episode`, `~/discard_episode` (leaves an
+//! episode out of training, `dataset::selection`) and `~/status` adapt it. Messages
 //! lost before they reach the recorder are counted from the stamps of streams with a `rate_hz`.
 //! A stop first waits (up to `stop_drain_s`) for messages stamped before it that are still in
 //! flight. SIGINT / SIGTERM close an open episode as `interrupted`, keeping everything received.
@@ -9,6 +10,7 @@ use super::params::{declare, share_file, ParamsExt};
 use super::NodeRuntime;
 use crate::dataset::gaps::GapCounter;
 use crate::dataset::recorder::{EpisodeInfo, Recorder, RecorderConfig, RecorderStatus};
+use crate::dataset::selection::set_discarded;
 use crate::dataset::streams::{Reliability, StreamConfig, StreamSpec};
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
@@ -127,6 +129,21 @@ pub fn main() -> Result<()> {
             };
             if let Err(e) = req.respond(resp) {
                 tracing::error!("stop_episode: could not respond: {e}");
+            }
+        }
+    });
+
+    let mut discard = n.node.create_service::<srv::DiscardEpisode::Service>("~/discard_episode", QosProfile::services_default())?;
+    let root = std::path::PathBuf::from(p.string("dataset_root"));
+    n.rt.spawn(async move {
+        while let Some(req) = discard.next().await {
+            let m = &req.message;
+            let resp = match set_discarded(&root, &m.episode_id, &m.reason, m.restore) {
+                Ok(_) => srv::DiscardEpisode::Response { success: true, message: if m.restore { "restored" } else { "discarded" }.into() },
+                Err(e) => srv::DiscardEpisode::Response { success: false, message: e.to_string() },
+            };
+            if let Err(e) = req.respond(resp) {
+                tracing::error!("discard_episode: could not respond: {e}");
             }
         }
     });

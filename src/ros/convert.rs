@@ -24,6 +24,7 @@ pub fn progress_msg(ev: &ProgressEvent, stamp: Time) -> msg::TrainingProgress {
         stamp,
         job_id: ev.job_id.clone(),
         phase: ev.phase.as_str().to_string(),
+        stage: ev.stage,
         epoch: ev.epoch as u32,
         total_epochs: ev.total_epochs as u32,
         step: ev.step,

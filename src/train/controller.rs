@@ -35,6 +35,12 @@ pub enum RejectReason {
     /// The configuration or overrides are invalid.
     #[error("config invalid: {0}")]
     ConfigInvalid(String),
+    /// A resume names a job that is not recorded.
+    #[error("unknown job: {0}")]
+    UnknownJob(String),
+    /// A resume names a job that cannot be resumed (it is done, or the request is mixed).
+    #[error("not resumable: {0}")]
+    NotResumable(String),
     /// The job thread could not be started.
     #[error("could not start the job thread: {0}")]
     Spawn(String),
@@ -48,6 +54,8 @@ impl RejectReason {
             RejectReason::DatasetMissing(_) => "dataset_missing",
             RejectReason::ModelDirInvalid(_) => "model_dir_invalid",
             RejectReason::ConfigInvalid(_) => "config_invalid",
+            RejectReason::UnknownJob(_) => "unknown_job",
+            RejectReason::NotResumable(_) => "not_resumable",
             RejectReason::Spawn(_) => "spawn_failed",
         }
     }
@@ -217,6 +225,11 @@ impl<R: Send + 'static> JobController<R> {
 
     /// Validates `request` and starts it on a new thread, or says why not. Returns at once.
     pub fn start(&self, request: R) -> StartResponse {
+        self.start_as(request, None)
+    }
+
+    /// [`start`](Self::start) under `job_id` (a resumed job keeps its id); `None`: a new id.
+    pub fn start_as(&self, request: R, job_id: Option<String>) -> StartResponse {
         let mut slot = self.lock();
         if let JobStatus::Running { job_id, .. } = &slot.status {
             return StartResponse::Rejected(RejectReason::AlreadyRunning { job_id: job_id.clone() });
@@ -231,7 +244,7 @@ impl<R: Send + 'static> JobController<R> {
         }
         let n = self.inner.counter.fetch_add(1, Ordering::SeqCst) + 1;
         let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let job_id = format!("ft-{secs}-{n}");
+        let job_id = job_id.unwrap_or_else(|| format!("ft-{secs}-{n}"));
         let cancel = CancelToken::new();
         let ctx = JobContext { job_id: job_id.clone(), cancel: cancel.clone(), progress: self.inner.progress.clone() };
         let inner = self.inner.clone();

@@ -13,6 +13,8 @@
 //! - [`stage2`]: the Stage 2 job (LoRA on the VL model + heads) with its cache modes.
 //! - [`guard`]: one training per state folder, no silent restart over an existing state.
 //! - [`tensor_io`]: safetensors <-> tch with metadata, durable writes.
+//! - [`service`]: the fine-tuning service (requests, stages, resume) behind the trainer node;
+//!   [`training_set`] compiles the episodes a request names, [`job_record`] keeps each job.
 
 pub mod cache;
 pub mod config;
@@ -22,6 +24,7 @@ pub mod drift;
 pub mod error;
 pub mod guard;
 pub mod heads_job;
+pub mod job_record;
 pub mod optim;
 pub mod plot;
 pub mod progress;
@@ -31,3 +34,4 @@ pub mod service;
 pub mod stage2;
 pub mod state;
 pub mod tensor_io;
+pub mod training_set;

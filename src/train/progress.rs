@@ -15,6 +15,8 @@ use tokio::sync::{broadcast, watch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// Compiling recorded episodes into the dataset the job trains on.
+    Compiling,
     /// Loading models and data, checking inputs.
     Preparing,
     /// Filling the feature or vision cache.
@@ -41,6 +43,7 @@ impl Phase {
     /// The snake_case name used in messages and logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Compiling => "compiling",
             Phase::Preparing => "preparing",
             Phase::BuildingCache => "building_cache",
             Phase::Training => "training",
@@ -88,6 +91,9 @@ pub struct CacheStatus {
 pub struct ProgressEvent {
     /// Job id given at start.
     pub job_id: String,
+    /// Stage being run: 1 (policy heads) or 2 (LoRA + heads); 0 while compiling episodes.
+    #[serde(default)]
+    pub stage: u8,
     /// What the job is doing.
     pub phase: Phase,
     /// Current epoch (0-based).
@@ -127,6 +133,7 @@ impl ProgressEvent {
     pub fn new(job_id: impl Into<String>, phase: Phase) -> Self {
         Self {
             job_id: job_id.into(),
+            stage: 0,
             phase,
             epoch: 0,
             total_epochs: 0,
@@ -174,6 +181,7 @@ fn proc_status_kib(field: &str) -> Option<u64> {
 pub struct ProgressHub {
     tx: broadcast::Sender<ProgressEvent>,
     latest: watch::Sender<Option<ProgressEvent>>,
+    stage: Option<u8>,
 }
 
 impl ProgressHub {
@@ -181,11 +189,19 @@ impl ProgressHub {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
         let (latest, _) = watch::channel(None);
-        Self { tx, latest }
+        Self { tx, latest, stage: None }
+    }
+
+    /// The same hub, stamping `stage` on every event published through it.
+    pub fn with_stage(&self, stage: u8) -> Self {
+        Self { stage: Some(stage), ..self.clone() }
     }
 
     /// Sends `ev` to every subscriber and records it as the latest. Never blocks.
-    pub fn publish(&self, ev: ProgressEvent) {
+    pub fn publish(&self, mut ev: ProgressEvent) {
+        if let Some(stage) = self.stage {
+            ev.stage = stage;
+        }
         let _ = self.tx.send(ev.clone()); // no subscriber is fine
         self.latest.send_replace(Some(ev));
     }
@@ -206,8 +222,8 @@ impl ProgressHub {
     }
 }
 
-/// Limits a stream of events to `max_hz`, but always passes the first event, every phase change
-/// and every terminal event.
+/// Limits a stream of events to `max_hz`, but always passes the first event, every phase change,
+/// every terminal event and the (two) reports of the compiling phase.
 #[derive(Debug, Clone)]
 pub struct Throttle {
     min_interval: Duration,
@@ -229,6 +245,7 @@ impl Throttle {
                 *phase != ev.phase
                     || *job != ev.job_id
                     || ev.phase.is_terminal()
+                    || ev.phase == Phase::Compiling
                     || now.saturating_duration_since(*t) >= self.min_interval
             }
         };

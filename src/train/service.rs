@@ -1,41 +1,101 @@
 //! The fine-tuning service behind the trainer node (and usable without ROS): start requests are
-//! validated (dataset, model folder, overrides) before anything starts, one job runs at a time
-//! through [`JobController`], and each published checkpoint is sent on a channel.
+//! validated (dataset, model folder, stages, overrides) before anything starts, one job runs at
+//! a time through [`JobController`], and each published checkpoint is sent on a channel.
 //!
-//! A request with a stage-1 checkpoint runs Stage 2 ([`stage2`]: LoRA on the VL model + heads,
-//! configured by the embedded `config/train.yaml` with the request's folders and a manual memory
-//! setting for CPU); its state, cache and logs go under `<runs_root>/<job_id>/`. A request
-//! without one runs stage 1 ([`heads_job`]: the policy heads on frozen VL features, configured
-//! by `config/train_heads.yaml`). Both publish under `checkpoints_root`. One override syntax for
-//! both ([`RequestOverrides`]): a YAML mapping of `section.key: value`, where stage 1's keys form
-//! the section `stage1` (`{stage1.epochs: 3}`) and Stage 2's are those of `config/train.yaml`
-//! (`{run.epochs: 3, cache.mode: features}`).
+//! A request names a compiled dataset or the episodes root the collector records into; a root's
+//! selected episodes are compiled first ([`training_set`], phase `compiling`, reused while they
+//! are unchanged). It runs stage 1 ([`heads_job`]: the policy heads on frozen VL features,
+//! `config/train_heads.yaml`), Stage 2 ([`stage2`]: LoRA on the VL model + heads from a stage-1
+//! checkpoint, `config/train.yaml` with the request's folders and a manual memory setting for
+//! CPU), or both in one job, Stage 2 starting from the stage 1 just published ([`Stages`]).
+//! Everything of a job goes under `<runs_root>/<job_id>/` (`stage1/`, `stage2/`, the record
+//! [`JobRecord`]); a cancelled or failed job resumes under its id ([`start`]). Both stages
+//! publish under `checkpoints_root`. One override syntax for both ([`RequestOverrides`]): a YAML
+//! mapping of `section.key: value`, where stage 1's keys form the section `stage1`
+//! (`{stage1.epochs: 3}`) and Stage 2's are those of `config/train.yaml` (`{run.epochs: 3}`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::config::{ConfigError, TrainConfig};
-use super::controller::{JobContext, JobController, JobOutcome, RejectReason, Validator};
+use super::controller::{JobContext, JobController, JobOutcome, JobStatus, RejectReason, StartResponse, Validator};
 use super::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
-use super::progress::ProgressHub;
+use super::job_record::{run_dir, JobRecord, JobState};
+use super::progress::{Phase, ProgressEvent, ProgressHub};
 use super::publish::Published;
 use super::stage2::{self, Stage2Job};
+use super::training_set::{self, DatasetSource};
+use crate::dataset::compile::CompileConfig;
+use crate::dataset::selection::EpisodeSelection;
 
 /// A start request, as StartFineTune carries it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StartRequest {
-    /// Compiled dataset folder.
+    /// An episodes root (its selected episodes are compiled) or a compiled dataset folder.
     pub dataset: String,
     /// Stage-1 deployable checkpoint folder, or a checkpoints root or its `latest` (the version
-    /// `latest` names); non-empty runs Stage 2 from it.
+    /// `latest` names); Stage 2 starts from it.
     pub stage1_checkpoint: String,
     /// Base model folder; empty = the service default.
     pub base_model: String,
     /// YAML/JSON mapping of `section.key: value` ([`RequestOverrides`]).
     pub overrides: String,
+    /// `1`, `2` or `both`; empty: `2` with a stage-1 checkpoint, else `both` ([`Stages`]).
+    pub stages: String,
+    /// Which episodes of an episodes root train.
+    pub selection: EpisodeSelection,
+    /// A cancelled or failed job to resume (every other field empty).
+    pub resume_job_id: String,
+}
+
+/// The stages a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stages {
+    /// Stage 1 only: the policy heads on frozen VL features.
+    One,
+    /// Stage 2 only, from the request's stage-1 checkpoint.
+    Two,
+    /// Stage 1, then Stage 2 from the checkpoint stage 1 published.
+    Both,
+}
+
+impl Stages {
+    /// The stages of request `r`; errors say what to send instead.
+    pub fn of(r: &StartRequest) -> Result<Self, ConfigError> {
+        let given = !r.stage1_checkpoint.is_empty();
+        let bad = |reason: &str| ConfigError::Override { spec: format!("stages={}", r.stages), reason: reason.to_string() };
+        match (r.stages.as_str(), given) {
+            ("", true) | ("2", true) => Ok(Stages::Two),
+            ("", false) | ("both", false) => Ok(Stages::Both),
+            ("1", false) => Ok(Stages::One),
+            ("2", false) => Err(bad("Stage 2 starts from a stage-1 checkpoint: give stage1_checkpoint, or run `both`")),
+            ("1" | "both", true) => Err(bad("trains stage 1 from scratch, but stage1_checkpoint is given: leave it empty, or run `2` from it")),
+            _ => Err(bad("expected `1`, `2` or `both` (empty: `2` with stage1_checkpoint, else `both`)")),
+        }
+    }
+
+    /// `1`, `2` or `both`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stages::One => "1",
+            Stages::Two => "2",
+            Stages::Both => "both",
+        }
+    }
+
+    fn stage1(self) -> bool {
+        self != Stages::Two
+    }
+
+    fn stage2(self) -> bool {
+        self != Stages::One
+    }
 }
 
 /// Section of the override keys that configure stage 1 (`config/train_heads.yaml`).
@@ -79,23 +139,20 @@ impl RequestOverrides {
     }
 
     /// Checks that every override applies to a stage the request runs.
-    fn check_stage(&self, runs_stage2: bool) -> Result<(), ConfigError> {
-        let (stray, which) = if runs_stage2 { (&self.stage1, "stage 1") } else { (&self.stage2, "Stage 2") };
-        match stray.first() {
+    pub fn check_stages(&self, stages: Stages) -> Result<(), ConfigError> {
+        let stray = match stages {
+            Stages::One => self.stage2.first().map(|s| (s, "Stage 2", "it runs stage 1 only (stages `1`)")),
+            Stages::Two => self.stage1.first().map(|s| (s, "stage 1", "it runs Stage 2 from stage1_checkpoint")),
+            Stages::Both => None,
+        };
+        match stray {
             None => Ok(()),
-            Some(spec) => Err(ConfigError::Override {
-                spec: spec.clone(),
-                reason: format!(
-                    "configures {which}, which this request does not run ({})",
-                    if runs_stage2 { "it runs Stage 2 from stage1_checkpoint" } else { "it runs stage 1; give stage1_checkpoint to run Stage 2" }
-                ),
-            }),
+            Some((spec, which, why)) => Err(ConfigError::Override { spec: spec.clone(), reason: format!("configures {which}, which this request does not run ({why})") }),
         }
     }
 
     /// The stage-1 settings: `config/train_heads.yaml`'s values with these overrides.
     pub fn stage1_config(&self) -> Result<HeadsTrainConfig, ConfigError> {
-        self.check_stage(false)?;
         HeadsTrainConfig::load(None, &self.stage1)
     }
 }
@@ -108,7 +165,6 @@ impl RequestOverrides {
 /// (micro-batch 4 x 1, LoRA rank 8). Errors name the bad key or value and where it came from.
 pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path::Path) -> Result<TrainConfig, ConfigError> {
     let overrides = RequestOverrides::parse(&r.overrides)?;
-    overrides.check_stage(true)?;
     let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
     let (text, origin) = match &svc.train_config {
         Some(path) => (std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?, path.display().to_string()),
@@ -163,83 +219,257 @@ impl ServiceConfig {
     }
 }
 
-/// A controller running heads fine-tuning jobs; published checkpoints go to `published`.
-pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(String, Published)>) -> JobController<StartRequest> {
-    let c = cfg.clone();
-    let dataset_ok = move |r: &StartRequest| {
-        let p = PathBuf::from(&r.dataset);
-        if p.join("index.json").is_file() { Ok(()) } else { Err(RejectReason::DatasetMissing(format!("{}: no compiled dataset (index.json)", p.display()))) }
-    };
-    let model_ok = move |r: &StartRequest| heads_job::check_model_dir(&c.model_dir(r)).map_err(|e| RejectReason::ModelDirInvalid(e.to_string()));
-    let c2 = cfg.clone();
-    let config_ok = move |r: &StartRequest| {
-        if r.stage1_checkpoint.is_empty() {
-            return RequestOverrides::parse(&r.overrides).and_then(|o| o.stage1_config()).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(e.to_string()));
+/// The request's stages, overrides and per-stage settings, checked (nothing runs).
+fn check_request(svc: &ServiceConfig, r: &StartRequest) -> Result<Stages, RejectReason> {
+    let invalid = |e: &dyn std::fmt::Display| RejectReason::ConfigInvalid(e.to_string());
+    let stages = Stages::of(r).map_err(|e| invalid(&e))?;
+    let overrides = RequestOverrides::parse(&r.overrides).map_err(|e| invalid(&e))?;
+    overrides.check_stages(stages).map_err(|e| invalid(&e))?;
+    if stages.stage1() {
+        overrides.stage1_config().map_err(|e| invalid(&e))?;
+    }
+    if stages.stage2() {
+        if stages == Stages::Two {
+            let bad = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
+            let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| bad(&e))?;
+            super::deploy::DeployInfo::read(&stage1).map_err(|e| bad(&e))?;
         }
-        let invalid = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
-        let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| invalid(&e))?;
-        super::deploy::DeployInfo::read(&stage1).map_err(|e| invalid(&e))?;
-        let cfg = stage2_config(&c2, r, &c2.runs_root.join("check")).map_err(|e| RejectReason::ConfigInvalid(e.to_string()))?;
-        stage2::resolve_memory(&cfg).map(|_| ()).map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))
+        // A resume plans memory as its saved state says; a new job as if it ran now.
+        let dir = if r.resume_job_id.is_empty() { svc.runs_root.join("check") } else { svc.runs_root.join(&r.resume_job_id).join("stage2") };
+        let cfg = stage2_config(svc, r, &dir).map_err(|e| invalid(&e))?;
+        stage2::plan_memory(&cfg, !r.resume_job_id.is_empty(), &mut || stage2::free_accelerator_gib(&cfg.run.device))
+            .map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))?;
+    }
+    Ok(stages)
+}
+
+/// A controller running fine-tuning jobs; published checkpoints go to `published`. Start jobs
+/// with [`start`] (it resumes jobs by id).
+pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(String, Published)>) -> JobController<StartRequest> {
+    let dataset_ok = move |r: &StartRequest| {
+        DatasetSource::resolve(std::path::Path::new(&r.dataset), &r.selection).map(|_| ()).map_err(|e| RejectReason::DatasetMissing(e.to_string()))
     };
+    let c = cfg.clone();
+    let model_ok = move |r: &StartRequest| heads_job::check_model_dir(&c.model_dir(r)).map_err(|e| RejectReason::ModelDirInvalid(e.to_string()));
+    let c = cfg.clone();
+    let config_ok = move |r: &StartRequest| check_request(&c, r).map(|_| ());
     let validators: Vec<Box<dyn Validator<StartRequest>>> = vec![Box::new(dataset_ok), Box::new(model_ok), Box::new(config_ok)];
     let published = std::sync::Mutex::new(published);
     let job = move |ctx: JobContext, r: StartRequest| {
-        if !r.stage1_checkpoint.is_empty() {
-            return run_stage2(&cfg, &ctx, &r, &published);
+        let announce = |p: &Published| {
+            let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p.clone())));
+        };
+        run_job(&cfg, &ctx, r, &announce)
+    };
+    JobController::new(job, validators, hub)
+}
+
+/// Starts `r` on `jobs`: a new job, or with `resume_job_id` the recorded job of that id under
+/// its own request and id, continuing from its saved state (its compiled dataset reused).
+pub fn start(jobs: &JobController<StartRequest>, svc: &ServiceConfig, r: StartRequest) -> StartResponse {
+    if r.resume_job_id.is_empty() {
+        return jobs.start(r);
+    }
+    let id = r.resume_job_id.clone();
+    let record = match run_dir(&svc.runs_root, &id).map(|d| JobRecord::read(&d)) {
+        Some(Ok(rec)) => rec,
+        Some(Err(e)) => return StartResponse::Rejected(RejectReason::UnknownJob(format!("`{id}`: {e}"))),
+        None => return StartResponse::Rejected(RejectReason::UnknownJob(format!("`{id}` is not a job id"))),
+    };
+    if r != (StartRequest { resume_job_id: id.clone(), ..Default::default() }) {
+        return StartResponse::Rejected(RejectReason::NotResumable(format!(
+            "`{id}`: a resume runs the job's own request; leave every field but resume_job_id empty"
+        )));
+    }
+    if let JobStatus::Running { job_id, .. } = jobs.status() {
+        return StartResponse::Rejected(RejectReason::AlreadyRunning { job_id });
+    }
+    match record.state_now().0 {
+        JobState::Cancelled | JobState::Failed => {}
+        s => return StartResponse::Rejected(RejectReason::NotResumable(format!("`{id}` is {}; only a cancelled or failed job resumes", s.as_str()))),
+    }
+    let mut again = record.request.clone();
+    again.resume_job_id = id.clone();
+    if !record.dataset.is_empty() {
+        again.dataset = record.dataset.clone();
+    }
+    jobs.start_as(again, Some(id))
+}
+
+/// What [`job_view`] says of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    /// The job.
+    pub job_id: String,
+    /// Where it stands.
+    pub state: JobState,
+    /// Its record (request, dataset, stage, versions).
+    pub record: Option<JobRecord>,
+    /// Final numbers (JSON) or the error.
+    pub summary: String,
+    /// Whether [`start`] can resume it.
+    pub resumable: bool,
+}
+
+/// The state of job `job_id` (empty: the running or last job), from the controller while it
+/// runs and from its record after; `Err` says why there is none.
+pub fn job_view(jobs: &JobController<StartRequest>, svc: &ServiceConfig, job_id: &str) -> Result<JobView, String> {
+    let status = jobs.status();
+    let id = match (job_id, &status) {
+        ("", JobStatus::Running { job_id, .. } | JobStatus::Finished { job_id, .. }) => job_id.clone(),
+        ("", JobStatus::Idle) => return Err("no job has run since the trainer started; name a job id".into()),
+        (id, _) => id.to_string(),
+    };
+    let dir = run_dir(&svc.runs_root, &id).ok_or_else(|| format!("`{id}` is not a job id"))?;
+    let record = JobRecord::read(&dir).ok();
+    let (state, summary) = match (&status, &record) {
+        (JobStatus::Running { job_id, cancelling }, _) if *job_id == id => {
+            (if *cancelling { JobState::Cancelling } else { JobState::Running }, String::new())
         }
+        (JobStatus::Finished { job_id, outcome }, _) if *job_id == id => match outcome {
+            JobOutcome::Completed { summary } => (JobState::Done, summary.to_string()),
+            JobOutcome::Cancelled { summary } => (JobState::Cancelled, summary.to_string()),
+            JobOutcome::Failed { error } => (JobState::Failed, error.clone()),
+        },
+        (_, Some(rec)) => rec.state_now(),
+        (_, None) => return Err(format!("no job `{id}` under {}", svc.runs_root.display())),
+    };
+    let resumable = record.is_some() && matches!(state, JobState::Cancelled | JobState::Failed);
+    Ok(JobView { job_id: id, state, record, summary, resumable })
+}
+
+/// Runs one job: compiles an episodes root, then its stages, keeping its record up to date.
+fn run_job(cfg: &ServiceConfig, ctx: &JobContext, r: StartRequest, announce: &dyn Fn(&Published)) -> JobOutcome {
+    let dir = cfg.runs_root.join(&ctx.job_id);
+    let resume = !r.resume_job_id.is_empty();
+    let mut record = match (resume, JobRecord::read(&dir)) {
+        (true, Ok(mut rec)) => {
+            rec.state = JobState::Running;
+            rec.pid = std::process::id();
+            rec
+        }
+        (true, Err(e)) => return JobOutcome::Failed { error: e },
+        (false, _) => {
+            let stages = match Stages::of(&r) {
+                Ok(s) => s,
+                Err(e) => return JobOutcome::Failed { error: e.to_string() },
+            };
+            JobRecord {
+                job_id: ctx.job_id.clone(),
+                request: r.clone(),
+                stages,
+                dataset: String::new(),
+                stage: 0,
+                stage1_checkpoint: String::new(),
+                versions: Vec::new(),
+                state: JobState::Running,
+                summary: String::new(),
+                pid: std::process::id(),
+            }
+        }
+    };
+    let save = |rec: &JobRecord| {
+        if let Err(e) = rec.write(&dir) {
+            tracing::warn!("job {}: could not write its record: {e}", rec.job_id);
+        }
+    };
+    save(&record);
+    let outcome = run_stages(cfg, ctx, &r, &mut record, resume, announce, &save);
+    let (state, summary) = match &outcome {
+        JobOutcome::Completed { summary } => (JobState::Done, summary.to_string()),
+        JobOutcome::Cancelled { summary } => (JobState::Cancelled, summary.to_string()),
+        JobOutcome::Failed { error } => (JobState::Failed, error.clone()),
+    };
+    record.state = state;
+    record.summary = summary;
+    save(&record);
+    outcome
+}
+
+fn run_stages(
+    cfg: &ServiceConfig,
+    ctx: &JobContext,
+    r: &StartRequest,
+    record: &mut JobRecord,
+    resume: bool,
+    announce: &dyn Fn(&Published),
+    save: &dyn Fn(&JobRecord),
+) -> JobOutcome {
+    let failed = |error: String| JobOutcome::Failed { error };
+    if record.dataset.is_empty() {
+        match compile_episodes(cfg, ctx, r) {
+            Ok(d) => record.dataset = d,
+            Err(e) => return failed(e),
+        }
+        save(record);
+    }
+    let mut r = r.clone();
+    r.dataset = record.dataset.clone();
+    let run_dir = cfg.runs_root.join(&ctx.job_id);
+    let mut summary = json!({ "stages": record.stages.as_str(), "dataset": record.dataset });
+    let stage_ctx = |stage: u8| JobContext { progress: ctx.progress.with_stage(stage), ..ctx.clone() };
+    if record.stages.stage1() && record.stage1_checkpoint.is_empty() {
+        record.stage = 1;
+        save(record);
         let train = match RequestOverrides::parse(&r.overrides).and_then(|o| o.stage1_config()) {
             Ok(t) => t,
-            Err(e) => return JobOutcome::Failed { error: e.to_string() },
+            Err(e) => return failed(e.to_string()),
         };
         let job = HeadsJob {
             dataset: PathBuf::from(&r.dataset),
             base_model: cfg.model_dir(&r),
             checkpoints: cfg.checkpoints_root.clone(),
-            work_dir: cfg.runs_root.join(&ctx.job_id),
+            work_dir: run_dir.join("stage1"),
             train,
             heads: small_heads(),
-            resume: false,
+            resume,
         };
-        let mut announce = |p: &Published| {
-            let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p.clone())));
+        let mut versions = Vec::new();
+        let res = heads_job::run(&job, &stage_ctx(1), &mut |p: &Published| {
+            versions.push(p.clone());
+            announce(p);
+        });
+        record.versions.extend(versions.iter().map(|p| p.version.clone()));
+        let res = match res {
+            Ok(res) => res,
+            Err(e) => return failed(format!("stage 1: {e:#}")),
         };
-        match heads_job::run(&job, &ctx, &mut announce) {
-            Ok(res) => {
-                let summary = json!({
-                    "val_action_error_before": heads_job::mean(&res.val_error_before),
-                    "val_action_error_after": heads_job::mean(&res.val_error_after),
-                    "version": res.published.as_ref().map(|p| p.version.clone()),
-                    "latest": res.published.as_ref().map(|p| p.latest),
-                    "versions": res.run.published,
-                    "global_step": res.run.counters.global_step,
-                });
-                if res.published.is_some() {
-                    JobOutcome::Completed { summary }
-                } else {
-                    JobOutcome::Cancelled { summary }
-                }
-            }
-            Err(e) => JobOutcome::Failed { error: format!("{e:#}") },
-        }
-    };
-    JobController::new(job, validators, hub)
-}
-
-fn run_stage2(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest, published: &std::sync::Mutex<Sender<(String, Published)>>) -> JobOutcome {
-    let run_dir = cfg.runs_root.join(&ctx.job_id);
-    let config = match stage2_config(cfg, r, &run_dir) {
+        summary["stage1"] = json!({
+            "val_action_error_before": heads_job::mean(&res.val_error_before),
+            "val_action_error_after": heads_job::mean(&res.val_error_after),
+            "version": res.published.as_ref().map(|p| p.version.clone()),
+            "latest": res.published.as_ref().map(|p| p.latest),
+            "versions": res.run.published,
+            "global_step": res.run.counters.global_step,
+        });
+        let Some(p) = res.published else { return JobOutcome::Cancelled { summary } };
+        record.stage1_checkpoint = p.dir.display().to_string();
+        save(record);
+    }
+    if !record.stages.stage2() {
+        return JobOutcome::Completed { summary };
+    }
+    if record.stages == Stages::Both {
+        r.stage1_checkpoint = record.stage1_checkpoint.clone();
+    }
+    record.stage = 2;
+    save(record);
+    let config = match stage2_config(cfg, &r, &run_dir.join("stage2")) {
         Ok(c) => c,
-        Err(e) => return JobOutcome::Failed { error: e.to_string() },
+        Err(e) => return failed(e.to_string()),
     };
-    let job = Stage2Job { config, resume: false };
-    let mut announce = |p: &Published| {
-        let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p.clone())));
-    };
-    match stage2::run(&job, ctx, &mut announce) {
+    // A Stage 2 resumes only when the job was in it already (a stage 1 that just finished
+    // leaves no Stage 2 state).
+    let job = Stage2Job { config, resume: resume && run_dir.join("stage2/state").exists() };
+    let mut published = Vec::new();
+    let res = stage2::run(&job, &stage_ctx(2), &mut |p: &Published| {
+        published.push(p.version.clone());
+        announce(p);
+    });
+    record.versions.extend(published);
+    match res {
         Ok(res) => {
-            let summary = json!({
-                "stage": 2,
+            summary["stage2"] = json!({
                 "val_action_error_before": res.val_action_error_before,
                 "val_action_error_after": res.val_action_error,
                 "lora_params_changed": res.lora_params_changed,
@@ -253,8 +483,29 @@ fn run_stage2(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest, published
                 JobOutcome::Completed { summary }
             }
         }
-        Err(e) => JobOutcome::Failed { error: format!("{e:#}") },
+        Err(e) => failed(format!("stage 2: {e:#}")),
     }
+}
+
+/// The compiled dataset of `r.dataset` (compiling an episodes root's selection under
+/// `<runs_root>/datasets`), reporting phase `compiling` with what was compiled, dropped and left out.
+fn compile_episodes(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest) -> Result<String, String> {
+    let source = DatasetSource::resolve(std::path::Path::new(&r.dataset), &r.selection).map_err(|e| e.to_string())?;
+    let report = |message: String| {
+        let mut ev = ProgressEvent::new(&ctx.job_id, Phase::Compiling);
+        ev.message = message;
+        ctx.progress.with_stage(0).publish(ev);
+    };
+    if let DatasetSource::Episodes { root, selected } = &source {
+        report(format!("compiling {} episode(s) of {} ({} left out by the selection)", selected.dirs.len(), root.display(), selected.left_out.len()));
+    }
+    let set = training_set::prepare(&source, &CompileConfig::default(), &cfg.runs_root.join("datasets")).map_err(|e| e.to_string())?;
+    if matches!(source, DatasetSource::Episodes { .. }) {
+        let text = training_set::describe(&set);
+        tracing::info!("job {}: {text}", ctx.job_id);
+        report(text);
+    }
+    Ok(set.dir.display().to_string())
 }
 
 #[cfg(test)]
@@ -278,14 +529,26 @@ mod tests {
         assert_eq!(e, "override `epoch=3`: no key `epoch`");
         let e = RequestOverrides::parse("{stage1.epochs: 0}").unwrap().stage1_config().unwrap_err().to_string();
         assert_eq!(e, "config key `epochs`: must be >= 1");
-        let e = RequestOverrides::parse("{run.epochs: 3}").unwrap().stage1_config().unwrap_err().to_string();
+        let e = RequestOverrides::parse("{run.epochs: 3}").unwrap().check_stages(Stages::One).unwrap_err().to_string();
         assert!(e.starts_with("override `run.epochs=3`: configures Stage 2, which this request does not run"), "{e}");
-        let svc = ServiceConfig::new("m".into(), "runs".into(), "ck".into());
-        let r = StartRequest { stage1_checkpoint: "ck/v0001".into(), overrides: "{stage1.epochs: 3}".into(), ..Default::default() };
-        let e = stage2_config(&svc, &r, std::path::Path::new("runs/j")).unwrap_err().to_string();
+        let e = RequestOverrides::parse("{stage1.epochs: 3}").unwrap().check_stages(Stages::Two).unwrap_err().to_string();
         assert!(e.starts_with("override `epochs=3`: configures stage 1, which this request does not run (it runs Stage 2"), "{e}");
+        RequestOverrides::parse(text).unwrap().check_stages(Stages::Both).unwrap();
         let e = RequestOverrides::parse("[1, 2]").unwrap_err().to_string();
         assert!(e.starts_with("override `[1, 2]`: expected a mapping of `section.key: value`"), "{e}");
+    }
+
+    #[test]
+    fn stages_default_to_both_without_a_stage1_checkpoint_and_mismatches_say_what_to_send() {
+        let r = |stages: &str, ck: &str| StartRequest { stages: stages.into(), stage1_checkpoint: ck.into(), ..Default::default() };
+        assert_eq!(Stages::of(&r("", "")).unwrap(), Stages::Both);
+        assert_eq!(Stages::of(&r("", "ck")).unwrap(), Stages::Two);
+        assert_eq!(Stages::of(&r("1", "")).unwrap(), Stages::One);
+        assert_eq!(Stages::of(&r("both", "")).unwrap(), Stages::Both);
+        let e = Stages::of(&r("2", "")).unwrap_err().to_string();
+        assert_eq!(e, "override `stages=2`: Stage 2 starts from a stage-1 checkpoint: give stage1_checkpoint, or run `both`");
+        assert!(Stages::of(&r("1", "ck")).unwrap_err().to_string().contains("stage1_checkpoint is given"));
+        assert!(Stages::of(&r("3", "")).unwrap_err().to_string().contains("expected `1`, `2` or `both`"));
     }
 
     #[test]
@@ -296,13 +559,22 @@ mod tests {
         let c = controller(cfg, ProgressHub::new(8), tx);
         let r = StartRequest { dataset: dir.path().join("nodata").display().to_string(), ..Default::default() };
         match c.start(r) {
-            super::super::controller::StartResponse::Rejected(RejectReason::DatasetMissing(m)) => assert!(m.contains("nodata")),
+            StartResponse::Rejected(RejectReason::DatasetMissing(m)) => {
+                assert!(m.ends_with("nodata: neither a compiled dataset (index.json) nor an episodes root (episodes/)"), "{m}")
+            }
             other => panic!("expected a dataset rejection, got {other:?}"),
         }
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("data/index.json"), "{}").unwrap();
         let r = StartRequest { dataset: dir.path().join("data").display().to_string(), ..Default::default() };
-        assert!(matches!(c.start(r), super::super::controller::StartResponse::Rejected(RejectReason::ModelDirInvalid(_))));
+        assert!(matches!(c.start(r), StartResponse::Rejected(RejectReason::ModelDirInvalid(_))));
+        // An episodes root without a usable episode names what it found.
+        std::fs::create_dir_all(dir.path().join("rec/episodes")).unwrap();
+        let r = StartRequest { dataset: dir.path().join("rec").display().to_string(), ..Default::default() };
+        match c.start(r) {
+            StartResponse::Rejected(RejectReason::DatasetMissing(m)) => assert!(m.ends_with("rec: no usable episode: the `episodes/` folder is empty"), "{m}"),
+            other => panic!("expected a dataset rejection, got {other:?}"),
+        }
         assert!(!dir.path().join("runs").exists(), "nothing started");
     }
 }

@@ -93,7 +93,7 @@ def test_every_stamp_and_the_control_loop_follow_sim_time(graph, ros_node, tmp_p
     assert_simulated([int(line.split()[1]) for line in whole], clock, "the simulated robot's stamps")
 
     # Training progress and the announcement carry simulated time; the policy acts in it.
-    job = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{stage1.epochs: 1}"))
+    job = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), stages="1", overrides="{stage1.epochs: 1}"))
     assert job.accepted, job.reason
     spin_until(ros_node, lambda: announced.items, 600, "the checkpoint announcement")
     info = announced.items[-1]

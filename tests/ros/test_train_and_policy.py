@@ -78,9 +78,9 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
 
     # Stage 1 through the service; a second start while it runs is rejected with a reason.
     # One override syntax for both stages: a key without its section is refused with the fix.
-    flat = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{epochs: 3}"))
+    flat = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), stages="1", overrides="{epochs: 3}"))
     assert not flat.accepted and "`stage1.epochs` for stage 1" in flat.reason, flat
-    start = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), overrides="{stage1.epochs: 3}"))
+    start = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset), stages="1", overrides="{stage1.epochs: 3}"))
     assert start.accepted and start.job_id, start.reason
     second = call(ros_node, StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(dataset)))
     assert not second.accepted and "already" in second.reason, second
@@ -165,7 +165,7 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
     cancel = call(ros_node, CancelFineTune, "/vla_trainer/cancel_finetune", CancelFineTune.Request(job_id=s2.job_id))
     assert cancel.cancelled, cancel.reason
     assert wait_terminal(ros_node, progress, s2.job_id, 120).phase == "cancelled"
-    assert (tmp_path / "vla_runs" / s2.job_id / "state" / "latest.safetensors").is_file()
+    assert (tmp_path / "vla_runs" / s2.job_id / "stage2" / "state" / "latest.safetensors").is_file()
     unknown = call(ros_node, CancelFineTune, "/vla_trainer/cancel_finetune", CancelFineTune.Request(job_id="no-such-job"))
     assert not unknown.cancelled and "no-such-job" in unknown.reason
 

@@ -122,7 +122,7 @@ fn explicit_conflict(cfg: &TrainConfig, saved: &ResolvedMemory) -> Option<String
 }
 
 /// Free memory (GiB) of the CUDA device `run.device` names; `None` for a CPU device.
-fn free_accelerator_gib(device: &str) -> Result<Option<f64>> {
+pub fn free_accelerator_gib(device: &str) -> Result<Option<f64>> {
     match crate::device::parse(device).map_err(|e| TrainError::invalid("run.device", e))? {
         tch::Device::Cuda(i) => {
             let cap = crate::memory::accelerator_capacity(i)?.ok_or_else(|| {
