@@ -466,18 +466,20 @@ fn peft_gives_our_pooled_features(adapter: &Path, adapted: &vla_finetune::vlm::Q
 fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_state() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use vla_finetune::train::controller::RejectReason;
-    use vla_finetune::train::service::{controller, ServiceConfig, StartRequest};
+    use vla_finetune::train::job_record::JobState;
+    use vla_finetune::train::service::{controller, job_view, start, ServiceConfig, StartRequest};
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServiceConfig::new(f.base.clone(), dir.path().join("runs"), dir.path().join("ck"));
     let (tx, _rx) = std::sync::mpsc::channel();
-    let c = controller(cfg, ProgressHub::new(1024), tx);
+    let c = controller(cfg.clone(), ProgressHub::new(1024), tx);
     let req = StartRequest {
         dataset: f.dataset.display().to_string(),
         // The checkpoints root's `latest` names the stage-1 version.
         stage1_checkpoint: f.stage1.parent().unwrap().join("latest").display().to_string(),
         base_model: String::new(),
         overrides: "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}".into(),
+        ..Default::default()
     };
     let bad = StartRequest { overrides: "{cache.mode: sometimes}".into(), ..req.clone() };
     assert!(matches!(c.start(bad), StartResponse::Rejected(RejectReason::ConfigInvalid(m)) if m.contains("sometimes")));
@@ -495,9 +497,34 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     c.cancel(&job_id);
     let status = c.join();
     assert!(matches!(status, JobStatus::Finished { ref outcome, .. } if matches!(outcome, vla_finetune::train::controller::JobOutcome::Cancelled { .. })), "{status:?}");
-    let meta = read_state_meta(&dir.path().join("runs").join(&job_id).join("state/latest.safetensors")).unwrap();
+    let state = dir.path().join("runs").join(&job_id).join("stage2/state/latest.safetensors");
+    let meta = read_state_meta(&state).unwrap();
     assert!(meta.counters.global_step >= 1 && meta.counters.global_step <= 3, "stopped within a step: {:?}", meta.counters);
     assert_eq!(meta.counters.epoch, 0);
+    let view = job_view(&c, &cfg, &job_id).unwrap();
+    assert!(view.state == JobState::Cancelled && view.resumable && view.record.as_ref().unwrap().stage == 2, "{view:?}");
+
+    // Resumed under its id, it continues from the saved step.
+    let StartResponse::Accepted { job_id: again } = start(&c, &cfg, StartRequest { resume_job_id: job_id.clone(), ..Default::default() }) else {
+        panic!("not resumed")
+    };
+    assert_eq!(again, job_id);
+    let before = meta.counters.global_step;
+    while let Ok(ev) = rx.blocking_recv() {
+        if ev.job_id == job_id && ev.step > before {
+            break;
+        }
+    }
+    c.cancel(&job_id);
+    c.join();
+    let resumed = read_state_meta(&state).unwrap();
+    assert!(resumed.counters.global_step > before, "{:?} after {before}", resumed.counters);
+    let view = job_view(&c, &cfg, "").unwrap();
+    assert_eq!((view.job_id, view.state), (job_id.clone(), JobState::Cancelled));
+    let mixed = start(&c, &cfg, StartRequest { resume_job_id: job_id.clone(), overrides: "{run.epochs: 2}".into(), ..Default::default() });
+    assert!(matches!(mixed, StartResponse::Rejected(RejectReason::NotResumable(_))), "{mixed:?}");
+    let unknown = start(&c, &cfg, StartRequest { resume_job_id: "../x".into(), ..Default::default() });
+    assert!(matches!(unknown, StartResponse::Rejected(RejectReason::UnknownJob(_))), "{unknown:?}");
 }
 
 #[test]

@@ -161,7 +161,7 @@ pub fn main() -> Result<()> {
     });
 
     let mut goals = n.node.create_action_server::<action::FineTune::Action>("~/finetune")?;
-    let (c, svc) = (jobs.clone(), cfg.clone());
+    let (c, svc, clock) = (jobs.clone(), cfg.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while let Some(req) = goals.next().await {
             let g = &req.goal;
@@ -189,7 +189,7 @@ pub fn main() -> Result<()> {
                     continue;
                 }
             };
-            tokio::spawn(follow_goal(c.clone(), goal, cancels, events, job_id, last.clone(), rate_hz));
+            tokio::spawn(follow_goal(c.clone(), goal, cancels, events, job_id, last.clone(), rate_hz, clock.clone()));
         }
     });
 
@@ -201,6 +201,7 @@ pub fn main() -> Result<()> {
 
 /// Feeds a FineTune goal the progress of its job, cancels the job on a cancel request, and
 /// ends the goal with the job's outcome and last announced checkpoint.
+#[allow(clippy::too_many_arguments)]
 async fn follow_goal(
     jobs: JobController<StartRequest>,
     mut goal: r2r::ActionServerGoal<action::FineTune::Action>,
@@ -209,6 +210,7 @@ async fn follow_goal(
     job_id: String,
     last: LastCheckpoint,
     rate_hz: f64,
+    clock: super::clock::NodeClock,
 ) {
     let mut throttle = Throttle::new(rate_hz);
     let ended = {
@@ -222,7 +224,7 @@ async fn follow_goal(
             outcome = &mut ended => break outcome,
             ev = events.recv() => match ev {
                 Ok(ev) if ev.job_id == job_id && throttle.admit(&ev, Instant::now()) => {
-                    let progress = progress_msg(&ev, r2r::builtin_interfaces::msg::Time::default());
+                    let progress = progress_msg(&ev, clock.now());
                     if let Err(e) = goal.publish_feedback(action::FineTune::Feedback { progress }) {
                         tracing::warn!("finetune feedback: {e}");
                     }
@@ -241,21 +243,39 @@ async fn follow_goal(
             }
         }
     };
+    // The controller records the end before it publishes the terminal event: wait (briefly)
+    // for that event, so that the last feedback says how the job ended.
+    let grace = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            _ = &mut grace => break,
+            ev = events.recv() => match ev {
+                Ok(ev) if ev.job_id == job_id => {
+                    let terminal = ev.phase.is_terminal();
+                    let progress = progress_msg(&ev, clock.now());
+                    if let Err(e) = goal.publish_feedback(action::FineTune::Feedback { progress }) {
+                        tracing::warn!("finetune feedback: {e}");
+                    }
+                    if terminal {
+                        break;
+                    }
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            },
+        }
+    }
     let checkpoint = last.lock().ok().and_then(|m| m.get(&job_id).cloned()).unwrap_or_default();
     let result = |state: &str, summary: String| action::FineTune::Result { state: state.into(), job_id: job_id.clone(), checkpoint: checkpoint.clone(), summary };
     let sent = match outcome {
         Some(JobOutcome::Completed { summary }) => goal.succeed(result("done", summary.to_string())),
-        // An accepted cancel puts the goal in `canceling` once the executor has answered it;
-        // a job cancelled through ~/cancel_finetune left the goal executing: it aborts then.
+        // r2r moves a goal whose cancel was accepted to `canceling` itself (and forgets its
+        // handle, so only `cancel` may end it); a job cancelled through ~/cancel_finetune left
+        // the goal executing: it aborts then.
         Some(JobOutcome::Cancelled { summary }) => {
             let r = result("cancelled", summary.to_string());
-            for _ in 0..100 {
-                if !cancel_accepted || goal.is_cancelling().unwrap_or(false) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if goal.is_cancelling().unwrap_or(false) { goal.cancel(r) } else { goal.abort(r) }
+            if cancel_accepted { goal.cancel(r) } else { goal.abort(r) }
         }
         Some(JobOutcome::Failed { error }) => goal.abort(result("failed", error)),
         None => goal.abort(result("failed", "the job's outcome was lost (another job replaced it)".into())),
