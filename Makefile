@@ -15,7 +15,7 @@ ROS_STAMP := $(VENV)/.ros-installed
 # The one colcon command, the same for an apt-installed ROS 2 (README).
 COLCON_BUILD := colcon build --base-paths . msg --cargo-args --release --features ros
 
-.PHONY: all venv build ros test test-rust test-ros demo bench-cpu clean
+.PHONY: all venv build ros test test-rust test-ros demo demo-cli bench-cpu clean
 
 all: build
 
@@ -50,7 +50,13 @@ test-ros: ros
 	$(CARGO) build --bin vla_finetune
 	source scripts/ros_env.sh && scripts/netns_run.sh python -m pytest tests/ros -p no:cacheprovider -v
 
-demo: build
+# The whole loop through ROS 2 (nodes started as the launch files start them, driven by their
+# services and topics) in a private network namespace: scripts/ros_demo.py.
+demo: ros
+	source scripts/ros_env.sh && scripts/netns_run.sh python scripts/ros_demo.py --out $(DEMO_OUT)
+
+# The same loop without ROS: `vla_finetune demo`.
+demo-cli: build
 	$(CARGO) run --bin vla_finetune -- demo --out $(DEMO_OUT)
 
 # Ours vs the Python stack (transformers + peft) on this machine's CPU at reduced 3B shapes, f32;

@@ -76,6 +76,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("runs_root", String, json!("vla_runs"), "Folder for job state, logs and plots."),
             p("checkpoints_root", String, json!("vla_checkpoints"), "Folder of published checkpoints."),
             p("train_config", String, json!(""), "Stage 2 training config YAML (relative: the package's share folder first); empty = built-in config/train.yaml."),
+            p("compile_config", String, json!(""), "How StartFineTune compiles an episodes root: a compile config YAML like config/compile.yaml (relative: the package's share folder first); empty = its defaults."),
             p("vram_preset", String, json!("auto"), "Stage 2 memory.preset: 12gb, 24gb, 40gb, 80gb, manual or auto (free accelerator memory; CPU-sized on a CPU)."),
             p("device", String, json!("auto"), "Stage 2 run.device: auto, cpu, cuda or cuda:N."),
             p("progress_rate_hz", Double, json!(2.0), "Maximum rate of ~/progress."),

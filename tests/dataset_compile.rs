@@ -435,7 +435,7 @@ fn cli_compile_with_an_episode_opener() {
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("c.yaml");
     std::fs::write(&cfg_path, serde_yaml::to_string(&config()).unwrap()).unwrap();
-    let args = CompileArgs { episodes: vec![dir.path().join("a"), dir.path().join("b")], config: Some(cfg_path), out: dir.path().join("ds"), overwrite: false, allow_losses: false };
+    let args = CompileArgs { episodes: vec![dir.path().join("a"), dir.path().join("b")], config: Some(cfg_path), out: dir.path().join("ds"), overwrite: false, allow_losses: false, outcomes: vec!["any".into()], tasks: vec![] };
     // Each path opens two episodes named after it.
     let open = |p: &Path| -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> {
         let name = p.file_name().unwrap().to_string_lossy().to_string();

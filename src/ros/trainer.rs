@@ -12,7 +12,8 @@ use crate::dataset::selection::EpisodeSelection;
 use crate::train::controller::{CancelResponse, JobController, JobOutcome, JobStatus, StartResponse};
 use crate::train::progress::{ProgressHub, Throttle};
 use crate::train::service::{controller, job_view, start, ServiceConfig, StartRequest};
-use anyhow::Result;
+use crate::dataset::compile::CompileConfig;
+use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use r2r::QosProfile;
 use std::collections::HashMap;
@@ -47,8 +48,14 @@ pub fn main() -> Result<()> {
     let mut n = NodeRuntime::new("vla_trainer")?;
     let p = declare(&mut n.node, &n.rt, "trainer_node", |_, _| {})?;
     let train_config = p.string("train_config");
+    let compile_config = p.string("compile_config");
+    let compile = match compile_config.as_str() {
+        "" => CompileConfig::default(),
+        file => CompileConfig::from_yaml_file(&share_file(file)).with_context(|| format!("parameter compile_config = `{file}`"))?,
+    };
     let cfg = ServiceConfig {
         train_config: (!train_config.is_empty()).then(|| share_file(&train_config)),
+        compile,
         vram_preset: p.string("vram_preset"),
         device: p.string("device"),
         ..ServiceConfig::new(p.string("base_model").into(), p.string("runs_root").into(), p.string("checkpoints_root").into())

@@ -206,12 +206,22 @@ pub struct ServiceConfig {
     pub vram_preset: String,
     /// `run.device` of Stage 2 jobs: auto, cpu, cuda or cuda:N.
     pub device: String,
+    /// How an episodes root is compiled.
+    pub compile: CompileConfig,
 }
 
 impl ServiceConfig {
     /// Folders as given; the built-in training config, preset `auto`, device `auto`.
     pub fn new(base_model: PathBuf, runs_root: PathBuf, checkpoints_root: PathBuf) -> Self {
-        Self { base_model, runs_root, checkpoints_root, train_config: None, vram_preset: "auto".into(), device: "auto".into() }
+        Self {
+            base_model,
+            runs_root,
+            checkpoints_root,
+            train_config: None,
+            vram_preset: "auto".into(),
+            device: "auto".into(),
+            compile: CompileConfig::default(),
+        }
     }
 
     fn model_dir(&self, r: &StartRequest) -> PathBuf {
@@ -441,6 +451,8 @@ fn run_stages(
             "latest": res.published.as_ref().map(|p| p.latest),
             "versions": res.run.published,
             "global_step": res.run.counters.global_step,
+            "samples": [res.samples.0, res.samples.1],
+            "train_loss_per_epoch": res.run.train_loss_per_epoch,
         });
         let Some(p) = res.published else { return JobOutcome::Cancelled { summary } };
         record.stage1_checkpoint = p.dir.display().to_string();
@@ -472,6 +484,10 @@ fn run_stages(
             summary["stage2"] = json!({
                 "val_action_error_before": res.val_action_error_before,
                 "val_action_error_after": res.val_action_error,
+                "val_action_error_per_dim": res.val_action_error_per_dim,
+                "best": res.run.best,
+                "validation": res.run.validation,
+                "train_loss_per_epoch": res.run.train_loss_per_epoch,
                 "lora_params_changed": res.lora_params_changed,
                 "cache_refreshes": res.cache_refreshes,
                 "versions": res.published,
@@ -499,7 +515,7 @@ fn compile_episodes(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest) -> 
     if let DatasetSource::Episodes { root, selected } = &source {
         report(format!("compiling {} episode(s) of {} ({} left out by the selection)", selected.dirs.len(), root.display(), selected.left_out.len()));
     }
-    let set = training_set::prepare(&source, &CompileConfig::default(), &cfg.runs_root.join("datasets")).map_err(|e| e.to_string())?;
+    let set = training_set::prepare(&source, &cfg.compile, &cfg.runs_root.join("datasets")).map_err(|e| e.to_string())?;
     if matches!(source, DatasetSource::Episodes { .. }) {
         let text = training_set::describe(&set);
         tracing::info!("job {}: {text}", ctx.job_id);

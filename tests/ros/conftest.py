@@ -1,17 +1,19 @@
 """A ROS 2 graph for the tests: the package's installed nodes started as its launch files start
-them (tests/ros/launch_xml.py), driven and observed by rclpy. Everything runs inside a private
+them (scripts/launch_xml.py, which the ROS demo uses too), driven and observed by rclpy. Everything runs inside a private
 network namespace with only loopback (scripts/netns_run.sh); outside one the session fails."""
 
 import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
 # The package's install prefix (colcon's install/vla_finetune; VLA_ROS_PREFIX to test another).
 PREFIX = Path(os.environ.get("VLA_ROS_PREFIX", REPO / "install" / "vla_finetune"))
 SHARE = PREFIX / "share" / "vla_finetune"

@@ -1,4 +1,4 @@
-"""The launch files as the tests (and the ROS demo) run them: tests/ros/launch_xml.py reads the
+"""The launch files as the tests (and the ROS demo) run them: scripts/launch_xml.py reads the
 installed launch files, so what the tests start is what `ros2 launch` starts; here its reading
 is checked against the files' intent, and anything it cannot read is an error."""
 

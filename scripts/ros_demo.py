@@ -1,0 +1,317 @@
+"""`make demo`: the whole loop through ROS 2 on the embedded default (ROS 2 Jazzy from the venv,
+the simulated robot, the tiny random Qwen2.5-VL of the test fixtures), as a user drives it.
+
+The simulated robot, collector, trainer and policy nodes start as `ros2 launch` starts them
+(collect_and_train.launch.xml, policy.launch.xml: same executables, parameter files and
+arguments, read by scripts/launch_xml.py). Through their services and topics only:
+1. the policy node is enabled (~/enable) and waits for a checkpoint;
+2. episodes are recorded with StartEpisode / StopEpisode;
+3. one StartFineTune on the episodes root runs the job: the episodes are compiled, stage 1
+   trains the policy heads, Stage 2 fine-tunes LoRA + heads from it (cache mode `features` with
+   a refresh epoch); ~/progress is drawn as a progress bar;
+4. each checkpoint announced on ~/checkpoint is hot-swapped by the policy node, which reports
+   the active version on ~/status and acts on ~/action_chunk;
+5. the nodes are stopped with SIGINT and `<out>/report.json` is written: the keys of
+   `vla_finetune demo`'s report (numbers from this run: the job's summary from ~/get_job, the
+   compiled dataset's report, the policy's status messages) and `ros`, what happened on the
+   graph.
+It must run inside a private network namespace with only loopback (scripts/netns_run.sh).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import launch_xml  # noqa: E402
+
+PREFIX = Path(os.environ.get("VLA_ROS_PREFIX", REPO / "install" / "vla_finetune"))
+SHARE, LIBEXEC = PREFIX / "share" / "vla_finetune", PREFIX / "lib" / "vla_finetune"
+TINY_MODEL = REPO / "tests" / "fixtures" / "vlm" / "tiny_a"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "out" / "demo")
+    p.add_argument("--episodes", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--epochs", type=int, default=30, help="stage 1 epochs")
+    p.add_argument("--stage2-epochs", type=int, default=4)
+    p.add_argument("--refresh-every", type=int, default=2, help="Stage 2 cache refresh interval, epochs")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="a reduced run (3 short episodes, fewer epochs) for tests")
+    a = p.parse_args()
+    if a.quick:
+        a.episodes, a.seconds, a.epochs, a.stage2_epochs = 3, 3.0, 6, 3
+    return a
+
+
+def require_private_network():
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if line.strip()]
+    if names != ["lo"] or os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+        sys.exit(f"ros_demo.py: run it through scripts/netns_run.sh (a network namespace with only loopback and localhost discovery); found links {names}")
+    for path in (SHARE, LIBEXEC):
+        if not path.is_dir():
+            sys.exit(f"ros_demo.py: {path} is missing: build the workspace first (make ros)")
+
+
+class Nodes:
+    """The nodes of launch files, started as `ros2 launch` starts them; logs under `out`."""
+
+    def __init__(self, out):
+        self.out, self.procs = out, {}
+
+    def launch(self, launch_file, args, extra_params):
+        for spec in launch_xml.nodes(SHARE / "launch" / launch_file, args, {"vla_finetune": str(SHARE)}):
+            argv = [str(LIBEXEC / spec.executable)] + spec.ros_args(self.out / "params", extra_params.get(spec.executable))
+            log = open(self.out / "logs" / f"{spec.name}.log", "w")
+            self.procs[spec.name] = subprocess.Popen(argv, cwd=self.out, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT)
+
+    def check_alive(self):
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"node {name} exited with {p.returncode}; see {self.out / 'logs' / (name + '.log')}")
+
+    def stop(self):
+        """SIGINT to every node (as launch does on shutdown); their exit codes."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        codes = {}
+        for name, p in self.procs.items():
+            try:
+                codes[name] = p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[name] = p.wait()
+        return codes
+
+
+class Bar:
+    """TrainingProgress as a one-line progress bar on stderr."""
+
+    def __init__(self):
+        self.last = None
+
+    def show(self, m):
+        frac = m.step / m.total_steps if m.total_steps else 0.0
+        filled = int(30 * min(frac, 1.0))
+        loss = f"loss {m.loss:.4f}" if m.loss == m.loss else ""
+        eta = f"eta {m.eta_s:.0f}s" if m.eta_s == m.eta_s and m.eta_s > 0 else ""
+        head = f"stage {m.stage}" if m.stage else "data"
+        line = f"\r{head} {m.phase:<16} [{'#' * filled}{'.' * (30 - filled)}] step {m.step}/{m.total_steps} epoch {m.epoch + 1}/{max(m.total_epochs, 1)} {loss} {eta}"
+        sys.stderr.write(line[:160].ljust(160))
+        if self.last is not None and (m.stage, m.phase) != self.last and m.phase in ("compiling", "done", "failed", "cancelled") and m.message:
+            sys.stderr.write(f"\n  {m.message[:300]}\n")
+        sys.stderr.flush()
+        self.last = (m.stage, m.phase)
+
+
+def main():
+    a = parse_args()
+    require_private_network()
+    import rclpy
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_srvs.srv import SetBool
+
+    from vla_finetune_msgs.msg import ActionChunk, CheckpointInfo, PolicyStatus, TrainingProgress
+    from vla_finetune_msgs.srv import GetFineTuneJob, StartEpisode, StartFineTune, StopEpisode
+
+    t0 = time.monotonic()
+    out = a.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    for sub in ("logs", "params"):
+        (out / sub).mkdir(parents=True)
+    base = out / "base_model"
+    shutil.copytree(TINY_MODEL, base)
+    compile_yaml = out / "compile.yaml"
+    compile_yaml.write_text(
+        f"align:\n  sensor_window_s: 0.1\n  sensor_samples: 65\nsplit:\n  val_fraction: 0.25\n  seed: {a.seed}\n"
+    )
+    nodes = Nodes(out)
+    nodes.launch(
+        "collect_and_train.launch.xml",
+        {"use_sim": "true", "base_model": str(base), "dataset_root": str(out / "recordings")},
+        {
+            "sim_robot_node": {"image_width": 112, "image_height": 84, "seed": a.seed, "episode_seconds": a.seconds},
+            "trainer_node": {"runs_root": str(out / "runs"), "checkpoints_root": str(out / "checkpoints"), "compile_config": str(compile_yaml)},
+        },
+    )
+    nodes.launch("policy.launch.xml", {"base_model": str(base)}, {})
+
+    rclpy.init()
+    node = rclpy.create_node("vla_demo")
+    graph = {"services": {}, "progress_messages": 0, "progress_by_phase": {}, "checkpoints_announced": []}
+    progress, announced, statuses, chunks = [], [], [], [0]
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    bar = Bar()
+
+    def on_progress(m):
+        progress.append(m)
+        graph["progress_by_phase"][m.phase] = graph["progress_by_phase"].get(m.phase, 0) + 1
+        bar.show(m)
+
+    node.create_subscription(TrainingProgress, "/vla_trainer/progress", on_progress, 1000)
+    node.create_subscription(CheckpointInfo, "/vla_trainer/checkpoint", lambda m: announced.append((time.monotonic(), m)), latched)
+    node.create_subscription(PolicyStatus, "/vla_policy/status", lambda m: statuses.append((time.monotonic(), m)), 100)
+    node.create_subscription(ActionChunk, "/vla_policy/action_chunk", lambda m: chunks.__setitem__(0, chunks[0] + 1), 100)
+
+    def spin_until(pred, timeout, what):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred():
+                return
+            rclpy.spin_once(node, timeout_sec=0.05)
+            nodes.check_alive()
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def call(srv_type, name, request, timeout=60.0):
+        client = node.create_client(srv_type, name)
+        spin_until(client.service_is_ready, timeout, f"service {name}")
+        future = client.call_async(request)
+        spin_until(future.done, timeout, f"the answer of {name}")
+        node.destroy_client(client)
+        resp = future.result()
+        graph["services"].setdefault(name, []).append({k: getattr(resp, k) for k in resp.get_fields_and_field_types() if isinstance(getattr(resp, k), (bool, str, int))})
+        return resp
+
+    try:
+        eprint = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
+        eprint(f"[1/4] nodes started (logs in {out / 'logs'})")
+        eprint(f"[2/4] recording {a.episodes} episodes of {a.seconds} s through the collector")
+        for i in range(a.episodes):
+            r = call(StartEpisode, "/vla_collector/start_episode", StartEpisode.Request(instruction="insert the needle into the red target", task="needle_insertion", operator_name="demo"))
+            if not r.started:
+                raise RuntimeError(f"start_episode: {r.reason}")
+            end = time.monotonic() + a.seconds
+            while time.monotonic() < end:
+                rclpy.spin_once(node, timeout_sec=0.05)
+            s = call(StopEpisode, "/vla_collector/stop_episode", StopEpisode.Request(outcome="success"))
+            if not s.stopped:
+                raise RuntimeError(f"stop_episode: {s.reason}")
+            eprint(f"  {s.episode_id}: {s.messages} messages")
+        eprint("[3/4] one StartFineTune on the episodes root: compile, stage 1, Stage 2 from it")
+        overrides = {
+            "stage1.epochs": a.epochs,
+            "stage1.seed": a.seed,
+            "run.epochs": a.stage2_epochs,
+            "run.seed": a.seed,
+            "model.compute_dtype": "f32",
+            "memory.accum_steps": 2,
+            "optim.lr_vl_lora": 1.0e-3,
+            "optim.lr_heads": 3.0e-4,
+            "optim.lr_sensor_encoder": 3.0e-4,
+            "cache.mode": "features",
+            "cache.rebuild_interval_epochs": a.refresh_every,
+            "checkpoint.keep_versions": 20,
+        }
+        start = call(StartFineTune, "/vla_trainer/start_finetune", StartFineTune.Request(dataset=str(out / "recordings"), overrides=json.dumps(overrides)))
+        if not start.accepted:
+            raise RuntimeError(f"start_finetune: {start.reason}")
+        # The policy node serves ~/enable once it runs a checkpoint: enabled as soon as it does.
+        enable = node.create_client(SetBool, "/vla_policy/enable")
+        enabling = []
+
+        def job_ended():
+            if not enabling and enable.service_is_ready():
+                enabling.append(enable.call_async(SetBool.Request(data=True)))
+            return any(m.job_id == start.job_id and m.phase in ("done", "failed", "cancelled") for m in progress)
+
+        spin_until(job_ended, 3600, "the fine-tuning job")
+        sys.stderr.write("\n")
+        job = call(GetFineTuneJob, "/vla_trainer/get_job", GetFineTuneJob.Request(job_id=start.job_id))
+        if job.state != "done":
+            raise RuntimeError(f"job {start.job_id} ended {job.state}: {job.summary}")
+        summary = json.loads(job.summary)
+        spin_until(lambda: [m.version for _, m in announced if m.job_id == start.job_id] and statuses, 30, "the announcements")
+        mine = [(t, m) for t, m in announced if m.job_id == start.job_id]
+        last = mine[-1][1].version
+        if not enabling:
+            spin_until(enable.service_is_ready, 120, "the policy node's ~/enable")
+            enabling.append(enable.call_async(SetBool.Request(data=True)))
+        spin_until(enabling[0].done, 30, "the answer of /vla_policy/enable")
+        graph["services"]["/vla_policy/enable"] = [{"success": enabling[0].result().success, "message": enabling[0].result().message}]
+        eprint(f"[4/4] the policy node hot-swaps the announced checkpoints; waiting for {last}")
+        spin_until(lambda: any(s.active_version == last and s.acting for _, s in statuses), 300, f"the policy acting with {last}")
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            rclpy.spin_once(node, timeout_sec=0.05)
+    finally:
+        codes = nodes.stop()
+        node.destroy_node()
+        rclpy.shutdown()
+
+    latency = {}
+    for t, m in mine:
+        active = next((ts for ts, s in statuses if ts >= t and s.active_version == m.version), None)
+        latency[m.version] = None if active is None else round((active - t) * 1000.0, 1)
+    final = statuses[-1][1]
+    status_file = out / "policy_status.json"
+    status_file.write_text(json.dumps([{"t": round(t - t0, 3), "active_version": s.active_version, "acting": s.acting, "ticks": s.ticks, "missed_ticks": s.missed_ticks, "last_tick_ms": s.last_tick_ms, "message": s.message} for t, s in statuses], indent=1))
+    dataset = Path(job.dataset)
+    compiled = json.loads((dataset / "report.json").read_text())
+    s1, s2 = summary["stage1"], summary["stage2"]
+    tick_ms = [s.last_tick_ms for _, s in statuses if s.acting]
+    graph.update(
+        progress_messages=len([m for m in progress if m.job_id == start.job_id]),
+        checkpoints_announced=[m.version for _, m in mine],
+        policy_active_version=final.active_version,
+        job_id=start.job_id,
+        exit_codes=codes,
+    )
+    report = {
+        "episodes": len(compiled["episodes"]),
+        "samples_train": s1["samples"][0],
+        "samples_val": s1["samples"][1],
+        "drops": compiled["drops"],
+        "untrained_val_action_error": s1["val_action_error_before"],
+        "stage1_job_val_action_error": s1["val_action_error_after"],
+        "stage1_val_action_error": s2["val_action_error_before"],
+        "stage2_val_action_error": s2["val_action_error_after"],
+        "stage2_val_action_error_per_dim": s2["val_action_error_per_dim"],
+        "stage2_best_val_action_error": s2["best"],
+        "stage1_train_loss_per_epoch": s1["train_loss_per_epoch"],
+        "stage2_validation_per_epoch": s2["validation"],
+        "lora_params_changed": s2["lora_params_changed"],
+        "cache_refreshes": s2["cache_refreshes"],
+        "published_versions": list(job.versions),
+        "active_version": final.active_version,
+        "hotswap_latency_ms": latency.get(final.active_version),
+        "missed_ticks": final.missed_ticks,
+        "policy_ticks": final.ticks,
+        "policy_actions": chunks[0],
+        "policy_control_latency_ms": {"mean": sum(tick_ms) / len(tick_ms), "max": max(tick_ms)} if tick_ms else None,
+        "checkpoints": str(out / "checkpoints"),
+        "adapter": str(out / "checkpoints" / final.active_version / "adapter"),
+        "plot": str(out / "runs" / start.job_id / "stage2" / "curves.png"),
+        "dataset": str(dataset),
+        "base_model": str(base),
+        "policy_status": str(status_file),
+        "wall_s": time.monotonic() - t0,
+        "ros": graph,
+    }
+    text = json.dumps(report, indent=2)
+    (out / "report.json").write_text(text)
+    print(text)
+    print(
+        f"\nepisodes {report['episodes']} (samples train {report['samples_train']} / val {report['samples_val']}), validation action error "
+        f"(mean abs, physical units): untrained {report['untrained_val_action_error']:.3f}, stage 1 {report['stage1_val_action_error']:.3f}, "
+        f"Stage 2 {report['stage2_val_action_error']:.3f}\npolicy node: active {report['active_version']} "
+        f"{report['hotswap_latency_ms']} ms after its announcement, {report['missed_ticks']} missed ticks of {report['policy_ticks']}; "
+        f"announced {graph['checkpoints_announced']}; node exit codes {codes}\nreport {out / 'report.json'}"
+    )
+    if any(c != 0 for c in codes.values()):
+        sys.exit(f"a node did not exit cleanly: {codes}")
+
+
+if __name__ == "__main__":
+    main()
