@@ -4,6 +4,7 @@ and succeeds with the announced checkpoint, and a Stage 2 goal cancelled by the 
 canceled with its job cancelled."""
 
 import json
+import time
 
 import rclpy
 from action_msgs.msg import GoalStatus
@@ -38,6 +39,11 @@ def test_finetune_action_feedback_result_reject_and_cancel(graph, ros_node, tmp_
     announced = Collect(ros_node, CheckpointInfo, "/vla_trainer/checkpoint", LATCHED)
     client = ActionClient(ros_node, FineTune, "/vla_trainer/finetune")
     spin_until(ros_node, client.server_is_ready, 60, "the FineTune action server")
+    # Ready on this side is not yet matched on the server's: a goal sent at once can meet a
+    # server whose goal response finds no reader yet (Fast DDS: RCL_RET_TIMEOUT, goal dropped).
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        rclpy.spin_once(ros_node, timeout_sec=0.05)
 
     rejected = result_of(ros_node, send(ros_node, client, FineTune.Goal(dataset=str(tmp_path / "missing")), []), 30)
     assert rejected.status == GoalStatus.STATUS_ABORTED and rejected.result.state == "rejected", rejected
