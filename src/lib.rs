@@ -11,6 +11,7 @@ pub mod logging;
 pub mod memory;
 pub mod node_params;
 pub mod policy;
+pub mod priority;
 pub mod repo_files;
 pub mod runtime;
 pub mod sim;

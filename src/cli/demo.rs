@@ -143,7 +143,9 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     let status_file = out.join("policy_status.json");
     let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, &a, &out.join("policy.log"))?;
     policy.wait_active(&stage1.version, Duration::from_secs(180))?;
-    lower_training_priority();
+    // Stage 2 runs on this thread (libtorch with one intra-op thread); the policy process,
+    // started before, keeps its priority.
+    crate::priority::lower_this_thread(10);
 
     eprintln!("[5/5] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
     let config = stage2_config(&a, &out, &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
@@ -246,18 +248,6 @@ fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: 
     let mut all = vec![format!("memory.presets_file={}", q(&presets))];
     all.extend(sets);
     Ok(TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml", &all)?)
-}
-
-/// Training yields the CPU to the control loop, as on a robot computer: this thread (which runs
-/// Stage 2; libtorch runs on it with one intra-op thread) gets nice +10. The policy process,
-/// started before, keeps its priority. Failure only costs priority, so it is logged, not fatal.
-fn lower_training_priority() {
-    // SAFETY: setpriority on the calling thread (Linux: PRIO_PROCESS with who = 0) has no
-    // memory-safety preconditions.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-    if rc != 0 {
-        tracing::warn!("could not lower the training priority: {}", std::io::Error::last_os_error());
-    }
 }
 
 /// The `vla_finetune policy` child process and its status file.

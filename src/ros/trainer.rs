@@ -57,6 +57,7 @@ pub fn main() -> Result<()> {
         train_config: (!train_config.is_empty()).then(|| share_file(&train_config)),
         compile,
         vram_preset: p.string("vram_preset"),
+        job_nice: i32::try_from(p.int("job_nice")).unwrap_or(i32::MAX).clamp(0, 19),
         device: p.string("device"),
         ..ServiceConfig::new(p.string("base_model").into(), p.string("runs_root").into(), p.string("checkpoints_root").into())
     };

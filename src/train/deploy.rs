@@ -103,6 +103,15 @@ impl DeployInfo {
         Ok(info)
     }
 
+    /// Why a dataset with sensor windows `sensor` (`[T, C]`) and action chunks `action`
+    /// (`[H, A]`) cannot train heads of this checkpoint, if it cannot.
+    pub fn layout_mismatch(&self, sensor: [usize; 2], action: [usize; 2]) -> Option<String> {
+        let mine = ([self.sensor_window, self.sensor_channels], [self.horizon, self.action_dim]);
+        (mine != (sensor, action)).then(|| {
+            format!("expects sensor {:?} and actions {:?}; the dataset has sensor {sensor:?} and actions {action:?}", mine.0, mine.1)
+        })
+    }
+
     /// The JSON text written as deploy.json.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("DeployInfo serializes")

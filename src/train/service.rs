@@ -208,6 +208,9 @@ pub struct ServiceConfig {
     pub device: String,
     /// How an episodes root is compiled.
     pub compile: CompileConfig,
+    /// Added to the nice value of each job's thread (0: unchanged), so that a control loop on
+    /// the same machine keeps the CPU.
+    pub job_nice: i32,
 }
 
 impl ServiceConfig {
@@ -221,6 +224,7 @@ impl ServiceConfig {
             vram_preset: "auto".into(),
             device: "auto".into(),
             compile: CompileConfig::default(),
+            job_nice: 0,
         }
     }
 
@@ -242,7 +246,13 @@ fn check_request(svc: &ServiceConfig, r: &StartRequest) -> Result<Stages, Reject
         if stages == Stages::Two {
             let bad = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
             let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| bad(&e))?;
-            super::deploy::DeployInfo::read(&stage1).map_err(|e| bad(&e))?;
+            let info = super::deploy::DeployInfo::read(&stage1).map_err(|e| bad(&e))?;
+            // A compiled dataset is checked now; an episodes root's layout is known once compiled.
+            if let Ok(index) = crate::dataset::store::DatasetIndex::load(std::path::Path::new(&r.dataset)) {
+                if let Some(why) = info.layout_mismatch(index.sensor_shape, index.action_shape) {
+                    return Err(RejectReason::DatasetMissing(format!("{}: another sensor layout: stage-1 checkpoint {} {why}", r.dataset, r.stage1_checkpoint)));
+                }
+            }
         }
         // A resume plans memory as its saved state says; a new job as if it ran now.
         let dir = if r.resume_job_id.is_empty() { svc.runs_root.join("check") } else { svc.runs_root.join(&r.resume_job_id).join("stage2") };
@@ -350,6 +360,7 @@ pub fn job_view(jobs: &JobController<StartRequest>, svc: &ServiceConfig, job_id:
 
 /// Runs one job: compiles an episodes root, then its stages, keeping its record up to date.
 fn run_job(cfg: &ServiceConfig, ctx: &JobContext, r: StartRequest, announce: &dyn Fn(&Published)) -> JobOutcome {
+    crate::priority::lower_this_thread(cfg.job_nice);
     let dir = cfg.runs_root.join(&ctx.job_id);
     let resume = !r.resume_job_id.is_empty();
     let mut record = match (resume, JobRecord::read(&dir)) {

@@ -6,10 +6,11 @@ queried; a Stage 2 job on the same root cancelled and resumed by id; and
 every bad request answered with its reason while the trainer keeps serving."""
 
 import json
+import subprocess
 import time
 
 import rclpy
-from conftest import TINY_MODEL, Collect, call, spin_until
+from conftest import CLI, TINY_MODEL, Collect, call, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from vla_finetune_msgs.msg import CheckpointInfo, PolicyStatus, TrainingProgress
@@ -122,6 +123,15 @@ def test_record_finetune_both_stages_on_the_episodes_root_then_cancel_and_resume
     assert "/datasets/" in done.dataset, done.dataset
     spin_until(ros_node, lambda: any(s.active_version == v2.version for s in status.items), 180, f"the policy running {v2.version}")
     assert start(ros_node, resume_job_id=both.job_id).reason.startswith("not_resumable: "), "a done job does not resume"
+
+    # A compiled dataset of another sensor layout is refused for Stage 2 from that checkpoint.
+    other_cfg = tmp_path / "other_layout.yaml"
+    other_cfg.write_text("align:\n  sensor_window_s: 0.1\n  sensor_samples: 65\n")
+    other = tmp_path / "other_layout"
+    made = subprocess.run([str(CLI), "dataset", "compile", "--episodes", str(root), "--out", str(other), "--config", str(other_cfg)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    r = start(ros_node, dataset=str(other), stage1_checkpoint=v1.path)
+    assert not r.accepted and r.reason.startswith("dataset_missing: ") and "another sensor layout" in r.reason and "[650, 1026]" in r.reason and "[65, 1026]" in r.reason, r.reason
 
     # Stage 2 alone from stage 1's checkpoint, on the same root (its compiled set reused), cancelled.
     s2 = start(ros_node, dataset=str(root), stage1_checkpoint=v1.path, overrides=f"{{run.epochs: 50, {STAGE2_FAST}}}")

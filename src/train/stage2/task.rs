@@ -163,22 +163,8 @@ impl Stage2Task {
         if deploy1.pooling != "all" {
             return Err(TrainError::invalid(format!("stage-1 checkpoint `{}`", stage1.display()), format!("pooling `{}` (this job trains with `all`)", deploy1.pooling)));
         }
-        let [t_len, channels] = ds.index.sensor_shape;
-        let [horizon, action_dim] = ds.index.action_shape;
-        if (deploy1.sensor_window, deploy1.sensor_channels, deploy1.horizon, deploy1.action_dim) != (t_len, channels, horizon, action_dim) {
-            return Err(TrainError::invalid(
-                format!("stage-1 checkpoint `{}`", stage1.display()),
-                format!(
-                    "expects sensor [{}, {}] and actions [{}, {}]; dataset {} has sensor {:?} and actions {:?}",
-                    deploy1.sensor_window,
-                    deploy1.sensor_channels,
-                    deploy1.horizon,
-                    deploy1.action_dim,
-                    cfg.data.dataset_dir.display(),
-                    ds.index.sensor_shape,
-                    ds.index.action_shape
-                ),
-            ));
+        if let Some(why) = deploy1.layout_mismatch(ds.index.sensor_shape, ds.index.action_shape) {
+            return Err(TrainError::invalid(format!("stage-1 checkpoint `{}`", stage1.display()), format!("{why} (dataset {})", cfg.data.dataset_dir.display())));
         }
         let (mut heads, _) = PolicyHeads::load(&stage1.join(HEADS_FILE), device)?;
         heads.set_compute_kind(precision.compute_kind());
