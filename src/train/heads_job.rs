@@ -564,7 +564,8 @@ pub fn base_model_id(dir: &Path) -> Result<String> {
     Ok(format!("qwen2_5_vl:{}", hex::encode(h.finalize())))
 }
 
-/// Whether `dir` looks like a base VL model folder (config.json, tokenizer.json, weights).
+/// Whether `dir` looks like a base Qwen2.5-VL model folder: a config.json that parses as one,
+/// tokenizer.json, weights.
 pub fn check_model_dir(dir: &Path) -> Result<()> {
     let missing = |what: &str| Err(TrainError::invalid(dir.display().to_string(), format!("no {what}")));
     for f in ["config.json", "tokenizer.json"] {
@@ -572,6 +573,8 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
             return missing(f);
         }
     }
+    crate::vlm::config::Config::from_file(&dir.join("config.json"))
+        .map_err(|e| TrainError::invalid(dir.display().to_string(), format!("not a Qwen2.5-VL model: {e}")))?;
     if !dir.join("model.safetensors").is_file() && !dir.join("model.safetensors.index.json").is_file() {
         return missing("model.safetensors or model.safetensors.index.json");
     }

@@ -73,11 +73,17 @@ def test_record_finetune_both_stages_on_the_episodes_root_then_cancel_and_resume
     # Bad requests get their reason; nothing starts.
     (tmp_path / "empty" / "episodes").mkdir(parents=True)
     (tmp_path / "not_a_model").mkdir()
+    other_model = tmp_path / "llama"
+    other_model.mkdir()
+    for f in ("tokenizer.json", "model.safetensors"):
+        (other_model / f).symlink_to(TINY_MODEL / f)
+    (other_model / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
     bad = {
         "missing root": (dict(dataset=str(tmp_path / "missing")), "dataset_missing: ", "neither a compiled dataset"),
         "empty root": (dict(dataset=str(tmp_path / "empty")), "dataset_missing: ", "no usable episode: the `episodes/` folder is empty"),
         "nothing selected": (dict(dataset=str(root), outcomes=["aborted"]), "dataset_missing: ", "no usable episode: 4 episode(s) found"),
         "not a model": (dict(dataset=str(root), base_model=str(tmp_path / "not_a_model")), "model_dir_invalid: ", "no config.json"),
+        "not Qwen2.5-VL": (dict(dataset=str(root), base_model=str(other_model)), "model_dir_invalid: ", "not a Qwen2.5-VL model: "),
         "unknown key": (dict(dataset=str(root), overrides="{run.nope: 1}"), "config_invalid: ", "nope"),
         "wrong type": (dict(dataset=str(root), overrides="{run.epochs: many}"), "config_invalid: ", "run.epochs"),
         "stage 2 without stage 1": (dict(dataset=str(root), stages="2"), "config_invalid: ", "give stage1_checkpoint"),
@@ -86,6 +92,7 @@ def test_record_finetune_both_stages_on_the_episodes_root_then_cancel_and_resume
     for what, (fields, code, detail) in bad.items():
         r = start(ros_node, **fields)
         assert not r.accepted and r.reason.startswith(code) and detail in r.reason, (what, r.reason)
+    assert "model_type `llama` is not `qwen2_5_vl`" in start(ros_node, dataset=str(root), base_model=str(other_model)).reason
     missing = job(ros_node, "ft-0-0")
     assert not missing.found and "no job `ft-0-0`" in missing.reason, missing
     c = call(ros_node, CancelFineTune, "/vla_trainer/cancel_finetune", CancelFineTune.Request(job_id="ft-0-0"))
