@@ -203,6 +203,7 @@ def main():
         overrides = {
             "stage1.epochs": a.epochs,
             "stage1.seed": a.seed,
+            "stage1.keep_versions": 100,
             "run.epochs": a.stage2_epochs,
             "run.seed": a.seed,
             "model.compute_dtype": "f32",
@@ -283,7 +284,7 @@ def main():
         "stage2_validation_per_epoch": s2["validation"],
         "lora_params_changed": s2["lora_params_changed"],
         "cache_refreshes": s2["cache_refreshes"],
-        "published_versions": list(job.versions),
+        "published_versions": s1["versions"] + s2["versions"],
         "active_version": final.active_version,
         "hotswap_latency_ms": latency.get(final.active_version),
         "missed_ticks": final.missed_ticks,

@@ -54,7 +54,7 @@ pub struct JobRecord {
     pub stage: u8,
     /// Stage 1's published checkpoint, once stage 1 has finished (Stage 2 starts from it).
     pub stage1_checkpoint: String,
-    /// Versions published, oldest first.
+    /// Versions announced (published and made `latest`), oldest first.
     pub versions: Vec<String>,
     /// How far it got.
     pub state: JobState,

@@ -27,13 +27,14 @@ def test_ros_demo_closes_the_loop_and_its_report_matches_the_files(tmp_path):
     assert report["samples_train"] + report["samples_val"] == len(index["samples"]) and report["samples_val"] > 0
     assert report["drops"] == compiled["drops"]
 
-    # Versions: every one published is in the checkpoints folder and was announced; the policy
-    # node runs the last announced one.
+    # Versions: those published are the checkpoints folder's; those announced (published and made
+    # `latest`) are the job's record; the policy node runs the last announced one.
     record = json.loads((out / "runs" / ros["job_id"] / "job.json").read_text())
-    assert record["state"] == "done" and record["versions"] == report["published_versions"]
-    for v in report["published_versions"]:
-        assert (Path(report["checkpoints"]) / v / "manifest.json").is_file(), v
+    assert record["state"] == "done" and record["versions"] == ros["checkpoints_announced"]
+    kept = sorted(p.name for p in Path(report["checkpoints"]).iterdir() if (p / "manifest.json").is_file())
+    assert kept == sorted(report["published_versions"]), (kept, report["published_versions"])
     assert ros["checkpoints_announced"] and set(ros["checkpoints_announced"]) <= set(report["published_versions"])
+    assert report["published_versions"] == sorted(report["published_versions"])
     assert report["active_version"] == ros["policy_active_version"] == ros["checkpoints_announced"][-1]
     assert report["hotswap_latency_ms"] > 0
 
