@@ -125,7 +125,7 @@ pub fn select(root: &Path, sel: &EpisodeSelection) -> Result<Selected, Selection
     let mut hash = Sha256::new();
     for dir in dirs {
         let id = folder_id(&dir);
-        if let Some(pid) = std::fs::read_to_string(dir.join(RECORDING_MARKER)).ok().and_then(|m| live_recorder(&m)) {
+        if let Some(pid) = recording_pid(&dir) {
             out.left_out.push(LeftOut { id, reason: format!("being recorded (pid {pid})") });
             continue;
         }
@@ -156,6 +156,11 @@ fn describe_left_out(left: &[LeftOut]) -> String {
     }
     let parts: Vec<String> = groups.iter().map(|(r, n)| format!("{n} {r}")).collect();
     format!("{} episode(s) found, all left out: {}", left.len(), parts.join("; "))
+}
+
+/// The pid of the live recorder writing episode folder `dir`, if one is.
+fn recording_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join(RECORDING_MARKER)).ok().and_then(|m| live_recorder(&m))
 }
 
 fn folder_id(dir: &Path) -> String {
@@ -234,7 +239,7 @@ pub fn set_discarded(root: &Path, id: &str, reason: &str, restore: bool) -> Resu
     if id.is_empty() || id.contains('/') || id == "." || id == ".." || !dir.join(EPISODE_JSON).is_file() {
         return Err(SelectionError::UnknownEpisode { root: root.to_path_buf(), id: id.to_string() });
     }
-    if let Some(pid) = std::fs::read_to_string(dir.join(RECORDING_MARKER)).ok().and_then(|m| live_recorder(&m)) {
+    if let Some(pid) = recording_pid(&dir) {
         return Err(SelectionError::Recording { id: id.to_string(), pid });
     }
     let mut meta = read_episode_json(&dir).map_err(|e| SelectionError::Io { path: dir.join(EPISODE_JSON), message: e.to_string() })?;

@@ -231,12 +231,7 @@ async fn follow_goal(
         tokio::select! {
             outcome = &mut ended => break outcome,
             ev = events.recv() => match ev {
-                Ok(ev) if ev.job_id == job_id && throttle.admit(&ev, Instant::now()) => {
-                    let progress = progress_msg(&ev, clock.now());
-                    if let Err(e) = goal.publish_feedback(action::FineTune::Feedback { progress }) {
-                        tracing::warn!("finetune feedback: {e}");
-                    }
-                }
+                Ok(ev) if ev.job_id == job_id && throttle.admit(&ev, Instant::now()) => feedback(&goal, &ev, &clock),
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => {}
             },
@@ -260,12 +255,8 @@ async fn follow_goal(
             _ = &mut grace => break,
             ev = events.recv() => match ev {
                 Ok(ev) if ev.job_id == job_id => {
-                    let terminal = ev.phase.is_terminal();
-                    let progress = progress_msg(&ev, clock.now());
-                    if let Err(e) = goal.publish_feedback(action::FineTune::Feedback { progress }) {
-                        tracing::warn!("finetune feedback: {e}");
-                    }
-                    if terminal {
+                    feedback(&goal, &ev, &clock);
+                    if ev.phase.is_terminal() {
                         break;
                     }
                 }
@@ -290,6 +281,13 @@ async fn follow_goal(
     };
     if let Err(e) = sent {
         tracing::error!("finetune: could not send the result of {job_id}: {e}");
+    }
+}
+
+/// Sends `ev` as the goal's feedback, stamped by the node clock.
+fn feedback(goal: &r2r::ActionServerGoal<action::FineTune::Action>, ev: &crate::train::progress::ProgressEvent, clock: &super::clock::NodeClock) {
+    if let Err(e) = goal.publish_feedback(action::FineTune::Feedback { progress: progress_msg(ev, clock.now()) }) {
+        tracing::warn!("finetune feedback: {e}");
     }
 }
 
