@@ -10,8 +10,14 @@ venv=${1:-$root/.venv}
 py=$venv/bin/python
 "$py" -m pip install --quiet --disable-pip-version-check -r "$root/scripts/requirements-ros.txt"
 
-# bindgen (r2r's build scripts) needs libclang.
-if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+# bindgen (r2r's build scripts) needs libclang (libclang-cpp, which some images ship alone, is not it).
+have_libclang() {
+  for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+if ! have_libclang; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
   else
