@@ -97,7 +97,7 @@ fn an_episodes_root_compiles_once_while_its_selected_episodes_are_unchanged() {
     let datasets = dir.path().join("datasets");
     let sel = EpisodeSelection::default();
     let first = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &compile_config(), &datasets).unwrap();
-    assert!(!first.reused);
+    assert!(!first.reused && first.episodes_compiled == 3);
     let idx = DatasetIndex::load(&first.dir).unwrap();
     assert_eq!(idx.episodes.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [ids[0].clone(), ids[1].clone(), ids[3].clone()]);
     assert_eq!(first.report.as_ref().unwrap().episodes.len(), 3);
@@ -110,6 +110,7 @@ fn an_episodes_root_compiles_once_while_its_selected_episodes_are_unchanged() {
     set_discarded(&rec, &ids[1], "", false).unwrap();
     let fewer = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &compile_config(), &datasets).unwrap();
     assert!(!fewer.reused && fewer.dir != first.dir);
+    assert_eq!(fewer.episodes_compiled, 0, "the remaining episodes' parts are reused");
     assert_eq!(DatasetIndex::load(&fewer.dir).unwrap().episodes.len(), 2);
     set_discarded(&rec, &ids[1], "", true).unwrap();
     let back = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &compile_config(), &datasets).unwrap();
@@ -117,7 +118,22 @@ fn an_episodes_root_compiles_once_while_its_selected_episodes_are_unchanged() {
     // Other compile settings: another set.
     let mut cc = compile_config();
     cc.split.val_fraction = 0.5;
-    assert!(!prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &cc, &datasets).unwrap().reused);
+    let resplit = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &cc, &datasets).unwrap();
+    assert!(!resplit.reused && resplit.episodes_compiled == 0);
+    // A new episode (recorded into the same root): only it is compiled.
+    let o = Command::new(BIN)
+        .args(["record", "--sim", "--seed", "7", "--episodes", "1", "--seconds", "1.2", "--cameras", "1", "--width", "56", "--height", "56", "--out"])
+        .arg(&rec)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let new = rec.join("episodes").join("sim_s7_e0000");
+    let mut meta = read_episode_json(&new).unwrap();
+    meta.outcome = "success".into();
+    write_episode_json(&new, &meta).unwrap();
+    let grown = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &compile_config(), &datasets).unwrap();
+    assert_eq!((grown.reused, grown.episodes_compiled), (false, 1));
+    assert_eq!(DatasetIndex::load(&grown.dir).unwrap().episodes.len(), 4);
     // A compiled dataset is used as it is.
     assert_eq!(DatasetSource::resolve(&first.dir, &sel).unwrap(), DatasetSource::Compiled(first.dir.clone()));
 }

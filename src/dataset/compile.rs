@@ -287,16 +287,50 @@ pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageError> {
 
 /// Shapes fixed by the first usable episode; later episodes must match.
 #[derive(Debug, Clone, PartialEq)]
-struct Shapes {
-    cameras: Vec<String>,
-    sensor_channels: usize,
-    state_names: Vec<String>,
-    action_dim: usize,
+pub(super) struct Shapes {
+    pub(super) cameras: Vec<String>,
+    pub(super) sensor_channels: usize,
+    pub(super) state_names: Vec<String>,
+    pub(super) action_dim: usize,
 }
 
 impl Shapes {
+    /// No streams (a dataset without usable episodes).
+    pub(super) fn empty() -> Self {
+        Shapes { cameras: Vec::new(), sensor_channels: 0, state_names: Vec::new(), action_dim: 0 }
+    }
+
     fn of(al: &Aligner) -> Self {
         Shapes { cameras: al.camera_names(), sensor_channels: al.sensor_channels(), state_names: al.state_names().to_vec(), action_dim: al.action_dim() }
+    }
+
+    /// The shapes a compiled dataset holds.
+    pub(super) fn of_index(ix: &DatasetIndex) -> Self {
+        Shapes {
+            cameras: ix.cameras.iter().map(|c| c.name.clone()).collect(),
+            sensor_channels: ix.sensor_shape[1],
+            state_names: ix.state_names.clone(),
+            action_dim: ix.action_shape[1],
+        }
+    }
+
+    /// Why an episode of shapes `self` cannot join a dataset of shapes `want`.
+    pub(super) fn mismatch(&self, want: &Shapes) -> String {
+        format!(
+            "streams do not match the dataset: cameras {:?}, sensor channels {}, state {:?}, action dim {}; expected cameras {:?}, sensor channels {}, state {:?}, action dim {}",
+            self.cameras, self.sensor_channels, self.state_names, self.action_dim, want.cameras, want.sensor_channels, want.state_names, want.action_dim
+        )
+    }
+
+    /// The training statistics' accumulators of a dataset of these shapes.
+    pub(super) fn stats_accumulators(&self, cfg: &CompileConfig) -> [StatsAccumulator; 3] {
+        let seed = cfg.split.seed;
+        let r = cfg.store.stats_reservoir_rows;
+        [
+            StatsAccumulator::new(self.sensor_channels, r, seed ^ 1),
+            StatsAccumulator::new(self.state_names.len(), r, seed ^ 2),
+            StatsAccumulator::new(self.action_dim, r, seed ^ 3),
+        ]
     }
 }
 
@@ -348,13 +382,7 @@ impl Builder<'_> {
 
     /// Fixes the dataset's shapes and starts the statistics.
     fn set_shapes(&mut self, s: Shapes) {
-        let seed = self.cfg.split.seed;
-        let r = self.cfg.store.stats_reservoir_rows;
-        self.stats = Some([
-            StatsAccumulator::new(s.sensor_channels, r, seed ^ 1),
-            StatsAccumulator::new(s.state_names.len(), r, seed ^ 2),
-            StatsAccumulator::new(s.action_dim, r, seed ^ 3),
-        ]);
+        self.stats = Some(s.stats_accumulators(self.cfg));
         self.camera_sizes = vec![None; s.cameras.len()];
         self.shapes = Some(s);
     }
@@ -367,10 +395,7 @@ impl Builder<'_> {
                 Ok(())
             }
             Some(first) if *first == s => Ok(()),
-            Some(first) => Err(format!(
-                "streams do not match the dataset: cameras {:?}, sensor channels {}, state {:?}, action dim {}; expected cameras {:?}, sensor channels {}, state {:?}, action dim {}",
-                s.cameras, s.sensor_channels, s.state_names, s.action_dim, first.cameras, first.sensor_channels, first.state_names, first.action_dim
-            )),
+            Some(first) => Err(s.mismatch(first)),
         }
     }
 
@@ -517,24 +542,54 @@ pub fn compile(episodes: &[&dyn EpisodeSource], cfg: &CompileConfig, out: &Path,
     cfg.validate()?;
     let mut order: Vec<usize> = (0..episodes.len()).collect();
     order.sort_by(|&a, &b| episodes[a].meta().id.cmp(&episodes[b].meta().id));
-    for w in order.windows(2) {
-        if episodes[w[0]].meta().id == episodes[w[1]].meta().id {
-            return Err(CompileError::DuplicateEpisode(episodes[w[0]].meta().id.clone()));
-        }
-    }
     let ids: Vec<String> = order.iter().map(|&i| episodes[i].meta().id.clone()).collect();
+    check_unique(&ids)?;
     let splits = split_episodes(&ids, &cfg.split);
     let staging = Staging::create(out, overwrite)?;
     let result = build(episodes, &order, &splits, cfg, &staging.dir, &staging.removed);
+    finish(staging, result, out, episodes.len())
+}
+
+/// Fails on the first id given twice; `ids` sorted.
+pub(super) fn check_unique(ids: &[String]) -> Result<(), CompileError> {
+    match ids.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(CompileError::DuplicateEpisode(w[0].clone())),
+        None => Ok(()),
+    }
+}
+
+/// Commits a staged dataset that holds samples; abandons it otherwise.
+pub(super) fn finish(staging: Staging, result: Result<CompileOutput, CompileError>, out: &Path, episodes: usize) -> Result<CompileOutput, CompileError> {
     match result {
         Ok(o) if o.report.samples == 0 => {
             staging.abandon();
             let first = o.report.failed_episodes.first().map(|f| format!("; first: {}: {}", f.id, f.error)).unwrap_or_default();
-            Err(CompileError::NoSamples { out: out.to_path_buf(), episodes: episodes.len(), failed: o.report.failed_episodes.len(), first })
+            Err(CompileError::NoSamples { out: out.to_path_buf(), episodes, failed: o.report.failed_episodes.len(), first })
         }
         Ok(o) => {
             staging.commit()?;
             Ok(o)
+        }
+        Err(e) => {
+            staging.abandon();
+            Err(e)
+        }
+    }
+}
+
+/// Compiles one episode, all of it as training, into the new folder `out` (a part of an
+/// incremental compile, [`super::incremental`]); kept even without samples, for its report.
+/// `Ok(Err(..))` when the episode is left out (nothing is written then).
+pub(super) fn compile_one(src: &dyn EpisodeSource, cfg: &CompileConfig, out: &Path) -> Result<Result<CompileOutput, FailedEpisode>, CompileError> {
+    let staging = Staging::create(out, false)?;
+    match build(&[src], &[0], &[Split::Train], cfg, &staging.dir, &[]) {
+        Ok(mut o) if !o.report.failed_episodes.is_empty() => {
+            staging.abandon();
+            Ok(Err(o.report.failed_episodes.remove(0)))
+        }
+        Ok(o) => {
+            staging.commit()?;
+            Ok(Ok(o))
         }
         Err(e) => {
             staging.abandon();
@@ -587,6 +642,46 @@ fn build(
         }
     }
     b.flush_shard()?;
+    add_totals(&mut report);
+    let shapes = b.shapes.clone().unwrap_or_else(Shapes::empty);
+    let index = dataset_index(cfg, &shapes, &b.camera_sizes, b.shards.clone(), entries, b.samples);
+    let stats = match &b.stats {
+        Some([a, s, c]) => DatasetStats { sensor: a.finish(), state: s.finish(), action: c.finish() },
+        None => DatasetStats::default(),
+    };
+    write_outputs(dir, cfg, &index, &stats, &report)?;
+    Ok(CompileOutput { index, stats, report })
+}
+
+/// The index of a dataset of `shapes`, camera sizes `sizes` (unknown: 0 x 0), and its contents.
+pub(super) fn dataset_index(
+    cfg: &CompileConfig,
+    shapes: &Shapes,
+    sizes: &[Option<(u32, u32)>],
+    shards: Vec<ShardInfo>,
+    episodes: Vec<EpisodeEntry>,
+    samples: Vec<SampleEntry>,
+) -> DatasetIndex {
+    DatasetIndex {
+        format: FORMAT.into(),
+        cameras: shapes
+            .cameras
+            .iter()
+            .zip(sizes.iter().chain(std::iter::repeat(&None)))
+            .map(|(n, wh)| CameraInfo { name: n.clone(), width: wh.map_or(0, |w| w.0), height: wh.map_or(0, |w| w.1) })
+            .collect(),
+        sensor_shape: [cfg.align.sensor_samples, shapes.sensor_channels],
+        state_names: shapes.state_names.clone(),
+        action_shape: [cfg.align.horizon, shapes.action_dim],
+        control_hz: cfg.align.control_hz,
+        shards,
+        episodes,
+        samples,
+    }
+}
+
+/// Fills the report's totals and per-stream figures from its episodes.
+pub(super) fn add_totals(report: &mut CompileReport) {
     for ep in &report.episodes {
         report.candidates += ep.candidates;
         report.samples += ep.samples;
@@ -616,33 +711,16 @@ fn build(
             }
         }
     }
-    let shapes = b.shapes.clone().unwrap_or(Shapes { cameras: Vec::new(), sensor_channels: 0, state_names: Vec::new(), action_dim: 0 });
-    let index = DatasetIndex {
-        format: FORMAT.into(),
-        cameras: shapes
-            .cameras
-            .iter()
-            .zip(b.camera_sizes.iter().chain(std::iter::repeat(&None)))
-            .map(|(n, wh)| CameraInfo { name: n.clone(), width: wh.map_or(0, |w| w.0), height: wh.map_or(0, |w| w.1) })
-            .collect(),
-        sensor_shape: [cfg.align.sensor_samples, shapes.sensor_channels],
-        state_names: shapes.state_names.clone(),
-        action_shape: [cfg.align.horizon, shapes.action_dim],
-        control_hz: cfg.align.control_hz,
-        shards: b.shards.clone(),
-        episodes: entries,
-        samples: b.samples,
-    };
-    let stats = match &b.stats {
-        Some([a, s, c]) => DatasetStats { sensor: a.finish(), state: s.finish(), action: c.finish() },
-        None => DatasetStats::default(),
-    };
-    write_json(&dir.join(INDEX_FILE), &index)?;
-    write_json(&dir.join(STATS_FILE), &stats)?;
-    write_json(&dir.join(REPORT_FILE), &report)?;
+}
+
+/// Writes a dataset's index, statistics, report and compile settings into `dir`.
+pub(super) fn write_outputs(dir: &Path, cfg: &CompileConfig, index: &DatasetIndex, stats: &DatasetStats, report: &CompileReport) -> Result<(), CompileError> {
+    write_json(&dir.join(INDEX_FILE), index)?;
+    write_json(&dir.join(STATS_FILE), stats)?;
+    write_json(&dir.join(REPORT_FILE), report)?;
     let yaml = serde_yaml::to_string(cfg).map_err(|e| CompileError::Config(format!("serializing the config: {e}")))?;
     write_synced(&dir.join(CONFIG_FILE), yaml.as_bytes())?;
-    Ok(CompileOutput { index, stats, report })
+    Ok(())
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StoreError> {

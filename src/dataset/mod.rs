@@ -6,6 +6,7 @@ pub mod compile;
 pub mod episode;
 pub mod gaps;
 pub mod import;
+pub mod incremental;
 pub mod mcap_episode;
 pub mod reader;
 pub mod recorder;

@@ -102,10 +102,12 @@ pub struct LeftOut {
 pub struct Selected {
     /// Episode folders that train, sorted by id.
     pub dirs: Vec<PathBuf>,
+    /// Per folder of `dirs`: sha256 over its recorded files (names, sizes, modification times)
+    /// and `episode.json` contents, equal while the episode is unchanged.
+    pub fingerprints: Vec<String>,
     /// Episodes left out, sorted by id.
     pub left_out: Vec<LeftOut>,
-    /// sha256 over the selected episodes' recorded files (names, sizes, modification times) and
-    /// `episode.json` contents: equal while the selected episodes are unchanged.
+    /// sha256 over `fingerprints`: equal while the selected episodes are unchanged.
     pub fingerprint: String,
 }
 
@@ -121,7 +123,7 @@ pub fn select(root: &Path, sel: &EpisodeSelection) -> Result<Selected, Selection
         return Err(SelectionError::NotARoot(root.to_path_buf()));
     }
     let dirs = list_episodes(root).map_err(|e| SelectionError::Io { path: root.join("episodes"), message: e.to_string() })?;
-    let mut out = Selected { dirs: Vec::new(), left_out: Vec::new(), fingerprint: String::new() };
+    let mut out = Selected { dirs: Vec::new(), fingerprints: Vec::new(), left_out: Vec::new(), fingerprint: String::new() };
     let mut hash = Sha256::new();
     for dir in dirs {
         let id = folder_id(&dir);
@@ -135,7 +137,9 @@ pub fn select(root: &Path, sel: &EpisodeSelection) -> Result<Selected, Selection
                 continue;
             }
         }
-        hash_episode(&mut hash, &dir, &id)?;
+        let fingerprint = episode_fingerprint(&dir, &id)?;
+        hash.update(fingerprint.as_bytes());
+        out.fingerprints.push(fingerprint);
         out.dirs.push(dir);
     }
     if out.dirs.is_empty() {
@@ -167,7 +171,7 @@ fn folder_id(dir: &Path) -> String {
     dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn hash_episode(hash: &mut Sha256, dir: &Path, id: &str) -> Result<(), SelectionError> {
+fn episode_fingerprint(dir: &Path, id: &str) -> Result<String, SelectionError> {
     let io = |e: std::io::Error| SelectionError::Io { path: dir.to_path_buf(), message: e.to_string() };
     let mut files: Vec<(String, u64, i128)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
@@ -180,14 +184,14 @@ fn hash_episode(hash: &mut Sha256, dir: &Path, id: &str) -> Result<(), Selection
         }
     }
     files.sort();
+    let mut hash = Sha256::new();
     hash.update(id.as_bytes());
     hash.update([0]);
     for (name, len, mtime) in files {
         hash.update(format!("{name}\0{len}\0{mtime}\0").as_bytes());
     }
     hash.update(std::fs::read(dir.join(EPISODE_JSON)).unwrap_or_default());
-    hash.update([1]);
-    Ok(())
+    Ok(hex(&hash.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {

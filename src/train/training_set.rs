@@ -2,14 +2,16 @@
 //! episodes root the collector records into, whose selected episodes
 //! ([`EpisodeSelection`]) are compiled under `<datasets_root>/<fingerprint>/`. The fingerprint
 //! covers the selected episodes' files and metadata and the compile settings, so a compiled set
-//! is reused while its episodes are unchanged and a new or changed episode makes a new one.
+//! is reused while its episodes are unchanged and a new or changed episode makes a new one. That
+//! one is compiled incrementally ([`compile_incremental`]): only the new or changed episodes are
+//! compiled, into `<datasets_root>/parts/`, the others' parts are reused.
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::dataset::compile::{compile, CompileConfig, CompileError, CompileReport};
-use crate::dataset::episode::EpisodeSource;
+use crate::dataset::compile::{CompileConfig, CompileError, CompileReport};
+use crate::dataset::incremental::{compile_incremental, FingerprintedEpisode};
 use crate::dataset::selection::{self, EpisodeSelection, LeftOut, Selected, SelectionError};
 
 /// What a request's `dataset` names.
@@ -77,26 +79,31 @@ pub struct TrainingSet {
     pub left_out: Vec<LeftOut>,
     /// The compile report when it was compiled now.
     pub report: Option<CompileReport>,
+    /// Episodes compiled now (the others' parts were reused).
+    pub episodes_compiled: usize,
 }
 
 /// The folder `source` trains from, compiling an episodes root's selection under
-/// `datasets_root` unless a compile of the same episodes and settings is there already.
+/// `datasets_root` unless a compile of the same episodes and settings is there already (and
+/// then only the episodes not compiled before).
 pub fn prepare(source: &DatasetSource, cfg: &CompileConfig, datasets_root: &Path) -> Result<TrainingSet, TrainingSetError> {
     let (root, selected) = match source {
-        DatasetSource::Compiled(dir) => return Ok(TrainingSet { dir: dir.clone(), reused: true, left_out: Vec::new(), report: None }),
+        DatasetSource::Compiled(dir) => return Ok(TrainingSet { dir: dir.clone(), reused: true, left_out: Vec::new(), report: None, episodes_compiled: 0 }),
         DatasetSource::Episodes { root, selected } => (root, selected),
     };
     let dir = datasets_root.join(identity(selected, cfg));
-    let mut set = TrainingSet { dir: dir.clone(), reused: true, left_out: selected.left_out.clone(), report: None };
+    let mut set = TrainingSet { dir: dir.clone(), reused: true, left_out: selected.left_out.clone(), report: None, episodes_compiled: 0 };
     if dir.join("index.json").is_file() {
         return Ok(set);
     }
     std::fs::create_dir_all(datasets_root).map_err(|source| TrainingSetError::Io { path: datasets_root.to_path_buf(), source })?;
     let episodes = selection::open_recorded(&selected.dirs);
-    let refs: Vec<&dyn EpisodeSource> = episodes.iter().map(|e| e.as_ref()).collect();
-    let out = compile(&refs, cfg, &dir, true).map_err(|source| TrainingSetError::Compile { root: root.clone(), source })?;
+    let inputs: Vec<FingerprintedEpisode<'_>> =
+        episodes.iter().zip(&selected.fingerprints).map(|(e, f)| FingerprintedEpisode { source: e.as_ref(), fingerprint: f.clone() }).collect();
+    let out = compile_incremental(&inputs, cfg, &datasets_root.join("parts"), &dir).map_err(|source| TrainingSetError::Compile { root: root.clone(), source })?;
     set.reused = false;
-    set.report = Some(out.report);
+    set.report = Some(out.output.report);
+    set.episodes_compiled = out.compiled;
     Ok(set)
 }
 
@@ -115,9 +122,10 @@ pub fn describe(set: &TrainingSet) -> String {
         Some(r) => {
             let drops: Vec<String> = r.drops.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
             parts.push(format!(
-                "compiled {} episodes into {}: {} samples ({} train, {} val), dropped: {}",
+                "compiled {} episodes into {} ({} read now, earlier compiles of the others reused): {} samples ({} train, {} val), dropped: {}",
                 r.episodes.len(),
                 set.dir.display(),
+                set.episodes_compiled,
                 r.samples,
                 r.train_samples,
                 r.val_samples,
