@@ -6,7 +6,8 @@
 //! status to `~/status`, and with `target_output` twist/pose the first step of each chunk to
 //! `~/target_twist` (TwistStamped) or `~/target_pose` (PoseStamped, relative, tool frame).
 //! Safety gate: nothing is published until `~/enable` (std_srvs/SetBool) is called with true
-//! (unless `start_enabled`); false stops publishing. `~/rollback` (std_srvs/Trigger) makes the
+//! (unless `start_enabled`); false stops publishing. Both are served from the start: one called
+//! before the first checkpoint holds once it is loaded. `~/rollback` (std_srvs/Trigger) makes the
 //! previous version active and pins it; the `pinned_version` parameter pins / unpins and
 //! `instruction` replaces the instruction, both at run time (`ros2 param set`).
 //! The robot state stream is not an input: the heads in this build are trained without state.
@@ -168,6 +169,8 @@ pub fn main() -> Result<()> {
     }
     let ddim_steps = usize::try_from(p.int("ddim_steps")).map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
 
+    let gate: SharedGate = Arc::new(tokio::sync::Mutex::new(Gate::Waiting { enable: None }));
+    serve_operator(&mut n.node, &n.rt, &gate)?;
     let (announced_tx, mut announced) = tokio::sync::mpsc::unbounded_channel::<(String, PathBuf)>();
     let mut ckpt = n.node.subscribe::<msg::CheckpointInfo>("~/checkpoint_in", super::trainer::checkpoint_qos())?;
     n.rt.spawn(async move {
@@ -241,7 +244,7 @@ pub fn main() -> Result<()> {
         }
     });
 
-    serve_operator(node, rt, &handle.operator)?;
+    rt.block_on(open_gate(&gate, handle.operator.clone()));
     rt.spawn(apply_parameter_changes(changes, handle.inputs.clone(), handle.operator.clone()));
 
     let announcer = handle.announcer.clone();
@@ -335,23 +338,66 @@ fn answer(reply: Result<OperatorReply, tokio::sync::oneshot::error::RecvError>) 
     }
 }
 
+/// Where the operator services send their commands: nowhere before the runtime has started
+/// (no checkpoint yet; an enable is kept for the start), then its operator.
+enum Gate {
+    Waiting { enable: Option<bool> },
+    Running(Operator),
+}
+
+type SharedGate = Arc<tokio::sync::Mutex<Gate>>;
+
+/// The answer to `cmd`: from the runtime once started, from the gate before.
+async fn command(gate: &SharedGate, cmd: OperatorCommand) -> (bool, String) {
+    let mut g = gate.lock().await;
+    match &mut *g {
+        Gate::Running(op) => {
+            let op = op.clone();
+            drop(g);
+            answer(op.send(cmd).await)
+        }
+        Gate::Waiting { enable } => match cmd {
+            OperatorCommand::Enable(on) => {
+                *enable = Some(on);
+                let message = if on { "enabled: publishing actions once a checkpoint is loaded" } else { "disabled: no checkpoint is loaded yet" };
+                (true, message.into())
+            }
+            _ => (false, "no checkpoint is loaded yet: nothing to roll back to".into()),
+        },
+    }
+}
+
+/// Hands the gate to the started runtime, applying an enable asked for while waiting.
+async fn open_gate(gate: &SharedGate, operator: Operator) {
+    let mut g = gate.lock().await;
+    if let Gate::Waiting { enable: Some(on) } = *g {
+        let (ok, message) = answer(operator.send(OperatorCommand::Enable(on)).await);
+        if ok {
+            tracing::info!("{message} (asked for before the first checkpoint)");
+        } else {
+            tracing::error!("the enable asked for before the first checkpoint failed: {message}");
+        }
+    }
+    *g = Gate::Running(operator);
+}
+
 /// `~/enable` (SetBool: true enables publishing, false disables it) and `~/rollback` (Trigger).
-fn serve_operator(node: &mut r2r::Node, rt: &tokio::runtime::Runtime, operator: &Operator) -> Result<()> {
+fn serve_operator(node: &mut r2r::Node, rt: &tokio::runtime::Runtime, gate: &SharedGate) -> Result<()> {
     let mut enable = node.create_service::<SetBool::Service>("~/enable", QosProfile::services_default())?;
-    let op = operator.clone();
+    let g = gate.clone();
     rt.spawn(async move {
         while let Some(req) = enable.next().await {
-            let (success, message) = answer(op.send(OperatorCommand::Enable(req.message.data)).await);
+            let (success, message) = command(&g, OperatorCommand::Enable(req.message.data)).await;
             if let Err(e) = req.respond(SetBool::Response { success, message }) {
                 tracing::error!("enable: could not respond: {e}");
             }
         }
     });
     let mut rollback = node.create_service::<Trigger::Service>("~/rollback", QosProfile::services_default())?;
-    let op = operator.clone();
+    let g = gate.clone();
     rt.spawn(async move {
         while let Some(req) = rollback.next().await {
-            let (success, message) = answer(op.send(OperatorCommand::RollBack).await);
+            let (success, message) = command(&g, OperatorCommand::RollBack).await;
             if let Err(e) = req.respond(Trigger::Response { success, message }) {
                 tracing::error!("rollback: could not respond: {e}");
             }

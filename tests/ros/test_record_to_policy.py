@@ -1,7 +1,8 @@
 """Record -> fine-tune -> hot-swap through ROS 2 alone: episodes recorded through the collector's
 services, one StartFineTune on the episodes root (failed and discarded episodes left out, the
 episodes compiled in phase `compiling`, stage 1 then Stage 2 in one job, steps restarting with
-the stage), both checkpoints announced and the policy node running the last; the job's state
+the stage), both checkpoints announced and the policy node running the last (enabled before
+its first checkpoint, acting once it is loaded); the job's state
 queried; a Stage 2 job on the same root cancelled and resumed by id; and
 every bad request answered with its reason while the trainer keeps serving."""
 
@@ -13,7 +14,9 @@ import rclpy
 from conftest import CLI, TINY_MODEL, Collect, call, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
-from vla_finetune_msgs.msg import CheckpointInfo, PolicyStatus, TrainingProgress
+from std_srvs.srv import SetBool, Trigger
+
+from vla_finetune_msgs.msg import ActionChunk, CheckpointInfo, PolicyStatus, TrainingProgress
 from vla_finetune_msgs.srv import CancelFineTune, DiscardEpisode, GetFineTuneJob, StartEpisode, StartFineTune, StopEpisode
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -61,6 +64,13 @@ def test_record_finetune_both_stages_on_the_episodes_root_then_cancel_and_resume
     progress = Collect(ros_node, TrainingProgress, "/vla_trainer/progress", 1000)
     announced = Collect(ros_node, CheckpointInfo, "/vla_trainer/checkpoint", LATCHED)
     status = Collect(ros_node, PolicyStatus, "/vla_policy/status", 100)
+    actions = Collect(ros_node, ActionChunk, "/vla_policy/action_chunk", 100)
+
+    # The policy's gate is served before it has a checkpoint: an enable now holds once one loads.
+    early = call(ros_node, Trigger, "/vla_policy/rollback", Trigger.Request())
+    assert not early.success and early.message == "no checkpoint is loaded yet: nothing to roll back to", early
+    early = call(ros_node, SetBool, "/vla_policy/enable", SetBool.Request(data=True))
+    assert early.success and early.message == "enabled: publishing actions once a checkpoint is loaded", early
 
     # Four demonstrations: one failed, one discarded afterwards (its files stay).
     ids = [record(ros_node, 3.0, outcome) for outcome in ("success", "success", "failure", "success")]
@@ -129,6 +139,11 @@ def test_record_finetune_both_stages_on_the_episodes_root_then_cancel_and_resume
     v2 = announced.items[-1]
     assert "/datasets/" in done.dataset, done.dataset
     spin_until(ros_node, lambda: any(s.active_version == v2.version for s in status.items), 180, f"the policy running {v2.version}")
+    # Enabled before its first checkpoint, it acts without another call.
+    spin_until(ros_node, lambda: any(s.enabled and s.acting for s in status.items), 60, "the policy enabled and acting")
+    spin_until(ros_node, lambda: any(a.checkpoint_version == v2.version for a in actions.items), 60, f"actions of {v2.version}")
+    off = call(ros_node, SetBool, "/vla_policy/enable", SetBool.Request(data=False))
+    assert off.success and off.message.startswith("disabled"), off
     assert start(ros_node, resume_job_id=both.job_id).reason.startswith("not_resumable: "), "a done job does not resume"
 
     # A compiled dataset of another sensor layout is refused for Stage 2 from that checkpoint.
