@@ -455,9 +455,19 @@ fn cli_compile_with_an_episode_opener() {
     assert!(err.contains("opening episodes in") && err.contains("/a"), "{err}");
 }
 
-/// Episodes as an incremental compile takes them, each fingerprinted by its id.
-fn fingerprinted(eps: &[MemoryEpisode]) -> Vec<FingerprintedEpisode<'_>> {
-    eps.iter().map(|e| FingerprintedEpisode { source: e, fingerprint: format!("fp-{}", e.meta.id) }).collect()
+/// Episodes as an incremental compile takes them, each fingerprinted by its id; `opened` counts
+/// the episodes opened.
+fn fingerprinted<'a>(eps: &'a [MemoryEpisode], opened: &'a std::cell::Cell<usize>) -> Vec<FingerprintedEpisode<'a>> {
+    eps.iter()
+        .map(|e| FingerprintedEpisode {
+            id: e.meta.id.clone(),
+            fingerprint: format!("fp-{}", e.meta.id),
+            open: Box::new(move || {
+                opened.set(opened.get() + 1);
+                Box::new(e.clone()) as Box<dyn EpisodeSource>
+            }),
+        })
+        .collect()
 }
 
 #[test]
@@ -471,13 +481,14 @@ fn incremental_compile_equals_a_whole_compile_and_reads_only_new_episodes() {
     let dir = tempfile::tempdir().unwrap();
     let whole = compile_to(&eps, &cfg, &dir.path().join("whole"));
     let parts = dir.path().join("parts");
+    let opened = std::cell::Cell::new(0);
 
-    let first = compile_incremental(&fingerprinted(&eps[..3]), &cfg, &parts, &dir.path().join("inc3")).unwrap();
-    assert_eq!((first.compiled, first.reused), (3, 0));
+    let first = compile_incremental(&fingerprinted(&eps[..3], &opened), &cfg, &parts, &dir.path().join("inc3")).unwrap();
+    assert_eq!((first.compiled, first.reused, opened.get()), (3, 0, 3));
     assert_eq!(first.output.report.failed_episodes.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["ep01"]);
     // All six: the two good parts are reused, the failed episode is tried again.
-    let inc = compile_incremental(&fingerprinted(&eps), &cfg, &parts, &dir.path().join("inc")).unwrap();
-    assert_eq!((inc.compiled, inc.reused), (4, 2));
+    let inc = compile_incremental(&fingerprinted(&eps, &opened), &cfg, &parts, &dir.path().join("inc")).unwrap();
+    assert_eq!((inc.compiled, inc.reused, opened.get()), (4, 2, 7), "only the episodes compiled are opened");
 
     assert_eq!(inc.output.report, whole.report);
     assert_eq!(inc.output.stats, whole.stats);
@@ -499,9 +510,9 @@ fn incremental_compile_equals_a_whole_compile_and_reads_only_new_episodes() {
     // Other split settings reuse every part (ep04's too: it is left out when assembled), only the
     // unreadable ep01 is tried again; other alignment settings compile every episode again.
     cfg.split.seed = 9;
-    let resplit = compile_incremental(&fingerprinted(&eps), &cfg, &parts, &dir.path().join("inc")).unwrap();
+    let resplit = compile_incremental(&fingerprinted(&eps, &opened), &cfg, &parts, &dir.path().join("inc")).unwrap();
     assert_eq!((resplit.compiled, resplit.reused), (1, 5));
     assert_eq!(resplit.output.report, compile_to(&eps, &cfg, &dir.path().join("whole9")).report);
     cfg.align.horizon = 3;
-    assert_eq!(compile_incremental(&fingerprinted(&eps), &cfg, &parts, &dir.path().join("inc")).unwrap().compiled, 6);
+    assert_eq!(compile_incremental(&fingerprinted(&eps, &opened), &cfg, &parts, &dir.path().join("inc")).unwrap().compiled, 6);
 }

@@ -1,8 +1,9 @@
 //! Compiling episodes incrementally: each episode is compiled once into a *part* (a one-episode
 //! dataset under `<parts_root>/<key>/`, the key covering the episode's recorded files and the
 //! settings that shape its samples), and the dataset is assembled from the parts. Only new or
-//! changed episodes are read, aligned and encoded; the others cost a hard link per shard (a copy
-//! across file systems) and a pass over their sensor, state and action rows for the statistics.
+//! changed episodes are opened, aligned and encoded, one at a time; the others cost a hard link
+//! per shard (a copy across file systems) and a pass over their sensor, state and action rows
+//! for the statistics.
 //!
 //! The assembled dataset equals a whole [`compile`](super::compile::compile) of the same episodes
 //! in its samples, split, statistics and report (test: `dataset_compile`), with shards cut per
@@ -28,12 +29,15 @@ use super::store::{CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInf
 /// Version of the parts' layout, in their keys.
 const PARTS_FORMAT: &str = "vla_finetune.part/1";
 
-/// An episode to compile and the fingerprint of its recorded files (equal while unchanged).
+/// An episode to compile: its id, the fingerprint of its recorded files (equal while unchanged)
+/// and how to open it, called only when its part has to be compiled.
 pub struct FingerprintedEpisode<'a> {
-    /// The episode.
-    pub source: &'a dyn EpisodeSource,
+    /// Its id (the `meta().id` of what `open` gives).
+    pub id: String,
     /// Its fingerprint.
     pub fingerprint: String,
+    /// Opens it.
+    pub open: Box<dyn Fn() -> Box<dyn EpisodeSource + 'a> + 'a>,
 }
 
 /// What an incremental compile wrote, and how much of it was new.
@@ -58,8 +62,8 @@ struct Part {
 pub fn compile_incremental(episodes: &[FingerprintedEpisode<'_>], cfg: &CompileConfig, parts_root: &Path, out: &Path) -> Result<IncrementalOutput, CompileError> {
     cfg.validate()?;
     let mut order: Vec<&FingerprintedEpisode<'_>> = episodes.iter().collect();
-    order.sort_by(|a, b| a.source.meta().id.cmp(&b.source.meta().id));
-    let ids: Vec<String> = order.iter().map(|e| e.source.meta().id.clone()).collect();
+    order.sort_by(|a, b| a.id.cmp(&b.id));
+    let ids: Vec<String> = order.iter().map(|e| e.id.clone()).collect();
     check_unique(&ids)?;
     std::fs::create_dir_all(parts_root).map_err(|source| StoreError::Io { path: parts_root.to_path_buf(), source })?;
     let (mut compiled, mut reused) = (0, 0);
@@ -73,7 +77,7 @@ pub fn compile_incremental(episodes: &[FingerprintedEpisode<'_>], cfg: &CompileC
             }
             None => {
                 compiled += 1;
-                compile_one(ep.source, cfg, &dir)?.map(|o| (dir, o.index, o.report))
+                compile_one((ep.open)().as_ref(), cfg, &dir)?.map(|o| (dir, o.index, o.report))
             }
         };
         parts.push(Part { id: id.clone(), compiled: part });

@@ -4,7 +4,7 @@
 //!
 //! Selecting reads only the `episode.json` files. An episode being recorded (a `RECORDING`
 //! marker of a live process) is left out with that reason; one left unfinished by a recorder
-//! that is gone is opened by [`open_recorded`], which recovers it first.
+//! that is gone is opened by [`open_one`], which recovers it first.
 
 use std::path::{Path, PathBuf};
 
@@ -167,7 +167,8 @@ fn recording_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join(RECORDING_MARKER)).ok().and_then(|m| live_recorder(&m))
 }
 
-fn folder_id(dir: &Path) -> String {
+/// The id of the episode in folder `dir`: its folder name, as the recorder names it.
+pub fn folder_id(dir: &Path) -> String {
     dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
@@ -198,23 +199,24 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Opens recorded episode folders for compiling. One that cannot be opened is kept as an
+/// Opens recorded episode folders for compiling (see [`open_one`]).
+pub fn open_recorded(dirs: &[PathBuf]) -> Vec<Box<dyn EpisodeSource>> {
+    dirs.iter().map(|d| open_one(d)).collect()
+}
+
+/// Opens a recorded episode folder for compiling. One that cannot be opened is kept as an
 /// [`UnreadableEpisode`] (compile lists it with the reason and compiles the rest); one left
 /// unfinished by a recorder that is gone (kill -9) is recovered first, as the next recorder
 /// would; one whose recorder still runs is listed as being recorded.
-pub fn open_recorded(dirs: &[PathBuf]) -> Vec<Box<dyn EpisodeSource>> {
-    let mut out: Vec<Box<dyn EpisodeSource>> = Vec::new();
-    for dir in dirs {
-        let opened = finish_unfinished(dir).and_then(|()| McapEpisode::open(dir).map_err(|e| e.to_string()));
-        match opened {
-            Ok(ep) => out.push(Box::new(ep)),
-            Err(error) => {
-                tracing::warn!("{}: unreadable, left out: {error}", dir.display());
-                out.push(Box::new(UnreadableEpisode::new(&folder_id(dir), error)));
-            }
+pub fn open_one(dir: &Path) -> Box<dyn EpisodeSource> {
+    let opened = finish_unfinished(dir).and_then(|()| McapEpisode::open(dir).map_err(|e| e.to_string()));
+    match opened {
+        Ok(ep) => Box::new(ep),
+        Err(error) => {
+            tracing::warn!("{}: unreadable, left out: {error}", dir.display());
+            Box::new(UnreadableEpisode::new(&folder_id(dir), error))
         }
     }
-    out
 }
 
 /// Recovers an episode left unfinished (a `RECORDING` marker) by a recorder that is no longer

@@ -97,9 +97,12 @@ pub fn prepare(source: &DatasetSource, cfg: &CompileConfig, datasets_root: &Path
         return Ok(set);
     }
     std::fs::create_dir_all(datasets_root).map_err(|source| TrainingSetError::Io { path: datasets_root.to_path_buf(), source })?;
-    let episodes = selection::open_recorded(&selected.dirs);
-    let inputs: Vec<FingerprintedEpisode<'_>> =
-        episodes.iter().zip(&selected.fingerprints).map(|(e, f)| FingerprintedEpisode { source: e.as_ref(), fingerprint: f.clone() }).collect();
+    let inputs: Vec<FingerprintedEpisode<'_>> = selected
+        .dirs
+        .iter()
+        .zip(&selected.fingerprints)
+        .map(|(d, f)| FingerprintedEpisode { id: selection::folder_id(d), fingerprint: f.clone(), open: Box::new(move || selection::open_one(d)) })
+        .collect();
     let out = compile_incremental(&inputs, cfg, &datasets_root.join("parts"), &dir).map_err(|source| TrainingSetError::Compile { root: root.clone(), source })?;
     set.reused = false;
     set.report = Some(out.output.report);
