@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarizes scripts/bench_stage2.sh runs: per run (OUT/<mode>-<dtype>), from the progress
 JSON-lines log the samples/s (samples over step time, all steps of the phase) and the median
-step time (data + compute) of the optimizer steps of each phase
+step time (data + compute) and its data and compute parts, of the optimizer steps of each phase
 (`training`: live or cached epochs, `refreshing_cache`: features-mode refresh epochs), the
 largest reported peak host memory, and the wall time from `/usr/bin/time -v`. Prints a Markdown
 table. Usage: bench_stage2_summary.py OUT
@@ -14,8 +14,8 @@ from pathlib import Path
 
 def main():
     out = Path(sys.argv[1])
-    print("| mode | dtype | phase | steps | samples/s | median step s | peak host MiB | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | dtype | phase | steps | samples/s | median step s | median data s | median compute s | peak host MiB | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in ["off", "vision", "features"]:
         for dtype in ["f32", "bf16"]:
             run = out / f"{mode}-{dtype}"
@@ -31,8 +31,9 @@ def main():
                 times = [e["data_time_s"] + e["compute_time_s"] for e in steps]
                 samples = sum(e["samples_per_s"] * t for e, t in zip(steps, times))
                 sps = samples / sum(times)
-                st = sorted(times)[len(times) // 2]
-                print(f"| {mode} | {dtype} | {phase} | {len(steps)} | {sps:.2f} | {st:.3f} | {peak:.0f} | {secs:.1f} |")
+                med = lambda v: sorted(v)[len(v) // 2]
+                st, dt, ct = med(times), med([e["data_time_s"] for e in steps]), med([e["compute_time_s"] for e in steps])
+                print(f"| {mode} | {dtype} | {phase} | {len(steps)} | {sps:.2f} | {st:.3f} | {dt:.4f} | {ct:.3f} | {peak:.0f} | {secs:.1f} |")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pub mod device;
 pub mod logging;
 pub mod memory;
 pub mod node_params;
+pub mod oom_injection;
 pub mod policy;
 pub mod priority;
 pub mod repo_files;

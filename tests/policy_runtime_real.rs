@@ -21,7 +21,7 @@ use vla_finetune::policy::{
 };
 use vla_finetune::runtime::*;
 use vla_finetune::train::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE};
-use vla_finetune::train::heads_job::base_model_id;
+use vla_finetune::train::model_id::base_model_id;
 use vla_finetune::train::publish::{PublishItem, PublishRequest, Publisher, Source};
 use vla_finetune::vlm::{Pooling, Qwen25VL, VlProcessor};
 

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use vla_finetune::train::cache::{cache_key, CacheConfig, CacheKey, FeatureCache, KeyInput};
 
 fn key(adapter: &str, processor: &serde_json::Value, prompt: &str, images: &[&[u8]]) -> CacheKey {
-    cache_key(&KeyInput { kind: "features", base_model: "sha256:base", adapter, processor, prompt, images })
+    cache_key(&KeyInput { kind: "features", base_model: "sha256:base", dtype: "bf16", adapter, processor, prompt, images })
 }
 
 fn feat(seed: i64, n: i64) -> Vec<(String, Tensor)> {
@@ -39,8 +39,9 @@ fn every_input_changes_the_key() {
         key("v3", &proc, "In: insert the needle", &[img1, b"\x89PNG image twO"]),
         // Field boundaries are unambiguous.
         key("v3", &proc, "In: insert the needle", &[b"\x89PNG image onex", b"\x89PNG image two"]),
-        cache_key(&KeyInput { kind: "vision", base_model: "sha256:base", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
-        cache_key(&KeyInput { kind: "features", base_model: "sha256:other", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
+        cache_key(&KeyInput { kind: "vision", base_model: "sha256:base", dtype: "bf16", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
+        cache_key(&KeyInput { kind: "features", base_model: "sha256:other", dtype: "bf16", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
+        cache_key(&KeyInput { kind: "features", base_model: "sha256:base", dtype: "f32", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
     ];
     for (i, k) in changed.iter().enumerate() {
         assert_ne!(*k, base, "variant {i} must miss");
@@ -123,12 +124,26 @@ fn eviction_never_removes_pinned_entries() {
     }
     assert!(keys.iter().all(|k| c.contains(k)));
     assert_eq!(c.stats().entries, 6);
-    // After the job: unpinned entries can go.
+    // A job's rebuild removes the unpinned entries it owns, never unowned ones (0, 1: vision
+    // embeddings are shared) nor another job's, whose owner is read back from the files.
+    let (job_a, job_b) = ("features@/runs/a/state", "features@/runs/b/state");
+    for k in &keys[2..5] {
+        c.put_owned(*k, &feat(9, 100), job_a).unwrap();
+    }
+    let other = key("v1", &json!({}), "p", &[b"another job's sample"]);
+    c.pin(other); // (the disk budget would evict it before the rebuild otherwise)
+    c.put_owned(other, &feat(1, 100), job_b).unwrap();
+    c.put_owned(keys[5], &feat(5, 100), job_a).unwrap();
     c.unpin_all();
     c.pin(keys[5]);
-    assert_eq!(c.remove_unpinned().unwrap(), 5);
-    assert_eq!(c.stats().entries, 1);
-    assert!(c.contains(&keys[5]));
+    assert_eq!(c.remove_unpinned_owned_by(job_a).unwrap(), 3);
+    let present: Vec<bool> = keys.iter().map(|k| c.contains(k)).collect();
+    assert_eq!(present, [true, true, false, false, false, true]);
+    assert!(c.contains(&other));
+    let mut reopened = FeatureCache::open(dir.path().join("c"), cfg).unwrap();
+    assert_eq!(reopened.remove_unpinned_owned_by(job_b).unwrap(), 1);
+    assert_eq!(reopened.remove_unpinned_owned_by(job_a).unwrap(), 1, "keys[5] is not pinned in this instance");
+    assert_eq!(reopened.stats().entries, 2);
 }
 
 #[test]

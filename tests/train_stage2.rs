@@ -9,7 +9,8 @@ use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Tensor};
 use vla_finetune::dataset::compile::{compile, CompileConfig};
-use vla_finetune::train::cache::FeatureCache;
+use vla_finetune::oom_injection::{self, Point};
+use vla_finetune::train::cache::{cache_key, FeatureCache, KeyInput};
 use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
 use vla_finetune::train::controller::{JobContext, JobStatus, StartResponse};
 use vla_finetune::policy::config::PolicyConfig;
@@ -230,6 +231,17 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     let distinct: std::collections::BTreeSet<_> = (0..n).map(|i| a.sample_key(i, "features", &h0).unwrap()).collect();
     assert_eq!(cache.stats().entries, distinct.len() as u64, "one entry per distinct sample");
     assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "features", &h0).unwrap())));
+    // Another job's features and a shared (unowned) entry in the same cache folder.
+    let foreign = |tag: &[u8]| {
+        let proc = serde_json::json!({});
+        cache_key(&KeyInput { kind: "features", base_model: "m", dtype: "f32", adapter: "x", processor: &proc, prompt: "", images: &[tag] })
+    };
+    let (theirs, shared) = (foreign(b"another job"), foreign(b"shared"));
+    {
+        let mut c = FeatureCache::open(dir.path().join("b/cache"), acfg.cache_config()).unwrap();
+        c.put_owned(theirs, &[("pooled".into(), Tensor::ones([1, 4], (tch::Kind::Float, Device::Cpu)))], "features@/elsewhere/state").unwrap();
+        c.put(shared, &[("embeds".into(), Tensor::ones([1, 4], (tch::Kind::Float, Device::Cpu)))]).unwrap();
+    }
     // Interval 2: epoch 2 is a refresh epoch; LoRA trains and the cache moves to the new adapter.
     let (mut b, _, bcfg) = features_run(&dir.path().join("b"), 3);
     assert!(b.lora_params_changed());
@@ -239,7 +251,8 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     let h1 = b.adapter_hash();
     assert_ne!(h0, h1);
     let cache = FeatureCache::open(&bcfg.cache.dir, bcfg.cache_config()).unwrap();
-    assert_eq!(cache.stats().entries, distinct.len() as u64, "old-adapter entries removed");
+    assert_eq!(cache.stats().entries, distinct.len() as u64 + 2, "its old-adapter entries removed");
+    assert!(cache.contains(&theirs) && cache.contains(&shared), "another job's and shared entries survive the rebuild");
     assert!((0..n).all(|i| cache.contains(&b.sample_key(i, "features", &h1).unwrap())));
     assert!((0..n).all(|i| !cache.contains(&b.sample_key(i, "features", &h0).unwrap())));
     // Same base, processor and images: the vision key ignores the adapter, the features key does not.
@@ -354,23 +367,50 @@ fn micro_batch_2_by_4_equals_batch_8_by_1() {
     let (ra, rb) = (run(&a), run(&b));
     assert_eq!(ra.run.counters.global_step, rb.run.counters.global_step);
     assert!(ra.lora_params_changed);
-    // The key bias of attention has a zero true gradient (softmax ignores a per-query constant);
-    // its float-noise gradient is scaled to full lr-sized steps by Adam, so that slice is left out.
-    let without_key_bias = |v: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
-        v.into_iter()
-            .map(|(n, t)| {
-                if n.ends_with("in_proj_bias") {
-                    let d = t.size()[0] / 3;
-                    let t = t.copy();
-                    let _ = t.narrow(0, d, d).fill_(0.0);
-                    (n, t)
-                } else {
-                    (n, t)
-                }
-            })
-            .collect()
-    };
     assert_close(&without_key_bias(published_tensors(&a)), &without_key_bias(published_tensors(&b)), 1e-5);
+}
+
+/// `v` with the key slice of every attention `in_proj_bias` zeroed: that slice has a zero true
+/// gradient (softmax ignores a per-query constant), and Adam scales its float-noise gradient to
+/// full lr-sized steps, so runs that split a batch differently disagree there only.
+fn without_key_bias(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    v.into_iter()
+        .map(|(n, t)| {
+            if n.ends_with("in_proj_bias") {
+                let d = t.size()[0] / 3;
+                let t = t.copy();
+                let _ = t.narrow(0, d, d).fill_(0.0);
+                (n, t)
+            } else {
+                (n, t)
+            }
+        })
+        .collect()
+}
+
+/// A real libtorch allocation failure injected in the forward (a panic of a tch op), in the
+/// checkpoint recompute (a panic) and before the backward (an error) halves the micro-batch,
+/// keeps the effective batch and redoes the step: the run ends with the weights of a run that
+/// never failed.
+#[test]
+fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_loses_no_step() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["run.epochs=1", "lora.dropout=0.0", "cache.mode=vision", "memory.micro_batch=4", "memory.accum_steps=2"];
+    let reference = config(&dir.path().join("reference"), &common);
+    assert!(reference.model.gradient_checkpointing, "the recompute point needs checkpointing");
+    let r0 = run(&reference);
+    assert_eq!(r0.run.accumulation, Accumulation { micro_batch: 4, accum_steps: 2 });
+    for (name, point, nth) in [("forward", Point::Forward, 3), ("recompute", Point::Recompute, 2), ("backward", Point::Backward, 2)] {
+        let cfg = config(&dir.path().join(name), &common);
+        let r = {
+            let _oom = oom_injection::inject(point, nth);
+            run(&cfg)
+        };
+        assert_eq!(r.run.accumulation, Accumulation { micro_batch: 2, accum_steps: 4 }, "{name}: halved once, same effective batch");
+        assert_eq!(r.run.counters, r0.run.counters, "{name}: every step done");
+        assert_close(&without_key_bias(published_tensors(&cfg)), &without_key_bias(published_tensors(&reference)), 1e-5);
+    }
 }
 
 #[test]
@@ -415,7 +455,7 @@ fn published_adapter_reloads_with_peft_loader() {
     vla_finetune::train::publish::verify(&ck).unwrap();
     let info = vla_finetune::train::deploy::DeployInfo::read(&ck).unwrap();
     assert_eq!(info.adapter.as_deref(), Some("adapter"));
-    assert_eq!(info.base_model_id, heads_job::base_model_id(&fixture().base).unwrap());
+    assert_eq!(info.base_model_id, vla_finetune::train::model_id::base_model_id(&fixture().base).unwrap());
     let mut m = vla_finetune::vlm::Qwen25VL::load(&fixture().base, tch::Kind::Float, Device::Cpu).unwrap();
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let loaded = vla_finetune::vlm::peft::load_adapter(&mut m, &ck.join("adapter"), &vs.root()).unwrap();
@@ -557,6 +597,40 @@ fn cache_keys_for_features_depend_on_adapter_and_prompt_not_for_vision() {
     let again = Stage2Task::new(&cfg2, &stage2::resolve_memory(&cfg2).unwrap()).unwrap();
     assert_eq!(task.sample_key(0, "features", "a").unwrap(), again.sample_key(0, "features", "a").unwrap());
     let _ = task.cache_status();
+    // The compute dtype is part of every key: a bf16 value is never served to an f32 run.
+    let bf16 = config(dir.path(), &["cache.mode=features", "model.compute_dtype=bf16"]);
+    let bf16 = Stage2Task::new(&bf16, &stage2::resolve_memory(&bf16).unwrap()).unwrap();
+    for kind in ["vision", "features"] {
+        assert_ne!(task.sample_key(0, kind, "a").unwrap(), bf16.sample_key(0, kind, "a").unwrap(), "{kind}");
+    }
+}
+
+/// A base model with the same config, file names and sizes but other weights (a merged or
+/// re-fine-tuned one) is another model: another id (so other cache keys), and the stage-1
+/// checkpoint trained on the original is refused.
+#[test]
+fn a_base_model_with_other_weights_of_the_same_size_is_another_model() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("tiny_a_merged");
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(&fixture().base).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() && !f.file_name().unwrap().to_string_lossy().starts_with('.') {
+            std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let weights = copy.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
+    let original = vla_finetune::train::model_id::base_model_id(&fixture().base).unwrap();
+    assert_ne!(vla_finetune::train::model_id::base_model_id(&copy).unwrap(), original);
+    let q = format!("model.base_model_dir={:?}", copy.display().to_string());
+    let cfg = config(dir.path(), &["cache.mode=features", &q]);
+    let e = Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).err().expect("refused").to_string();
+    assert!(e.contains("was trained with base model") && e.contains(&original), "{e}");
 }
 
 /// `train-heads` (stage 1) killed mid-run and started again with `--resume` ends with the same

@@ -48,7 +48,7 @@ impl VlaLoader {
         vlm.visit_linears_mut(&mut |l| linears.push(l.path.clone()));
         Ok(Self {
             base_dir: base_dir.to_path_buf(),
-            base_id: crate::train::heads_job::base_model_id(base_dir)?,
+            base_id: crate::train::model_id::base_model_id(base_dir)?,
             vlm: Arc::new(Mutex::new(vlm)),
             linears,
             processor: Arc::new(VlProcessor::from_model_dir(base_dir, &config, None, None)?),
@@ -127,7 +127,8 @@ impl ModelLoader for VlaLoader {
         })?;
         let deploy = DeployInfo::read(dir).map_err(|e| ck_err(dir, e))?;
         if deploy.base_model_id != self.base_id {
-            return Err(ck_err(dir, format!("deploy.json: base_model_id {}, but the loaded base model {} is {}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
+            let note = crate::train::model_id::older_scheme_note(&deploy.base_model_id);
+            return Err(ck_err(dir, format!("deploy.json: base_model_id {}, but the loaded base model {} is {}{note}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
         }
         let image = &self.processor.image;
         if (deploy.processor.min_pixels, deploy.processor.max_pixels) != (image.min_pixels, image.max_pixels) {

@@ -2,8 +2,9 @@
 //! safetensors file per entry) with a RAM LRU layer, hit/miss/size statistics and pin-aware
 //! eviction.
 //!
-//! A key is the sha256 of the cached kind, base model hash, adapter version/hash, image-processor
-//! settings, prompt and image bytes (each length-prefixed), so a change to any of them is a miss;
+//! A key is the sha256 of a key format version, the cached kind, base model id (by content, see
+//! [`super::model_id`]), compute dtype, adapter version/hash, image-processor settings, prompt
+//! and image bytes (each length-prefixed), so a change to any of them is a miss;
 //! each file also stores its key in its metadata and is checked on load, so a renamed, foreign or
 //! corrupted file is a miss (with a warning, and the file is removed), never a stale hit.
 //! Eviction (disk budget) removes least-recently-used entries but never a pinned one (entries the
@@ -20,6 +21,10 @@ use tch::Tensor;
 use super::tensor_io::{self, TensorIoError};
 
 const KEY_META: &str = "cache_key";
+const OWNER_META: &str = "cache_owner";
+
+/// Version of the key scheme: a new one makes every older entry a miss.
+const KEY_FORMAT: &[u8] = b"vla_finetune.cache.v2";
 
 /// Errors of the cache (only writes and the folder itself; a bad entry is a miss, not an error).
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +65,10 @@ impl fmt::Debug for CacheKey {
 pub struct KeyInput<'a> {
     /// What is cached, e.g. `vision` (vision-tower embeddings) or `features` (pooled VL features).
     pub kind: &'a str,
-    /// Hash of the base model weights (e.g. sha256 of the safetensors index or files).
+    /// Identity of the base model by content ([`super::model_id::base_model_id`]).
     pub base_model: &'a str,
+    /// Compute dtype the value was computed in (`f32`, `bf16`).
+    pub dtype: &'a str,
     /// Adapter version or hash; `none` when the value does not depend on an adapter (vision tower
     /// with LLM-only LoRA).
     pub adapter: &'a str,
@@ -81,9 +88,10 @@ pub fn cache_key(input: &KeyInput<'_>) -> CacheKey {
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
     };
-    field(b"vla_finetune.cache.v1");
+    field(KEY_FORMAT);
     field(input.kind.as_bytes());
     field(input.base_model.as_bytes());
+    field(input.dtype.as_bytes());
     field(input.adapter.as_bytes());
     field(input.processor.to_string().as_bytes());
     field(input.prompt.as_bytes());
@@ -266,12 +274,25 @@ impl FeatureCache {
     /// Stores `tensors` under `key` (file written atomically, copy kept in RAM), then evicts
     /// unpinned LRU entries beyond the budgets. The new entry counts as just used.
     pub fn put(&mut self, key: CacheKey, tensors: &[(String, Tensor)]) -> Result<(), CacheError> {
+        self.put_entry(key, tensors, None)
+    }
+
+    /// [`FeatureCache::put`] of an entry that belongs to `owner` (a job's own values, such as
+    /// features under its adapter), for [`FeatureCache::remove_unpinned_owned_by`].
+    pub fn put_owned(&mut self, key: CacheKey, tensors: &[(String, Tensor)], owner: &str) -> Result<(), CacheError> {
+        self.put_entry(key, tensors, Some(owner))
+    }
+
+    fn put_entry(&mut self, key: CacheKey, tensors: &[(String, Tensor)], owner: Option<&str>) -> Result<(), CacheError> {
         self.tick += 1;
         let path = self.entry_path(&key);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|source| CacheError::Io { op: "create", path: parent.to_path_buf(), source })?;
         }
-        let meta = HashMap::from([(KEY_META.to_string(), key.hex())]);
+        let mut meta = HashMap::from([(KEY_META.to_string(), key.hex())]);
+        if let Some(owner) = owner {
+            meta.insert(OWNER_META.to_string(), owner.to_string());
+        }
         tensor_io::write_safetensors_atomic(&path, tensors, Some(meta))?;
         let bytes = fs::metadata(&path).map_err(|source| CacheError::Io { op: "stat", path: path.clone(), source })?.len();
         self.disk.insert(key, DiskEntry { bytes, tick: self.tick });
@@ -297,10 +318,16 @@ impl FeatureCache {
         self.pins.contains(key)
     }
 
-    /// Removes every unpinned entry (e.g. features of an older adapter after a refresh); returns
-    /// how many were removed.
-    pub fn remove_unpinned(&mut self) -> Result<usize, CacheError> {
-        let victims: Vec<CacheKey> = self.disk.keys().filter(|k| !self.pins.contains(k)).copied().collect();
+    /// Removes every unpinned entry that `owner` stored (e.g. a job's features under its older
+    /// adapters after a refresh); other jobs' entries and unowned ones (vision embeddings) stay.
+    /// Returns how many were removed.
+    pub fn remove_unpinned_owned_by(&mut self, owner: &str) -> Result<usize, CacheError> {
+        let victims: Vec<CacheKey> = self
+            .disk
+            .keys()
+            .filter(|k| !self.pins.contains(k) && entry_owner(&self.entry_path(k)).as_deref() == Some(owner))
+            .copied()
+            .collect();
         for k in &victims {
             self.remove(k)?;
         }
@@ -357,4 +384,21 @@ impl FeatureCache {
         self.stats.disk_bytes = self.disk.values().map(|e| e.bytes).sum();
         self.stats.ram_bytes = self.ram.values().map(|e| e.bytes).sum();
     }
+}
+
+/// The `cache_owner` metadata of an entry file, read from its safetensors header only (None for
+/// an unowned or unreadable file).
+fn entry_owner(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    header.get("__metadata__")?.get(OWNER_META)?.as_str().map(str::to_string)
 }

@@ -186,7 +186,7 @@ pub struct CacheSection {
     pub drift_threshold: Option<f64>,
     /// Drift number compared with the threshold.
     pub drift_metric: DriftMetric,
-    /// Probe samples for drift measurement.
+    /// Probe samples for drift measurement (spread evenly over the training split).
     pub probe_samples: usize,
 }
 

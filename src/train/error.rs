@@ -136,10 +136,19 @@ impl TrainError {
         }
     }
 
+    /// A panic caught in a training pass: [`TrainError::OutOfMemory`] when its message reports a
+    /// libtorch out-of-memory, otherwise the payload back (to continue unwinding).
+    pub fn from_panic(payload: Box<dyn std::any::Any + Send>) -> Result<Self, Box<dyn std::any::Any + Send>> {
+        match panic_text(payload.as_ref()) {
+            Some(text) if says_out_of_memory(text) => Ok(TrainError::OutOfMemory { source: Box::new(OpPanic(text.to_string())) }),
+            _ => Err(payload),
+        }
+    }
+
     /// `e` as [`TrainError::OutOfMemory`] when a libtorch error in its source chain reports an
     /// out-of-memory condition, otherwise `wrap(e)`. This is the one place that reads libtorch
     /// messages: libtorch raises out-of-memory (`CUDA out of memory. Tried to allocate ...`,
-    /// `DefaultCPUAllocator: not enough memory`) as a plain `c10::Error` whose only mark is its
+    /// `DefaultCPUAllocator: can't allocate memory`) as a plain `c10::Error` whose only mark is its
     /// text, so the text is what identifies it.
     fn classify<E: StdError + Send + Sync + 'static>(e: E, wrap: impl FnOnce(E) -> Self) -> Self {
         if torch_out_of_memory(&e) {
@@ -150,13 +159,30 @@ impl TrainError {
     }
 }
 
+/// Whether a libtorch error text reports out-of-memory: CUDA's allocator (`CUDA out of memory`)
+/// or the CPU allocator (`not enough memory`, `can't allocate memory`).
+pub(crate) fn says_out_of_memory(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    ["out of memory", "not enough memory", "can't allocate memory"].iter().any(|m| text.contains(m))
+}
+
+/// The message of a panic payload (`panic!` with a message, or `unwrap` of an error).
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied())
+}
+
+/// A panic of a tch op (its infallible ops unwrap libtorch's errors), kept as the source of
+/// [`TrainError::OutOfMemory`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OpPanic(String);
+
 /// Whether a [`tch::TchError`] in `e`'s source chain (`e` included) says out of memory.
 fn torch_out_of_memory(e: &(dyn StdError + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(t) = err.downcast_ref::<tch::TchError>() {
-            let text = t.to_string().to_ascii_lowercase();
-            if text.contains("out of memory") || text.contains("not enough memory") {
+            if says_out_of_memory(&t.to_string()) {
                 return true;
             }
         }
@@ -203,6 +229,8 @@ impl From<CheckpointError> for TrainError {
 
 #[cfg(test)]
 mod tests {
+    use tch::Kind;
+
     use super::*;
 
     #[test]
@@ -215,6 +243,17 @@ mod tests {
         assert!(matches!(other, TrainError::Torch(_)), "{other:?}");
         assert!(!other.is_out_of_memory());
         assert!(TrainError::from(oom()).at("loss", 1, 7).is_out_of_memory());
+    }
+
+    #[test]
+    fn a_real_cpu_allocation_failure_is_out_of_memory_as_error_and_as_panic() {
+        let huge = || (Kind::Uint8, tch::Device::Cpu);
+        let e = tch::Tensor::f_empty([1i64 << 60], huge()).unwrap_err();
+        assert!(TrainError::from(e).is_out_of_memory());
+        let payload = std::panic::catch_unwind(|| tch::Tensor::empty([1i64 << 60], huge())).unwrap_err();
+        assert!(TrainError::from_panic(payload).expect("an out-of-memory panic").is_out_of_memory());
+        let other = std::panic::catch_unwind(|| tch::Tensor::zeros([2], huge()).view([3])).unwrap_err();
+        assert!(TrainError::from_panic(other).is_err(), "a shape panic is not out of memory");
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl HeadsTask {
         let heads = PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu)?;
         let deploy = DeployInfo {
             format_version: DEPLOY_FORMAT_VERSION,
-            base_model_id: base_model_id(&job.base_model)?,
+            base_model_id: crate::train::model_id::base_model_id(&job.base_model)?,
             adapter: None,
             cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
             processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },
@@ -541,27 +541,6 @@ pub fn validation_error(heads: &PolicyHeads, ds: &Dataset, val: &[usize], featur
 /// Mean of a vector (0 for an empty one).
 pub fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
-}
-
-/// Identity of a base model folder: `qwen2_5_vl:` + sha256 of its config.json and of the
-/// names and sizes of its weight files (cheap; a re-sharded or edited model gets a new id).
-pub fn base_model_id(dir: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let config = dir.join("config.json");
-    h.update(std::fs::read(&config).map_err(TrainError::io("read", &config))?);
-    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
-        .map_err(TrainError::io("list folder", dir))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
-        .collect();
-    files.sort();
-    for (name, len) in files {
-        h.update(name.as_bytes());
-        h.update(len.to_le_bytes());
-    }
-    Ok(format!("qwen2_5_vl:{}", hex::encode(h.finalize())))
 }
 
 /// Whether `dir` looks like a base Qwen2.5-VL model folder: a config.json that parses as one,

@@ -25,6 +25,7 @@ pub mod error;
 pub mod guard;
 pub mod heads_job;
 pub mod job_record;
+pub mod model_id;
 pub mod optim;
 pub mod plot;
 pub mod progress;

@@ -13,6 +13,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::oom_injection;
+
 use super::config::GROUP_HEADS;
 use super::controller::JobContext;
 use super::error::TrainError;
@@ -42,6 +44,9 @@ pub trait TrainTask {
     fn after_backward(&mut self) -> Result<(), TrainError> {
         Ok(())
     }
+    /// Drops what a pass left half done (a checkpointed pass awaiting its backward) after an
+    /// out-of-memory error, before the step is redone with a smaller micro-batch.
+    fn discard_pass(&mut self) {}
     /// Called after the last step of every epoch, before any validation (e.g. to rewrite a
     /// feature cache after a refresh epoch).
     fn end_epoch(&mut self, _epoch: u64) -> Result<(), TrainError> {
@@ -354,11 +359,16 @@ impl<'a> Runner<'a> {
             match accumulate(self.task, &self.state, batch) {
                 Ok(v) => return Ok(v),
                 Err(TrainError::OutOfMemory { source }) => {
+                    self.task.discard_pass();
                     self.opt.zero_grad();
+                    // What the failed pass freed goes back to the device (no-op on the CPU).
+                    let _ = crate::memory::release_cached_accelerator_memory();
                     let Some(smaller) = self.state.accumulation.halved() else {
                         return Err(self.located(TrainError::OutOfMemory { source }, "loss at micro-batch 1"));
                     };
-                    tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory: micro-batch halved, step redone");
+                    let what = source.to_string();
+                    let what = what.lines().next().unwrap_or_default();
+                    tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory ({what}): micro-batch halved, step redone");
                     self.state.accumulation = smaller;
                     self.event(phase, |ev| {
                         ev.message = format!("out of memory: micro-batch {} x accumulation {}", smaller.micro_batch, smaller.accum_steps)
@@ -501,14 +511,62 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Resu
     let (mut loss_sum, mut data_s) = (0.0, 0.0);
     for (mi, mb) in run.accumulation.micro_batches(batch.len()).into_iter().enumerate() {
         seed_torch(run.run_seed, run.counters.global_step, mi as u64);
-        let (loss, d) = task.loss(&batch[mb.range.clone()], run.counters.global_step)?;
+        let (loss, d) = unwind_boundary(|| {
+            let (loss, d) = task.loss(&batch[mb.range.clone()], run.counters.global_step)?;
+            let scaled = loss * mb.loss_scale;
+            let value = scaled.f_double_value(&[])?;
+            oom_injection::reach_backward()?;
+            scaled.f_backward()?;
+            task.after_backward()?;
+            Ok((value, d))
+        })?;
+        loss_sum += loss;
         data_s += d;
-        let scaled = loss * mb.loss_scale;
-        loss_sum += scaled.f_double_value(&[])?;
-        scaled.f_backward()?;
-        task.after_backward()?;
     }
     Ok((loss_sum, data_s))
+}
+
+/// Runs `f` (a micro-batch's forward and backward) behind an unwind boundary: tch's infallible
+/// ops panic on a libtorch error, so an out-of-memory there becomes
+/// [`TrainError::OutOfMemory`] like one returned by a fallible op, with autograd's grad mode
+/// restored (`tch::no_grad` and `with_grad` leave it changed when a panic crosses them). Any
+/// other panic continues unwinding.
+fn unwind_boundary<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
+    quiet_recovered_panics();
+    let grad_mode = set_grad_enabled(true);
+    set_grad_enabled(grad_mode);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| oom_injection::in_pass(f))) {
+        Ok(result) => result,
+        Err(payload) => {
+            set_grad_enabled(grad_mode);
+            match TrainError::from_panic(payload) {
+                Ok(oom) => Err(oom),
+                Err(payload) => std::panic::resume_unwind(payload),
+            }
+        }
+    }
+}
+
+/// Installs (once) a panic hook that leaves out the message of an out-of-memory panic inside a
+/// training pass (it is recovered, and the loop logs a warning) and hands every other panic to
+/// the hook that was there.
+fn quiet_recovered_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let oom = super::error::panic_text(info.payload()).is_some_and(super::error::says_out_of_memory);
+            if !(oom && oom_injection::is_in_pass()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Sets autograd's grad mode of this thread; returns the previous one.
+fn set_grad_enabled(on: bool) -> bool {
+    // SAFETY: sets a thread-local flag of libtorch; takes and returns plain ints.
+    unsafe { torch_sys::at_grad_set_enabled(i32::from(on)) != 0 }
 }
 
 fn curves(h: &History) -> TrainingCurves {

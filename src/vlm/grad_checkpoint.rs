@@ -27,6 +27,8 @@ use std::ffi::{c_char, c_int, CStr};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::oom_injection::{self, Point};
+
 extern "C" {
     fn vla_backward_with_grad(out: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> c_int;
 }
@@ -99,8 +101,11 @@ fn draw_seeds(n: usize) -> Result<Vec<i64>, CheckpointError> {
     Ok(Vec::<i64>::try_from(&t)?)
 }
 
-fn run_segment<F: Fn(usize, &Tensor) -> Tensor>(layer: &F, (start, end): (usize, usize), seeds: &[i64], x: &Tensor) -> Tensor {
+/// Layers `start..end` on `x`, each after its seed; `point` names the pass (forward or
+/// recompute) for fault injection.
+fn run_segment<F: Fn(usize, &Tensor) -> Tensor>(layer: &F, (start, end): (usize, usize), seeds: &[i64], x: &Tensor, point: Point) -> Tensor {
     (start..end).fold(x.shallow_clone(), |h, i| {
+        oom_injection::reach(point);
         tch::manual_seed(seeds[i]);
         layer(i, &h)
     })
@@ -130,9 +135,9 @@ pub fn run_layers<F: Fn(usize, &Tensor) -> Tensor>(
         if ck.enabled {
             h = h.detach();
             inputs.push(h.shallow_clone());
-            h = tch::no_grad(|| run_segment(layer, *seg, &seeds, &h));
+            h = tch::no_grad(|| run_segment(layer, *seg, &seeds, &h, Point::Forward));
         } else {
-            h = run_segment(layer, *seg, &seeds, &h);
+            h = run_segment(layer, *seg, &seeds, &h, Point::Forward);
         }
     }
     tch::manual_seed(after_forward);
@@ -163,7 +168,7 @@ impl SegmentRun {
         for (idx, saved) in self.inputs.into_iter().enumerate().rev() {
             let needs_input_grad = idx > 0 || input_needs_grad;
             let xin = saved.detach().set_requires_grad(needs_input_grad);
-            let out = tch::with_grad(|| run_segment(layer, self.segments[idx], &self.seeds, &xin));
+            let out = tch::with_grad(|| run_segment(layer, self.segments[idx], &self.seeds, &xin, Point::Recompute));
             if out.requires_grad() {
                 backward_with_grad(&out, &grad)?;
             }

@@ -7,6 +7,8 @@
 
 use tch::{Kind, Tensor};
 
+use crate::oom_injection::{self, Point};
+
 use super::config::TextConfig;
 use super::error::{Result, VlmError};
 use super::layers::{linear, push_linear, push_norm, repeat_kv, rotate_half, RmsNorm};
@@ -193,6 +195,7 @@ impl TextModel {
     pub fn forward_embeds(&self, embeds: &Tensor, ctx: &TextContext) -> Tensor {
         let mut x = embeds.shallow_clone();
         for layer in &self.layers {
+            oom_injection::reach(Point::Forward);
             x = layer.forward(&x, ctx);
         }
         self.norm.forward(&x)

@@ -23,7 +23,7 @@
 //! on the micro-batch split; LoRA dropout draws from libtorch's generator, seeded per
 //! micro-batch by the runner.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -40,7 +40,8 @@ use crate::train::config::{CacheMode, ComputeDtype, ResolvedMemory, TrainConfig,
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
-use crate::train::heads_job::{base_model_id, error_metrics, heads_params, ValidationSums};
+use crate::train::heads_job::{error_metrics, heads_params, ValidationSums};
+use crate::train::model_id::{base_model_id, older_scheme_note};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
 use crate::train::publish::{PublishItem, Source};
@@ -115,6 +116,10 @@ pub struct Stage2Task {
     deploy: DeployInfo,
     checkpointing: Checkpointing,
     cache: Option<FeatureCache>,
+    /// Cache keys computed so far ([`Stage2Task::memo_key`]).
+    keys: KeyMemo,
+    /// Owner of this job's features entries in the shared cache folder (`features@<state_dir>`).
+    cache_owner: String,
     refresh: Option<RefreshPolicy>,
     probe: Vec<usize>,
     fs: FeatureState,
@@ -127,6 +132,24 @@ pub struct Stage2Task {
     offload: bool,
     /// Whether the base VL weights are in host memory now.
     vl_offloaded: bool,
+}
+
+/// `k` of `items` evenly spaced over the whole list (all of them when `k >= len`): the drift
+/// probe covers every episode, not the first one (samples are stored episode by episode).
+fn spread(items: &[usize], k: usize) -> Vec<usize> {
+    let n = items.len();
+    if k >= n {
+        return items.to_vec();
+    }
+    (0..k).map(|j| items[j * n / k]).collect()
+}
+
+/// Cache keys by sample: vision keys, and features keys under `features_adapter`.
+#[derive(Default)]
+struct KeyMemo {
+    vision: HashMap<usize, CacheKey>,
+    features_adapter: String,
+    features: HashMap<usize, CacheKey>,
 }
 
 impl Stage2Task {
@@ -157,7 +180,13 @@ impl Stage2Task {
         if deploy1.base_model_id != base_id {
             return Err(TrainError::invalid(
                 format!("stage-1 checkpoint `{}`", stage1.display()),
-                format!("was trained with base model {}, but model.base_model_dir {} is {}", deploy1.base_model_id, base_dir.display(), base_id),
+                format!(
+                    "was trained with base model {}, but model.base_model_dir {} is {}{}",
+                    deploy1.base_model_id,
+                    base_dir.display(),
+                    base_id,
+                    older_scheme_note(&deploy1.base_model_id)
+                ),
             ));
         }
         if deploy1.pooling != "all" {
@@ -207,7 +236,7 @@ impl Stage2Task {
             Precision::F32 => "f32".into(),
             Precision::Bf16 => "bf16".into(),
         };
-        let probe = train_idx.iter().copied().take(cfg.cache.probe_samples.max(1)).collect();
+        let probe = spread(&train_idx, cfg.cache.probe_samples.max(1));
         Ok(Self {
             mode,
             device,
@@ -228,6 +257,8 @@ impl Stage2Task {
             deploy,
             checkpointing: if cfg.model.gradient_checkpointing { Checkpointing::every(1) } else { Checkpointing::OFF },
             cache,
+            keys: KeyMemo::default(),
+            cache_owner: format!("features@{}", cfg.checkpoint.state_dir.display()),
             refresh: cfg.refresh_policy(),
             probe,
             fs: FeatureState::default(),
@@ -324,11 +355,30 @@ impl Stage2Task {
         Ok(cache_key(&KeyInput {
             kind,
             base_model: &self.base_model_id,
+            dtype: &self.deploy.dtype,
             adapter,
             processor: &self.processor_json,
             prompt: &prompt,
             images: &images,
         }))
+    }
+
+    /// [`Stage2Task::sample_key`], computed once per sample (vision) or once per sample and
+    /// adapter (features): a key hashes every image of the sample.
+    fn memo_key(&mut self, i: usize, kind: &str, adapter: &str) -> Result<CacheKey> {
+        let features = kind == "features";
+        if features && self.keys.features_adapter != adapter {
+            self.keys.features_adapter = adapter.to_string();
+            self.keys.features.clear();
+        }
+        let memo = if features { &self.keys.features } else { &self.keys.vision };
+        if let Some(&key) = memo.get(&i) {
+            return Ok(key);
+        }
+        let key = self.sample_key(i, kind, adapter)?;
+        let memo = if features { &mut self.keys.features } else { &mut self.keys.vision };
+        memo.insert(i, key);
+        Ok(key)
     }
 
     fn vl_batch(&self, samples: &[Sample]) -> Result<VlBatch> {
@@ -338,7 +388,7 @@ impl Stage2Task {
 
     /// Cached vision embeddings of sample `i` (computed and stored on a miss).
     fn vision_embeds(&mut self, i: usize, sample: &Sample) -> Result<Tensor> {
-        let key = self.sample_key(i, "vision", "none")?;
+        let key = self.memo_key(i, "vision", "none")?;
         let cache = self.cache.as_mut().expect("vision mode has a cache");
         cache.pin(key);
         if let Some(t) = cache.get(&key) {
@@ -393,7 +443,7 @@ impl Stage2Task {
     /// Cached pooled features of sample `i` under the adapter the cache holds.
     fn cached_features(&mut self, i: usize) -> Result<Tensor> {
         let adapter = self.fs.adapter.clone().ok_or_else(|| TrainError::invalid("features cache", "is not built yet (expected a cached epoch after it was built)"))?;
-        let key = self.sample_key(i, "features", &adapter)?;
+        let key = self.memo_key(i, "features", &adapter)?;
         let cache = self.cache.as_mut().expect("features mode has a cache");
         if let Some(t) = cache.get(&key) {
             return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
@@ -401,22 +451,38 @@ impl Stage2Task {
         let s = self.ds.sample(i)?;
         let (f, _) = self.live_features(&[i], std::slice::from_ref(&s), false)?;
         let f = f.to_device(Device::Cpu);
-        self.cache.as_mut().expect("cache").put(key, &[(POOLED.to_string(), f.shallow_clone())])?;
+        let owner = self.cache_owner.clone();
+        self.cache.as_mut().expect("cache").put_owned(key, &[(POOLED.to_string(), f.shallow_clone())], &owner)?;
         Ok(f)
     }
 
-    /// Writes the features of every sample under the current adapter's key, pins them and
-    /// removes every other entry (older adapters).
+    /// Writes the features of every sample under the current adapter's key (the missing ones
+    /// computed in batches of the micro-batch), pins them and
+    /// removes this job's other features entries (older adapters); other jobs' entries and the
+    /// shared vision embeddings stay.
     fn rebuild_features(&mut self) -> Result<()> {
         let adapter = self.adapter_hash();
         self.fs.adapter = Some(adapter.clone());
         self.cache.as_mut().expect("cache").unpin_all();
+        let mut missing = Vec::new();
         for i in 0..self.ds.len() {
-            let key = self.sample_key(i, "features", &adapter)?;
-            self.cache.as_mut().expect("cache").pin(key);
-            let _ = self.cached_features(i)?;
+            let key = self.memo_key(i, "features", &adapter)?;
+            let cache = self.cache.as_mut().expect("cache");
+            cache.pin(key);
+            if !cache.contains(&key) {
+                missing.push((i, key));
+            }
         }
-        self.cache.as_mut().expect("cache").remove_unpinned()?;
+        let owner = self.cache_owner.clone();
+        for chunk in missing.chunks(self.memory.micro_batch.max(1)) {
+            let idx: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+            let f = self.live_features_nograd(&idx)?;
+            for (row, &(_, key)) in chunk.iter().enumerate() {
+                let pooled = f.narrow(0, row as i64, 1).copy();
+                self.cache.as_mut().expect("cache").put_owned(key, &[(POOLED.to_string(), pooled)], &owner)?;
+            }
+        }
+        self.cache.as_mut().expect("cache").remove_unpinned_owned_by(&owner)?;
         Ok(())
     }
 
@@ -434,20 +500,23 @@ impl Stage2Task {
         let val = self.val_idx.clone();
         let mut sums = ValidationSums::default();
         for idx in val.chunks(self.memory.micro_batch.max(1)) {
-            let features = idx.iter().map(|&i| self.features_nograd(i)).collect::<Result<Vec<_>>>()?;
-            sums.add(&self.heads, &self.ds, idx, &Tensor::cat(&features, 0), self.seed, Some(VAL_STREAM))?;
+            let features = if self.mode == CacheMode::Features && self.fs.adapter.is_some() {
+                Tensor::cat(&idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?, 0)
+            } else {
+                self.live_features_nograd(idx)?
+            };
+            sums.add(&self.heads, &self.ds, idx, &features, self.seed, Some(VAL_STREAM))?;
         }
         let mut m = error_metrics(&sums.errors());
         m.insert("val_loss".to_string(), sums.loss());
         Ok(m)
     }
 
-    fn features_nograd(&mut self, i: usize) -> Result<Tensor> {
-        if self.mode == CacheMode::Features && self.fs.adapter.is_some() {
-            return self.cached_features(i);
-        }
-        let s = self.ds.sample(i)?;
-        Ok(self.live_features(&[i], std::slice::from_ref(&s), false)?.0)
+    /// Pooled features `[B, hidden]` of `idx` on the CPU, computed live in one batch without
+    /// gradients.
+    fn live_features_nograd(&mut self, idx: &[usize]) -> Result<Tensor> {
+        let samples = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(self.live_features(idx, &samples, false)?.0.to_device(Device::Cpu))
     }
 
     fn begin(&mut self, epoch: u64) -> Result<Phase> {
@@ -499,18 +568,13 @@ impl Stage2Task {
 
     fn step_loss(&mut self, idx: &[usize]) -> Result<(Tensor, f64)> {
         let t0 = Instant::now();
-        let samples: Vec<Sample> = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<_, _>>()?;
-        let [t_len, channels] = self.ds.index.sensor_shape;
-        let [horizon, action_dim] = self.ds.index.action_shape;
-        let n = idx.len() as i64;
-        let sensor = Tensor::from_slice(&samples.iter().flat_map(|s| s.sensor.iter().copied()).collect::<Vec<f32>>())
-            .reshape([n, t_len as i64, channels as i64])
-            .to_device(self.device);
-        let actions = Tensor::from_slice(&samples.iter().flat_map(|s| s.action.iter().copied()).collect::<Vec<f32>>())
-            .reshape([n, horizon as i64, action_dim as i64])
-            .to_device(self.device);
-        let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
         let cached = self.mode == CacheMode::Features && !self.fs.live;
+        // A cached epoch uses sensor, action and the cached features only: no image is decoded.
+        let samples: Vec<Sample> =
+            if cached { Vec::new() } else { idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<_, _>>()? };
+        let (sensor, actions) = self.ds.sensor_action(idx)?;
+        let (sensor, actions) = (sensor.to_tensor().to_device(self.device), actions.to_tensor().to_device(self.device));
+        let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
         let (pooled, pass, data_s) = if cached {
             let f = idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
             (Tensor::cat(&f, 0).to_device(self.device), None, t0.elapsed().as_secs_f64())
@@ -556,16 +620,16 @@ impl TrainTask for Stage2Task {
         }
     }
 
+    fn discard_pass(&mut self) {
+        self.pending = None;
+    }
+
     fn end_epoch(&mut self, _epoch: u64) -> Result<()> {
         if self.mode == CacheMode::Features && self.fs.live {
             // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
             let probe = self.probe.clone();
             let cached = probe.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
-            let mut fresh = Vec::with_capacity(probe.len());
-            for &i in &probe {
-                let s = self.ds.sample(i)?;
-                fresh.push(self.live_features(&[i], std::slice::from_ref(&s), false)?.0.to_device(Device::Cpu));
-            }
+            let fresh = probe.chunks(self.memory.micro_batch.max(1)).map(|c| self.live_features_nograd(c)).collect::<Result<Vec<_>>>()?;
             self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
             self.rebuild_features()?;
         }
@@ -624,5 +688,19 @@ impl TrainTask for Stage2Task {
             refreshes: self.fs.refreshes,
             vl_offloaded: self.vl_offloaded,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn the_probe_is_spread_over_the_whole_training_split() {
+        let train: Vec<usize> = (100..110).collect();
+        assert_eq!(spread(&train, 4), [100, 102, 105, 107]);
+        assert_eq!(spread(&train, 10), train);
+        assert_eq!(spread(&train, 32), train);
+        assert_eq!(spread(&train, 1), [100]);
     }
 }
