@@ -92,7 +92,7 @@ impl TrainTask for Toy {
         self.ended.push(epoch);
         Ok(())
     }
-    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, TrainError> {
+    fn validate(&mut self, epoch: u64, _chunk: usize) -> Result<BTreeMap<String, f64>, TrainError> {
         self.validated.push(epoch);
         let mse = tch::no_grad(|| (self.forward(&self.vx, false) - &self.vy).square().mean(Kind::Float).double_value(&[]));
         Ok(BTreeMap::from([("val_mse".to_string(), mse)]))
@@ -149,7 +149,7 @@ fn trains_validates_publishes_and_plots() {
     let hub = ProgressHub::new(4096);
     let mut rx = hub.subscribe();
     let mut task = toy(None);
-    let before = task.validate(0).unwrap()["val_mse"];
+    let before = task.validate(0, 10).unwrap()["val_mse"];
     let mut announced = Vec::new();
     let summary = run(&mut task, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |p| announced.push(p.clone())).unwrap();
     assert!(!summary.cancelled);

@@ -389,9 +389,9 @@ fn without_key_bias(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
 }
 
 /// A real libtorch allocation failure injected in the forward (a panic of a tch op), in the
-/// checkpoint recompute (a panic) and before the backward (an error) halves the micro-batch,
-/// keeps the effective batch and redoes the step: the run ends with the weights of a run that
-/// never failed.
+/// checkpoint recompute (a panic), before the backward (an error) or in the validation before
+/// training halves the micro-batch, keeps the effective batch and redoes the step (or the
+/// validation): the run ends with the weights of a run that never failed.
 #[test]
 fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_loses_no_step() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -401,7 +401,18 @@ fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_los
     assert!(reference.model.gradient_checkpointing, "the recompute point needs checkpointing");
     let r0 = run(&reference);
     assert_eq!(r0.run.accumulation, Accumulation { micro_batch: 4, accum_steps: 2 });
-    for (name, point, nth) in [("forward", Point::Forward, 3), ("recompute", Point::Recompute, 2), ("backward", Point::Backward, 2)] {
+    // The validation before training reaches the forward point once per decoder layer and chunk
+    // of 4; the training forward's 3rd layer comes after those.
+    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json")).unwrap().text.num_hidden_layers as u64;
+    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Val).len();
+    let before_training = layers * val.div_ceil(4) as u64;
+    let cases = [
+        ("validation", Point::Forward, 1),
+        ("forward", Point::Forward, before_training + 3),
+        ("recompute", Point::Recompute, 2),
+        ("backward", Point::Backward, 2),
+    ];
+    for (name, point, nth) in cases {
         let cfg = config(&dir.path().join(name), &common);
         let r = {
             let _oom = oom_injection::inject(point, nth);
@@ -409,6 +420,8 @@ fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_los
         };
         assert_eq!(r.run.accumulation, Accumulation { micro_batch: 2, accum_steps: 4 }, "{name}: halved once, same effective batch");
         assert_eq!(r.run.counters, r0.run.counters, "{name}: every step done");
+        let rel = (r.val_action_error_before - r0.val_action_error_before).abs() / r0.val_action_error_before;
+        assert!(rel <= 1e-6, "{name}: validation before training {} vs {}", r.val_action_error_before, r0.val_action_error_before);
         assert_close(&without_key_bias(published_tensors(&cfg)), &without_key_bias(published_tensors(&reference)), 1e-5);
     }
 }
@@ -572,8 +585,8 @@ fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let metrics = |micro_batch: usize| {
-        let cfg = config(dir.path(), &["cache.mode=off", &format!("memory.micro_batch={micro_batch}")]);
-        Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).unwrap().validation_metrics().unwrap()
+        let cfg = config(dir.path(), &["cache.mode=off"]);
+        Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).unwrap().validation_metrics(micro_batch).unwrap()
     };
     // Chunks of 3 versus the whole validation split (fewer than 1000 samples) in one chunk.
     let (chunked, whole) = (metrics(3), metrics(1000));

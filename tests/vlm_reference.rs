@@ -61,6 +61,19 @@ fn prompt_ids_and_positions_match_transformers() {
         assert_eq!(s.pixel_values.size()[0], flat.chunks(3).map(|g| g.iter().product::<i64>()).sum::<i64>());
         let pos: Vec<i64> = s.position_ids.iter().flatten().copied().collect();
         assert_same(&Tensor::from_slice(&pos).reshape([3, -1]), &r["position_ids"], &format!("{case} position_ids"));
+        // The same from the image sizes alone (no pixels), as a forward from cached embeddings uses.
+        let sizes: Vec<(u32, u32)> = m["cases"][case]["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| load_image(&fixtures().join("images").join(n.as_str().unwrap())).unwrap())
+            .map(|i| (i.width, i.height))
+            .collect();
+        let t = p.text_sample(&sizes, m["cases"][case]["text"].as_str().unwrap()).unwrap();
+        assert_same(&Tensor::from_slice(&t.input_ids), &r["input_ids"], &format!("{case} input_ids from sizes"));
+        assert_eq!(t.image_grid_thw, s.image_grid_thw, "{case}");
+        assert_eq!(t.position_ids, s.position_ids, "{case}");
+        assert_eq!(t.pixel_values.size()[0], 0);
         // The rendered chat template text equals the one transformers produced.
         let n = m["cases"][case]["images"].as_array().unwrap().len();
         let text = m["cases"][case]["text"].as_str().unwrap();

@@ -408,17 +408,18 @@ impl TrainTask for HeadsTask {
     fn loss(&mut self, samples: &[usize], global_step: u64) -> Result<(Tensor, f64)> {
         let t0 = Instant::now();
         let idx: Vec<usize> = samples.iter().map(|&k| self.train_idx[k]).collect();
-        let b = self.ds.batch(&idx)?;
+        // Sensor and action only: the VL features are precomputed, no image is decoded.
+        let (sensor, actions) = self.ds.sensor_action(&idx)?;
         let vl = VlFeatures::pooled(Tensor::cat(&idx.iter().map(|&i| self.features[i].shallow_clone()).collect::<Vec<_>>(), 0));
-        let (sensor, actions) = (b.sensor.to_tensor(), b.action.to_tensor());
+        let (sensor, actions) = (sensor.to_tensor(), actions.to_tensor());
         let data_s = t0.elapsed().as_secs_f64();
         let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[global_step, i as u64])).collect();
         let loss = self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
         Ok((loss, data_s))
     }
 
-    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>> {
-        Ok(error_metrics(&self.validation_error()?))
+    fn validate(&mut self, _epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>> {
+        Ok(error_metrics(&validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed, chunk)?))
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {

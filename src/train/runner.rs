@@ -52,8 +52,10 @@ pub trait TrainTask {
     fn end_epoch(&mut self, _epoch: u64) -> Result<(), TrainError> {
         Ok(())
     }
-    /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`).
-    fn validate(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, TrainError>;
+    /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`), computed
+    /// in chunks of at most `chunk` samples (the loop's micro-batch, smaller after an
+    /// out-of-memory). [`TrainError::OutOfMemory`] makes the loop halve it and validate again.
+    fn validate(&mut self, epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>, TrainError>;
     /// The deployable files for the current weights (heads, PEFT adapter, stats, config).
     fn deployable(&mut self) -> Result<Vec<PublishItem>, TrainError>;
     /// Opaque task state saved with the training state (cache bookkeeping, buffers).
@@ -361,14 +363,9 @@ impl<'a> Runner<'a> {
                 Err(TrainError::OutOfMemory { source }) => {
                     self.task.discard_pass();
                     self.opt.zero_grad();
-                    // What the failed pass freed goes back to the device (no-op on the CPU).
-                    let _ = crate::memory::release_cached_accelerator_memory();
-                    let Some(smaller) = self.state.accumulation.halved() else {
+                    let Some(smaller) = halve_after_oom(&self.state.accumulation, source.as_ref(), "step") else {
                         return Err(self.located(TrainError::OutOfMemory { source }, "loss at micro-batch 1"));
                     };
-                    let what = source.to_string();
-                    let what = what.lines().next().unwrap_or_default();
-                    tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory ({what}): micro-batch halved, step redone");
                     self.state.accumulation = smaller;
                     self.event(phase, |ev| {
                         ev.message = format!("out of memory: micro-batch {} x accumulation {}", smaller.micro_batch, smaller.accum_steps)
@@ -419,7 +416,12 @@ impl<'a> Runner<'a> {
     fn validate(&mut self) -> Result<BTreeMap<String, f64>, TrainError> {
         let epoch = self.state.counters.epoch;
         self.event(Phase::Validating, |_| {});
-        let metrics = self.task.validate(epoch).map_err(|e| self.located(e, "validate"))?;
+        let before = self.state.accumulation;
+        let metrics = validate_with_halving(self.task, epoch, &mut self.state.accumulation).map_err(|e| self.located(e, "validate"))?;
+        if self.state.accumulation != before {
+            let a = self.state.accumulation;
+            self.event(Phase::Validating, |ev| ev.message = format!("out of memory: micro-batch {} x accumulation {}", a.micro_batch, a.accum_steps));
+        }
         if !metrics.contains_key(&self.cfg.best_metric) {
             let reason = format!("lack `{}` (have: {})", self.cfg.best_metric, metrics.keys().cloned().collect::<Vec<_>>().join(", "));
             return Err(self.located(TrainError::invalid("validation metrics", reason), "validate"));
@@ -506,6 +508,40 @@ pub fn prune_published(publish_dir: &Path, keep: usize, summary: &RunSummary) ->
     Ok(())
 }
 
+/// `task.validate(epoch, ..)` in chunks of `accumulation`'s micro-batch behind the unwind
+/// boundary; on out-of-memory the micro-batch is halved (`accumulation` updated, the effective
+/// batch kept) and the validation redone. The loop's validation, and a task's before the loop.
+pub fn validate_with_halving(
+    task: &mut dyn TrainTask,
+    epoch: u64,
+    accumulation: &mut Accumulation,
+) -> Result<BTreeMap<String, f64>, TrainError> {
+    loop {
+        let chunk = accumulation.micro_batch;
+        match unwind_boundary(|| task.validate(epoch, chunk)) {
+            Err(TrainError::OutOfMemory { source }) => {
+                let Some(smaller) = halve_after_oom(accumulation, source.as_ref(), "validation") else {
+                    return Err(TrainError::OutOfMemory { source });
+                };
+                *accumulation = smaller;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The halved micro-batch after an out-of-memory in `what` (None at micro-batch 1), with what
+/// the failed pass freed returned to the device and a warning logged.
+fn halve_after_oom(accumulation: &Accumulation, source: &(dyn std::error::Error + Send + Sync), what: &str) -> Option<Accumulation> {
+    // A no-op on the CPU.
+    let _ = crate::memory::release_cached_accelerator_memory();
+    let smaller = accumulation.halved()?;
+    let text = source.to_string();
+    let cause = text.lines().next().unwrap_or_default();
+    tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory ({cause}): micro-batch halved, {what} redone");
+    Some(smaller)
+}
+
 /// Forward and backward of one optimizer step's micro-batches; returns (mean loss, data seconds).
 fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Result<(f64, f64), TrainError> {
     let (mut loss_sum, mut data_s) = (0.0, 0.0);
@@ -526,7 +562,7 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Resu
     Ok((loss_sum, data_s))
 }
 
-/// Runs `f` (a micro-batch's forward and backward) behind an unwind boundary: tch's infallible
+/// Runs `f` (a micro-batch's forward and backward, a validation) behind an unwind boundary: tch's infallible
 /// ops panic on a libtorch error, so an out-of-memory there becomes
 /// [`TrainError::OutOfMemory`] like one returned by a fallible op, with autograd's grad mode
 /// restored (`tch::no_grad` and `with_grad` leave it changed when a panic crosses them). Any

@@ -169,6 +169,13 @@ impl ImageProcessor {
         Ok(x.squeeze_dim(0).contiguous())
     }
 
+    /// The patch grid `[1, h, w]` of a `width` x `height` image (what [`ImageProcessor::preprocess`]
+    /// gives it), without reading pixels.
+    pub fn grid(&self, width: u32, height: u32) -> Result<[i64; 3]> {
+        let (rh, rw) = smart_resize(height as i64, width as i64, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)?;
+        Ok([1, rh / self.patch_size, rw / self.patch_size])
+    }
+
     /// Resizes, normalizes and flattens one RGB8 image into patches.
     pub fn preprocess(&self, img: &RgbImage) -> Result<ProcessedImage> {
         let x = self.resize(img)?;

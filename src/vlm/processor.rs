@@ -91,16 +91,29 @@ impl VlProcessor {
     /// Processes one prompt: the images (in order) then `instruction`.
     pub fn sample(&self, images: &[RgbImage], instruction: &str) -> Result<VlSample> {
         let processed = images.iter().map(|i| self.image.preprocess(i)).collect::<Result<Vec<_>>>()?;
-        let unit = self.spatial_merge_size * self.spatial_merge_size;
         let grids: Vec<[i64; 3]> = processed.iter().map(|p| p.grid_thw).collect();
+        let mut sample = self.prompt(grids, instruction)?;
+        if !processed.is_empty() {
+            sample.pixel_values = Tensor::cat(&processed.iter().map(|p| &p.pixel_values).collect::<Vec<_>>(), 0);
+        }
+        Ok(sample)
+    }
+
+    /// [`VlProcessor::sample`] without pixels (`pixel_values` empty): the token ids, grids and
+    /// positions for images of these (width, height), which is all a forward from cached image
+    /// embeddings uses; no image is decoded or resized.
+    pub fn text_sample(&self, sizes: &[(u32, u32)], instruction: &str) -> Result<VlSample> {
+        let grids = sizes.iter().map(|&(w, h)| self.image.grid(w, h)).collect::<Result<Vec<_>>>()?;
+        self.prompt(grids, instruction)
+    }
+
+    fn prompt(&self, grids: Vec<[i64; 3]>, instruction: &str) -> Result<VlSample> {
+        let unit = self.spatial_merge_size * self.spatial_merge_size;
         let tokens: Vec<i64> = grids.iter().map(|g| g[0] * g[1] * g[2] / unit).collect();
         let input_ids = self.tokenizer.prompt_ids(&tokens, instruction)?;
         let position_ids = rope_index(&input_ids, self.tokenizer.image_token_id, &grids, self.spatial_merge_size)?;
-        let pixel_values = if processed.is_empty() {
-            Tensor::zeros([0, 3 * self.image.temporal_patch_size * self.image.patch_size * self.image.patch_size], (Kind::Float, Device::Cpu))
-        } else {
-            Tensor::cat(&processed.iter().map(|p| &p.pixel_values).collect::<Vec<_>>(), 0)
-        };
+        let patch_dim = 3 * self.image.temporal_patch_size * self.image.patch_size * self.image.patch_size;
+        let pixel_values = Tensor::zeros([0, patch_dim], (Kind::Float, Device::Cpu));
         Ok(VlSample { input_ids, pixel_values, image_grid_thw: grids, position_ids })
     }
 

@@ -151,9 +151,9 @@ pub fn run_with_free_memory(
 ) -> Result<Stage2Result> {
     let cfg = &job.config;
     let memory = plan_memory(cfg, job.resume, free_gib)?;
-    let accumulation = Accumulation::new(memory.micro_batch, memory.accum_steps)?;
+    let mut accumulation = Accumulation::new(memory.micro_batch, memory.accum_steps)?;
     let mut task = Stage2Task::new(cfg, &memory)?;
-    let before = task.validation_metrics()?;
+    let before = runner::validate_with_halving(&mut task, 0, &mut accumulation)?;
     let runner_cfg = RunnerConfig {
         epochs: cfg.run.epochs,
         accumulation,

@@ -386,15 +386,15 @@ impl Stage2Task {
         Ok(self.processor.collate(&vs)?)
     }
 
-    /// Cached vision embeddings of sample `i` (computed and stored on a miss).
-    fn vision_embeds(&mut self, i: usize, sample: &Sample) -> Result<Tensor> {
+    /// Cached vision embeddings of sample `i` (its images decoded and embedded on a miss only).
+    fn vision_embeds(&mut self, i: usize) -> Result<Tensor> {
         let key = self.memo_key(i, "vision", "none")?;
         let cache = self.cache.as_mut().expect("vision mode has a cache");
         cache.pin(key);
         if let Some(t) = cache.get(&key) {
             return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
         }
-        let b = self.vl_batch(std::slice::from_ref(sample))?;
+        let b = self.vl_batch(&[self.ds.sample(i)?])?;
         let e = tch::no_grad(|| self.vlm.image_embeds(&b.pixel_values, &b.image_grid_thw, false))?;
         let cpu = e.to_device(Device::Cpu);
         self.cache.as_mut().expect("cache").put(key, &[(EMBEDS.to_string(), cpu.shallow_clone())])?;
@@ -402,21 +402,36 @@ impl Stage2Task {
         Ok(cpu)
     }
 
-    /// Pooled VL features `[B, hidden]` (f32) of `samples` with the current LoRA, computed live;
-    /// `train` keeps the graph and LoRA dropout. With gradient checkpointing in training, the
-    /// returned pass must be completed after the loss's backward.
-    fn live_features(&mut self, idx: &[usize], samples: &[Sample], train: bool) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
+    /// The VL model's inputs for `idx`: in `vision` mode the token ids and positions from the
+    /// cameras' frame sizes (no image decoded) with the cached vision embeddings; otherwise the
+    /// decoded and processed images.
+    fn vl_inputs(&mut self, idx: &[usize]) -> Result<(VlBatch, Option<Tensor>)> {
+        if self.mode != CacheMode::Vision {
+            let samples = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
+            return Ok((self.vl_batch(&samples)?, None));
+        }
+        let sizes: Vec<(u32, u32)> = self.ds.index.cameras.iter().map(|c| (c.width, c.height)).collect();
+        let (mut texts, mut embeds) = (Vec::with_capacity(idx.len()), Vec::with_capacity(idx.len()));
+        for &i in idx {
+            let instruction = &self.ds.index.episodes[self.ds.index.samples[i].episode].instruction;
+            texts.push(self.processor.text_sample(&sizes, instruction)?);
+            embeds.push(self.vision_embeds(i)?);
+        }
+        Ok((self.processor.collate(&texts)?, Some(Tensor::cat(&embeds, 0))))
+    }
+
+    /// [`Stage2Task::features_of`] the inputs of `idx`.
+    fn live_features(&mut self, idx: &[usize], train: bool) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
+        let (batch, embeds) = self.vl_inputs(idx)?;
+        self.features_of(&batch, embeds, train)
+    }
+
+    /// Pooled VL features `[B, hidden]` (f32) of `batch` (with cached image embeddings in
+    /// `vision` mode) and the current LoRA, computed live; `train` keeps the graph and LoRA
+    /// dropout. With gradient checkpointing in training, the returned pass must be completed
+    /// after the loss's backward.
+    fn features_of(&mut self, batch: &VlBatch, embeds: Option<Tensor>, train: bool) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
         self.vl_to_device();
-        let batch = self.vl_batch(samples)?;
-        let embeds = if self.mode == CacheMode::Vision {
-            let mut parts = Vec::with_capacity(idx.len());
-            for (&i, s) in idx.iter().zip(samples) {
-                parts.push(self.vision_embeds(i, s)?);
-            }
-            Some(Tensor::cat(&parts, 0))
-        } else {
-            None
-        };
         let ck = self.checkpointing;
         let run = |vlm: &Qwen25VL| -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
             let (f, pass) = match (&embeds, train && ck != Checkpointing::OFF) {
@@ -448,8 +463,7 @@ impl Stage2Task {
         if let Some(t) = cache.get(&key) {
             return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
         }
-        let s = self.ds.sample(i)?;
-        let (f, _) = self.live_features(&[i], std::slice::from_ref(&s), false)?;
+        let (f, _) = self.live_features(&[i], false)?;
         let f = f.to_device(Device::Cpu);
         let owner = self.cache_owner.clone();
         self.cache.as_mut().expect("cache").put_owned(key, &[(POOLED.to_string(), f.shallow_clone())], &owner)?;
@@ -494,12 +508,12 @@ impl Stage2Task {
 
     /// Validation metrics of the current weights: `val_loss` (diffusion loss, fixed noise),
     /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`, in
-    /// chunks of the micro-batch. In `features` mode the features come from the cache, otherwise
+    /// chunks of `chunk` samples. In `features` mode the features come from the cache, otherwise
     /// they are computed live.
-    pub fn validation_metrics(&mut self) -> Result<BTreeMap<String, f64>> {
+    pub fn validation_metrics(&mut self, chunk: usize) -> Result<BTreeMap<String, f64>> {
         let val = self.val_idx.clone();
         let mut sums = ValidationSums::default();
-        for idx in val.chunks(self.memory.micro_batch.max(1)) {
+        for idx in val.chunks(chunk.max(1)) {
             let features = if self.mode == CacheMode::Features && self.fs.adapter.is_some() {
                 Tensor::cat(&idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?, 0)
             } else {
@@ -515,8 +529,7 @@ impl Stage2Task {
     /// Pooled features `[B, hidden]` of `idx` on the CPU, computed live in one batch without
     /// gradients.
     fn live_features_nograd(&mut self, idx: &[usize]) -> Result<Tensor> {
-        let samples = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(self.live_features(idx, &samples, false)?.0.to_device(Device::Cpu))
+        Ok(self.live_features(idx, false)?.0.to_device(Device::Cpu))
     }
 
     fn begin(&mut self, epoch: u64) -> Result<Phase> {
@@ -526,8 +539,7 @@ impl Stage2Task {
             CacheMode::Vision => {
                 if epoch == 0 || self.vision_built == 0 {
                     for i in 0..self.ds.len() {
-                        let s = self.ds.sample(i)?;
-                        let _ = self.vision_embeds(i, &s)?;
+                        let _ = self.vision_embeds(i)?;
                     }
                 }
                 Ok(Phase::Training)
@@ -570,8 +582,6 @@ impl Stage2Task {
         let t0 = Instant::now();
         let cached = self.mode == CacheMode::Features && !self.fs.live;
         // A cached epoch uses sensor, action and the cached features only: no image is decoded.
-        let samples: Vec<Sample> =
-            if cached { Vec::new() } else { idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<_, _>>()? };
         let (sensor, actions) = self.ds.sensor_action(idx)?;
         let (sensor, actions) = (sensor.to_tensor().to_device(self.device), actions.to_tensor().to_device(self.device));
         let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
@@ -579,8 +589,9 @@ impl Stage2Task {
             let f = idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
             (Tensor::cat(&f, 0).to_device(self.device), None, t0.elapsed().as_secs_f64())
         } else {
+            let (batch, embeds) = self.vl_inputs(idx)?;
             let data_s = t0.elapsed().as_secs_f64();
-            let (f, p) = self.live_features(idx, &samples, true)?;
+            let (f, p) = self.features_of(&batch, embeds, true)?;
             (f, p, data_s)
         };
         let vl = HeadsVl::pooled(pooled);
@@ -636,8 +647,8 @@ impl TrainTask for Stage2Task {
         Ok(())
     }
 
-    fn validate(&mut self, _epoch: u64) -> Result<BTreeMap<String, f64>> {
-        self.validation_metrics()
+    fn validate(&mut self, _epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>> {
+        self.validation_metrics(chunk)
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {
