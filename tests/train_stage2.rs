@@ -229,7 +229,10 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     let h0 = a.adapter_hash();
     let cache = FeatureCache::open(&acfg.cache.dir, acfg.cache_config()).unwrap();
     let distinct: std::collections::BTreeSet<_> = (0..n).map(|i| a.sample_key(i, "features", &h0).unwrap()).collect();
-    assert_eq!(cache.stats().entries, distinct.len() as u64, "one entry per distinct sample");
+    // The features build ran the vision tower once per sample: its embeddings are kept too.
+    let vision: std::collections::BTreeSet<_> = (0..n).map(|i| a.sample_key(i, "vision", "none").unwrap()).collect();
+    assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "vision", "none").unwrap())));
+    assert_eq!(cache.stats().entries, (distinct.len() + vision.len()) as u64, "one features and one vision entry per distinct sample");
     assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "features", &h0).unwrap())));
     // Another job's features and a shared (unowned) entry in the same cache folder.
     let foreign = |tag: &[u8]| {
@@ -251,7 +254,7 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     let h1 = b.adapter_hash();
     assert_ne!(h0, h1);
     let cache = FeatureCache::open(&bcfg.cache.dir, bcfg.cache_config()).unwrap();
-    assert_eq!(cache.stats().entries, distinct.len() as u64 + 2, "its old-adapter entries removed");
+    assert_eq!(cache.stats().entries, (distinct.len() + vision.len()) as u64 + 2, "its old-adapter entries removed");
     assert!(cache.contains(&theirs) && cache.contains(&shared), "another job's and shared entries survive the rebuild");
     assert!((0..n).all(|i| cache.contains(&b.sample_key(i, "features", &h1).unwrap())));
     assert!((0..n).all(|i| !cache.contains(&b.sample_key(i, "features", &h0).unwrap())));
@@ -596,6 +599,17 @@ fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
     for (k, v) in &chunked {
         assert!((v - whole[k]).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} in chunks of 3, {} in one chunk", whole[k]);
     }
+}
+
+#[test]
+fn a_vision_cache_over_the_disk_budget_is_refused_before_it_is_built() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &["cache.mode=vision", "cache.disk_budget_mb=0", "run.epochs=1"]);
+    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false }, &ctx(), &mut |_| {}).err().expect("refused").to_string();
+    assert!(e.contains("cache.mode=vision") && e.contains("needs about") && e.contains("cache.disk_budget_mb"), "{e}");
+    let cache = FeatureCache::open(&cfg.cache.dir, cfg.cache_config()).unwrap();
+    assert_eq!(cache.stats().entries, 0, "nothing was written");
 }
 
 #[test]

@@ -206,6 +206,25 @@ impl FeatureCache {
         &self.dir
     }
 
+    /// The disk budget (None: unbounded).
+    pub fn disk_budget_bytes(&self) -> Option<u64> {
+        self.cfg.disk_budget_bytes
+    }
+
+    /// Bytes an unprivileged writer may still use on the cache folder's file system.
+    pub fn free_disk_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is NUL-terminated; statvfs fills `st` when it returns 0.
+        if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: initialised by the successful call above.
+        let st = unsafe { st.assume_init() };
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+
     /// Where the entry for `key` is stored.
     pub fn entry_path(&self, key: &CacheKey) -> PathBuf {
         let h = key.hex();

@@ -51,15 +51,6 @@ pub fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[x2.neg(), x1], -1)
 }
 
-/// Repeats key/value heads `[b, kv, s, d]` to `[b, kv * n_rep, s, d]` (grouped-query attention).
-pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
-    if n_rep == 1 {
-        return x.shallow_clone();
-    }
-    let s = x.size();
-    x.unsqueeze(2).expand([s[0], s[1], n_rep, s[2], s[3]], false).reshape([s[0], s[1] * n_rep, s[2], s[3]])
-}
-
 /// Appends a linear layer's `weight` (and `bias`) under its module path.
 pub fn push_linear(out: &mut Vec<(String, Tensor)>, l: &Linear) {
     out.push((format!("{}.weight", l.path), l.weight.shallow_clone()));

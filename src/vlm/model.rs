@@ -150,9 +150,8 @@ impl Qwen25VL {
     /// segment) and calling [`TextInputs::into_features`] equals [`Qwen25VL::forward_with_image_embeds`].
     pub fn text_inputs(&self, batch: &VlBatch, image_embeds: Option<&Tensor>, train: bool) -> Result<TextInputs> {
         let device = self.device();
-        let ids = batch.input_ids.to_device(device);
         let attention_mask = batch.attention_mask.to_device(device);
-        let size = ids.size();
+        let size = batch.input_ids.size();
         if size.len() != 2 || attention_mask.size() != size || batch.position_ids.size() != [3, size[0], size[1]] {
             return Err(VlmError::Input(format!(
                 "input_ids {:?}, attention_mask {:?} and position_ids {:?} must be [b, l], [b, l] and [3, b, l]",
@@ -161,9 +160,12 @@ impl Qwen25VL {
                 batch.position_ids.size()
             )));
         }
-        let image_mask = ids.eq(self.config.image_token_id).logical_and(&attention_mask.to_kind(Kind::Bool));
-        let n_image = image_mask.sum(Kind::Int64).int64_value(&[]);
-        let mut embeds = self.language_model.embed(&ids)?;
+        // Counted and checked on the batch as given (the host for a batch from the processor):
+        // no device synchronisation.
+        let host_image_mask = batch.input_ids.eq(self.config.image_token_id).logical_and(&batch.attention_mask.to_kind(Kind::Bool));
+        let n_image = host_image_mask.sum(Kind::Int64).int64_value(&[]);
+        let image_mask = host_image_mask.to_device(device);
+        let mut embeds = self.language_model.embed(&batch.input_ids)?;
         match image_embeds {
             Some(e) => {
                 let es = e.size();
@@ -183,7 +185,7 @@ impl Qwen25VL {
             }
             None => {}
         }
-        let ctx = self.language_model.prepare(&batch.position_ids.to_device(device), &attention_mask, embeds.kind(), train);
+        let ctx = self.language_model.prepare(&batch.position_ids.to_device(device), &batch.attention_mask, embeds.kind(), train);
         Ok(TextInputs { embeds, ctx, attention_mask, image_mask })
     }
 }

@@ -11,7 +11,7 @@ use crate::oom_injection::{self, Point};
 
 use super::config::TextConfig;
 use super::error::{Result, VlmError};
-use super::layers::{linear, push_linear, push_norm, repeat_kv, rotate_half, RmsNorm};
+use super::layers::{linear, push_linear, push_norm, rotate_half, RmsNorm};
 use super::linear::{Linear, VisitLinears};
 use super::rope::mrope_cos_sin;
 use super::weights::{Init, Loader};
@@ -89,11 +89,11 @@ impl TextAttention {
         let sin = ctx.sin.unsqueeze(1);
         let q = &q * &cos + rotate_half(&q) * &sin;
         let k = &k * &cos + rotate_half(&k) * &sin;
-        let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, rep), repeat_kv(&v, rep));
+        // Grouped-query attention by SDPA itself (no repeated K/V copy).
+        let gqa = self.num_heads != self.num_kv_heads;
         let out = match &ctx.mask {
-            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
-            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false),
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa),
         };
         let out = out.transpose(1, 2).reshape([b, l, self.num_heads * self.head_dim]);
         self.o_proj.forward_t(&out, ctx.train)
@@ -146,7 +146,9 @@ impl TextModel {
         Ok(TextModel { config: cfg.clone(), embed_tokens, layers, norm })
     }
 
-    /// Token embeddings `[batch, len, hidden]` of `input_ids` `[batch, len]`.
+    /// Token embeddings `[batch, len, hidden]`, on the model's device, of `input_ids` `[batch,
+    /// len]`, whose range is checked where they are (on the host for a batch from the processor,
+    /// so without a device synchronisation).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let vocab = self.config.vocab_size;
         if input_ids.numel() > 0 {
@@ -155,16 +157,18 @@ impl TextModel {
                 return Err(VlmError::Input(format!("input_ids hold ids in [{lo}, {hi}], outside the vocabulary 0..{vocab}")));
             }
         }
-        Ok(Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false))
+        Ok(Tensor::embedding(&self.embed_tokens, &input_ids.to_device(self.embed_tokens.device()), -1, false, false))
     }
 
-    /// Rotary tables and mask for position ids `[3, batch, len]` and an attention mask `[batch,
-    /// len]` (1 = token, 0 = padding), in compute dtype `kind`.
+    /// Rotary tables and mask, on the device of `position_ids` `[3, batch, len]`, for an
+    /// attention mask `[batch, len]` (1 = token, 0 = padding; read where it is, the host for a
+    /// batch from the processor), in compute dtype `kind`.
     pub fn prepare(&self, position_ids: &Tensor, attention_mask: &Tensor, kind: Kind, train: bool) -> TextContext {
         let c = &self.config;
         let (cos, sin) = mrope_cos_sin(position_ids, c.head_dim(), c.rope_theta, c.mrope_section, kind);
         let valid = attention_mask.to_kind(Kind::Bool);
         let all_valid = valid.all().int64_value(&[]) != 0;
+        let valid = valid.to_device(position_ids.device());
         let mask = if all_valid {
             None
         } else {

@@ -5,8 +5,6 @@
 //! [`VisionContext`], [`VisionTower::embed`] the block input, each [`VisionBlock::forward`] one
 //! block, and [`VisionTower::merge`] the output; [`VisionTower::forward`] chains them.
 
-use std::collections::BTreeMap;
-
 use tch::{Device, Kind, Tensor};
 
 use super::config::VisionConfig;
@@ -89,30 +87,35 @@ pub struct VisionTower {
     inv_freq: Tensor,
 }
 
-/// Attention inside each `[cu[i], cu[i+1])` segment of `q`, `k`, `v` `[1, heads, seq, head_dim]`.
-/// Segments of equal length run as one batched call (most windows are full-sized).
+/// Attention inside each `[cu[i], cu[i+1])` segment of `q`, `k`, `v` `[1, heads, seq, head_dim]`
+/// (the segments cover the sequence in order). Each maximal run of consecutive segments of
+/// equal length (most windows are full-sized and adjacent) is one batched call on a view of the
+/// run, so nothing is gathered or scattered.
 fn attention_segments(q: &Tensor, k: &Tensor, v: &Tensor, cu: &[i64]) -> Tensor {
-    let mut groups: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-    for w in cu.windows(2).filter(|w| w[1] > w[0]) {
-        groups.entry(w[1] - w[0]).or_default().push(w[0]);
-    }
     let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
         Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false)
     };
-    if groups.len() == 1 && groups.values().next().is_some_and(|s| s.len() == 1) {
+    // (start, segment length, segments) per run.
+    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+    for w in cu.windows(2).filter(|w| w[1] > w[0]) {
+        let (start, len) = (w[0], w[1] - w[0]);
+        match runs.last_mut() {
+            Some((s, l, n)) if *l == len && *s + *l * *n == start => *n += 1,
+            _ => runs.push((start, len, 1)),
+        }
+    }
+    if let [(_, _, 1)] = runs[..] {
         return sdpa(q, k, v);
     }
     let (heads, head_dim) = (q.size()[1], q.size()[3]);
-    let mut out = q.zeros_like();
-    for (len, starts) in groups {
-        let n = starts.len() as i64;
-        let idx: Vec<i64> = starts.iter().flat_map(|&s| s..s + len).collect();
-        let idx = Tensor::from_slice(&idx).to_device(q.device());
-        let gather = |t: &Tensor| t.index_select(2, &idx).reshape([heads, n, len, head_dim]).transpose(0, 1);
-        let o = sdpa(&gather(q), &gather(k), &gather(v)).transpose(0, 1).reshape([1, heads, n * len, head_dim]);
-        out = out.index_copy(2, &idx, &o);
-    }
-    out
+    let outs: Vec<Tensor> = runs
+        .iter()
+        .map(|&(start, len, n)| {
+            let run = |t: &Tensor| t.narrow(2, start, n * len).reshape([heads, n, len, head_dim]).transpose(0, 1);
+            sdpa(&run(q), &run(k), &run(v)).transpose(0, 1).reshape([1, heads, n * len, head_dim])
+        })
+        .collect();
+    Tensor::cat(&outs, 2)
 }
 
 impl VisionAttention {

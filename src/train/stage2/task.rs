@@ -132,7 +132,12 @@ pub struct Stage2Task {
     offload: bool,
     /// Whether the base VL weights are in host memory now.
     vl_offloaded: bool,
+    /// Whether the vision tower alone is in host memory now (`vision` mode on an accelerator).
+    vision_offloaded: bool,
 }
+
+/// Name prefix of the vision tower's weights.
+const VISION_PREFIX: &str = "model.visual.";
 
 /// `k` of `items` evenly spaced over the whole list (all of them when `k >= len`): the drift
 /// probe covers every episode, not the first one (samples are stored episode by episode).
@@ -237,7 +242,7 @@ impl Stage2Task {
             Precision::Bf16 => "bf16".into(),
         };
         let probe = spread(&train_idx, cfg.cache.probe_samples.max(1));
-        Ok(Self {
+        let mut task = Self {
             mode,
             device,
             seed: cfg.run.seed,
@@ -269,7 +274,12 @@ impl Stage2Task {
             pending: None,
             offload: mode == CacheMode::Features && cfg.memory.offload_vl_when_cached && device != Device::Cpu,
             vl_offloaded: false,
-        })
+            vision_offloaded: false,
+        };
+        if mode == CacheMode::Vision {
+            task.check_vision_cache_fits()?;
+        }
+        Ok(task)
     }
 
     /// Identity of the base model.
@@ -315,8 +325,19 @@ impl Stage2Task {
     /// Moves the base VL weights to `device` in place (`param.data = param.data.to(device)`, as
     /// `nn.Module.to` does): every holder of these tensors sees the move.
     fn move_vl_weights(&mut self, device: Device) {
-        for (_, mut t) in self.vlm.named_tensors() {
-            if t.device() != device {
+        self.move_weights(device, |_| true);
+        self.vision_offloaded = false;
+    }
+
+    /// [`Stage2Task::move_vl_weights`] of the vision tower only.
+    fn move_vision_tower(&mut self, device: Device) {
+        self.move_weights(device, |name| name.starts_with(VISION_PREFIX));
+        self.vision_offloaded = device != self.device;
+    }
+
+    fn move_weights(&mut self, device: Device, which: impl Fn(&str) -> bool) {
+        for (name, mut t) in self.vlm.named_tensors() {
+            if which(&name) && t.device() != device {
                 let moved = t.to_device(device);
                 t.set_data(&moved);
             }
@@ -387,14 +408,22 @@ impl Stage2Task {
     }
 
     /// Cached vision embeddings of sample `i` (its images decoded and embedded on a miss only).
+    /// `vision` mode pins them (every step needs them); `features` mode uses them in refresh
+    /// epochs and rebuilds and lets the disk budget evict them.
     fn vision_embeds(&mut self, i: usize) -> Result<Tensor> {
         let key = self.memo_key(i, "vision", "none")?;
-        let cache = self.cache.as_mut().expect("vision mode has a cache");
-        cache.pin(key);
+        let pin = self.mode == CacheMode::Vision;
+        let cache = self.cache.as_mut().expect("vision and features modes have a cache");
+        if pin {
+            cache.pin(key);
+        }
         if let Some(t) = cache.get(&key) {
             return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
         }
         let b = self.vl_batch(&[self.ds.sample(i)?])?;
+        if self.vision_offloaded {
+            self.move_vision_tower(self.device);
+        }
         let e = tch::no_grad(|| self.vlm.image_embeds(&b.pixel_values, &b.image_grid_thw, false))?;
         let cpu = e.to_device(Device::Cpu);
         self.cache.as_mut().expect("cache").put(key, &[(EMBEDS.to_string(), cpu.shallow_clone())])?;
@@ -402,11 +431,51 @@ impl Stage2Task {
         Ok(cpu)
     }
 
-    /// The VL model's inputs for `idx`: in `vision` mode the token ids and positions from the
-    /// cameras' frame sizes (no image decoded) with the cached vision embeddings; otherwise the
-    /// decoded and processed images.
+    /// Refuses, before anything is written, a vision cache that cannot fit: every sample's embeddings
+    /// (pinned for the whole run) against `cache.disk_budget_mb`, the missing ones against the
+    /// free space of the cache folder's disk.
+    fn check_vision_cache_fits(&mut self) -> Result<()> {
+        let v = &self.vlm.config.vision;
+        let unit = v.spatial_merge_size * v.spatial_merge_size;
+        let mut tokens = 0i64;
+        for c in &self.ds.index.cameras {
+            let g = self.processor.image.grid(c.width, c.height)?;
+            tokens += g[0] * g[1] * g[2] / unit;
+        }
+        let per_sample = (tokens * v.out_hidden_size) as u64 * self.vlm.kind().elt_size_in_bytes() as u64 + 512;
+        let n = self.ds.len();
+        let mut missing = 0u64;
+        for i in 0..n {
+            let key = self.memo_key(i, "vision", "none")?;
+            missing += u64::from(!self.cache.as_ref().expect("vision mode has a cache").contains(&key));
+        }
+        let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        let need = format!("the vision cache of this dataset needs about {} ({n} samples x {} of embeddings)", gb(n as u64 * per_sample), gb(per_sample));
+        let cache = self.cache.as_ref().expect("vision mode has a cache");
+        if let Some(budget) = cache.disk_budget_bytes() {
+            if n as u64 * per_sample > budget {
+                return Err(TrainError::invalid(
+                    "cache.mode=vision",
+                    format!("{need}, over cache.disk_budget_mb ({}): raise the budget, or use cache.mode=features (a few KB per sample) or off", gb(budget)),
+                ));
+            }
+        }
+        let free = cache.free_disk_bytes().map_err(TrainError::io("read the free space of", cache.dir()))?;
+        if missing * per_sample > free {
+            return Err(TrainError::invalid(
+                "cache.mode=vision",
+                format!("{need}, {missing} of them still to write, but {} has {} free: free space, point cache.dir elsewhere, or use cache.mode=features or off", cache.dir().display(), gb(free)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The VL model's inputs for `idx`: with a cache (`vision` and `features` modes; the vision
+    /// tower is frozen, so its embeddings are exact) the token ids and positions from the
+    /// cameras' frame sizes (no image decoded) with the cached vision embeddings; in `off` mode
+    /// the decoded and processed images.
     fn vl_inputs(&mut self, idx: &[usize]) -> Result<(VlBatch, Option<Tensor>)> {
-        if self.mode != CacheMode::Vision {
+        if self.cache.is_none() {
             let samples = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
             return Ok((self.vl_batch(&samples)?, None));
         }
@@ -541,6 +610,12 @@ impl Stage2Task {
                     for i in 0..self.ds.len() {
                         let _ = self.vision_embeds(i)?;
                     }
+                }
+                // Every step now reads the cache: the vision tower waits in host memory (it
+                // comes back only to fill a miss) and its blocks go back to the device.
+                if self.device != Device::Cpu && !self.vision_offloaded {
+                    self.move_vision_tower(Device::Cpu);
+                    crate::memory::release_cached_accelerator_memory()?;
                 }
                 Ok(Phase::Training)
             }
