@@ -190,8 +190,13 @@ fn features_run(out: &Path, epochs: u64) -> (Stage2Task, runner::RunSummary, Tra
 
 /// A features-mode run (refresh every 2 cached epochs) with `sets` applied last.
 fn features_run_with(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, runner::RunSummary, TrainConfig) {
+    task_run(out, epochs, &[&["cache.mode=features", "cache.rebuild_interval_epochs=2"][..], sets].concat())
+}
+
+/// A run of the loop over a [`Stage2Task`] kept for inspection, with `sets` applied last.
+fn task_run(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, runner::RunSummary, TrainConfig) {
     let epochs_set = format!("run.epochs={epochs}");
-    let all: Vec<&str> = [&[epochs_set.as_str(), "cache.mode=features", "cache.rebuild_interval_epochs=2"][..], sets].concat();
+    let all: Vec<&str> = [&[epochs_set.as_str()][..], sets].concat();
     let cfg = config(out, &all);
     let memory = stage2::resolve_memory(&cfg).unwrap();
     let mut task = Stage2Task::new(&cfg, &memory).unwrap();
@@ -598,6 +603,24 @@ fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
     // Within 1e-6 relative: the errors reach ~50 (physical units), where an f32 ulp is 3.8e-6.
     for (k, v) in &chunked {
         assert!((v - whole[k]).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} in chunks of 3, {} in one chunk", whole[k]);
+    }
+}
+
+/// The next micro-batch's data prepared on a worker thread (while the current one computes) is
+/// the data prepared in place: the same losses and validation, bit for bit.
+#[test]
+fn prefetching_the_next_micro_batch_on_a_worker_changes_nothing_but_where_data_is_prepared() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["off", "vision"] {
+        let m = format!("cache.mode={mode}");
+        let sets = [m.as_str(), "memory.micro_batch=2", "memory.accum_steps=2"];
+        let (on, s_on, _) = task_run(&dir.path().join(format!("{mode}-on")), 2, &[&sets[..], &["data.prefetch=true"]].concat());
+        let (off, s_off, _) = task_run(&dir.path().join(format!("{mode}-off")), 2, &[&sets[..], &["data.prefetch=false"]].concat());
+        assert!(on.prefetched_micro_batches() > 0, "{mode}: the worker prepared micro-batches");
+        assert_eq!(off.prefetched_micro_batches(), 0);
+        assert_eq!(s_on.train_loss_per_epoch, s_off.train_loss_per_epoch, "{mode}");
+        assert_eq!(s_on.validation, s_off.validation, "{mode}");
     }
 }
 

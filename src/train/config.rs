@@ -99,6 +99,13 @@ pub struct DataConfig {
     pub dataset_dir: PathBuf,
     /// Validate every this many epochs.
     pub val_every_epochs: u64,
+    /// Prepare the next micro-batch's data on a worker thread while the current one computes.
+    #[serde(default = "yes")]
+    pub prefetch: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `optim` section.

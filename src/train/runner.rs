@@ -39,6 +39,10 @@ pub trait TrainTask {
     /// every micro-batch of the step. [`TrainError::OutOfMemory`] makes the loop halve the
     /// micro-batch and redo the step.
     fn loss(&mut self, samples: &[usize], global_step: u64) -> Result<(Tensor, f64), TrainError>;
+    /// The samples of the micro-batch [`TrainTask::loss`] will be asked for after the next one
+    /// (the loop announces it before each loss), so their data can be prepared on a worker
+    /// while the next one computes. A hint: the loss must not depend on it.
+    fn prefetch(&mut self, _next: &[usize]) {}
     /// Called after the backward of each [`TrainTask::loss`] (e.g. to finish a gradient-
     /// checkpointed backward pass by recomputing its segments).
     fn after_backward(&mut self) -> Result<(), TrainError> {
@@ -327,8 +331,9 @@ impl<'a> Runner<'a> {
         let eff = self.cfg.accumulation.effective_batch();
         let s = self.state.counters.step_in_epoch as usize;
         let batch = &order[s * eff..((s + 1) * eff).min(self.n)];
+        let next = &order[((s + 1) * eff).min(self.n)..((s + 2) * eff).min(self.n)];
         let t0 = Instant::now();
-        let (step_loss, data_s) = self.forward_backward(batch, phase)?;
+        let (step_loss, data_s) = self.forward_backward(batch, next, phase)?;
         if !step_loss.is_finite() {
             return Err(self.located(TrainError::invalid("loss", format!("is {step_loss} (expected a finite number)")), "loss"));
         }
@@ -353,12 +358,12 @@ impl<'a> Runner<'a> {
         Ok(step_loss)
     }
 
-    /// Gradients of one step's `batch`; halves the micro-batch and redoes it on out-of-memory.
-    /// Returns (mean loss, data seconds).
-    fn forward_backward(&mut self, batch: &[usize], phase: Phase) -> Result<(f64, f64), TrainError> {
+    /// Gradients of one step's `batch` (`next`: the next step's, for prefetching); halves the
+    /// micro-batch and redoes it on out-of-memory. Returns (mean loss, data seconds).
+    fn forward_backward(&mut self, batch: &[usize], next: &[usize], phase: Phase) -> Result<(f64, f64), TrainError> {
         loop {
             self.opt.zero_grad();
-            match accumulate(self.task, &self.state, batch) {
+            match accumulate(self.task, &self.state, batch, next) {
                 Ok(v) => return Ok(v),
                 Err(TrainError::OutOfMemory { source }) => {
                     self.task.discard_pass();
@@ -542,10 +547,22 @@ fn halve_after_oom(accumulation: &Accumulation, source: &(dyn std::error::Error 
     Some(smaller)
 }
 
-/// Forward and backward of one optimizer step's micro-batches; returns (mean loss, data seconds).
-fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize]) -> Result<(f64, f64), TrainError> {
+/// Forward and backward of one optimizer step's micro-batches, each announcing the one after it
+/// (the first of `next`, the next step's batch, after the last); returns (mean loss, data
+/// seconds).
+fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], next: &[usize]) -> Result<(f64, f64), TrainError> {
     let (mut loss_sum, mut data_s) = (0.0, 0.0);
-    for (mi, mb) in run.accumulation.micro_batches(batch.len()).into_iter().enumerate() {
+    let mbs = run.accumulation.micro_batches(batch.len());
+    let next_first = run.accumulation.micro_batches(next.len()).into_iter().next().map(|mb| &next[mb.range]);
+    for (mi, mb) in mbs.iter().enumerate() {
+        match mbs.get(mi + 1) {
+            Some(after) => task.prefetch(&batch[after.range.clone()]),
+            None => {
+                if let Some(first) = next_first {
+                    task.prefetch(first);
+                }
+            }
+        }
         seed_torch(run.run_seed, run.counters.global_step, mi as u64);
         let (loss, d) = unwind_boundary(|| {
             let (loss, d) = task.loss(&batch[mb.range.clone()], run.counters.global_step)?;

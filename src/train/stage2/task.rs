@@ -25,13 +25,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::dataset::reader::{Dataset, Sample};
+use crate::dataset::reader::{Array, Dataset, Sample};
 use crate::dataset::store::Split;
 use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
@@ -99,7 +100,7 @@ pub struct Stage2Task {
     mode: CacheMode,
     device: Device,
     seed: u64,
-    ds: Dataset,
+    ds: Arc<Dataset>,
     train_idx: Vec<usize>,
     val_idx: Vec<usize>,
     vlm: Qwen25VL,
@@ -108,7 +109,7 @@ pub struct Stage2Task {
     /// The run's memory plan, saved with the state.
     memory: ResolvedMemory,
     lora_init: Vec<Tensor>,
-    processor: VlProcessor,
+    processor: Arc<VlProcessor>,
     processor_json: serde_json::Value,
     base_model_id: String,
     base_model_dir: PathBuf,
@@ -134,6 +135,54 @@ pub struct Stage2Task {
     vl_offloaded: bool,
     /// Whether the vision tower alone is in host memory now (`vision` mode on an accelerator).
     vision_offloaded: bool,
+    /// `data.prefetch`.
+    prefetch: bool,
+    /// The micro-batch the loop will ask for next ([`TrainTask::prefetch`]).
+    next: Option<Vec<usize>>,
+    /// Its data, being prepared on a worker thread.
+    prefetched: Option<(Vec<usize>, VlNeed, std::thread::JoinHandle<Result<MicroBatchData>>)>,
+    /// Micro-batches whose data came from the worker.
+    prefetch_hits: u64,
+}
+
+/// Which VL inputs a micro-batch needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VlNeed {
+    /// None (a cached features epoch).
+    None,
+    /// Token ids and positions from the frame sizes (the image embeddings come from the cache).
+    Text,
+    /// Decoded and processed images (no cache).
+    Images,
+}
+
+/// A micro-batch's data: sensor windows, action chunks and the VL inputs it needs.
+struct MicroBatchData {
+    sensor: Array<f32>,
+    action: Array<f32>,
+    vl: Option<VlBatch>,
+}
+
+/// Reads and builds the data of `idx` (dataset indices); runs on the data worker or inline.
+fn prepare(ds: &Dataset, processor: &VlProcessor, idx: &[usize], need: VlNeed) -> Result<MicroBatchData> {
+    let (sensor, action) = ds.sensor_action(idx)?;
+    let vl = match need {
+        VlNeed::None => None,
+        VlNeed::Text => {
+            let sizes: Vec<(u32, u32)> = ds.index.cameras.iter().map(|c| (c.width, c.height)).collect();
+            let texts = idx
+                .iter()
+                .map(|&i| processor.text_sample(&sizes, &ds.index.episodes[ds.index.samples[i].episode].instruction))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Some(processor.collate(&texts)?)
+        }
+        VlNeed::Images => {
+            let samples = idx.iter().map(|&i| ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
+            let vs = samples.iter().map(|s| processor.sample(&s.images, &s.instruction)).collect::<std::result::Result<Vec<_>, _>>()?;
+            Some(processor.collate(&vs)?)
+        }
+    };
+    Ok(MicroBatchData { sensor, action, vl })
 }
 
 /// Name prefix of the vision tower's weights.
@@ -246,7 +295,7 @@ impl Stage2Task {
             mode,
             device,
             seed: cfg.run.seed,
-            ds,
+            ds: Arc::new(ds),
             train_idx,
             val_idx,
             vlm,
@@ -254,7 +303,7 @@ impl Stage2Task {
             lora_cfg,
             memory: memory.clone(),
             lora_init,
-            processor,
+            processor: Arc::new(processor),
             processor_json,
             base_model_id: base_id,
             base_model_dir: base_dir.clone(),
@@ -275,6 +324,10 @@ impl Stage2Task {
             offload: mode == CacheMode::Features && cfg.memory.offload_vl_when_cached && device != Device::Cpu,
             vl_offloaded: false,
             vision_offloaded: false,
+            prefetch: cfg.data.prefetch,
+            next: None,
+            prefetched: None,
+            prefetch_hits: 0,
         };
         if mode == CacheMode::Vision {
             task.check_vision_cache_fits()?;
@@ -350,6 +403,11 @@ impl Stage2Task {
             self.move_vl_weights(self.device);
             self.vl_offloaded = false;
         }
+    }
+
+    /// Training micro-batches whose data a worker prepared ahead (`data.prefetch`).
+    pub fn prefetched_micro_batches(&self) -> u64 {
+        self.prefetch_hits
     }
 
     /// Refresh epochs begun (`features` mode).
@@ -475,18 +533,43 @@ impl Stage2Task {
     /// cameras' frame sizes (no image decoded) with the cached vision embeddings; in `off` mode
     /// the decoded and processed images.
     fn vl_inputs(&mut self, idx: &[usize]) -> Result<(VlBatch, Option<Tensor>)> {
+        let need = if self.cache.is_some() { VlNeed::Text } else { VlNeed::Images };
+        let data = prepare(&self.ds, &self.processor, idx, need)?;
+        self.with_embeds(idx, data)
+    }
+
+    /// The VL batch of prepared `data` with, when there is a cache, the vision embeddings of
+    /// `idx` from it.
+    fn with_embeds(&mut self, idx: &[usize], data: MicroBatchData) -> Result<(VlBatch, Option<Tensor>)> {
+        let batch = data.vl.ok_or_else(|| TrainError::invalid("micro-batch data", "has no VL inputs (expected them outside cached epochs)"))?;
         if self.cache.is_none() {
-            let samples = idx.iter().map(|&i| self.ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
-            return Ok((self.vl_batch(&samples)?, None));
+            return Ok((batch, None));
         }
-        let sizes: Vec<(u32, u32)> = self.ds.index.cameras.iter().map(|c| (c.width, c.height)).collect();
-        let (mut texts, mut embeds) = (Vec::with_capacity(idx.len()), Vec::with_capacity(idx.len()));
-        for &i in idx {
-            let instruction = &self.ds.index.episodes[self.ds.index.samples[i].episode].instruction;
-            texts.push(self.processor.text_sample(&sizes, instruction)?);
-            embeds.push(self.vision_embeds(i)?);
+        let embeds = idx.iter().map(|&i| self.vision_embeds(i)).collect::<Result<Vec<_>>>()?;
+        Ok((batch, Some(Tensor::cat(&embeds, 0))))
+    }
+
+    /// The data of micro-batch `idx`: what the worker prepared for it, or prepared now; then the
+    /// worker starts on the next micro-batch the loop announced (outside cached epochs).
+    fn micro_batch_data(&mut self, idx: &[usize], need: VlNeed) -> Result<MicroBatchData> {
+        let data = match self.prefetched.take() {
+            Some((for_idx, for_need, worker)) if for_idx == idx && for_need == need => {
+                self.prefetch_hits += 1;
+                worker.join().map_err(|_| TrainError::invalid("data worker", "panicked while preparing a micro-batch"))??
+            }
+            // Another micro-batch (e.g. the micro-batch was halved): prepared here.
+            _ => prepare(&self.ds, &self.processor, idx, need)?,
+        };
+        // A cached epoch's data (two small reads) costs less than a thread: no worker then.
+        if let Some(next) = self.next.take().filter(|_| need != VlNeed::None) {
+            let (ds, processor, for_idx) = (Arc::clone(&self.ds), Arc::clone(&self.processor), next.clone());
+            let worker = std::thread::Builder::new()
+                .name("stage2-data".into())
+                .spawn(move || prepare(&ds, &processor, &for_idx, need))
+                .map_err(|e| TrainError::invalid("data worker", format!("could not start: {e}")))?;
+            self.prefetched = Some((next, need, worker));
         }
-        Ok((self.processor.collate(&texts)?, Some(Tensor::cat(&embeds, 0))))
+        Ok(data)
     }
 
     /// [`Stage2Task::features_of`] the inputs of `idx`.
@@ -657,14 +740,21 @@ impl Stage2Task {
         let t0 = Instant::now();
         let cached = self.mode == CacheMode::Features && !self.fs.live;
         // A cached epoch uses sensor, action and the cached features only: no image is decoded.
-        let (sensor, actions) = self.ds.sensor_action(idx)?;
-        let (sensor, actions) = (sensor.to_tensor().to_device(self.device), actions.to_tensor().to_device(self.device));
+        let need = if cached {
+            VlNeed::None
+        } else if self.cache.is_some() {
+            VlNeed::Text
+        } else {
+            VlNeed::Images
+        };
+        let data = self.micro_batch_data(idx, need)?;
+        let (sensor, actions) = (data.sensor.to_tensor().to_device(self.device), data.action.to_tensor().to_device(self.device));
         let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
         let (pooled, pass, data_s) = if cached {
             let f = idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
             (Tensor::cat(&f, 0).to_device(self.device), None, t0.elapsed().as_secs_f64())
         } else {
-            let (batch, embeds) = self.vl_inputs(idx)?;
+            let (batch, embeds) = self.with_embeds(idx, data)?;
             let data_s = t0.elapsed().as_secs_f64();
             let (f, p) = self.features_of(&batch, embeds, true)?;
             (f, p, data_s)
@@ -692,6 +782,12 @@ impl TrainTask for Stage2Task {
 
     fn begin_epoch(&mut self, epoch: u64) -> Result<Phase> {
         self.begin(epoch)
+    }
+
+    fn prefetch(&mut self, next: &[usize]) {
+        if self.prefetch {
+            self.next = Some(next.iter().map(|&k| self.train_idx[k]).collect());
+        }
     }
 
     fn loss(&mut self, samples: &[usize], _global_step: u64) -> Result<(Tensor, f64)> {
