@@ -182,3 +182,25 @@ fn batched_forward_equals_references() {
         assert_eq!(mask_sum, lens.iter().sum::<i64>());
     }
 }
+
+#[test]
+fn keeping_only_the_prompt_embedding_rows_changes_no_output_and_refuses_other_tokens() {
+    let dir = fixtures().join("tiny_a");
+    let (_, p) = processor(&dir);
+    let mut model = Qwen25VL::load(&dir, Kind::Float, Device::Cpu).unwrap();
+    let _g = tch::no_grad_guard();
+    let batch = p.collate(&[case_sample(&p, "two_images")]).unwrap();
+    let full = model.forward(&batch, false).unwrap().last_hidden_state;
+    let ids = Vec::<i64>::try_from(batch.input_ids.flatten(0, -1)).unwrap();
+    model.language_model.keep_embedding_rows(&ids).unwrap();
+    let distinct: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(model.language_model.embed_tokens.size()[0], distinct.len() as i64);
+    let kept = model.forward(&batch, false).unwrap().last_hidden_state;
+    assert!(kept.equal(&full), "the same output from the kept rows");
+    // A prompt with a token outside the kept rows is refused, naming the token.
+    let other = p.collate(&[case_sample(&p, "text_only")]).unwrap();
+    let other_ids = Vec::<i64>::try_from(other.input_ids.flatten(0, -1)).unwrap();
+    let missing = other_ids.iter().find(|i| !distinct.contains(i)).expect("text_only has a token two_images lacks");
+    let e = model.forward(&other, false).err().expect("refused").to_string();
+    assert!(e.contains(&format!("token id {missing} is not among the embedding rows kept")), "{e}");
+}

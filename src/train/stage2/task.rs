@@ -273,6 +273,13 @@ impl Stage2Task {
         inject_lora(&mut vlm, &lora_cfg, &lora_vs.root())?;
         let lora_init = lora_parameters(&mut vlm).into_iter().map(|(_, t)| t.detach().copy()).collect();
         let processor = VlProcessor::from_model_dir(base_dir, &vlm.config, Some(deploy1.processor.min_pixels), Some(deploy1.processor.max_pixels))?;
+        // The frozen embedding is only ever read at this dataset's prompt tokens: keep those rows.
+        let sizes: Vec<(u32, u32)> = ds.index.cameras.iter().map(|c| (c.width, c.height)).collect();
+        let mut prompt_ids = vec![processor.tokenizer.pad_token_id];
+        for ep in &ds.index.episodes {
+            prompt_ids.extend(processor.text_sample(&sizes, &ep.instruction)?.input_ids);
+        }
+        vlm.language_model.keep_embedding_rows(&prompt_ids)?;
         let ip = &processor.image;
         let processor_json = serde_json::json!({
             "min_pixels": ip.min_pixels, "max_pixels": ip.max_pixels, "patch_size": ip.patch_size,
