@@ -606,6 +606,22 @@ fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
     }
 }
 
+/// Vision mode reads every step's image embeddings from its cache: once the cache is built the
+/// vision tower waits in host memory on an accelerator (on the CPU there is nowhere to move it).
+#[test]
+fn vision_mode_moves_the_vision_tower_off_the_accelerator_once_its_cache_is_built() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (device, spec) = if tch::Cuda::is_available() { (Device::Cuda(0), "run.device=cuda") } else { (Device::Cpu, "run.device=cpu") };
+    let (task, _, _) = task_run(&dir.path().join("v"), 1, &["cache.mode=vision", spec]);
+    let mut devices = task.vl_weight_devices();
+    devices.sort_by_key(|d| format!("{d:?}"));
+    let mut want = vec![device, Device::Cpu];
+    want.sort_by_key(|d| format!("{d:?}"));
+    want.dedup();
+    assert_eq!(devices, want, "language model on {device:?}, vision tower in host memory");
+}
+
 /// The next micro-batch's data prepared on a worker thread (while the current one computes) is
 /// the data prepared in place: the same losses and validation, bit for bit.
 #[test]
