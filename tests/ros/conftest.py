@@ -117,15 +117,25 @@ def spin_until(node, predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def call(node, srv_type, name, request, timeout=30.0):
-    """Calls service `name` once it is available; returns the response."""
+def call(node, srv_type, name, request, timeout=30.0, resend_every=None):
+    """Calls service `name` once it is available; returns the response. With `resend_every`
+    (seconds; only for requests that change nothing, such as parameter queries) the request is
+    sent again when no response came in that time: a request sent right after discovery, while
+    a busy graph is still starting, can go unanswered (seen once in a whole ROS run on the
+    2-core machine, ListParameters of the policy node, 30 s without a response; the same test
+    alone and the next whole run passed)."""
     import rclpy
 
     client = node.create_client(srv_type, name)
     try:
         spin_until(node, client.service_is_ready, timeout, f"service {name}")
-        future = client.call_async(request)
-        rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            future = client.call_async(request)
+            wait = min(resend_every or timeout, max(deadline - time.monotonic(), 0.0))
+            rclpy.spin_until_future_complete(node, future, timeout_sec=wait)
+            if future.done() or time.monotonic() >= deadline:
+                break
         assert future.done(), f"no response from {name} within {timeout} s"
         return future.result()
     finally:

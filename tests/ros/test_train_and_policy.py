@@ -70,10 +70,10 @@ def test_finetune_announce_hot_swap_cancel_and_shutdown(graph, ros_node, tmp_pat
     actions = Collect(ros_node, ActionChunk, "/vla_policy/action_chunk", 100)
 
     # Parameters are declared with types and served by the parameter services.
-    names = call(ros_node, ListParameters, "/vla_policy/list_parameters", ListParameters.Request()).result.names
+    names = call(ros_node, ListParameters, "/vla_policy/list_parameters", ListParameters.Request(), resend_every=5.0).result.names
     for expected in ("sensor_window", "horizon", "action_dim", "control_rate_hz", "base_model", "use_sim_time"):
         assert expected in names, names
-    got = call(ros_node, GetParameters, "/vla_policy/get_parameters", GetParameters.Request(names=["control_rate_hz", "sensor_window"])).values
+    got = call(ros_node, GetParameters, "/vla_policy/get_parameters", GetParameters.Request(names=["control_rate_hz", "sensor_window"]), resend_every=5.0).values
     assert (got[0].double_value, got[1].integer_value) == (10.0, 0), got
 
     # Stage 1 through the service; a second start while it runs is rejected with a reason.
