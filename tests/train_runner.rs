@@ -69,7 +69,7 @@ impl TrainTask for Toy {
     fn train_len(&self) -> usize {
         30
     }
-    fn begin_epoch(&mut self, _epoch: u64) -> Result<Phase, TrainError> {
+    fn begin_epoch(&mut self, _epoch: u64, _chunk: usize) -> Result<Phase, TrainError> {
         self.epochs_begun += 1;
         Ok(Phase::Training)
     }
@@ -88,7 +88,7 @@ impl TrainTask for Toy {
         let pred = self.forward(&self.x.index_select(0, &idx), true);
         Ok(((pred - self.y.index_select(0, &idx)).square().mean(Kind::Float), 0.0))
     }
-    fn end_epoch(&mut self, epoch: u64) -> Result<(), TrainError> {
+    fn end_epoch(&mut self, epoch: u64, _chunk: usize) -> Result<(), TrainError> {
         self.ended.push(epoch);
         Ok(())
     }

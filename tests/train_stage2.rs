@@ -606,6 +606,35 @@ fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
     }
 }
 
+/// An out-of-memory while the features cache is built (in the first epoch's preparation) halves
+/// the micro-batch and builds it again in smaller chunks: the run ends as one that never failed,
+/// up to the float rounding of the other chunking.
+#[test]
+fn out_of_memory_while_the_features_cache_is_built_halves_the_micro_batch_and_builds_it_again() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["run.epochs=2", "cache.mode=features", "lora.dropout=0.0", "memory.micro_batch=4", "memory.accum_steps=2"];
+    let reference = config(&dir.path().join("reference"), &common);
+    let r0 = run(&reference);
+    // The validation before training reaches the forward point once per decoder layer and chunk
+    // of 4; the next reach is the first layer of the cache build.
+    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json")).unwrap().text.num_hidden_layers as u64;
+    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Val).len();
+    let cfg = config(&dir.path().join("oom"), &common);
+    let r = {
+        let _oom = oom_injection::inject(Point::Forward, layers * val.div_ceil(4) as u64 + 1);
+        run(&cfg)
+    };
+    assert_eq!(r.run.accumulation, Accumulation { micro_batch: 2, accum_steps: 4 }, "halved once, same effective batch");
+    assert_eq!(r.run.counters, r0.run.counters);
+    assert_eq!(r.run.validation.len(), r0.run.validation.len());
+    for (a, b) in r.run.validation.iter().zip(&r0.run.validation) {
+        for (k, v) in a {
+            assert!((v - b[k]).abs() <= 1e-5 * b[k].abs().max(1.0), "{k}: {v} after the out-of-memory, {} without", b[k]);
+        }
+    }
+}
+
 /// Vision mode reads every step's image embeddings from its cache: once the cache is built the
 /// vision tower waits in host memory on an accelerator (on the CPU there is nowhere to move it).
 #[test]

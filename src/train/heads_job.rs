@@ -399,7 +399,7 @@ impl TrainTask for HeadsTask {
         self.train_idx.len()
     }
 
-    fn begin_epoch(&mut self, _epoch: u64) -> Result<Phase> {
+    fn begin_epoch(&mut self, _epoch: u64, _chunk: usize) -> Result<Phase> {
         Ok(Phase::Training)
     }
 

@@ -32,8 +32,10 @@ pub trait TrainTask {
     /// Number of training samples (indices `0..train_len()` are passed to [`TrainTask::loss`]).
     fn train_len(&self) -> usize;
     /// Prepares epoch `epoch` (build or refresh a cache, move the VL model, set LoRA trainable or
-    /// frozen) and returns the phase its steps report (`Training` or `RefreshingCache`).
-    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase, TrainError>;
+    /// frozen) and returns the phase its steps report (`Training` or `RefreshingCache`). Batched
+    /// work runs in chunks of at most `chunk` samples; [`TrainError::OutOfMemory`] makes the loop
+    /// halve it and call again, so a repeated call must finish what the failed one began.
+    fn begin_epoch(&mut self, epoch: u64, chunk: usize) -> Result<Phase, TrainError>;
     /// The differentiable mean loss over `samples` and the seconds spent fetching their data;
     /// `global_step` is the optimizer step it is for (steps completed before it), the same for
     /// every micro-batch of the step. [`TrainError::OutOfMemory`] makes the loop halve the
@@ -52,8 +54,9 @@ pub trait TrainTask {
     /// out-of-memory error, before the step is redone with a smaller micro-batch.
     fn discard_pass(&mut self) {}
     /// Called after the last step of every epoch, before any validation (e.g. to rewrite a
-    /// feature cache after a refresh epoch).
-    fn end_epoch(&mut self, _epoch: u64) -> Result<(), TrainError> {
+    /// feature cache after a refresh epoch); `chunk` and out-of-memory as for
+    /// [`TrainTask::begin_epoch`].
+    fn end_epoch(&mut self, _epoch: u64, _chunk: usize) -> Result<(), TrainError> {
         Ok(())
     }
     /// Validation metrics after epoch `epoch` (must contain the runner's `best_metric`), computed
@@ -307,7 +310,9 @@ impl<'a> Runner<'a> {
     /// Starts the current epoch: the task prepares it, the sample order is drawn.
     pub fn begin_epoch(&mut self) -> Result<(), TrainError> {
         let epoch = self.state.counters.epoch;
-        let phase = self.task.begin_epoch(epoch).map_err(|e| self.located(e, "begin_epoch"))?;
+        let task = &mut *self.task;
+        let phase = with_halving(&mut self.state.accumulation, "begin_epoch", |chunk| task.begin_epoch(epoch, chunk))
+            .map_err(|e| self.located(e, "begin_epoch"))?;
         if self.state.counters.step_in_epoch == 0 {
             self.hist.epoch_loss_sum = 0.0;
         }
@@ -385,7 +390,8 @@ impl<'a> Runner<'a> {
     /// best selection and publication, then the state saved (and the plot drawn).
     pub fn end_epoch(&mut self) -> Result<(), TrainError> {
         let epoch = self.state.counters.epoch;
-        self.task.end_epoch(epoch).map_err(|e| self.located(e, "end_epoch"))?;
+        let task = &mut *self.task;
+        with_halving(&mut self.state.accumulation, "end_epoch", |chunk| task.end_epoch(epoch, chunk)).map_err(|e| self.located(e, "end_epoch"))?;
         self.epoch = None;
         self.hist.epoch_loss.push(self.hist.epoch_loss_sum / self.n as f64);
         self.hist.epoch_loss_sum = 0.0;
@@ -513,19 +519,25 @@ pub fn prune_published(publish_dir: &Path, keep: usize, summary: &RunSummary) ->
     Ok(())
 }
 
-/// `task.validate(epoch, ..)` in chunks of `accumulation`'s micro-batch behind the unwind
-/// boundary; on out-of-memory the micro-batch is halved (`accumulation` updated, the effective
-/// batch kept) and the validation redone. The loop's validation, and a task's before the loop.
+/// `task.validate(epoch, ..)` in chunks of `accumulation`'s micro-batch, through
+/// [`with_halving`]. The loop's validation, and a task's before the loop.
 pub fn validate_with_halving(
     task: &mut dyn TrainTask,
     epoch: u64,
     accumulation: &mut Accumulation,
 ) -> Result<BTreeMap<String, f64>, TrainError> {
+    with_halving(accumulation, "validation", |chunk| task.validate(epoch, chunk))
+}
+
+/// `f(chunk)` with `chunk` = `accumulation`'s micro-batch, behind the unwind boundary; on
+/// out-of-memory the micro-batch is halved (`accumulation` updated, the effective batch kept)
+/// and `f` called again.
+fn with_halving<T>(accumulation: &mut Accumulation, what: &str, mut f: impl FnMut(usize) -> Result<T, TrainError>) -> Result<T, TrainError> {
     loop {
         let chunk = accumulation.micro_batch;
-        match unwind_boundary(|| task.validate(epoch, chunk)) {
+        match unwind_boundary(|| f(chunk)) {
             Err(TrainError::OutOfMemory { source }) => {
-                let Some(smaller) = halve_after_oom(accumulation, source.as_ref(), "validation") else {
+                let Some(smaller) = halve_after_oom(accumulation, source.as_ref(), what) else {
                     return Err(TrainError::OutOfMemory { source });
                 };
                 *accumulation = smaller;

@@ -633,9 +633,8 @@ impl Stage2Task {
     /// computed in batches of the micro-batch), pins them and
     /// removes this job's other features entries (older adapters); other jobs' entries and the
     /// shared vision embeddings stay.
-    fn rebuild_features(&mut self) -> Result<()> {
+    fn rebuild_features(&mut self, chunk: usize) -> Result<()> {
         let adapter = self.adapter_hash();
-        self.fs.adapter = Some(adapter.clone());
         self.cache.as_mut().expect("cache").unpin_all();
         let mut missing = Vec::new();
         for i in 0..self.ds.len() {
@@ -647,14 +646,17 @@ impl Stage2Task {
             }
         }
         let owner = self.cache_owner.clone();
-        for chunk in missing.chunks(self.memory.micro_batch.max(1)) {
-            let idx: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+        for part in missing.chunks(chunk.max(1)) {
+            let idx: Vec<usize> = part.iter().map(|&(i, _)| i).collect();
             let f = self.live_features_nograd(&idx)?;
-            for (row, &(_, key)) in chunk.iter().enumerate() {
+            for (row, &(_, key)) in part.iter().enumerate() {
                 let pooled = f.narrow(0, row as i64, 1).copy();
                 self.cache.as_mut().expect("cache").put_owned(key, &[(POOLED.to_string(), pooled)], &owner)?;
             }
         }
+        // Only a complete rebuild moves the cache to the new adapter (one cut short by an
+        // out-of-memory is done again in smaller chunks).
+        self.fs.adapter = Some(adapter);
         self.cache.as_mut().expect("cache").remove_unpinned_owned_by(&owner)?;
         Ok(())
     }
@@ -691,7 +693,7 @@ impl Stage2Task {
         Ok(self.live_features(idx, false)?.0.to_device(Device::Cpu))
     }
 
-    fn begin(&mut self, epoch: u64) -> Result<Phase> {
+    fn begin(&mut self, epoch: u64, chunk: usize) -> Result<Phase> {
         self.epoch = epoch;
         match self.mode {
             CacheMode::Off => Ok(Phase::Training),
@@ -728,7 +730,7 @@ impl Stage2Task {
                 self.set_lora_trainable(self.fs.live);
                 let current = self.adapter_hash();
                 if !self.fs.live && self.fs.adapter.as_deref() != Some(current.as_str()) {
-                    self.rebuild_features()?;
+                    self.rebuild_features(chunk)?;
                 }
                 if self.fs.live {
                     self.vl_to_device();
@@ -787,8 +789,8 @@ impl TrainTask for Stage2Task {
         self.train_idx.len()
     }
 
-    fn begin_epoch(&mut self, epoch: u64) -> Result<Phase> {
-        self.begin(epoch)
+    fn begin_epoch(&mut self, epoch: u64, chunk: usize) -> Result<Phase> {
+        self.begin(epoch, chunk)
     }
 
     fn prefetch(&mut self, next: &[usize]) {
@@ -813,14 +815,14 @@ impl TrainTask for Stage2Task {
         self.pending = None;
     }
 
-    fn end_epoch(&mut self, _epoch: u64) -> Result<()> {
+    fn end_epoch(&mut self, _epoch: u64, chunk: usize) -> Result<()> {
         if self.mode == CacheMode::Features && self.fs.live {
             // End of a refresh epoch: drift of the probe set, then the cache under the new adapter.
             let probe = self.probe.clone();
             let cached = probe.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
-            let fresh = probe.chunks(self.memory.micro_batch.max(1)).map(|c| self.live_features_nograd(c)).collect::<Result<Vec<_>>>()?;
+            let fresh = probe.chunks(chunk.max(1)).map(|c| self.live_features_nograd(c)).collect::<Result<Vec<_>>>()?;
             self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
-            self.rebuild_features()?;
+            self.rebuild_features(chunk)?;
         }
         Ok(())
     }
