@@ -4,20 +4,26 @@
 //!   ([`GROUP_SENSOR_ENCODER`]), fusion + action expert ([`GROUP_HEADS`]). The sensor encoder's
 //!   BatchNorm keeps the stage-1 running statistics (frozen), so an update does not depend on
 //!   how a batch is split into micro-batches.
-//! - `vision` mode: merged vision-tower embeddings per sample, cached once (key: base model,
-//!   processor settings, image bytes; no adapter since LoRA is on the decoder only); each step
-//!   runs the decoder with LoRA from them.
-//! - `features` mode: pooled VL features cached (key adds the adapter hash and the prompt).
-//!   Cached epochs train the heads with the LoRA frozen; a refresh epoch (every
+//! - `vision` mode: merged vision-tower embeddings per sample, cached once (key: base model by
+//!   content, compute dtype, processor settings, image bytes; no adapter since LoRA is on the
+//!   decoder only; pinned, refused up front when they cannot fit); each step runs the decoder
+//!   with LoRA from them and token ids and positions built from the frame sizes (no image
+//!   decoded), and the vision tower waits in host memory on an accelerator.
+//! - `features` mode: pooled VL features cached (key adds the adapter hash and the prompt; owned
+//!   by the job). Cached epochs train the heads with the LoRA frozen; a refresh epoch (every
 //!   `rebuild_interval_epochs` cached epochs, or when the drift measured at the last refresh
-//!   reached `drift_threshold`) runs the VL model live with the LoRA trainable; after it the
-//!   drift of the probe set (new adapter vs the cached features) is measured and the cache is
-//!   rewritten under the new adapter's key (old entries removed). With
+//!   reached `drift_threshold`) runs the decoder live with the LoRA trainable, from the vision
+//!   embeddings cached as in `vision` mode (unpinned here); after it the drift of the probe set
+//!   (spread over the training split; new adapter vs the cached features) is measured and the
+//!   cache is rewritten under the new adapter's key (the job's old entries removed). With
 //!   `memory.offload_vl_when_cached` on an accelerator, the VL model's frozen base weights move
 //!   to host memory for cached epochs and back to the device whenever the VL model runs (refresh
 //!   epochs, drift probes, cache misses); the LoRA weights stay on the device, so the
 //!   optimizer's parameters are never replaced. On CPU it changes nothing.
 //! - `off` mode: the whole VL model live every step.
+//! - Every mode: the frozen embedding keeps only the rows of the dataset's prompt tokens; the
+//!   next micro-batch's data is prepared on a worker thread while the current one computes
+//!   (`data.prefetch`).
 //!
 //! Per-sample diffusion noise derives from (run seed, epoch, sample index), so it does not depend
 //! on the micro-batch split; LoRA dropout draws from libtorch's generator, seeded per
