@@ -674,7 +674,7 @@ fn a_vision_cache_over_the_disk_budget_is_refused_before_it_is_built() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &["cache.mode=vision", "cache.disk_budget_mb=0", "run.epochs=1"]);
-    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false }, &ctx(), &mut |_| {}).err().expect("refused").to_string();
+    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false }, &ctx(), &mut |_| {}).expect_err("refused").to_string();
     assert!(e.contains("cache.mode=vision") && e.contains("needs about") && e.contains("cache.disk_budget_mb"), "{e}");
     let cache = FeatureCache::open(&cfg.cache.dir, cfg.cache_config()).unwrap();
     assert_eq!(cache.stats().entries, 0, "nothing was written");

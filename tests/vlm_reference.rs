@@ -201,6 +201,6 @@ fn keeping_only_the_prompt_embedding_rows_changes_no_output_and_refuses_other_to
     let other = p.collate(&[case_sample(&p, "text_only")]).unwrap();
     let other_ids = Vec::<i64>::try_from(other.input_ids.flatten(0, -1)).unwrap();
     let missing = other_ids.iter().find(|i| !distinct.contains(i)).expect("text_only has a token two_images lacks");
-    let e = model.forward(&other, false).err().expect("refused").to_string();
+    let e = model.forward(&other, false).expect_err("refused").to_string();
     assert!(e.contains(&format!("token id {missing} is not among the embedding rows kept")), "{e}");
 }

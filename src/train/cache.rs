@@ -222,7 +222,7 @@ impl FeatureCache {
         }
         // SAFETY: initialised by the successful call above.
         let st = unsafe { st.assume_init() };
-        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     /// Where the entry for `key` is stored.

@@ -601,15 +601,15 @@ impl Stage2Task {
         let run = |vlm: &Qwen25VL| -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
             let (f, pass) = match (&embeds, train && ck != Checkpointing::OFF) {
                 (Some(e), true) => {
-                    let (f, p) = vlm.forward_checkpointed_with_image_embeds(&batch, Some(e), ck, true)?;
+                    let (f, p) = vlm.forward_checkpointed_with_image_embeds(batch, Some(e), ck, true)?;
                     (f, Some(p))
                 }
-                (Some(e), false) => (vlm.forward_with_image_embeds(&batch, Some(e), train)?, None),
+                (Some(e), false) => (vlm.forward_with_image_embeds(batch, Some(e), train)?, None),
                 (None, true) => {
-                    let (f, p) = vlm.forward_checkpointed(&batch, crate::vlm::TrainCheckpointing { vision: Checkpointing::OFF, text: ck }, true)?;
+                    let (f, p) = vlm.forward_checkpointed(batch, crate::vlm::TrainCheckpointing { vision: Checkpointing::OFF, text: ck }, true)?;
                     (f, Some(p))
                 }
-                (None, false) => (vlm.forward(&batch, train)?, None),
+                (None, false) => (vlm.forward(batch, train)?, None),
             };
             Ok((f.pooled(Pooling::All)?, pass))
         };
