@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::dataset::reader::{Array, Dataset, Sample};
+use crate::dataset::reader::{Array, Dataset};
 use crate::dataset::store::Split;
 use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
@@ -172,23 +172,33 @@ struct MicroBatchData {
 /// Reads and builds the data of `idx` (dataset indices); runs on the data worker or inline.
 fn prepare(ds: &Dataset, processor: &VlProcessor, idx: &[usize], need: VlNeed) -> Result<MicroBatchData> {
     let (sensor, action) = ds.sensor_action(idx)?;
-    let vl = match need {
-        VlNeed::None => None,
+    Ok(MicroBatchData { sensor, action, vl: vl_batch_of(ds, processor, idx, need)? })
+}
+
+/// The VL batch of `idx` that `need` asks for (None for [`VlNeed::None`]).
+fn vl_batch_of(ds: &Dataset, processor: &VlProcessor, idx: &[usize], need: VlNeed) -> Result<Option<VlBatch>> {
+    let samples = match need {
+        VlNeed::None => return Ok(None),
         VlNeed::Text => {
-            let sizes: Vec<(u32, u32)> = ds.index.cameras.iter().map(|c| (c.width, c.height)).collect();
-            let texts = idx
-                .iter()
-                .map(|&i| processor.text_sample(&sizes, &ds.index.episodes[ds.index.samples[i].episode].instruction))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            Some(processor.collate(&texts)?)
+            let sizes = frame_sizes(ds);
+            idx.iter().map(|&i| processor.text_sample(&sizes, instruction(ds, i))).collect::<std::result::Result<Vec<_>, _>>()?
         }
-        VlNeed::Images => {
-            let samples = idx.iter().map(|&i| ds.sample(i)).collect::<std::result::Result<Vec<_>, _>>()?;
-            let vs = samples.iter().map(|s| processor.sample(&s.images, &s.instruction)).collect::<std::result::Result<Vec<_>, _>>()?;
-            Some(processor.collate(&vs)?)
-        }
+        VlNeed::Images => idx
+            .iter()
+            .map(|&i| ds.sample(i).map_err(TrainError::from).and_then(|s| Ok(processor.sample(&s.images, &s.instruction)?)))
+            .collect::<Result<Vec<_>>>()?,
     };
-    Ok(MicroBatchData { sensor, action, vl })
+    Ok(Some(processor.collate(&samples)?))
+}
+
+/// The (width, height) of every camera's frames, in camera order.
+fn frame_sizes(ds: &Dataset) -> Vec<(u32, u32)> {
+    ds.index.cameras.iter().map(|c| (c.width, c.height)).collect()
+}
+
+/// The instruction of sample `i`'s episode.
+fn instruction(ds: &Dataset, i: usize) -> &str {
+    &ds.index.episodes[ds.index.samples[i].episode].instruction
 }
 
 /// Name prefix of the vision tower's weights.
@@ -280,7 +290,7 @@ impl Stage2Task {
         let lora_init = lora_parameters(&mut vlm).into_iter().map(|(_, t)| t.detach().copy()).collect();
         let processor = VlProcessor::from_model_dir(base_dir, &vlm.config, Some(deploy1.processor.min_pixels), Some(deploy1.processor.max_pixels))?;
         // The frozen embedding is only ever read at this dataset's prompt tokens: keep those rows.
-        let sizes: Vec<(u32, u32)> = ds.index.cameras.iter().map(|c| (c.width, c.height)).collect();
+        let sizes = frame_sizes(&ds);
         let mut prompt_ids = vec![processor.tokenizer.pad_token_id];
         for ep in &ds.index.episodes {
             prompt_ids.extend(processor.text_sample(&sizes, &ep.instruction)?.input_ids);
@@ -439,8 +449,7 @@ impl Stage2Task {
         let cams = self.ds.index.cameras.len();
         let images: Vec<&[u8]> = (0..cams).map(|c| self.ds.jpeg(i, c)).collect::<std::result::Result<_, _>>()?;
         let prompt = if kind == "features" {
-            let instruction = &self.ds.index.episodes[self.ds.index.samples[i].episode].instruction;
-            chat_prompt(cams, instruction)
+            chat_prompt(cams, instruction(&self.ds, i))
         } else {
             String::new()
         };
@@ -473,11 +482,6 @@ impl Stage2Task {
         Ok(key)
     }
 
-    fn vl_batch(&self, samples: &[Sample]) -> Result<VlBatch> {
-        let vs = samples.iter().map(|s| self.processor.sample(&s.images, &s.instruction)).collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(self.processor.collate(&vs)?)
-    }
-
     /// Cached vision embeddings of sample `i` (its images decoded and embedded on a miss only).
     /// `vision` mode pins them (every step needs them); `features` mode uses them in refresh
     /// epochs and rebuilds and lets the disk budget evict them.
@@ -491,7 +495,7 @@ impl Stage2Task {
         if let Some(t) = cache.get(&key) {
             return Ok(t.into_iter().next().map(|(_, t)| t).expect("one tensor per entry"));
         }
-        let b = self.vl_batch(&[self.ds.sample(i)?])?;
+        let b = vl_batch_of(&self.ds, &self.processor, &[i], VlNeed::Images)?.expect("images asked for");
         if self.vision_offloaded {
             self.move_vision_tower(self.device);
         }
@@ -547,14 +551,13 @@ impl Stage2Task {
     /// the decoded and processed images.
     fn vl_inputs(&mut self, idx: &[usize]) -> Result<(VlBatch, Option<Tensor>)> {
         let need = if self.cache.is_some() { VlNeed::Text } else { VlNeed::Images };
-        let data = prepare(&self.ds, &self.processor, idx, need)?;
-        self.with_embeds(idx, data)
+        let batch = vl_batch_of(&self.ds, &self.processor, idx, need)?;
+        self.with_embeds(idx, batch)
     }
 
-    /// The VL batch of prepared `data` with, when there is a cache, the vision embeddings of
-    /// `idx` from it.
-    fn with_embeds(&mut self, idx: &[usize], data: MicroBatchData) -> Result<(VlBatch, Option<Tensor>)> {
-        let batch = data.vl.ok_or_else(|| TrainError::invalid("micro-batch data", "has no VL inputs (expected them outside cached epochs)"))?;
+    /// A VL `batch` of `idx` with, when there is a cache, the vision embeddings of `idx` from it.
+    fn with_embeds(&mut self, idx: &[usize], batch: Option<VlBatch>) -> Result<(VlBatch, Option<Tensor>)> {
+        let batch = batch.ok_or_else(|| TrainError::invalid("micro-batch data", "has no VL inputs (expected them outside cached epochs)"))?;
         if self.cache.is_none() {
             return Ok((batch, None));
         }
@@ -769,7 +772,7 @@ impl Stage2Task {
             let f = idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
             (Tensor::cat(&f, 0).to_device(self.device), None, t0.elapsed().as_secs_f64())
         } else {
-            let (batch, embeds) = self.with_embeds(idx, data)?;
+            let (batch, embeds) = self.with_embeds(idx, data.vl)?;
             let data_s = t0.elapsed().as_secs_f64();
             let (f, p) = self.features_of(&batch, embeds, true)?;
             (f, p, data_s)
