@@ -396,6 +396,14 @@ fn without_key_bias(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
         .collect()
 }
 
+/// How many times the validation before training reaches the forward injection point, in
+/// chunks of `chunk`: once per decoder layer and chunk of the validation split.
+fn forward_points_before_training(chunk: usize) -> u64 {
+    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json")).unwrap().text.num_hidden_layers as u64;
+    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Val).len();
+    layers * val.div_ceil(chunk) as u64
+}
+
 /// A real libtorch allocation failure injected in the forward (a panic of a tch op), in the
 /// checkpoint recompute (a panic), before the backward (an error) or in the validation before
 /// training halves the micro-batch, keeps the effective batch and redoes the step (or the
@@ -409,11 +417,8 @@ fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_los
     assert!(reference.model.gradient_checkpointing, "the recompute point needs checkpointing");
     let r0 = run(&reference);
     assert_eq!(r0.run.accumulation, Accumulation { micro_batch: 4, accum_steps: 2 });
-    // The validation before training reaches the forward point once per decoder layer and chunk
-    // of 4; the training forward's 3rd layer comes after those.
-    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json")).unwrap().text.num_hidden_layers as u64;
-    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Val).len();
-    let before_training = layers * val.div_ceil(4) as u64;
+    // The training forward's 3rd layer comes after the validation before training.
+    let before_training = forward_points_before_training(4);
     let cases = [
         ("validation", Point::Forward, 1),
         ("forward", Point::Forward, before_training + 3),
@@ -616,13 +621,10 @@ fn out_of_memory_while_the_features_cache_is_built_halves_the_micro_batch_and_bu
     let common = ["run.epochs=2", "cache.mode=features", "lora.dropout=0.0", "memory.micro_batch=4", "memory.accum_steps=2"];
     let reference = config(&dir.path().join("reference"), &common);
     let r0 = run(&reference);
-    // The validation before training reaches the forward point once per decoder layer and chunk
-    // of 4; the next reach is the first layer of the cache build.
-    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json")).unwrap().text.num_hidden_layers as u64;
-    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Val).len();
+    // The reach after the validation before training is the first layer of the cache build.
     let cfg = config(&dir.path().join("oom"), &common);
     let r = {
-        let _oom = oom_injection::inject(Point::Forward, layers * val.div_ceil(4) as u64 + 1);
+        let _oom = oom_injection::inject(Point::Forward, forward_points_before_training(4) + 1);
         run(&cfg)
     };
     assert_eq!(r.run.accumulation, Accumulation { micro_batch: 2, accum_steps: 4 }, "halved once, same effective batch");
