@@ -269,12 +269,15 @@ impl<R: Send + 'static> JobController<R> {
             ev.message = message;
             ev.time_unix_ms = fresh.time_unix_ms;
             ev.eta_s = None;
+            // Under the slot lock, the terminal event first and then the status: whoever sees
+            // the job finished has its terminal event in `progress().latest()`, and whoever reacts
+            // to that event with a new start finds the slot free (start takes this lock).
             let mut slot = inner.slot.lock().unwrap_or_else(|e| e.into_inner());
             slot.status = JobStatus::Finished { job_id: id, outcome };
             slot.cancel = None;
+            inner.progress.publish(ev);
             inner.status_tx.send_replace(slot.status.clone());
             drop(slot);
-            inner.progress.publish(ev);
         });
         match spawned {
             Ok(handle) => {
