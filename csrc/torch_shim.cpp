@@ -4,7 +4,7 @@
 // - free/total memory of an accelerator (torch.cuda.mem_get_info) and a release of the
 //   allocator's unused blocks (torch.cuda.empty_cache);
 // - backward from a non-scalar output with an explicit output gradient (out.backward(grad));
-// - dropping a parameter's gradient (`param.grad = None`).
+// - dropping a parameter's gradient (`param.grad = None`) and setting it (`param.grad = g`).
 // Every function catches C++ exceptions and reports failure through its return value, so no
 // exception ever crosses into Rust.
 #include <ATen/DeviceAccelerator.h>
@@ -110,6 +110,18 @@ int vla_tensor_clear_grad(at::Tensor* t, char* err, size_t err_len) {
 int vla_backward_with_grad(at::Tensor* out, at::Tensor* grad, char* err, size_t err_len) {
   try {
     out->backward(*grad);
+    return 1;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// `param.grad = grad` (data-parallel training writes the all-reduced gradient back, also to a
+// parameter that got none locally). `t`, `grad`: tch tensors. Returns 1 on success, -1 on error.
+int vla_tensor_set_grad(at::Tensor* t, at::Tensor* grad, char* err, size_t err_len) {
+  try {
+    t->mutable_grad() = *grad;
     return 1;
   } catch (const std::exception& e) {
     copy_message(e.what(), err, err_len);

@@ -7,6 +7,7 @@ pub mod civil_date;
 pub mod cli;
 pub mod dataset;
 pub mod device;
+pub mod dist;
 pub mod logging;
 pub mod memory;
 pub mod node_params;

@@ -80,6 +80,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("vram_preset", String, json!("auto"), "Stage 2 memory.preset: 12gb, 24gb, 40gb, 80gb, manual or auto (free accelerator memory; CPU-sized on a CPU)."),
             p("device", String, json!("auto"), "Stage 2 run.device: auto, cpu, cuda or cuda:N."),
             p("progress_rate_hz", Double, json!(2.0), "Maximum rate of ~/progress."),
+            p("nproc_per_node", Integer, json!(1), "Stage 2 as this many data-parallel ranks on this computer (torchrun on loopback, one per GPU on CUDA; rank 0's progress relayed); 1 = in the node's process."),
             p("job_nice", Integer, json!(10), "Nice value added to the training thread, so that the policy node's control loop on the same computer keeps the CPU (0 = unchanged)."),
             p("shutdown_grace_s", Double, json!(4.0), "On SIGINT/SIGTERM, how long a cancelled job may take to save its state."),
         ],

@@ -54,6 +54,7 @@ fn run_state(step: u64) -> RunState {
         counters: Counters { epoch: 0, step_in_epoch: step, global_step: step, samples_seen: step * 10 },
         schedule: CosineSchedule { warmup_steps: 0, total_steps: 1000, min_lr_ratio: 1.0 },
         accumulation: Accumulation::new(10, 1).unwrap(),
+        world_size: 1,
         cache_state: serde_json::Value::Null,
         extra: serde_json::Value::Null,
     }

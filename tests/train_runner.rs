@@ -135,6 +135,7 @@ fn config(dir: &Path, resume: bool) -> RunnerConfig {
         allow_worse_latest: false,
         base_model_id: "toy".into(),
         plot_file: Some(dir.join("curves.png")),
+        group: None,
     }
 }
 

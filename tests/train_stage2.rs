@@ -2,19 +2,19 @@
 //! recorded from the simulated robot and compiled in the test, starting from a stage-1
 //! checkpoint trained here with `heads_job`.
 
+mod stage2_fixture;
 mod vlm_common;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::path::Path;
+use std::sync::Mutex;
 
 use tch::{Device, Tensor};
-use vla_finetune::dataset::compile::{compile, CompileConfig};
+use stage2_fixture::{config, ctx, fixture, stage1_training, tiny_heads, without_key_bias};
 use vla_finetune::oom_injection::{self, Point};
 use vla_finetune::train::cache::{cache_key, FeatureCache, KeyInput};
 use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
-use vla_finetune::train::controller::{JobContext, JobStatus, StartResponse};
-use vla_finetune::policy::config::PolicyConfig;
-use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
+use vla_finetune::train::controller::{JobStatus, StartResponse};
+use vla_finetune::train::heads_job::{self, HeadsJob, HeadsTrainConfig};
 use vla_finetune::train::optim::Accumulation;
 use vla_finetune::train::publish::Publisher;
 use vla_finetune::train::progress::ProgressHub;
@@ -26,117 +26,8 @@ use vla_finetune::train::tensor_io::read_safetensors;
 /// libtorch's generator is process-global: one training run at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    dataset: PathBuf,
-    base: PathBuf,
-    stage1: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        tch::set_num_threads(1);
-        let dir = tempfile::tempdir().unwrap();
-        let rec = dir.path().join("rec");
-        vla_finetune::cli::record::run(vla_finetune::cli::record::RecordArgs {
-            sim: true,
-            episodes: 3,
-            seconds: 1.6,
-            out: rec.clone(),
-            seed: 3,
-            cameras: 1,
-            width: 56,
-            height: 56,
-            camera_hz: 10.0,
-            sensor_hz: 650.0,
-            pose_hz: 100.0,
-            realtime: false,
-            queue: 4096,
-            queue_mb: 64,
-            compression: vla_finetune::dataset::mcap_episode::Compression::Zstd,
-            operator: "test".into(),
-            json: true,
-        })
-        .unwrap();
-        let eps: Vec<Box<dyn vla_finetune::dataset::episode::EpisodeSource>> = vla_finetune::dataset::mcap_episode::list_episodes(&rec)
-            .unwrap()
-            .into_iter()
-            .map(|d| Box::new(vla_finetune::dataset::mcap_episode::McapEpisode::open(&d).unwrap()) as Box<_>)
-            .collect();
-        let refs: Vec<&dyn vla_finetune::dataset::episode::EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
-        let mut cc = CompileConfig::default();
-        cc.align.sensor_window_s = 0.05;
-        cc.align.sensor_samples = 16;
-        cc.split.val_fraction = 0.34;
-        cc.split.seed = 3;
-        let dataset = dir.path().join("data");
-        compile(&refs, &cc, &dataset, true).unwrap();
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/tiny_a");
-        let job = HeadsJob {
-            dataset: dataset.clone(),
-            base_model: base.clone(),
-            checkpoints: dir.path().join("ck1"),
-            work_dir: dir.path().join("heads_job"),
-            train: stage1_training(),
-            heads: tiny_heads(),
-            resume: false,
-        };
-        let stage1 = heads_job::run(&job, &ctx(), &mut |_| {}).unwrap().published.unwrap().dir;
-        Fixture { _dir: dir, dataset, base, stage1 }
-    })
-}
-
-/// Stage-1 heads small enough for the tiny model on CPU.
-fn tiny_heads() -> PolicyConfig {
-    let mut heads = small_heads();
-    heads.sensor.conv_channels = vec![16, 16];
-    (heads.sensor.d_model, heads.sensor.ff_dim, heads.sensor.out_dim, heads.sensor.dropout) = (16, 32, 16, 0.0);
-    (heads.expert.d_model, heads.expert.ff_dim, heads.expert.n_layers, heads.expert.dropout) = (32, 64, 1, 0.0);
-    heads
-}
-
-/// The fixture's stage-1 training settings.
-fn stage1_training() -> HeadsTrainConfig {
-    HeadsTrainConfig { epochs: 2, batch_size: 8, lr: 1e-3, seed: 3, ..HeadsTrainConfig::default() }
-}
-
-/// The embedded config/train.yaml pointed at the fixture, with outputs under `out`.
-fn config(out: &Path, sets: &[&str]) -> TrainConfig {
-    let f = fixture();
-    let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let mut all = vec![
-        format!("data.dataset_dir={}", q(&f.dataset)),
-        format!("model.base_model_dir={}", q(&f.base)),
-        format!("model.stage1_checkpoint={}", q(&f.stage1)),
-        format!("run.output_dir={}", q(out)),
-        format!("cache.dir={}", q(&out.join("cache"))),
-        format!("checkpoint.state_dir={}", q(&out.join("state"))),
-        format!("checkpoint.publish_dir={}", q(&out.join("ck"))),
-        format!("progress.log_file={}", q(&out.join("log.jsonl"))),
-        format!("progress.plot_file={}", q(&out.join("curves.png"))),
-        "run.device=cpu".into(),
-        "run.seed=5".into(),
-        "model.compute_dtype=f32".into(),
-        "memory.preset=manual".into(),
-        "memory.micro_batch=4".into(),
-        "memory.accum_steps=1".into(),
-        "lora.rank=4".into(),
-        "optim.lr_vl_lora=1.0e-3".into(),
-        "optim.lr_heads=1.0e-3".into(),
-        "optim.lr_sensor_encoder=1.0e-3".into(),
-        "optim.warmup_ratio=0.0".into(),
-    ];
-    all.extend(sets.iter().map(|s| s.to_string()));
-    TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &all).unwrap()
-}
-
-fn ctx() -> JobContext {
-    JobContext { job_id: "t".into(), cancel: Default::default(), progress: ProgressHub::new(1024) }
-}
-
 fn run(cfg: &TrainConfig) -> Stage2Result {
-    stage2::run(&Stage2Job { config: cfg.clone(), resume: false }, &ctx(), &mut |_| {}).unwrap()
+    stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {}).unwrap()
 }
 
 /// Every tensor of the latest published checkpoint (adapter and heads), by name.
@@ -217,6 +108,7 @@ fn task_run(out: &Path, epochs: u64, sets: &[&str]) -> (Stage2Task, runner::RunS
         allow_worse_latest: false,
         base_model_id: task.base_model_id().into(),
         plot_file: None,
+        group: None,
     };
     let s = runner::run(&mut task, &rc, &ctx(), &mut |_| {}).unwrap();
     (task, s, cfg)
@@ -337,7 +229,7 @@ fn memory_auto_resume_reuses_the_saved_plan_whatever_memory_is_free() {
             }
         }
     });
-    let job = |resume| Stage2Job { config: cfg.clone(), resume };
+    let job = |resume| Stage2Job { config: cfg.clone(), resume, group: None };
     let r1 = stage2::run_with_free_memory(&job(false), &c, &mut |_| {}, &mut || Ok(Some(12.0))).unwrap();
     watcher.join().unwrap();
     assert!(r1.run.cancelled);
@@ -376,24 +268,6 @@ fn micro_batch_2_by_4_equals_batch_8_by_1() {
     assert_eq!(ra.run.counters.global_step, rb.run.counters.global_step);
     assert!(ra.lora_params_changed);
     assert_close(&without_key_bias(published_tensors(&a)), &without_key_bias(published_tensors(&b)), 1e-5);
-}
-
-/// `v` with the key slice of every attention `in_proj_bias` zeroed: that slice has a zero true
-/// gradient (softmax ignores a per-query constant), and Adam scales its float-noise gradient to
-/// full lr-sized steps, so runs that split a batch differently disagree there only.
-fn without_key_bias(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    v.into_iter()
-        .map(|(n, t)| {
-            if n.ends_with("in_proj_bias") {
-                let d = t.size()[0] / 3;
-                let t = t.copy();
-                let _ = t.narrow(0, d, d).fill_(0.0);
-                (n, t)
-            } else {
-                (n, t)
-            }
-        })
-        .collect()
 }
 
 /// How many times the validation before training reaches the forward injection point, in
@@ -458,12 +332,12 @@ fn resume_after_cancel_equals_an_uninterrupted_run() {
             }
         }
     });
-    let r1 = stage2::run(&Stage2Job { config: part.clone(), resume: false }, &c, &mut |_| {}).unwrap();
+    let r1 = stage2::run(&Stage2Job { config: part.clone(), resume: false, group: None }, &c, &mut |_| {}).unwrap();
     watcher.join().unwrap();
     assert!(r1.run.cancelled, "cancelled mid-run");
     let meta = read_state_meta(&part.checkpoint.state_dir.join("latest.safetensors")).unwrap();
     assert!(meta.counters.global_step < r_full.run.counters.global_step);
-    let r2 = stage2::run(&Stage2Job { config: part.clone(), resume: true }, &ctx(), &mut |_| {}).unwrap();
+    let r2 = stage2::run(&Stage2Job { config: part.clone(), resume: true, group: None }, &ctx(), &mut |_| {}).unwrap();
     assert!(!r2.run.cancelled);
     assert_eq!(r2.run.counters, r_full.run.counters);
     assert_eq!(r2.val_action_error, r_full.val_action_error);
@@ -676,7 +550,7 @@ fn a_vision_cache_over_the_disk_budget_is_refused_before_it_is_built() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &["cache.mode=vision", "cache.disk_budget_mb=0", "run.epochs=1"]);
-    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false }, &ctx(), &mut |_| {}).expect_err("refused").to_string();
+    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {}).expect_err("refused").to_string();
     assert!(e.contains("cache.mode=vision") && e.contains("needs about") && e.contains("cache.disk_budget_mb"), "{e}");
     let cache = FeatureCache::open(&cfg.cache.dir, cfg.cache_config()).unwrap();
     assert_eq!(cache.stats().entries, 0, "nothing was written");

@@ -92,6 +92,7 @@ fn fresh_run() -> RunState {
         counters: Counters::default(),
         schedule: CosineSchedule { warmup_steps: 3, total_steps: 30, min_lr_ratio: 0.1 },
         accumulation: Accumulation::new(2, 3).unwrap(),
+        world_size: 1,
         cache_state: serde_json::json!({"mode": "features", "adapter_version": 2, "epochs_since_refresh": 1}),
         extra: serde_json::json!({"best_val": 0.5}),
     }

@@ -149,7 +149,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
 
     eprintln!("[5/5] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
     let config = stage2_config(&a, &out, &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
-    let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
+    let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
     let last = s2.published.last().context("Stage 2 published no checkpoint")?.clone();
     policy.wait_active(&last, Duration::from_secs(180))?;
     std::thread::sleep(Duration::from_secs(2));

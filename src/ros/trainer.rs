@@ -59,6 +59,7 @@ pub fn main() -> Result<()> {
         vram_preset: p.string("vram_preset"),
         job_nice: i32::try_from(p.int("job_nice")).unwrap_or(i32::MAX).clamp(0, 19),
         device: p.string("device"),
+        nproc_per_node: usize::try_from(p.int("nproc_per_node")).unwrap_or(1).max(1),
         ..ServiceConfig::new(p.string("base_model").into(), p.string("runs_root").into(), p.string("checkpoints_root").into())
     };
     let hub = ProgressHub::new(256);

@@ -188,7 +188,13 @@ impl FeatureCache {
                 let path = f.map_err(io("list", &shard))?.path();
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with('.') && name.ends_with(".tmp") {
-                    fs::remove_file(&path).map_err(io("remove", &path))?;
+                    // A live process's write in progress stays; another opener may remove a stale one first.
+                    if tensor_io::is_stale_tmp(&name) {
+                        match fs::remove_file(&path) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &path)(e)),
+                            _ => {}
+                        }
+                    }
                     continue;
                 }
                 let Some(key) = name.strip_suffix(".safetensors").and_then(CacheKey::from_hex) else { continue };
@@ -241,8 +247,10 @@ impl FeatureCache {
         self.stats
     }
 
-    /// Looks `key` up: RAM, then disk (the loaded tensors enter RAM). A missing, unreadable or
-    /// foreign file is a miss; the latter two are logged, counted as corrupt and removed.
+    /// Looks `key` up: RAM, then disk (the loaded tensors enter RAM), including an entry another
+    /// process wrote since this one opened the folder (a data-parallel rank's share). A missing,
+    /// unreadable or foreign file is a miss; the latter two are logged, counted as corrupt and
+    /// removed.
     /// Returned tensors share storage with the RAM copy: do not modify them in place.
     pub fn get(&mut self, key: &CacheKey) -> Option<Vec<(String, Tensor)>> {
         self.tick += 1;
@@ -254,7 +262,7 @@ impl FeatureCache {
             self.stats.ram_hits += 1;
             return Some(e.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
         }
-        if !self.disk.contains_key(key) {
+        if !self.disk.contains_key(key) && !self.index_if_written_elsewhere(key) {
             self.stats.misses += 1;
             return None;
         }
@@ -279,6 +287,30 @@ impl FeatureCache {
                 None
             }
         }
+    }
+
+    /// Indexes every entry file in the folder that is not indexed yet.
+    fn index_entries_written_elsewhere(&mut self) -> Result<(), CacheError> {
+        let list = |path: &Path| fs::read_dir(path).map_err(|source| CacheError::Io { op: "list", path: path.to_path_buf(), source });
+        for shard in list(&self.dir.clone())?.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+            for path in list(&shard)?.flatten().map(|e| e.path()) {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if let Some(key) = name.strip_suffix(".safetensors").and_then(CacheKey::from_hex) {
+                    if !self.disk.contains_key(&key) {
+                        self.index_if_written_elsewhere(&key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes `key` when its file exists although this process did not write it.
+    fn index_if_written_elsewhere(&mut self, key: &CacheKey) -> bool {
+        let Ok(meta) = fs::metadata(self.entry_path(key)) else { return false };
+        self.disk.insert(*key, DiskEntry { bytes: meta.len(), tick: self.tick });
+        self.refresh_sizes();
+        true
     }
 
     fn load_checked(&self, key: &CacheKey, path: &Path) -> Result<Vec<(String, Tensor)>, String> {
@@ -340,7 +372,9 @@ impl FeatureCache {
     /// Removes every unpinned entry that `owner` stored (e.g. a job's features under its older
     /// adapters after a refresh); other jobs' entries and unowned ones (vision embeddings) stay.
     /// Returns how many were removed.
+    /// Entries other processes wrote since this one opened the folder are included.
     pub fn remove_unpinned_owned_by(&mut self, owner: &str) -> Result<usize, CacheError> {
+        self.index_entries_written_elsewhere()?;
         let victims: Vec<CacheKey> = self
             .disk
             .keys()

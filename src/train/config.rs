@@ -224,6 +224,16 @@ pub struct ProgressSection {
     pub plot_file: PathBuf,
 }
 
+/// `distributed` section: used only when the job runs as one rank of a torchrun launch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// c10d backend: `gloo` (CPU and CUDA tensors).
+    pub backend: String,
+    /// Seconds a collective may wait for the other ranks before the job fails.
+    pub timeout_s: u64,
+}
+
 /// The whole Stage 2 job configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -246,6 +256,8 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointSection,
     /// Progress.
     pub progress: ProgressSection,
+    /// Data-parallel runs.
+    pub distributed: DistributedSection,
 }
 
 /// Micro-batch, accumulation and LoRA rank after presets and overrides (saved with a Stage 2
@@ -323,6 +335,12 @@ impl TrainConfig {
         }
         if self.data.val_every_epochs == 0 {
             return Err(invalid("data.val_every_epochs", "must be >= 1"));
+        }
+        if self.distributed.backend != "gloo" {
+            return Err(invalid("distributed.backend", format!("`{}` is not built in (expected gloo)", self.distributed.backend)));
+        }
+        if self.distributed.timeout_s == 0 {
+            return Err(invalid("distributed.timeout_s", "must be >= 1"));
         }
         let o = &self.optim;
         for (key, v) in [("optim.lr_vl_lora", o.lr_vl_lora), ("optim.lr_heads", o.lr_heads), ("optim.lr_sensor_encoder", o.lr_sensor_encoder), ("optim.weight_decay", o.weight_decay)] {

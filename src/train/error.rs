@@ -78,6 +78,9 @@ pub enum TrainError {
     /// Accelerator memory could not be measured or released.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A data-parallel collective failed (a rank stopped, the timeout passed).
+    #[error("data-parallel training: {0}")]
+    Distributed(#[from] crate::dist::DistError),
     /// A file or folder operation failed.
     #[error("{action} `{path}`: {source}")]
     Io {

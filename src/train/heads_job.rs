@@ -234,6 +234,7 @@ pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publish
         allow_worse_latest: t.allow_worse_latest,
         base_model_id: task.deploy.base_model_id.clone(),
         plot_file: Some(job.work_dir.join("curves.png")),
+        group: None,
     };
     let summary = runner::run(&mut task, &cfg, ctx, on_publish)?;
     runner::prune_published(&job.checkpoints, t.keep_versions, &summary)?;

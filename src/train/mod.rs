@@ -2,7 +2,9 @@
 //!
 //! - [`optim`]: AdamW with parameter groups, clipping, warmup + cosine, gradient accumulation.
 //! - [`state`]: exact-resume training state and the per-step seed derivation.
-//! - [`runner`]: the one model-independent loop over a [`runner::TrainTask`].
+//! - [`runner`]: the one model-independent loop over a [`runner::TrainTask`]; with a
+//!   [`crate::dist::Group`], data-parallel ([`data_parallel`]: shards and gradient all-reduce);
+//!   [`launch`] starts a Stage 2 job as several ranks under torchrun.
 //! - [`error`]: [`error::TrainError`], the typed errors of a training job.
 //! - [`heads_job`]: stage 1, the policy heads on frozen VL features.
 //! - [`controller`]: one job at a time on its own thread, validators, cancel, status.
@@ -19,12 +21,14 @@
 pub mod cache;
 pub mod config;
 pub mod controller;
+pub mod data_parallel;
 pub mod deploy;
 pub mod drift;
 pub mod error;
 pub mod guard;
 pub mod heads_job;
 pub mod job_record;
+pub mod launch;
 pub mod model_id;
 pub mod optim;
 pub mod plot;

@@ -337,6 +337,20 @@ impl AdamW {
 
 extern "C" {
     fn vla_tensor_clear_grad(t: *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> std::ffi::c_int;
+    fn vla_tensor_set_grad(t: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> std::ffi::c_int;
+}
+
+/// `t.grad = grad` through the shim (csrc/torch_shim.cpp); the error names what libtorch refused.
+pub(crate) fn set_grad(t: &mut Tensor, grad: &mut Tensor) -> Result<(), OptimError> {
+    let mut err = [0 as std::ffi::c_char; 256];
+    // SAFETY: both are live tensors; `err` is a writable buffer of its length.
+    let rc = unsafe { vla_tensor_set_grad(t.as_mut_ptr(), grad.as_mut_ptr(), err.as_mut_ptr(), err.len()) };
+    if rc == 1 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates the message it writes into the zeroed buffer.
+    let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+    Err(OptimError::Config(format!("setting a gradient failed: {msg}")))
 }
 
 /// Drops `t`'s gradient through the shim (csrc/torch_shim.cpp); should libtorch refuse, the

@@ -5,20 +5,31 @@
 //! halving of the micro-batch, exact-resume state (`<state_dir>/latest.safetensors`,
 //! `best.safetensors`), progress events (each carrying the current optimizer step), the curves
 //! plot, and publication of a deployable checkpoint on each new best and at the end.
+//!
+//! Data-parallel with a [`Group`] ([`RunnerConfig::group`]): every rank runs this loop over its
+//! shard of each step ([`data_parallel`]), the trainable gradients are all-reduced once per
+//! optimizer step (after the accumulation), so every rank takes the same update; the ranks agree
+//! before each step on cancel and on the micro-batch (the smallest after out-of-memory halving);
+//! rank 0 alone validates (the metrics are broadcast), saves the state, publishes, plots and
+//! reports progress. A resume on another world size keeps the step's batch (`micro-batch x
+//! accumulation x world` of the run that began it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::dist::{Group, ReduceOp};
 use crate::oom_injection;
 
 use super::config::GROUP_HEADS;
 use super::controller::JobContext;
+use super::data_parallel::{all_reduce_gradients, rank_micro_batches};
 use super::error::TrainError;
-use super::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam};
+use super::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, MicroBatch, NamedParam};
 use super::plot::{write_curves, Curve, TrainingCurves};
 use super::progress::{eta_seconds, peak_host_memory_bytes, CacheStatus, Phase, ProgressEvent};
 use super::publish::{Published, PublishItem, PublishRequest, Publisher};
@@ -75,6 +86,10 @@ pub trait TrainTask {
     fn peak_accel_mem_bytes(&self) -> Option<u64> {
         None
     }
+    /// Called once, before the first epoch, when the run is data-parallel: the task may share
+    /// out by rank the work every rank would otherwise repeat (cache builds), and must take its
+    /// decisions identically on every rank (e.g. broadcast from rank 0).
+    fn join_group(&mut self, _group: &Arc<Group>) {}
 }
 
 /// Settings of the loop.
@@ -116,6 +131,8 @@ pub struct RunnerConfig {
     pub base_model_id: String,
     /// Curves PNG written after each epoch (None: no plot).
     pub plot_file: Option<PathBuf>,
+    /// The data-parallel group this process is a rank of (None: one process).
+    pub group: Option<Arc<Group>>,
 }
 
 /// How the loop ended.
@@ -137,6 +154,14 @@ pub struct RunSummary {
     pub published: Vec<String>,
     /// Micro-batch and accumulation at the end (smaller than configured after out-of-memory).
     pub accumulation: Accumulation,
+    /// Gradient all-reduces issued by this process (data-parallel runs; one per optimizer step
+    /// while the trainable gradients fit one bucket).
+    #[serde(default)]
+    pub grad_all_reduces: u64,
+    /// Times the ranks compared their trainable parameters and found them identical
+    /// (data-parallel runs: before every optimizer step and at each epoch's start and end).
+    #[serde(default)]
+    pub replica_checks: u64,
 }
 
 /// History kept in the training state's `extra`, so plots and "best" survive a resume.
@@ -189,7 +214,15 @@ pub struct Runner<'a> {
     hist: History,
     publisher: Option<Publisher>,
     n: usize,
+    /// Samples per optimizer step over all ranks.
+    step_batch: usize,
     steps_per_epoch: u64,
+    /// The trainable parameters (shallow clones), for the gradient all-reduce.
+    dp_params: Vec<Tensor>,
+    grad_all_reduces: u64,
+    replica_checks: u64,
+    /// Peak accelerator memory, the maximum over the ranks at the last agreement.
+    peak_accel: Option<u64>,
     started: Instant,
     start_step: u64,
     /// The current epoch's sample order and step phase, set by [`Runner::begin_epoch`].
@@ -208,9 +241,11 @@ impl<'a> Runner<'a> {
         on_publish: &'a mut dyn FnMut(&Published),
     ) -> Result<Self, TrainError> {
         let fail = |e: TrainError| e.at("preparing", 0, 0);
+        let world = cfg.group.as_ref().map_or(1, |g| g.world_size());
+        let main = cfg.group.as_ref().is_none_or(|g| g.is_main());
         std::fs::create_dir_all(&cfg.state_dir).map_err(TrainError::io("create folder", &cfg.state_dir)).map_err(fail)?;
         let latest = cfg.state_dir.join("latest.safetensors");
-        if !cfg.resume && latest.exists() {
+        if !cfg.resume && latest.exists() && main {
             std::fs::remove_file(&latest).map_err(TrainError::io("remove the old state", &latest)).map_err(fail)?;
         }
         let n = task.train_len();
@@ -218,7 +253,8 @@ impl<'a> Runner<'a> {
             return Err(fail(TrainError::invalid("training set", "is empty (expected at least one sample)")));
         }
         let opt = AdamW::new(cfg.adamw.clone(), cfg.groups.clone(), task.params()).map_err(|e| fail(e.into()))?;
-        let steps_per_epoch = n.div_ceil(cfg.accumulation.effective_batch()) as u64;
+        let step_batch = cfg.accumulation.effective_batch() * world;
+        let steps_per_epoch = n.div_ceil(step_batch) as u64;
         let total_steps = steps_per_epoch * cfg.epochs;
         let state = RunState {
             run_seed: cfg.seed,
@@ -229,12 +265,14 @@ impl<'a> Runner<'a> {
                 min_lr_ratio: cfg.min_lr_ratio,
             },
             accumulation: cfg.accumulation,
+            world_size: world,
             cache_state: serde_json::Value::Null,
             extra: serde_json::Value::Null,
         };
         let publisher = cfg
             .publish_dir
             .as_ref()
+            .filter(|_| main)
             .map(|d| {
                 let p = Publisher::new(d)?;
                 if cfg.allow_worse_latest { Ok(p) } else { p.guard_latest(&cfg.best_metric) }
@@ -251,7 +289,12 @@ impl<'a> Runner<'a> {
             hist: History::default(),
             publisher,
             n,
+            step_batch,
             steps_per_epoch,
+            dp_params: Vec::new(),
+            grad_all_reduces: 0,
+            replica_checks: 0,
+            peak_accel: None,
             started: Instant::now(),
             start_step: 0,
             epoch: None,
@@ -259,7 +302,30 @@ impl<'a> Runner<'a> {
         if cfg.resume && latest.exists() {
             runner.restore(&latest)?;
         }
+        if let Some(group) = &cfg.group {
+            runner.join(group)?;
+        }
         Ok(runner)
+    }
+
+    /// Makes this rank's start identical to rank 0's (parameters broadcast) and lets the task
+    /// share out its work.
+    fn join(&mut self, group: &Arc<Group>) -> Result<(), TrainError> {
+        self.dp_params = self.opt.params().map(|(_, _, _, t)| t.shallow_clone()).collect();
+        for p in &mut self.dp_params {
+            let mut data = p.detach();
+            group.broadcast(&mut data, 0).map_err(|e| TrainError::from(e).at("preparing", 0, 0))?;
+        }
+        self.task.join_group(group);
+        Ok(())
+    }
+
+    fn group(&self) -> Option<&Arc<Group>> {
+        self.cfg.group.as_ref()
+    }
+
+    fn is_main(&self) -> bool {
+        self.group().is_none_or(|g| g.is_main())
     }
 
     /// Loads a saved state into the optimizer, the counters, the history and the task.
@@ -269,8 +335,19 @@ impl<'a> Runner<'a> {
         self.task.restore_cache_state(&meta.cache_state).map_err(|e| e.at("restore", epoch, step))?;
         self.hist = serde_json::from_value(meta.extra.clone())
             .map_err(|e| TrainError::invalid(format!("training state `{}`", path.display()), format!("history: {e}")).at("restore", epoch, step))?;
+        let saved_world = meta.world_size.max(1);
         self.state = meta.into();
         self.start_step = step;
+        let world = self.group().map_or(1, |g| g.world_size());
+        if saved_world != world {
+            // The step's batch of the run that began it, now over `world` ranks.
+            self.step_batch = self.cfg.accumulation.effective_batch() * saved_world;
+            self.steps_per_epoch = self.n.div_ceil(self.step_batch) as u64;
+            let a = &mut self.state.accumulation;
+            a.accum_steps = self.step_batch.div_ceil(a.micro_batch * world);
+            self.state.world_size = world;
+            tracing::info!(saved_world, world, step_batch = self.step_batch, accum_steps = a.accum_steps, "resumed on another world size: same batch per optimizer step");
+        }
         Ok(())
     }
 
@@ -280,7 +357,7 @@ impl<'a> Runner<'a> {
         while self.state.counters.epoch < self.cfg.epochs {
             self.begin_epoch()?;
             while self.state.counters.step_in_epoch < self.steps_per_epoch {
-                if self.ctx.cancel.is_cancelled() {
+                if self.agree_before_step()? {
                     self.event(Phase::Checkpointing, |ev| ev.message = "cancelled: saving the state".into());
                     self.save(&self.cfg.state_dir.join("latest.safetensors"))?;
                     return Ok(self.summary(true));
@@ -307,12 +384,80 @@ impl<'a> Runner<'a> {
         self.steps_per_epoch
     }
 
+    /// Whether to stop for a cancel request; data-parallel, the ranks first agree on it (any
+    /// rank's request stops all), on the micro-batch (the smallest, after an out-of-memory
+    /// halving on any rank) and on the peak accelerator memory (the largest).
+    fn agree_before_step(&mut self) -> Result<bool, TrainError> {
+        let cancel = self.ctx.cancel.is_cancelled();
+        let peak = self.task.peak_accel_mem_bytes();
+        let Some(group) = self.cfg.group.clone() else {
+            self.peak_accel = peak;
+            return Ok(cancel);
+        };
+        let local = [f64::from(u8::from(cancel)), -(self.state.accumulation.micro_batch as f64), peak.map_or(-1.0, |b| b as f64)];
+        let agreed = self.agree(&group, &local, "agree")?;
+        let micro = (-agreed[1]) as usize;
+        while self.state.accumulation.micro_batch > micro {
+            match self.state.accumulation.halved() {
+                Some(a) => self.state.accumulation = a,
+                None => break,
+            }
+        }
+        self.peak_accel = (agreed[2] >= 0.0).then_some(agreed[2] as u64);
+        Ok(agreed[0] > 0.0)
+    }
+
+    /// Waits for every rank (data-parallel; a no-op otherwise), checking that their parameters
+    /// are identical.
+    fn barrier(&mut self, phase: &'static str) -> Result<(), TrainError> {
+        match self.cfg.group.clone() {
+            Some(g) => self.agree(&g, &[], phase).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The element-wise maximum over the ranks of `values`, in the same all-reduce as a check
+    /// that every rank's trainable parameters are identical (their sum and sum of squares, in
+    /// f64: a rank whose update differed would fail it).
+    fn agree(&mut self, group: &Group, values: &[f64], phase: &'static str) -> Result<Vec<f64>, TrainError> {
+        let (sum, sq) = match self.dp_params.first() {
+            Some(first) => {
+                let device = first.device();
+                let totals = tch::no_grad(|| {
+                    let each: Vec<Tensor> = self
+                        .dp_params
+                        .iter()
+                        .map(|p| {
+                            let d = p.to_kind(tch::Kind::Double);
+                            Tensor::stack(&[d.sum(tch::Kind::Double), d.square().sum(tch::Kind::Double)], 0).to_device(device)
+                        })
+                        .collect();
+                    Tensor::stack(&each, 0).sum_dim_intlist(0, false, tch::Kind::Double)
+                });
+                let t = Vec::<f64>::try_from(totals.to_device(tch::Device::Cpu)).unwrap_or_default();
+                (t.first().copied().unwrap_or(0.0), t.get(1).copied().unwrap_or(0.0))
+            }
+            None => (0.0, 0.0),
+        };
+        let mut local = values.to_vec();
+        local.extend([sum, -sum, sq, -sq]);
+        let max = group.all_reduce_f64(&local, ReduceOp::Max).map_err(|e| self.located(e.into(), phase))?;
+        let k = values.len();
+        if max[k] != -max[k + 1] || max[k + 2] != -max[k + 3] {
+            let reason = format!("differ between the ranks (sum {} .. {}, sum of squares {} .. {}): their updates diverged", -max[k + 1], max[k], -max[k + 3], max[k + 2]);
+            return Err(self.located(TrainError::invalid("trainable parameters", reason), phase));
+        }
+        self.replica_checks += 1;
+        Ok(max[..k].to_vec())
+    }
+
     /// Starts the current epoch: the task prepares it, the sample order is drawn.
     pub fn begin_epoch(&mut self) -> Result<(), TrainError> {
         let epoch = self.state.counters.epoch;
         let task = &mut *self.task;
         let phase = with_halving(&mut self.state.accumulation, "begin_epoch", |chunk| task.begin_epoch(epoch, chunk))
             .map_err(|e| self.located(e, "begin_epoch"))?;
+        self.barrier("begin_epoch")?;
         if self.state.counters.step_in_epoch == 0 {
             self.hist.epoch_loss_sum = 0.0;
         }
@@ -333,12 +478,16 @@ impl<'a> Runner<'a> {
     }
 
     fn step_in(&mut self, order: &[usize], phase: Phase) -> Result<f64, TrainError> {
-        let eff = self.cfg.accumulation.effective_batch();
+        let eff = self.step_batch;
         let s = self.state.counters.step_in_epoch as usize;
         let batch = &order[s * eff..((s + 1) * eff).min(self.n)];
         let next = &order[((s + 1) * eff).min(self.n)..((s + 2) * eff).min(self.n)];
         let t0 = Instant::now();
-        let (step_loss, data_s) = self.forward_backward(batch, next, phase)?;
+        let (mut step_loss, data_s) = self.forward_backward(batch, next, phase)?;
+        if let Some(group) = self.cfg.group.clone() {
+            self.grad_all_reduces += all_reduce_gradients(&group, &mut self.dp_params).map_err(|e| self.located(e, "gradient all-reduce"))?;
+            step_loss = group.all_reduce_f64(&[step_loss], ReduceOp::Sum).map_err(|e| self.located(e.into(), "loss all-reduce"))?[0];
+        }
         if !step_loss.is_finite() {
             return Err(self.located(TrainError::invalid("loss", format!("is {step_loss} (expected a finite number)")), "loss"));
         }
@@ -363,12 +512,18 @@ impl<'a> Runner<'a> {
         Ok(step_loss)
     }
 
-    /// Gradients of one step's `batch` (`next`: the next step's, for prefetching); halves the
-    /// micro-batch and redoes it on out-of-memory. Returns (mean loss, data seconds).
+    /// This rank's gradients of one step's `batch` (`next`: the next step's, for prefetching);
+    /// halves the micro-batch and redoes it on out-of-memory (data-parallel: within the same
+    /// shard). Returns (this rank's share of the step's mean loss, data seconds).
     fn forward_backward(&mut self, batch: &[usize], next: &[usize], phase: Phase) -> Result<(f64, f64), TrainError> {
+        let (rank, world) = self.group().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        let shard_micro = self.state.accumulation.micro_batch;
+        let shard = |len| rank_micro_batches(len, shard_micro, rank, world);
+        let (parts, next_parts) = (shard(batch.len()), shard(next.len()));
         loop {
             self.opt.zero_grad();
-            match accumulate(self.task, &self.state, batch, next) {
+            let plan = Plan { parts: &parts, next_first: next_parts.first().map(|mb| &next[mb.range.clone()]), micro_batch: self.state.accumulation.micro_batch, rank, world };
+            match accumulate(self.task, &self.state, batch, &plan) {
                 Ok(v) => return Ok(v),
                 Err(TrainError::OutOfMemory { source }) => {
                     self.task.discard_pass();
@@ -392,6 +547,7 @@ impl<'a> Runner<'a> {
         let epoch = self.state.counters.epoch;
         let task = &mut *self.task;
         with_halving(&mut self.state.accumulation, "end_epoch", |chunk| task.end_epoch(epoch, chunk)).map_err(|e| self.located(e, "end_epoch"))?;
+        self.barrier("end_epoch")?;
         self.epoch = None;
         self.hist.epoch_loss.push(self.hist.epoch_loss_sum / self.n as f64);
         self.hist.epoch_loss_sum = 0.0;
@@ -417,7 +573,7 @@ impl<'a> Runner<'a> {
         if is_best {
             self.save(&self.cfg.state_dir.join("best.safetensors"))?;
         }
-        if let Some(plot) = &self.cfg.plot_file {
+        if let Some(plot) = self.cfg.plot_file.as_ref().filter(|_| self.is_main()) {
             write_curves(plot, &curves(&self.hist), 960, 400).map_err(|e| self.located(e.into(), "plot"))?;
         }
         Ok(())
@@ -428,7 +584,7 @@ impl<'a> Runner<'a> {
         let epoch = self.state.counters.epoch;
         self.event(Phase::Validating, |_| {});
         let before = self.state.accumulation;
-        let metrics = validate_with_halving(self.task, epoch, &mut self.state.accumulation).map_err(|e| self.located(e, "validate"))?;
+        let metrics = self.validate_on_main(epoch).map_err(|e| self.located(e, "validate"))?;
         if self.state.accumulation != before {
             let a = self.state.accumulation;
             self.event(Phase::Validating, |ev| ev.message = format!("out of memory: micro-batch {} x accumulation {}", a.micro_batch, a.accum_steps));
@@ -441,6 +597,20 @@ impl<'a> Runner<'a> {
         self.hist.validated_epochs.push(epoch);
         self.hist.validation.push(metrics.clone());
         Ok(metrics)
+    }
+
+    /// Validation on rank 0 (the only one, data-parallel; the other ranks receive its metrics).
+    fn validate_on_main(&mut self, epoch: u64) -> Result<BTreeMap<String, f64>, TrainError> {
+        let Some(group) = self.cfg.group.clone() else {
+            return validate_with_halving(self.task, epoch, &mut self.state.accumulation);
+        };
+        let mut sent = Vec::new();
+        if group.is_main() {
+            let metrics = validate_with_halving(self.task, epoch, &mut self.state.accumulation)?;
+            sent = serde_json::to_vec(&metrics).map_err(|e| TrainError::invalid("validation metrics", e.to_string()))?;
+        }
+        let got = group.broadcast_bytes(&sent)?;
+        serde_json::from_slice(&got).map_err(|e| TrainError::invalid("validation metrics from rank 0", e.to_string()))
     }
 
     /// Publishes the current weights as a deployable checkpoint (no-op without a publish folder).
@@ -464,8 +634,12 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Writes the training state (optimizer, counters, history, task state) to `path`.
+    /// Writes the training state (optimizer, counters, history, task state) to `path` (rank 0
+    /// alone, data-parallel).
     pub fn save(&mut self, path: &Path) -> Result<(), TrainError> {
+        if !self.is_main() {
+            return Ok(());
+        }
         self.state.cache_state = self.task.cache_state();
         self.state.extra = serde_json::to_value(&self.hist).map_err(|e| self.located(TrainError::invalid("training history", e.to_string()), "save"))?;
         save_state(path, &self.opt, &self.state).map_err(|e| self.located(e.into(), "save"))
@@ -482,6 +656,8 @@ impl<'a> Runner<'a> {
             train_loss_per_epoch: self.hist.epoch_loss.clone(),
             published: self.hist.published.clone(),
             accumulation: self.state.accumulation,
+            grad_all_reduces: self.grad_all_reduces,
+            replica_checks: self.replica_checks,
         }
     }
 
@@ -492,6 +668,9 @@ impl<'a> Runner<'a> {
 
     /// Publishes a progress event for `phase` at the current counters; `extra` fills the rest.
     fn event(&self, phase: Phase, extra: impl FnOnce(&mut ProgressEvent)) {
+        if !self.is_main() {
+            return;
+        }
         let c = self.state.counters;
         let total_steps = self.state.schedule.total_steps;
         let mut ev = ProgressEvent::new(&self.ctx.job_id, phase);
@@ -500,7 +679,7 @@ impl<'a> Runner<'a> {
         ev.step = c.global_step;
         ev.total_steps = total_steps;
         ev.cache = self.task.cache_status();
-        ev.peak_accel_mem_bytes = self.task.peak_accel_mem_bytes();
+        ev.peak_accel_mem_bytes = if self.group().is_some() { self.peak_accel } else { self.task.peak_accel_mem_bytes() };
         ev.peak_host_mem_bytes = peak_host_memory_bytes();
         ev.eta_s = eta_seconds(c.global_step - self.start_step, total_steps.saturating_sub(self.start_step), self.started.elapsed());
         extra(&mut ev);
@@ -559,13 +738,42 @@ fn halve_after_oom(accumulation: &Accumulation, source: &(dyn std::error::Error 
     Some(smaller)
 }
 
-/// Forward and backward of one optimizer step's micro-batches, each announcing the one after it
-/// (the first of `next`, the next step's batch, after the last); returns (mean loss, data
-/// seconds).
-fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], next: &[usize]) -> Result<(f64, f64), TrainError> {
+/// Which micro-batches of a step's batch this process computes.
+struct Plan<'p> {
+    /// This rank's shard ([`rank_micro_batches`]), scaled to the step's mean loss.
+    parts: &'p [MicroBatch],
+    /// The first micro-batch of the next step's shard (prefetched after the last one).
+    next_first: Option<&'p [usize]>,
+    /// Samples per forward; a part larger than that is split (after an out-of-memory).
+    micro_batch: usize,
+    rank: usize,
+    world: usize,
+}
+
+impl Plan<'_> {
+    /// The micro-batches to run: each part, split into pieces of at most `micro_batch`.
+    fn micro_batches(&self) -> Vec<MicroBatch> {
+        let m = self.micro_batch.max(1);
+        self.parts
+            .iter()
+            .flat_map(|p| {
+                let per_sample = p.loss_scale / p.range.len() as f64;
+                (p.range.start..p.range.end).step_by(m).map(move |s| {
+                    let range = s..(s + m).min(p.range.end);
+                    MicroBatch { loss_scale: per_sample * range.len() as f64, range }
+                })
+            })
+            .collect()
+    }
+}
+
+/// Forward and backward of this process's micro-batches of one optimizer step, each announcing
+/// the one after it (the next step's first after the last); returns (this process's share of
+/// the step's mean loss, data seconds).
+fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], plan: &Plan<'_>) -> Result<(f64, f64), TrainError> {
     let (mut loss_sum, mut data_s) = (0.0, 0.0);
-    let mbs = run.accumulation.micro_batches(batch.len());
-    let next_first = run.accumulation.micro_batches(next.len()).into_iter().next().map(|mb| &next[mb.range]);
+    let mbs = plan.micro_batches();
+    let next_first = plan.next_first.map(|n| &n[..n.len().min(plan.micro_batch.max(1))]);
     for (mi, mb) in mbs.iter().enumerate() {
         match mbs.get(mi + 1) {
             Some(after) => task.prefetch(&batch[after.range.clone()]),
@@ -575,7 +783,7 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], next: &
                 }
             }
         }
-        seed_torch(run.run_seed, run.counters.global_step, mi as u64);
+        seed_torch(run.run_seed, run.counters.global_step, (mi * plan.world + plan.rank) as u64);
         let (loss, d) = unwind_boundary(|| {
             let (loss, d) = task.loss(&batch[mb.range.clone()], run.counters.global_step)?;
             let scaled = loss * mb.loss_scale;

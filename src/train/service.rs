@@ -211,6 +211,9 @@ pub struct ServiceConfig {
     /// Added to the nice value of each job's thread (0: unchanged), so that a control loop on
     /// the same machine keeps the CPU.
     pub job_nice: i32,
+    /// Stage 2 as this many data-parallel ranks under torchrun ([`super::launch`]); 1: in this
+    /// process.
+    pub nproc_per_node: usize,
 }
 
 impl ServiceConfig {
@@ -225,6 +228,7 @@ impl ServiceConfig {
             device: "auto".into(),
             compile: CompileConfig::default(),
             job_nice: 0,
+            nproc_per_node: 1,
         }
     }
 
@@ -483,12 +487,16 @@ fn run_stages(
     };
     // A Stage 2 resumes only when the job was in it already (a stage 1 that just finished
     // leaves no Stage 2 state).
-    let job = Stage2Job { config, resume: resume && run_dir.join("stage2/state").exists() };
+    let job = Stage2Job { config, resume: resume && run_dir.join("stage2/state").exists(), group: None };
     let mut published = Vec::new();
-    let res = stage2::run(&job, &stage_ctx(2), &mut |p: &Published| {
+    let mut on_publish = |p: &Published| {
         published.push(p.version.clone());
         announce(p);
-    });
+    };
+    let res = match cfg.nproc_per_node {
+        1 => stage2::run(&job, &stage_ctx(2), &mut on_publish),
+        n => super::launch::Launch::local(n).and_then(|l| super::launch::run_stage2(&job, &l, &stage_ctx(2), &mut on_publish)),
+    };
     record.versions.extend(published);
     match res {
         Ok(res) => {

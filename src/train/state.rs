@@ -66,6 +66,9 @@ pub struct StateMeta {
     pub schedule: CosineSchedule,
     /// Micro-batch and accumulation in use (after any out-of-memory halving).
     pub accumulation: Accumulation,
+    /// Data-parallel ranks of the run that wrote it (1 in states written before it existed).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// AdamW step count per parameter.
     pub adamw_steps: BTreeMap<String, u64>,
     /// The caller's cache state (mode, adapter version of the cached features, epochs since the
@@ -86,6 +89,8 @@ pub struct RunState {
     pub schedule: CosineSchedule,
     /// Accumulation in use.
     pub accumulation: Accumulation,
+    /// Data-parallel ranks.
+    pub world_size: usize,
     /// Opaque cache state.
     pub cache_state: serde_json::Value,
     /// Opaque extras.
@@ -95,7 +100,15 @@ pub struct RunState {
 impl From<StateMeta> for RunState {
     /// The run state a saved state resumes (the optimizer's part is restored by [`load_state`]).
     fn from(m: StateMeta) -> Self {
-        Self { run_seed: m.run_seed, counters: m.counters, schedule: m.schedule, accumulation: m.accumulation, cache_state: m.cache_state, extra: m.extra }
+        Self {
+            run_seed: m.run_seed,
+            counters: m.counters,
+            schedule: m.schedule,
+            accumulation: m.accumulation,
+            world_size: m.world_size,
+            cache_state: m.cache_state,
+            extra: m.extra,
+        }
     }
 }
 
@@ -114,6 +127,7 @@ pub fn save_state(path: &Path, opt: &AdamW, run: &RunState) -> Result<(), StateE
         counters: run.counters,
         schedule: run.schedule,
         accumulation: run.accumulation,
+        world_size: run.world_size,
         adamw_steps: exported.steps,
         cache_state: run.cache_state.clone(),
         extra: run.extra.clone(),
@@ -122,6 +136,10 @@ pub fn save_state(path: &Path, opt: &AdamW, run: &RunState) -> Result<(), StateE
     let metadata = HashMap::from([(META_KEY.to_string(), json)]);
     tensor_io::write_safetensors_atomic(path, &tensors, Some(metadata))?;
     Ok(())
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Reads only the metadata of a state file.
@@ -194,7 +212,8 @@ pub const STREAM_TORCH: u64 = 1;
 pub const STREAM_ORDER: u64 = 2;
 
 /// Seeds libtorch (CPU and every CUDA device) for micro-batch `micro` of optimizer step
-/// `global_step`. Call it before the micro-batch's forward pass.
+/// `global_step` (data-parallel: each rank's micro-batches have indices of their own). Call it
+/// before the micro-batch's forward pass.
 pub fn seed_torch(run_seed: u64, global_step: u64, micro: u64) {
     tch::manual_seed((derive_seed(run_seed, &[STREAM_TORCH, global_step, micro]) >> 1) as i64);
 }

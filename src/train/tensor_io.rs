@@ -112,10 +112,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
     fsync_parent(path)
 }
 
-/// The temporary name `write_atomic` uses for `path` (`.<name>.tmp` beside it).
+/// The temporary name `write_atomic` uses for `path` (`.<name>.<pid>.tmp` beside it, so that
+/// processes writing the same file at once, such as data-parallel ranks filling one cache,
+/// never share a temporary).
 fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Whether `name` is a temporary of [`write_atomic`] left by a process that is gone (an
+/// interrupted write; one of a live process is still being written).
+pub fn is_stale_tmp(name: &str) -> bool {
+    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { return false };
+    match stem.rsplit_once('.').and_then(|(_, pid)| pid.parse::<u32>().ok()) {
+        Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+        None => true,
+    }
 }
 
 /// fsyncs the folder holding `path`, making a rename or creation in it durable.

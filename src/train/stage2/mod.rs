@@ -13,7 +13,7 @@ mod task;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::{ResolvedMemory, TrainConfig, VramPresets};
 use super::controller::JobContext;
@@ -36,10 +36,12 @@ pub struct Stage2Job {
     pub config: TrainConfig,
     /// Continue from `<checkpoint.state_dir>/latest.safetensors` when it exists.
     pub resume: bool,
+    /// The data-parallel group this process is a rank of (None: one process).
+    pub group: Option<std::sync::Arc<crate::dist::Group>>,
 }
 
 /// What a Stage 2 run produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage2Result {
     /// The loop's summary (counters, validation per epoch, published versions).
     pub run: RunSummary,
@@ -150,7 +152,14 @@ pub fn run_with_free_memory(
     free_gib: &mut dyn FnMut() -> Result<Option<f64>>,
 ) -> Result<Stage2Result> {
     let cfg = &job.config;
-    let memory = plan_memory(cfg, job.resume, free_gib)?;
+    let memory = match &job.group {
+        // Rank 0 decides (`memory.preset: auto` measures its device), every rank uses it.
+        Some(g) => {
+            let mine = if g.is_main() { serde_json::to_vec(&plan_memory(cfg, job.resume, free_gib)?).map_err(|e| TrainError::invalid("memory plan", e.to_string()))? } else { Vec::new() };
+            serde_json::from_slice(&g.broadcast_bytes(&mine)?).map_err(|e| TrainError::invalid("memory plan from rank 0", e.to_string()))?
+        }
+        None => plan_memory(cfg, job.resume, free_gib)?,
+    };
     let mut accumulation = Accumulation::new(memory.micro_batch, memory.accum_steps)?;
     let mut task = Stage2Task::new(cfg, &memory)?;
     let before = runner::validate_with_halving(&mut task, 0, &mut accumulation)?;
@@ -171,6 +180,7 @@ pub fn run_with_free_memory(
         allow_worse_latest: cfg.checkpoint.allow_worse_latest,
         base_model_id: task.base_model_id().to_string(),
         plot_file: Some(cfg.progress.plot_file.clone()),
+        group: job.group.clone(),
     };
     let summary = runner::run(&mut task, &runner_cfg, ctx, on_publish)?;
     runner::prune_published(&cfg.checkpoint.publish_dir, cfg.checkpoint.keep_versions, &summary)?;

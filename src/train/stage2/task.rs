@@ -27,7 +27,12 @@
 //!
 //! Per-sample diffusion noise derives from (run seed, epoch, sample index), so it does not depend
 //! on the micro-batch split; LoRA dropout draws from libtorch's generator, seeded per
-//! micro-batch by the runner.
+//! micro-batch by the runner (so it depends on the split, and on the world size).
+//!
+//! Data-parallel ([`TrainTask::join_group`]): each rank builds the cache entries of the samples
+//! `i` with `i % world == rank` into the shared cache folder (same keys as one process) and reads
+//! the others' from there after the loop's barrier; the drift is rank 0's, broadcast, so every
+//! rank takes the same refresh decisions; rank 0 alone removes the job's old features entries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -39,6 +44,7 @@ use sha2::Digest;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::dataset::reader::{Array, Dataset};
+use crate::dist::Group;
 use crate::dataset::store::Split;
 use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
@@ -149,6 +155,8 @@ pub struct Stage2Task {
     prefetched: Option<(Vec<usize>, VlNeed, std::thread::JoinHandle<Result<MicroBatchData>>)>,
     /// Micro-batches whose data came from the worker.
     prefetch_hits: u64,
+    /// The data-parallel group (None: one process).
+    group: Option<Arc<Group>>,
 }
 
 /// Which VL inputs a micro-batch needs.
@@ -351,6 +359,7 @@ impl Stage2Task {
             next: None,
             prefetched: None,
             prefetch_hits: 0,
+            group: None,
         };
         if mode == CacheMode::Vision {
             task.check_vision_cache_fits()?;
@@ -650,7 +659,7 @@ impl Stage2Task {
             let key = self.memo_key(i, "features", &adapter)?;
             let cache = self.cache.as_mut().expect("cache");
             cache.pin(key);
-            if !cache.contains(&key) {
+            if !cache.contains(&key) && self.builds(i) {
                 missing.push((i, key));
             }
         }
@@ -666,8 +675,15 @@ impl Stage2Task {
         // Only a complete rebuild moves the cache to the new adapter (one cut short by an
         // out-of-memory is done again in smaller chunks).
         self.fs.adapter = Some(adapter);
-        self.cache.as_mut().expect("cache").remove_unpinned_owned_by(&owner)?;
+        if self.group.as_ref().is_none_or(|g| g.is_main()) {
+            self.cache.as_mut().expect("cache").remove_unpinned_owned_by(&owner)?;
+        }
         Ok(())
+    }
+
+    /// Whether this process builds sample `i`'s cache entries (data-parallel: its share).
+    fn builds(&self, i: usize) -> bool {
+        self.group.as_ref().is_none_or(|g| i % g.world_size() == g.rank())
     }
 
     fn set_lora_trainable(&mut self, on: bool) {
@@ -708,7 +724,8 @@ impl Stage2Task {
             CacheMode::Off => Ok(Phase::Training),
             CacheMode::Vision => {
                 if epoch == 0 || self.vision_built == 0 {
-                    for i in 0..self.ds.len() {
+                    let mine: Vec<usize> = (0..self.ds.len()).filter(|&i| self.builds(i)).collect();
+                    for i in mine {
                         let _ = self.vision_embeds(i)?;
                     }
                 }
@@ -830,7 +847,14 @@ impl TrainTask for Stage2Task {
             let probe = self.probe.clone();
             let cached = probe.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
             let fresh = probe.chunks(chunk.max(1)).map(|c| self.live_features_nograd(c)).collect::<Result<Vec<_>>>()?;
-            self.fs.drift = Some(feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?);
+            let drift = feature_drift(&Tensor::cat(&fresh, 0), &Tensor::cat(&cached, 0))?;
+            self.fs.drift = Some(match &self.group {
+                Some(g) => {
+                    let bytes = serde_json::to_vec(&drift).map_err(|e| TrainError::invalid("drift", e.to_string()))?;
+                    serde_json::from_slice(&g.broadcast_bytes(&bytes)?).map_err(|e| TrainError::invalid("drift from rank 0", e.to_string()))?
+                }
+                None => drift,
+            });
             self.rebuild_features(chunk)?;
         }
         Ok(())
@@ -838,6 +862,10 @@ impl TrainTask for Stage2Task {
 
     fn validate(&mut self, _epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>> {
         self.validation_metrics(chunk)
+    }
+
+    fn join_group(&mut self, group: &Arc<Group>) {
+        self.group = Some(group.clone());
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {
