@@ -117,6 +117,18 @@ int vla_backward_with_grad(at::Tensor* out, at::Tensor* grad, char* err, size_t 
   }
 }
 
+// `out.backward(retain_graph=true)`: the graph stays for further backward passes through its
+// parts (synchronised BatchNorm's second pass). Returns 1 on success, -1 on error.
+int vla_backward_keep_graph(at::Tensor* out, char* err, size_t err_len) {
+  try {
+    out->backward({}, /*retain_graph=*/true);
+    return 1;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return -1;
+  }
+}
+
 // `param.grad = grad` (data-parallel training writes the all-reduced gradient back, also to a
 // parameter that got none locally). `t`, `grad`: tch tensors. Returns 1 on success, -1 on error.
 int vla_tensor_set_grad(at::Tensor* t, at::Tensor* grad, char* err, size_t err_len) {

@@ -675,6 +675,7 @@ fn a_worse_stage1_run_on_the_same_data_is_kept_not_announced_unless_allowed() {
         train,
         heads: tiny_heads(),
         resume: false,
+        group: None,
     };
     let metric = |v: &str| Publisher::new(&root).unwrap().published(v).unwrap().manifest.metrics[heads_job::BEST_METRIC];
     let mut announced = Vec::new();

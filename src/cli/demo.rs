@@ -135,6 +135,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         train: HeadsTrainConfig { epochs: a.epochs as u64, seed: a.seed, ..HeadsTrainConfig::default() },
         heads: small_heads(),
         resume: false,
+        group: None,
     };
     let s1 = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run(&job, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
     let stage1 = s1.published.context("stage 1 ended without a checkpoint")?;

@@ -118,14 +118,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// This process's rank of a torchrun launch (None without one); on CUDA its device becomes
 /// `cuda:LOCAL_RANK`.
 fn join_launch(config: &mut TrainConfig) -> Result<Option<Arc<Group>>> {
-    let Some(env) = LaunchEnv::from_env()? else { return Ok(None) };
+    let d = &config.distributed;
+    let Some((env, group)) = crate::dist::join_launch(&d.backend, Duration::from_secs(d.timeout_s))? else { return Ok(None) };
     if config.run.device.starts_with("cuda") || (config.run.device == "auto" && tch::Cuda::is_available()) {
         config.run.device = format!("cuda:{}", env.local_rank);
     }
-    let d = &config.distributed;
-    let group = Group::join(&env, &d.backend, Duration::from_secs(d.timeout_s))?;
-    tracing::info!(rank = env.rank, world = env.world_size, device = %config.run.device, "joined the {} process group", d.backend);
-    Ok(Some(Arc::new(group)))
+    Ok(Some(group))
 }
 
 /// `--nproc-per-node N`: the ranks under torchrun, their progress drawn here from rank 0's log

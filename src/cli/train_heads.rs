@@ -4,6 +4,11 @@
 //! Settings come from `--config` (config/train_heads.yaml format; built-in defaults without it),
 //! `--set key=value` and the flags below. Ctrl-C cancels at the next optimizer step and leaves a
 //! resumable state in `<work-dir>/state` (`--resume` continues it).
+//!
+//! Under torchrun (`torchrun --nproc_per_node=N --no-python vla_finetune train-heads ...`) each
+//! process is one data-parallel rank on the CPU: the features are computed once over the ranks,
+//! BatchNorm normalises with every rank's batch, `batch_size` is per rank (a step takes
+//! `batch_size x world` samples); rank 0 alone locks, draws the bar and prints the result.
 
 use std::path::PathBuf;
 
@@ -49,6 +54,10 @@ pub struct TrainHeadsArgs {
     /// Heads sizes: `reference` (the reference design's sizes) or `small` (CPU runs).
     #[arg(long, default_value = "reference", value_parser = ["reference", "small"])]
     pub size: String,
+    /// Heads configuration file (YAML or JSON, the `PolicyConfig` fields; absent ones take the
+    /// reference values) instead of `--size`.
+    #[arg(long, conflicts_with = "size")]
+    pub heads_config: Option<PathBuf>,
     /// Continue from the training state in `<work-dir>/state` when there is one.
     #[arg(long)]
     pub resume: bool,
@@ -72,14 +81,38 @@ impl TrainHeadsArgs {
 /// Runs stage 1 and prints its result as JSON.
 pub fn run(a: TrainHeadsArgs) -> Result<()> {
     let train = HeadsTrainConfig::load(a.config.as_deref(), &a.overrides())?;
-    let heads = if a.size == "small" { small_heads() } else { PolicyConfig::default() };
-    let job = HeadsJob { dataset: a.dataset, base_model: a.base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume };
+    let heads = match &a.heads_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --heads-config {}", path.display()))?;
+            serde_yaml::from_str::<PolicyConfig>(&text).with_context(|| format!("--heads-config {}: not a heads configuration", path.display()))?
+        }
+        None if a.size == "small" => small_heads(),
+        None => PolicyConfig::default(),
+    };
+    let group = crate::dist::join_launch("gloo", std::time::Duration::from_secs(train.distributed_timeout_s))?.map(|(_, g)| g);
+    let job = HeadsJob { dataset: a.dataset, base_model: a.base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume, group: group.clone() };
+    let Some(group) = group.filter(|g| !g.is_main()) else { return run_main(&job) };
+    // The other ranks wait until rank 0 holds the state folder's lock.
+    group.barrier()?;
+    let ctx = crate::train::controller::JobContext { job_id: "train-heads".into(), cancel: Default::default(), progress: crate::train::progress::ProgressHub::new(16) };
+    let cancel = ctx.cancel.clone();
+    let _ = super::ctrlc_cancel(move || cancel.cancel());
+    let r = heads_job::run(&job, &ctx, &mut |_| {})?;
+    eprintln!("rank {}: done after {} optimizer steps", group.rank(), r.run.counters.global_step);
+    Ok(())
+}
+
+/// The job in this process (alone, or as rank 0), with the lock, a bar and the result printed.
+fn run_main(job: &HeadsJob) -> Result<()> {
     let lock = crate::train::guard::StateLock::acquire(&job.state_dir())?;
     for p in &lock.removed {
         eprintln!("removed {} (left by an interrupted run)", p.display());
     }
+    if let Some(g) = &job.group {
+        g.barrier()?;
+    }
     let r = super::with_progress_bar("train-heads", true, |ctx| {
-        Ok(heads_job::run(&job, ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()))?)
+        Ok(heads_job::run(job, ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()))?)
     })?;
     let published = r.published.with_context(|| {
         format!("stage 1 was cancelled at step {}; `--resume` continues from {}", r.run.counters.global_step, job.state_dir().display())

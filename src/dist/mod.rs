@@ -10,6 +10,15 @@ mod group;
 pub use env::LaunchEnv;
 pub use group::{Group, ReduceOp};
 
+/// Joins the `backend` group of this process's torchrun launch (None without one), with
+/// collectives failing after `timeout`.
+pub fn join_launch(backend: &str, timeout: std::time::Duration) -> Result<Option<(LaunchEnv, std::sync::Arc<Group>)>, DistError> {
+    let Some(env) = LaunchEnv::from_env()? else { return Ok(None) };
+    let group = Group::join(&env, backend, timeout)?;
+    tracing::info!(rank = env.rank, world = env.world_size, "joined the {backend} process group");
+    Ok(Some((env, std::sync::Arc::new(group))))
+}
+
 /// Errors of joining a group and of its collectives.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {

@@ -9,7 +9,8 @@ use super::expert::ActionExpert;
 use super::fusion::VlTokens;
 use super::normalize::{self, NormStats};
 use super::schedule::{NoiseRng, NoiseSchedule};
-use super::sensor::SensorEncoder;
+use super::sensor::{BatchStats, SensorEncoder};
+use super::sync_bn::SyncBatchNorm;
 
 /// Variable-name prefix of the sensor encoder.
 pub const SENSOR_PREFIX: &str = "sensor_encoder";
@@ -75,6 +76,7 @@ pub struct PolicyHeads {
     expert: ActionExpert,
     compute_kind: Kind,
     bn_frozen: bool,
+    bn_sync: Option<SyncBatchNorm>,
 }
 
 /// Normalization maps as tensors on the heads' device.
@@ -111,7 +113,7 @@ impl PolicyHeads {
         let expert = ActionExpert::new(&root / EXPERT_PREFIX, &cfg);
         let schedule = NoiseSchedule::cosine(&cfg.diffusion);
         let affine = Affine::new(&norm, device);
-        Ok(Self { vs, cfg, norm, affine, schedule, sensor, expert, compute_kind: Kind::Float, bn_frozen: false })
+        Ok(Self { vs, cfg, norm, affine, schedule, sensor, expert, compute_kind: Kind::Float, bn_frozen: false, bn_sync: None })
     }
 
     /// The configuration.
@@ -164,6 +166,26 @@ impl PolicyHeads {
     /// independent of how a batch is split into micro-batches).
     pub fn set_batch_norm_frozen(&mut self, frozen: bool) {
         self.bn_frozen = frozen;
+    }
+
+    /// Training forwards normalise with the statistics of every rank of `group` (data-parallel
+    /// training; see [`SyncBatchNorm`]); None: this process's batch.
+    pub fn set_batch_norm_sync(&mut self, group: Option<std::sync::Arc<crate::dist::Group>>) {
+        self.bn_sync = group.map(|g| SyncBatchNorm::new(g, self.cfg.sensor.conv_channels.clone()));
+    }
+
+    /// The BatchNorm synchronisation, when set.
+    pub fn batch_norm_sync(&self) -> Option<&SyncBatchNorm> {
+        self.bn_sync.as_ref()
+    }
+
+    /// A data-parallel micro-batch without samples here ([`SyncBatchNorm::idle_pass`]); a no-op
+    /// without synchronisation.
+    pub fn batch_norm_idle_pass(&self) -> Result<(), crate::dist::DistError> {
+        match &self.bn_sync {
+            Some(sync) => sync.idle_pass(&self.sensor.batch_norm_running()),
+            None => Ok(()),
+        }
     }
 
     /// Number of trainable scalars whose name starts with `prefix` (`""` for all).
@@ -231,7 +253,12 @@ impl PolicyHeads {
     /// Encodes raw sensor windows `[B, T, C]` -> `[B, out_dim]` (compute dtype).
     pub fn encode_sensor(&self, sensor: &Tensor, train: bool) -> Tensor {
         let x = normalize::apply(&sensor.to_device(self.device()), &self.affine.sensor).to_kind(self.compute_kind);
-        self.sensor.forward_bn(&x, train, train && !self.bn_frozen)
+        let stats = match &self.bn_sync {
+            _ if !train || self.bn_frozen => BatchStats::Running,
+            Some(sync) => BatchStats::Synced(sync),
+            None => BatchStats::Batch,
+        };
+        self.sensor.forward_bn(&x, train, stats)
     }
 
     /// The denoiser's condition `[B, d_model]` (compute dtype) after checking the inputs.

@@ -4,6 +4,8 @@
 
 use tch::{nn, Kind, Tensor};
 
+use super::sync_bn::SyncBatchNorm;
+
 /// Casts `w` to `kind` when it differs (cheap shallow clone otherwise).
 fn cast(w: &Tensor, kind: Kind) -> Tensor {
     if w.kind() == kind {
@@ -117,6 +119,17 @@ impl BatchNorm1d {
                 true,
             )
             .to_kind(k)
+    }
+
+    /// The running mean and variance (shallow clones).
+    pub fn running(&self) -> (Tensor, Tensor) {
+        (self.running_mean.shallow_clone(), self.running_var.shallow_clone())
+    }
+
+    /// Training-mode `x [B, C, L]` with the statistics of every rank's batch ([`SyncBatchNorm`]).
+    pub fn forward_synced(&self, x: &Tensor, sync: &SyncBatchNorm) -> Tensor {
+        let k = x.kind();
+        sync.forward(&x.to_kind(Kind::Float), &self.weight, &self.bias, (&self.running_mean, &self.running_var), 1e-5).to_kind(k)
     }
 }
 

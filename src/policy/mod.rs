@@ -5,6 +5,7 @@
 //! - [`heads::PolicyHeads`]: the trainable heads with loss and DDIM sampling.
 //! - [`vla::VlaPolicy`]: heads plus an optional [`vla::VlFeatureSource`] (the VL backbone).
 //! - [`checkpoint`]: stage-1 / stage-2 safetensors checkpoints with JSON metadata.
+//! - [`sync_bn`]: BatchNorm statistics over every rank of a data-parallel run.
 
 pub mod checkpoint;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod layers;
 pub mod normalize;
 pub mod schedule;
 pub mod sensor;
+pub mod sync_bn;
 pub mod vla;
 
 pub use checkpoint::{CheckpointMeta, CheckpointStage};

@@ -4,6 +4,18 @@ use tch::{nn, Kind, Tensor};
 
 use super::config::SensorEncoderConfig;
 use super::layers::{BatchNorm1d, Conv1dS2, Encoder, Linear};
+use super::sync_bn::SyncBatchNorm;
+
+/// The statistics the BatchNorm layers normalise with.
+#[derive(Clone, Copy, Debug)]
+pub enum BatchStats<'a> {
+    /// The running statistics (inference, or frozen for fine-tuning).
+    Running,
+    /// This batch's (training).
+    Batch,
+    /// The batch of every data-parallel rank (training).
+    Synced(&'a SyncBatchNorm),
+}
 
 /// Conv1d stack (k3, s2, BatchNorm, GELU; names `conv.{3i}` / `conv.{3i+1}` as in a PyTorch
 /// `Sequential`), learned positional embedding `pos_embed [tokens, d_model]` (absent in the
@@ -46,19 +58,29 @@ impl SensorEncoder {
     /// `x [B, T, C]` (already normalized, any `T >= 2`; resampled linearly to the configured
     /// window when it differs) -> `[B, out_dim]`. Computes in `x`'s dtype.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_bn(x, train, train)
+        self.forward_bn(x, train, if train { BatchStats::Batch } else { BatchStats::Running })
     }
 
-    /// Like [`SensorEncoder::forward_t`]; BatchNorm uses batch statistics only when `bn_train`
-    /// (false: the running statistics, frozen).
-    pub fn forward_bn(&self, x: &Tensor, train: bool, bn_train: bool) -> Tensor {
+    /// The BatchNorm layers' running mean and variance, in forward order.
+    pub fn batch_norm_running(&self) -> Vec<(Tensor, Tensor)> {
+        self.conv.iter().map(|(_, bn)| bn.running()).collect()
+    }
+
+    /// Like [`SensorEncoder::forward_t`], with BatchNorm on `stats`.
+    pub fn forward_bn(&self, x: &Tensor, train: bool, stats: BatchStats<'_>) -> Tensor {
         let mut h = x.transpose(1, 2);
         if h.size()[2] != self.window {
             let k = h.kind();
             h = h.to_kind(Kind::Float).upsample_linear1d([self.window], true, None).to_kind(k);
         }
         for (conv, bn) in &self.conv {
-            h = bn.forward_t(&conv.forward(&h), bn_train).gelu("none");
+            let z = conv.forward(&h);
+            h = match stats {
+                BatchStats::Running => bn.forward_t(&z, false),
+                BatchStats::Batch => bn.forward_t(&z, true),
+                BatchStats::Synced(sync) => bn.forward_synced(&z, sync),
+            }
+            .gelu("none");
         }
         let h = h.transpose(1, 2) + self.pos_embed.to_kind(x.kind());
         let h = self.transformer.forward_t(&h, train).mean_dim(1, false, None);

@@ -8,7 +8,8 @@
 //! per epoch, one rank's micro-batch j together with the others' is the single-process
 //! micro-batch j of `micro_batch x world` samples, and no sample is padded or dropped: each part's
 //! mean loss is scaled by its share of the step's batch, so the summed gradients are exactly
-//! those of the step's mean loss, whatever the split (a part may even be empty).
+//! those of the step's mean loss, whatever the split (a part may even be empty: the rank then
+//! makes an idle pass, so that collectives inside passes still pair up).
 
 use tch::{Device, Kind, Tensor};
 
@@ -20,16 +21,16 @@ use super::optim::{set_grad, MicroBatch};
 /// Bytes of gradients per all-reduce (PyTorch DDP's default bucket size).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
-/// Rank `rank`'s micro-batches of a step batch of `len` samples (see the module doc); with
-/// `world` 1 they are the single-process ones.
+/// Rank `rank`'s part of each global micro-batch of a step batch of `len` samples (see the
+/// module doc; a part may be empty); with `world` 1 they are the single-process micro-batches.
 pub fn rank_micro_batches(len: usize, micro_batch: usize, rank: usize, world: usize) -> Vec<MicroBatch> {
     let global = (micro_batch * world).max(1);
     (0..len)
         .step_by(global)
-        .filter_map(|start| {
+        .map(|start| {
             let g = global.min(len - start);
             let range = start + rank * g / world..start + (rank + 1) * g / world;
-            (!range.is_empty()).then(|| MicroBatch { loss_scale: range.len() as f64 / len as f64, range })
+            MicroBatch { loss_scale: range.len() as f64 / len as f64, range }
         })
         .collect()
 }
@@ -123,9 +124,9 @@ mod tests {
         assert_eq!(ranges(8, 2, 0, 2), [(0, 2), (4, 6)]);
         assert_eq!(ranges(8, 2, 1, 2), [(2, 4), (6, 8)]);
         // Uneven last step: 5 samples, micro-batch 2 over 2 ranks; 3 samples over 4 ranks.
-        assert_eq!(ranges(5, 2, 0, 2), [(0, 2)]);
+        assert_eq!(ranges(5, 2, 0, 2), [(0, 2), (4, 4)]);
         assert_eq!(ranges(5, 2, 1, 2), [(2, 4), (4, 5)]);
-        assert_eq!(ranges(3, 4, 0, 4), []);
+        assert_eq!(ranges(3, 4, 0, 4), [(0, 0)]);
         assert_eq!(ranges(3, 4, 3, 4), [(2, 3)]);
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -16,9 +17,11 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dataset::reader::Dataset;
 use crate::dataset::store::Split;
+use crate::dist::Group;
 use crate::policy::config::PolicyConfig;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures};
 use crate::policy::schedule::NoiseRng;
+use crate::policy::sync_bn::backward_keep_graph;
 use crate::policy::normalize::NormStats;
 use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
 use crate::train::controller::JobContext;
@@ -67,6 +70,8 @@ pub struct HeadsTrainConfig {
     pub keep_versions: usize,
     /// Let `latest` move to a version worse on the same data than the one it named at the start.
     pub allow_worse_latest: bool,
+    /// Under torchrun: seconds a collective may wait for the other ranks.
+    pub distributed_timeout_s: u64,
 }
 
 impl Default for HeadsTrainConfig {
@@ -85,6 +90,7 @@ impl Default for HeadsTrainConfig {
             sensor_rate_hz: 650.0,
             keep_versions: 5,
             allow_worse_latest: false,
+            distributed_timeout_s: 1800,
         }
     }
 }
@@ -167,6 +173,9 @@ pub struct HeadsJob {
     pub heads: PolicyConfig,
     /// Continue from `<work_dir>/state/latest.safetensors` when it exists.
     pub resume: bool,
+    /// The data-parallel group this process is a rank of (None: one process): the features are
+    /// computed once over the ranks, and BatchNorm normalises with every rank's batch.
+    pub group: Option<Arc<Group>>,
 }
 
 impl HeadsJob {
@@ -234,7 +243,7 @@ pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publish
         allow_worse_latest: t.allow_worse_latest,
         base_model_id: task.deploy.base_model_id.clone(),
         plot_file: Some(job.work_dir.join("curves.png")),
-        group: None,
+        group: job.group.clone(),
     };
     let summary = runner::run(&mut task, &cfg, ctx, on_publish)?;
     runner::prune_published(&job.checkpoints, t.keep_versions, &summary)?;
@@ -324,12 +333,24 @@ impl HeadsTask {
         let mut building = ProgressEvent::new(&ctx.job_id, Phase::BuildingCache);
         building.cache.building = true;
         ctx.progress.publish(building);
+        let (rank, world) = job.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        let hidden = vl_config.text.hidden_size;
         let mut features = Vec::with_capacity(ds.len());
         for i in 0..ds.len() {
+            if i % world != rank {
+                features.push(Tensor::zeros([1, hidden], (Kind::Float, Device::Cpu)));
+                continue;
+            }
             let s = ds.sample(i)?;
             let batch = processor.collate(&[processor.sample(&s.images, &s.instruction)?])?;
             let f = tch::no_grad(|| vlm.forward(&batch, false))?;
             features.push(f.pooled(Pooling::All)?.detach());
+        }
+        if let Some(g) = &job.group {
+            // Each rank computed its share (the others are zeros): the sum is every feature.
+            let mut all = [Tensor::cat(&features, 0)];
+            g.all_reduce(&mut all, crate::dist::ReduceOp::Sum)?;
+            features = all[0].split(1, 0);
         }
         let [t_len, channels] = ds.index.sensor_shape;
         let [horizon, action_dim] = ds.index.action_shape;
@@ -340,7 +361,8 @@ impl HeadsTask {
         cfg.sensor.in_channels = channels as i64;
         cfg.expert.horizon = horizon as i64;
         cfg.expert.action_dim = action_dim as i64;
-        let heads = PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu)?;
+        let mut heads = PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu)?;
+        heads.set_batch_norm_sync(job.group.clone());
         let deploy = DeployInfo {
             format_version: DEPLOY_FORMAT_VERSION,
             base_model_id: crate::train::model_id::base_model_id(&job.base_model)?,
@@ -416,11 +438,32 @@ impl TrainTask for HeadsTask {
         let data_s = t0.elapsed().as_secs_f64();
         let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[global_step, i as u64])).collect();
         let loss = self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
+        if let Some(e) = self.heads.batch_norm_sync().and_then(|s| s.take_error()) {
+            return Err(e.into());
+        }
         Ok((loss, data_s))
     }
 
     fn validate(&mut self, _epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>> {
         Ok(error_metrics(&validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed, chunk)?))
+    }
+
+    /// With synchronised BatchNorm, the backward keeps its graph for the pass through the
+    /// global statistics.
+    fn backward(&mut self, loss: &Tensor) -> Result<()> {
+        let Some(sync) = self.heads.batch_norm_sync() else { return Ok(loss.f_backward()?) };
+        backward_keep_graph(loss).map_err(|e| TrainError::invalid("stage-1 backward", e))?;
+        Ok(sync.complete_backward()?)
+    }
+
+    fn idle_pass(&mut self) -> Result<()> {
+        Ok(self.heads.batch_norm_idle_pass()?)
+    }
+
+    fn discard_pass(&mut self) {
+        if let Some(sync) = self.heads.batch_norm_sync() {
+            sync.discard_pass();
+        }
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {

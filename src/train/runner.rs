@@ -56,6 +56,15 @@ pub trait TrainTask {
     /// (the loop announces it before each loss), so their data can be prepared on a worker
     /// while the next one computes. A hint: the loss must not depend on it.
     fn prefetch(&mut self, _next: &[usize]) {}
+    /// The backward of a [`TrainTask::loss`] (scaled by its share of the step).
+    fn backward(&mut self, loss: &Tensor) -> Result<(), TrainError> {
+        Ok(loss.f_backward()?)
+    }
+    /// Called, data-parallel, for a micro-batch in which this rank has no samples, so that a task
+    /// whose passes make collectives (synchronised BatchNorm) can join them.
+    fn idle_pass(&mut self) -> Result<(), TrainError> {
+        Ok(())
+    }
     /// Called after the backward of each [`TrainTask::loss`] (e.g. to finish a gradient-
     /// checkpointed backward pass by recomputing its segments).
     fn after_backward(&mut self) -> Result<(), TrainError> {
@@ -158,6 +167,9 @@ pub struct RunSummary {
     /// while the trainable gradients fit one bucket).
     #[serde(default)]
     pub grad_all_reduces: u64,
+    /// Seconds this process spent in them.
+    #[serde(default)]
+    pub grad_all_reduce_s: f64,
     /// Times the ranks compared their trainable parameters and found them identical
     /// (data-parallel runs: before every optimizer step and at each epoch's start and end).
     #[serde(default)]
@@ -220,6 +232,7 @@ pub struct Runner<'a> {
     /// The trainable parameters (shallow clones), for the gradient all-reduce.
     dp_params: Vec<Tensor>,
     grad_all_reduces: u64,
+    grad_all_reduce_s: f64,
     replica_checks: u64,
     /// Peak accelerator memory, the maximum over the ranks at the last agreement.
     peak_accel: Option<u64>,
@@ -293,6 +306,7 @@ impl<'a> Runner<'a> {
             steps_per_epoch,
             dp_params: Vec::new(),
             grad_all_reduces: 0,
+            grad_all_reduce_s: 0.0,
             replica_checks: 0,
             peak_accel: None,
             started: Instant::now(),
@@ -485,7 +499,9 @@ impl<'a> Runner<'a> {
         let t0 = Instant::now();
         let (mut step_loss, data_s) = self.forward_backward(batch, next, phase)?;
         if let Some(group) = self.cfg.group.clone() {
+            let t = Instant::now();
             self.grad_all_reduces += all_reduce_gradients(&group, &mut self.dp_params).map_err(|e| self.located(e, "gradient all-reduce"))?;
+            self.grad_all_reduce_s += t.elapsed().as_secs_f64();
             step_loss = group.all_reduce_f64(&[step_loss], ReduceOp::Sum).map_err(|e| self.located(e.into(), "loss all-reduce"))?[0];
         }
         if !step_loss.is_finite() {
@@ -522,7 +538,7 @@ impl<'a> Runner<'a> {
         let (parts, next_parts) = (shard(batch.len()), shard(next.len()));
         loop {
             self.opt.zero_grad();
-            let plan = Plan { parts: &parts, next_first: next_parts.first().map(|mb| &next[mb.range.clone()]), micro_batch: self.state.accumulation.micro_batch, rank, world };
+            let plan = Plan { parts: &parts, next_first: next_parts.iter().find(|mb| !mb.range.is_empty()).map(|mb| &next[mb.range.clone()]), micro_batch: self.state.accumulation.micro_batch, rank, world };
             match accumulate(self.task, &self.state, batch, &plan) {
                 Ok(v) => return Ok(v),
                 Err(TrainError::OutOfMemory { source }) => {
@@ -657,6 +673,7 @@ impl<'a> Runner<'a> {
             published: self.hist.published.clone(),
             accumulation: self.state.accumulation,
             grad_all_reduces: self.grad_all_reduces,
+            grad_all_reduce_s: self.grad_all_reduce_s,
             replica_checks: self.replica_checks,
         }
     }
@@ -751,14 +768,16 @@ struct Plan<'p> {
 }
 
 impl Plan<'_> {
-    /// The micro-batches to run: each part, split into pieces of at most `micro_batch`.
+    /// The micro-batches to run: each part, split into pieces of at most `micro_batch`; an empty
+    /// part stays one empty micro-batch (an idle pass).
     fn micro_batches(&self) -> Vec<MicroBatch> {
         let m = self.micro_batch.max(1);
         self.parts
             .iter()
             .flat_map(|p| {
-                let per_sample = p.loss_scale / p.range.len() as f64;
-                (p.range.start..p.range.end).step_by(m).map(move |s| {
+                let per_sample = p.loss_scale / p.range.len().max(1) as f64;
+                let starts: Vec<usize> = if p.range.is_empty() { vec![p.range.start] } else { (p.range.start..p.range.end).step_by(m).collect() };
+                starts.into_iter().map(move |s| {
                     let range = s..(s + m).min(p.range.end);
                     MicroBatch { loss_scale: per_sample * range.len() as f64, range }
                 })
@@ -775,7 +794,11 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], plan: &
     let mbs = plan.micro_batches();
     let next_first = plan.next_first.map(|n| &n[..n.len().min(plan.micro_batch.max(1))]);
     for (mi, mb) in mbs.iter().enumerate() {
-        match mbs.get(mi + 1) {
+        if mb.range.is_empty() {
+            task.idle_pass()?;
+            continue;
+        }
+        match mbs[mi + 1..].iter().find(|m| !m.range.is_empty()) {
             Some(after) => task.prefetch(&batch[after.range.clone()]),
             None => {
                 if let Some(first) = next_first {
@@ -789,7 +812,7 @@ fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], plan: &
             let scaled = loss * mb.loss_scale;
             let value = scaled.f_double_value(&[])?;
             oom_injection::reach_backward()?;
-            scaled.f_backward()?;
+            task.backward(&scaled)?;
             task.after_backward()?;
             Ok((value, d))
         })?;

@@ -448,6 +448,7 @@ fn run_stages(
             train,
             heads: small_heads(),
             resume,
+            group: None,
         };
         let mut versions = Vec::new();
         let res = heads_job::run(&job, &stage_ctx(1), &mut |p: &Published| {

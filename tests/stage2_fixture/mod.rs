@@ -69,6 +69,7 @@ pub fn fixture() -> &'static Fixture {
             train: stage1_training(),
             heads: tiny_heads(),
             resume: false,
+            group: None,
         };
         let stage1 = heads_job::run(&job, &ctx(), &mut |_| {}).unwrap().published.unwrap().dir;
         Fixture { _dir: dir, dataset, base, stage1 }
