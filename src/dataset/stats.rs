@@ -207,6 +207,24 @@ impl StatsAccumulator {
         }
     }
 
+    /// Per quantile of `qs`, one value per dimension, from the reservoir as in
+    /// [`StatsAccumulator::finish`] (zeros when no row was added).
+    pub fn quantiles(&self, qs: &[f64]) -> Vec<Vec<f64>> {
+        let d = self.dims;
+        let rows = if d == 0 { 0 } else { self.reservoir.len() / d };
+        let mut out = vec![Vec::with_capacity(d); qs.len()];
+        let mut col = Vec::with_capacity(rows);
+        for i in 0..d {
+            col.clear();
+            col.extend((0..rows).map(|r| self.reservoir[r * d + i] as f64));
+            col.sort_by(|a, b| a.total_cmp(b));
+            for (o, &q) in out.iter_mut().zip(qs) {
+                o.push(quantile_sorted(&col, q));
+            }
+        }
+        out
+    }
+
     /// The statistics so far (all vectors empty-valued zeros when no row was added).
     pub fn finish(&self) -> FieldStats {
         let d = self.dims;
