@@ -217,7 +217,7 @@ impl StatsAccumulator {
         for i in 0..d {
             col.clear();
             col.extend((0..rows).map(|r| self.reservoir[r * d + i] as f64));
-            col.sort_by(|a, b| a.total_cmp(b));
+            col.sort_unstable_by(|a, b| a.total_cmp(b));
             for (o, &q) in out.iter_mut().zip(qs) {
                 o.push(quantile_sorted(&col, q));
             }
@@ -232,26 +232,18 @@ impl StatsAccumulator {
             let z = vec![0.0; d];
             return FieldStats { count: 0, mean: z.clone(), std: z.clone(), min: z.clone(), max: z.clone(), q01: z.clone(), q99: z };
         }
-        let rows = self.reservoir.len() / d;
-        let mut q01 = Vec::with_capacity(d);
-        let mut q99 = Vec::with_capacity(d);
-        let mut col = Vec::with_capacity(rows);
-        for i in 0..d {
-            col.clear();
-            col.extend((0..rows).map(|r| self.reservoir[r * d + i] as f64));
-            col.sort_by(|a, b| a.total_cmp(b));
-            q01.push(quantile_sorted(&col, 0.01));
-            q99.push(quantile_sorted(&col, 0.99));
-        }
-        FieldStats {
-            count: self.count,
-            mean: self.mean.clone(),
-            std: self.m2.iter().map(|m| (m / self.count as f64).max(0.0).sqrt()).collect(),
-            min: self.min.clone(),
-            max: self.max.clone(),
-            q01,
-            q99,
-        }
+        let [q01, q99]: [Vec<f64>; 2] = self.quantiles(&[0.01, 0.99]).try_into().unwrap_or_default();
+        FieldStats { count: self.count, mean: self.mean.clone(), std: self.std(), min: self.min.clone(), max: self.max.clone(), q01, q99 }
+    }
+
+    /// Mean, minimum and maximum per dimension (no sorting; see [`StatsAccumulator::quantiles`]).
+    pub fn mean_min_max(&self) -> [&[f64]; 3] {
+        [&self.mean, &self.min, &self.max]
+    }
+
+    /// Population standard deviation per dimension.
+    pub fn std(&self) -> Vec<f64> {
+        self.m2.iter().map(|m| (m / self.count.max(1) as f64).max(0.0).sqrt()).collect()
     }
 }
 

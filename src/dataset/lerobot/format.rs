@@ -426,8 +426,8 @@ impl FeatureStats {
 /// Numeric statistics: mean/std/min/max exact; quantiles exact while the rows fit the
 /// accumulator's reservoir (see [`StatsAccumulator`]).
 pub fn numeric_stats(acc: &StatsAccumulator, frames: u64) -> FeatureStats {
-    let s = acc.finish();
-    let mut values = vec![("min", s.min), ("max", s.max), ("mean", s.mean), ("std", s.std)];
+    let [mean, min, max] = acc.mean_min_max().map(|v| v.to_vec());
+    let mut values = vec![("min", min), ("max", max), ("mean", mean), ("std", acc.std())];
     let qs = acc.quantiles(&QUANTILES.map(|(_, q)| q));
     values.extend(QUANTILES.iter().map(|(k, _)| *k).zip(qs));
     FeatureStats { count: frames, values, visual: false }
