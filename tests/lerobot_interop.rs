@@ -14,7 +14,7 @@ use vla_finetune::dataset::compile::{compile, CompileConfig};
 use vla_finetune::dataset::episode::EpisodeSource;
 use vla_finetune::dataset::lerobot::export::{export, ExportOptions, PictureMode, CHUNK_FEATURE};
 use vla_finetune::dataset::lerobot::format;
-use vla_finetune::dataset::lerobot::import::{import, ImportMapping, DROP_HORIZON, DROP_WINDOW};
+use vla_finetune::dataset::lerobot::import::{import, ImportMapping, ImportOptions, DROP_HORIZON, DROP_WINDOW};
 use vla_finetune::dataset::lerobot::LeRobotError;
 use vla_finetune::dataset::reader::Dataset;
 
@@ -124,9 +124,50 @@ fn plain_stats(values: &[f32], dims: usize) -> [Vec<f64>; 4] {
 #[test]
 fn our_export_loads_in_lerobot_with_our_values_and_statistics() {
     let f = fixture();
-    let ds = Dataset::open(&f.dataset).unwrap();
-    let prefix = f.exported.with_file_name("read");
-    run_script("lerobot_read.py", &[f.exported.to_str().unwrap(), prefix.to_str().unwrap()]);
+    check_in_lerobot(&f.dataset, &f.exported, "image", 2.0 / 255.0);
+}
+
+/// The ffmpeg binary of the lerobot venv (imageio-ffmpeg; these machines have no system one).
+fn ffmpeg() -> PathBuf {
+    let out = Command::new(lerobot_python()).args(["-c", "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"]).output().unwrap();
+    assert!(out.status.success(), "imageio-ffmpeg missing from .venv-lerobot: run `make lerobot-venv`\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn video_export_loads_in_lerobot_and_imports_back() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("video");
+    let opts = ExportOptions { pictures: PictureMode::Video, ffmpeg: Some(ffmpeg()), ..Default::default() };
+    let r = export(&f.dataset, &out, &opts, &mut |_, _| {}).unwrap();
+    assert!(out.join("videos/observation.images.camera0/chunk-000/file-000.mp4").is_file());
+    check_in_lerobot(&f.dataset, &out, "video", 4.0 / 255.0);
+    // Back: the same samples, frames within the video tolerance of ours.
+    let back = dir.path().join("back");
+    let io = ImportOptions { ffmpeg: Some(ffmpeg()), ..Default::default() };
+    let ir = import(&out, &ImportMapping::default(), &back, &io, &mut |_, _| {}).unwrap();
+    assert_eq!(ir.samples, r.frames);
+    let (a, b) = (Dataset::open(&f.dataset).unwrap(), Dataset::open(&back).unwrap());
+    let mut worst = 0.0f64;
+    for (j, &i) in export_order(&a).iter().enumerate() {
+        let (x, y) = (a.sample(i).unwrap(), b.sample(j).unwrap());
+        assert_eq!((&x.state, &x.sensor, &x.action, x.t_ns), (&y.state, &y.sensor, &y.action, y.t_ns), "sample {i}");
+        for (p, q) in x.images.iter().zip(&y.images) {
+            let d: f64 = p.data.iter().zip(&q.data).map(|(u, v)| (*u as f64 - *v as f64).abs()).sum::<f64>() / p.data.len() as f64;
+            worst = worst.max(d / 255.0);
+        }
+    }
+    // The video's own loss plus one more JPEG encoding.
+    assert!(worst <= 6.0 / 255.0, "mean abs image difference {worst}");
+}
+
+/// Loads `exported` (an export of the compiled `dataset`) with lerobot and checks every frame
+/// and the statistics; pictures (LeRobot `kind` features) within `image_tol` mean abs difference.
+fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64) {
+    let ds = Dataset::open(dataset).unwrap();
+    let prefix = exported.with_file_name(format!("read-{kind}"));
+    run_script("lerobot_read.py", &[exported.to_str().unwrap(), prefix.to_str().unwrap()]);
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(prefix.with_extension("json")).unwrap()).unwrap();
     let bytes = std::fs::read(prefix.with_extension("safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -146,7 +187,7 @@ fn our_export_loads_in_lerobot_with_our_values_and_statistics() {
     assert_eq!(feat("action"), ("float32".into(), serde_json::json!([a])));
     assert_eq!(feat(CHUNK_FEATURE), ("float32".into(), serde_json::json!([h, a])));
     for cam in &ix.cameras {
-        assert_eq!(feat(&format!("observation.images.{}", cam.name)), ("image".into(), serde_json::json!([cam.height, cam.width, 3])));
+        assert_eq!(feat(&format!("observation.images.{}", cam.name)), (kind.into(), serde_json::json!([cam.height, cam.width, 3])));
     }
     let (shape, state) = f32s(&st, "observation.state");
     assert_eq!(shape, [n, s]);
@@ -162,19 +203,19 @@ fn our_export_loads_in_lerobot_with_our_values_and_statistics() {
     let tasks = meta["tasks"].as_array().unwrap();
     let order = export_order(&ds);
     let mut worst_image = 0.0f64;
-    let (mut ep, mut frame, mut prev_episode, mut t0) = (-1i64, 0i64, usize::MAX, 0i64);
+    let (mut ep, mut frame, mut prev_episode) = (-1i64, 0i64, usize::MAX);
     for (j, &i) in order.iter().enumerate() {
         let smp = ds.sample(i).unwrap();
         let entry = &ix.samples[i];
         if entry.episode != prev_episode {
-            (ep, frame, prev_episode, t0) = (ep + 1, 0, entry.episode, entry.t_ns);
+            (ep, frame, prev_episode) = (ep + 1, 0, entry.episode);
         }
         assert_eq!((episode_index[j], frame_index[j]), (ep, frame), "frame {j}");
         assert_eq!(state[j * s..(j + 1) * s], smp.state[..], "state of frame {j}");
         assert_eq!(sensor[j * t * c..(j + 1) * t * c], smp.sensor[..], "sensor of frame {j}");
         assert_eq!(chunk[j * h * a..(j + 1) * h * a], smp.action[..], "chunk of frame {j}");
         assert_eq!(action[j * a..(j + 1) * a], smp.action[..a], "action of frame {j}");
-        assert!((timestamp[j] as f64 - (entry.t_ns - t0) as f64 * 1e-9).abs() < 1e-6, "timestamp of frame {j}");
+        assert!((timestamp[j] as f64 - frame as f64 / 10.0).abs() < 1e-6, "timestamp of frame {j}");
         assert_eq!(tasks[j], smp.instruction.as_str());
         for ((shape, px), img) in images.iter().zip(&smp.images) {
             let (hh, ww) = (shape[2], shape[3]);
@@ -192,7 +233,7 @@ fn our_export_loads_in_lerobot_with_our_values_and_statistics() {
         }
         frame += 1;
     }
-    assert!(worst_image <= 2.0 / 255.0, "mean abs image difference {worst_image}");
+    assert!(worst_image <= image_tol, "{kind}: mean abs image difference {worst_image}");
     // Statistics as lerobot loaded them: equal to ours over the exported frames, and to
     // lerobot's own get_feature_stats over the frames it loaded.
     for (key, values, dims) in [("observation.state", &state, s), ("action", &action, a), (sensor_key, &sensor, c), (CHUNK_FEATURE, &chunk, a)] {
@@ -219,7 +260,7 @@ fn round_trip_export_import_gives_back_the_samples() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("back");
-    let r = import(&f.exported, &ImportMapping::default(), &out, false, &mut |_, _| {}).unwrap();
+    let r = import(&f.exported, &ImportMapping::default(), &out, &ImportOptions::default(), &mut |_, _| {}).unwrap();
     let (a, b) = (Dataset::open(&f.dataset).unwrap(), Dataset::open(&out).unwrap());
     assert_eq!(r.samples, a.len());
     assert!(r.dropped.is_empty() && r.ignored_features == ["action"], "{r:?}");
@@ -261,7 +302,7 @@ fn a_dataset_written_by_lerobot_imports_compiles_and_trains_a_stage2_epoch() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let r = import(&src, &mapping, &data, false, &mut |_, _| {}).unwrap();
+    let r = import(&src, &mapping, &data, &ImportOptions::default(), &mut |_, _| {}).unwrap();
     // Frames 0..3 lack a full window, frames 9..12 a full horizon.
     assert_eq!((r.episodes, r.frames, r.samples), (episodes, episodes * frames, episodes * (frames - 6)));
     assert_eq!(r.dropped.get(DROP_WINDOW), Some(&(3 * episodes as u64)));
@@ -364,7 +405,7 @@ fn import_damaged(damage: impl FnOnce(&Path)) -> (LeRobotError, PathBuf, tempfil
     copy_dir(&fixture().exported, &src);
     damage(&src);
     let out = dir.path().join("out");
-    let e = import(&src, &ImportMapping::default(), &out, false, &mut |_, _| {}).unwrap_err();
+    let e = import(&src, &ImportMapping::default(), &out, &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
     assert!(!out.exists(), "nothing is written on error");
     (e, src, dir)
 }
@@ -426,18 +467,20 @@ fn bad_input_is_refused_with_what_was_expected() {
     // A mapping naming a feature the dataset lacks.
     let out = tempfile::tempdir().unwrap();
     let mapping: ImportMapping = serde_yaml::from_str("state: observation.joints").unwrap();
-    let e = import(&fixture().exported, &mapping, &out.path().join("x"), false, &mut |_, _| {}).unwrap_err();
+    let e = import(&fixture().exported, &mapping, &out.path().join("x"), &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("observation.joints") && e.to_string().contains("observation.state"), "{e}");
     // A 1-D feature mapped as a camera.
     let mapping: ImportMapping = serde_yaml::from_str("cameras: [{name: c, feature: action}]").unwrap();
-    let e = import(&fixture().exported, &mapping, &out.path().join("x"), false, &mut |_, _| {}).unwrap_err();
-    assert!(e.to_string().contains("expected an image feature"), "{e}");
-    // Video without ffmpeg.
-    let opts = ExportOptions { pictures: PictureMode::Video, ..Default::default() };
-    let e = export(&fixture().dataset, &out.path().join("v"), &opts, &mut |_, _| {}).unwrap_err();
-    assert!(matches!(e, LeRobotError::Video(_)), "{e}");
-    if vla_finetune::dataset::lerobot::ffmpeg().is_err() {
-        assert!(e.to_string().contains("ffmpeg was not found on PATH"), "{e}");
+    let e = import(&fixture().exported, &mapping, &out.path().join("x"), &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("expected an image or video feature"), "{e}");
+    // Video without ffmpeg (none on PATH on these machines; a named one that is not there).
+    if vla_finetune::dataset::lerobot::video::find_ffmpeg(None).is_err() {
+        let opts = ExportOptions { pictures: PictureMode::Video, ..Default::default() };
+        let e = export(&fixture().dataset, &out.path().join("v"), &opts, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(e, LeRobotError::Video(_)) && e.to_string().contains("ffmpeg was not found on PATH"), "{e}");
     }
+    let opts = ExportOptions { pictures: PictureMode::Video, ffmpeg: Some("/nonexistent/ffmpeg".into()), ..Default::default() };
+    let e = export(&fixture().dataset, &out.path().join("v"), &opts, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, LeRobotError::Video(_)) && e.to_string().contains("/nonexistent/ffmpeg"), "{e}");
     assert!(!out.path().join("v").exists());
 }

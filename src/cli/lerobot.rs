@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::dataset::compile::{compile, CompileConfig};
 use crate::dataset::episode::EpisodeSource;
 use crate::dataset::lerobot::export::{export, ExportOptions, PictureMode};
-use crate::dataset::lerobot::import::{import, ImportMapping};
+use crate::dataset::lerobot::import::{import, ImportMapping, ImportOptions};
 use crate::dataset::store::INDEX_FILE;
 
 /// Arguments of `dataset export-lerobot`.
@@ -25,9 +25,12 @@ pub struct ExportLeRobotArgs {
     /// Store camera frames as JPEG images inside the parquet files (the default).
     #[arg(long, conflicts_with = "video")]
     pub images: bool,
-    /// Store camera frames as mp4 videos (needs ffmpeg on PATH).
+    /// Store camera frames as mp4 videos (AV1 with libsvtav1, else H.264; needs ffmpeg).
     #[arg(long)]
     pub video: bool,
+    /// The ffmpeg program for --video (default: `ffmpeg` on PATH).
+    #[arg(long)]
+    pub ffmpeg: Option<PathBuf>,
     /// Frame rate when exporting recorded episodes (the compile's control rate).
     #[arg(long)]
     pub fps: Option<u32>,
@@ -54,6 +57,9 @@ pub struct ImportLeRobotArgs {
     /// dataset `export-lerobot` wrote.
     #[arg(long)]
     pub mapping: Option<PathBuf>,
+    /// The ffmpeg program, for video features (default: `ffmpeg` on PATH).
+    #[arg(long)]
+    pub ffmpeg: Option<PathBuf>,
     /// Replace an existing output folder.
     #[arg(long)]
     pub overwrite: bool,
@@ -69,7 +75,7 @@ fn bar(what: &str) -> ProgressBar {
 
 /// Runs `dataset export-lerobot`; `open` turns an episodes path into episodes.
 pub fn run_export(a: &ExportLeRobotArgs, open: &super::dataset::EpisodeOpener<'_>) -> anyhow::Result<()> {
-    let opts = ExportOptions { overwrite: a.overwrite, pictures: if a.video { PictureMode::Video } else { PictureMode::Images }, robot_type: a.robot_type.clone() };
+    let opts = ExportOptions { overwrite: a.overwrite, pictures: if a.video { PictureMode::Video } else { PictureMode::Images }, robot_type: a.robot_type.clone(), ffmpeg: a.ffmpeg.clone() };
     let compiled = if a.dataset.join(INDEX_FILE).is_file() { None } else { Some(compile_episodes(a, open)?) };
     let src = compiled.as_deref().unwrap_or(&a.dataset);
     let b = bar("export");
@@ -113,7 +119,8 @@ pub fn run_import(a: &ImportLeRobotArgs) -> anyhow::Result<()> {
         None => ImportMapping::default(),
     };
     let b = bar("import");
-    let r = import(&a.dir, &mapping, &a.out, a.overwrite, &mut |done, total| {
+    let opts = ImportOptions { overwrite: a.overwrite, ffmpeg: a.ffmpeg.clone() };
+    let r = import(&a.dir, &mapping, &a.out, &opts, &mut |done, total| {
         b.set_length(total as u64);
         b.set_position(done as u64);
     });

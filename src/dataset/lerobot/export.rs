@@ -11,7 +11,7 @@
 //! | `action` | the first step of the action chunk, `[A]` (a per-frame action, as LeRobot policies expect) |
 //! | `vla_finetune.action_chunk` | the whole `[H, A]` chunk (LeRobot policies ignore it; the import reads it back) |
 //! | `task` | the episode's instruction |
-//! | `timestamp` | seconds since the episode's first sample (gaps where compile dropped samples) |
+//! | `timestamp` | `frame_index / fps`, as LeRobot's writer sets it (the sample times are kept in our sidecar) |
 //!
 //! Statistics cover every frame (LeRobot's convention; ours cover the training split):
 //! min/max/mean/std exact, quantiles exact up to
@@ -19,17 +19,19 @@
 //! (sensor rows are window steps) and from a uniform sample beyond; pictures' statistics are
 //! exact, over every pixel of every frame. Data files hold whole episodes (one row group each)
 //! and are closed before they would pass 100 MB, 1000 files per chunk folder, as LeRobot's
-//! writer does. The dataset is written into a staging folder and renamed into place.
+//! writer does; with video, each data file has one mp4 per camera beside it (same chunk and
+//! file numbers). The dataset is written into a staging folder and renamed into place.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::{BinaryBuilder, FixedSizeListBuilder, Float32Builder, ListBuilder, StringBuilder};
-use arrow_array::{ArrayRef, Float32Array, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow_array::{ArrayRef, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray, StructArray};
 use arrow_schema::{Field, Schema};
 use parquet::arrow::ArrowWriter;
 
 use super::format::{self, Feature, FeatureStats, Features, Info, PixelHistogram, Sidecar, SidecarEpisode};
+use super::video;
 use super::LeRobotError;
 use crate::dataset::compile::CompileConfig;
 use crate::dataset::reader::Dataset;
@@ -45,7 +47,7 @@ pub enum PictureMode {
     /// JPEG files embedded in the data parquet (LeRobot `image` features).
     #[default]
     Images,
-    /// One mp4 per camera and file (LeRobot `video` features); needs ffmpeg on PATH.
+    /// One mp4 per camera and data file (LeRobot `video` features); needs ffmpeg.
     Video,
 }
 
@@ -58,6 +60,8 @@ pub struct ExportOptions {
     pub pictures: PictureMode,
     /// `robot_type` of info.json.
     pub robot_type: Option<String>,
+    /// The ffmpeg program for video (None: `ffmpeg` on PATH).
+    pub ffmpeg: Option<PathBuf>,
 }
 
 /// What an export wrote.
@@ -78,13 +82,17 @@ pub struct ExportReport {
 /// Writes the compiled dataset `dataset` as a LeRobot v3.0 dataset in the new folder `out`;
 /// `progress(done, total)` is called after each frame.
 pub fn export(dataset: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportReport, LeRobotError> {
-    if opts.pictures == PictureMode::Video {
-        super::ffmpeg()?;
-        return Err(LeRobotError::Video("video export is not implemented in this build; export with --images (the default)".into()));
-    }
+    let video = match opts.pictures {
+        PictureMode::Video => {
+            let ffmpeg = video::find_ffmpeg(opts.ffmpeg.as_deref())?;
+            let enc = video::pick_encoder(&ffmpeg)?;
+            Some((ffmpeg, enc))
+        }
+        PictureMode::Images => None,
+    };
     let ds = Dataset::open(dataset)?;
     let staging = Staging::create(out, opts.overwrite)?;
-    match write(&ds, dataset, &staging.dir, opts, progress) {
+    match write(&ds, dataset, &staging.dir, opts, video.as_ref(), progress) {
         Ok(mut r) => {
             staging.commit()?;
             r.out = out.to_path_buf();
@@ -102,14 +110,22 @@ fn sensor_name(dataset: &Path) -> String {
     CompileConfig::from_yaml_file(&dataset.join(CONFIG_FILE)).map(|c| c.align.sensor).unwrap_or_else(|_| "sensor".into())
 }
 
-/// The features of an export of `ds`.
-pub fn features_of(ds: &Dataset, sensor_feature: &str) -> Features {
+/// The features of an export of `ds`; cameras as `video` features of `codec` at `fps` when given.
+pub fn features_of(ds: &Dataset, sensor_feature: &str, video: Option<(&str, u32)>) -> Features {
     let ix = &ds.index;
     let mut f: Vec<(String, Feature)> = ix
         .cameras
         .iter()
         .map(|c| {
-            let feat = Feature { dtype: "image".into(), shape: vec![c.height as usize, c.width as usize, 3], names: serde_json::json!(["height", "width", "channels"]), info: None };
+            let (dtype, info) = match video {
+                Some((codec, fps)) => (
+                    "video",
+                    Some(serde_json::json!({"video.height": c.height, "video.width": c.width, "video.codec": codec, "video.pix_fmt": "yuv420p",
+                        "video.fps": fps, "video.channels": 3, "has_audio": false, "video.g": 2, "video.crf": 30, "is_depth_map": false})),
+                ),
+                None => ("image", None),
+            };
+            let feat = Feature { dtype: dtype.into(), shape: vec![c.height as usize, c.width as usize, 3], names: serde_json::json!(["height", "width", "channels"]), info };
             (format!("observation.images.{}", c.name), feat)
         })
         .collect();
@@ -177,7 +193,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn new(ds: &Dataset) -> Self {
+    fn new(ds: &Dataset, images: bool) -> Self {
         let ix = &ds.index;
         let fsl = |n: usize| FixedSizeListBuilder::new(Float32Builder::new(), n as i32).with_field(Arc::new(Field::new("element", arrow_schema::DataType::Float32, true)));
         let nested = || {
@@ -186,7 +202,7 @@ impl Columns {
             ListBuilder::new(inner).with_field(Arc::new(Field::new("element", inner_type, true)))
         };
         Self {
-            images: ix.cameras.iter().map(|_| (BinaryBuilder::new(), StringBuilder::new())).collect(),
+            images: if images { ix.cameras.iter().map(|_| (BinaryBuilder::new(), StringBuilder::new())).collect() } else { Vec::new() },
             state: fsl(ix.state_names.len()),
             sensor: nested(),
             action: fsl(ix.action_shape[1]),
@@ -224,19 +240,20 @@ impl Columns {
     }
 }
 
-/// The data file being written.
+/// The data file being written, and its videos (one per camera) in video mode.
 struct DataFile {
     writer: ArrowWriter<std::fs::File>,
     path: PathBuf,
     chunk: usize,
     file: usize,
     bytes: usize,
+    videos: Vec<video::VideoFile>,
 }
 
 /// Rows buffered before they are handed to the parquet writer.
 const BATCH_BYTES: usize = 32 << 20;
 
-fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportReport, LeRobotError> {
+fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Option<&(PathBuf, video::Encoder)>, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportReport, LeRobotError> {
     let ix = &ds.index;
     let fps = ix.control_hz.round();
     if (ix.control_hz - fps).abs() > 1e-6 || fps < 1.0 {
@@ -244,7 +261,7 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
     }
     let sensor = sensor_name(src);
     let sensor_feature = format!("observation.{sensor}");
-    let features = features_of(ds, &sensor_feature);
+    let features = features_of(ds, &sensor_feature, video.map(|(_, e)| (e.codec, fps as u32)));
     let schema = format::data_schema(&features)?;
     let total = ds.len();
     // Episodes in index order with their samples in stored order.
@@ -255,7 +272,7 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
     let mut tasks: Vec<String> = Vec::new();
     let mut global = Accs::new(ds);
     let mut ep_stats = format::EpisodeStatsColumns::default();
-    let mut ep_rows: (Vec<i64>, Vec<String>, Vec<i64>, [Vec<i64>; 4]) = Default::default();
+    let mut ep_rows = EpisodeRows::default();
     let mut sidecar = Sidecar {
         format: format::SIDECAR_FORMAT.into(),
         control_hz: ix.control_hz,
@@ -280,7 +297,7 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
             }
         };
         // LeRobot starts a new file when this episode would take the current one past the limit.
-        let row_bytes = samples.first().map_or(0, |&i| frame_bytes(ds, i));
+        let row_bytes = samples.first().map_or(0, |&i| frame_bytes(ds, i, video.is_none()));
         let ep_bytes = row_bytes * samples.len();
         let rollover = data.as_ref().is_some_and(|d| d.bytes > 0 && d.bytes + ep_bytes >= format::DATA_FILES_SIZE_MB << 20);
         if data.is_none() || rollover {
@@ -292,23 +309,35 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
                 None => (0, 0),
             };
             let path = dir.join(format::chunk_file("data", next.0, next.1, "parquet"));
-            data = Some(DataFile { writer: format::create_writer(&path, schema.clone())?, path, chunk: next.0, file: next.1, bytes: 0 });
+            let mut videos = Vec::new();
+            if let Some((ffmpeg, enc)) = video {
+                for cam in &ix.cameras {
+                    let p = dir.join(format::chunk_file(&format!("videos/observation.images.{}", cam.name), next.0, next.1, "mp4"));
+                    videos.push(video::VideoFile::create(ffmpeg, *enc, &p, cam.width, cam.height, fps as u32)?);
+                }
+            }
+            data = Some(DataFile { writer: format::create_writer(&path, schema.clone())?, path, chunk: next.0, file: next.1, bytes: 0, videos });
             data_files += 1;
         }
         let Some(df) = data.as_mut() else { unreachable!("a data file was just opened") };
         let mut acc = Accs::new(ds);
-        let mut cols = Columns::new(ds);
-        let t0 = ix.samples[samples[0]].t_ns;
+        let mut cols = Columns::new(ds, video.is_none());
+        let video_from: Vec<usize> = df.videos.iter().map(|v| v.frames).collect();
         let mut t_ns = Vec::with_capacity(samples.len());
         let from = index;
         for (frame, &i) in samples.iter().enumerate() {
             let s = ds.sample(i)?;
             for (cam, img) in s.images.iter().enumerate() {
                 acc.images[cam].add_frame(&img.data);
-                let jpeg = ds.jpeg(i, cam)?;
-                cols.images[cam].0.append_value(jpeg);
-                cols.images[cam].1.append_value(format!("frame-{frame:06}.jpg"));
-                cols.bytes += jpeg.len();
+                match df.videos.get_mut(cam) {
+                    Some(v) => v.push(&img.data)?,
+                    None => {
+                        let jpeg = ds.jpeg(i, cam)?;
+                        cols.images[cam].0.append_value(jpeg);
+                        cols.images[cam].1.append_value(format!("frame-{frame:06}.jpg"));
+                        cols.bytes += jpeg.len();
+                    }
+                }
             }
             cols.state.values().append_slice(&s.state);
             cols.state.append(true);
@@ -316,7 +345,7 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
             cols.action.values().append_slice(&s.action[..a]);
             cols.action.append(true);
             Columns::push_2d(&mut cols.chunk, &s.action, a);
-            let ts = ((s.t_ns - t0) as f64 * 1e-9) as f32;
+            let ts = (frame as f64 / fps) as f32;
             let ints = [frame as i64, episode_index, index, task_index as i64];
             cols.scalars.0.push(ts);
             for (v, x) in cols.scalars.1.iter_mut().zip(ints) {
@@ -342,18 +371,26 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
         df.bytes += ep_bytes;
         global.merge_images(&acc);
         ep_stats.push(&acc.stats(&features));
-        ep_rows.0.push(episode_index);
-        ep_rows.1.push(entry.instruction.clone());
-        ep_rows.2.push(samples.len() as i64);
-        for (v, x) in ep_rows.3.iter_mut().zip([df.chunk as i64, df.file as i64, from, index]) {
+        ep_rows.episode.push(episode_index);
+        ep_rows.task.push(entry.instruction.clone());
+        ep_rows.length.push(samples.len() as i64);
+        for (v, x) in ep_rows.data.iter_mut().zip([df.chunk as i64, df.file as i64, from, index]) {
             v.push(x);
+        }
+        ep_rows.videos.resize_with(df.videos.len(), Default::default);
+        for ((cols, v), start) in ep_rows.videos.iter_mut().zip(&df.videos).zip(&video_from) {
+            cols.0.push(df.chunk as i64);
+            cols.1.push(df.file as i64);
+            cols.2.push(*start as f64 / fps);
+            cols.3.push(v.frames as f64 / fps);
         }
         sidecar.episodes.push(SidecarEpisode { id: entry.id.clone(), task: entry.task.clone(), outcome: entry.outcome.clone(), split: entry.split, t_ns });
     }
     if let Some(d) = data.take() {
         close(d)?;
     }
-    write_episodes(dir, ep_rows, ep_stats)?;
+    let video_keys: Vec<String> = if video.is_some() { ix.cameras.iter().map(|c| format!("observation.images.{}", c.name)).collect() } else { Vec::new() };
+    write_episodes(dir, ep_rows, &video_keys, ep_stats)?;
     write_tasks(dir, &tasks)?;
     let stats = global.stats(&features);
     let stats_json: serde_json::Map<String, serde_json::Value> = stats.iter().map(|(k, s)| (k.clone(), s.to_json())).collect();
@@ -369,7 +406,7 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
         data_files_size_in_mb: format::DATA_FILES_SIZE_MB,
         video_files_size_in_mb: format::VIDEO_FILES_SIZE_MB,
         data_path: format::DATA_PATH.into(),
-        video_path: None,
+        video_path: video.map(|_| format::VIDEO_PATH.to_string()),
         robot_type: opts.robot_type.clone(),
         splits: [("train".to_string(), format!("0:{}", sidecar.episodes.len()))].into_iter().collect(),
     };
@@ -379,10 +416,11 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, progress: &
     Ok(ExportReport { out: dir.to_path_buf(), episodes, frames: index as usize, data_files, features })
 }
 
-/// Bytes of one frame of sample `i` (JPEG sizes plus the numbers), to size files.
-fn frame_bytes(ds: &Dataset, i: usize) -> usize {
+/// Bytes of one frame of sample `i` in the data file (JPEG sizes with `images`, plus the
+/// numbers), to size files.
+fn frame_bytes(ds: &Dataset, i: usize, images: bool) -> usize {
     let ix = &ds.index;
-    let jpegs: usize = (0..ix.cameras.len()).filter_map(|c| ds.jpeg(i, c).ok()).map(|j| j.len()).sum();
+    let jpegs: usize = if images { (0..ix.cameras.len()).filter_map(|c| ds.jpeg(i, c).ok()).map(|j| j.len()).sum() } else { 0 };
     jpegs + (ix.state_names.len() + ix.sensor_shape[0] * ix.sensor_shape[1] + ix.action_shape[0] * ix.action_shape[1] + ix.action_shape[1]) * 4 + 36
 }
 
@@ -393,6 +431,9 @@ fn next_file(n: usize) -> (usize, usize) {
 }
 
 fn close(d: DataFile) -> Result<(), LeRobotError> {
+    for v in d.videos {
+        v.finish()?;
+    }
     let f = d.writer.into_inner().map_err(|e| format::invalid(&d.path, format!("closing parquet: {e}")))?;
     f.sync_all().map_err(|source| LeRobotError::Io { path: d.path.clone(), source })
 }
@@ -407,25 +448,43 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), LeRobotErro
     Ok(())
 }
 
+/// The columns of `meta/episodes` besides the statistics.
+#[derive(Default)]
+struct EpisodeRows {
+    episode: Vec<i64>,
+    task: Vec<String>,
+    length: Vec<i64>,
+    /// data chunk, data file, first and end frame index.
+    data: [Vec<i64>; 4],
+    /// Per camera in video mode: chunk, file, from and to timestamp.
+    videos: Vec<(Vec<i64>, Vec<i64>, Vec<f64>, Vec<f64>)>,
+}
+
 /// `meta/episodes/chunk-000/file-000.parquet`: one row per episode, LeRobot's columns.
-fn write_episodes(dir: &Path, rows: (Vec<i64>, Vec<String>, Vec<i64>, [Vec<i64>; 4]), stats: format::EpisodeStatsColumns) -> Result<(), LeRobotError> {
+fn write_episodes(dir: &Path, rows: EpisodeRows, video_keys: &[String], stats: format::EpisodeStatsColumns) -> Result<(), LeRobotError> {
     let path = dir.join(format::chunk_file(format::EPISODES_DIR, 0, 0, "parquet"));
-    let n = rows.0.len();
+    let n = rows.episode.len();
     let mut tasks = ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new("element", arrow_schema::DataType::Utf8, true)));
-    for t in &rows.1 {
+    for t in &rows.task {
         tasks.values().append_value(t);
         tasks.append(true);
     }
-    let [chunk, file, from, to] = rows.3;
+    let [chunk, file, from, to] = rows.data;
     let mut cols: Vec<(String, ArrayRef)> = vec![
-        ("episode_index".into(), Arc::new(Int64Array::from(rows.0))),
+        ("episode_index".into(), Arc::new(Int64Array::from(rows.episode))),
         ("tasks".into(), Arc::new(tasks.finish())),
-        ("length".into(), Arc::new(Int64Array::from(rows.2))),
+        ("length".into(), Arc::new(Int64Array::from(rows.length))),
         ("data/chunk_index".into(), Arc::new(Int64Array::from(chunk))),
         ("data/file_index".into(), Arc::new(Int64Array::from(file))),
         ("dataset_from_index".into(), Arc::new(Int64Array::from(from))),
         ("dataset_to_index".into(), Arc::new(Int64Array::from(to))),
     ];
+    for (key, (c, f, from, to)) in video_keys.iter().zip(rows.videos) {
+        cols.push((format!("videos/{key}/chunk_index"), Arc::new(Int64Array::from(c))));
+        cols.push((format!("videos/{key}/file_index"), Arc::new(Int64Array::from(f))));
+        cols.push((format!("videos/{key}/from_timestamp"), Arc::new(Float64Array::from(from))));
+        cols.push((format!("videos/{key}/to_timestamp"), Arc::new(Float64Array::from(to))));
+    }
     cols.extend(stats.finish());
     cols.push(("meta/episodes/chunk_index".into(), Arc::new(Int64Array::from(vec![0i64; n]))));
     cols.push(("meta/episodes/file_index".into(), Arc::new(Int64Array::from(vec![0i64; n]))));

@@ -2,8 +2,9 @@
 //! features mapped to ours by an [`ImportMapping`] (YAML, `config/lerobot_import.yaml`).
 //!
 //! Each LeRobot episode becomes one episode, each frame one sample:
-//! - cameras: `image` features (PNG or JPEG, embedded or as files); JPEG frames of the mapped
-//!   size are kept byte for byte, others are encoded to JPEG at `jpeg_quality`.
+//! - cameras: `image` features (PNG or JPEG, embedded or as files; JPEG frames of the mapped
+//!   size are kept byte for byte, others are encoded to JPEG at `jpeg_quality`) or `video`
+//!   features (each episode's frames decoded with ffmpeg, then encoded to JPEG).
 //! - state: a 1-D float feature.
 //! - sensor: a 2-D `[T, C]` feature is the window as stored; a 1-D `[C]` feature makes a
 //!   window of the `window_frames` frames ending at the sample (earlier frames have no sample).
@@ -161,14 +162,31 @@ pub struct ImportReport {
     pub ignored_features: Vec<String>,
 }
 
+/// Import settings besides the mapping.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Replace an existing output folder.
+    pub overwrite: bool,
+    /// The ffmpeg program for video features (None: `ffmpeg` on PATH).
+    pub ffmpeg: Option<PathBuf>,
+}
+
 /// Drop reason: a 1-D sensor feature's window reaches before the episode's first frame.
 pub const DROP_WINDOW: &str = "lerobot_sensor_window_before_start";
 /// Drop reason: a 1-D action feature's chunk reaches past the episode's last frame.
 pub const DROP_HORIZON: &str = "lerobot_action_horizon_past_end";
 
+/// A mapped camera: our name, the feature key, its shape, whether it is a video.
+struct Camera {
+    name: String,
+    key: String,
+    shape: [usize; 3],
+    video: bool,
+}
+
 /// The mapping resolved against the dataset's features.
 struct Resolved {
-    cameras: Vec<(String, String, [usize; 3])>,
+    cameras: Vec<Camera>,
     state: (String, usize),
     sensor: (String, String, Option<usize>, [usize; 2]),
     action: (String, Option<usize>, [usize; 2]),
@@ -197,13 +215,10 @@ fn resolve(m: &ImportMapping, info: &Info, sidecar: Option<&Sidecar>) -> Result<
     let mut cameras = Vec::new();
     for (name, key) in cams {
         let f = feature(info, &key, "camera")?;
-        if f.dtype == "video" {
-            return Err(LeRobotError::Video(format!("feature `{key}` is stored as video; this build imports `image` features only (re-export the dataset with images, e.g. lerobot's `use_videos=False`)")));
+        if !f.is_visual() || f.shape.len() != 3 || f.shape[2] != 3 {
+            return Err(LeRobotError::Feature { feature: key, what: format!("{} {:?} cannot be a camera; expected an image or video feature of shape [height, width, 3]", f.dtype, f.shape) });
         }
-        if f.dtype != "image" || f.shape.len() != 3 || f.shape[2] != 3 {
-            return Err(LeRobotError::Feature { feature: key, what: format!("{} {:?} cannot be a camera; expected an image feature of shape [height, width, 3]", f.dtype, f.shape) });
-        }
-        cameras.push((name, key, [f.shape[0], f.shape[1], 3]));
+        cameras.push(Camera { name, shape: [f.shape[0], f.shape[1], 3], video: f.dtype == "video", key });
     }
     let sf = feature(info, &m.state, "state")?;
     numeric(sf, &m.state, "state", &[1])?;
@@ -236,9 +251,11 @@ struct EpisodeMeta {
     index: i64,
     length: usize,
     file: PathBuf,
+    /// Per camera: its video file and the episode's start in it, seconds (image cameras: None).
+    videos: Vec<Option<(PathBuf, f64)>>,
 }
 
-fn read_episodes(root: &Path, info: &Info) -> Result<Vec<EpisodeMeta>, LeRobotError> {
+fn read_episodes(root: &Path, info: &Info, cameras: &[Camera]) -> Result<Vec<EpisodeMeta>, LeRobotError> {
     let dir = root.join(format::EPISODES_DIR);
     if !dir.is_dir() {
         return Err(LeRobotError::Missing { path: dir, what: "the episodes metadata of a LeRobot v3.0 dataset (meta/episodes/chunk-XXX/file-XXX.parquet)".into() });
@@ -249,8 +266,21 @@ fn read_episodes(root: &Path, info: &Info) -> Result<Vec<EpisodeMeta>, LeRobotEr
             let cols: Vec<&ArrayRef> = ["episode_index", "length", "data/chunk_index", "data/file_index"].iter().map(|c| column(&b, c, &path)).collect::<Result<_, _>>()?;
             for r in 0..b.num_rows() {
                 let v: Vec<i64> = cols.iter().map(|c| int_at(c, r).ok_or_else(|| format::invalid(&path, format!("row {r}: expected int64 episode columns")))).collect::<Result<_, _>>()?;
-                let data = info.data_path.replace("{chunk_index:03d}", &format!("{:03}", v[2])).replace("{file_index:03d}", &format!("{:03}", v[3]));
-                out.push(EpisodeMeta { index: v[0], length: v[1].max(0) as usize, file: root.join(data) });
+                let fill = |t: &str, c: i64, f: i64| t.replace("{chunk_index:03d}", &format!("{c:03}")).replace("{file_index:03d}", &format!("{f:03}"));
+                let mut videos = Vec::new();
+                for cam in cameras {
+                    if !cam.video {
+                        videos.push(None);
+                        continue;
+                    }
+                    let template = info.video_path.as_deref().ok_or_else(|| format::invalid(&root.join(format::INFO_PATH), format!("video feature `{}` but no video_path", cam.key)))?;
+                    let col = |k: &str| column(&b, &format!("videos/{}/{k}", cam.key), &path);
+                    let (c, f, from) = (col("chunk_index")?, col("file_index")?, col("from_timestamp")?);
+                    let bad = || format::invalid(&path, format!("row {r}: expected int64 chunk/file and a float from_timestamp for video `{}`", cam.key));
+                    let file = fill(&template.replace("{video_key}", &cam.key), int_at(c, r).ok_or_else(bad)?, int_at(f, r).ok_or_else(bad)?);
+                    videos.push(Some((root.join(file), float_at(from, r).ok_or_else(bad)?)));
+                }
+                out.push(EpisodeMeta { index: v[0], length: v[1].max(0) as usize, file: root.join(fill(&info.data_path, v[2], v[3])), videos });
             }
         }
     }
@@ -291,8 +321,8 @@ struct Frame {
     jpegs: Vec<Vec<u8>>,
 }
 
-/// Reads the frames of `ep` from its data file's batches.
-fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Resolved, quality: u8) -> Result<Vec<Frame>, LeRobotError> {
+/// Reads the frames of `ep` from its data file's batches (and its videos with `ffmpeg`).
+fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Resolved, quality: u8, fps: u32, ffmpeg: Option<&Path>) -> Result<Vec<Frame>, LeRobotError> {
     let path = &ep.file;
     let mut frames = Vec::with_capacity(ep.length);
     for b in batches {
@@ -301,7 +331,7 @@ fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Re
         let st = column(b, &r.state.0, path)?;
         let se = column(b, &r.sensor.0, path)?;
         let ac = column(b, &r.action.0, path)?;
-        let cams: Vec<&ArrayRef> = r.cameras.iter().map(|c| column(b, &c.1, path)).collect::<Result<_, _>>()?;
+        let cams: Vec<Option<&ArrayRef>> = r.cameras.iter().map(|c| if c.video { Ok(None) } else { column(b, &c.key, path).map(Some) }).collect::<Result<_, _>>()?;
         for row in 0..b.num_rows() {
             if int_at(epi, row) != Some(ep.index) {
                 continue;
@@ -318,8 +348,12 @@ fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Re
             let sensor_vals = r.sensor.3[1] * if r.sensor.2.is_some() { 1 } else { r.sensor.3[0] };
             let action_vals = r.action.2[1] * if r.action.1.is_some() { 1 } else { r.action.2[0] };
             let mut jpegs = Vec::with_capacity(cams.len());
-            for (col, (_, key, shape)) in cams.iter().zip(&r.cameras) {
-                jpegs.push(frame_jpeg(root, col, row, shape, quality).map_err(|e| bad(key, e))?);
+            for (col, cam) in cams.iter().zip(&r.cameras) {
+                // Video frames are filled in below.
+                jpegs.push(match col {
+                    Some(col) => frame_jpeg(root, col, row, &cam.shape, quality).map_err(|e| bad(&cam.key, e))?,
+                    None => Vec::new(),
+                });
             }
             frames.push(Frame {
                 frame_index: int_at(fi, row).ok_or_else(|| bad("frame_index", "expected int64".into()))?,
@@ -338,6 +372,14 @@ fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Re
     }
     if let Some((i, f)) = frames.iter().enumerate().find(|(i, f)| f.frame_index != *i as i64) {
         return Err(LeRobotError::Frames { episode: ep.index, what: format!("frame_index {} where {i} was expected (frame indices must run 0..{})", f.frame_index, ep.length) });
+    }
+    for (c, (cam, v)) in r.cameras.iter().zip(&ep.videos).enumerate() {
+        let (Some((file, from)), Some(ffmpeg)) = (v, ffmpeg) else { continue };
+        let [h, w, _] = cam.shape;
+        let decoded = super::video::decode(ffmpeg, file, *from, fps, ep.length, w, h)?;
+        for (f, rgb) in frames.iter_mut().zip(decoded) {
+            f.jpegs[c] = encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb }, quality).map_err(|e| LeRobotError::Video(format!("{}: encoding a frame as JPEG: {e}", file.display())))?;
+        }
     }
     Ok(frames)
 }
@@ -374,19 +416,21 @@ fn frame_jpeg(root: &Path, col: &ArrayRef, row: usize, shape: &[usize; 3], quali
     encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb.into_raw() }, quality).map_err(|e| format!("encoding JPEG: {e}"))
 }
 
-/// Imports the LeRobot v3.0 dataset at `root` into the new compiled dataset folder `out`
-/// (replacing one only with `overwrite`); `progress(done, total)` counts frames.
-pub fn import(root: &Path, mapping: &ImportMapping, out: &Path, overwrite: bool, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
+/// Imports the LeRobot v3.0 dataset at `root` into the new compiled dataset folder `out`;
+/// `progress(done, total)` counts frames.
+pub fn import(root: &Path, mapping: &ImportMapping, out: &Path, opts: &ImportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
     mapping.validate()?;
     let info = Info::load(root)?;
     let sidecar_path = root.join(format::SIDECAR_PATH);
     let sidecar: Option<Sidecar> = if sidecar_path.is_file() { Some(crate::dataset::store::read_json(&sidecar_path)?) } else { None };
     let sidecar = sidecar.filter(|s| s.format == format::SIDECAR_FORMAT && s.episodes.len() == info.total_episodes);
     let r = resolve(mapping, &info, sidecar.as_ref())?;
+    let ffmpeg = if r.cameras.iter().any(|c| c.video) { Some(super::video::find_ffmpeg(opts.ffmpeg.as_deref())?) } else { None };
     let tasks = read_tasks(root)?;
-    let episodes = read_episodes(root, &info)?;
-    let staging = Staging::create(out, overwrite)?;
-    match build(root, mapping, &info, sidecar.as_ref(), &r, &tasks, &episodes, &staging.dir, progress) {
+    let episodes = read_episodes(root, &info, &r.cameras)?;
+    let staging = Staging::create(out, opts.overwrite)?;
+    let src = Source { root, info: &info, sidecar: sidecar.as_ref(), tasks: &tasks, episodes: &episodes, ffmpeg: ffmpeg.as_deref() };
+    match build(&src, mapping, &r, &staging.dir, progress) {
         Ok(mut rep) => {
             staging.commit()?;
             rep.out = out.to_path_buf();
@@ -399,24 +443,24 @@ pub fn import(root: &Path, mapping: &ImportMapping, out: &Path, overwrite: bool,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build(
-    root: &Path,
-    m: &ImportMapping,
-    info: &Info,
-    sidecar: Option<&Sidecar>,
-    r: &Resolved,
-    tasks: &BTreeMap<i64, String>,
-    episodes: &[EpisodeMeta],
-    dir: &Path,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<ImportReport, LeRobotError> {
+/// What was read of the dataset before its frames.
+struct Source<'a> {
+    root: &'a Path,
+    info: &'a Info,
+    sidecar: Option<&'a Sidecar>,
+    tasks: &'a BTreeMap<i64, String>,
+    episodes: &'a [EpisodeMeta],
+    ffmpeg: Option<&'a Path>,
+}
+
+fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
+    let Source { root, info, sidecar, tasks, episodes, ffmpeg } = *src;
     let ids: Vec<String> = episodes.iter().enumerate().map(|(i, e)| sidecar.map_or_else(|| format!("lerobot_{:06}", e.index), |s| s.episodes[i].id.clone())).collect();
     let splits = match sidecar {
         Some(s) => s.episodes.iter().map(|e| e.split).collect(),
         None => split_episodes(&ids, &m.split),
     };
-    let cam_names: Vec<String> = r.cameras.iter().map(|c| c.0.clone()).collect();
+    let cam_names: Vec<String> = r.cameras.iter().map(|c| c.name.clone()).collect();
     let (sensor_shape, action_shape) = (r.sensor.3, r.action.2);
     let seed = m.split.seed;
     let mut accs = [
@@ -446,7 +490,7 @@ fn build(
             loaded = Some((ep.file.clone(), format::read_parquet(&ep.file)?));
         }
         let batches = &loaded.as_ref().expect("loaded above").1;
-        let frames = episode_frames(root, ep, batches, r, m.jpeg_quality)?;
+        let frames = episode_frames(root, ep, batches, r, m.jpeg_quality, info.fps, ffmpeg)?;
         let first_task = frames.first().map_or(-1, |f| f.task_index);
         if let Some(f) = frames.iter().find(|f| f.task_index != first_task) {
             return Err(LeRobotError::Frames { episode: ep.index, what: format!("frame {} has task_index {} but frame 0 has {first_task}; expected one task per episode", f.frame_index, f.task_index) });
@@ -516,7 +560,7 @@ fn build(
     let control_hz = sidecar.map_or(info.fps as f64, |s| s.control_hz);
     let index = DatasetIndex {
         format: FORMAT.into(),
-        cameras: r.cameras.iter().map(|(n, _, s)| CameraInfo { name: n.clone(), width: s[1] as u32, height: s[0] as u32 }).collect(),
+        cameras: r.cameras.iter().map(|c| CameraInfo { name: c.name.clone(), width: c.shape[1] as u32, height: c.shape[0] as u32 }).collect(),
         sensor_shape,
         state_names: state_names(info, &r.state.0, r.state.1),
         action_shape,
@@ -538,7 +582,7 @@ fn build(
     cfg.store.jpeg_quality = m.jpeg_quality;
     cfg.store.shard_max_mb = m.shard_max_mb;
     write_outputs(dir, &cfg, &index, &stats, &report)?;
-    let used: Vec<&str> = r.cameras.iter().map(|c| c.1.as_str()).chain([r.state.0.as_str(), r.sensor.0.as_str(), r.action.0.as_str()]).collect();
+    let used: Vec<&str> = r.cameras.iter().map(|c| c.key.as_str()).chain([r.state.0.as_str(), r.sensor.0.as_str(), r.action.0.as_str()]).collect();
     let ignored = info.features.0.iter().map(|(k, _)| k.clone()).filter(|k| !used.contains(&k.as_str()) && !format::INDEX_FEATURES.contains(&k.as_str())).collect();
     Ok(ImportReport { out: dir.to_path_buf(), episodes: episodes.len(), frames: done, samples: index.samples.len(), dropped, ignored_features: ignored })
 }

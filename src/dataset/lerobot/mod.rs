@@ -1,5 +1,5 @@
 //! LeRobot v3.0 datasets both ways: [`export`] writes a compiled dataset as a LeRobot dataset
-//! (parquet data with the frames' pictures embedded, or videos through ffmpeg), [`import`]
+//! (parquet data with the frames' pictures embedded, or videos through ffmpeg, [`video`]), [`import`]
 //! reads a local LeRobot v3.0 dataset into a compiled dataset, mapping its features by a YAML
 //! file ([`import::ImportMapping`], `config/lerobot_import.yaml`). [`format`] holds the on-disk
 //! layout both share.
@@ -7,6 +7,7 @@
 pub mod export;
 pub mod format;
 pub mod import;
+pub mod video;
 
 use std::path::PathBuf;
 
@@ -80,10 +81,4 @@ pub enum LeRobotError {
     /// Writing the compiled dataset's outputs failed.
     #[error(transparent)]
     Compile(#[from] CompileError),
-}
-
-/// Finds `ffmpeg` on PATH: `Err` says that videos need it.
-pub fn ffmpeg() -> Result<PathBuf, LeRobotError> {
-    let found = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("ffmpeg")).find(|f| f.is_file()));
-    found.ok_or_else(|| LeRobotError::Video("ffmpeg was not found on PATH; video features need it (install ffmpeg, or export with --images, the default)".into()))
 }
