@@ -2,8 +2,9 @@
 save_episode, finalize), for tests/lerobot_interop.rs, and the values it was given as
 safetensors (one tensor per feature stacked over all frames, episodes in order).
 
-usage: lerobot_write.py DATASET_DIR VALUES.safetensors EPISODES FRAMES_PER_EPISODE SIZE
-The pictures are SIZE x SIZE; frame f of episode e holds smooth, seeded data.
+usage: lerobot_write.py DATASET_DIR VALUES.safetensors EPISODES FRAMES_PER_EPISODE SIZE [image|video]
+The pictures are SIZE x SIZE, stored as image (the default) or video features; frame f of
+episode e holds smooth, seeded data.
 """
 import sys
 
@@ -14,13 +15,14 @@ from safetensors.torch import save_file
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 root, out, episodes, frames, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+kind = sys.argv[6] if len(sys.argv) > 6 else "image"
 features = {
-    "observation.images.wrist": {"dtype": "image", "shape": (size, size, 3), "names": ["height", "width", "channels"]},
+    "observation.images.wrist": {"dtype": kind, "shape": (size, size, 3), "names": ["height", "width", "channels"]},
     "observation.state": {"dtype": "float32", "shape": (7,), "names": [f"joint{i}" for i in range(7)]},
     "observation.tactile": {"dtype": "float32", "shape": (6,), "names": None},
     "action": {"dtype": "float32", "shape": (7,), "names": None},
 }
-ds = LeRobotDataset.create("local/written", fps=10, root=root, features=features, use_videos=False)
+ds = LeRobotDataset.create("local/written", fps=10, root=root, features=features, use_videos=kind == "video")
 rng = np.random.default_rng(7)
 values = {k: [] for k in features}
 yy, xx = np.mgrid[0:size, 0:size]

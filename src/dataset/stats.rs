@@ -211,7 +211,7 @@ impl StatsAccumulator {
     /// [`StatsAccumulator::finish`] (zeros when no row was added).
     pub fn quantiles(&self, qs: &[f64]) -> Vec<Vec<f64>> {
         let d = self.dims;
-        let rows = if d == 0 { 0 } else { self.reservoir.len() / d };
+        let rows = self.reservoir.len().checked_div(d).unwrap_or(0);
         let mut out = vec![Vec::with_capacity(d); qs.len()];
         let mut col = Vec::with_capacity(rows);
         for i in 0..d {

@@ -121,7 +121,7 @@ pub fn features_of(ds: &Dataset, sensor_feature: &str, video: Option<(&str, u32)
                 Some((codec, fps)) => (
                     "video",
                     Some(serde_json::json!({"video.height": c.height, "video.width": c.width, "video.codec": codec, "video.pix_fmt": "yuv420p",
-                        "video.fps": fps, "video.channels": 3, "has_audio": false, "video.g": 2, "video.crf": 30, "is_depth_map": false})),
+                        "video.fps": fps, "video.channels": 3, "has_audio": false, "video.g": 2, "video.crf": 23, "is_depth_map": false})),
                 ),
                 None => ("image", None),
             };
@@ -379,10 +379,10 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
         }
         ep_rows.videos.resize_with(df.videos.len(), Default::default);
         for ((cols, v), start) in ep_rows.videos.iter_mut().zip(&df.videos).zip(&video_from) {
-            cols.0.push(df.chunk as i64);
-            cols.1.push(df.file as i64);
-            cols.2.push(*start as f64 / fps);
-            cols.3.push(v.frames as f64 / fps);
+            cols.chunk.push(df.chunk as i64);
+            cols.file.push(df.file as i64);
+            cols.from.push(*start as f64 / fps);
+            cols.to.push(v.frames as f64 / fps);
         }
         sidecar.episodes.push(SidecarEpisode { id: entry.id.clone(), task: entry.task.clone(), outcome: entry.outcome.clone(), split: entry.split, t_ns });
     }
@@ -456,8 +456,17 @@ struct EpisodeRows {
     length: Vec<i64>,
     /// data chunk, data file, first and end frame index.
     data: [Vec<i64>; 4],
-    /// Per camera in video mode: chunk, file, from and to timestamp.
-    videos: Vec<(Vec<i64>, Vec<i64>, Vec<f64>, Vec<f64>)>,
+    /// Per camera in video mode.
+    videos: Vec<VideoColumns>,
+}
+
+/// Where each episode is in one camera's videos.
+#[derive(Default)]
+struct VideoColumns {
+    chunk: Vec<i64>,
+    file: Vec<i64>,
+    from: Vec<f64>,
+    to: Vec<f64>,
 }
 
 /// `meta/episodes/chunk-000/file-000.parquet`: one row per episode, LeRobot's columns.
@@ -479,11 +488,11 @@ fn write_episodes(dir: &Path, rows: EpisodeRows, video_keys: &[String], stats: f
         ("dataset_from_index".into(), Arc::new(Int64Array::from(from))),
         ("dataset_to_index".into(), Arc::new(Int64Array::from(to))),
     ];
-    for (key, (c, f, from, to)) in video_keys.iter().zip(rows.videos) {
-        cols.push((format!("videos/{key}/chunk_index"), Arc::new(Int64Array::from(c))));
-        cols.push((format!("videos/{key}/file_index"), Arc::new(Int64Array::from(f))));
-        cols.push((format!("videos/{key}/from_timestamp"), Arc::new(Float64Array::from(from))));
-        cols.push((format!("videos/{key}/to_timestamp"), Arc::new(Float64Array::from(to))));
+    for (key, v) in video_keys.iter().zip(rows.videos) {
+        cols.push((format!("videos/{key}/chunk_index"), Arc::new(Int64Array::from(v.chunk))));
+        cols.push((format!("videos/{key}/file_index"), Arc::new(Int64Array::from(v.file))));
+        cols.push((format!("videos/{key}/from_timestamp"), Arc::new(Float64Array::from(v.from))));
+        cols.push((format!("videos/{key}/to_timestamp"), Arc::new(Float64Array::from(v.to))));
     }
     cols.extend(stats.finish());
     cols.push(("meta/episodes/chunk_index".into(), Arc::new(Int64Array::from(vec![0i64; n]))));

@@ -450,8 +450,8 @@ impl PixelHistogram {
     /// Adds one interleaved RGB frame.
     pub fn add_frame(&mut self, rgb: &[u8]) {
         for px in rgb.chunks_exact(3) {
-            for c in 0..3 {
-                self.hist[c][px[c] as usize] += 1;
+            for (h, &v) in self.hist.iter_mut().zip(px) {
+                h[v as usize] += 1;
             }
         }
         self.frames += 1;
