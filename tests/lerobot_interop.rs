@@ -34,6 +34,8 @@ fn run_script(script: &str, args: &[&str]) {
 
 struct Fixture {
     _dir: tempfile::TempDir,
+    /// The recorded episodes.
+    rec: PathBuf,
     /// A compiled dataset of simulated recordings (2 cameras, sensor window 16 x C).
     dataset: PathBuf,
     /// Its LeRobot export.
@@ -75,7 +77,7 @@ fn fixture() -> &'static Fixture {
         compile(&refs, &cc, &dataset, false).unwrap();
         let exported = dir.path().join("lerobot");
         export(&dataset, &exported, &ExportOptions::default(), &mut |_, _| {}).unwrap();
-        Fixture { _dir: dir, dataset, exported }
+        Fixture { _dir: dir, rec, dataset, exported }
     })
 }
 
@@ -255,6 +257,44 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
         assert_eq!(s["mean"].as_array().unwrap().len(), 3);
         assert!(s["mean"][0][0][0].as_f64().unwrap() > 0.0 && s["max"][0][0][0].as_f64().unwrap() <= 1.0);
     }
+}
+
+#[test]
+fn recorded_episodes_export_at_the_chosen_fps() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("compile.yaml");
+    std::fs::write(&cfg, "align: {sensor_window_s: 0.05, sensor_samples: 16}\n").unwrap();
+    let out = dir.path().join("lr20");
+    let args = vla_finetune::cli::lerobot::ExportLeRobotArgs {
+        dataset: f.rec.clone(),
+        out: out.clone(),
+        images: false,
+        video: false,
+        ffmpeg: None,
+        fps: Some(20),
+        config: Some(cfg.clone()),
+        robot_type: Some("sim".into()),
+        overwrite: false,
+    };
+    vla_finetune::cli::lerobot::run_export(&args, &vla_finetune::cli::open_recorded_episodes).unwrap();
+    // The same as compiling at 20 Hz and exporting that.
+    let mut cc = CompileConfig::from_yaml_file(&cfg).unwrap();
+    cc.align.control_hz = 20.0;
+    let eps = vla_finetune::cli::open_recorded_episodes(&f.rec).unwrap();
+    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
+    let compiled = compile(&refs, &cc, &dir.path().join("c20"), false).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format::INFO_PATH)).unwrap()).unwrap();
+    assert_eq!((info["fps"].as_u64(), info["robot_type"].as_str()), (Some(20), Some("sim")));
+    assert_eq!(info["total_frames"], compiled.index.samples.len());
+    let back = dir.path().join("back");
+    import(&out, &ImportMapping::default(), &back, &ImportOptions::default(), &mut |_, _| {}).unwrap();
+    let (a, b) = (Dataset::open(&dir.path().join("c20")).unwrap(), Dataset::open(&back).unwrap());
+    for (j, &i) in export_order(&a).iter().enumerate() {
+        assert_eq!(a.sample(i).unwrap().action, b.sample(j).unwrap().action, "sample {i}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "the temporary compile is removed: {leftovers:?}");
 }
 
 #[test]
