@@ -129,6 +129,18 @@ fn our_export_loads_in_lerobot_with_our_values_and_statistics() {
     check_in_lerobot(&f.dataset, &f.exported, "image", 2.0 / 255.0);
 }
 
+#[test]
+fn an_export_in_several_files_and_chunks_loads_in_lerobot() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("small_files");
+    let opts = ExportOptions { chunks_size: 2, data_files_size_in_mb: 1, ..Default::default() };
+    let r = export(&f.dataset, &out, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(r.data_files, 3, "one episode per file of at most 1 MB");
+    assert!(out.join("data/chunk-001/file-000.parquet").is_file());
+    check_in_lerobot(&f.dataset, &out, "image", 2.0 / 255.0);
+}
+
 /// The ffmpeg binary of the lerobot venv (imageio-ffmpeg; these machines have no system one).
 fn ffmpeg() -> PathBuf {
     let out = Command::new(lerobot_python()).args(["-c", "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"]).output().unwrap();
@@ -141,9 +153,12 @@ fn video_export_loads_in_lerobot_and_imports_back() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("video");
-    let opts = ExportOptions { pictures: PictureMode::Video, ffmpeg: Some(ffmpeg()), ..Default::default() };
+    // Files of at most 1 MB, 2 per chunk: an episode per file, the third in chunk-001.
+    let opts = ExportOptions { pictures: PictureMode::Video, ffmpeg: Some(ffmpeg()), chunks_size: 2, data_files_size_in_mb: 1, ..Default::default() };
     let r = export(&f.dataset, &out, &opts, &mut |_, _| {}).unwrap();
-    assert!(out.join("videos/observation.images.camera0/chunk-000/file-000.mp4").is_file());
+    assert_eq!(r.data_files, 3);
+    assert!(out.join("data/chunk-001/file-000.parquet").is_file());
+    assert!(out.join("videos/observation.images.camera1/chunk-001/file-000.mp4").is_file());
     check_in_lerobot(&f.dataset, &out, "video", 4.0 / 255.0);
     // Back: the same samples, frames within the video tolerance of ours.
     let back = dir.path().join("back");
@@ -275,6 +290,8 @@ fn recorded_episodes_export_at_the_chosen_fps() {
         fps: Some(20),
         config: Some(cfg.clone()),
         robot_type: Some("sim".into()),
+        chunks_size: 1000,
+        data_files_size_mb: 100,
         overwrite: false,
     };
     vla_finetune::cli::lerobot::run_export(&args, &vla_finetune::cli::open_recorded_episodes).unwrap();

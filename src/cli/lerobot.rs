@@ -40,6 +40,13 @@ pub struct ExportLeRobotArgs {
     /// `robot_type` written to meta/info.json.
     #[arg(long)]
     pub robot_type: Option<String>,
+    /// Files per chunk folder (LeRobot's chunks_size).
+    #[arg(long, default_value_t = 1000)]
+    pub chunks_size: usize,
+    /// A data file is closed before an episode would take it to this many MB (LeRobot's
+    /// data_files_size_in_mb).
+    #[arg(long, default_value_t = 100)]
+    pub data_files_size_mb: usize,
     /// Replace an existing output folder.
     #[arg(long)]
     pub overwrite: bool,
@@ -75,7 +82,11 @@ fn bar(what: &str) -> ProgressBar {
 
 /// Runs `dataset export-lerobot`; `open` turns an episodes path into episodes.
 pub fn run_export(a: &ExportLeRobotArgs, open: &super::dataset::EpisodeOpener<'_>) -> anyhow::Result<()> {
-    let opts = ExportOptions { overwrite: a.overwrite, pictures: if a.video { PictureMode::Video } else { PictureMode::Images }, robot_type: a.robot_type.clone(), ffmpeg: a.ffmpeg.clone() };
+    let opts = ExportOptions { overwrite: a.overwrite, pictures: if a.video { PictureMode::Video } else { PictureMode::Images }, robot_type: a.robot_type.clone(),
+        ffmpeg: a.ffmpeg.clone(),
+        chunks_size: a.chunks_size,
+        data_files_size_in_mb: a.data_files_size_mb,
+    };
     let compiled = if a.dataset.join(INDEX_FILE).is_file() { None } else { Some(compile_episodes(a, open)?) };
     let src = compiled.as_deref().unwrap_or(&a.dataset);
     let b = bar("export");

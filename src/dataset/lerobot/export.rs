@@ -52,7 +52,7 @@ pub enum PictureMode {
 }
 
 /// Export settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ExportOptions {
     /// Replace an existing output folder.
     pub overwrite: bool,
@@ -62,6 +62,24 @@ pub struct ExportOptions {
     pub robot_type: Option<String>,
     /// The ffmpeg program for video (None: `ffmpeg` on PATH).
     pub ffmpeg: Option<PathBuf>,
+    /// Files per chunk folder (LeRobot's `chunks_size`, 1000).
+    pub chunks_size: usize,
+    /// A data file is closed before an episode would take it to this many MB (LeRobot's
+    /// `data_files_size_in_mb`, 100).
+    pub data_files_size_in_mb: usize,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            overwrite: false,
+            pictures: PictureMode::Images,
+            robot_type: None,
+            ffmpeg: None,
+            chunks_size: format::CHUNKS_SIZE,
+            data_files_size_in_mb: format::DATA_FILES_SIZE_MB,
+        }
+    }
 }
 
 /// What an export wrote.
@@ -82,6 +100,9 @@ pub struct ExportReport {
 /// Writes the compiled dataset `dataset` as a LeRobot v3.0 dataset in the new folder `out`;
 /// `progress(done, total)` is called after each frame.
 pub fn export(dataset: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportReport, LeRobotError> {
+    if opts.chunks_size == 0 || opts.data_files_size_in_mb == 0 {
+        return Err(LeRobotError::Settings("chunks_size and data_files_size_in_mb must be at least 1".into()));
+    }
     let video = match opts.pictures {
         PictureMode::Video => {
             let ffmpeg = video::find_ffmpeg(opts.ffmpeg.as_deref())?;
@@ -299,12 +320,12 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
         // LeRobot starts a new file when this episode would take the current one past the limit.
         let row_bytes = samples.first().map_or(0, |&i| frame_bytes(ds, i, video.is_none()));
         let ep_bytes = row_bytes * samples.len();
-        let rollover = data.as_ref().is_some_and(|d| d.bytes > 0 && d.bytes + ep_bytes >= format::DATA_FILES_SIZE_MB << 20);
+        let rollover = data.as_ref().is_some_and(|d| d.bytes > 0 && d.bytes + ep_bytes >= opts.data_files_size_in_mb << 20);
         if data.is_none() || rollover {
             let next = match data.take() {
                 Some(d) => {
                     close(d)?;
-                    next_file(data_files - 1)
+                    next_file(data_files - 1, opts.chunks_size)
                 }
                 None => (0, 0),
             };
@@ -402,8 +423,8 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
         total_episodes: sidecar.episodes.len(),
         total_frames: index as usize,
         total_tasks: tasks.len(),
-        chunks_size: format::CHUNKS_SIZE,
-        data_files_size_in_mb: format::DATA_FILES_SIZE_MB,
+        chunks_size: opts.chunks_size,
+        data_files_size_in_mb: opts.data_files_size_in_mb,
         video_files_size_in_mb: format::VIDEO_FILES_SIZE_MB,
         data_path: format::DATA_PATH.into(),
         video_path: video.map(|_| format::VIDEO_PATH.to_string()),
@@ -425,9 +446,9 @@ fn frame_bytes(ds: &Dataset, i: usize, images: bool) -> usize {
 }
 
 /// The (chunk, file) after the `n`-th file (0-based) of a chunked folder.
-fn next_file(n: usize) -> (usize, usize) {
+fn next_file(n: usize, chunks_size: usize) -> (usize, usize) {
     let n = n + 1;
-    (n / format::CHUNKS_SIZE, n % format::CHUNKS_SIZE)
+    (n / chunks_size, n % chunks_size)
 }
 
 fn close(d: DataFile) -> Result<(), LeRobotError> {
@@ -528,8 +549,9 @@ mod tests {
 
     #[test]
     fn files_roll_over_into_the_next_chunk_folder() {
-        assert_eq!(next_file(0), (0, 1));
-        assert_eq!(next_file(998), (0, 999));
-        assert_eq!(next_file(999), (1, 0));
+        assert_eq!(next_file(0, 1000), (0, 1));
+        assert_eq!(next_file(998, 1000), (0, 999));
+        assert_eq!(next_file(999, 1000), (1, 0));
+        assert_eq!(next_file(2, 2), (1, 1));
     }
 }

@@ -72,6 +72,9 @@ pub enum LeRobotError {
     /// The import mapping is unusable.
     #[error("import mapping: {0}")]
     Mapping(String),
+    /// An export setting is unusable.
+    #[error("export settings: {0}")]
+    Settings(String),
     /// Reading the compiled dataset failed.
     #[error(transparent)]
     Reader(#[from] ReaderError),
