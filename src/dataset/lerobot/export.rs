@@ -18,8 +18,8 @@
 //! [`DEFAULT_RESERVOIR_ROWS`](crate::dataset::stats::DEFAULT_RESERVOIR_ROWS) rows per feature
 //! (sensor rows are window steps) and from a uniform sample beyond; pictures' statistics are
 //! exact, over every pixel of every frame. Data files hold whole episodes (one row group each)
-//! and are closed before they would pass 100 MB, 1000 files per chunk folder, as LeRobot's
-//! writer does; with video, each data file has one mp4 per camera beside it (same chunk and
+//! and are closed before an episode would take them past `data_files_size_in_mb` (100), with
+//! `chunks_size` (1000) files per chunk folder, as LeRobot's writer does; with video, each data file has one mp4 per camera beside it (same chunk and
 //! file numbers). The dataset is written into a staging folder and renamed into place.
 
 use std::path::{Path, PathBuf};
@@ -282,6 +282,9 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
     }
     let sensor = sensor_name(src);
     let sensor_feature = format!("observation.{sensor}");
+    if sensor == "state" || sensor.starts_with("images.") {
+        return Err(LeRobotError::Settings(format!("the sensor stream `{sensor}` would be exported as `{sensor_feature}`, which LeRobot uses for other data; rename it")));
+    }
     let features = features_of(ds, &sensor_feature, video.map(|(_, e)| (e.codec, fps as u32)));
     let schema = format::data_schema(&features)?;
     let total = ds.len();

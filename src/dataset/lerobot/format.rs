@@ -137,7 +137,8 @@ impl<'de> Deserialize<'de> for Features {
     }
 }
 
-/// `meta/info.json` (fields in LeRobot's order).
+/// `meta/info.json` (fields in LeRobot's order; those a reader can do without take LeRobot's
+/// defaults when absent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Info {
     /// Always [`CODEBASE_VERSION`].
@@ -151,21 +152,45 @@ pub struct Info {
     /// Frames.
     pub total_frames: usize,
     /// Distinct tasks.
+    #[serde(default)]
     pub total_tasks: usize,
     /// Files per chunk folder.
+    #[serde(default = "default_chunks_size")]
     pub chunks_size: usize,
     /// Data file size limit, MB.
+    #[serde(default = "default_data_mb")]
     pub data_files_size_in_mb: usize,
     /// Video file size limit, MB.
+    #[serde(default = "default_video_mb")]
     pub video_files_size_in_mb: usize,
     /// Data path template.
+    #[serde(default = "default_data_path")]
     pub data_path: String,
     /// Video path template (null without video features).
+    #[serde(default)]
     pub video_path: Option<String>,
     /// Robot type.
+    #[serde(default)]
     pub robot_type: Option<String>,
     /// Splits, as `{"train": "0:N"}`.
+    #[serde(default)]
     pub splits: BTreeMap<String, String>,
+}
+
+fn default_chunks_size() -> usize {
+    CHUNKS_SIZE
+}
+
+fn default_data_mb() -> usize {
+    DATA_FILES_SIZE_MB
+}
+
+fn default_video_mb() -> usize {
+    VIDEO_FILES_SIZE_MB
+}
+
+fn default_data_path() -> String {
+    DATA_PATH.into()
 }
 
 impl Info {
