@@ -160,6 +160,11 @@ fn video_export_loads_in_lerobot_and_imports_back() {
     assert!(out.join("data/chunk-001/file-000.parquet").is_file());
     assert!(out.join("videos/observation.images.camera1/chunk-001/file-000.mp4").is_file());
     check_in_lerobot(&f.dataset, &out, "video", 4.0 / 255.0);
+    // Without ffmpeg the import says so (none on PATH on these machines).
+    if vla_finetune::dataset::lerobot::video::find_ffmpeg(None).is_err() {
+        let e = import(&out, &ImportMapping::default(), &dir.path().join("x"), &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("ffmpeg was not found on PATH"), "{e}");
+    }
     // Back: the same samples, frames within the video tolerance of ours.
     let back = dir.path().join("back");
     let io = ImportOptions { ffmpeg: Some(ffmpeg()), ..Default::default() };
