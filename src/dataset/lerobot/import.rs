@@ -41,7 +41,7 @@ use crate::dataset::store::{CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry,
 pub struct CameraMap {
     /// Our camera name.
     pub name: String,
-    /// LeRobot feature key (an `image` feature).
+    /// LeRobot feature key (an `image` or `video` feature).
     pub feature: String,
 }
 
@@ -83,7 +83,7 @@ impl Default for ActionMap {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImportMapping {
-    /// Cameras in order; empty: every `image` feature `observation.images.<name>`, in the
+    /// Cameras in order; empty: every `image` or `video` feature `observation.images.<name>`, in the
     /// dataset's order, named `<name>`.
     pub cameras: Vec<CameraMap>,
     /// State feature key.
