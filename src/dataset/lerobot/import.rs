@@ -587,9 +587,14 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
     Ok(ImportReport { out: dir.to_path_buf(), episodes: episodes.len(), frames: done, samples: index.samples.len(), dropped, ignored_features: ignored })
 }
 
-/// The state's value names from the feature's `names` (a list), else `s0, s1, ...`.
+/// The state's value names from the feature's `names` (a list, or a mapping holding one list,
+/// as `{"motors": [...]}` in older LeRobot datasets), else `s0, s1, ...`.
 fn state_names(info: &Info, key: &str, n: usize) -> Vec<String> {
-    let names: Option<Vec<String>> = info.features.get(key).and_then(|f| serde_json::from_value(f.names.clone()).ok());
+    let names = info.features.get(key).map(|f| match &f.names {
+        serde_json::Value::Object(m) if m.len() == 1 => m.values().next().cloned().unwrap_or_default(),
+        v => v.clone(),
+    });
+    let names: Option<Vec<String>> = names.and_then(|v| serde_json::from_value(v).ok());
     match names {
         Some(v) if v.len() == n => v,
         _ => (0..n).map(|i| format!("s{i}")).collect(),
@@ -606,6 +611,30 @@ mod tests {
         assert!(e.contains("camras"), "{e}");
         let m: ImportMapping = serde_yaml::from_str("action: {horizon: 0}").unwrap();
         assert!(m.validate().unwrap_err().to_string().contains("action.horizon"));
+    }
+
+    #[test]
+    fn state_names_come_from_a_list_or_a_one_list_mapping() {
+        let info = |names: serde_json::Value| Info {
+            codebase_version: format::CODEBASE_VERSION.into(),
+            fps: 10,
+            features: format::Features(vec![("observation.state".into(), Feature::f32(vec![2], names))]),
+            total_episodes: 0,
+            total_frames: 0,
+            total_tasks: 0,
+            chunks_size: 1000,
+            data_files_size_in_mb: 100,
+            video_files_size_in_mb: 200,
+            data_path: format::DATA_PATH.into(),
+            video_path: None,
+            robot_type: None,
+            splits: BTreeMap::new(),
+        };
+        let names = |v| state_names(&info(v), "observation.state", 2);
+        assert_eq!(names(serde_json::json!(["a", "b"])), ["a", "b"]);
+        assert_eq!(names(serde_json::json!({"motors": ["a", "b"]})), ["a", "b"]);
+        assert_eq!(names(serde_json::json!(["a"])), ["s0", "s1"]);
+        assert_eq!(names(serde_json::Value::Null), ["s0", "s1"]);
     }
 
     #[test]
