@@ -15,7 +15,7 @@ ROS_STAMP := $(VENV)/.ros-installed
 # The one colcon command, the same for an apt-installed ROS 2 (README).
 COLCON_BUILD := colcon build --base-paths . msg --cargo-args --release --features ros
 
-.PHONY: all venv build ros test test-rust test-ros demo demo-cli bench-cpu clean
+.PHONY: all venv lerobot-venv build ros test test-rust test-ros demo demo-cli bench-cpu clean
 
 all: build
 
@@ -32,6 +32,15 @@ $(GLOO_STAMP): scripts/gloo_headers.sh | $(STAMP)
 
 venv: $(STAMP) $(GLOO_STAMP)
 
+# lerobot (Python >= 3.12) in its own venv, the reference of tests/lerobot_interop.rs.
+LEROBOT_VENV := $(CURDIR)/.venv-lerobot
+LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
+$(LEROBOT_STAMP): scripts/requirements-lerobot.txt scripts/lerobot_venv.sh
+	scripts/lerobot_venv.sh $(LEROBOT_VENV)
+	touch $@
+
+lerobot-venv: $(LEROBOT_STAMP)
+
 build: venv
 	$(CARGO) build --bins
 
@@ -46,9 +55,9 @@ ros: $(ROS_STAMP) $(GLOO_STAMP)
 
 # Every test: unit + integration (Rust, some driving the Python reference stack), then the ROS
 # 2 tests (rclpy driving the installed nodes) inside a loopback-only network namespace.
-test: venv ros test-rust test-ros
+test: venv lerobot-venv ros test-rust test-ros
 
-test-rust: venv
+test-rust: venv lerobot-venv
 	$(CARGO) test --no-fail-fast
 
 test-ros: ros
@@ -72,4 +81,4 @@ bench-cpu: venv
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) out build install log
+	rm -rf $(VENV) $(LEROBOT_VENV) out build install log

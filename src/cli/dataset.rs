@@ -29,6 +29,8 @@ pub enum DatasetCommand {
     Info(InfoArgs),
     /// Leave a recorded episode out of training (or take that back); its files stay.
     Discard(DiscardArgs),
+    /// Write a compiled dataset (or recorded episodes) as a LeRobot v3.0 dataset.
+    ExportLerobot(super::lerobot::ExportLeRobotArgs),
 }
 
 /// Arguments of `dataset compile`.
@@ -101,6 +103,7 @@ pub fn run(args: DatasetArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<()> {
             println!("{text}");
             Ok(())
         }
+        DatasetCommand::ExportLerobot(a) => super::lerobot::run_export(&a, open),
         DatasetCommand::Discard(a) => {
             set_discarded(&a.root, &a.id, &a.reason, a.restore)?;
             println!("{}: episode `{}` {}", a.root.display(), a.id, if a.restore { "restored" } else { "discarded" });

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod dataset;
 pub mod demo;
 pub mod import_bag;
+pub mod lerobot;
 pub mod policy;
 pub mod record;
 pub mod train;
@@ -33,6 +34,8 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Import a rosbag2 bag (MCAP storage) as an episode.
     ImportBag(import_bag::ImportBagArgs),
+    /// Import a local LeRobot v3.0 dataset as a compiled training dataset.
+    ImportLerobot(lerobot::ImportLeRobotArgs),
     /// Stage 1: train the policy heads on frozen VL features and publish a heads-only checkpoint.
     TrainHeads(train_heads::TrainHeadsArgs),
     /// Stage 2 fine-tuning (LoRA on the VL model + heads) from a config file (config/train.yaml).
@@ -80,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),
+        Command::ImportLerobot(a) => lerobot::run_import(&a),
         Command::TrainHeads(a) => train_heads::run(a),
         Command::Train(a) => train::run(a),
         Command::VlmFeatures(a) => vlm_features::run(a),

@@ -1,4 +1,5 @@
-//! Recording (MCAP episodes), rosbag2 import, alignment into training samples, statistics and the reader.
+//! Recording (MCAP episodes), rosbag2 import, alignment into training samples, statistics, the
+//! reader, and LeRobot v3.0 export and import.
 
 pub mod align;
 pub mod cdr;
@@ -7,6 +8,7 @@ pub mod episode;
 pub mod gaps;
 pub mod import;
 pub mod incremental;
+pub mod lerobot;
 pub mod mcap_episode;
 pub mod reader;
 pub mod recorder;

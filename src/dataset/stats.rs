@@ -207,6 +207,24 @@ impl StatsAccumulator {
         }
     }
 
+    /// Per quantile of `qs`, one value per dimension, from the reservoir as in
+    /// [`StatsAccumulator::finish`] (zeros when no row was added).
+    pub fn quantiles(&self, qs: &[f64]) -> Vec<Vec<f64>> {
+        let d = self.dims;
+        let rows = self.reservoir.len().checked_div(d).unwrap_or(0);
+        let mut out = vec![Vec::with_capacity(d); qs.len()];
+        let mut col = Vec::with_capacity(rows);
+        for i in 0..d {
+            col.clear();
+            col.extend((0..rows).map(|r| self.reservoir[r * d + i] as f64));
+            col.sort_unstable_by(|a, b| a.total_cmp(b));
+            for (o, &q) in out.iter_mut().zip(qs) {
+                o.push(quantile_sorted(&col, q));
+            }
+        }
+        out
+    }
+
     /// The statistics so far (all vectors empty-valued zeros when no row was added).
     pub fn finish(&self) -> FieldStats {
         let d = self.dims;
@@ -214,26 +232,18 @@ impl StatsAccumulator {
             let z = vec![0.0; d];
             return FieldStats { count: 0, mean: z.clone(), std: z.clone(), min: z.clone(), max: z.clone(), q01: z.clone(), q99: z };
         }
-        let rows = self.reservoir.len() / d;
-        let mut q01 = Vec::with_capacity(d);
-        let mut q99 = Vec::with_capacity(d);
-        let mut col = Vec::with_capacity(rows);
-        for i in 0..d {
-            col.clear();
-            col.extend((0..rows).map(|r| self.reservoir[r * d + i] as f64));
-            col.sort_by(|a, b| a.total_cmp(b));
-            q01.push(quantile_sorted(&col, 0.01));
-            q99.push(quantile_sorted(&col, 0.99));
-        }
-        FieldStats {
-            count: self.count,
-            mean: self.mean.clone(),
-            std: self.m2.iter().map(|m| (m / self.count as f64).max(0.0).sqrt()).collect(),
-            min: self.min.clone(),
-            max: self.max.clone(),
-            q01,
-            q99,
-        }
+        let [q01, q99]: [Vec<f64>; 2] = self.quantiles(&[0.01, 0.99]).try_into().unwrap_or_default();
+        FieldStats { count: self.count, mean: self.mean.clone(), std: self.std(), min: self.min.clone(), max: self.max.clone(), q01, q99 }
+    }
+
+    /// Mean, minimum and maximum per dimension (no sorting; see [`StatsAccumulator::quantiles`]).
+    pub fn mean_min_max(&self) -> [&[f64]; 3] {
+        [&self.mean, &self.min, &self.max]
+    }
+
+    /// Population standard deviation per dimension.
+    pub fn std(&self) -> Vec<f64> {
+        self.m2.iter().map(|m| (m / self.count.max(1) as f64).max(0.0).sqrt()).collect()
     }
 }
 

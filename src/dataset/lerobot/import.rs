@@ -1,0 +1,645 @@
+//! A local LeRobot v3.0 dataset -> a compiled dataset (shards, index, stats, report), with its
+//! features mapped to ours by an [`ImportMapping`] (YAML, `config/lerobot_import.yaml`).
+//!
+//! Each LeRobot episode becomes one episode, each frame one sample:
+//! - cameras: `image` features (PNG or JPEG, embedded or as files; JPEG frames of the mapped
+//!   size are kept byte for byte, others are encoded to JPEG at `jpeg_quality`) or `video`
+//!   features (each episode's frames decoded with ffmpeg, then encoded to JPEG).
+//! - state: a 1-D float feature.
+//! - sensor: a 2-D `[T, C]` feature is the window as stored; a 1-D `[C]` feature makes a
+//!   window of the `window_frames` frames ending at the sample (earlier frames have no sample).
+//! - action: a 2-D `[H, A]` feature is the chunk as stored; a 1-D `[A]` feature makes a chunk
+//!   of the `horizon` frames starting at the sample (later frames have no sample).
+//! - instruction: the frame's task (one per episode).
+//!
+//! Without our sidecar (`meta/vla_finetune.json`, written by the export) episodes are named
+//! `lerobot_<episode_index>`, their task is the instruction, their outcome empty, the split is
+//! drawn as compile draws it, and sample times come from `timestamp`. With it, the export's
+//! ids, tasks, outcomes, splits and sample times come back. Statistics are computed on the
+//! training split, as compile does. A mapped feature the dataset lacks or of another shape, a
+//! data file whose frames do not match `meta/episodes`, a picture that does not decode: each
+//! is an error naming the file or feature and what was expected; nothing is written then.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use serde::{Deserialize, Serialize};
+
+use super::format::{self, column, float_at, int_at, values_at, Feature, Info, Sidecar};
+use super::LeRobotError;
+use crate::dataset::compile::{add_totals, encode_jpeg, split_episodes, write_outputs, CompileConfig, CompileReport, EpisodeReport, SplitConfig};
+use crate::dataset::episode::RgbImage;
+use crate::dataset::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
+use crate::dataset::store::{CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, FORMAT};
+
+/// A camera: our name and the LeRobot feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraMap {
+    /// Our camera name.
+    pub name: String,
+    /// LeRobot feature key (an `image` or `video` feature).
+    pub feature: String,
+}
+
+/// Where the sensor window comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SensorMap {
+    /// LeRobot feature key; left out: the one our export wrote (from the sidecar).
+    pub feature: Option<String>,
+    /// Our sensor stream name; left out: the sidecar's, else the feature key after `observation.`.
+    pub name: Option<String>,
+    /// For a 1-D feature: frames per window.
+    pub window_frames: usize,
+}
+
+impl Default for SensorMap {
+    fn default() -> Self {
+        Self { feature: None, name: None, window_frames: 1 }
+    }
+}
+
+/// Where the action chunk comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActionMap {
+    /// LeRobot feature key; left out: the chunk our export wrote (from the sidecar), else `action`.
+    pub feature: Option<String>,
+    /// For a 1-D feature: chunk steps `H`.
+    pub horizon: usize,
+}
+
+impl Default for ActionMap {
+    fn default() -> Self {
+        Self { feature: None, horizon: 8 }
+    }
+}
+
+/// How LeRobot features map to ours (`config/lerobot_import.yaml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImportMapping {
+    /// Cameras in order; empty: every `image` or `video` feature `observation.images.<name>`, in the
+    /// dataset's order, named `<name>`.
+    pub cameras: Vec<CameraMap>,
+    /// State feature key.
+    pub state: String,
+    /// Sensor.
+    pub sensor: SensorMap,
+    /// Action.
+    pub action: ActionMap,
+    /// Train/validation split of episodes (used without our sidecar).
+    pub split: SplitConfig,
+    /// JPEG quality of frames that must be encoded, 1-100.
+    pub jpeg_quality: u8,
+    /// A shard is closed once it holds this many MiB.
+    pub shard_max_mb: f64,
+}
+
+impl Default for ImportMapping {
+    fn default() -> Self {
+        Self {
+            cameras: Vec::new(),
+            state: "observation.state".into(),
+            sensor: SensorMap::default(),
+            action: ActionMap::default(),
+            split: SplitConfig::default(),
+            jpeg_quality: 90,
+            shard_max_mb: 512.0,
+        }
+    }
+}
+
+impl ImportMapping {
+    /// Reads a mapping; missing fields take their defaults.
+    pub fn from_yaml_file(path: &Path) -> Result<Self, LeRobotError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LeRobotError::Io { path: path.into(), source })?;
+        let m: ImportMapping = serde_yaml::from_str(&text).map_err(|e| LeRobotError::Mapping(format!("{}: {e}", path.display())))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks the numbers.
+    pub fn validate(&self) -> Result<(), LeRobotError> {
+        let bad = |what: &str| Err(LeRobotError::Mapping(what.into()));
+        if self.sensor.window_frames == 0 {
+            return bad("`sensor.window_frames` must be at least 1");
+        }
+        if self.action.horizon == 0 {
+            return bad("`action.horizon` must be at least 1");
+        }
+        if !(1..=100).contains(&self.jpeg_quality) {
+            return bad("`jpeg_quality` must be within 1..=100");
+        }
+        if !(0.0..=1.0).contains(&self.split.val_fraction) {
+            return bad("`split.val_fraction` must be within [0, 1]");
+        }
+        if !(self.shard_max_mb.is_finite() && self.shard_max_mb > 0.0) {
+            return bad("`shard_max_mb` must be a positive number");
+        }
+        Ok(())
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The compiled dataset folder.
+    pub out: PathBuf,
+    /// Episodes.
+    pub episodes: usize,
+    /// LeRobot frames read.
+    pub frames: usize,
+    /// Samples written.
+    pub samples: usize,
+    /// Frames without a sample, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Dataset features no mapping entry reads.
+    pub ignored_features: Vec<String>,
+}
+
+/// Import settings besides the mapping.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Replace an existing output folder.
+    pub overwrite: bool,
+    /// The ffmpeg program for video features (None: `ffmpeg` on PATH).
+    pub ffmpeg: Option<PathBuf>,
+}
+
+/// Drop reason: a 1-D sensor feature's window reaches before the episode's first frame.
+pub const DROP_WINDOW: &str = "lerobot_sensor_window_before_start";
+/// Drop reason: a 1-D action feature's chunk reaches past the episode's last frame.
+pub const DROP_HORIZON: &str = "lerobot_action_horizon_past_end";
+
+/// A mapped camera: our name, the feature key, its shape, whether it is a video.
+struct Camera {
+    name: String,
+    key: String,
+    shape: [usize; 3],
+    video: bool,
+}
+
+/// The mapping resolved against the dataset's features.
+struct Resolved {
+    cameras: Vec<Camera>,
+    state: (String, usize),
+    sensor: (String, String, Option<usize>, [usize; 2]),
+    action: (String, Option<usize>, [usize; 2]),
+}
+
+fn feature<'a>(info: &'a Info, key: &str, role: &str) -> Result<&'a Feature, LeRobotError> {
+    info.features.get(key).ok_or_else(|| LeRobotError::Feature {
+        feature: key.into(),
+        what: format!("mapped as the {role} but not in meta/info.json; the dataset has {:?}", info.features.0.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()),
+    })
+}
+
+fn numeric(f: &Feature, key: &str, role: &str, dims: &[usize]) -> Result<(), LeRobotError> {
+    if !matches!(f.dtype.as_str(), "float32" | "float64" | "int64" | "int32") || !dims.contains(&f.shape.len()) {
+        return Err(LeRobotError::Feature { feature: key.into(), what: format!("{} {:?} cannot be the {role}; expected a number feature of {} dimension(s)", f.dtype, f.shape, dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" or ")) });
+    }
+    Ok(())
+}
+
+fn resolve(m: &ImportMapping, info: &Info, sidecar: Option<&Sidecar>) -> Result<Resolved, LeRobotError> {
+    let cams: Vec<(String, String)> = if m.cameras.is_empty() {
+        info.features.0.iter().filter(|(_, f)| f.is_visual()).filter_map(|(k, _)| k.strip_prefix("observation.images.").map(|n| (n.to_string(), k.clone()))).collect()
+    } else {
+        m.cameras.iter().map(|c| (c.name.clone(), c.feature.clone())).collect()
+    };
+    let mut cameras = Vec::new();
+    for (name, key) in cams {
+        let f = feature(info, &key, "camera")?;
+        if !f.is_visual() || f.shape.len() != 3 || f.shape[2] != 3 {
+            return Err(LeRobotError::Feature { feature: key, what: format!("{} {:?} cannot be a camera; expected an image or video feature of shape [height, width, 3]", f.dtype, f.shape) });
+        }
+        cameras.push(Camera { name, shape: [f.shape[0], f.shape[1], 3], video: f.dtype == "video", key });
+    }
+    let sf = feature(info, &m.state, "state")?;
+    numeric(sf, &m.state, "state", &[1])?;
+    let state = (m.state.clone(), sf.shape[0]);
+    let skey = m.sensor.feature.clone().or_else(|| sidecar.map(|s| s.sensor_feature.clone())).ok_or_else(|| {
+        LeRobotError::Mapping("`sensor.feature` is not set and the dataset has no meta/vla_finetune.json naming it; set it to the feature holding the sensor data".into())
+    })?;
+    let f = feature(info, &skey, "sensor")?;
+    numeric(f, &skey, "sensor", &[1, 2])?;
+    let name = m.sensor.name.clone().or_else(|| sidecar.map(|s| s.sensor.clone())).unwrap_or_else(|| skey.strip_prefix("observation.").unwrap_or(&skey).to_string());
+    let sensor = match f.shape[..] {
+        [t, c] => (skey, name, None, [t, c]),
+        [c] => (skey, name, Some(m.sensor.window_frames), [m.sensor.window_frames, c]),
+        _ => unreachable!("checked by numeric"),
+    };
+    let akey = m.action.feature.clone().or_else(|| sidecar.map(|s| s.action_chunk_feature.clone())).unwrap_or_else(|| "action".into());
+    let f = feature(info, &akey, "action")?;
+    numeric(f, &akey, "action", &[1, 2])?;
+    let action = match f.shape[..] {
+        [h, a] => (akey, None, [h, a]),
+        [a] => (akey, Some(m.action.horizon), [m.action.horizon, a]),
+        _ => unreachable!("checked by numeric"),
+    };
+    Ok(Resolved { cameras, state, sensor, action })
+}
+
+/// One row of `meta/episodes`.
+#[derive(Debug, Clone)]
+struct EpisodeMeta {
+    index: i64,
+    length: usize,
+    file: PathBuf,
+    /// Per camera: its video file and the episode's start in it, seconds (image cameras: None).
+    videos: Vec<Option<(PathBuf, f64)>>,
+}
+
+fn read_episodes(root: &Path, info: &Info, cameras: &[Camera]) -> Result<Vec<EpisodeMeta>, LeRobotError> {
+    let dir = root.join(format::EPISODES_DIR);
+    if !dir.is_dir() {
+        return Err(LeRobotError::Missing { path: dir, what: "the episodes metadata of a LeRobot v3.0 dataset (meta/episodes/chunk-XXX/file-XXX.parquet)".into() });
+    }
+    let mut out = Vec::new();
+    for path in format::chunked_files(&dir)? {
+        for b in format::read_parquet(&path)? {
+            let cols: Vec<&ArrayRef> = ["episode_index", "length", "data/chunk_index", "data/file_index"].iter().map(|c| column(&b, c, &path)).collect::<Result<_, _>>()?;
+            for r in 0..b.num_rows() {
+                let v: Vec<i64> = cols.iter().map(|c| int_at(c, r).ok_or_else(|| format::invalid(&path, format!("row {r}: expected int64 episode columns")))).collect::<Result<_, _>>()?;
+                let fill = |t: &str, c: i64, f: i64| t.replace("{chunk_index:03d}", &format!("{c:03}")).replace("{file_index:03d}", &format!("{f:03}"));
+                let mut videos = Vec::new();
+                for cam in cameras {
+                    if !cam.video {
+                        videos.push(None);
+                        continue;
+                    }
+                    let template = info.video_path.as_deref().ok_or_else(|| format::invalid(&root.join(format::INFO_PATH), format!("video feature `{}` but no video_path", cam.key)))?;
+                    let col = |k: &str| column(&b, &format!("videos/{}/{k}", cam.key), &path);
+                    let (c, f, from) = (col("chunk_index")?, col("file_index")?, col("from_timestamp")?);
+                    let bad = || format::invalid(&path, format!("row {r}: expected int64 chunk/file and a float from_timestamp for video `{}`", cam.key));
+                    let file = fill(&template.replace("{video_key}", &cam.key), int_at(c, r).ok_or_else(bad)?, int_at(f, r).ok_or_else(bad)?);
+                    videos.push(Some((root.join(file), float_at(from, r).ok_or_else(bad)?)));
+                }
+                out.push(EpisodeMeta { index: v[0], length: v[1].max(0) as usize, file: root.join(fill(&info.data_path, v[2], v[3])), videos });
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(format::invalid(&dir, "no episode rows; expected one per episode".into()));
+    }
+    out.sort_by_key(|e| e.index);
+    if out.len() != info.total_episodes {
+        return Err(format::invalid(&dir, format!("{} episode rows; meta/info.json says total_episodes {}", out.len(), info.total_episodes)));
+    }
+    Ok(out)
+}
+
+fn read_tasks(root: &Path) -> Result<BTreeMap<i64, String>, LeRobotError> {
+    let path = root.join(format::TASKS_PATH);
+    if !path.is_file() {
+        return Err(LeRobotError::Missing { path, what: "the task strings of a LeRobot v3.0 dataset (meta/tasks.parquet)".into() });
+    }
+    let mut out = BTreeMap::new();
+    for b in format::read_parquet(&path)? {
+        let (ti, t) = (column(&b, "task_index", &path)?, column(&b, "task", &path)?);
+        let t = t.as_string_opt::<i32>().ok_or_else(|| format::invalid(&path, "column `task`: expected strings".into()))?;
+        for r in 0..b.num_rows() {
+            out.insert(int_at(ti, r).ok_or_else(|| format::invalid(&path, "column `task_index`: expected int64".into()))?, t.value(r).to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// One frame's values, as read.
+struct Frame {
+    frame_index: i64,
+    timestamp: f64,
+    task_index: i64,
+    state: Vec<f32>,
+    sensor: Vec<f32>,
+    action: Vec<f32>,
+    jpegs: Vec<Vec<u8>>,
+}
+
+/// Reads the frames of `ep` from its data file's batches (and its videos with `ffmpeg`).
+fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Resolved, quality: u8, fps: u32, ffmpeg: Option<&Path>) -> Result<Vec<Frame>, LeRobotError> {
+    let path = &ep.file;
+    let mut frames = Vec::with_capacity(ep.length);
+    for b in batches {
+        let epi = column(b, "episode_index", path)?;
+        let (fi, ts, ti) = (column(b, "frame_index", path)?, column(b, "timestamp", path)?, column(b, "task_index", path)?);
+        let st = column(b, &r.state.0, path)?;
+        let se = column(b, &r.sensor.0, path)?;
+        let ac = column(b, &r.action.0, path)?;
+        let cams: Vec<Option<&ArrayRef>> = r.cameras.iter().map(|c| if c.video { Ok(None) } else { column(b, &c.key, path).map(Some) }).collect::<Result<_, _>>()?;
+        for row in 0..b.num_rows() {
+            if int_at(epi, row) != Some(ep.index) {
+                continue;
+            }
+            let bad = |key: &str, what: String| LeRobotError::Feature { feature: key.into(), what: format!("{}: episode {}, row {row}: {what}", path.display(), ep.index) };
+            let read = |col: &ArrayRef, key: &str, want: usize| -> Result<Vec<f32>, LeRobotError> {
+                let mut v = Vec::with_capacity(want);
+                values_at(col, row, &mut v).map_err(|e| bad(key, e))?;
+                if v.len() != want {
+                    return Err(bad(key, format!("{} values; expected {want} (its shape in meta/info.json)", v.len())));
+                }
+                Ok(v)
+            };
+            let sensor_vals = r.sensor.3[1] * if r.sensor.2.is_some() { 1 } else { r.sensor.3[0] };
+            let action_vals = r.action.2[1] * if r.action.1.is_some() { 1 } else { r.action.2[0] };
+            let mut jpegs = Vec::with_capacity(cams.len());
+            for (col, cam) in cams.iter().zip(&r.cameras) {
+                // Video frames are filled in below.
+                jpegs.push(match col {
+                    Some(col) => frame_jpeg(root, col, row, &cam.shape, quality).map_err(|e| bad(&cam.key, e))?,
+                    None => Vec::new(),
+                });
+            }
+            frames.push(Frame {
+                frame_index: int_at(fi, row).ok_or_else(|| bad("frame_index", "expected int64".into()))?,
+                timestamp: float_at(ts, row).ok_or_else(|| bad("timestamp", "expected float32 or float64".into()))?,
+                task_index: int_at(ti, row).ok_or_else(|| bad("task_index", "expected int64".into()))?,
+                state: read(st, &r.state.0, r.state.1)?,
+                sensor: read(se, &r.sensor.0, sensor_vals)?,
+                action: read(ac, &r.action.0, action_vals)?,
+                jpegs,
+            });
+        }
+    }
+    frames.sort_by_key(|f| f.frame_index);
+    if frames.len() != ep.length {
+        return Err(LeRobotError::Frames { episode: ep.index, what: format!("{} has {} frames of the episode; meta/episodes says length {}", path.display(), frames.len(), ep.length) });
+    }
+    if let Some((i, f)) = frames.iter().enumerate().find(|(i, f)| f.frame_index != *i as i64) {
+        return Err(LeRobotError::Frames { episode: ep.index, what: format!("frame_index {} where {i} was expected (frame indices must run 0..{})", f.frame_index, ep.length) });
+    }
+    for (c, (cam, v)) in r.cameras.iter().zip(&ep.videos).enumerate() {
+        let (Some((file, from)), Some(ffmpeg)) = (v, ffmpeg) else { continue };
+        let [h, w, _] = cam.shape;
+        let decoded = super::video::decode(ffmpeg, file, *from, fps, ep.length, w, h)?;
+        for (f, rgb) in frames.iter_mut().zip(decoded) {
+            f.jpegs[c] = encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb }, quality).map_err(|e| LeRobotError::Video(format!("{}: encoding a frame as JPEG: {e}", file.display())))?;
+        }
+    }
+    Ok(frames)
+}
+
+/// The JPEG of one picture cell: the stored bytes when they are a JPEG of `shape`, otherwise
+/// the decoded picture encoded at `quality`. A cell without bytes is read from its path
+/// (relative to the dataset root, or absolute).
+fn frame_jpeg(root: &Path, col: &ArrayRef, row: usize, shape: &[usize; 3], quality: u8) -> Result<Vec<u8>, String> {
+    let s = col.as_struct_opt().ok_or_else(|| format!("a {} column; expected struct<bytes, path> (an image feature)", col.data_type()))?;
+    let bytes = s.column_by_name("bytes").filter(|b| b.is_valid(row)).map(|b| match b.data_type() {
+        DataType::Binary => Ok(b.as_binary::<i32>().value(row).to_vec()),
+        DataType::LargeBinary => Ok(b.as_binary::<i64>().value(row).to_vec()),
+        t => Err(format!("image bytes of type {t}; expected binary")),
+    });
+    let bytes = match bytes {
+        Some(b) => b?,
+        None => {
+            let p = s.column_by_name("path").filter(|p| p.is_valid(row)).and_then(|p| p.as_string_opt::<i32>().map(|p| p.value(row).to_string()));
+            let p = p.ok_or("an image with neither bytes nor path")?;
+            let full = if Path::new(&p).is_absolute() { PathBuf::from(&p) } else { root.join(&p) };
+            std::fs::read(&full).map_err(|e| format!("image file {}: {e}", full.display()))?
+        }
+    };
+    let fmt = image::guess_format(&bytes).map_err(|e| format!("picture of unknown format: {e}"))?;
+    let img = image::load_from_memory_with_format(&bytes, fmt).map_err(|e| format!("picture does not decode ({fmt:?}): {e}"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if [h, w] != shape[..2] {
+        return Err(format!("picture is {w}x{h}; expected {}x{} (shape {:?} in meta/info.json)", shape[1], shape[0], shape));
+    }
+    if fmt == image::ImageFormat::Jpeg && img.color() == image::ColorType::Rgb8 {
+        return Ok(bytes);
+    }
+    let rgb = img.to_rgb8();
+    encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb.into_raw() }, quality).map_err(|e| format!("encoding JPEG: {e}"))
+}
+
+/// Imports the LeRobot v3.0 dataset at `root` into the new compiled dataset folder `out`;
+/// `progress(done, total)` counts frames.
+pub fn import(root: &Path, mapping: &ImportMapping, out: &Path, opts: &ImportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
+    mapping.validate()?;
+    let info = Info::load(root)?;
+    let sidecar_path = root.join(format::SIDECAR_PATH);
+    let sidecar: Option<Sidecar> = if sidecar_path.is_file() { Some(crate::dataset::store::read_json(&sidecar_path)?) } else { None };
+    let sidecar = sidecar.filter(|s| s.format == format::SIDECAR_FORMAT && s.episodes.len() == info.total_episodes);
+    let r = resolve(mapping, &info, sidecar.as_ref())?;
+    let ffmpeg = if r.cameras.iter().any(|c| c.video) { Some(super::video::find_ffmpeg(opts.ffmpeg.as_deref())?) } else { None };
+    let tasks = read_tasks(root)?;
+    let episodes = read_episodes(root, &info, &r.cameras)?;
+    let staging = Staging::create(out, opts.overwrite)?;
+    let src = Source { root, info: &info, sidecar: sidecar.as_ref(), tasks: &tasks, episodes: &episodes, ffmpeg: ffmpeg.as_deref() };
+    match build(&src, mapping, &r, &staging.dir, progress) {
+        Ok(mut rep) => {
+            staging.commit()?;
+            rep.out = out.to_path_buf();
+            Ok(rep)
+        }
+        Err(e) => {
+            staging.abandon();
+            Err(e)
+        }
+    }
+}
+
+/// What was read of the dataset before its frames.
+struct Source<'a> {
+    root: &'a Path,
+    info: &'a Info,
+    sidecar: Option<&'a Sidecar>,
+    tasks: &'a BTreeMap<i64, String>,
+    episodes: &'a [EpisodeMeta],
+    ffmpeg: Option<&'a Path>,
+}
+
+fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
+    let Source { root, info, sidecar, tasks, episodes, ffmpeg } = *src;
+    let ids: Vec<String> = episodes.iter().enumerate().map(|(i, e)| sidecar.map_or_else(|| format!("lerobot_{:06}", e.index), |s| s.episodes[i].id.clone())).collect();
+    let splits = match sidecar {
+        Some(s) => s.episodes.iter().map(|e| e.split).collect(),
+        None => split_episodes(&ids, &m.split),
+    };
+    let cam_names: Vec<String> = r.cameras.iter().map(|c| c.name.clone()).collect();
+    let (sensor_shape, action_shape) = (r.sensor.3, r.action.2);
+    let seed = m.split.seed;
+    let mut accs = [
+        StatsAccumulator::new(sensor_shape[1], DEFAULT_RESERVOIR_ROWS, seed ^ 1),
+        StatsAccumulator::new(r.state.1, DEFAULT_RESERVOIR_ROWS, seed ^ 2),
+        StatsAccumulator::new(action_shape[1], DEFAULT_RESERVOIR_ROWS, seed ^ 3),
+    ];
+    let mut shard = ShardWriter::new(&cam_names, sensor_shape, r.state.1, action_shape);
+    let mut shards = Vec::new();
+    let mut samples = Vec::new();
+    let mut entries = Vec::new();
+    let mut report = CompileReport::default();
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut done, total) = (0usize, info.total_frames);
+    let mut loaded: Option<(PathBuf, Vec<RecordBatch>)> = None;
+    let flush = |shard: &mut ShardWriter, shards: &mut Vec<ShardInfo>| -> Result<(), LeRobotError> {
+        if shard.rows() > 0 {
+            let file = format!("shard-{:05}.safetensors", shards.len());
+            shard.write(&dir.join(&file))?;
+            shards.push(ShardInfo { file, samples: shard.rows() });
+            *shard = ShardWriter::new(&cam_names, sensor_shape, r.state.1, action_shape);
+        }
+        Ok(())
+    };
+    for (i, ep) in episodes.iter().enumerate() {
+        if loaded.as_ref().is_none_or(|(p, _)| *p != ep.file) {
+            loaded = Some((ep.file.clone(), format::read_parquet(&ep.file)?));
+        }
+        let batches = &loaded.as_ref().expect("loaded above").1;
+        let frames = episode_frames(root, ep, batches, r, m.jpeg_quality, info.fps, ffmpeg)?;
+        let first_task = frames.first().map_or(-1, |f| f.task_index);
+        if let Some(f) = frames.iter().find(|f| f.task_index != first_task) {
+            return Err(LeRobotError::Frames { episode: ep.index, what: format!("frame {} has task_index {} but frame 0 has {first_task}; expected one task per episode", f.frame_index, f.task_index) });
+        }
+        let instruction = match frames.first() {
+            Some(f) => tasks.get(&f.task_index).cloned().ok_or_else(|| format::invalid(&root.join(format::TASKS_PATH), format!("no task_index {} (episode {})", f.task_index, ep.index)))?,
+            None => String::new(),
+        };
+        let side = sidecar.map(|s| &s.episodes[i]).filter(|s| s.t_ns.len() == frames.len());
+        let split = splits[i];
+        let (mut kept, mut drops) = (0usize, BTreeMap::new());
+        for (k, f) in frames.iter().enumerate() {
+            let sensor: Vec<f32> = match r.sensor.2 {
+                None => f.sensor.clone(),
+                Some(w) if k + 1 >= w => frames[k + 1 - w..=k].iter().flat_map(|g| g.sensor.iter().copied()).collect(),
+                Some(_) => {
+                    *drops.entry(DROP_WINDOW.to_string()).or_insert(0u64) += 1;
+                    continue;
+                }
+            };
+            let action: Vec<f32> = match r.action.1 {
+                None => f.action.clone(),
+                Some(h) if k + h <= frames.len() => frames[k..k + h].iter().flat_map(|g| g.action.iter().copied()).collect(),
+                Some(_) => {
+                    *drops.entry(DROP_HORIZON.to_string()).or_insert(0u64) += 1;
+                    continue;
+                }
+            };
+            if split == Split::Train {
+                accs[0].add_rows(&sensor);
+                accs[1].add_rows(&f.state);
+                accs[2].add_rows(&action);
+            }
+            let jpegs: Vec<&[u8]> = f.jpegs.iter().map(|j| j.as_slice()).collect();
+            let row = shard.push(&sensor, &f.state, &action, &jpegs)?;
+            let t_ns = side.map_or_else(|| (f.timestamp * 1e9).round() as i64, |s| s.t_ns[k]);
+            samples.push(SampleEntry { episode: entries.len(), t_ns, split, shard: shards.len(), row, frames: vec![k; r.cameras.len()] });
+            kept += 1;
+            if shard.bytes() as f64 >= m.shard_max_mb * 1024.0 * 1024.0 {
+                flush(&mut shard, &mut shards)?;
+            }
+        }
+        done += frames.len();
+        progress(done, total);
+        for (k, v) in &drops {
+            *dropped.entry(k.clone()).or_default() += v;
+        }
+        let (task, outcome) = side.map_or_else(|| (instruction.clone(), String::new()), |s| (s.task.clone(), s.outcome.clone()));
+        entries.push(EpisodeEntry { id: ids[i].clone(), instruction, task, outcome, split, samples: kept });
+        report.episodes.push(EpisodeReport {
+            id: ids[i].clone(),
+            split,
+            candidates: frames.len() as u64,
+            samples: kept as u64,
+            drops,
+            streams: Vec::new(),
+            skew: BTreeMap::new(),
+            camera_spread: Default::default(),
+            damage: None,
+        });
+    }
+    flush(&mut shard, &mut shards)?;
+    add_totals(&mut report);
+    if samples.is_empty() {
+        return Err(LeRobotError::Mapping(format!("no frame gave a sample ({dropped:?}); nothing written")));
+    }
+    let control_hz = sidecar.map_or(info.fps as f64, |s| s.control_hz);
+    let index = DatasetIndex {
+        format: FORMAT.into(),
+        cameras: r.cameras.iter().map(|c| CameraInfo { name: c.name.clone(), width: c.shape[1] as u32, height: c.shape[0] as u32 }).collect(),
+        sensor_shape,
+        state_names: state_names(info, &r.state.0, r.state.1),
+        action_shape,
+        control_hz,
+        shards,
+        episodes: entries,
+        samples,
+    };
+    let stats = DatasetStats { sensor: accs[0].finish(), state: accs[1].finish(), action: accs[2].finish() };
+    let mut cfg = CompileConfig::default();
+    cfg.align.control_hz = control_hz;
+    cfg.align.cameras = cam_names;
+    cfg.align.sensor = r.sensor.1.clone();
+    cfg.align.sensor_samples = sensor_shape[0];
+    cfg.align.sensor_window_s = sensor_shape[0] as f64 / control_hz;
+    cfg.align.horizon = action_shape[0];
+    cfg.align.action_dim = Some(action_shape[1]);
+    cfg.split = m.split.clone();
+    cfg.store.jpeg_quality = m.jpeg_quality;
+    cfg.store.shard_max_mb = m.shard_max_mb;
+    write_outputs(dir, &cfg, &index, &stats, &report)?;
+    let used: Vec<&str> = r.cameras.iter().map(|c| c.key.as_str()).chain([r.state.0.as_str(), r.sensor.0.as_str(), r.action.0.as_str()]).collect();
+    let ignored = info.features.0.iter().map(|(k, _)| k.clone()).filter(|k| !used.contains(&k.as_str()) && !format::INDEX_FEATURES.contains(&k.as_str())).collect();
+    Ok(ImportReport { out: dir.to_path_buf(), episodes: episodes.len(), frames: done, samples: index.samples.len(), dropped, ignored_features: ignored })
+}
+
+/// The state's value names from the feature's `names` (a list, or a mapping holding one list,
+/// as `{"motors": [...]}` in older LeRobot datasets), else `s0, s1, ...`.
+fn state_names(info: &Info, key: &str, n: usize) -> Vec<String> {
+    let names = info.features.get(key).map(|f| match &f.names {
+        serde_json::Value::Object(m) if m.len() == 1 => m.values().next().cloned().unwrap_or_default(),
+        v => v.clone(),
+    });
+    let names: Option<Vec<String>> = names.and_then(|v| serde_json::from_value(v).ok());
+    match names {
+        Some(v) if v.len() == n => v,
+        _ => (0..n).map(|i| format!("s{i}")).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_rejects_unknown_keys_and_bad_numbers() {
+        let e = serde_yaml::from_str::<ImportMapping>("camras: []").unwrap_err().to_string();
+        assert!(e.contains("camras"), "{e}");
+        let m: ImportMapping = serde_yaml::from_str("action: {horizon: 0}").unwrap();
+        assert!(m.validate().unwrap_err().to_string().contains("action.horizon"));
+    }
+
+    #[test]
+    fn state_names_come_from_a_list_or_a_one_list_mapping() {
+        let info = |names: serde_json::Value| Info {
+            codebase_version: format::CODEBASE_VERSION.into(),
+            fps: 10,
+            features: format::Features(vec![("observation.state".into(), Feature::f32(vec![2], names))]),
+            total_episodes: 0,
+            total_frames: 0,
+            total_tasks: 0,
+            chunks_size: 1000,
+            data_files_size_in_mb: 100,
+            video_files_size_in_mb: 200,
+            data_path: format::DATA_PATH.into(),
+            video_path: None,
+            robot_type: None,
+            splits: BTreeMap::new(),
+        };
+        let names = |v| state_names(&info(v), "observation.state", 2);
+        assert_eq!(names(serde_json::json!(["a", "b"])), ["a", "b"]);
+        assert_eq!(names(serde_json::json!({"motors": ["a", "b"]})), ["a", "b"]);
+        assert_eq!(names(serde_json::json!(["a"])), ["s0", "s1"]);
+        assert_eq!(names(serde_json::Value::Null), ["s0", "s1"]);
+    }
+
+    #[test]
+    fn the_documented_mapping_is_the_default() {
+        let m: ImportMapping = serde_yaml::from_str(include_str!("../../../config/lerobot_import.yaml")).unwrap();
+        assert_eq!(m, ImportMapping::default());
+    }
+}
