@@ -448,6 +448,7 @@ fn stage2_epoch(dataset: &Path, dir: &Path) {
         train: HeadsTrainConfig { epochs: 1, batch_size: 4, lr: 1e-3, seed: 3, ..HeadsTrainConfig::default() },
         heads,
         resume: false,
+        group: None,
     };
     let stage1 = heads_job::run(&job, &ctx(), &mut |_| {}).unwrap().published.unwrap().dir;
     let q = |p: &Path| format!("{:?}", p.display().to_string());
@@ -473,7 +474,7 @@ fn stage2_epoch(dataset: &Path, dir: &Path) {
         "optim.warmup_ratio=0.0".into(),
     ];
     let cfg = vla_finetune::train::config::TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &sets).unwrap();
-    let r = stage2::run(&Stage2Job { config: cfg, resume: false }, &ctx(), &mut |_| {}).unwrap();
+    let r = stage2::run(&Stage2Job { config: cfg, resume: false, group: None }, &ctx(), &mut |_| {}).unwrap();
     assert!(r.lora_params_changed, "one Stage 2 epoch trains the LoRA weights");
     assert!(r.val_action_error.is_some_and(f64::is_finite), "{:?}", r.val_action_error);
     assert_eq!(r.published.len(), 1, "{:?}", r.published);
