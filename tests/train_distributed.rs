@@ -151,13 +151,7 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     let port = free_port();
     let mut r0 = spawn_rank(&yaml, 0, port, &[]);
     let mut r1k = spawn_rank(&yaml, 1, port, &[]);
-    let log = killed.join("log.jsonl");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| l.contains("\"epoch\":1") && l.contains("\"phase\":\"training\"")) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "rank 0 never reached epoch 1");
-        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended before epoch 1");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_epoch_1(&killed.join("log.jsonl"), &mut r0);
     r1k.kill().unwrap();
     let _ = r1k.wait();
     let killed_at = Instant::now();
@@ -172,6 +166,31 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     let r = single(&yaml, &["--resume"]);
     assert_eq!(steps(&r), steps(&r1));
     assert_close(&state_params(&killed), &state_params(&one), 1e-5);
+
+    // Rank 0 killed: it hosted the rendezvous store, and the survivor says so.
+    let host = dir.path().join("host_killed");
+    let yaml = job(&host, 2, 2, &[]);
+    let port = free_port();
+    let (mut r0, r1s) = (spawn_rank(&yaml, 0, port, &[]), spawn_rank(&yaml, 1, port, &[]));
+    wait_for_epoch_1(&host.join("log.jsonl"), &mut r0);
+    r0.kill().unwrap();
+    let _ = r0.wait();
+    let killed_at = Instant::now();
+    let o = r1s.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "rank 1 finished without rank 0:\n{err}");
+    assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 1 took {:?} to stop", killed_at.elapsed());
+    assert!(err.contains("the rendezvous store hosted by rank 0"), "rank 1's error does not name rank 0:\n{err}");
+}
+
+/// Waits until rank 0's progress log shows epoch 1 training (rank 0 must still run).
+fn wait_for_epoch_1(log: &Path, r0: &mut Child) {
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(log).unwrap_or_default().lines().any(|l| l.contains("\"epoch\":1") && l.contains("\"phase\":\"training\"")) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "rank 0 never reached epoch 1");
+        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended before epoch 1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
