@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 
 use crate::dataset::mcap_episode::{Compression, WriterOptions};
 use crate::dataset::recorder::{now_ns, EpisodeInfo, PushOutcome, Recorder, RecorderConfig};
+use crate::sim::truth::{self, EpisodeTruth};
 use crate::sim::SimConfig;
 
 /// Arguments of `record`.
@@ -119,6 +120,8 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
             && (tool.position_mm[0] - scene.target_mm[0]).hypot(tool.position_mm[1] - scene.target_mm[1]) < 2.0;
         let stop_ns = start_ns + (a.seconds * 1e9) as i64;
         let meta = rec.stop_at(if inserted { "success" } else { "failure" }, stop_ns)?;
+        // The ground truth beside the recording, for the oracle (never a policy input).
+        truth::append(&a.out.join(truth::TRUTH_FILE), &EpisodeTruth::new(&scene, a.seed, index, start_ns, stop_ns))?;
         summaries.push(serde_json::json!({
             "id": meta.id, "instruction": meta.instruction, "outcome": meta.outcome,
             "drops": meta.drops, "dropped_at_push": dropped,

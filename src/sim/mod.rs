@@ -10,6 +10,7 @@
 mod render;
 mod robot;
 mod sensor;
+pub mod truth;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

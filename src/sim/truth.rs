@@ -1,0 +1,111 @@
+//! The simulator's ground truth of each episode, written beside a recording (never a policy
+//! input): one JSON line per simulated episode with the time span it covers on the recording's
+//! clock, so a compiled sample finds its scene by its time. The oracle of `train::oracle` reads it.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Scene;
+
+/// Name of the truth log in a recordings folder.
+pub const TRUTH_FILE: &str = "sim_truth.jsonl";
+
+/// One simulated episode's ground truth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeTruth {
+    /// First stamp of the episode's messages, ns.
+    pub start_ns: i64,
+    /// End of the episode (exclusive), ns.
+    pub end_ns: i64,
+    /// Simulator seed and episode index (the scene derives from them).
+    pub seed: u64,
+    /// Episode index.
+    pub index: u64,
+    /// Instruction given.
+    pub instruction: String,
+    /// Target centre, mm.
+    pub target_mm: [f64; 3],
+    /// Yaw the tool must reach, degrees.
+    pub target_yaw_deg: f64,
+}
+
+impl EpisodeTruth {
+    /// The truth of `scene` (episode `index` of simulator `seed`) over `[start_ns, end_ns)`.
+    pub fn new(scene: &Scene, seed: u64, index: u64, start_ns: i64, end_ns: i64) -> Self {
+        EpisodeTruth { start_ns, end_ns, seed, index, instruction: scene.instruction(), target_mm: scene.target_mm, target_yaw_deg: scene.target_yaw_deg }
+    }
+}
+
+/// Truth log errors, naming the file and line.
+#[derive(Debug, thiserror::Error)]
+pub enum TruthError {
+    /// The file cannot be read or written.
+    #[error("simulator truth log {path}: {source}")]
+    Io {
+        /// The log.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line is not an episode's truth.
+    #[error("simulator truth log {path}, line {line}: {reason} (expected one JSON object per line with start_ns, end_ns, seed, index, instruction, target_mm, target_yaw_deg)")]
+    Parse {
+        /// The log.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Appends `truth` as one line to `path` (created when missing) and syncs it.
+pub fn append(path: &Path, truth: &EpisodeTruth) -> Result<(), TruthError> {
+    let io = |source| TruthError::Io { path: path.to_path_buf(), source };
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    let mut line = serde_json::to_string(truth).expect("truth serializes");
+    line.push('\n');
+    f.write_all(line.as_bytes()).map_err(io)?;
+    f.sync_data().map_err(io)
+}
+
+/// Every episode's truth in `path`, in file order.
+pub fn read(path: &Path) -> Result<Vec<EpisodeTruth>, TruthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TruthError::Io { path: path.to_path_buf(), source })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| TruthError::Parse { path: path.to_path_buf(), line: i + 1, reason: e.to_string() }))
+        .collect()
+}
+
+/// The truth whose span holds `t_ns`, if any (the latest such one when spans overlap).
+pub fn at(truths: &[EpisodeTruth], t_ns: i64) -> Option<&EpisodeTruth> {
+    truths.iter().rev().find(|t| t.start_ns <= t_ns && t_ns < t.end_ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_round_trips_and_finds_episodes_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TRUTH_FILE);
+        let sim = super::super::SimConfig { seed: 3, ..Default::default() };
+        for i in 0..2 {
+            append(&path, &EpisodeTruth::new(&sim.scene(i), 3, i, 100 * i as i64, 100 * i as i64 + 100)).unwrap();
+        }
+        let t = read(&path).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].target_mm, sim.scene(1).target_mm);
+        assert_eq!(at(&t, 150).map(|t| t.index), Some(1));
+        assert_eq!(at(&t, 99).map(|t| t.index), Some(0));
+        assert!(at(&t, 200).is_none());
+        std::fs::write(&path, "{\"start_ns\": 1}\n").unwrap();
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("missing field"), "{e}");
+    }
+}
