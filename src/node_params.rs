@@ -115,6 +115,7 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
             p("pose_rate_hz", Double, json!(100.0), "Robot pose rate."),
             p("episode_seconds", Double, json!(10.0), "Length of each simulated episode (scene redrawn after it)."),
             p("published_log", String, json!(""), "Append `<topic> <stamp_ns>` per published message to this file (tests); empty = off."),
+            p("truth_log", String, json!(""), "Append the simulator's ground truth (sim::truth::EpisodeTruth, JSON) per published episode to this file, its span on the node clock (tests, oracle; never a policy input); empty = off."),
         ],
         _ => return None,
     };

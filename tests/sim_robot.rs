@@ -56,32 +56,47 @@ fn rates_and_stamps_follow_the_configuration() {
 }
 
 #[test]
-fn top_view_shows_the_instructed_target_and_the_distractor() {
-    for seed in 0..6 {
+fn top_view_shows_the_target_its_twin_and_the_distractor_under_the_episode_lighting() {
+    let mut relations = std::collections::BTreeSet::new();
+    for seed in 0..12 {
         let sim = cfg(seed);
         let scene = sim.scene(0);
-        assert_eq!(scene.instruction(), format!("insert the needle into the {} target", scene.target_color));
+        let [twin, distractor] = [&scene.others[0], &scene.others[1]];
+        assert_eq!(twin.color, scene.target_color);
+        assert_ne!(distractor.color, scene.target_color);
+        // The instruction's relation is where the target lies from its twin in the top view.
+        let (dx, dy) = (scene.target_mm[0] - twin.mm[0], scene.target_mm[1] - twin.mm[1]);
+        let expected = if dx.abs() >= dy.abs() { if dx < 0.0 { "left" } else { "right" } } else if dy < 0.0 { "upper" } else { "lower" };
+        assert_eq!(scene.instruction(), format!("insert the needle into the {expected} {} target", scene.target_color));
+        relations.insert(scene.relation);
         let first = sim.episode(0, T0, 0.05).find(|m| m.topic == "/sim/camera0/image_raw").unwrap();
         let img = Image::decode(&first.cdr).unwrap();
-        // Top view: 96 px over 240 mm, centred.
-        let px = |p: [f64; 3]| ((48.0 + p[0] * 96.0 / 240.0) as usize, (36.0 + p[1] * 96.0 / 240.0) as usize);
+        // Top view: 96 px over 240 mm, centred on the episode's camera offset.
+        let off = scene.camera_offset_mm[0];
+        assert!(off.iter().all(|v| v.abs() <= 6.0));
+        let px = |p: [f64; 3]| ((48.0 + (p[0] + off[0]) * 96.0 / 240.0) as usize, (36.0 + (p[1] + off[1]) * 96.0 / 240.0) as usize);
         let rgb = |(u, v): (usize, usize)| {
             let o = (v * 96 + u) * 3;
             [img.data[o], img.data[o + 1], img.data[o + 2]]
         };
-        let colour = |name: &str| COLORS.iter().find(|(n, _)| *n == name).unwrap().1;
+        let lit = |name: &str| {
+            let c = COLORS.iter().find(|(n, _)| *n == name).unwrap().1;
+            [0, 1, 2].map(|k| vla_finetune::sim::lit(c[k], scene.light[k]))
+        };
         let tool = vla_finetune::sim::SimConfig::episode(&sim, 0, T0, 0.0).tool();
-        let near = |p: [f64; 3]| (tool.position_mm[0] - p[0]).hypot(tool.position_mm[1] - p[1]) < 12.0;
-        if !near(scene.target_mm) {
-            // Just off the centre, away from the yaw notch.
-            let a = scene.target_yaw_deg.to_radians();
-            let p = [scene.target_mm[0] - 4.0 * a.cos(), scene.target_mm[1] - 4.0 * a.sin(), 0.0];
-            assert_eq!(rgb(px(p)), colour(scene.target_color), "seed {seed}");
-        }
-        if !near(scene.distractor_mm) {
-            assert_eq!(rgb(px(scene.distractor_mm)), colour(scene.distractor_color), "seed {seed}");
+        let near = |p: [f64; 3]| (tool.position_mm[0] - p[0]).hypot(tool.position_mm[1] - p[1]) < 20.0;
+        for d in [scene.target(), twin.clone(), distractor.clone()] {
+            if !near(d.mm) {
+                // Just off the centre, away from the notch.
+                let a = d.yaw_deg.to_radians();
+                let p = [d.mm[0] - 4.0 * a.cos(), d.mm[1] - 4.0 * a.sin(), 0.0];
+                assert_eq!(rgb(px(p)), lit(d.color), "seed {seed}");
+            }
         }
     }
+    assert!(relations.len() >= 3, "{relations:?}");
+    // Lighting differs between episodes.
+    assert_ne!(cfg(0).scene(0).light, cfg(0).scene(1).light);
 }
 
 #[test]

@@ -66,6 +66,11 @@ pub struct RecordArgs {
     pub json: bool,
 }
 
+/// Id of simulated episode `index` of simulator `seed`.
+pub fn episode_id(seed: u64, index: u64) -> String {
+    format!("sim_s{seed}_e{index:04}")
+}
+
 /// Runs `record`.
 pub fn run(a: RecordArgs) -> anyhow::Result<()> {
     if !a.sim {
@@ -88,11 +93,15 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut summaries = Vec::new();
+    // Faster than real time, simulated episodes would overlap in time: each starts where the last
+    // one (of this run or of an earlier run into the same folder) ended.
+    let truth_file = a.out.join(truth::TRUTH_FILE);
+    let mut free_from_ns = if truth_file.exists() { truth::read(&truth_file)?.iter().map(|t| t.end_ns).max().unwrap_or(i64::MIN) } else { i64::MIN };
     for index in 0..a.episodes {
-        let start_ns = now_ns();
+        let start_ns = now_ns().max(free_from_ns);
         let mut ep = sim.episode(index, start_ns, a.seconds);
         let scene = ep.scene().clone();
-        let id = format!("sim_s{}_e{index:04}", a.seed);
+        let id = episode_id(a.seed, index);
         rec.start(EpisodeInfo { id: Some(id), instruction: scene.instruction(), task: "needle_insertion".into(), operator: a.operator.clone() }, start_ns)?;
         let wall0 = Instant::now();
         let mut dropped = 0u64;
@@ -119,9 +128,10 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
         let inserted = tool.position_mm[2] < scene.target_mm[2]
             && (tool.position_mm[0] - scene.target_mm[0]).hypot(tool.position_mm[1] - scene.target_mm[1]) < 2.0;
         let stop_ns = start_ns + (a.seconds * 1e9) as i64;
+        free_from_ns = stop_ns;
         let meta = rec.stop_at(if inserted { "success" } else { "failure" }, stop_ns)?;
         // The ground truth beside the recording, for the oracle (never a policy input).
-        truth::append(&a.out.join(truth::TRUTH_FILE), &EpisodeTruth::new(&scene, a.seed, index, start_ns, stop_ns))?;
+        truth::append(&truth_file, &EpisodeTruth::new(&scene, a.seed, index, start_ns, stop_ns))?;
         summaries.push(serde_json::json!({
             "id": meta.id, "instruction": meta.instruction, "outcome": meta.outcome,
             "drops": meta.drops, "dropped_at_push": dropped,

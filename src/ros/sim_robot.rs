@@ -1,12 +1,15 @@
 //! Simulated robot node: publishes the simulator's camera, tactile/OCT and pose messages (already
 //! CDR-encoded by `sim`) in real time, episode after episode, stamped by the node clock, on the
 //! topics of config/streams_sim.yaml with their QoS. With `published_log` set it appends one line
-//! `<topic> <stamp_ns>` per published message, so tests can compare a recording with what was sent.
+//! `<topic> <stamp_ns>` per published message, so tests can compare a recording with what was sent;
+//! with `truth_log` set, one `sim::truth::EpisodeTruth` line per episode as it starts (its span on
+//! the node clock), the ground truth an oracle or a test matches a recording against.
 
 use super::collector::ros_topic;
 use super::params::{declare, ParamsExt};
 use super::NodeRuntime;
 use crate::dataset::streams::Reliability;
+use crate::sim::truth::{self, EpisodeTruth};
 use crate::sim::SimConfig;
 use anyhow::{Context as _, Result};
 use r2r::QosProfile;
@@ -36,6 +39,14 @@ pub fn main() -> Result<()> {
             std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("parameter published_log = `{path}`"))?,
         )),
     };
+    let truth_log = match p.string("truth_log").as_str() {
+        "" => None,
+        path => {
+            // Fail at start, as for published_log, when the file cannot be opened for appending.
+            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("parameter truth_log = `{path}`"))?;
+            Some(std::path::PathBuf::from(path))
+        }
+    };
     let mut publishers = HashMap::new();
     for (_, spec) in sim.streams().all() {
         let q = spec.qos();
@@ -58,7 +69,15 @@ pub fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let (start_wall, start_ns) = (Instant::now(), clock.now_ns());
-            tracing::info!("sim episode {index}: target {}", sim.scene(index).target_color);
+            let scene = sim.scene(index);
+            tracing::info!("sim episode {index}: {}", scene.instruction());
+            // The span of the stamps sim.episode gives this episode's messages.
+            let end_ns = start_ns + (episode_s * 1e9) as i64;
+            if let Some(path) = &truth_log {
+                if let Err(e) = truth::append(path, &EpisodeTruth::new(&scene, sim.seed, index, start_ns, end_ns)) {
+                    tracing::error!("episode {index}: {e}");
+                }
+            }
             for m in sim.episode(index, start_ns, episode_s) {
                 let due = start_wall + Duration::from_nanos((m.stamp_ns - start_ns).max(0) as u64);
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
@@ -73,6 +92,13 @@ pub fn main() -> Result<()> {
                     }
                     Err(e) => tracing::warn!("{}: {e}", m.topic),
                 }
+            }
+            // The next scene starts once this one's span is over: one scene at a time.
+            while clock.now_ns() < end_ns {
+                if stop.load(Ordering::SeqCst) {
+                    return log;
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         log

@@ -59,6 +59,24 @@ pub enum TruthError {
         /// What is wrong.
         reason: String,
     },
+    /// Two episodes claim the same instants: a sample's scene would be ambiguous.
+    #[error("simulator truth log {path}: episode {first} [{first_start}, {first_end}) ns and episode {second} [{second_start}, {second_end}) ns overlap (expected disjoint time spans, one scene at a time)")]
+    Overlap {
+        /// The log.
+        path: PathBuf,
+        /// Seed/index of the earlier episode, `s<seed>_e<index>`.
+        first: String,
+        /// Its span.
+        first_start: i64,
+        /// Its span's end.
+        first_end: i64,
+        /// Seed/index of the later one.
+        second: String,
+        /// Its span.
+        second_start: i64,
+        /// Its span's end.
+        second_end: i64,
+    },
 }
 
 /// Appends `truth` as one line to `path` (created when missing) and syncs it.
@@ -71,19 +89,35 @@ pub fn append(path: &Path, truth: &EpisodeTruth) -> Result<(), TruthError> {
     f.sync_data().map_err(io)
 }
 
-/// Every episode's truth in `path`, in file order.
+/// Every episode's truth in `path`, in time order; spans must not overlap.
 pub fn read(path: &Path) -> Result<Vec<EpisodeTruth>, TruthError> {
     let text = std::fs::read_to_string(path).map_err(|source| TruthError::Io { path: path.to_path_buf(), source })?;
-    text.lines()
+    let mut truths = text
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| TruthError::Parse { path: path.to_path_buf(), line: i + 1, reason: e.to_string() }))
-        .collect()
+        .collect::<Result<Vec<EpisodeTruth>, _>>()?;
+    truths.sort_by_key(|t| t.start_ns);
+    if let Some(w) = truths.windows(2).find(|w| w[1].start_ns < w[0].end_ns) {
+        let name = |t: &EpisodeTruth| format!("s{}_e{}", t.seed, t.index);
+        return Err(TruthError::Overlap {
+            path: path.to_path_buf(),
+            first: name(&w[0]),
+            first_start: w[0].start_ns,
+            first_end: w[0].end_ns,
+            second: name(&w[1]),
+            second_start: w[1].start_ns,
+            second_end: w[1].end_ns,
+        });
+    }
+    Ok(truths)
 }
 
-/// The truth whose span holds `t_ns`, if any (the latest such one when spans overlap).
+/// The truth whose span holds `t_ns`, if any, in `truths` as [`read`] returns them.
 pub fn at(truths: &[EpisodeTruth], t_ns: i64) -> Option<&EpisodeTruth> {
-    truths.iter().rev().find(|t| t.start_ns <= t_ns && t_ns < t.end_ns)
+    let i = truths.partition_point(|t| t.start_ns <= t_ns);
+    i.checked_sub(1).map(|i| &truths[i]).filter(|t| t_ns < t.end_ns)
 }
 
 #[cfg(test)]
@@ -104,6 +138,11 @@ mod tests {
         assert_eq!(at(&t, 150).map(|t| t.index), Some(1));
         assert_eq!(at(&t, 99).map(|t| t.index), Some(0));
         assert!(at(&t, 200).is_none());
+        assert!(at(&t, -1).is_none());
+        // Two episodes over the same instants: which scene a sample shows would be a guess.
+        append(&path, &EpisodeTruth::new(&sim.scene(2), 3, 2, 150, 250)).unwrap();
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("episode s3_e1 [100, 200) ns and episode s3_e2 [150, 250) ns overlap"), "{e}");
         std::fs::write(&path, "{\"start_ns\": 1}\n").unwrap();
         let e = read(&path).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("missing field"), "{e}");
