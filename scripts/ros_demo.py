@@ -115,6 +115,35 @@ class Bar:
         self.last = (m.stage, m.phase)
 
 
+def run_oracle(dataset, truth_log, work, a):
+    """The oracle floor with the trainer's stage-1 settings (`vla_finetune train-heads --oracle-truth`)."""
+    cmd = [str(LIBEXEC / "vla_finetune"), "train-heads", "--oracle-truth", str(truth_log), "--dataset", str(dataset), "--size", "small",
+           "--epochs", str(a.epochs), "--seed", str(a.seed), "--work-dir", str(work)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TORCH_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        raise RuntimeError(f"the oracle failed ({r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(r.stdout)
+
+
+def per_dim(errors):
+    """Per action dimension: name, unit and each model's error (physical units)."""
+    dims = errors["stage1"][1]
+    return [{"name": d["name"], "unit": d["unit"], **{m: e[1][k]["error"] for m, e in errors.items()}} for k, d in enumerate(dims)]
+
+
+def verdict(errors, threshold=0.2):
+    """The rule of vla_finetune::train::comparison: a gain of 20 %, or stage 1 within 20 % of the floor."""
+    s1, s2, floor = errors["stage1"][0], errors["stage2"][0], errors["oracle"][0]
+    gain = 1.0 - s2 / s1
+    if gain >= threshold:
+        return f"Stage 2 lowered the validation action error by {100 * gain:.1f} % versus stage 1 ({s1:.3f} -> {s2:.3f} stds; oracle floor {floor:.3f})"
+    if s1 <= (1.0 + threshold) * floor:
+        return (f"stage 1 is already within {100 * (s1 / floor - 1):.1f} % of the oracle floor ({s1:.3f} vs {floor:.3f} stds): "
+                f"little is left for Stage 2 to gain (it changed the error by {-100 * gain:.1f} %)")
+    return (f"Stage 2 lowered the validation action error by only {100 * gain:.1f} % versus stage 1 ({s1:.3f} -> {s2:.3f} stds) "
+            f"although stage 1 is {100 * (s1 / floor - 1):.1f} % above the oracle floor ({floor:.3f})")
+
+
 def main():
     a = parse_args()
     require_private_network()
@@ -133,6 +162,7 @@ def main():
         (out / sub).mkdir(parents=True)
     base = out / "base_model"
     shutil.copytree(TINY_MODEL, base)
+    truth_log = out / "sim_truth.jsonl"
     compile_yaml = out / "compile.yaml"
     compile_yaml.write_text(
         f"align:\n  sensor_window_s: 0.1\n  sensor_samples: 65\nsplit:\n  val_fraction: 0.25\n  seed: {a.seed}\n"
@@ -142,7 +172,9 @@ def main():
         "collect_and_train.launch.xml",
         {"use_sim": "true", "base_model": str(base), "dataset_root": str(out / "recordings")},
         {
-            "sim_robot_node": {"image_width": 112, "image_height": 84, "seed": a.seed, "episode_seconds": a.seconds},
+            # A simulated episode lasts a little longer than a recording, which starts with it (its
+            # scene's instruction read from the truth log), so a recording holds one scene.
+            "sim_robot_node": {"image_width": 112, "image_height": 84, "seed": a.seed, "episode_seconds": a.seconds + 1.0, "truth_log": str(truth_log)},
             "trainer_node": {"runs_root": str(out / "runs"), "checkpoints_root": str(out / "checkpoints"), "compile_config": str(compile_yaml)},
         },
     )
@@ -188,8 +220,15 @@ def main():
         eprint = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
         eprint(f"[1/4] nodes started (logs in {out / 'logs'})")
         eprint(f"[2/4] recording {a.episodes} episodes of {a.seconds} s through the collector")
+        def truths():
+            return [json.loads(line) for line in truth_log.read_text().splitlines()] if truth_log.exists() else []
+
         for i in range(a.episodes):
-            r = call(StartEpisode, "/vla_collector/start_episode", StartEpisode.Request(instruction="insert the needle into the red target", task="needle_insertion", operator_name="demo"))
+            # Start with the next simulated episode (the node logs its truth as it starts).
+            n0 = len(truths())
+            spin_until(lambda: len(truths()) > n0, 2 * a.seconds + 30, "the next simulated episode")
+            scene = truths()[-1]
+            r = call(StartEpisode, "/vla_collector/start_episode", StartEpisode.Request(instruction=scene["instruction"], task="needle_insertion", operator_name="demo"))
             if not r.started:
                 raise RuntimeError(f"start_episode: {r.reason}")
             end = time.monotonic() + a.seconds
@@ -261,6 +300,14 @@ def main():
     dataset = Path(job.dataset)
     compiled = json.loads((dataset / "report.json").read_text())
     s1, s2 = summary["stage1"], summary["stage2"]
+    print("oracle: the stage-1 heads conditioned on the simulator's ground truth instead of VL features", file=sys.stderr, flush=True)
+    oracle = run_oracle(dataset, truth_log, out / "oracle", a)
+    errors = {
+        "untrained": (s1["val_action_error_before"], s1["val_action_error_before_per_dim"]),
+        "stage1": (s2["val_action_error_before"], s2["val_action_error_before_per_dim"]),
+        "stage2": (s2["val_action_error_after"], s2["val_action_error_per_dim"]),
+        "oracle": (oracle["val_action_error"], oracle["val_action_error_per_dim"]),
+    }
     tick_ms = [s.last_tick_ms for _, s in statuses if s.acting]
     graph.update(
         progress_messages=len([m for m in progress if m.job_id == start.job_id]),
@@ -274,13 +321,20 @@ def main():
         "samples_train": s1["samples"][0],
         "samples_val": s1["samples"][1],
         "drops": compiled["drops"],
+        "val_action_error_unit": "training-set std (mean over the varying action dimensions)",
         "untrained_val_action_error": s1["val_action_error_before"],
         "stage1_job_val_action_error": s1["val_action_error_after"],
         "stage1_val_action_error": s2["val_action_error_before"],
         "stage2_val_action_error": s2["val_action_error_after"],
+        "oracle_val_action_error": oracle["val_action_error"],
+        "val_action_error_per_dim": per_dim(errors),
         "stage2_val_action_error_per_dim": s2["val_action_error_per_dim"],
         "stage2_best_val_action_error": s2["best"],
+        "stage2_gain_over_stage1": 1.0 - s2["val_action_error_after"] / s2["val_action_error_before"],
+        "stage1_over_oracle": s2["val_action_error_before"] / oracle["val_action_error"],
+        "verdict": verdict(errors),
         "stage1_train_loss_per_epoch": s1["train_loss_per_epoch"],
+        "oracle_train_loss_per_epoch": oracle["train_loss_per_epoch"],
         "stage2_validation_per_epoch": s2["validation"],
         "lora_params_changed": s2["lora_params_changed"],
         "cache_refreshes": s2["cache_refreshes"],
@@ -305,8 +359,9 @@ def main():
     print(text)
     print(
         f"\nepisodes {report['episodes']} (samples train {report['samples_train']} / val {report['samples_val']}), validation action error "
-        f"(mean abs, physical units): untrained {report['untrained_val_action_error']:.3f}, stage 1 {report['stage1_val_action_error']:.3f}, "
-        f"Stage 2 {report['stage2_val_action_error']:.3f}\npolicy node: active {report['active_version']} "
+        f"(mean abs error in training-set stds): untrained {report['untrained_val_action_error']:.3f}, stage 1 {report['stage1_val_action_error']:.3f}, "
+        f"Stage 2 {report['stage2_val_action_error']:.3f}, oracle floor {report['oracle_val_action_error']:.3f}\n{report['verdict']}\n"
+        f"policy node: active {report['active_version']} "
         f"{report['hotswap_latency_ms']} ms after its announcement, {report['missed_ticks']} missed ticks of {report['policy_ticks']}; "
         f"announced {graph['checkpoints_announced']}; node exit codes {codes}\nreport {out / 'report.json'}"
     )

@@ -104,7 +104,7 @@ fn run(sensor_samples: usize, window_s: f64, episodes: usize, seconds: i64) {
     let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e as &dyn EpisodeSource).collect();
     let cfg = CompileConfig {
         align: AlignConfig { sensor: "oct".into(), sensor_samples, sensor_window_s: window_s, ..Default::default() },
-        split: SplitConfig { val_fraction: 0.0, seed: 0 },
+        split: SplitConfig { val_fraction: 0.0, seed: 0, ..Default::default() },
         store: StoreConfig::default(),
     };
     let dir = tempfile::tempdir().unwrap();

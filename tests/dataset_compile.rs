@@ -80,7 +80,7 @@ fn config() -> CompileConfig {
             horizon: 4,
             ..Default::default()
         },
-        split: SplitConfig { val_fraction: 0.34, seed: 3 },
+        split: SplitConfig { val_fraction: 0.34, seed: 3, ..Default::default() },
         store: StoreConfig { jpeg_quality: 95, shard_max_mb: 0.05, encode_threads: 2, ..Default::default() },
     }
 }
@@ -138,7 +138,7 @@ fn stored_samples_are_the_aligned_ones() {
 #[test]
 fn split_is_by_episode_and_deterministic() {
     let ids: Vec<String> = (0..20).map(|i| format!("episode-{i}")).collect();
-    let cfg = SplitConfig { val_fraction: 0.25, seed: 11 };
+    let cfg = SplitConfig { val_fraction: 0.25, seed: 11, ..Default::default() };
     let a = split_episodes(&ids, &cfg);
     assert_eq!(a.iter().filter(|s| **s == Split::Val).count(), 5);
     // Independent of the order the ids come in.
@@ -148,10 +148,14 @@ fn split_is_by_episode_and_deterministic() {
     b.reverse();
     assert_eq!(a, b);
     // Another seed, another split.
-    assert_ne!(a, split_episodes(&ids, &SplitConfig { val_fraction: 0.25, seed: 12 }));
+    assert_ne!(a, split_episodes(&ids, &SplitConfig { val_fraction: 0.25, seed: 12, ..Default::default() }));
     // Small counts: at least one val episode, never all.
-    assert_eq!(split_episodes(&ids[..2], &SplitConfig { val_fraction: 0.1, seed: 0 }).iter().filter(|s| **s == Split::Val).count(), 1);
-    assert_eq!(split_episodes(&ids[..1], &SplitConfig { val_fraction: 0.5, seed: 0 }), vec![Split::Train]);
+    assert_eq!(split_episodes(&ids[..2], &SplitConfig { val_fraction: 0.1, seed: 0, ..Default::default() }).iter().filter(|s| **s == Split::Val).count(), 1);
+    assert_eq!(split_episodes(&ids[..1], &SplitConfig { val_fraction: 0.5, seed: 0, ..Default::default() }), vec![Split::Train]);
+    // Named validation episodes: exactly those, whatever the fraction.
+    let named = SplitConfig { val_fraction: 0.5, val_episodes: vec!["episode-3".into(), "episode-7".into(), "absent".into()], ..Default::default() };
+    let s = split_episodes(&ids, &named);
+    assert_eq!(s.iter().enumerate().filter(|(_, s)| **s == Split::Val).map(|(i, _)| i).collect::<Vec<_>>(), vec![3, 7]);
 
     // In a compiled dataset no episode has samples in both splits, whatever the input order.
     let mut eps = episodes(6);

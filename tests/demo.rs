@@ -47,8 +47,11 @@ fn demo_closes_the_loop_and_its_report_matches_the_files() {
         let m = verify(&out.join("checkpoints").join(v)).unwrap_or_else(|e| panic!("checkpoint {v}: {e}"));
         assert_eq!(&m.version, v);
     }
+    // The policy ends on what `latest` names (Stage 2's best, or stage 1's version when no Stage 2
+    // epoch beat it).
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert_eq!(report["active_version"].as_str().unwrap(), latest.trim());
     let last = versions.last().unwrap();
-    assert_eq!(report["active_version"].as_str().unwrap(), last);
     assert!(Path::new(&out.join("checkpoints").join(last).join("adapter/adapter_model.safetensors")).exists());
     // Zero missed ticks is a property of the runtime's design, tested on a simulated clock in
     // tests/policy_runtime_real.rs; here the policy runs on wall time beside training on a shared
@@ -60,7 +63,64 @@ fn demo_closes_the_loop_and_its_report_matches_the_files() {
     assert_eq!(status["missed_ticks"], report["missed_ticks"]);
     assert!(num(&report, "wall_s") > 0.0);
 
+    errors_are_named_and_in_training_set_stds(&out, &report);
     train_heads_cli_reproduces_the_demo_stage1(&out, &report, dir.path());
+    the_oracle_cli_reproduces_the_demo_oracle(&out, &report, dir.path());
+}
+
+/// The report's errors: per dimension under the dataset's names and units, the mean recomputed by
+/// hand from them and the training split's stds (constant channels left out), and the oracle
+/// floor below stage 1's untrained start.
+fn errors_are_named_and_in_training_set_stds(out: &Path, report: &Value) {
+    let index: Value = serde_json::from_slice(&std::fs::read(out.join("dataset/index.json")).unwrap()).unwrap();
+    let stats: Value = serde_json::from_slice(&std::fs::read(out.join("dataset/stats.json")).unwrap()).unwrap();
+    let names: Vec<&str> = index["action_names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(names, ["x", "y", "z", "roll", "pitch", "yaw", "pad6"]);
+    assert_eq!(index["action_units"], serde_json::json!(["mm", "mm", "mm", "deg", "deg", "deg", ""]));
+    let dims = report["val_action_error_per_dim"].as_array().unwrap();
+    assert_eq!(dims.iter().map(|d| d["name"].as_str().unwrap()).collect::<Vec<_>>(), names);
+    assert_eq!(dims.iter().map(|d| d["unit"].clone()).collect::<Vec<_>>(), index["action_units"].as_array().unwrap().clone());
+    let std: Vec<f64> = stats["action"]["std"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for model in ["untrained", "stage1", "stage2", "oracle"] {
+        let varying: Vec<f64> = dims.iter().zip(&std).filter(|(_, s)| **s >= 1e-6).map(|(d, s)| d[model].as_f64().unwrap() / s).collect();
+        // Roll, pitch and the padding channel are constant in the simulator's demonstrations.
+        assert_eq!(varying.len(), 4, "{model}: {std:?}");
+        let by_hand = varying.iter().sum::<f64>() / varying.len() as f64;
+        let reported = num(report, &format!("{model}_val_action_error"));
+        assert!((by_hand - reported).abs() <= 1e-9 * reported, "{model}: {by_hand} by hand, {reported} reported");
+    }
+    assert!(num(report, "oracle_val_action_error") < num(report, "untrained_val_action_error"));
+    let verdict = report["verdict"].as_str().unwrap();
+    assert!(verdict.contains(&format!("{:.3}", num(report, "stage1_val_action_error"))), "{verdict}");
+}
+
+/// `train-heads --oracle-truth` on the demo's dataset and truth log with the demo's settings
+/// reproduces the demo's oracle; a truth log that does not cover the samples is named.
+fn the_oracle_cli_reproduces_the_demo_oracle(out: &Path, report: &Value, tmp: &Path) {
+    let oracle = |truth: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+            .args(["train-heads", "--size", "small", "--epochs", "10", "--seed", "7", "--oracle-truth"])
+            .arg(truth)
+            .arg("--dataset")
+            .arg(out.join("dataset"))
+            .arg("--work-dir")
+            .arg(tmp.join(format!("oracle-{}", truth.file_name().unwrap().to_string_lossy())))
+            .output()
+            .unwrap()
+    };
+    let o = oracle(&out.join("recordings/sim_truth.jsonl"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs();
+    assert!(close(num(&r, "val_action_error"), num(report, "oracle_val_action_error")), "{} vs {}", r["val_action_error"], report["oracle_val_action_error"]);
+    // The truth of the first training episode only: the first sample (of validation episode
+    // sim_s1007_e0000, first by id) is in no episode of it.
+    let first = std::fs::read_to_string(out.join("recordings/sim_truth.jsonl")).unwrap().lines().next().unwrap().to_string();
+    let partial = tmp.join("partial.jsonl");
+    std::fs::write(&partial, first + "\n").unwrap();
+    let o = oracle(&partial);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is in no episode of the simulator truth log") && err.contains("sim_s1007_e0000"), "{err}");
 }
 
 /// `train-heads` on the demo's dataset with the demo's stage-1 settings reproduces the demo's

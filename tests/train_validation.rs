@@ -68,7 +68,7 @@ fn fixture() -> &'static Fixture {
         let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e as &dyn EpisodeSource).collect();
         let cfg = CompileConfig {
             align: AlignConfig { sensor_window_s: 1.0, sensor_samples: WINDOW, horizon: 4, ..Default::default() },
-            split: SplitConfig { val_fraction: 0.8, seed: 3 },
+            split: SplitConfig { val_fraction: 0.8, seed: 3, ..Default::default() },
             store: StoreConfig::default(),
         };
         let dir = tempfile::tempdir().unwrap();

@@ -27,7 +27,9 @@ use serde_json::{json, Value};
 
 use crate::dataset::compile::{compile, CompileConfig};
 use crate::train::config::TrainConfig;
-use crate::train::heads_job::{mean, small_heads, HeadsJob, HeadsTrainConfig};
+use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
+use crate::train::publish::{Published, Publisher};
+use crate::train::comparison::Errors;
 use crate::train::stage2::{self, Stage2Job};
 
 /// Arguments of `demo`.
@@ -36,9 +38,13 @@ pub struct DemoArgs {
     /// Output folder (everything the demo makes stays there).
     #[arg(long, default_value = "out/demo")]
     pub out: PathBuf,
-    /// Simulated episodes to record.
-    #[arg(long, default_value_t = 8)]
+    /// Simulated training episodes to record (simulator seed `--seed`).
+    #[arg(long, default_value_t = 16)]
     pub episodes: u64,
+    /// Validation episodes, recorded with simulator seed `--seed + 1000` (scenes the training
+    /// never saw).
+    #[arg(long, default_value_t = 6)]
+    pub val_episodes: u64,
     /// Seconds per episode.
     #[arg(long, default_value_t = 6.0)]
     pub seconds: f64,
@@ -54,7 +60,7 @@ pub struct DemoArgs {
     /// Control rate of the policy process, Hz.
     #[arg(long, default_value_t = 10.0)]
     pub policy_rate_hz: f64,
-    /// A reduced run (4 short episodes, fewer epochs) for tests and CI.
+    /// A reduced run (4 + 2 short episodes, fewer epochs) for tests and CI.
     #[arg(long)]
     pub quick: bool,
     /// Seed of the simulator, the split and the training.
@@ -81,7 +87,7 @@ fn embedded_base_model() -> PathBuf {
 /// Runs the demo and prints its report (also written to `<out>/report.json`).
 pub fn run(mut a: DemoArgs) -> Result<()> {
     if a.quick {
-        (a.episodes, a.seconds, a.epochs, a.stage2_epochs) = (4, 3.0, 10, 3);
+        (a.episodes, a.val_episodes, a.seconds, a.epochs, a.stage2_epochs) = (4, 2, 3.0, 10, 3);
     }
     let t0 = Instant::now();
     a.device()?;
@@ -91,16 +97,198 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&a.out)?;
     let out = std::fs::canonicalize(&a.out)?;
-    let (data_root, dataset_dir, base_dir, checkpoints) =
-        (out.join("recordings"), out.join("dataset"), out.join("base_model"), out.join("checkpoints"));
+    let checkpoints = out.join("checkpoints");
 
-    eprintln!("[1/5] recording {} simulated episodes", a.episodes);
-    super::record::run(super::record::RecordArgs {
+    let data = DataPlan { seed: a.seed, episodes: a.episodes, val_episodes: a.val_episodes, seconds: a.seconds, stage1_epochs: a.epochs as u64 };
+    let p = prepare(&out, &data, &checkpoints)?;
+    let (s1, stage1, oracle, compiled, val_seed) = (&p.stage1, &p.stage1_published, &p.oracle, &p.compiled, p.val_seed);
+    let (dataset_dir, base_dir) = (p.dataset.clone(), p.base_model.clone());
+
+    eprintln!("[5/6] policy process: hot-swapping checkpoints from {}", checkpoints.display());
+    let status_file = out.join("policy_status.json");
+    let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, &a, &out.join("policy.log"))?;
+    policy.wait_active(&stage1.version, Duration::from_secs(180))?;
+    // Stage 2 runs on this thread (libtorch with one intra-op thread); the policy process,
+    // started before, keeps its priority.
+    crate::priority::lower_this_thread(10);
+
+    eprintln!("[6/6] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
+    let plan = Stage2Plan { epochs: a.stage2_epochs, seed: a.seed, device: a.device.clone(), cache_mode: "features".into(), refresh_every: a.refresh_every, drift_threshold: None };
+    let config = stage2_config(&plan, &out.join("stage2"), &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
+    let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
+    // The policy ends on what `latest` names: Stage 2's best, or stage 1's version when no Stage 2
+    // epoch beat it (see checkpoint.allow_worse_latest).
+    let latest = Publisher::new(&checkpoints)?.latest()?.context("no `latest` checkpoint")?;
+    policy.wait_active(&latest, Duration::from_secs(180))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let status = policy.stop()?;
+
+    let swap = status["swaps"].as_array().and_then(|s| s.iter().rev().find(|s| s["version"] == latest.as_str())).cloned().unwrap_or(Value::Null);
+    let mut published = vec![stage1.version.clone()];
+    published.extend(s2.published.iter().cloned());
+    let errors = Errors {
+        untrained: (s1.val_action_error_before, &s1.val_error_before),
+        stage1: (s2.val_action_error_before, &s2.val_action_error_before_per_dim),
+        stage2: (s2.val_action_error.context("Stage 2 validated no epoch")?, &s2.val_action_error_per_dim),
+        oracle: (oracle.val_action_error_after.context("the oracle validated no epoch")?, &oracle.val_error_after),
+    };
+    let mut report = json!({
+        "episodes": compiled.report.episodes.len(),
+        "validation_episodes_seed": val_seed,
+        "samples_train": s1.samples.0,
+        "samples_val": s1.samples.1,
+        "drops": compiled.report.drops,
+        "val_action_error_unit": "training-set std (mean over the varying action dimensions)",
+        "untrained_val_action_error": errors.untrained.0,
+        "stage1_job_val_action_error": s1.val_action_error_after,
+        "stage1_val_action_error": errors.stage1.0,
+        "stage2_val_action_error": errors.stage2.0,
+        "oracle_val_action_error": errors.oracle.0,
+        "val_action_error_per_dim": errors.per_dim(),
+        "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
+        "stage2_best_val_action_error": s2.run.best,
+        "stage2_gain_over_stage1": 1.0 - errors.stage2.0 / errors.stage1.0,
+        "stage1_over_oracle": errors.stage1.0 / errors.oracle.0,
+        "verdict": errors.verdict(),
+        "stage1_train_loss_per_epoch": s1.run.train_loss_per_epoch,
+        "oracle_train_loss_per_epoch": oracle.run.train_loss_per_epoch,
+        "stage2_validation_per_epoch": s2.run.validation,
+        "lora_params_changed": s2.lora_params_changed,
+        "cache_refreshes": s2.cache_refreshes,
+        "published_versions": published,
+        "active_version": status["active_version"],
+        "hotswap_latency_ms": swap["hotswap_latency_ms"],
+        "missed_ticks": status["missed_ticks"],
+        "policy_ticks": status["ticks"],
+        "policy_actions": status["actions"],
+        "policy_control_latency_ms": status["control_latency"],
+        "checkpoints": checkpoints,
+        "plot": out.join("stage2/curves.png"),
+        "dataset": dataset_dir,
+        "base_model": base_dir,
+        "policy_status": status_file,
+    });
+    if let Some(last) = s2.published.last() {
+        report["adapter"] = json!(checkpoints.join(last).join(crate::train::deploy::ADAPTER_DIR));
+    }
+    report["wall_s"] = json!(t0.elapsed().as_secs_f64());
+    let text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(out.join("report.json"), &text)?;
+    println!("{text}");
+    println!(
+        "\nepisodes {} (samples train {} / val {}, validation scenes from simulator seed {val_seed})\n{}\n{}\n\
+         policy: active {} after hot-swap in {} ms, {} missed ticks of {}\nplot {}; checkpoints {}; report {}",
+        report["episodes"],
+        report["samples_train"],
+        report["samples_val"],
+        errors.table(),
+        errors.verdict(),
+        report["active_version"],
+        report["hotswap_latency_ms"],
+        report["missed_ticks"],
+        report["policy_ticks"],
+        out.join("stage2/curves.png").display(),
+        checkpoints.display(),
+        out.join("report.json").display()
+    );
+    Ok(())
+}
+
+/// What the demo (and `experiment`) records and trains before Stage 2.
+#[derive(Debug, Clone)]
+pub(super) struct DataPlan {
+    /// Simulator seed of the training episodes (and seed of the split and of stage 1).
+    pub seed: u64,
+    /// Training episodes.
+    pub episodes: u64,
+    /// Validation episodes, recorded with simulator seed `seed + VAL_SEED_OFFSET`.
+    pub val_episodes: u64,
+    /// Seconds per episode.
+    pub seconds: f64,
+    /// Stage-1 epochs (the oracle's too).
+    pub stage1_epochs: u64,
+}
+
+/// A recorded and compiled dataset with its stage-1 checkpoint and oracle floor.
+pub(super) struct Prepared {
+    pub dataset: PathBuf,
+    pub base_model: PathBuf,
+    pub compiled: crate::dataset::compile::CompileOutput,
+    pub val_seed: u64,
+    pub stage1: HeadsResult,
+    pub stage1_published: Published,
+    pub oracle: HeadsResult,
+}
+
+/// Records `d`'s episodes under `out/recordings` (the simulator's truth log beside them),
+/// compiles them (validation: the unseen-seed episodes), trains stage 1 (published to
+/// `checkpoints`) and the oracle floor on the same samples.
+pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Prepared> {
+    let (data_root, dataset_dir, base_dir) = (out.join("recordings"), out.join("dataset"), out.join("base_model"));
+    let val_seed = d.seed + VAL_SEED_OFFSET;
+    eprintln!("[1/6] recording {} training episodes (simulator seed {}) and {} validation episodes (seed {val_seed})", d.episodes, d.seed, d.val_episodes);
+    for (seed, n) in [(d.seed, d.episodes), (val_seed, d.val_episodes)] {
+        super::record::run(record_args(&data_root, seed, n, d.seconds))?;
+    }
+
+    eprintln!("[2/6] compiling the training set");
+    let episodes = super::open_recorded_episodes(&data_root)?;
+    let refs: Vec<&dyn crate::dataset::episode::EpisodeSource> = episodes.iter().map(|e| e.as_ref()).collect();
+    let mut cc = CompileConfig::default();
+    cc.align.sensor_window_s = 0.1;
+    cc.align.sensor_samples = 65;
+    cc.split.val_episodes = (0..d.val_episodes).map(|i| super::record::episode_id(val_seed, i)).collect();
+    cc.split.seed = d.seed;
+    let compiled = compile(&refs, &cc, &dataset_dir, true)?;
+
+    eprintln!("[3/6] stage 1: policy heads on frozen VL features of the embedded tiny Qwen2.5-VL");
+    copy_dir(&embedded_base_model(), &base_dir)?;
+    let job = HeadsJob {
+        dataset: dataset_dir.clone(),
+        base_model: base_dir.clone(),
+        checkpoints: checkpoints.to_path_buf(),
+        work_dir: out.join("stage1"),
+        train: HeadsTrainConfig { epochs: d.stage1_epochs, seed: d.seed, ..HeadsTrainConfig::default() },
+        heads: small_heads(),
+        resume: false,
+        group: None,
+    };
+    let stage1 = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run(&job, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
+    let stage1_published = stage1.published.clone().context("stage 1 ended without a checkpoint")?;
+
+    eprintln!("[4/6] oracle: the same heads conditioned on the simulator's ground truth instead of VL features");
+    let truth = crate::train::oracle::read_truth(&data_root.join(crate::sim::truth::TRUTH_FILE))?;
+    let oracle_job = HeadsJob { work_dir: out.join("oracle"), ..job };
+    let oracle = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run_oracle(&oracle_job, &truth, ctx)?))?;
+    Ok(Prepared { dataset: dataset_dir, base_model: base_dir, compiled, val_seed, stage1, stage1_published, oracle })
+}
+
+/// A Stage 2 run of the demo (and of `experiment`).
+#[derive(Debug, Clone)]
+pub(super) struct Stage2Plan {
+    pub epochs: u64,
+    pub seed: u64,
+    /// `--device`.
+    pub device: String,
+    /// `cache.mode`.
+    pub cache_mode: String,
+    /// `cache.rebuild_interval_epochs`.
+    pub refresh_every: u64,
+    /// `cache.drift_threshold`.
+    pub drift_threshold: Option<f64>,
+}
+
+/// Offset of the validation episodes' simulator seed from `--seed`.
+const VAL_SEED_OFFSET: u64 = 1000;
+
+/// `record --sim` settings of the demo: `n` episodes of simulator `seed` into `root`.
+fn record_args(root: &Path, seed: u64, n: u64, seconds: f64) -> super::record::RecordArgs {
+    super::record::RecordArgs {
         sim: true,
-        episodes: a.episodes,
-        seconds: a.seconds,
-        out: data_root.clone(),
-        seed: a.seed,
+        episodes: n,
+        seconds,
+        out: root.to_path_buf(),
+        seed,
         cameras: 2,
         width: 112,
         height: 84,
@@ -113,119 +301,22 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         compression: crate::dataset::mcap_episode::Compression::Zstd,
         operator: "demo".into(),
         json: false,
-    })?;
-
-    eprintln!("[2/5] compiling the training set");
-    let episodes = super::open_recorded_episodes(&data_root)?;
-    let refs: Vec<&dyn crate::dataset::episode::EpisodeSource> = episodes.iter().map(|e| e.as_ref()).collect();
-    let mut cc = CompileConfig::default();
-    cc.align.sensor_window_s = 0.1;
-    cc.align.sensor_samples = 65;
-    cc.split.val_fraction = 0.25;
-    cc.split.seed = a.seed;
-    let compiled = compile(&refs, &cc, &dataset_dir, true)?;
-
-    eprintln!("[3/5] stage 1: policy heads on frozen VL features of the embedded tiny Qwen2.5-VL");
-    copy_dir(&embedded_base_model(), &base_dir)?;
-    let job = HeadsJob {
-        dataset: dataset_dir.clone(),
-        base_model: base_dir.clone(),
-        checkpoints: checkpoints.clone(),
-        work_dir: out.join("stage1"),
-        train: HeadsTrainConfig { epochs: a.epochs as u64, seed: a.seed, ..HeadsTrainConfig::default() },
-        heads: small_heads(),
-        resume: false,
-        group: None,
-    };
-    let s1 = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run(&job, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
-    let stage1 = s1.published.context("stage 1 ended without a checkpoint")?;
-
-    eprintln!("[4/5] policy process: hot-swapping checkpoints from {}", checkpoints.display());
-    let status_file = out.join("policy_status.json");
-    let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, &a, &out.join("policy.log"))?;
-    policy.wait_active(&stage1.version, Duration::from_secs(180))?;
-    // Stage 2 runs on this thread (libtorch with one intra-op thread); the policy process,
-    // started before, keeps its priority.
-    crate::priority::lower_this_thread(10);
-
-    eprintln!("[5/5] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
-    let config = stage2_config(&a, &out, &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
-    let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
-    let last = s2.published.last().context("Stage 2 published no checkpoint")?.clone();
-    policy.wait_active(&last, Duration::from_secs(180))?;
-    std::thread::sleep(Duration::from_secs(2));
-    let status = policy.stop()?;
-
-    let swap = status["swaps"].as_array().and_then(|s| s.iter().rev().find(|s| s["version"] == last.as_str())).cloned().unwrap_or(Value::Null);
-    let mut published = vec![stage1.version.clone()];
-    published.extend(s2.published.iter().cloned());
-    let report = json!({
-        "episodes": compiled.report.episodes.len(),
-        "samples_train": s1.samples.0,
-        "samples_val": s1.samples.1,
-        "drops": compiled.report.drops,
-        "untrained_val_action_error": mean(&s1.val_error_before),
-        "stage1_job_val_action_error": mean(&s1.val_error_after),
-        "stage1_val_action_error": s2.val_action_error_before,
-        "stage2_val_action_error": s2.val_action_error,
-        "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
-        "stage2_best_val_action_error": s2.run.best,
-        "stage1_train_loss_per_epoch": s1.run.train_loss_per_epoch,
-        "stage2_validation_per_epoch": s2.run.validation,
-        "lora_params_changed": s2.lora_params_changed,
-        "cache_refreshes": s2.cache_refreshes,
-        "published_versions": published,
-        "active_version": status["active_version"],
-        "hotswap_latency_ms": swap["hotswap_latency_ms"],
-        "missed_ticks": status["missed_ticks"],
-        "policy_ticks": status["ticks"],
-        "policy_actions": status["actions"],
-        "policy_control_latency_ms": status["control_latency"],
-        "checkpoints": checkpoints,
-        "adapter": checkpoints.join(&last).join(crate::train::deploy::ADAPTER_DIR),
-        "plot": out.join("stage2/curves.png"),
-        "dataset": dataset_dir,
-        "base_model": base_dir,
-        "policy_status": status_file,
-        "wall_s": t0.elapsed().as_secs_f64(),
-    });
-    let text = serde_json::to_string_pretty(&report)?;
-    std::fs::write(out.join("report.json"), &text)?;
-    println!("{text}");
-    println!(
-        "\nepisodes {} (samples train {} / val {}), validation action error (mean abs, physical units): untrained {:.3}, stage 1 {:.3}, Stage 2 {}\n\
-         policy: active {} after hot-swap in {} ms, {} missed ticks of {}\nplot {}; checkpoints {}; report {}",
-        report["episodes"],
-        report["samples_train"],
-        report["samples_val"],
-        mean(&s1.val_error_before),
-        s2.val_action_error_before,
-        s2.val_action_error.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
-        report["active_version"],
-        report["hotswap_latency_ms"],
-        report["missed_ticks"],
-        report["policy_ticks"],
-        out.join("stage2/curves.png").display(),
-        checkpoints.display(),
-        out.join("report.json").display()
-    );
-    Ok(())
+    }
 }
 
-/// The Stage 2 configuration of the demo: config/train.yaml with CPU-sized settings (on
-/// `--device`).
-fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: &Path, checkpoints: &Path) -> Result<TrainConfig> {
-    let on_cuda = a.device()?.is_cuda();
+/// The Stage 2 configuration of `p`: config/train.yaml with CPU-sized settings (on
+/// `p.device`), its files under `work`.
+pub(super) fn stage2_config(p: &Stage2Plan, work: &Path, dataset: &Path, base: &Path, stage1: &Path, checkpoints: &Path) -> Result<TrainConfig> {
+    let on_cuda = crate::device::parse_available(&p.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?.is_cuda();
     let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let work = out.join("stage2");
     let sets = vec![
         format!("data.dataset_dir={}", q(dataset)),
         format!("model.base_model_dir={}", q(base)),
         format!("model.stage1_checkpoint={}", q(stage1)),
-        format!("run.output_dir={}", q(&work)),
-        format!("run.epochs={}", a.stage2_epochs),
-        format!("run.seed={}", a.seed),
-        format!("run.device={}", a.device),
+        format!("run.output_dir={}", q(work)),
+        format!("run.epochs={}", p.epochs),
+        format!("run.seed={}", p.seed),
+        format!("run.device={}", p.device),
         // f32 on the CPU, bf16 (the GPU default) on CUDA; checkpointing as on a GPU.
         format!("model.compute_dtype={}", if on_cuda { "bf16" } else { "f32" }),
         "memory.preset=manual".into(),
@@ -236,8 +327,9 @@ fn stage2_config(a: &DemoArgs, out: &Path, dataset: &Path, base: &Path, stage1: 
         "optim.lr_vl_lora=1.0e-3".into(),
         "optim.lr_heads=3.0e-4".into(),
         "optim.lr_sensor_encoder=3.0e-4".into(),
-        "cache.mode=features".into(),
-        format!("cache.rebuild_interval_epochs={}", a.refresh_every),
+        format!("cache.mode={}", p.cache_mode),
+        format!("cache.rebuild_interval_epochs={}", p.refresh_every),
+        format!("cache.drift_threshold={}", p.drift_threshold.map_or("null".to_string(), |t| t.to_string())),
         format!("cache.dir={}", q(&work.join("cache"))),
         format!("checkpoint.state_dir={}", q(&work.join("state"))),
         format!("checkpoint.publish_dir={}", q(checkpoints)),

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod dataset;
 pub mod demo;
+pub mod experiment;
 pub mod import_bag;
 pub mod lerobot;
 pub mod policy;
@@ -28,6 +29,8 @@ pub enum Command {
     Device(DeviceArgs),
     /// The whole loop on an embedded default: simulated recording, dataset, stage 1, Stage 2, a hot-swapping policy process.
     Demo(demo::DemoArgs),
+    /// Experiments that measure the training on the simulated task (cache modes vs quality and cost).
+    Experiment(experiment::ExperimentArgs),
     /// Compile recorded episodes into a training dataset, or describe one.
     Dataset(dataset::DatasetArgs),
     /// Record episodes (from the simulated robot with --sim).
@@ -80,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(a) => demo::run(a),
+        Command::Experiment(a) => experiment::run(a),
         Command::Dataset(a) => dataset::run(a, &open_recorded_episodes),
         Command::Record(a) => record::run(a),
         Command::ImportBag(a) => import_bag::run(a),

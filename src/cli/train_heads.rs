@@ -12,11 +12,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::policy::config::PolicyConfig;
-use crate::train::heads_job::{self, mean, small_heads, HeadsJob, HeadsTrainConfig};
+use crate::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 
 /// Arguments of `train-heads`.
 #[derive(clap::Args, Debug)]
@@ -25,8 +25,13 @@ pub struct TrainHeadsArgs {
     #[arg(long)]
     pub dataset: PathBuf,
     /// Base VL model folder (Hugging Face layout).
-    #[arg(long)]
-    pub base_model: PathBuf,
+    #[arg(long, required_unless_present = "oracle_truth")]
+    pub base_model: Option<PathBuf>,
+    /// Train the oracle floor instead: the same heads conditioned on the simulator's ground truth
+    /// in this truth log (`sim_truth.jsonl` beside a simulated recording) and the recorded tool
+    /// pose, instead of VL features. Prints its validation error; publishes nothing.
+    #[arg(long, conflicts_with_all = ["base_model", "resume"])]
+    pub oracle_truth: Option<PathBuf>,
     /// Root of published checkpoints (the new versions and `latest` go there).
     #[arg(long, default_value = "checkpoints")]
     pub checkpoints: PathBuf,
@@ -90,7 +95,15 @@ pub fn run(a: TrainHeadsArgs) -> Result<()> {
         None => PolicyConfig::default(),
     };
     let group = crate::dist::join_launch("gloo", std::time::Duration::from_secs(train.distributed_timeout_s))?.map(|(_, g)| g);
-    let job = HeadsJob { dataset: a.dataset, base_model: a.base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume, group: group.clone() };
+    if let Some(truth) = &a.oracle_truth {
+        if group.is_some() {
+            bail!("--oracle-truth runs in one process (not under torchrun)");
+        }
+        let job = HeadsJob { dataset: a.dataset, base_model: PathBuf::new(), checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: false, group: None };
+        return run_oracle(&job, truth);
+    }
+    let base_model = a.base_model.context("--base-model is required")?;
+    let job = HeadsJob { dataset: a.dataset, base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume, group: group.clone() };
     let Some(group) = group.filter(|g| !g.is_main()) else { return run_main(&job) };
     // The other ranks wait until rank 0 holds the state folder's lock.
     group.barrier()?;
@@ -99,6 +112,23 @@ pub fn run(a: TrainHeadsArgs) -> Result<()> {
     let _ = super::ctrlc_cancel(move || cancel.cancel());
     let r = heads_job::run(&job, &ctx, &mut |_| {})?;
     eprintln!("rank {}: done after {} optimizer steps", group.rank(), r.run.counters.global_step);
+    Ok(())
+}
+
+/// The oracle floor of `job`'s dataset from the truth log `truth`, its result printed as JSON.
+fn run_oracle(job: &HeadsJob, truth: &std::path::Path) -> Result<()> {
+    let truths = crate::train::oracle::read_truth(truth)?;
+    let _lock = crate::train::guard::StateLock::acquire(&job.state_dir())?;
+    let r = super::with_progress_bar("oracle", true, |ctx| Ok(heads_job::run_oracle(job, &truths, ctx)?))?;
+    let out = json!({
+        "samples_train": r.samples.0,
+        "samples_val": r.samples.1,
+        "val_action_error_before": r.val_action_error_before,
+        "val_action_error": r.val_action_error_after,
+        "val_action_error_per_dim": r.val_error_after,
+        "train_loss_per_epoch": r.run.train_loss_per_epoch,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
@@ -120,8 +150,8 @@ fn run_main(job: &HeadsJob) -> Result<()> {
     let out = json!({
         "samples_train": r.samples.0,
         "samples_val": r.samples.1,
-        "val_action_error_before": mean(&r.val_error_before),
-        "val_action_error": mean(&r.val_error_after),
+        "val_action_error_before": r.val_action_error_before,
+        "val_action_error": r.val_action_error_after,
         "val_action_error_per_dim": r.val_error_after,
         "best_val_action_error": r.run.best,
         "train_loss_per_epoch": r.run.train_loss_per_epoch,

@@ -671,5 +671,19 @@ impl Aligner {
     }
 }
 
+/// Names and units of the action dimensions: the state's names (delta modes; units known for a
+/// pose state), `command<k>` (command mode) and `pad<k>` for the constant padding channels.
+pub fn action_axes(mode: ActionMode, state_names: &[String], action_dim: usize) -> (Vec<String>, Vec<String>) {
+    use super::mcap_episode::{POSE_STATE_NAMES, POSE_STATE_UNITS};
+    let pose = state_names.iter().map(String::as_str).eq(POSE_STATE_NAMES);
+    (0..action_dim)
+        .map(|k| match (mode, state_names.get(k)) {
+            (ActionMode::Command, _) => (format!("command{k}"), String::new()),
+            (_, Some(n)) => (n.clone(), if pose { POSE_STATE_UNITS[k].to_string() } else { String::new() }),
+            (_, None) => (format!("pad{k}"), String::new()),
+        })
+        .unzip()
+}
+
 /// Counts of dropped samples by reason key.
 pub type DropCounts = BTreeMap<String, u64>;

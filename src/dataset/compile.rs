@@ -38,11 +38,15 @@ pub struct SplitConfig {
     pub val_fraction: f64,
     /// Seed of the split (and of the stats reservoir).
     pub seed: u64,
+    /// Episode ids held out for validation; when any is given, exactly these (and
+    /// `val_fraction` is not used), e.g. episodes recorded with a simulator seed the training
+    /// never saw.
+    pub val_episodes: Vec<String>,
 }
 
 impl Default for SplitConfig {
     fn default() -> Self {
-        Self { val_fraction: 0.1, seed: 0 }
+        Self { val_fraction: 0.1, seed: 0, val_episodes: Vec::new() }
     }
 }
 
@@ -245,9 +249,12 @@ pub struct CompileReport {
     pub removed_leftovers: Vec<PathBuf>,
 }
 
-/// Splits episodes by id: each id gets the key `sha256(seed_le || id)`, the `round(f * n)` ids
+/// Splits episodes by id: the ids of `val_episodes` when it names any, else each id gets the key `sha256(seed_le || id)`, the `round(f * n)` ids
 /// with the smallest keys go to validation. Independent of the order ids are given in.
 pub fn split_episodes(ids: &[String], cfg: &SplitConfig) -> Vec<Split> {
+    if !cfg.val_episodes.is_empty() {
+        return ids.iter().map(|id| if cfg.val_episodes.contains(id) { Split::Val } else { Split::Train }).collect();
+    }
     let n = ids.len();
     let mut n_val = (cfg.val_fraction * n as f64).round() as usize;
     if n >= 2 && cfg.val_fraction > 0.0 {
@@ -662,6 +669,7 @@ pub(super) fn dataset_index(
     episodes: Vec<EpisodeEntry>,
     samples: Vec<SampleEntry>,
 ) -> DatasetIndex {
+    let action_names = super::align::action_axes(cfg.align.action, &shapes.state_names, shapes.action_dim);
     DatasetIndex {
         format: FORMAT.into(),
         cameras: shapes
@@ -673,6 +681,8 @@ pub(super) fn dataset_index(
         sensor_shape: [cfg.align.sensor_samples, shapes.sensor_channels],
         state_names: shapes.state_names.clone(),
         action_shape: [cfg.align.horizon, shapes.action_dim],
+        action_names: action_names.0,
+        action_units: action_names.1,
         control_hz: cfg.align.control_hz,
         shards,
         episodes,

@@ -1044,6 +1044,11 @@ fn push_sensor(s: &mut SensorSeries, t: MsgType, expected: Option<usize>, stamp:
     Ok(())
 }
 
+/// State value names of a `geometry_msgs/PoseStamped` stream (position in mm, angles in degrees).
+pub const POSE_STATE_NAMES: [&str; 6] = ["x", "y", "z", "roll", "pitch", "yaw"];
+/// Units of [`POSE_STATE_NAMES`].
+pub const POSE_STATE_UNITS: [&str; 6] = ["mm", "mm", "mm", "deg", "deg", "deg"];
+
 /// Converts a quaternion `[x, y, z, w]` to roll, pitch, yaw in degrees (ZYX convention).
 pub fn quaternion_to_rpy_deg(q: [f64; 4]) -> [f64; 3] {
     let uq = nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(q[3], q[0], q[1], q[2]));
@@ -1061,7 +1066,7 @@ fn push_state(s: &mut StateSeries, t: MsgType, stamp: Stamp, data: &[u8]) -> Res
             }
             let rpy = quaternion_to_rpy_deg(p.orientation);
             (
-                ["x", "y", "z", "roll", "pitch", "yaw"].iter().map(|s| s.to_string()).collect(),
+                POSE_STATE_NAMES.iter().map(|s| s.to_string()).collect(),
                 vec![false, false, false, true, true, true],
                 vec![p.position[0] * 1000.0, p.position[1] * 1000.0, p.position[2] * 1000.0, rpy[0], rpy[1], rpy[2]],
             )

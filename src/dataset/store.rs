@@ -144,6 +144,12 @@ pub struct DatasetIndex {
     pub state_names: Vec<String>,
     /// Action chunk `[H, A]`.
     pub action_shape: [usize; 2],
+    /// Name of each action dimension (empty in sets compiled before names were kept).
+    #[serde(default)]
+    pub action_names: Vec<String>,
+    /// Physical unit of each action dimension (`""` where unknown).
+    #[serde(default)]
+    pub action_units: Vec<String>,
     /// Control rate, Hz.
     pub control_hz: f64,
     /// Shards in order.

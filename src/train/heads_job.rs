@@ -23,8 +23,11 @@ use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures};
 use crate::policy::schedule::NoiseRng;
 use crate::policy::sync_bn::backward_keep_graph;
 use crate::policy::normalize::NormStats;
+use crate::train::action_error::{ActionAxes, DimError};
 use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
+use crate::sim::truth::EpisodeTruth;
 use crate::train::controller::JobContext;
+use crate::train::oracle::{self, ORACLE_DIM};
 use crate::train::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE, STATS_FILE};
 use crate::train::error::TrainError;
 use crate::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
@@ -36,8 +39,7 @@ use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-/// The metric that selects the best checkpoint (mean DDIM action error, physical units).
-pub const BEST_METRIC: &str = "val_action_error";
+pub use crate::train::action_error::BEST_METRIC;
 /// DDIM steps of validation sampling (and of the deployed policy).
 pub const DDIM_STEPS: usize = 10;
 
@@ -190,10 +192,14 @@ impl HeadsJob {
 pub struct HeadsResult {
     /// The loop's summary (counters, validation per epoch, published versions, cancelled).
     pub run: RunSummary,
-    /// Mean absolute validation action error per action dimension before training (physical units).
-    pub val_error_before: Vec<f64>,
+    /// Validation action error before training, in training-set stds ([`ActionAxes`]).
+    pub val_action_error_before: f64,
+    /// The same after the last validated epoch (None when none was validated).
+    pub val_action_error_after: Option<f64>,
+    /// Per action dimension before training (physical units).
+    pub val_error_before: Vec<DimError>,
     /// The same after the last validated epoch (empty when none was validated).
-    pub val_error_after: Vec<f64>,
+    pub val_error_after: Vec<DimError>,
     /// Train / validation sample counts.
     pub samples: (usize, usize),
     /// The checkpoint of the last epoch, verified (None when cancelled before the end); not
@@ -221,9 +227,21 @@ pub fn small_heads() -> PolicyConfig {
 /// Runs (or, with `job.resume`, continues) stage 1. `ctx` receives progress and may cancel
 /// between optimizer steps; `on_publish` is called after each publication that `latest` names.
 pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published)) -> Result<HeadsResult> {
+    run_conditioned(job, ctx, on_publish, None)
+}
+
+/// The oracle floor ([`oracle`]): `job`'s heads and settings trained on its dataset with the
+/// simulator's ground truth of `truth` as their conditioning instead of VL features. Its base
+/// model is not read, nothing is published, its state goes to `<work_dir>/state`.
+pub fn run_oracle(job: &HeadsJob, truth: &[EpisodeTruth], ctx: &JobContext) -> Result<HeadsResult> {
+    run_conditioned(job, ctx, &mut |_| {}, Some(truth))
+}
+
+fn run_conditioned(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published), truth: Option<&[EpisodeTruth]>) -> Result<HeadsResult> {
     job.train.validate()?;
     ctx.progress.publish(ProgressEvent::new(&ctx.job_id, Phase::Preparing));
-    let mut task = HeadsTask::new(job, ctx)?;
+    let mut task = HeadsTask::conditioned(job, ctx, truth)?;
+    let deployable = task.deploy.is_some();
     let val_error_before = task.validation_error()?;
     let t = &job.train;
     let cfg = RunnerConfig {
@@ -239,44 +257,31 @@ pub fn run(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Publish
         val_every_epochs: t.val_every_epochs,
         state_dir: job.state_dir(),
         resume: job.resume,
-        publish_dir: Some(job.checkpoints.clone()),
+        publish_dir: deployable.then(|| job.checkpoints.clone()),
         allow_worse_latest: t.allow_worse_latest,
-        base_model_id: task.deploy.base_model_id.clone(),
+        base_model_id: task.deploy.as_ref().map(|d| d.base_model_id.clone()).unwrap_or_default(),
         plot_file: Some(job.work_dir.join("curves.png")),
         group: job.group.clone(),
     };
     let summary = runner::run(&mut task, &cfg, ctx, on_publish)?;
-    runner::prune_published(&job.checkpoints, t.keep_versions, &summary)?;
     let published = match summary.published.last() {
-        Some(v) if !summary.cancelled => Some(Publisher::new(&job.checkpoints)?.published(v)?),
+        Some(v) if deployable && !summary.cancelled => {
+            runner::prune_published(&job.checkpoints, t.keep_versions, &summary)?;
+            Some(Publisher::new(&job.checkpoints)?.published(v)?)
+        }
         _ => None,
     };
+    let axes = &task.axes;
+    let after = summary.validation.last().map(|m| axes.per_dim(m)).unwrap_or_default();
     Ok(HeadsResult {
-        val_error_after: summary.validation.last().map(per_dim).unwrap_or_default(),
+        val_action_error_before: axes.normalized(&val_error_before),
+        val_action_error_after: summary.validation.last().and_then(|m| m.get(BEST_METRIC).copied()),
+        val_error_before: axes.report(&val_error_before),
+        val_error_after: axes.report(&after),
         run: summary,
-        val_error_before,
         samples: (task.train_idx.len(), task.val_idx.len()),
         published,
     })
-}
-
-/// `val_action_error/dim<k>` values in dimension order.
-pub fn per_dim(m: &BTreeMap<String, f64>) -> Vec<f64> {
-    let mut dims: Vec<(usize, f64)> = m
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("val_action_error/dim").and_then(|d| d.parse().ok()).map(|d| (d, *v)))
-        .collect();
-    dims.sort_by_key(|d| d.0);
-    dims.into_iter().map(|d| d.1).collect()
-}
-
-/// The metrics of per-dimension errors: `val_action_error` (mean) and `val_action_error/dim<k>`.
-pub fn error_metrics(err: &[f64]) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::from([(BEST_METRIC.to_string(), mean(err))]);
-    for (d, e) in err.iter().enumerate() {
-        m.insert(format!("val_action_error/dim{d}"), *e);
-    }
-    m
 }
 
 /// The heads' trainable parameters for the optimizer, named `{prefix}{variable}`, the sensor
@@ -299,13 +304,15 @@ pub fn heads_params(heads: &PolicyHeads, prefix: &str, sensor_group: &str, exper
 /// Stage 1's model side: fresh heads on features of the frozen base model, computed once.
 pub struct HeadsTask {
     ds: Dataset,
+    axes: ActionAxes,
     dataset_dir: PathBuf,
     train_idx: Vec<usize>,
     val_idx: Vec<usize>,
     /// Pooled VL features `[1, hidden]` of every sample.
     features: Vec<Tensor>,
     heads: PolicyHeads,
-    deploy: DeployInfo,
+    /// None for the oracle (not deployable).
+    deploy: Option<DeployInfo>,
     seed: u64,
     /// Validation samples per chunk (the training batch).
     val_chunk: usize,
@@ -317,6 +324,13 @@ impl HeadsTask {
     /// f32) and builds fresh heads (initialized from `job.train.seed`) sized to the dataset and
     /// the model.
     pub fn new(job: &HeadsJob, ctx: &JobContext) -> Result<Self> {
+        Self::conditioned(job, ctx, None)
+    }
+
+    /// [`Self::new`], or with `truth`, the oracle: heads conditioned on the simulator's ground
+    /// truth ([`oracle::conditioning`]) instead of VL features; the base model is not read and
+    /// nothing can be deployed.
+    fn conditioned(job: &HeadsJob, ctx: &JobContext, truth: Option<&[EpisodeTruth]>) -> Result<Self> {
         tch::manual_seed(job.train.seed as i64);
         let ds = Dataset::open(&job.dataset)?;
         let (train_idx, val_idx) = (ds.split_indices(Split::Train), ds.split_indices(Split::Val));
@@ -326,36 +340,17 @@ impl HeadsTask {
                 format!("{} train / {} validation samples; both must be non-empty", train_idx.len(), val_idx.len()),
             ));
         }
-        check_model_dir(&job.base_model)?;
-        let vl_config = crate::vlm::Config::from_file(&job.base_model.join("config.json"))?;
-        let vlm = Qwen25VL::load(&job.base_model, Kind::Float, Device::Cpu)?;
-        let processor = VlProcessor::from_model_dir(&job.base_model, &vl_config, None, None)?;
-        let mut building = ProgressEvent::new(&ctx.job_id, Phase::BuildingCache);
-        building.cache.building = true;
-        ctx.progress.publish(building);
-        let (rank, world) = job.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
-        let hidden = vl_config.text.hidden_size;
-        let mut features = Vec::with_capacity(ds.len());
-        for i in 0..ds.len() {
-            if i % world != rank {
-                features.push(Tensor::zeros([1, hidden], (Kind::Float, Device::Cpu)));
-                continue;
+        let (features, vl_dim, deploy) = match truth {
+            Some(t) => (oracle::conditioning(&ds, t)?, ORACLE_DIM, None),
+            None => {
+                let (features, deploy) = vl_features(job, ctx, &ds)?;
+                (features, deploy.1, Some(deploy.0))
             }
-            let s = ds.sample(i)?;
-            let batch = processor.collate(&[processor.sample(&s.images, &s.instruction)?])?;
-            let f = tch::no_grad(|| vlm.forward(&batch, false))?;
-            features.push(f.pooled(Pooling::All)?.detach());
-        }
-        if let Some(g) = &job.group {
-            // Each rank computed its share (the others are zeros): the sum is every feature.
-            let mut all = [Tensor::cat(&features, 0)];
-            g.all_reduce(&mut all, crate::dist::ReduceOp::Sum)?;
-            features = all[0].split(1, 0);
-        }
+        };
         let [t_len, channels] = ds.index.sensor_shape;
         let [horizon, action_dim] = ds.index.action_shape;
         let mut cfg = job.heads.clone();
-        cfg.vl_dim = vl_config.text.hidden_size;
+        cfg.vl_dim = vl_dim as i64;
         cfg.state_dim = 0;
         cfg.sensor.window = t_len as i64;
         cfg.sensor.in_channels = channels as i64;
@@ -363,24 +358,8 @@ impl HeadsTask {
         cfg.expert.action_dim = action_dim as i64;
         let mut heads = PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu)?;
         heads.set_batch_norm_sync(job.group.clone());
-        let deploy = DeployInfo {
-            format_version: DEPLOY_FORMAT_VERSION,
-            base_model_id: crate::train::model_id::base_model_id(&job.base_model)?,
-            adapter: None,
-            cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
-            processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },
-            pooling: "all".into(),
-            sensor_channels: channels,
-            sensor_window: t_len,
-            sensor_window_s: t_len as f64 / job.train.sensor_rate_hz,
-            state_dim: 0,
-            horizon,
-            action_dim,
-            step_period_s: 1.0 / ds.index.control_hz,
-            ddim_steps: DDIM_STEPS,
-            dtype: "f32".into(),
-        };
         Ok(Self {
+            axes: ActionAxes::from_dataset(&ds),
             ds,
             dataset_dir: job.dataset.clone(),
             train_idx,
@@ -404,6 +383,57 @@ impl HeadsTask {
     fn buffers(&self) -> BTreeMap<String, Tensor> {
         self.heads.var_store().variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect()
     }
+}
+
+/// The pooled VL features `[1, hidden]` of every sample of `ds` with the frozen base model (CPU,
+/// f32; data-parallel: each rank computes its share), the deployment settings and the hidden size.
+fn vl_features(job: &HeadsJob, ctx: &JobContext, ds: &Dataset) -> Result<(Vec<Tensor>, (DeployInfo, usize))> {
+    check_model_dir(&job.base_model)?;
+    let vl_config = crate::vlm::Config::from_file(&job.base_model.join("config.json"))?;
+    let vlm = Qwen25VL::load(&job.base_model, Kind::Float, Device::Cpu)?;
+    let processor = VlProcessor::from_model_dir(&job.base_model, &vl_config, None, None)?;
+    let mut building = ProgressEvent::new(&ctx.job_id, Phase::BuildingCache);
+    building.cache.building = true;
+    ctx.progress.publish(building);
+    let (rank, world) = job.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let hidden = vl_config.text.hidden_size;
+    let mut features = Vec::with_capacity(ds.len());
+    for i in 0..ds.len() {
+        if i % world != rank {
+            features.push(Tensor::zeros([1, hidden], (Kind::Float, Device::Cpu)));
+            continue;
+        }
+        let s = ds.sample(i)?;
+        let batch = processor.collate(&[processor.sample(&s.images, &s.instruction)?])?;
+        let f = tch::no_grad(|| vlm.forward(&batch, false))?;
+        features.push(f.pooled(Pooling::All)?.detach());
+    }
+    if let Some(g) = &job.group {
+        // Each rank computed its share (the others are zeros): the sum is every feature.
+        let mut all = [Tensor::cat(&features, 0)];
+        g.all_reduce(&mut all, crate::dist::ReduceOp::Sum)?;
+        features = all[0].split(1, 0);
+    }
+    let [t_len, channels] = ds.index.sensor_shape;
+    let [horizon, action_dim] = ds.index.action_shape;
+    let deploy = DeployInfo {
+        format_version: DEPLOY_FORMAT_VERSION,
+        base_model_id: crate::train::model_id::base_model_id(&job.base_model)?,
+        adapter: None,
+        cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
+        processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },
+        pooling: "all".into(),
+        sensor_channels: channels,
+        sensor_window: t_len,
+        sensor_window_s: t_len as f64 / job.train.sensor_rate_hz,
+        state_dim: 0,
+        horizon,
+        action_dim,
+        step_period_s: 1.0 / ds.index.control_hz,
+        ddim_steps: DDIM_STEPS,
+        dtype: "f32".into(),
+    };
+    Ok((features, (deploy, hidden as usize)))
 }
 
 /// A tensor's shape and values in the task state.
@@ -445,7 +475,7 @@ impl TrainTask for HeadsTask {
     }
 
     fn validate(&mut self, _epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>> {
-        Ok(error_metrics(&validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed, chunk)?))
+        Ok(self.axes.metrics(&validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed, chunk)?))
     }
 
     /// With synchronised BatchNorm, the backward keeps its graph for the pass through the
@@ -467,12 +497,13 @@ impl TrainTask for HeadsTask {
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {
+        let deploy = self.deploy.as_ref().ok_or_else(|| TrainError::invalid("oracle heads", "conditioned on simulator truth: not deployable"))?;
         std::fs::create_dir_all(&self.work_dir).map_err(TrainError::io("create folder", &self.work_dir))?;
         let heads_path = self.work_dir.join(HEADS_FILE);
         self.heads.save(&heads_path, crate::policy::checkpoint::CheckpointStage::Stage1, BTreeMap::new())?;
         Ok(vec![
             PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
-            PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(self.deploy.to_json().into_bytes()) },
+            PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(deploy.to_json().into_bytes()) },
             PublishItem { dest: STATS_FILE.into(), source: Source::File(self.dataset_dir.join(STATS_FILE)) },
         ])
     }
@@ -581,11 +612,6 @@ pub fn validation_error(heads: &PolicyHeads, ds: &Dataset, val: &[usize], featur
         sums.add(heads, ds, idx, &vl, seed, None)?;
     }
     Ok(sums.errors())
-}
-
-/// Mean of a vector (0 for an empty one).
-pub fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// Whether `dir` looks like a base Qwen2.5-VL model folder: a config.json that parses as one,

@@ -7,6 +7,9 @@
 //!   [`launch`] starts a Stage 2 job as several ranks under torchrun.
 //! - [`error`]: [`error::TrainError`], the typed errors of a training job.
 //! - [`heads_job`]: stage 1, the policy heads on frozen VL features.
+//! - [`oracle`]: the oracle floor's conditioning (simulator ground truth instead of VL features).
+//! - [`comparison`]: untrained / stage 1 / Stage 2 / oracle errors side by side, and the verdict.
+//! - [`action_error`]: the validation action error (in training-set stds, and per named dimension).
 //! - [`controller`]: one job at a time on its own thread, validators, cancel, status.
 //! - [`cache`] and [`drift`]: feature-cache keys and store; drift and the refresh decision.
 //! - [`publish`]: versioned deployable checkpoints with verified manifests.
@@ -18,7 +21,9 @@
 //! - [`service`]: the fine-tuning service (requests, stages, resume) behind the trainer node;
 //!   [`training_set`] compiles the episodes a request names, [`job_record`] keeps each job.
 
+pub mod action_error;
 pub mod cache;
+pub mod comparison;
 pub mod config;
 pub mod controller;
 pub mod data_parallel;
@@ -31,6 +36,7 @@ pub mod job_record;
 pub mod launch;
 pub mod model_id;
 pub mod optim;
+pub mod oracle;
 pub mod plot;
 pub mod progress;
 pub mod publish;

@@ -112,16 +112,13 @@ pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height
         root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
         let panels = root.split_evenly((1, 2));
         let train = [Curve { name: "train_loss".into(), points: curves.train_loss.clone() }];
-        let left = Panel { title: "Loss per optimizer step", x_name: "optimizer step", y_name: "loss", curves: &train };
+        let left = PanelSpec { title: "Loss per optimizer step", x_name: "optimizer step", y_name: "loss", curves: &train };
         draw_panel(&panels[0], &left, |_| TRAIN_COLOR).map_err(draw_err)?;
-        let right = Panel { title: "Validation per epoch", x_name: "epoch", y_name: "value", curves: &curves.validation };
+        let right = PanelSpec { title: "Validation per epoch", x_name: "epoch", y_name: "value", curves: &curves.validation };
         draw_panel(&panels[1], &right, validation_color).map_err(draw_err)?;
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
-    let img = image::RgbImage::from_raw(width, height, buf).ok_or_else(|| draw_err("buffer size".into()))?;
-    let mut png = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| draw_err(e.to_string()))?;
-    write_atomic(png_path, png.get_ref())?;
+    write_png(png_path, width, height, buf)?;
 
     let legend = Legend {
         image: png_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -134,6 +131,39 @@ pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height
     let json = serde_json::to_vec_pretty(&legend).map_err(|e| draw_err(e.to_string()))?;
     write_atomic(&png_path.with_extension("json"), &json)?;
     Ok(())
+}
+
+/// Panels of named curves side by side (curves in [`PALETTE`] order) into a `width x height`
+/// PNG at `png_path`, replaced atomically; their data go to `png_path` with extension `.json`.
+pub fn write_panels(png_path: &Path, panels: &[PanelSpec<'_>], width: u32, height: u32) -> Result<(), PlotError> {
+    let draw_err = |reason: String| PlotError::Draw { path: png_path.to_path_buf(), reason };
+    if width < MIN_SIZE.0 || height < MIN_SIZE.1 || panels.is_empty() {
+        return Err(draw_err(format!("size {width}x{height} with {} panels: at least {}x{} and one panel", panels.len(), MIN_SIZE.0, MIN_SIZE.1)));
+    }
+    register_bundled_font().map_err(draw_err)?;
+    let mut buf = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
+        for (area, panel) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+            draw_panel(area, panel, validation_color).map_err(draw_err)?;
+        }
+        root.present().map_err(|e| draw_err(e.to_string()))?;
+    }
+    write_png(png_path, width, height, buf)?;
+    let data: Vec<_> = panels.iter().map(|p| serde_json::json!({ "title": p.title, "x": p.x_name, "y": p.y_name, "curves": p.curves })).collect();
+    let json = serde_json::to_vec_pretty(&data).map_err(|e| draw_err(e.to_string()))?;
+    write_atomic(&png_path.with_extension("json"), &json)?;
+    Ok(())
+}
+
+/// Encodes an RGB buffer as PNG and writes it atomically.
+fn write_png(png_path: &Path, width: u32, height: u32, buf: Vec<u8>) -> Result<(), PlotError> {
+    let draw_err = |reason: String| PlotError::Draw { path: png_path.to_path_buf(), reason };
+    let img = image::RgbImage::from_raw(width, height, buf).ok_or_else(|| draw_err("buffer size".into()))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| draw_err(e.to_string()))?;
+    Ok(write_atomic(png_path, png.get_ref())?)
 }
 
 /// Registers the bundled DejaVu Sans as [`FONT`] once per process.
@@ -150,11 +180,15 @@ fn register_bundled_font() -> Result<(), String> {
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 /// What one panel shows.
-struct Panel<'a> {
-    title: &'a str,
-    x_name: &'a str,
-    y_name: &'a str,
-    curves: &'a [Curve],
+pub struct PanelSpec<'a> {
+    /// Title above the chart.
+    pub title: &'a str,
+    /// Name of the x axis.
+    pub x_name: &'a str,
+    /// Name of the y axis.
+    pub y_name: &'a str,
+    /// The curves.
+    pub curves: &'a [Curve],
 }
 
 fn text_style(px: f64) -> TextStyle<'static> {
@@ -164,7 +198,7 @@ fn text_style(px: f64) -> TextStyle<'static> {
 
 /// A titled chart with named axes and tick labels, the curves scaled to their joint range, and
 /// the legend in a column to its right.
-fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, color: impl Fn(usize) -> (u8, u8, u8)) -> Result<(), String> {
+fn draw_panel(area: &Area<'_>, panel: &PanelSpec<'_>, color: impl Fn(usize) -> (u8, u8, u8)) -> Result<(), String> {
     let legend_style = text_style(LEGEND_PX);
     let text_width = |t: &str| area.estimate_text_size(t, &legend_style).map(|(w, _)| w).map_err(|e| e.to_string());
     // The legend column takes at most a third of the panel; longer names are shortened with `…`.

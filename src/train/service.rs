@@ -461,8 +461,10 @@ fn run_stages(
             Err(e) => return failed(format!("stage 1: {e:#}")),
         };
         summary["stage1"] = json!({
-            "val_action_error_before": heads_job::mean(&res.val_error_before),
-            "val_action_error_after": heads_job::mean(&res.val_error_after),
+            "val_action_error_before": res.val_action_error_before,
+            "val_action_error_after": res.val_action_error_after,
+            "val_action_error_before_per_dim": res.val_error_before,
+            "val_action_error_per_dim": res.val_error_after,
             "version": res.published.as_ref().map(|p| p.version.clone()),
             "latest": res.published.as_ref().map(|p| p.latest),
             "versions": res.run.published,
@@ -504,6 +506,7 @@ fn run_stages(
             summary["stage2"] = json!({
                 "val_action_error_before": res.val_action_error_before,
                 "val_action_error_after": res.val_action_error,
+                "val_action_error_before_per_dim": res.val_action_error_before_per_dim,
                 "val_action_error_per_dim": res.val_action_error_per_dim,
                 "best": res.run.best,
                 "validation": res.run.validation,

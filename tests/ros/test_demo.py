@@ -4,6 +4,7 @@ against the files the run left (compiled dataset, checkpoints, job record, the p
 log) and the ROS graph's own account."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,28 @@ def test_ros_demo_closes_the_loop_and_its_report_matches_the_files(tmp_path):
     assert report["stage1_job_val_action_error"] == summary["stage1"]["val_action_error_after"]
     assert report["stage2_val_action_error"] == summary["stage2"]["val_action_error_after"]
     assert len(report["stage1_train_loss_per_epoch"]) == 6 and report["cache_refreshes"] >= 1 and report["lora_params_changed"] is True
+
+    # Errors: one number in training-set stds per model, beside named per-dimension errors in
+    # physical units; the job's per-dimension errors are the summary's.
+    dims = report["val_action_error_per_dim"]
+    assert [(d["name"], d["unit"]) for d in dims][:6] == [("x", "mm"), ("y", "mm"), ("z", "mm"), ("roll", "deg"), ("pitch", "deg"), ("yaw", "deg")]
+    assert [d["stage2"] for d in dims] == [d["error"] for d in summary["stage2"]["val_action_error_per_dim"]]
+    assert [d["stage1"] for d in dims] == [d["error"] for d in summary["stage2"]["val_action_error_before_per_dim"]]
+    assert report["stage1_over_oracle"] == report["stage1_val_action_error"] / report["oracle_val_action_error"]
+    assert report["verdict"].startswith(("Stage 2 lowered", "stage 1 is already within"))
+    # The oracle floor: the same heads on the simulator's truth (logged by the sim node as each
+    # scene started); rerun from the CLI on the job's dataset, it gives the report's number.
+    truth = [json.loads(line) for line in (out / "sim_truth.jsonl").read_text().splitlines()]
+    assert all(a["end_ns"] <= b["start_ns"] for a, b in zip(truth, truth[1:])), "one scene at a time"
+    assert {e["instruction"] for e in index["episodes"]} <= {t["instruction"] for t in truth}
+    oracle = subprocess.run(
+        [str(REPO / "install" / "vla_finetune" / "lib" / "vla_finetune" / "vla_finetune"), "train-heads", "--oracle-truth", str(out / "sim_truth.jsonl"),
+         "--dataset", str(dataset), "--size", "small", "--epochs", "6", "--seed", "7", "--work-dir", str(tmp_path / "oracle")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TORCH_NUM_THREADS": "1"})
+    assert oracle.returncode == 0, oracle.stderr[-3000:]
+    o = json.loads(oracle.stdout)
+    assert abs(o["val_action_error"] - report["oracle_val_action_error"]) <= 1e-4 * report["oracle_val_action_error"]
+    assert all(abs(d["oracle"] - e["error"]) <= 1e-4 * abs(e["error"]) for d, e in zip(dims, o["val_action_error_per_dim"], strict=True))
 
     # The policy's status log ends with what the report says.
     statuses = json.loads(Path(report["policy_status"]).read_text())

@@ -564,6 +564,9 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
         sensor_shape,
         state_names: state_names(info, &r.state.0, r.state.1),
         action_shape,
+        // Unnamed: reports label them `dim<k>`.
+        action_names: Vec::new(),
+        action_units: Vec::new(),
         control_hz,
         shards,
         episodes: entries,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{ResolvedMemory, TrainConfig, VramPresets};
 use super::controller::JobContext;
 use super::error::TrainError;
-use super::heads_job::per_dim;
+use super::action_error::DimError;
 use super::optim::Accumulation;
 use super::publish::Published;
 use super::runner::{self, RunSummary, RunnerConfig};
@@ -26,8 +26,8 @@ pub use task::{saved_memory, Stage2Task};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-/// The metric that selects the best checkpoint (mean DDIM action error, physical units).
-pub use super::heads_job::BEST_METRIC;
+/// The metric that selects the best checkpoint (mean DDIM action error in training-set stds).
+pub use super::action_error::BEST_METRIC;
 
 /// A Stage 2 job.
 #[derive(Debug, Clone)]
@@ -45,16 +45,22 @@ pub struct Stage2Job {
 pub struct Stage2Result {
     /// The loop's summary (counters, validation per epoch, published versions).
     pub run: RunSummary,
-    /// Mean validation action error of the stage-1 checkpoint (base VL model, LoRA zero).
+    /// Validation action error of the stage-1 checkpoint (base VL model, LoRA zero), in
+    /// training-set stds ([`super::action_error::ActionAxes`]).
     pub val_action_error_before: f64,
-    /// Mean validation action error after the last finished epoch (None when none finished).
+    /// The same after the last finished epoch (None when none finished).
     pub val_action_error: Option<f64>,
+    /// Per action dimension (physical units) of the stage-1 checkpoint.
+    pub val_action_error_before_per_dim: Vec<DimError>,
     /// Per action dimension, after the last finished epoch.
-    pub val_action_error_per_dim: Vec<f64>,
+    pub val_action_error_per_dim: Vec<DimError>,
     /// Whether any LoRA weight differs from its initial value.
     pub lora_params_changed: bool,
     /// Refresh epochs run (`features` mode).
     pub cache_refreshes: u64,
+    /// Feature drift (rel. L2, mean over the probe set) measured at the last refresh.
+    #[serde(default)]
+    pub last_drift: Option<f64>,
     /// Vision-cache entries computed by this process (`vision` mode; 0 when all were on disk).
     pub vision_entries_built: u64,
     /// Published checkpoint versions, in order.
@@ -185,13 +191,16 @@ pub fn run_with_free_memory(
     let summary = runner::run(&mut task, &runner_cfg, ctx, on_publish)?;
     runner::prune_published(&cfg.checkpoint.publish_dir, cfg.checkpoint.keep_versions, &summary)?;
     let last: Option<&BTreeMap<String, f64>> = summary.validation.last();
-    let per_dim = last.map(per_dim).unwrap_or_default();
+    let axes = task.axes();
+    let per_dim = last.map(|m| axes.report(&axes.per_dim(m))).unwrap_or_default();
     Ok(Stage2Result {
         val_action_error_before: before[BEST_METRIC],
         val_action_error: last.and_then(|m| m.get(BEST_METRIC).copied()),
+        val_action_error_before_per_dim: axes.report(&axes.per_dim(&before)),
         val_action_error_per_dim: per_dim,
         lora_params_changed: task.lora_params_changed(),
         cache_refreshes: task.refreshes(),
+        last_drift: task.last_drift(),
         vision_entries_built: task.vision_entries_built(),
         published: summary.published.clone(),
         accumulation: summary.accumulation,

@@ -53,7 +53,8 @@ use crate::train::config::{CacheMode, ComputeDtype, ResolvedMemory, TrainConfig,
 use crate::train::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
-use crate::train::heads_job::{error_metrics, heads_params, ValidationSums};
+use crate::train::action_error::ActionAxes;
+use crate::train::heads_job::{heads_params, ValidationSums};
 use crate::train::model_id::{base_model_id, older_scheme_note};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
@@ -681,6 +682,16 @@ impl Stage2Task {
         Ok(())
     }
 
+    /// Drift (rel. L2 mean over the probe set) measured at the last refresh, if any.
+    pub fn last_drift(&self) -> Option<f64> {
+        self.fs.drift.map(|d| d.rel_l2_mean)
+    }
+
+    /// The dataset's action dimensions.
+    pub fn axes(&self) -> ActionAxes {
+        ActionAxes::from_dataset(&self.ds)
+    }
+
     /// Whether this process builds sample `i`'s cache entries (data-parallel: its share).
     fn builds(&self, i: usize) -> bool {
         self.group.as_ref().is_none_or(|g| i % g.world_size() == g.rank())
@@ -693,7 +704,8 @@ impl Stage2Task {
     }
 
     /// Validation metrics of the current weights: `val_loss` (diffusion loss, fixed noise),
-    /// `val_action_error` (mean DDIM error, physical units) and `val_action_error/dim<k>`, in
+    /// `val_action_error` (mean DDIM error in training-set stds) and per dimension (physical
+    /// units; [`ActionAxes::metrics`]), in
     /// chunks of `chunk` samples. In `features` mode the features come from the cache, otherwise
     /// they are computed live.
     pub fn validation_metrics(&mut self, chunk: usize) -> Result<BTreeMap<String, f64>> {
@@ -707,7 +719,7 @@ impl Stage2Task {
             };
             sums.add(&self.heads, &self.ds, idx, &features, self.seed, Some(VAL_STREAM))?;
         }
-        let mut m = error_metrics(&sums.errors());
+        let mut m = self.axes().metrics(&sums.errors());
         m.insert("val_loss".to_string(), sums.loss());
         Ok(m)
     }

@@ -1,0 +1,58 @@
+//! `vla_finetune experiment cache-modes` at a tiny size: every mode runs from the same stage-1
+//! checkpoint per seed, the refresh counts follow each mode's rule, and the summary, table and
+//! plot data are the runs' numbers (means and spreads recomputed here).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let bin = env!("CARGO_BIN_EXE_vla_finetune");
+    let o = Command::new(bin)
+        .args(["experiment", "cache-modes", "--seeds", "1,2", "--episodes", "2", "--val-episodes", "1", "--seconds", "2"])
+        .args(["--stage1-epochs", "2", "--stage2-epochs", "2", "--out"])
+        .arg(&out)
+        .env("TORCH_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "experiment failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let results: Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let runs = results["runs"].as_array().unwrap();
+    let modes = ["off", "vision", "features/1", "features/5", "features/adaptive"];
+    assert_eq!(runs.len(), 2 * modes.len());
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("`{k}` of {r}"));
+    for seed in [1u64, 2] {
+        let mine: Vec<&Value> = runs.iter().filter(|r| r["seed"] == seed).collect();
+        assert_eq!(mine.iter().map(|r| r["mode"].as_str().unwrap()).collect::<Vec<_>>(), modes);
+        // One stage-1 checkpoint per seed: every mode starts from the same error.
+        assert!(mine.iter().all(|r| f(r, "stage1_val_action_error") == f(mine[0], "stage1_val_action_error")));
+        for r in &mine {
+            // Two epochs: `features/1` refreshes after its first cached epoch, nothing else does.
+            let refreshes = if r["mode"] == "features/1" { 1 } else { 0 };
+            assert_eq!(r["refreshes"], refreshes, "{r}");
+            assert_eq!(r["drift"].is_number(), refreshes == 1, "{r}");
+            assert!(f(r, "val_action_error") > 0.0 && f(r, "wall_s") > 0.0 && f(r, "samples_per_s") > 0.0);
+        }
+    }
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    let plot: Value = serde_json::from_slice(&std::fs::read(out.join("cache_modes.json")).unwrap()).unwrap();
+    assert!(out.join("cache_modes.png").is_file());
+    for (m, s) in modes.iter().zip(results["summary"].as_array().unwrap()) {
+        assert_eq!(s["mode"], *m);
+        let errs: Vec<f64> = runs.iter().filter(|r| r["mode"] == *m).map(|r| f(r, "val_action_error")).collect();
+        let mean = errs.iter().sum::<f64>() / 2.0;
+        let std = ((errs[0] - mean).powi(2) + (errs[1] - mean).powi(2)).sqrt();
+        assert!((f(s, "val_action_error_mean") - mean).abs() < 1e-12 && (f(s, "val_action_error_std") - std).abs() < 1e-12, "{s}");
+        assert!(table.contains(&format!("| {m} | {mean:.3} ± {std:.3}")), "{m}: {table}");
+        let curve = plot[0]["curves"].as_array().unwrap().iter().find(|c| c["name"] == *m).unwrap();
+        let ys: Vec<f64> = curve["points"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+        assert_eq!(ys, errs);
+    }
+
+    let o = Command::new(bin).args(["experiment", "cache-modes", "--modes", "features/3", "--out"]).arg(dir.path().join("x")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unknown mode `features/3`"), "{err}");
+}
