@@ -1,6 +1,7 @@
 //! `vla_finetune experiment cache-modes` at a tiny size: every mode runs from the same stage-1
 //! checkpoint per seed, the refresh counts follow each mode's rule, and the summary, table and
-//! plot data are the runs' numbers (means and spreads recomputed here).
+//! plot data are the runs' numbers (means and spreads recomputed here); the heads-only control
+//! leaves the LoRA untouched.
 
 use std::process::Command;
 
@@ -21,7 +22,7 @@ fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_run
     assert!(o.status.success(), "experiment failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let results: Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let runs = results["runs"].as_array().unwrap();
-    let modes = ["off", "vision", "features/1", "features/5", "features/adaptive"];
+    let modes = ["off", "vision", "features/1", "features/5", "features/adaptive", "heads-only"];
     assert_eq!(runs.len(), 2 * modes.len());
     let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("`{k}` of {r}"));
     for seed in [1u64, 2] {
@@ -36,6 +37,17 @@ fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_run
             assert_eq!(r["drift"].is_number(), refreshes == 1, "{r}");
             assert!(f(r, "val_action_error") > 0.0 && f(r, "wall_s") > 0.0 && f(r, "samples_per_s") > 0.0);
         }
+        // The control leaves the VL model as it is: its adapter's B matrices are still the
+        // zeros they start at, while the vision mode's moved.
+        let lora_b_abs_sum = |mode: &str| -> f64 {
+            let bytes = std::fs::read(out.join(format!("seed{seed}/{mode}/stage2_work/adapter/adapter_model.safetensors"))).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let b: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n.contains("lora_B")).collect();
+            assert!(!b.is_empty(), "{mode}: no lora_B tensors");
+            b.iter().map(|(_, t)| t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).abs() as f64).sum::<f64>()).sum()
+        };
+        assert_eq!(lora_b_abs_sum("heads-only"), 0.0);
+        assert!(lora_b_abs_sum("vision") > 0.0);
     }
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
     let plot: Value = serde_json::from_slice(&std::fs::read(out.join("cache_modes.json")).unwrap()).unwrap();

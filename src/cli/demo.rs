@@ -113,7 +113,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     crate::priority::lower_this_thread(10);
 
     eprintln!("[6/6] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
-    let plan = Stage2Plan { epochs: a.stage2_epochs, seed: a.seed, device: a.device.clone(), cache_mode: "features".into(), refresh_every: a.refresh_every, drift_threshold: None };
+    let plan = Stage2Plan { epochs: a.stage2_epochs, seed: a.seed, device: a.device.clone(), cache_mode: "features".into(), refresh_every: a.refresh_every, drift_threshold: None, lr_vl_lora: LR_VL_LORA };
     let config = stage2_config(&plan, &out.join("stage2"), &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
     let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
     // The policy ends on what `latest` names: Stage 2's best, or stage 1's version when no Stage 2
@@ -276,7 +276,12 @@ pub(super) struct Stage2Plan {
     pub refresh_every: u64,
     /// `cache.drift_threshold`.
     pub drift_threshold: Option<f64>,
+    /// `optim.lr_vl_lora` (0: the VL model is not adapted, only the heads train).
+    pub lr_vl_lora: f64,
 }
+
+/// The demo's LoRA learning rate: the tiny random model needs larger steps than a pretrained 3B.
+pub(super) const LR_VL_LORA: f64 = 1.0e-3;
 
 /// Offset of the validation episodes' simulator seed from `--seed`.
 const VAL_SEED_OFFSET: u64 = 1000;
@@ -324,7 +329,7 @@ pub(super) fn stage2_config(p: &Stage2Plan, work: &Path, dataset: &Path, base: &
         "memory.accum_steps=2".into(),
         "lora.rank=8".into(),
         // The tiny random model needs larger steps than a pretrained 3B.
-        "optim.lr_vl_lora=1.0e-3".into(),
+        format!("optim.lr_vl_lora={:e}", p.lr_vl_lora),
         "optim.lr_heads=3.0e-4".into(),
         "optim.lr_sensor_encoder=3.0e-4".into(),
         format!("cache.mode={}", p.cache_mode),

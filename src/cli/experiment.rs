@@ -3,7 +3,8 @@
 //! from a simulator seed the training never saw), stage 1 and the oracle floor are trained once,
 //! then Stage 2 runs from that same stage-1 checkpoint in each cache mode: `off`, `vision`,
 //! `features` with a refresh every 1 and every 5 cached epochs, and `features` adaptive (every 5,
-//! or sooner when the drift measured at the last refresh reaches `--drift-threshold`). Written to
+//! or sooner when the drift measured at the last refresh reaches `--drift-threshold`), and the
+//! control `heads-only` (the VL model not adapted: what training the heads longer gives). Written to
 //! `--out`: `results.json` (every run and the per-mode summary), `table.md` (the summary as a
 //! Markdown table) and `cache_modes.png` (held-out error and wall time per seed and mode).
 
@@ -60,7 +61,7 @@ pub struct CacheModesArgs {
     #[arg(long, default_value_t = 0.05)]
     pub drift_threshold: f64,
     /// Only these modes (names as in the table: off, vision, features/1, features/5,
-    /// features/adaptive).
+    /// features/adaptive, heads-only).
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
     /// Where Stage 2 runs (cpu, cuda, cuda:N).
@@ -75,14 +76,19 @@ struct Mode {
     cache_mode: &'static str,
     refresh_every: u64,
     drift: bool,
+    /// Whether the LoRA trains (false: the control, heads only).
+    lora: bool,
 }
 
-const MODES: [Mode; 5] = [
-    Mode { name: "off", cache_mode: "off", refresh_every: 5, drift: false },
-    Mode { name: "vision", cache_mode: "vision", refresh_every: 5, drift: false },
-    Mode { name: "features/1", cache_mode: "features", refresh_every: 1, drift: false },
-    Mode { name: "features/5", cache_mode: "features", refresh_every: 5, drift: false },
-    Mode { name: "features/adaptive", cache_mode: "features", refresh_every: 5, drift: true },
+const MODES: [Mode; 6] = [
+    Mode { name: "off", cache_mode: "off", refresh_every: 5, drift: false, lora: true },
+    Mode { name: "vision", cache_mode: "vision", refresh_every: 5, drift: false, lora: true },
+    Mode { name: "features/1", cache_mode: "features", refresh_every: 1, drift: false, lora: true },
+    Mode { name: "features/5", cache_mode: "features", refresh_every: 5, drift: false, lora: true },
+    Mode { name: "features/adaptive", cache_mode: "features", refresh_every: 5, drift: true, lora: true },
+    // The control: Stage 2 with the VL model left as it is (LoRA learning rate 0), so the table
+    // shows what adapting the VL model adds over training the heads longer.
+    Mode { name: "heads-only", cache_mode: "vision", refresh_every: 5, drift: false, lora: false },
 ];
 
 /// One Stage 2 run.
@@ -129,7 +135,7 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
     } else {
         a.modes
             .iter()
-            .map(|m| MODES.iter().find(|x| x.name == m).cloned().with_context(|| format!("--modes: unknown mode `{m}` (known: off, vision, features/1, features/5, features/adaptive)")))
+            .map(|m| MODES.iter().find(|x| x.name == m).cloned().with_context(|| format!("--modes: unknown mode `{m}` (known: off, vision, features/1, features/5, features/adaptive, heads-only)")))
             .collect::<Result<_>>()?
     };
     anyhow::ensure!(!a.seeds.is_empty(), "--seeds: at least one seed");
@@ -157,6 +163,7 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
                 cache_mode: m.cache_mode.into(),
                 refresh_every: m.refresh_every,
                 drift_threshold: m.drift.then_some(a.drift_threshold),
+                lr_vl_lora: if m.lora { super::demo::LR_VL_LORA } else { 0.0 },
             };
             let config = stage2_config(&plan, &work, &p.dataset, &p.base_model, &p.stage1_published.dir, &work.join("checkpoints"))?;
             let t = Instant::now();

@@ -107,7 +107,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let r = result?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     eprintln!(
-        "validation action error (mean abs, physical units): stage-1 {:.4} -> stage-2 {}; {logged} progress events in {}",
+        "validation action error (mean abs, in training-set stds): stage-1 {:.4} -> stage-2 {}; {logged} progress events in {}",
         r.val_action_error_before,
         r.val_action_error.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
         job.config.progress.log_file.display()
