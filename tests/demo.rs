@@ -51,6 +51,7 @@ fn demo_closes_the_loop_and_its_report_matches_the_files() {
     // epoch beat it).
     let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
     assert_eq!(report["active_version"].as_str().unwrap(), latest.trim());
+    assert_eq!(report["latest_version"].as_str().unwrap(), latest.trim());
     let last = versions.last().unwrap();
     assert!(Path::new(&out.join("checkpoints").join(last).join("adapter/adapter_model.safetensors")).exists());
     // Zero missed ticks is a property of the runtime's design, tested on a simulated clock in

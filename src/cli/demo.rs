@@ -156,6 +156,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         "lora_params_changed": s2.lora_params_changed,
         "cache_refreshes": s2.cache_refreshes,
         "published_versions": published,
+        "latest_version": latest,
         "active_version": status["active_version"],
         "hotswap_latency_ms": swap["hotswap_latency_ms"],
         "missed_ticks": status["missed_ticks"],
