@@ -205,7 +205,15 @@ fn features_mode_with_refresh_epochs_over_two_ranks_equals_one_process() {
     assert_eq!(r1["cache_refreshes"].as_u64(), Some(2), "{r1}");
     assert_eq!(r2["cache_refreshes"].as_u64(), r1["cache_refreshes"].as_u64());
     assert_eq!(r2["lora_params_changed"], serde_json::Value::Bool(true));
-    assert_close(&state_params(&two), &state_params(&one), 1e-5);
+    // Looser than the live-feature test's 1e-5: the cache's features come from batched forwards
+    // of other batch mates and padding (chunks of 4 consecutive samples on one process, of 2 of
+    // each rank's share on two), so the heads read inputs that differ in the last float bits.
+    // Adam turns that into a fraction of a step where a gradient is near zero: up to 6e-6
+    // (cpu-2c) and 1.3e-5 (CI) on the first convolution, whose scale the BatchNorm after it
+    // removes; every other tensor stays within 2e-7 on cpu-2c. 1e-4 is a tenth of one step
+    // (lr 1e-3), while a wrong shard, a gradient not averaged or a refresh skipped moves
+    // parameters by whole steps.
+    assert_close(&state_params(&two), &state_params(&one), 1e-4);
     // The shared cache holds each sample's features once, under the last adapter only: the
     // ranks wrote their shares and rank 0 removed the older adapters' entries.
     let count = |out: &Path| entries_owned(&out.join("cache"));
