@@ -2,6 +2,7 @@
 //! (Stage 2: Qwen2.5-VL + LoRA, sensor encoder, diffusion action expert) and hot-swap it into a
 //! running policy. The core is ROS-free; `ros` (feature `ros`) only adapts it to ROS 2.
 
+pub mod atomic_file;
 pub mod bench;
 pub mod civil_date;
 pub mod cli;

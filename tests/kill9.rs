@@ -199,7 +199,7 @@ fn train_heads_killed_at_random_points_keeps_latest_and_the_state_and_the_next_r
         let delay = Duration::from_millis(rng.below(full.as_millis() as u64 * 3 / 4 + 1));
         killed += run_killed_after(&args, delay, &dir.path().join("killed.log")) as u32;
         check_outputs(&format!("seed {seed}, kill after {delay:?}"));
-        publish_leftovers += names(&ck, ".").iter().filter(|n| n.starts_with(".tmp-") || *n == ".latest.tmp").count();
+        publish_leftovers += names(&ck, ".").iter().filter(|n| publication_leftover(n)).count();
         state_leftovers += names(&work.join("state"), ".").iter().filter(|n| n.ends_with(".tmp")).count();
     }
     let resumed = heads_args(&work, &["--resume"]);
@@ -207,11 +207,17 @@ fn train_heads_killed_at_random_points_keeps_latest_and_the_state_and_the_next_r
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["version"].is_string(), "{v}");
     check_outputs("after the next run");
-    let ck_left: Vec<String> = names(&ck, ".").into_iter().filter(|n| n.starts_with(".tmp-") || n == ".latest.tmp").collect();
+    let ck_left: Vec<String> = names(&ck, ".").into_iter().filter(|n| publication_leftover(n)).collect();
     assert_eq!(ck_left, Vec::<String>::new(), "no publication leftover");
     let state_left: Vec<String> = names(&work.join("state"), ".").into_iter().filter(|n| n.ends_with(".tmp")).collect();
     assert_eq!(state_left, Vec::<String>::new(), "no state-write leftover");
     println!(
         "corpus kill9_train_heads: 5 runs, {killed} killed with SIGKILL ({publish_leftovers} mid-publication, {state_leftovers} mid-state-write), panics 0, data lost 0"
     );
+}
+
+/// A staged version folder (`.tmp-<version>`) or a `latest` pointer's temporary
+/// (`.latest.<pid>.tmp`) of an interrupted publication.
+fn publication_leftover(name: &str) -> bool {
+    name.starts_with(".tmp-") || (name.starts_with(".latest.") && name.ends_with(".tmp"))
 }

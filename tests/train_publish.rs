@@ -91,8 +91,12 @@ fn crash_before_rename_keeps_previous_latest_and_is_cleaned_later() {
     assert_eq!(staged.version, "v0002");
     let tmp_dir = staged.tmp_dir.clone();
     drop(staged);
-    // A crash while writing the pointer leaves its temporary file too.
-    fs::write(root.join(".latest.tmp"), "v0002\n").unwrap();
+    // A crash while writing the pointer leaves its temporary file too (named by the writer's
+    // pid, here one of a process that has exited).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let pointer_tmp = root.join(format!(".latest.{}.tmp", gone.id()));
+    fs::write(&pointer_tmp, "v0002\n").unwrap();
     assert!(tmp_dir.is_dir());
 
     // Readers still see v0001, whole.
@@ -104,7 +108,7 @@ fn crash_before_rename_keeps_previous_latest_and_is_cleaned_later() {
     let again = Publisher::new(&root).unwrap().publish(&request(tmp.path(), "c")).unwrap();
     assert_eq!(again.version, "v0002");
     assert!(!tmp_dir.exists());
-    assert!(!root.join(".latest.tmp").exists());
+    assert!(!pointer_tmp.exists());
     let names: Vec<String> = fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     let mut names = names;
     names.sort();

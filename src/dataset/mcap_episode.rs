@@ -427,12 +427,16 @@ fn meta_as_map(meta: &EpisodeMeta) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Writes `episode.json` atomically (temporary file + rename).
+/// Writes `episode.json` atomically.
 pub fn write_episode_json(dir: &Path, meta: &EpisodeMeta) -> Result<(), EpisodeError> {
-    let path = dir.join(EPISODE_JSON);
-    let tmp = dir.join(".episode.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(meta).expect("metadata serializes")).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    write_atomic(&dir.join(EPISODE_JSON), &serde_json::to_vec_pretty(meta).expect("metadata serializes"))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EpisodeError> {
+    crate::atomic_file::write(path, bytes).map_err(|e| {
+        let (path, source) = e.into_parts();
+        EpisodeError::Io { path, source }
+    })
 }
 
 /// Reads `episode.json`.
@@ -522,10 +526,7 @@ pub fn write_rosbag2_metadata(dir: &Path, file_name: &str, counts: &[TopicCount]
             }],
         },
     };
-    let path = dir.join(ROSBAG2_METADATA);
-    let tmp = dir.join(".metadata.yaml.tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&info).expect("metadata serializes")).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    write_atomic(&dir.join(ROSBAG2_METADATA), serde_yaml::to_string(&info).expect("metadata serializes").as_bytes())
 }
 
 /// One message found while scanning an MCAP file.

@@ -4,8 +4,7 @@
 //! name, dtype, shape and finiteness; nothing is loaded partially.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -196,18 +195,9 @@ impl PolicyHeads {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling, fsync and rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| ckpt_err(path, "not a file path"))?;
-    let tmp: PathBuf = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::atomic_file::write(path, bytes).map_err(|e| {
+        let (path, source) = e.into_parts();
+        PolicyError::Io { path, source }
+    })
 }

@@ -189,7 +189,7 @@ impl FeatureCache {
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with('.') && name.ends_with(".tmp") {
                     // A live process's write in progress stays; another opener may remove a stale one first.
-                    if tensor_io::is_stale_tmp(&name) {
+                    if crate::atomic_file::is_stale_tmp(&name, None) {
                         match fs::remove_file(&path) {
                             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &path)(e)),
                             _ => {}

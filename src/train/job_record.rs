@@ -75,10 +75,7 @@ impl JobRecord {
     /// Writes it to `run_dir` (atomically: a reader sees the old or the new record).
     pub fn write(&self, run_dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
-        let tmp = run_dir.join(".job.json.tmp");
-        let path = run_dir.join(JOB_FILE);
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("job records serialize")).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+        crate::atomic_file::write(&run_dir.join(JOB_FILE), &serde_json::to_vec_pretty(self).expect("job records serialize")).map_err(|e| e.to_string())
     }
 
     /// The state, reading a `running` record whose process is gone as failed.

@@ -17,7 +17,7 @@
 //! - [`config`]: `config/train.yaml` and `config/vram_presets.yaml`.
 //! - [`stage2`]: the Stage 2 job (LoRA on the VL model + heads) with its cache modes.
 //! - [`guard`]: one training per state folder, no silent restart over an existing state.
-//! - [`tensor_io`]: safetensors <-> tch with metadata, durable writes.
+//! - [`tensor_io`]: safetensors <-> tch with metadata.
 //! - [`service`]: the fine-tuning service (requests, stages, resume) behind the trainer node;
 //!   [`training_set`] compiles the episodes a request names, [`job_record`] keeps each job.
 

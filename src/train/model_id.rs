@@ -107,13 +107,10 @@ fn file_sha256(path: &Path) -> Result<String, TrainError> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Writes the sidecar (a per-process temporary renamed over it, so concurrent starts never
-/// leave a torn file); a folder that cannot be written only costs the next start a full hash.
+/// Writes the sidecar atomically (concurrent starts never leave a torn file); a folder that cannot be written only costs the next start a full hash.
 fn remember(sidecar: &Path, hashes: &BTreeMap<String, FileHash>) {
     let bytes = serde_json::to_vec_pretty(hashes).expect("file hashes serialize");
-    let tmp = sidecar.with_file_name(format!("{SIDECAR}.{}.tmp", std::process::id()));
-    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, sidecar)) {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = crate::atomic_file::write(sidecar, &bytes) {
         tracing::warn!(file = %sidecar.display(), "weight hashes not kept ({e}): the model will be hashed again at the next start");
     }
 }

@@ -17,7 +17,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 use serde::Serialize;
 
-use super::tensor_io::{write_atomic, TensorIoError};
+use crate::atomic_file::{write as write_atomic, WriteError};
 
 /// Colour of the training-loss curve.
 pub const TRAIN_COLOR: (u8, u8, u8) = (31, 119, 180);
@@ -58,7 +58,7 @@ pub enum PlotError {
     Draw { path: PathBuf, reason: String },
     /// Writing the image or its legend failed.
     #[error(transparent)]
-    Write(#[from] TensorIoError),
+    Write(#[from] WriteError),
 }
 
 /// One named curve of `(x, y)` points; non-finite points are skipped when drawing.

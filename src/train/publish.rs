@@ -6,7 +6,7 @@
 //! 1. copy the files into `<root>/.tmp-<version>/`, fsync each file and folder;
 //! 2. write `manifest.json` there (fsynced);
 //! 3. rename the folder to `<root>/<version>/`, fsync `<root>`;
-//! 4. write `<root>/.latest.tmp` holding the version name, fsync, rename it to `<root>/latest`,
+//! 4. write `<root>/.latest.<pid>.tmp` holding the version name, fsync, rename it to `<root>/latest`,
 //!    fsync `<root>`.
 //!
 //! `latest` is a small text file (the version name and a newline), not a symlink: renaming a file
@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::tensor_io::{fsync_dir, write_atomic, TensorIoError};
+use crate::atomic_file::{self, fsync_dir, write as write_atomic, WriteError};
 
 /// Manifest layout version written by this code.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
@@ -46,7 +46,7 @@ pub enum PublishError {
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     /// A durable write failed.
     #[error(transparent)]
-    Durable(#[from] TensorIoError),
+    Durable(#[from] WriteError),
     /// The publish request is unusable.
     #[error("publish request: {0}")]
     Request(String),
@@ -274,7 +274,7 @@ impl Publisher {
             let path = entry.path();
             if name.starts_with(TMP_PREFIX) && path.is_dir() {
                 fs::remove_dir_all(&path).map_err(io_err("remove stale folder", &path))?;
-            } else if name == format!(".{LATEST_NAME}.tmp") {
+            } else if atomic_file::is_stale_tmp(&name, Some(LATEST_NAME)) {
                 fs::remove_file(&path).map_err(io_err("remove stale file", &path))?;
             } else {
                 continue;

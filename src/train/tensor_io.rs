@@ -1,10 +1,8 @@
-//! safetensors <-> tch conversion (with string metadata) and durable file writes
-//! (write to a temporary sibling, fsync, rename, fsync the parent folder).
+//! safetensors <-> tch conversion (with string metadata), written durably ([`crate::atomic_file`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -25,6 +23,12 @@ pub enum TensorIoError {
     /// libtorch refused an operation on a tensor.
     #[error("tensor `{name}`: {reason}")]
     Torch { name: String, reason: String },
+}
+
+impl From<crate::atomic_file::WriteError> for TensorIoError {
+    fn from(e: crate::atomic_file::WriteError) -> Self {
+        TensorIoError::Io { op: e.op, path: e.path, source: e.source }
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TensorIoError + 'a {
@@ -99,51 +103,6 @@ pub fn to_host(name: &str, t: &Tensor) -> Result<HostTensor, TensorIoError> {
     Ok(HostTensor { dtype, shape, data })
 }
 
-/// Writes `bytes` to `path` durably: temporary sibling, fsync, rename, fsync of the parent folder.
-/// A reader sees either the old file or the complete new one, never a torn file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
-    let tmp = tmp_sibling(path);
-    {
-        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
-    fsync_parent(path)
-}
-
-/// The temporary name `write_atomic` uses for `path` (`.<name>.<pid>.tmp` beside it, so that
-/// processes writing the same file at once, such as data-parallel ranks filling one cache,
-/// never share a temporary).
-fn tmp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
-/// Whether `name` is a temporary of [`write_atomic`] left by a process that is gone (an
-/// interrupted write; one of a live process is still being written).
-pub fn is_stale_tmp(name: &str) -> bool {
-    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { return false };
-    match stem.rsplit_once('.').and_then(|(_, pid)| pid.parse::<u32>().ok()) {
-        Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
-        None => true,
-    }
-}
-
-/// fsyncs the folder holding `path`, making a rename or creation in it durable.
-pub fn fsync_parent(path: &Path) -> Result<(), TensorIoError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fsync_dir(parent)
-}
-
-/// fsyncs a folder (its entries: creations, renames, removals).
-pub fn fsync_dir(dir: &Path) -> Result<(), TensorIoError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync folder", dir))
-}
-
 /// Serializes named tensors and string metadata to safetensors bytes.
 pub fn to_safetensors_bytes(
     tensors: &[(String, Tensor)],
@@ -157,14 +116,14 @@ pub fn to_safetensors_bytes(
         .map_err(|e| TensorIoError::Format { path: PathBuf::from("<memory>"), reason: e.to_string() })
 }
 
-/// Writes named tensors and metadata to `path` as safetensors, atomically (see [`write_atomic`]).
+/// Writes named tensors and metadata to `path` as safetensors, atomically (see [`crate::atomic_file`]).
 pub fn write_safetensors_atomic(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), TensorIoError> {
     let bytes = to_safetensors_bytes(tensors, metadata)?;
-    write_atomic(path, &bytes)
+    Ok(crate::atomic_file::write(path, &bytes)?)
 }
 
 /// A safetensors file's tensors (on the CPU, in file order by name) and its metadata.

@@ -455,8 +455,8 @@ pub fn save_adapter(model: &mut dyn VisitLinears, cfg: &LoraConfig, meta: &Adapt
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), PeftError> {
-    let tmp = path.with_extension("tmp");
-    let io = |source| PeftError::Io { path: path.into(), source };
-    std::fs::write(&tmp, data).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::atomic_file::write(path, data).map_err(|e| {
+        let (path, source) = e.into_parts();
+        PeftError::Io { path, source }
+    })
 }
