@@ -4,6 +4,7 @@
 
 pub mod atomic_file;
 pub mod bench;
+pub mod checkpoint;
 pub mod civil_date;
 pub mod cli;
 pub mod dataset;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use vla_finetune::train::publish::verify;
+use vla_finetune::checkpoint::publish::verify;
 
 fn num(r: &Value, key: &str) -> f64 {
     r[key].as_f64().unwrap_or_else(|| panic!("report.json: `{key}` is not a number: {}", r[key]))

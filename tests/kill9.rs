@@ -13,7 +13,7 @@ use vla_finetune::dataset::compile::{compile, CompileConfig, CompileReport};
 use vla_finetune::dataset::episode::EpisodeSource;
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::dataset::rng::SplitMix64;
-use vla_finetune::train::publish::{verify, Publisher};
+use vla_finetune::checkpoint::publish::{verify, Publisher};
 use vla_finetune::train::state::read_state_meta;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vla_finetune");

@@ -20,9 +20,9 @@ use vla_finetune::policy::{
     PolicyHeads, SensorEncoderConfig, VlFeatures as HeadFeatures, VlaPolicy,
 };
 use vla_finetune::runtime::*;
-use vla_finetune::train::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE};
-use vla_finetune::train::model_id::base_model_id;
-use vla_finetune::train::publish::{PublishItem, PublishRequest, Publisher, Source};
+use vla_finetune::checkpoint::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE};
+use vla_finetune::checkpoint::model_id::base_model_id;
+use vla_finetune::checkpoint::publish::{PublishItem, PublishRequest, Publisher, Source};
 use vla_finetune::vlm::{Pooling, Qwen25VL, VlProcessor};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");

@@ -574,7 +574,7 @@ fn config_type_errors_name_the_key_and_where_the_value_came_from() {
 
 #[test]
 fn a_checkpoints_root_or_its_latest_means_the_latest_version() {
-    use vla_finetune::train::publish::{resolve_checkpoint_dir, PublishItem, PublishRequest, Publisher, Source};
+    use vla_finetune::checkpoint::publish::{resolve_checkpoint_dir, PublishItem, PublishRequest, Publisher, Source};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("checkpoints");
     let p = Publisher::new(&root).unwrap();
@@ -869,7 +869,7 @@ mod props {
 
 #[test]
 fn latest_never_moves_to_a_worse_version_on_the_same_data() {
-    use vla_finetune::train::publish::{PublishItem, PublishRequest, Publisher, Source};
+    use vla_finetune::checkpoint::publish::{PublishItem, PublishRequest, Publisher, Source};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("checkpoints");
     let req = |err: f64, stats: &[u8]| PublishRequest {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use vla_finetune::train::publish::{
+use vla_finetune::checkpoint::publish::{
     rfc3339, verify, PublishError, PublishItem, PublishRequest, Publisher, Source, LATEST_NAME, MANIFEST_NAME,
 };
 

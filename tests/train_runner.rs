@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use vla_finetune::train::controller::{CancelToken, JobContext};
 use vla_finetune::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
 use vla_finetune::train::progress::{CacheStatus, Phase, ProgressHub};
-use vla_finetune::train::publish::{verify, PublishItem, Source};
+use vla_finetune::checkpoint::publish::{verify, PublishItem, Source};
 use vla_finetune::train::error::TrainError;
 use vla_finetune::train::runner::{run, Runner, RunnerConfig, TrainTask};
 
@@ -316,7 +316,7 @@ fn the_loop_can_be_driven_step_by_step() {
     let c = ctx(CancelToken::new(), &hub);
     let cfg = config(dir.path(), false);
     let mut task = toy(None);
-    let mut on_publish = |_: &vla_finetune::train::publish::Published| {};
+    let mut on_publish = |_: &vla_finetune::checkpoint::publish::Published| {};
     let mut runner = Runner::new(&mut task, &cfg, &c, &mut on_publish).unwrap();
     let err = runner.step().unwrap_err().to_string();
     assert!(err.contains("before begin_epoch"), "{err}");

@@ -16,7 +16,7 @@ use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
 use vla_finetune::train::controller::{JobStatus, StartResponse};
 use vla_finetune::train::heads_job::{self, HeadsJob, HeadsTrainConfig};
 use vla_finetune::train::optim::Accumulation;
-use vla_finetune::train::publish::Publisher;
+use vla_finetune::checkpoint::publish::Publisher;
 use vla_finetune::train::progress::ProgressHub;
 use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
@@ -32,7 +32,7 @@ fn run(cfg: &TrainConfig) -> Stage2Result {
 
 /// Every tensor of the latest published checkpoint (adapter and heads), by name.
 fn published_tensors(cfg: &TrainConfig) -> Vec<(String, Tensor)> {
-    let dir = vla_finetune::train::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    let dir = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
     let mut out = read_safetensors(&dir.join("adapter/adapter_model.safetensors")).unwrap().tensors;
     out.extend(read_safetensors(&dir.join("heads.safetensors")).unwrap().tensors);
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -252,7 +252,7 @@ fn memory_auto_resume_reuses_the_saved_plan_whatever_memory_is_free() {
     assert!(!r2.run.cancelled && r2.run.counters.global_step > r1.run.counters.global_step);
     assert_eq!(r2.accumulation, Accumulation::new(2, 2).unwrap());
     // The published adapter has the saved rank and alpha = scaling (2.0) x rank.
-    let ck = vla_finetune::train::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    let ck = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
     let adapter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!((adapter["r"].as_u64(), adapter["lora_alpha"].as_f64()), (Some(2), Some(4.0)));
 }
@@ -351,11 +351,11 @@ fn published_adapter_reloads_with_peft_loader() {
     let cfg = config(dir.path(), &["run.epochs=1", "cache.mode=vision"]);
     let r = run(&cfg);
     assert!(r.lora_params_changed);
-    let ck = vla_finetune::train::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
-    vla_finetune::train::publish::verify(&ck).unwrap();
-    let info = vla_finetune::train::deploy::DeployInfo::read(&ck).unwrap();
+    let ck = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    vla_finetune::checkpoint::publish::verify(&ck).unwrap();
+    let info = vla_finetune::checkpoint::deploy::DeployInfo::read(&ck).unwrap();
     assert_eq!(info.adapter.as_deref(), Some("adapter"));
-    assert_eq!(info.base_model_id, vla_finetune::train::model_id::base_model_id(&fixture().base).unwrap());
+    assert_eq!(info.base_model_id, vla_finetune::checkpoint::model_id::base_model_id(&fixture().base).unwrap());
     let mut m = vla_finetune::vlm::Qwen25VL::load(&fixture().base, tch::Kind::Float, Device::Cpu).unwrap();
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let loaded = vla_finetune::vlm::peft::load_adapter(&mut m, &ck.join("adapter"), &vs.root()).unwrap();
@@ -596,8 +596,8 @@ fn a_base_model_with_other_weights_of_the_same_size_is_another_model() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&weights, &bytes).unwrap();
-    let original = vla_finetune::train::model_id::base_model_id(&fixture().base).unwrap();
-    assert_ne!(vla_finetune::train::model_id::base_model_id(&copy).unwrap(), original);
+    let original = vla_finetune::checkpoint::model_id::base_model_id(&fixture().base).unwrap();
+    assert_ne!(vla_finetune::checkpoint::model_id::base_model_id(&copy).unwrap(), original);
     let q = format!("model.base_model_dir={:?}", copy.display().to_string());
     let cfg = config(dir.path(), &["cache.mode=features", &q]);
     let e = Stage2Task::new(&cfg, &stage2::resolve_memory(&cfg).unwrap()).err().expect("refused").to_string();

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use crate::dataset::compile::{compile, CompileConfig};
 use crate::train::config::TrainConfig;
 use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
-use crate::train::publish::{Published, Publisher};
+use crate::checkpoint::publish::{Published, Publisher};
 use crate::train::comparison::Errors;
 use crate::train::stage2::{self, Stage2Job};
 
@@ -170,7 +170,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         "policy_status": status_file,
     });
     if let Some(last) = s2.published.last() {
-        report["adapter"] = json!(checkpoints.join(last).join(crate::train::deploy::ADAPTER_DIR));
+        report["adapter"] = json!(checkpoints.join(last).join(crate::checkpoint::deploy::ADAPTER_DIR));
     }
     report["wall_s"] = json!(t0.elapsed().as_secs_f64());
     let text = serde_json::to_string_pretty(&report)?;

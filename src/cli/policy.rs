@@ -380,7 +380,7 @@ pub fn run(a: PolicyArgs) -> Result<()> {
     check_args(&a)?;
     let device = crate::device::parse_available(&a.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let kind = crate::device::parse_dtype(&a.dtype, device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    if a.require_checkpoint && crate::runtime::hotswap::read_latest(&a.checkpoints)?.is_none() {
+    if a.require_checkpoint && crate::checkpoint::publish::read_latest(&a.checkpoints)?.is_none() {
         bail!("--checkpoints {}: no published `latest` and --require-checkpoint was given", a.checkpoints.display());
     }
     let sim = SimConfig { seed: a.seed, cameras: a.cameras, width: a.width, height: a.height, ..Default::default() };

@@ -2,7 +2,7 @@
 
 use super::interfaces::msg;
 use crate::train::progress::ProgressEvent;
-use crate::train::publish::Published;
+use crate::checkpoint::publish::Published;
 use r2r::builtin_interfaces::msg::Time;
 
 /// A ROS time from Unix nanoseconds.

@@ -103,7 +103,7 @@ pub fn resolve_shapes(p: &serde_json::Map<String, serde_json::Value>, checkpoint
         return Ok(Shapes { sensor_window: w, horizon: h, action_dim: a });
     }
     let dir = checkpoint.ok_or_else(|| anyhow!("sensor_window, horizon and action_dim come from the checkpoint, and none is known yet"))?;
-    let d = crate::train::deploy::DeployInfo::read(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+    let d = crate::checkpoint::deploy::DeployInfo::read(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
     let pick = |v: usize, from: usize| if v > 0 { v } else { from };
     Ok(Shapes { sensor_window: pick(w, d.sensor_window), horizon: pick(h, d.horizon), action_dim: pick(a, d.action_dim) })
 }
@@ -185,8 +185,8 @@ pub fn main() -> Result<()> {
         "" => None,
         start => {
             let context = || format!("parameter checkpoint = `{start}`");
-            let dir = crate::train::publish::resolve_checkpoint_dir(Path::new(start)).with_context(context)?;
-            let manifest = crate::train::publish::verify(&dir).with_context(context)?;
+            let dir = crate::checkpoint::publish::resolve_checkpoint_dir(Path::new(start)).with_context(context)?;
+            let manifest = crate::checkpoint::publish::verify(&dir).with_context(context)?;
             Some((manifest.version, dir))
         }
     };

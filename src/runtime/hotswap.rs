@@ -165,21 +165,9 @@ impl SwapWorker {
     }
 }
 
-/// Reads the version named by `<root>/latest` (a text file holding the version name, as the
-/// trainer's publisher writes it). `Ok(None)` while it does not exist.
-pub fn read_latest(root: &Path) -> Result<Option<String>, RuntimeError> {
-    let path = root.join("latest");
-    match std::fs::read_to_string(&path) {
-        Ok(s) => {
-            let v = s.trim();
-            if v.is_empty() || v.contains(['/', '\\']) || v == "." || v == ".." {
-                return Err(RuntimeError::Checkpoint { dir: root.to_path_buf(), reason: format!("`latest` holds {s:?}, expected a version name") });
-            }
-            Ok(Some(v.to_string()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(RuntimeError::Checkpoint { dir: root.to_path_buf(), reason: format!("reading `latest`: {e}") }),
-    }
+/// [`crate::checkpoint::publish::read_latest`] as a runtime error.
+fn read_latest(root: &Path) -> Result<Option<String>, RuntimeError> {
+    crate::checkpoint::publish::read_latest(root).map_err(|e| RuntimeError::Checkpoint { dir: root.to_path_buf(), reason: e.to_string() })
 }
 
 /// Polls `<root>/latest` every `poll` and announces each new version (`<root>/<version>`).
@@ -218,15 +206,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn latest_pointer_is_read_like_the_publisher_writes_it() {
+    fn latest_pointer_must_name_a_published_version() {
         let root = tempfile::tempdir().unwrap();
         assert_eq!(read_latest(root.path()).unwrap(), None);
+        std::fs::create_dir(root.path().join("v0012")).unwrap();
         std::fs::write(root.path().join("latest"), "v0012\n").unwrap();
         assert_eq!(read_latest(root.path()).unwrap().as_deref(), Some("v0012"));
-        for bad in ["\n", "../etc\n", ".."] {
+        for bad in ["\n", "../etc\n", "..", "v0013\n"] {
             std::fs::write(root.path().join("latest"), bad).unwrap();
             let e = read_latest(root.path()).unwrap_err().to_string();
-            assert!(e.contains("expected a version name"), "{bad:?}: {e}");
+            assert!(e.contains("which is not a published version"), "{bad:?}: {e}");
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod vla;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use control::{ActionEvent, ControlConfig, ControlCore, PolicyStatus, RuntimeNotice, StaleBehavior};
 pub use error::RuntimeError;
-pub use hotswap::{read_latest, Announcement, Announcer};
+pub use hotswap::{Announcement, Announcer};
 pub use inputs::{CameraInput, InputBuffers, InputConfig, SensorInput, Snapshot, StaleInput, StateInput};
 pub use model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 pub use operator::{Operator, OperatorCommand, OperatorReply};

@@ -19,7 +19,7 @@ use super::error::RuntimeError;
 use super::model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 use super::types::{ActionChunk, CheckpointMeta, IoSpec, Observation, VlFeatures};
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadFeatures};
-use crate::train::deploy::{DeployInfo, HEADS_FILE};
+use crate::checkpoint::deploy::{DeployInfo, HEADS_FILE};
 use crate::vlm::linear::VisitLinears;
 use crate::vlm::peft::{load_adapter, read_adapter_config, ADAPTER_CONFIG};
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -48,7 +48,7 @@ impl VlaLoader {
         vlm.visit_linears_mut(&mut |l| linears.push(l.path.clone()));
         Ok(Self {
             base_dir: base_dir.to_path_buf(),
-            base_id: crate::train::model_id::base_model_id(base_dir)?,
+            base_id: crate::checkpoint::model_id::base_model_id(base_dir)?,
             vlm: Arc::new(Mutex::new(vlm)),
             linears,
             processor: Arc::new(VlProcessor::from_model_dir(base_dir, &config, None, None)?),
@@ -120,14 +120,14 @@ fn ck_err(dir: &Path, reason: impl ToString) -> RuntimeError {
 
 impl ModelLoader for VlaLoader {
     fn verify(&self, dir: &Path) -> Result<CheckpointMeta, RuntimeError> {
-        let manifest = crate::train::publish::verify(dir).map_err(|e| {
+        let manifest = crate::checkpoint::publish::verify(dir).map_err(|e| {
             // The publisher's errors already name the folder.
             let text = e.to_string();
             ck_err(dir, text.strip_prefix(&format!("checkpoint `{}`: ", dir.display())).unwrap_or(&text))
         })?;
         let deploy = DeployInfo::read(dir).map_err(|e| ck_err(dir, e))?;
         if deploy.base_model_id != self.base_id {
-            let note = crate::train::model_id::older_scheme_note(&deploy.base_model_id);
+            let note = crate::checkpoint::model_id::older_scheme_note(&deploy.base_model_id);
             return Err(ck_err(dir, format!("deploy.json: base_model_id {}, but the loaded base model {} is {}{note}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
         }
         let image = &self.processor.image;

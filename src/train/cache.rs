@@ -3,7 +3,7 @@
 //! eviction.
 //!
 //! A key is the sha256 of a key format version, the cached kind, base model id (by content, see
-//! [`super::model_id`]), compute dtype, adapter version/hash, image-processor settings, prompt
+//! [`crate::checkpoint::model_id`]), compute dtype, adapter version/hash, image-processor settings, prompt
 //! and image bytes (each length-prefixed), so a change to any of them is a miss;
 //! each file also stores its key in its metadata and is checked on load, so a renamed, foreign or
 //! corrupted file is a miss (with a warning, and the file is removed), never a stale hit.
@@ -65,7 +65,7 @@ impl fmt::Debug for CacheKey {
 pub struct KeyInput<'a> {
     /// What is cached, e.g. `vision` (vision-tower embeddings) or `features` (pooled VL features).
     pub kind: &'a str,
-    /// Identity of the base model by content ([`super::model_id::base_model_id`]).
+    /// Identity of the base model by content ([`crate::checkpoint::model_id::base_model_id`]).
     pub base_model: &'a str,
     /// Compute dtype the value was computed in (`f32`, `bf16`).
     pub dtype: &'a str,

@@ -208,7 +208,7 @@ pub struct CheckpointSection {
     /// Published versions kept.
     pub keep_versions: usize,
     /// Let `latest` move to a version worse on the same validation set than the one it named
-    /// when the job started (see [`Publisher::guard_latest`](super::publish::Publisher::guard_latest)).
+    /// when the job started (see [`Publisher::guard_latest`](crate::checkpoint::publish::Publisher::guard_latest)).
     pub allow_worse_latest: bool,
 }
 
@@ -292,7 +292,7 @@ impl TrainConfig {
     /// Parses YAML `text` (named `origin` in errors), applies `overrides` and validates. A value
     /// of the wrong type is blamed on the override that brought it (naming its key and `--set`)
     /// or on the file (with its line and column). `model.stage1_checkpoint` may name a
-    /// checkpoints root or its `latest` (see [`resolve_checkpoint_dir`](super::publish::resolve_checkpoint_dir)).
+    /// checkpoints root or its `latest` (see [`resolve_checkpoint_dir`](crate::checkpoint::publish::resolve_checkpoint_dir)).
     pub fn from_yaml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
         let parse = |reason: String| ConfigError::Parse { origin: origin.to_string(), reason };
         let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
@@ -310,7 +310,7 @@ impl TrainConfig {
             Err(e) => return Err(parse(serde_yaml::from_str::<TrainConfig>(text).err().map_or(e.to_string(), |fe| fe.to_string()))),
         };
         cfg.model.stage1_checkpoint =
-            super::publish::resolve_checkpoint_dir(&cfg.model.stage1_checkpoint).map_err(|e| invalid("model.stage1_checkpoint", e.to_string()))?;
+            crate::checkpoint::publish::resolve_checkpoint_dir(&cfg.model.stage1_checkpoint).map_err(|e| invalid("model.stage1_checkpoint", e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }

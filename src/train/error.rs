@@ -10,11 +10,11 @@ use crate::memory::MemoryError;
 use crate::policy::PolicyError;
 use crate::train::cache::CacheError;
 use crate::train::config::ConfigError;
-use crate::train::deploy::DeployError;
+use crate::checkpoint::deploy::DeployError;
 use crate::train::drift::DriftError;
 use crate::train::optim::OptimError;
 use crate::train::plot::PlotError;
-use crate::train::publish::PublishError;
+use crate::checkpoint::publish::PublishError;
 use crate::train::state::StateError;
 use crate::vlm::grad_checkpoint::CheckpointError;
 use crate::vlm::lora::LoraError;
@@ -111,6 +111,12 @@ pub enum TrainError {
         /// The cause.
         source: Box<TrainError>,
     },
+}
+
+impl From<crate::checkpoint::model_id::ModelIdError> for TrainError {
+    fn from(e: crate::checkpoint::model_id::ModelIdError) -> Self {
+        TrainError::Io { action: e.action, path: e.path, source: e.source }
+    }
 }
 
 impl TrainError {

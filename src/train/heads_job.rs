@@ -28,11 +28,11 @@ use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
 use crate::sim::truth::EpisodeTruth;
 use crate::train::controller::JobContext;
 use crate::train::oracle::{self, ORACLE_DIM};
-use crate::train::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE, STATS_FILE};
+use crate::checkpoint::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE, STATS_FILE};
 use crate::train::error::TrainError;
 use crate::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
 use crate::train::progress::{CacheStatus, Phase, ProgressEvent};
-use crate::train::publish::{PublishItem, Published, Publisher, Source};
+use crate::checkpoint::publish::{PublishItem, Published, Publisher, Source};
 use crate::train::runner::{self, RunSummary, RunnerConfig, TrainTask};
 use crate::train::state::derive_seed;
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -418,7 +418,7 @@ fn vl_features(job: &HeadsJob, ctx: &JobContext, ds: &Dataset) -> Result<(Vec<Te
     let [horizon, action_dim] = ds.index.action_shape;
     let deploy = DeployInfo {
         format_version: DEPLOY_FORMAT_VERSION,
-        base_model_id: crate::train::model_id::base_model_id(&job.base_model)?,
+        base_model_id: crate::checkpoint::model_id::base_model_id(&job.base_model)?,
         adapter: None,
         cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
         processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::controller::JobContext;
 use super::error::TrainError;
 use super::progress::ProgressEvent;
-use super::publish::{Published, Publisher};
+use crate::checkpoint::publish::{Published, Publisher};
 use super::stage2::{Stage2Job, Stage2Result};
 
 /// How to start the ranks.

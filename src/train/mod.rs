@@ -12,7 +12,7 @@
 //! - [`action_error`]: the validation action error (in training-set stds, and per named dimension).
 //! - [`controller`]: one job at a time on its own thread, validators, cancel, status.
 //! - [`cache`] and [`drift`]: feature-cache keys and store; drift and the refresh decision.
-//! - [`publish`]: versioned deployable checkpoints with verified manifests.
+//! Publication of the deployable checkpoint is [`crate::checkpoint`]'s.
 //! - [`progress`] and [`plot`]: progress events, hub, throttle, log, bar; curves PNG.
 //! - [`config`]: `config/train.yaml` and `config/vram_presets.yaml`.
 //! - [`stage2`]: the Stage 2 job (LoRA on the VL model + heads) with its cache modes.
@@ -27,19 +27,16 @@ pub mod comparison;
 pub mod config;
 pub mod controller;
 pub mod data_parallel;
-pub mod deploy;
 pub mod drift;
 pub mod error;
 pub mod guard;
 pub mod heads_job;
 pub mod job_record;
 pub mod launch;
-pub mod model_id;
 pub mod optim;
 pub mod oracle;
 pub mod plot;
 pub mod progress;
-pub mod publish;
 pub mod runner;
 pub mod service;
 pub mod stage2;

@@ -32,7 +32,7 @@ use super::error::TrainError;
 use super::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, MicroBatch, NamedParam};
 use super::plot::{write_curves, Curve, TrainingCurves};
 use super::progress::{eta_seconds, peak_host_memory_bytes, CacheStatus, Phase, ProgressEvent};
-use super::publish::{Published, PublishItem, PublishRequest, Publisher};
+use crate::checkpoint::publish::{Published, PublishItem, PublishRequest, Publisher};
 use super::state::{epoch_order, load_state, save_state, seed_torch, Counters, RunState};
 
 /// The model side of a training run. Progress events report the learning rate of the

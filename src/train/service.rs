@@ -26,7 +26,7 @@ use super::controller::{JobContext, JobController, JobOutcome, JobStatus, Reject
 use super::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use super::job_record::{run_dir, JobRecord, JobState};
 use super::progress::{Phase, ProgressEvent, ProgressHub};
-use super::publish::Published;
+use crate::checkpoint::publish::Published;
 use super::stage2::{self, Stage2Job};
 use super::training_set::{self, DatasetSource};
 use crate::dataset::compile::CompileConfig;
@@ -249,8 +249,8 @@ fn check_request(svc: &ServiceConfig, r: &StartRequest) -> Result<Stages, Reject
     if stages.stage2() {
         if stages == Stages::Two {
             let bad = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
-            let stage1 = super::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| bad(&e))?;
-            let info = super::deploy::DeployInfo::read(&stage1).map_err(|e| bad(&e))?;
+            let stage1 = crate::checkpoint::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| bad(&e))?;
+            let info = crate::checkpoint::deploy::DeployInfo::read(&stage1).map_err(|e| bad(&e))?;
             // A compiled dataset is checked now; an episodes root's layout is known once compiled.
             if let Ok(index) = crate::dataset::store::DatasetIndex::load(std::path::Path::new(&r.dataset)) {
                 if let Some(why) = info.layout_mismatch(index.sensor_shape, index.action_shape) {

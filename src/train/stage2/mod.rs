@@ -20,7 +20,7 @@ use super::controller::JobContext;
 use super::error::TrainError;
 use super::action_error::DimError;
 use super::optim::Accumulation;
-use super::publish::Published;
+use crate::checkpoint::publish::Published;
 use super::runner::{self, RunSummary, RunnerConfig};
 pub use task::{saved_memory, Stage2Task};
 

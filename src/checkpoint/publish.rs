@@ -238,17 +238,7 @@ impl Publisher {
 
     /// The version `latest` names, if any; an error if it names no published folder.
     pub fn latest(&self) -> Result<Option<String>, PublishError> {
-        let path = self.root.join(LATEST_NAME);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(PublishError::Io { op: "read", path, source: e }),
-        };
-        let version = text.trim().to_string();
-        if parse_version(&version).is_none() || !self.root.join(&version).is_dir() {
-            return Err(PublishError::Latest { path, reason: format!("names `{version}`, which is not a published version") });
-        }
-        Ok(Some(version))
+        read_latest(&self.root)
     }
 
     /// The published `version`, verified (see [`verify`]), with whether `latest` names it.
@@ -446,6 +436,22 @@ pub fn hash_file(path: &Path) -> Result<(String, u64), PublishError> {
         size += n as u64;
     }
     Ok((hex::encode(h.finalize()), size))
+}
+
+/// The version `<root>/latest` names (`Ok(None)` while there is none), checked to be a
+/// published version folder: how the trainer, the policy's watcher and the CLI read it.
+pub fn read_latest(root: &Path) -> Result<Option<String>, PublishError> {
+    let path = root.join(LATEST_NAME);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(PublishError::Io { op: "read", path, source: e }),
+    };
+    let version = text.trim().to_string();
+    if parse_version(&version).is_none() || !root.join(&version).is_dir() {
+        return Err(PublishError::Latest { path, reason: format!("names `{version}`, which is not a published version") });
+    }
+    Ok(Some(version))
 }
 
 fn parse_version(name: &str) -> Option<u64> {

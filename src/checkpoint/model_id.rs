@@ -10,12 +10,28 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::error::TrainError;
+/// A model file that could not be read or listed.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} `{path}`: {source}")]
+pub struct ModelIdError {
+    /// What was being done (`read`, `stat`, ...).
+    pub action: &'static str,
+    /// The file or folder.
+    pub path: PathBuf,
+    /// The operating system's error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ModelIdError {
+    let path = path.to_path_buf();
+    move |source| ModelIdError { action, path, source }
+}
 
 /// The hashes kept beside the model (`<model>/.vla_finetune_weights_sha256.json`).
 pub const SIDECAR: &str = ".vla_finetune_weights_sha256.json";
@@ -45,15 +61,15 @@ impl FileHash {
 }
 
 /// The id of the base model in `dir` (see the module doc).
-pub fn base_model_id(dir: &Path) -> Result<String, TrainError> {
+pub fn base_model_id(dir: &Path) -> Result<String, ModelIdError> {
     let config = dir.join("config.json");
     let mut h = Sha256::new();
-    h.update(std::fs::read(&config).map_err(TrainError::io("read", &config))?);
+    h.update(std::fs::read(&config).map_err(io_err("read", &config))?);
     let sidecar = dir.join(SIDECAR);
     let known: BTreeMap<String, FileHash> =
         std::fs::read(&sidecar).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map_err(TrainError::io("list folder", dir))?
+        .map_err(io_err("list folder", dir))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".safetensors"))
@@ -62,7 +78,7 @@ pub fn base_model_id(dir: &Path) -> Result<String, TrainError> {
     let mut hashes = BTreeMap::new();
     for name in names {
         let path = dir.join(&name);
-        let meta = std::fs::metadata(&path).map_err(TrainError::io("stat", &path))?;
+        let meta = std::fs::metadata(&path).map_err(io_err("stat", &path))?;
         let entry = match known.get(&name) {
             Some(k) if k.matches(&meta) => k.clone(),
             _ => {
@@ -93,12 +109,12 @@ pub fn older_scheme_note(id: &str) -> &'static str {
     }
 }
 
-fn file_sha256(path: &Path) -> Result<String, TrainError> {
-    let mut f = std::fs::File::open(path).map_err(TrainError::io("open", path))?;
+fn file_sha256(path: &Path) -> Result<String, ModelIdError> {
+    let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(TrainError::io("read", path))?;
+        let n = f.read(&mut buf).map_err(io_err("read", path))?;
         if n == 0 {
             break;
         }
