@@ -185,16 +185,12 @@ pub enum AlignError {
     },
 }
 
-/// Wraps an angle difference in degrees to (-180, 180].
+/// Wraps degrees (an angle or an angle difference) into (-180, 180], without negative zero.
 pub fn wrap_deg(d: f64) -> f64 {
-    // [-180, 180) for -d, then negate: (-180, 180].
-    let m = -d;
-    let w = m - 360.0 * ((m + 180.0) / 360.0).floor();
-    let r = -w;
-    if r == -180.0 {
-        180.0
-    } else if r == 0.0 {
-        0.0 // no negative zero
+    let w = d.rem_euclid(360.0);
+    let r = if w > 180.0 { w - 360.0 } else { w };
+    if r == 0.0 {
+        0.0
     } else {
         r
     }

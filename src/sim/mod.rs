@@ -17,6 +17,7 @@ pub mod truth;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::dataset::align::wrap_deg;
 use crate::dataset::cdr::{Header, Image, MsgType, PoseStamped, RosMessage, SensorFrame, Time};
 use crate::dataset::streams::{Reliability, StreamConfig, StreamQos, StreamSpec};
 
@@ -215,16 +216,6 @@ impl Scene {
     /// The instruction given for this scene.
     pub fn instruction(&self) -> String {
         format!("insert the needle into the {} {} target", self.relation, self.target_color)
-    }
-}
-
-/// Wraps degrees into (-180, 180].
-pub fn wrap_deg(a: f64) -> f64 {
-    let w = a.rem_euclid(360.0);
-    if w > 180.0 {
-        w - 360.0
-    } else {
-        w
     }
 }
 

@@ -3,7 +3,8 @@
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::{wrap_deg, Scene};
+use super::Scene;
+use crate::dataset::align::wrap_deg;
 
 /// Height above the surface where the approach ends and the descent starts, mm.
 const HOVER_MM: f64 = 15.0;
