@@ -95,7 +95,7 @@ fn main() {
     let mut ids: Vec<i64> = vec![151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198];
     for &n in &image_tokens {
         ids.push(cfg.vision_start_token_id);
-        ids.extend(std::iter::repeat(cfg.image_token_id).take(n as usize));
+        ids.extend(std::iter::repeat_n(cfg.image_token_id, n as usize));
         ids.push(cfg.vision_end_token_id);
     }
     ids.extend((0..20).map(|i| 1000 + i));

@@ -96,10 +96,11 @@ fn check_import(bag: &str) {
     assert_eq!(st.is_angle_deg, vec![false, false, false, true, true, true]);
     for (i, e) in m.iter().enumerate() {
         let want: Vec<f64> = serde_json::from_value(e["value"].clone()).unwrap();
-        for k in 0..6 {
-            let d = (st.values[i][k] - want[k]).abs();
+        assert_eq!((st.values[i].len(), want.len()), (6, 6));
+        for (k, (got, want)) in st.values[i].iter().zip(&want).enumerate() {
+            let d = (got - want).abs();
             let d = if k >= 3 { d.min((360.0 - d).abs()) } else { d };
-            assert!(d < 1e-6, "pose {i} value {k}: {} vs {}", st.values[i][k], want[k]);
+            assert!(d < 1e-6, "pose {i} value {k}: {got} vs {want}");
         }
         assert!(st.values[i][5] > -180.0 && st.values[i][5] <= 180.0);
         assert_eq!(st.stamps[i].stamp_ns, e["stamp_ns"].as_i64().unwrap());

@@ -81,8 +81,8 @@ fn episode_reads_back_exactly_with_our_reader() {
     let poses: Vec<PoseStamped> = msgs.iter().filter(|m| m.topic == POSE_TOPIC).map(|m| PoseStamped::decode(&m.cdr).unwrap()).collect();
     assert_eq!(st.values.len(), poses.len());
     for (v, p) in st.values.iter().zip(&poses) {
-        for k in 0..3 {
-            assert!((v[k] - p.position[k] * 1000.0).abs() < 1e-9);
+        for (got, m) in v.iter().zip(&p.position) {
+            assert!((got - m * 1000.0).abs() < 1e-9);
         }
         // The simulator's quaternion is a pure yaw: yaw = 2 atan2(z, w).
         let yaw = 2.0 * p.orientation[2].atan2(p.orientation[3]).to_degrees();

@@ -258,13 +258,16 @@ fn damaged_recordings_report_what_was_read_and_lost() {
     println!("corpus damaged_mcap: {} inputs, {} faults injected ({compiled_damaged} compiled with the damage reported, {left_out} left out), panics 0, good samples lost 0", faults.len() + 2, faults.len());
 }
 
+/// A fault: its name, what it does to an episode folder, what the error must say.
+type Fault = (&'static str, fn(&Path), &'static str);
+
 #[test]
 fn one_unreadable_episode_is_listed_and_the_rest_compiled() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("rec");
     write_episode(&root, "good1", 1, 2.0, true);
     write_episode(&root, "good2", 2, 2.0, true);
-    let faults: [(&str, fn(&Path), &str); 5] = [
+    let faults: [Fault; 5] = [
         ("cut inside its first chunk", |d| {
             let p = mcap_of(d);
             let b = std::fs::read(&p).unwrap();

@@ -202,7 +202,7 @@ impl Publisher {
     /// Whether committing `m` moves `latest` (see [`Publisher::guard_latest`]).
     fn moves_latest(&self, m: &Manifest) -> Result<bool, PublishError> {
         let Some((metric, Some(prev))) = &self.guard else { return Ok(true) };
-        let Ok(bytes) = fs::read(self.root.join(&prev).join(MANIFEST_NAME)) else { return Ok(true) };
+        let Ok(bytes) = fs::read(self.root.join(prev).join(MANIFEST_NAME)) else { return Ok(true) };
         let Ok(old) = serde_json::from_slice::<Manifest>(&bytes) else { return Ok(true) };
         let data = |x: &Manifest| x.file(STATS_NAME).map(|f| f.sha256.clone());
         let same_data = data(m).is_some() && data(m) == data(&old);

@@ -196,8 +196,11 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
     Ok(ImportReport { meta, dir, imported, skipped, unmapped, removed_leftover })
 }
 
+/// A visitor of a bag's messages: (topic, type, encoding, log time, CDR).
+type MessageVisitor<'v> = dyn FnMut(&str, &str, &str, i64, &[u8]) + 'v;
+
 /// Visits every message of an MCAP bag file: (topic, type, encoding, log time, CDR).
-fn read_mcap(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
+fn read_mcap(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportError> {
     // Read, not mapped: a bag shrinking under a map would raise SIGBUS.
     let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
     let mut channels = HashMap::new();
@@ -214,7 +217,7 @@ fn read_mcap(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -
 }
 
 /// Visits every message of a sqlite3 bag file (`topics` and `messages` tables), in time order.
-fn read_sqlite(path: &Path, visit: &mut dyn FnMut(&str, &str, &str, i64, &[u8])) -> Result<(), ImportError> {
+fn read_sqlite(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportError> {
     let damaged = |e: rusqlite::Error| ImportError::Damaged { path: path.to_path_buf(), message: format!("sqlite3: {e}") };
     if !path.exists() {
         return Err(ImportError::Io { path: path.to_path_buf(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });

@@ -763,6 +763,9 @@ struct FrameRef {
     ordinal: usize,
 }
 
+/// A message met while indexing: topic, type, header stamp, chunk (if any), ordinal, CDR bytes.
+type IndexedMessage = (String, MsgType, Stamp, Option<usize>, usize, Vec<u8>);
+
 /// A recorded episode read back from disk.
 pub struct McapEpisode {
     dir: PathBuf,
@@ -820,7 +823,7 @@ impl McapEpisode {
     fn index(&mut self) -> Result<(), EpisodeError> {
         let map: &[u8] = &self.map;
         let mut channels = HashMap::new();
-        let mut msgs: Vec<(String, MsgType, Stamp, Option<usize>, usize, Vec<u8>)> = Vec::new();
+        let mut msgs: Vec<IndexedMessage> = Vec::new();
         let mut skipped: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut skip = |topic: &str, reason: &str| *skipped.entry(topic.to_string()).or_default().entry(reason.to_string()).or_default() += 1;
         let roles: HashMap<String, (Role, MsgType)> = self.streams.all().into_iter().map(|(r, s)| (s.topic.clone(), (r, s.kind()))).collect();

@@ -88,8 +88,8 @@ impl SyncBatchNorm {
             let var = (global.get(1) / n - mean.square()).clamp_min(0.0);
             let unbiased = var * (n / (n - 1.0).max(1.0));
             let (mut rm, mut rv) = (running.0.shallow_clone(), running.1.shallow_clone());
-            let _ = rm.copy_(&(&rm * 0.9 + mean.to_kind(Kind::Float).to_device(rm.device()) * 0.1));
-            let _ = rv.copy_(&(&rv * 0.9 + unbiased.to_kind(Kind::Float).to_device(rv.device()) * 0.1));
+            rm.copy_(&(&rm * 0.9 + mean.to_kind(Kind::Float).to_device(rm.device()) * 0.1));
+            rv.copy_(&(&rv * 0.9 + unbiased.to_kind(Kind::Float).to_device(rv.device()) * 0.1));
         });
         Ok((global.detach(), n))
     }

@@ -12,7 +12,6 @@
 //! - [`action_error`]: the validation action error (in training-set stds, and per named dimension).
 //! - [`controller`]: one job at a time on its own thread, validators, cancel, status.
 //! - [`cache`] and [`drift`]: feature-cache keys and store; drift and the refresh decision.
-//! Publication of the deployable checkpoint is [`crate::checkpoint`]'s.
 //! - [`progress`] and [`plot`]: progress events, hub, throttle, log, bar; curves PNG.
 //! - [`config`]: `config/train.yaml` and `config/vram_presets.yaml`.
 //! - [`stage2`]: the Stage 2 job (LoRA on the VL model + heads) with its cache modes.
@@ -20,6 +19,8 @@
 //! - [`tensor_io`]: safetensors <-> tch with metadata.
 //! - [`service`]: the fine-tuning service (requests, stages, resume) behind the trainer node;
 //!   [`training_set`] compiles the episodes a request names, [`job_record`] keeps each job.
+//!
+//! The deployable checkpoint training publishes is [`crate::checkpoint`]'s.
 
 pub mod action_error;
 pub mod cache;

@@ -281,7 +281,9 @@ pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(Strin
     let published = std::sync::Mutex::new(published);
     let job = move |ctx: JobContext, r: StartRequest| {
         let announce = |p: &Published| {
-            let _ = published.lock().map(|tx| tx.send((ctx.job_id.clone(), p.clone())));
+            if let Ok(tx) = published.lock() {
+                let _ = tx.send((ctx.job_id.clone(), p.clone()));
+            }
         };
         run_job(&cfg, &ctx, r, &announce)
     };

@@ -50,8 +50,8 @@ pub enum TrainingSetError {
     Compile {
         /// The root.
         root: PathBuf,
-        /// Why.
-        source: CompileError,
+        /// Why (boxed: a compile error is large, this enum is returned often).
+        source: Box<CompileError>,
     },
 }
 
@@ -103,7 +103,7 @@ pub fn prepare(source: &DatasetSource, cfg: &CompileConfig, datasets_root: &Path
         .zip(&selected.fingerprints)
         .map(|(d, f)| FingerprintedEpisode { id: selection::folder_id(d), fingerprint: f.clone(), open: Box::new(move || selection::open_one(d)) })
         .collect();
-    let out = compile_incremental(&inputs, cfg, &datasets_root.join("parts"), &dir).map_err(|source| TrainingSetError::Compile { root: root.clone(), source })?;
+    let out = compile_incremental(&inputs, cfg, &datasets_root.join("parts"), &dir).map_err(|source| TrainingSetError::Compile { root: root.clone(), source: Box::new(source) })?;
     set.reused = false;
     set.report = Some(out.output.report);
     set.episodes_compiled = out.compiled;

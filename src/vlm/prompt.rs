@@ -87,7 +87,7 @@ impl PromptTokenizer {
         for t in ids {
             if t == self.image_token_id {
                 let n = *images.next().expect("counted above");
-                out.extend(std::iter::repeat(t).take(n as usize));
+                out.extend(std::iter::repeat_n(t, n as usize));
             } else {
                 out.push(t);
             }
