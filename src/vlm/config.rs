@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 
 use super::error::{Result, VlmError};
 
@@ -99,69 +100,91 @@ pub struct Config {
     pub vision_end_token_id: i64,
 }
 
-struct Fields<'a> {
-    path: &'a Path,
-    obj: &'a Map<String, Value>,
-    scope: &'a str,
+/// `config.json`'s top level as this crate reads it (absent and `null` alike are `None`). The
+/// text fields are read separately: from `text_config` (5.x) or from the top level (4.x).
+#[derive(Deserialize)]
+struct RawTop {
+    model_type: Option<String>,
+    text_config: Option<Value>,
+    vision_config: RawVision,
+    rope_scaling: Option<RawRope>,
+    rope_theta: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    image_token_id: Option<i64>,
+    video_token_id: Option<i64>,
+    vision_start_token_id: Option<i64>,
+    vision_end_token_id: Option<i64>,
 }
 
-impl Fields<'_> {
-    fn err(&self, msg: String) -> VlmError {
-        VlmError::Config { path: self.path.to_path_buf(), msg }
-    }
-    fn name(&self, key: &str) -> String {
-        if self.scope.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.scope)
-        }
-    }
-    fn int_opt(&self, keys: &[&str]) -> Result<Option<i64>> {
-        for k in keys {
-            match self.obj.get(*k) {
-                None | Some(Value::Null) => continue,
-                Some(v) => {
-                    return v
-                        .as_i64()
-                        .map(Some)
-                        .ok_or_else(|| self.err(format!("field `{}` must be an integer, found {v}", self.name(k))))
-                }
-            }
-        }
-        Ok(None)
-    }
-    fn int(&self, key: &str) -> Result<i64> {
-        self.int_opt(&[key])?.ok_or_else(|| self.err(format!("missing integer field `{}`", self.name(key))))
-    }
-    fn int_or(&self, keys: &[&str], default: i64) -> Result<i64> {
-        Ok(self.int_opt(keys)?.unwrap_or(default))
-    }
-    fn float_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(format!("field `{}` must be a number, found {v}", self.name(key)))),
-        }
-    }
-    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("field `{}` must be a boolean, found {v}", self.name(key)))),
-        }
-    }
-    fn str_or<'b>(&'b self, key: &str, default: &'b str) -> Result<&'b str> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_str().ok_or_else(|| self.err(format!("field `{}` must be a string, found {v}", self.name(key)))),
-        }
-    }
-    fn int_list(&self, v: &Value, key: &str) -> Result<Vec<i64>> {
-        let arr = v.as_array().ok_or_else(|| self.err(format!("field `{key}` must be a list of integers, found {v}")))?;
-        arr.iter()
-            .map(|x| x.as_i64().ok_or_else(|| self.err(format!("field `{key}` must be a list of integers, found {v}"))))
-            .collect()
+/// The language model's fields.
+#[derive(Deserialize)]
+struct RawText {
+    vocab_size: i64,
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: Option<i64>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RawRope>,
+    rope_scaling: Option<RawRope>,
+    tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+}
+
+/// RoPE settings: 5.x `rope_parameters`, 4.x `rope_scaling`.
+#[derive(Deserialize)]
+struct RawRope {
+    rope_theta: Option<f64>,
+    mrope_section: Option<Vec<i64>>,
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// `vision_config`, where transformers versions name some fields two ways (the first wins).
+#[derive(Deserialize)]
+struct RawVision {
+    depth: Option<i64>,
+    num_hidden_layers: Option<i64>,
+    hidden_size: Option<i64>,
+    embed_dim: Option<i64>,
+    intermediate_size: Option<i64>,
+    num_heads: Option<i64>,
+    num_attention_heads: Option<i64>,
+    in_channels: Option<i64>,
+    in_chans: Option<i64>,
+    patch_size: Option<i64>,
+    spatial_patch_size: Option<i64>,
+    spatial_merge_size: Option<i64>,
+    temporal_patch_size: Option<i64>,
+    window_size: Option<i64>,
+    out_hidden_size: Option<i64>,
+    fullatt_block_indexes: Option<Vec<i64>>,
+    tokens_per_second: Option<i64>,
+    hidden_act: Option<String>,
+    rope_parameters: Option<RawRope>,
+}
+
+/// Deserializes `value` (found at `scope`, "" for the top level), naming the field in errors.
+fn parse<T: serde::de::DeserializeOwned>(value: &Value, scope: &str, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let at = e.path().to_string();
+        let field = match (scope, at.as_str()) {
+            (s, ".") => s.to_string(),
+            ("", a) => a.to_string(),
+            (s, a) => format!("{s}.{a}"),
+        };
+        let msg = if field.is_empty() { e.inner().to_string() } else { format!("field `{field}`: {}", e.inner()) };
+        VlmError::Config { path: path.to_path_buf(), msg }
+    })
+}
+
+fn check_silu(act: &Option<String>, field: &str) -> std::result::Result<(), String> {
+    match act.as_deref() {
+        None | Some("silu") => Ok(()),
+        Some(a) => Err(format!("{field} `{a}` is not supported (expected silu)")),
     }
 }
 
@@ -182,104 +205,63 @@ impl Config {
     /// Builds the config from parsed JSON (either layout).
     pub fn from_json(value: &Value, path: &Path) -> Result<Self> {
         let err = |msg: String| VlmError::Config { path: path.to_path_buf(), msg };
-        let top = value.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
-        let top_f = Fields { path, obj: top, scope: "" };
-        if let Some(mt) = top.get("model_type").and_then(Value::as_str) {
-            if mt != "qwen2_5_vl" {
-                return Err(err(format!("model_type `{mt}` is not `qwen2_5_vl`")));
-            }
+        if !value.is_object() {
+            return Err(err("expected a JSON object".into()));
         }
-        let text_obj = match top.get("text_config") {
-            Some(Value::Object(o)) => o,
-            Some(Value::Null) | None => top,
+        let top: RawTop = parse(value, "", path)?;
+        if let Some(mt) = top.model_type.as_deref().filter(|&m| m != "qwen2_5_vl") {
+            return Err(err(format!("model_type `{mt}` is not `qwen2_5_vl`")));
+        }
+        let text: RawText = match &top.text_config {
+            Some(t @ Value::Object(_)) => parse(t, "text_config", path)?,
+            None => parse(value, "", path)?,
             Some(v) => return Err(err(format!("field `text_config` must be an object, found {v}"))),
         };
-        let tf = Fields { path, obj: text_obj, scope: if std::ptr::eq(text_obj, top) { "" } else { "text_config" } };
-        let vision_obj = match top.get("vision_config") {
-            Some(Value::Object(o)) => o,
-            _ => return Err(err("missing object field `vision_config`".into())),
-        };
-        let vf = Fields { path, obj: vision_obj, scope: "vision_config" };
+        let v = top.vision_config;
+        check_silu(&text.hidden_act, "hidden_act").map_err(err)?;
+        check_silu(&v.hidden_act, "vision_config.hidden_act").map_err(err)?;
 
-        let act = tf.str_or("hidden_act", "silu")?;
-        if act != "silu" {
-            return Err(tf.err(format!("hidden_act `{act}` is not supported (expected silu)")));
+        let rope = text.rope_parameters.as_ref().or(text.rope_scaling.as_ref()).or(top.rope_scaling.as_ref());
+        let kind = rope.and_then(|r| r.rope_type.as_deref().or(r.kind.as_deref())).unwrap_or("default");
+        if kind != "default" && kind != "mrope" {
+            return Err(err(format!("rope type `{kind}` is not supported (expected default or mrope)")));
         }
-        let vact = vf.str_or("hidden_act", "silu")?;
-        if vact != "silu" {
-            return Err(vf.err(format!("vision_config.hidden_act `{vact}` is not supported (expected silu)")));
-        }
-
-        // RoPE: 5.x `rope_parameters` {rope_theta, mrope_section}; 4.x `rope_scaling` + `rope_theta`.
-        let rope_obj = [text_obj.get("rope_parameters"), text_obj.get("rope_scaling"), top.get("rope_scaling")]
-            .into_iter()
-            .flatten()
-            .find_map(Value::as_object);
-        let mut rope_theta = tf.float_or("rope_theta", top_f.float_or("rope_theta", 1_000_000.0)?)?;
-        let mut mrope = vec![16, 24, 24];
-        if let Some(r) = rope_obj {
-            let rf = Fields { path, obj: r, scope: "rope_parameters" };
-            rope_theta = rf.float_or("rope_theta", rope_theta)?;
-            if let Some(m) = r.get("mrope_section") {
-                mrope = rf.int_list(m, "mrope_section")?;
-            }
-            let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
-            if kind != "default" && kind != "mrope" {
-                return Err(rf.err(format!("rope type `{kind}` is not supported (expected default or mrope)")));
-            }
-        }
-        let mrope_section: [i64; 3] = mrope
-            .clone()
-            .try_into()
-            .map_err(|_| err(format!("mrope_section must have 3 entries, found {mrope:?}")))?;
-
-        let heads = tf.int("num_attention_heads")?;
-        // As transformers: tied when either level says so.
-        let tie = tf.bool_opt("tie_word_embeddings")?.unwrap_or(false)
-            || top_f.bool_opt("tie_word_embeddings")?.unwrap_or(false);
-        let text = TextConfig {
-            vocab_size: tf.int("vocab_size")?,
-            hidden_size: tf.int("hidden_size")?,
-            intermediate_size: tf.int("intermediate_size")?,
-            num_hidden_layers: tf.int("num_hidden_layers")?,
-            num_attention_heads: heads,
-            num_key_value_heads: tf.int_or(&["num_key_value_heads"], heads)?,
-            rms_norm_eps: tf.float_or("rms_norm_eps", 1e-6)?,
-            rope_theta,
-            mrope_section,
-            tie_word_embeddings: tie,
-        };
-
-        let fullatt = match vision_obj.get("fullatt_block_indexes") {
-            None | Some(Value::Null) => vec![7, 15, 23, 31],
-            Some(v) => vf.int_list(v, "vision_config.fullatt_block_indexes")?,
-        };
-        let vision_rope_theta = match vision_obj.get("rope_parameters").and_then(Value::as_object) {
-            Some(r) => Fields { path, obj: r, scope: "vision_config.rope_parameters" }.float_or("rope_theta", 10_000.0)?,
-            None => 10_000.0,
-        };
-        let vision = VisionConfig {
-            depth: vf.int_or(&["depth", "num_hidden_layers"], 32)?,
-            hidden_size: vf.int_or(&["hidden_size", "embed_dim"], 3584)?,
-            intermediate_size: vf.int_or(&["intermediate_size"], 3420)?,
-            num_heads: vf.int_or(&["num_heads", "num_attention_heads"], 16)?,
-            in_channels: vf.int_or(&["in_channels", "in_chans"], 3)?,
-            patch_size: vf.int_or(&["patch_size", "spatial_patch_size"], 14)?,
-            spatial_merge_size: vf.int_or(&["spatial_merge_size"], 2)?,
-            temporal_patch_size: vf.int_or(&["temporal_patch_size"], 2)?,
-            window_size: vf.int_or(&["window_size"], 112)?,
-            out_hidden_size: vf.int_or(&["out_hidden_size"], 3584)?,
-            fullatt_block_indexes: fullatt,
-            tokens_per_second: vf.int_or(&["tokens_per_second"], 4)?,
-            rope_theta: vision_rope_theta,
-        };
+        let mrope = rope.and_then(|r| r.mrope_section.clone()).unwrap_or_else(|| vec![16, 24, 24]);
+        let mrope_section: [i64; 3] =
+            mrope.clone().try_into().map_err(|_| err(format!("mrope_section must have 3 entries, found {mrope:?}")))?;
         let cfg = Config {
-            text,
-            vision,
-            image_token_id: top_f.int_or(&["image_token_id"], 151_655)?,
-            video_token_id: top_f.int_or(&["video_token_id"], 151_656)?,
-            vision_start_token_id: top_f.int_or(&["vision_start_token_id"], 151_652)?,
-            vision_end_token_id: top_f.int_or(&["vision_end_token_id"], 151_653)?,
+            text: TextConfig {
+                vocab_size: text.vocab_size,
+                hidden_size: text.hidden_size,
+                intermediate_size: text.intermediate_size,
+                num_hidden_layers: text.num_hidden_layers,
+                num_attention_heads: text.num_attention_heads,
+                num_key_value_heads: text.num_key_value_heads.unwrap_or(text.num_attention_heads),
+                rms_norm_eps: text.rms_norm_eps.unwrap_or(1e-6),
+                rope_theta: rope.and_then(|r| r.rope_theta).or(text.rope_theta).or(top.rope_theta).unwrap_or(1_000_000.0),
+                mrope_section,
+                // As transformers: tied when either level says so.
+                tie_word_embeddings: text.tie_word_embeddings.unwrap_or(false) || top.tie_word_embeddings.unwrap_or(false),
+            },
+            vision: VisionConfig {
+                depth: v.depth.or(v.num_hidden_layers).unwrap_or(32),
+                hidden_size: v.hidden_size.or(v.embed_dim).unwrap_or(3584),
+                intermediate_size: v.intermediate_size.unwrap_or(3420),
+                num_heads: v.num_heads.or(v.num_attention_heads).unwrap_or(16),
+                in_channels: v.in_channels.or(v.in_chans).unwrap_or(3),
+                patch_size: v.patch_size.or(v.spatial_patch_size).unwrap_or(14),
+                spatial_merge_size: v.spatial_merge_size.unwrap_or(2),
+                temporal_patch_size: v.temporal_patch_size.unwrap_or(2),
+                window_size: v.window_size.unwrap_or(112),
+                out_hidden_size: v.out_hidden_size.unwrap_or(3584),
+                fullatt_block_indexes: v.fullatt_block_indexes.unwrap_or_else(|| vec![7, 15, 23, 31]),
+                tokens_per_second: v.tokens_per_second.unwrap_or(4),
+                rope_theta: v.rope_parameters.and_then(|r| r.rope_theta).unwrap_or(10_000.0),
+            },
+            image_token_id: top.image_token_id.unwrap_or(151_655),
+            video_token_id: top.video_token_id.unwrap_or(151_656),
+            vision_start_token_id: top.vision_start_token_id.unwrap_or(151_652),
+            vision_end_token_id: top.vision_end_token_id.unwrap_or(151_653),
         };
         cfg.validate().map_err(err)?;
         Ok(cfg)
