@@ -72,7 +72,10 @@ impl Stack {
                         adapter: None,
                     })
                     .collect();
-                Layer { linears, norms: [Tensor::ones([h], (Kind::Float, device)), Tensor::ones([h], (Kind::Float, device))] }
+                Layer {
+                    linears,
+                    norms: [Tensor::ones([h], (Kind::Float, device)), Tensor::ones([h], (Kind::Float, device))],
+                }
             })
             .collect();
         Self { layers, shape }

@@ -113,7 +113,10 @@ mod tests {
         assert_eq!(e.op, "rename into");
         assert!(e.to_string().contains("blocked"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
-        let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 

@@ -22,7 +22,9 @@ pub fn parse_available(spec: &str) -> Result<Device, String> {
     if let Device::Cuda(i) = device {
         let visible = if Cuda::is_available() { Cuda::device_count() } else { 0 };
         if i as i64 >= visible {
-            return Err(format!("device `{spec}`: CUDA device {i} is not available ({visible} visible to this libtorch)"));
+            return Err(format!(
+                "device `{spec}`: CUDA device {i} is not available ({visible} visible to this libtorch)"
+            ));
         }
     }
     Ok(device)

@@ -151,7 +151,8 @@ const STATUS: &str = "/proc/self/status";
 
 /// Reads `VmRSS` and `VmHWM` from /proc/self/status (Linux).
 pub fn host_memory() -> Result<HostMemory, MemoryError> {
-    let text = std::fs::read_to_string(STATUS).map_err(|e| MemoryError::Proc { path: STATUS, message: e.to_string() })?;
+    let text =
+        std::fs::read_to_string(STATUS).map_err(|e| MemoryError::Proc { path: STATUS, message: e.to_string() })?;
     parse_status(&text)
 }
 
@@ -163,11 +164,9 @@ pub fn parse_status(text: &str) -> Result<HostMemory, MemoryError> {
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))
             .ok_or_else(|| MemoryError::Proc { path: STATUS, message: format!("no {name} line") })?;
         let rest = line[name.len() + 1..].trim();
-        let kb = rest
-            .strip_suffix("kB")
-            .map(str::trim)
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| MemoryError::Proc { path: STATUS, message: format!("{name}: expected `<n> kB`, found `{rest}`") })?;
+        let kb = rest.strip_suffix("kB").map(str::trim).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| {
+            MemoryError::Proc { path: STATUS, message: format!("{name}: expected `<n> kB`, found `{rest}`") }
+        })?;
         Ok(kb * 1024)
     };
     Ok(HostMemory { rss: field("VmRSS")?, peak_rss: field("VmHWM")? })

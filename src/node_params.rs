@@ -119,7 +119,12 @@ pub fn declared(executable: &str) -> Option<Vec<ParamSpec>> {
         ],
         _ => return None,
     };
-    params.push(p("use_sim_time", Bool, json!(false), "Node clock from the /clock topic (simulated time) for stamps, schedules and staleness."));
+    params.push(p(
+        "use_sim_time",
+        Bool,
+        json!(false),
+        "Node clock from the /clock topic (simulated time) for stamps, schedules and staleness.",
+    ));
     Some(params)
 }
 

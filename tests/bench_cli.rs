@@ -101,12 +101,19 @@ fn tiny_bench_writes_one_valid_record_per_case_and_the_reference_agrees_on_sizes
     assert_eq!(r["tokens_per_sample"], o["tokens_per_sample"]);
     let heads: Value = serde_json::from_str(&std::fs::read_to_string(setup.join("heads.json")).unwrap()).unwrap();
     let (s, e) = (&heads["sensor"], &heads["expert"]);
-    let sensor_tokens = s["conv_channels"].as_array().unwrap().iter().fold(s["window"].as_i64().unwrap(), |l, _| (l - 1) / 2 + 1);
-    let pos_embeds = e["horizon"].as_i64().unwrap() * e["d_model"].as_i64().unwrap() + sensor_tokens * s["d_model"].as_i64().unwrap();
+    let sensor_tokens =
+        s["conv_channels"].as_array().unwrap().iter().fold(s["window"].as_i64().unwrap(), |l, _| (l - 1) / 2 + 1);
+    let pos_embeds = e["horizon"].as_i64().unwrap() * e["d_model"].as_i64().unwrap()
+        + sensor_tokens * s["d_model"].as_i64().unwrap();
     assert_eq!(r["heads_params"].as_i64().unwrap() + pos_embeds, o["heads_params"].as_i64().unwrap());
 
     // The comparison script pairs the two.
-    let out = Command::new(PYTHON).arg(Path::new(ROOT).join("scripts/bench_compare.py")).arg(&json).arg(&ref_json).output().unwrap();
+    let out = Command::new(PYTHON)
+        .arg(Path::new(ROOT).join("scripts/bench_compare.py"))
+        .arg(&json)
+        .arg(&ref_json)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().nth(1).is_some_and(|l| l.trim_start().starts_with("step") && l.contains("off")), "{text}");

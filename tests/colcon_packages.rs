@@ -47,7 +47,11 @@ fn declared_depends(path: &Path) -> BTreeSet<String> {
 fn used_interface_packages() -> BTreeSet<String> {
     let re = regex::Regex::new(r#"r2r::([a-z0-9_]+_msgs|builtin_interfaces)::|"([a-z0-9_]+_msgs)/msg/"#).unwrap();
     let mut used = BTreeSet::new();
-    let mut stack = vec![Path::new(ROOT).join("src/ros"), Path::new(ROOT).join("src/bin"), Path::new(ROOT).join("src/dataset/cdr.rs")];
+    let mut stack = vec![
+        Path::new(ROOT).join("src/ros"),
+        Path::new(ROOT).join("src/bin"),
+        Path::new(ROOT).join("src/dataset/cdr.rs"),
+    ];
     while let Some(path) = stack.pop() {
         if path.is_dir() {
             stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));

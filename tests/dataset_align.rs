@@ -30,7 +30,9 @@ fn state_ms(k: i64) -> i64 {
 /// The hand-checked episode (see the comments in `hand_computed_samples`).
 fn episode() -> MemoryEpisode {
     let front = [0, 205, 398, 610, 1003, 1199, 1405, 1600, 1801, 2000]; // the ~800 ms frame is lost
-    let wrist = [3, 98, 204, 301, 399, 502, 597, 703, 801, 899, 1002, 1098, 1201, 1300, 1399, 1502, 1601, 1699, 1798, 1903, 2001];
+    let wrist = [
+        3, 98, 204, 301, 399, 502, 597, 703, 801, 899, 1002, 1098, 1201, 1300, 1399, 1502, 1601, 1699, 1798, 1903, 2001,
+    ];
     let mut sensor = SensorSeries { channels: 2, ..Default::default() };
     for i in 0..=250i64 {
         if (120..=122).contains(&i) || (150..=157).contains(&i) {
@@ -117,13 +119,13 @@ fn sample_times_and_drops_by_reason() {
     assert_eq!(
         drops,
         vec![
-            d(678, "sensor_non_finite"),        // the window starts exactly at the NaN sample (598 ms)
-            d(978, "camera_too_old:front"),     // front 610 ms frame is 368 ms old (800 ms lost)
-            d(1078, "state_too_old"),           // horizon step 1378 ms: newest state 1320 ms
-            d(1178, "state_too_old"),           // same step at k = 2
-            d(1278, "sensor_gap"),              // 1190 -> 1232 ms inside the window
-            d(1378, "state_too_old"),           // state at t itself is 58 ms old
-            d(1578, "sensor_too_old"),          // newest sensor sample 1490 ms
+            d(678, "sensor_non_finite"),    // the window starts exactly at the NaN sample (598 ms)
+            d(978, "camera_too_old:front"), // front 610 ms frame is 368 ms old (800 ms lost)
+            d(1078, "state_too_old"),       // horizon step 1378 ms: newest state 1320 ms
+            d(1178, "state_too_old"),       // same step at k = 2
+            d(1278, "sensor_gap"),          // 1190 -> 1232 ms inside the window
+            d(1378, "state_too_old"),       // state at t itself is 58 ms old
+            d(1578, "sensor_too_old"),      // newest sensor sample 1490 ms
         ]
     );
 }
@@ -141,11 +143,16 @@ fn hand_computed_sample_at_478_ms() {
     assert_close(
         &s.sensor,
         &[
-            40.0, 1600.0, // exactly sample 40
-            41.875, 1753.625, // 41 + 7/8 (411 -> 419)
-            43.75, 1914.25, // 43 + 6/8 (432 -> 440)
-            45.0 + 10.0 / 13.0, 2095.0, // 45 + 10/13 (448 -> 461)
-            47.0, 2209.0, // held at 469 ms: 482 ms is after t
+            40.0,
+            1600.0, // exactly sample 40
+            41.875,
+            1753.625, // 41 + 7/8 (411 -> 419)
+            43.75,
+            1914.25, // 43 + 6/8 (432 -> 440)
+            45.0 + 10.0 / 13.0,
+            2095.0, // 45 + 10/13 (448 -> 461)
+            47.0,
+            2209.0, // held at 469 ms: 482 ms is after t
         ],
     );
     assert_eq!(s.sensor_age_ns, 9 * MS);
@@ -173,7 +180,17 @@ fn angle_deltas_wrap_across_180() {
 
 #[test]
 fn wrap_deg_range() {
-    for (d, w) in [(0.0, 0.0), (180.0, 180.0), (-180.0, 180.0), (190.0, -170.0), (-190.0, 170.0), (540.0, 180.0), (-285.0, 75.0), (359.5, -0.5), (-0.0, 0.0)] {
+    for (d, w) in [
+        (0.0, 0.0),
+        (180.0, 180.0),
+        (-180.0, 180.0),
+        (190.0, -170.0),
+        (-190.0, 170.0),
+        (540.0, 180.0),
+        (-285.0, 75.0),
+        (359.5, -0.5),
+        (-0.0, 0.0),
+    ] {
         assert_eq!(wrap_deg(d), w, "wrap({d})");
     }
 }
@@ -204,7 +221,8 @@ fn command_actions_and_missing_command_stream() {
     cfg.action = ActionMode::Command;
     let err = Aligner::new(&ep, &cfg).err().expect("no command stream must be an error").to_string();
     assert!(err.contains("command") && err.contains("ep"), "{err}");
-    let mut cmd = StateSeries { names: vec!["vx".into(), "vy".into()], is_angle_deg: vec![false, false], ..Default::default() };
+    let mut cmd =
+        StateSeries { names: vec!["vx".into(), "vy".into()], is_angle_deg: vec![false, false], ..Default::default() };
     for j in 0..=21i64 {
         cmd.stamps.push(st(50 + 100 * j));
         cmd.values.push(vec![j as f64, -(j as f64)]);
@@ -274,14 +292,19 @@ fn random_episode(rng: &mut SplitMix64) -> MemoryEpisode {
         sensor.stamps.push(ep_stamp(s));
         sensor.values.extend([i as f32, (i as f32).sin(), s as f32 * 1e-6]);
     }
-    let mut state = StateSeries { names: vec!["x".into(), "yaw".into()], is_angle_deg: vec![false, true], ..Default::default() };
+    let mut state =
+        StateSeries { names: vec!["x".into(), "yaw".into()], is_angle_deg: vec![false, true], ..Default::default() };
     for (k, &s) in states.iter().enumerate() {
         state.stamps.push(ep_stamp(s));
         state.values.push(vec![k as f64, wrap_deg(k as f64 * 7.0)]);
     }
     MemoryEpisode {
         meta: EpisodeMeta { id: "random".into(), ..Default::default() },
-        cameras: cams.iter().enumerate().map(|(c, v)| (format!("cam{c}"), v.iter().map(|&s| (ep_stamp(s), tiny_img(0))).collect())).collect(),
+        cameras: cams
+            .iter()
+            .enumerate()
+            .map(|(c, v)| (format!("cam{c}"), v.iter().map(|&s| (ep_stamp(s), tiny_img(0))).collect()))
+            .collect(),
         sensors: vec![("oct".into(), sensor)],
         state,
         commands: None,
@@ -315,7 +338,8 @@ fn no_sample_uses_future_data_over_random_streams() {
     for _ in 0..40 {
         let ep = random_episode(&mut rng);
         let al = Aligner::new(&ep, &cfg).unwrap();
-        let cam_stamps: Vec<Vec<i64>> = ep.cameras.iter().map(|(_, f)| f.iter().map(|(s, _)| s.stamp_ns).collect()).collect();
+        let cam_stamps: Vec<Vec<i64>> =
+            ep.cameras.iter().map(|(_, f)| f.iter().map(|(s, _)| s.stamp_ns).collect()).collect();
         let times = al.sample_times();
         for (n, &x) in times.iter().enumerate() {
             let Ok(s) = al.align(x) else { continue };
@@ -342,7 +366,10 @@ fn no_sample_uses_future_data_over_random_streams() {
 fn splitmix64_matches_the_reference_sequence() {
     // Published SplitMix64 outputs for seed 0 (also recomputed with Python integers).
     let mut r = SplitMix64::new(0);
-    assert_eq!([r.next_u64(), r.next_u64(), r.next_u64()], [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, 0x06c45d188009454f]);
+    assert_eq!(
+        [r.next_u64(), r.next_u64(), r.next_u64()],
+        [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, 0x06c45d188009454f]
+    );
     let mut r = SplitMix64::new(1);
     let mut counts = [0u32; 3];
     for _ in 0..3000 {

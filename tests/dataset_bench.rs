@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use vla_finetune::dataset::align::AlignConfig;
 use vla_finetune::dataset::compile::{compile, CompileConfig, SplitConfig, StoreConfig};
-use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries};
+use vla_finetune::dataset::episode::{
+    EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries,
+};
 use vla_finetune::dataset::reader::{BatchReader, Dataset, ReaderConfig};
 use vla_finetune::dataset::store::Split;
 
@@ -45,7 +47,9 @@ fn render(index: usize) -> RgbImage {
 
 impl SynthEpisode {
     fn stamps(&self, period_ns: i64) -> Vec<Stamp> {
-        (0..self.seconds * 1_000_000_000 / period_ns).map(|i| Stamp { stamp_ns: i * period_ns + (i * 7919 % 1000) * 1000, recv_ns: i * period_ns + 2 * MS }).collect()
+        (0..self.seconds * 1_000_000_000 / period_ns)
+            .map(|i| Stamp { stamp_ns: i * period_ns + (i * 7919 % 1000) * 1000, recv_ns: i * period_ns + 2 * MS })
+            .collect()
     }
 }
 
@@ -68,8 +72,15 @@ impl EpisodeSource for SynthEpisode {
     }
     fn state(&self) -> Result<StateSeries, SourceError> {
         let stamps = self.stamps(10 * MS);
-        let values = (0..stamps.len()).map(|k| vec![k as f64 * 0.1, 0.0, 1.0, 0.0, 0.0, (k as f64 * 0.5) % 360.0 - 180.0]).collect();
-        Ok(StateSeries { names: ["x", "y", "z", "roll", "pitch", "yaw"].map(String::from).to_vec(), is_angle_deg: vec![false, false, false, true, true, true], stamps, values })
+        let values = (0..stamps.len())
+            .map(|k| vec![k as f64 * 0.1, 0.0, 1.0, 0.0, 0.0, (k as f64 * 0.5) % 360.0 - 180.0])
+            .collect();
+        Ok(StateSeries {
+            names: ["x", "y", "z", "roll", "pitch", "yaw"].map(String::from).to_vec(),
+            is_angle_deg: vec![false, false, false, true, true, true],
+            stamps,
+            values,
+        })
     }
     fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
         Ok(None)
@@ -77,7 +88,12 @@ impl EpisodeSource for SynthEpisode {
 }
 
 fn synth_sensor(seconds: i64, channels: usize) -> SensorSeries {
-    let probe = SynthEpisode { meta: EpisodeMeta::default(), seconds, frames: Arc::new(Vec::new()), sensor: SensorSeries::default() };
+    let probe = SynthEpisode {
+        meta: EpisodeMeta::default(),
+        seconds,
+        frames: Arc::new(Vec::new()),
+        sensor: SensorSeries::default(),
+    };
     let stamps = probe.stamps(1_000_000_000 / 650);
     let mut values = Vec::with_capacity(stamps.len() * channels);
     for i in 0..stamps.len() {
@@ -99,7 +115,12 @@ fn run(sensor_samples: usize, window_s: f64, episodes: usize, seconds: i64) {
     let frames = Arc::new((0..30).map(render).collect::<Vec<_>>());
     let sensor = synth_sensor(seconds, 1026);
     let eps: Vec<SynthEpisode> = (0..episodes)
-        .map(|i| SynthEpisode { meta: EpisodeMeta { id: format!("ep{i}"), ..Default::default() }, seconds, frames: frames.clone(), sensor: sensor.clone() })
+        .map(|i| SynthEpisode {
+            meta: EpisodeMeta { id: format!("ep{i}"), ..Default::default() },
+            seconds,
+            frames: frames.clone(),
+            sensor: sensor.clone(),
+        })
         .collect();
     let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e as &dyn EpisodeSource).collect();
     let cfg = CompileConfig {
@@ -124,7 +145,16 @@ fn run(sensor_samples: usize, window_s: f64, episodes: usize, seconds: i64) {
     );
     let ds = Arc::new(Dataset::open(&out).unwrap());
     for workers in [0, 2] {
-        let rc = ReaderConfig { split: Split::Train, batch_size: 32, shuffle: true, seed: 1, epoch: 0, drop_last: true, workers, prefetch: 4 };
+        let rc = ReaderConfig {
+            split: Split::Train,
+            batch_size: 32,
+            shuffle: true,
+            seed: 1,
+            epoch: 0,
+            drop_last: true,
+            workers,
+            prefetch: 4,
+        };
         let (t0, c0) = (Instant::now(), cpu_s());
         let mut count = 0usize;
         for b in BatchReader::new(ds.clone(), &rc) {

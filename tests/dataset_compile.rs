@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use vla_finetune::dataset::align::{wrap_deg, AlignConfig, Aligner};
 use vla_finetune::dataset::compile::{compile, split_episodes, CompileConfig, SplitConfig, StoreConfig};
+use vla_finetune::dataset::episode::{
+    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries,
+};
 use vla_finetune::dataset::incremental::{compile_incremental, FingerprintedEpisode};
-use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries};
 use vla_finetune::dataset::reader::{epoch_batches, BatchReader, Dataset, ReaderConfig};
 use vla_finetune::dataset::rng::SplitMix64;
 use vla_finetune::dataset::stats::StatsAccumulator;
@@ -61,8 +63,17 @@ fn episode(id: &str, seed: u64) -> MemoryEpisode {
         state.values.push(vec![k * 0.5, -k * 0.25, seed as f64, wrap_deg(170.0 + k * 3.0), wrap_deg(-k), 10.0]);
     }
     MemoryEpisode {
-        meta: EpisodeMeta { id: id.into(), instruction: format!("task of {id}"), task: "insert".into(), ..Default::default() },
-        cameras: cams.iter().enumerate().map(|(c, v)| (format!("cam{c}"), v.iter().enumerate().map(|(f, &s)| (stamp(s), frame(c, f))).collect())).collect(),
+        meta: EpisodeMeta {
+            id: id.into(),
+            instruction: format!("task of {id}"),
+            task: "insert".into(),
+            ..Default::default()
+        },
+        cameras: cams
+            .iter()
+            .enumerate()
+            .map(|(c, v)| (format!("cam{c}"), v.iter().enumerate().map(|(f, &s)| (stamp(s), frame(c, f))).collect()))
+            .collect(),
         sensors: vec![("oct".into(), sensor)],
         state,
         commands: None,
@@ -150,10 +161,23 @@ fn split_is_by_episode_and_deterministic() {
     // Another seed, another split.
     assert_ne!(a, split_episodes(&ids, &SplitConfig { val_fraction: 0.25, seed: 12, ..Default::default() }));
     // Small counts: at least one val episode, never all.
-    assert_eq!(split_episodes(&ids[..2], &SplitConfig { val_fraction: 0.1, seed: 0, ..Default::default() }).iter().filter(|s| **s == Split::Val).count(), 1);
-    assert_eq!(split_episodes(&ids[..1], &SplitConfig { val_fraction: 0.5, seed: 0, ..Default::default() }), vec![Split::Train]);
+    assert_eq!(
+        split_episodes(&ids[..2], &SplitConfig { val_fraction: 0.1, seed: 0, ..Default::default() })
+            .iter()
+            .filter(|s| **s == Split::Val)
+            .count(),
+        1
+    );
+    assert_eq!(
+        split_episodes(&ids[..1], &SplitConfig { val_fraction: 0.5, seed: 0, ..Default::default() }),
+        vec![Split::Train]
+    );
     // Named validation episodes: exactly those, whatever the fraction.
-    let named = SplitConfig { val_fraction: 0.5, val_episodes: vec!["episode-3".into(), "episode-7".into(), "absent".into()], ..Default::default() };
+    let named = SplitConfig {
+        val_fraction: 0.5,
+        val_episodes: vec!["episode-3".into(), "episode-7".into(), "absent".into()],
+        ..Default::default()
+    };
     let s = split_episodes(&ids, &named);
     assert_eq!(s.iter().enumerate().filter(|(_, s)| **s == Split::Val).map(|(i, _)| i).collect::<Vec<_>>(), vec![3, 7]);
 
@@ -169,8 +193,10 @@ fn split_is_by_episode_and_deterministic() {
     for s in &idx.samples {
         assert_eq!(s.split, idx.episodes[s.episode].split);
     }
-    let train: std::collections::BTreeSet<_> = idx.samples.iter().filter(|s| s.split == Split::Train).map(|s| s.episode).collect();
-    let val: std::collections::BTreeSet<_> = idx.samples.iter().filter(|s| s.split == Split::Val).map(|s| s.episode).collect();
+    let train: std::collections::BTreeSet<_> =
+        idx.samples.iter().filter(|s| s.split == Split::Train).map(|s| s.episode).collect();
+    let val: std::collections::BTreeSet<_> =
+        idx.samples.iter().filter(|s| s.split == Split::Val).map(|s| s.episode).collect();
     assert!(train.is_disjoint(&val) && !val.is_empty() && !train.is_empty());
 }
 
@@ -223,12 +249,21 @@ for k, (v, dims) in d.items():
               "max": a.max(0).tolist(), "q01": np.quantile(a, 0.01, axis=0).tolist(), "q99": np.quantile(a, 0.99, axis=0).tolist()}
 print(json.dumps(out))
 "#;
-    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python")).arg("-c").arg(py).arg(&path).output().unwrap();
+    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg("-c")
+        .arg(py)
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let np: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let ours = serde_json::to_value(&res.stats).unwrap();
     // stats.json holds what compile returned (to the last bits of a JSON float round trip).
-    for (a, b) in [(&res.stats.sensor, &ds.stats.sensor), (&res.stats.state, &ds.stats.state), (&res.stats.action, &ds.stats.action)] {
+    for (a, b) in [
+        (&res.stats.sensor, &ds.stats.sensor),
+        (&res.stats.state, &ds.stats.state),
+        (&res.stats.action, &ds.stats.action),
+    ] {
         assert_eq!(a.count, b.count);
         for (x, y) in [(&a.mean, &b.mean), (&a.std, &b.std), (&a.q01, &b.q01), (&a.q99, &b.q99)] {
             assert!(x.iter().zip(y).all(|(x, y)| (x - y).abs() <= 1e-12 * x.abs().max(1.0)));
@@ -250,7 +285,16 @@ print(json.dumps(out))
 }
 
 fn reader_cfg(workers: usize, seed: u64, epoch: u64) -> ReaderConfig {
-    ReaderConfig { split: Split::Train, batch_size: 7, shuffle: true, seed, epoch, drop_last: false, workers, prefetch: 2 }
+    ReaderConfig {
+        split: Split::Train,
+        batch_size: 7,
+        shuffle: true,
+        seed,
+        epoch,
+        drop_last: false,
+        workers,
+        prefetch: 2,
+    }
 }
 
 #[test]
@@ -320,7 +364,10 @@ fn info_cli_reports_counts_drops_streams_and_stats() {
     assert!(spread > 0.0 && spread <= 0.3, "{spread}");
     let o = Command::new(bin).args(["dataset", "info"]).arg(&out).output().unwrap();
     let text = String::from_utf8(o.stdout).unwrap();
-    assert!(text.contains("episodes: 3") && text.contains("drops by reason") && text.contains("cam1 [camera]"), "{text}");
+    assert!(
+        text.contains("episodes: 3") && text.contains("drops by reason") && text.contains("cam1 [camera]"),
+        "{text}"
+    );
     let o = Command::new(bin).args(["dataset", "info"]).arg(dir.path().join("nope")).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("index.json"));
@@ -353,7 +400,11 @@ fn bad_and_empty_episodes_are_reported_and_the_rest_compiled() {
     eps[0].cameras[1].1[12].1 = RgbImage { width: 8, height: 8, data: vec![0; 8 * 8 * 3] };
     let res = compile_to(&eps, &config(), &dir.path().join("ds3"));
     let d = &res.report.drops;
-    assert!(d.get("camera_bad_frame:cam0").copied().unwrap_or(0) >= 1 && d.get("camera_size_changed:cam1").copied().unwrap_or(0) >= 1, "{d:?}");
+    assert!(
+        d.get("camera_bad_frame:cam0").copied().unwrap_or(0) >= 1
+            && d.get("camera_size_changed:cam1").copied().unwrap_or(0) >= 1,
+        "{d:?}"
+    );
     let ds = Dataset::open(&dir.path().join("ds3")).unwrap();
     assert!((0..ds.len()).all(|i| ds.index.samples[i].frames[0] != 3 && ds.index.samples[i].frames[1] != 12));
     assert_eq!(ds.sample(0).unwrap().images[1].width, W);
@@ -412,7 +463,8 @@ fn corrupt_shard_and_config_errors_name_the_file_and_field() {
     let err = Dataset::open(&out).unwrap_err().to_string();
     assert!(err.contains("shard-00000.safetensors"), "{err}");
 
-    let defaults = CompileConfig::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/compile.yaml")).unwrap();
+    let defaults =
+        CompileConfig::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/compile.yaml")).unwrap();
     assert_eq!(defaults, CompileConfig::default(), "config/compile.yaml documents the defaults");
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "align:\n  control_hz: 10\n  horizn: 8\n").unwrap();
@@ -441,7 +493,15 @@ fn cli_compile_with_an_episode_opener() {
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("c.yaml");
     std::fs::write(&cfg_path, serde_yaml::to_string(&config()).unwrap()).unwrap();
-    let args = CompileArgs { episodes: vec![dir.path().join("a"), dir.path().join("b")], config: Some(cfg_path), out: dir.path().join("ds"), overwrite: false, allow_losses: false, outcomes: vec!["any".into()], tasks: vec![] };
+    let args = CompileArgs {
+        episodes: vec![dir.path().join("a"), dir.path().join("b")],
+        config: Some(cfg_path),
+        out: dir.path().join("ds"),
+        overwrite: false,
+        allow_losses: false,
+        outcomes: vec!["any".into()],
+        tasks: vec![],
+    };
     // Each path opens two episodes named after it.
     let open = |p: &Path| -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> {
         let name = p.file_name().unwrap().to_string_lossy().to_string();
@@ -453,7 +513,8 @@ fn cli_compile_with_an_episode_opener() {
     assert_eq!(ids, ["a0", "a1", "b0", "b1"]);
     // A second run into the same folder is refused; an opener error names the path.
     assert!(run_compile(&args, &open).unwrap_err().to_string().contains("already exists"));
-    let failing = |p: &Path| -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> { anyhow::bail!("cannot read {}", p.display()) };
+    let failing =
+        |p: &Path| -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> { anyhow::bail!("cannot read {}", p.display()) };
     let args = CompileArgs { out: dir.path().join("ds2"), ..args };
     let err = format!("{:#}", run_compile(&args, &failing).unwrap_err());
     assert!(err.contains("opening episodes in") && err.contains("/a"), "{err}");
@@ -487,7 +548,8 @@ fn incremental_compile_equals_a_whole_compile_and_reads_only_new_episodes() {
     let parts = dir.path().join("parts");
     let opened = std::cell::Cell::new(0);
 
-    let first = compile_incremental(&fingerprinted(&eps[..3], &opened), &cfg, &parts, &dir.path().join("inc3")).unwrap();
+    let first =
+        compile_incremental(&fingerprinted(&eps[..3], &opened), &cfg, &parts, &dir.path().join("inc3")).unwrap();
     assert_eq!((first.compiled, first.reused, opened.get()), (3, 0, 3));
     assert_eq!(first.output.report.failed_episodes.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["ep01"]);
     // All six: the two good parts are reused, the failed episode is tried again.
@@ -497,16 +559,28 @@ fn incremental_compile_equals_a_whole_compile_and_reads_only_new_episodes() {
     assert_eq!(inc.output.report, whole.report);
     assert_eq!(inc.output.stats, whole.stats);
     let (a, b) = (&inc.output.index, &whole.index);
-    assert_eq!((&a.cameras, &a.episodes, a.sensor_shape, &a.state_names, a.action_shape), (&b.cameras, &b.episodes, b.sensor_shape, &b.state_names, b.action_shape));
+    assert_eq!(
+        (&a.cameras, &a.episodes, a.sensor_shape, &a.state_names, a.action_shape),
+        (&b.cameras, &b.episodes, b.sensor_shape, &b.state_names, b.action_shape)
+    );
     let key = |s: &vla_finetune::dataset::store::SampleEntry| (s.episode, s.t_ns, s.split, s.frames.clone());
     assert_eq!(a.samples.iter().map(key).collect::<Vec<_>>(), b.samples.iter().map(key).collect::<Vec<_>>());
-    assert!(whole.report.failed_episodes.len() == 2 && whole.report.drops.get("camera_size_changed:cam1").copied().unwrap_or(0) >= 1);
-    assert!(whole.index.episodes.iter().any(|e| e.split == Split::Val) && whole.index.episodes.iter().any(|e| e.split == Split::Train));
+    assert!(
+        whole.report.failed_episodes.len() == 2
+            && whole.report.drops.get("camera_size_changed:cam1").copied().unwrap_or(0) >= 1
+    );
+    assert!(
+        whole.index.episodes.iter().any(|e| e.split == Split::Val)
+            && whole.index.episodes.iter().any(|e| e.split == Split::Train)
+    );
     let (da, db) = (Dataset::open(&dir.path().join("inc")).unwrap(), Dataset::open(&dir.path().join("whole")).unwrap());
     assert_eq!(da.len(), db.len());
     for i in 0..da.len() {
         let (x, y) = (da.sample(i).unwrap(), db.sample(i).unwrap());
-        assert_eq!((&x.episode, x.t_ns, &x.sensor, &x.state, &x.action), (&y.episode, y.t_ns, &y.sensor, &y.state, &y.action));
+        assert_eq!(
+            (&x.episode, x.t_ns, &x.sensor, &x.state, &x.action),
+            (&y.episode, y.t_ns, &y.sensor, &y.state, &y.action)
+        );
         for c in 0..2 {
             assert_eq!(da.jpeg(i, c).unwrap(), db.jpeg(i, c).unwrap(), "sample {i} camera {c}");
         }
@@ -518,5 +592,8 @@ fn incremental_compile_equals_a_whole_compile_and_reads_only_new_episodes() {
     assert_eq!((resplit.compiled, resplit.reused), (1, 5));
     assert_eq!(resplit.output.report, compile_to(&eps, &cfg, &dir.path().join("whole9")).report);
     cfg.align.horizon = 3;
-    assert_eq!(compile_incremental(&fingerprinted(&eps, &opened), &cfg, &parts, &dir.path().join("inc")).unwrap().compiled, 6);
+    assert_eq!(
+        compile_incremental(&fingerprinted(&eps, &opened), &cfg, &parts, &dir.path().join("inc")).unwrap().compiled,
+        6
+    );
 }

@@ -17,12 +17,29 @@ const BIN: &str = env!("CARGO_BIN_EXE_vla_finetune");
 fn recorded(dir: &Path, labels: &[(&str, &str)]) -> (PathBuf, Vec<String>) {
     let rec = dir.join("rec");
     let o = Command::new(BIN)
-        .args(["record", "--sim", "--episodes", &labels.len().to_string(), "--seconds", "1.2", "--cameras", "1", "--width", "56", "--height", "56", "--out"])
+        .args([
+            "record",
+            "--sim",
+            "--episodes",
+            &labels.len().to_string(),
+            "--seconds",
+            "1.2",
+            "--cameras",
+            "1",
+            "--width",
+            "56",
+            "--height",
+            "56",
+            "--out",
+        ])
         .arg(&rec)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut ids: Vec<String> = std::fs::read_dir(rec.join("episodes")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut ids: Vec<String> = std::fs::read_dir(rec.join("episodes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     ids.sort();
     for (id, (outcome, task)) in ids.iter().zip(labels) {
         let ep = rec.join("episodes").join(id);
@@ -50,7 +67,10 @@ fn names(dirs: &[PathBuf]) -> Vec<String> {
 #[test]
 fn success_only_by_default_discarded_and_recording_episodes_left_out_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
-    let (rec, ids) = recorded(dir.path(), &[("success", "insert"), ("failure", "insert"), ("success", "wipe"), ("success", "insert")]);
+    let (rec, ids) = recorded(
+        dir.path(),
+        &[("success", "insert"), ("failure", "insert"), ("success", "wipe"), ("success", "insert")],
+    );
     let all = select(&rec, &EpisodeSelection::default()).unwrap();
     assert_eq!(names(&all.dirs), [ids[0].clone(), ids[2].clone(), ids[3].clone()]);
     assert_eq!(all.left_out, [LeftOut { id: ids[1].clone(), reason: "outcome `failure` (selected: success)".into() }]);
@@ -63,28 +83,39 @@ fn success_only_by_default_discarded_and_recording_episodes_left_out_with_reason
     assert_eq!(select(&rec, &any).unwrap().dirs.len(), 4);
 
     // Discard keeps the files and records why; restore takes it back.
-    let files_before: Vec<_> = std::fs::read_dir(rec.join("episodes").join(&ids[3])).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let files_before: Vec<_> =
+        std::fs::read_dir(rec.join("episodes").join(&ids[3])).unwrap().map(|e| e.unwrap().file_name()).collect();
     let meta = set_discarded(&rec, &ids[3], "camera occluded", false).unwrap();
     assert_eq!(meta.discarded.as_ref().unwrap().reason, "camera occluded");
-    let files_after: Vec<_> = std::fs::read_dir(rec.join("episodes").join(&ids[3])).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let files_after: Vec<_> =
+        std::fs::read_dir(rec.join("episodes").join(&ids[3])).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(files_before.len(), files_after.len(), "nothing deleted");
     let s = select(&rec, &EpisodeSelection::default()).unwrap();
     assert_eq!(names(&s.dirs), [ids[0].clone(), ids[2].clone()]);
-    assert!(s.left_out.contains(&LeftOut { id: ids[3].clone(), reason: "discarded: camera occluded".into() }), "{:?}", s.left_out);
+    assert!(
+        s.left_out.contains(&LeftOut { id: ids[3].clone(), reason: "discarded: camera occluded".into() }),
+        "{:?}",
+        s.left_out
+    );
     assert_eq!(set_discarded(&rec, &ids[3], "", true).unwrap().discarded, None);
     assert_eq!(select(&rec, &EpisodeSelection::default()).unwrap().dirs.len(), 3);
 
     // An episode being recorded (a live recorder's marker) is neither selected nor discarded.
-    std::fs::write(rec.join("episodes").join(&ids[0]).join(RECORDING_MARKER), format!("pid {}\n", std::process::id())).unwrap();
+    std::fs::write(rec.join("episodes").join(&ids[0]).join(RECORDING_MARKER), format!("pid {}\n", std::process::id()))
+        .unwrap();
     let s = select(&rec, &EpisodeSelection::default()).unwrap();
-    assert_eq!(s.left_out[0], LeftOut { id: ids[0].clone(), reason: format!("being recorded (pid {})", std::process::id()) });
+    assert_eq!(
+        s.left_out[0],
+        LeftOut { id: ids[0].clone(), reason: format!("being recorded (pid {})", std::process::id()) }
+    );
     let e = set_discarded(&rec, &ids[0], "", false).unwrap_err();
     assert!(matches!(e, SelectionError::Recording { .. }), "{e}");
     std::fs::remove_file(rec.join("episodes").join(&ids[0]).join(RECORDING_MARKER)).unwrap();
 
     let e = set_discarded(&rec, "nope", "", false).unwrap_err().to_string();
     assert_eq!(e, format!("no episode `nope` under {0} (expected a folder {0}/episodes/nope)", rec.display()));
-    let e = select(&rec, &EpisodeSelection { outcomes: vec!["aborted".into()], tasks: vec![] }).unwrap_err().to_string();
+    let e =
+        select(&rec, &EpisodeSelection { outcomes: vec!["aborted".into()], tasks: vec![] }).unwrap_err().to_string();
     assert_eq!(e, format!("{}: no usable episode: 4 episode(s) found, all left out: 1 outcome `failure` (selected: aborted); 3 outcome `success` (selected: aborted)", rec.display()));
     let e = select(&dir.path().join("elsewhere"), &EpisodeSelection::default()).unwrap_err().to_string();
     assert!(e.ends_with("elsewhere: not an episodes root (expected an `episodes/` folder of recorded episodes, as the collector writes)"), "{e}");
@@ -99,7 +130,10 @@ fn an_episodes_root_compiles_once_while_its_selected_episodes_are_unchanged() {
     let first = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &compile_config(), &datasets).unwrap();
     assert!(!first.reused && first.episodes_compiled == 3);
     let idx = DatasetIndex::load(&first.dir).unwrap();
-    assert_eq!(idx.episodes.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [ids[0].clone(), ids[1].clone(), ids[3].clone()]);
+    assert_eq!(
+        idx.episodes.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        [ids[0].clone(), ids[1].clone(), ids[3].clone()]
+    );
     assert_eq!(first.report.as_ref().unwrap().episodes.len(), 3);
 
     let again = prepare(&DatasetSource::resolve(&rec, &sel).unwrap(), &compile_config(), &datasets).unwrap();
@@ -122,7 +156,23 @@ fn an_episodes_root_compiles_once_while_its_selected_episodes_are_unchanged() {
     assert!(!resplit.reused && resplit.episodes_compiled == 0);
     // A new episode (recorded into the same root): only it is compiled.
     let o = Command::new(BIN)
-        .args(["record", "--sim", "--seed", "7", "--episodes", "1", "--seconds", "1.2", "--cameras", "1", "--width", "56", "--height", "56", "--out"])
+        .args([
+            "record",
+            "--sim",
+            "--seed",
+            "7",
+            "--episodes",
+            "1",
+            "--seconds",
+            "1.2",
+            "--cameras",
+            "1",
+            "--width",
+            "56",
+            "--height",
+            "56",
+            "--out",
+        ])
         .arg(&rec)
         .output()
         .unwrap();
@@ -148,15 +198,33 @@ fn cli_discards_restores_and_compiles_by_outcome() {
     let o = run(&["dataset", "discard", "--root", rec.to_str().unwrap(), "--id", &ids[2], "--reason", "bad grasp"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{}: episode `{}` discarded", rec.display(), ids[2]));
-    let o = run(&["dataset", "compile", "--episodes", rec.to_str().unwrap(), "--out", dir.path().join("ds").to_str().unwrap(), "--outcome", "success", "--config", cfg.to_str().unwrap()]);
+    let o = run(&[
+        "dataset",
+        "compile",
+        "--episodes",
+        rec.to_str().unwrap(),
+        "--out",
+        dir.path().join("ds").to_str().unwrap(),
+        "--outcome",
+        "success",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains(&format!("episode `{}` not compiled: outcome `failure` (selected: success)", ids[1])), "{out}");
+    assert!(
+        out.contains(&format!("episode `{}` not compiled: outcome `failure` (selected: success)", ids[1])),
+        "{out}"
+    );
     assert!(out.contains(&format!("episode `{}` not compiled: discarded: bad grasp", ids[2])), "{out}");
     assert_eq!(DatasetIndex::load(&dir.path().join("ds")).unwrap().episodes.len(), 1);
     let o = run(&["dataset", "discard", "--root", rec.to_str().unwrap(), "--id", &ids[2], "--restore"]);
     assert!(o.status.success());
     assert_eq!(read_episode_json(&rec.join("episodes").join(&ids[2])).unwrap().discarded, None);
     let o = run(&["dataset", "discard", "--root", rec.to_str().unwrap(), "--id", "missing"]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no episode `missing`"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no episode `missing`"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -15,24 +15,35 @@ fn num(r: &Value, key: &str) -> f64 {
 fn demo_closes_the_loop_and_its_report_matches_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let o = Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
-        .args(["demo", "--quick", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "demo failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_vla_finetune")).args(["demo", "--quick", "--out"]).arg(&out).output().unwrap();
+    assert!(
+        o.status.success(),
+        "demo failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let report: Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
 
     // Data counts agree with the recordings and the compiled dataset.
     let episodes = std::fs::read_dir(out.join("recordings/episodes")).unwrap().count();
     assert_eq!(report["episodes"].as_u64().unwrap() as usize, episodes);
     let info: Value = serde_json::from_slice(
-        &Command::new(env!("CARGO_BIN_EXE_vla_finetune")).args(["dataset", "info", "--json"]).arg(out.join("dataset")).output().unwrap().stdout,
+        &Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+            .args(["dataset", "info", "--json"])
+            .arg(out.join("dataset"))
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap();
     let info_text = info.to_string();
     assert!(num(&report, "samples_train") > 0.0 && num(&report, "samples_val") > 0.0);
-    assert!(info_text.contains(&report["samples_train"].to_string()), "dataset info does not mention {} train samples: {info_text}", report["samples_train"]);
+    assert!(
+        info_text.contains(&report["samples_train"].to_string()),
+        "dataset info does not mention {} train samples: {info_text}",
+        report["samples_train"]
+    );
 
     // Both stages trained and validated in the same metric; the LoRA moved; the cache was refreshed.
     let (s1, s2) = (num(&report, "stage1_val_action_error"), num(&report, "stage2_val_action_error"));
@@ -41,7 +52,8 @@ fn demo_closes_the_loop_and_its_report_matches_the_files() {
     assert!(num(&report, "cache_refreshes") >= 1.0);
 
     // Every published version verifies on disk; the policy process ended on the last one.
-    let versions: Vec<String> = report["published_versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let versions: Vec<String> =
+        report["published_versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert!(versions.len() >= 2, "a stage-1 and at least one Stage 2 version: {versions:?}");
     for v in &versions {
         let m = verify(&out.join("checkpoints").join(v)).unwrap_or_else(|e| panic!("checkpoint {v}: {e}"));
@@ -80,10 +92,14 @@ fn errors_are_named_and_in_training_set_stds(out: &Path, report: &Value) {
     assert_eq!(index["action_units"], serde_json::json!(["mm", "mm", "mm", "deg", "deg", "deg", ""]));
     let dims = report["val_action_error_per_dim"].as_array().unwrap();
     assert_eq!(dims.iter().map(|d| d["name"].as_str().unwrap()).collect::<Vec<_>>(), names);
-    assert_eq!(dims.iter().map(|d| d["unit"].clone()).collect::<Vec<_>>(), index["action_units"].as_array().unwrap().clone());
+    assert_eq!(
+        dims.iter().map(|d| d["unit"].clone()).collect::<Vec<_>>(),
+        index["action_units"].as_array().unwrap().clone()
+    );
     let std: Vec<f64> = stats["action"]["std"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     for model in ["untrained", "stage1", "stage2", "oracle"] {
-        let varying: Vec<f64> = dims.iter().zip(&std).filter(|(_, s)| **s >= 1e-6).map(|(d, s)| d[model].as_f64().unwrap() / s).collect();
+        let varying: Vec<f64> =
+            dims.iter().zip(&std).filter(|(_, s)| **s >= 1e-6).map(|(d, s)| d[model].as_f64().unwrap() / s).collect();
         // Roll, pitch and the padding channel are constant in the simulator's demonstrations.
         assert_eq!(varying.len(), 4, "{model}: {std:?}");
         let by_hand = varying.iter().sum::<f64>() / varying.len() as f64;
@@ -113,15 +129,26 @@ fn the_oracle_cli_reproduces_the_demo_oracle(out: &Path, report: &Value, tmp: &P
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs();
-    assert!(close(num(&r, "val_action_error"), num(report, "oracle_val_action_error")), "{} vs {}", r["val_action_error"], report["oracle_val_action_error"]);
+    assert!(
+        close(num(&r, "val_action_error"), num(report, "oracle_val_action_error")),
+        "{} vs {}",
+        r["val_action_error"],
+        report["oracle_val_action_error"]
+    );
     // The truth of the first training episode only: the first sample (of validation episode
     // sim_s1007_e0000, first by id) is in no episode of it.
-    let first = std::fs::read_to_string(out.join("recordings/sim_truth.jsonl")).unwrap().lines().next().unwrap().to_string();
+    let first =
+        std::fs::read_to_string(out.join("recordings/sim_truth.jsonl")).unwrap().lines().next().unwrap().to_string();
     let partial = tmp.join("partial.jsonl");
     std::fs::write(&partial, first + "\n").unwrap();
     let o = oracle(&partial);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("is in no episode of the simulator truth log") && err.contains("sim_s1007_e0000"), "{err}");
+    assert!(
+        !o.status.success()
+            && err.contains("is in no episode of the simulator truth log")
+            && err.contains("sim_s1007_e0000"),
+        "{err}"
+    );
 }
 
 /// `train-heads` on the demo's dataset with the demo's stage-1 settings reproduces the demo's

@@ -13,7 +13,18 @@ fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_run
     let out = dir.path().join("exp");
     let bin = env!("CARGO_BIN_EXE_vla_finetune");
     let o = Command::new(bin)
-        .args(["experiment", "cache-modes", "--seeds", "1,2", "--episodes", "2", "--val-episodes", "1", "--seconds", "2"])
+        .args([
+            "experiment",
+            "cache-modes",
+            "--seeds",
+            "1,2",
+            "--episodes",
+            "2",
+            "--val-episodes",
+            "1",
+            "--seconds",
+            "2",
+        ])
         .args(["--stage1-epochs", "2", "--stage2-epochs", "2", "--out"])
         .arg(&out)
         .env("TORCH_NUM_THREADS", "1")
@@ -40,11 +51,17 @@ fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_run
         // The control leaves the VL model as it is: its adapter's B matrices are still the
         // zeros they start at, while the vision mode's moved.
         let lora_b_abs_sum = |mode: &str| -> f64 {
-            let bytes = std::fs::read(out.join(format!("seed{seed}/{mode}/stage2_work/adapter/adapter_model.safetensors"))).unwrap();
+            let bytes =
+                std::fs::read(out.join(format!("seed{seed}/{mode}/stage2_work/adapter/adapter_model.safetensors")))
+                    .unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let b: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n.contains("lora_B")).collect();
             assert!(!b.is_empty(), "{mode}: no lora_B tensors");
-            b.iter().map(|(_, t)| t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).abs() as f64).sum::<f64>()).sum()
+            b.iter()
+                .map(|(_, t)| {
+                    t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).abs() as f64).sum::<f64>()
+                })
+                .sum()
         };
         assert_eq!(lora_b_abs_sum("heads-only"), 0.0);
         assert!(lora_b_abs_sum("vision") > 0.0);
@@ -57,14 +74,21 @@ fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_run
         let errs: Vec<f64> = runs.iter().filter(|r| r["mode"] == *m).map(|r| f(r, "val_action_error")).collect();
         let mean = errs.iter().sum::<f64>() / 2.0;
         let std = ((errs[0] - mean).powi(2) + (errs[1] - mean).powi(2)).sqrt();
-        assert!((f(s, "val_action_error_mean") - mean).abs() < 1e-12 && (f(s, "val_action_error_std") - std).abs() < 1e-12, "{s}");
+        assert!(
+            (f(s, "val_action_error_mean") - mean).abs() < 1e-12 && (f(s, "val_action_error_std") - std).abs() < 1e-12,
+            "{s}"
+        );
         assert!(table.contains(&format!("| {m} | {mean:.3} ± {std:.3}")), "{m}: {table}");
         let curve = plot[0]["curves"].as_array().unwrap().iter().find(|c| c["name"] == *m).unwrap();
         let ys: Vec<f64> = curve["points"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
         assert_eq!(ys, errs);
     }
 
-    let o = Command::new(bin).args(["experiment", "cache-modes", "--modes", "features/3", "--out"]).arg(dir.path().join("x")).output().unwrap();
+    let o = Command::new(bin)
+        .args(["experiment", "cache-modes", "--modes", "features/3", "--out"])
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("unknown mode `features/3`"), "{err}");
 }

@@ -31,9 +31,13 @@ fn gpu_session_dry_run_on_cpu_returns_the_demo_report_and_both_benchmarks() {
     assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("demo exit 0") && stdout.contains("bench exit 0"), "{stdout}");
 
-    let mut files: Vec<String> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut files: Vec<String> =
+        std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     files.sort();
-    assert_eq!(files, ["bench.log", "demo.log", "demo_report.json", "ours.json", "policy_status.json", "reference.json"]);
+    assert_eq!(
+        files,
+        ["bench.log", "demo.log", "demo_report.json", "ours.json", "policy_status.json", "reference.json"]
+    );
 
     let report = json(&out.path().join("demo_report.json"));
     // The policy ends on what `latest` names (Stage 2's best, or stage 1's version when no Stage 2
@@ -48,7 +52,10 @@ fn gpu_session_dry_run_on_cpu_returns_the_demo_report_and_both_benchmarks() {
         let records = json(&out.path().join(file));
         let records = records.as_array().unwrap();
         assert_eq!(records.len(), 5, "{file}: step off/vision/features, vision_cache, act");
-        assert!(records.iter().all(|r| r["impl"] == imp && r["samples_per_s"].as_f64().is_some_and(|v| v > 0.0)), "{file}");
+        assert!(
+            records.iter().all(|r| r["impl"] == imp && r["samples_per_s"].as_f64().is_some_and(|v| v > 0.0)),
+            "{file}"
+        );
     }
     let log = std::fs::read_to_string(out.path().join("bench.log")).unwrap();
     assert!(log.contains("ratio") && log.contains("vision_cache"), "the side-by-side table: {log}");

@@ -31,7 +31,11 @@ fn grads(ck: Checkpointing, dropout: f64, input_from_graph: bool) -> Grads {
     tch::manual_seed(42);
     let upstream = (Tensor::randn([10, D], (Kind::Float, Device::Cpu)) * 0.5).set_requires_grad(true);
     let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2]).view([3, 4]);
-    let x = if input_from_graph { upstream.index_select(0, &ids.view([-1])).view([3, 4, D]).tanh() } else { Tensor::randn([3, 4, D], (Kind::Float, Device::Cpu)) };
+    let x = if input_from_graph {
+        upstream.index_select(0, &ids.view([-1])).view([3, 4, D]).tanh()
+    } else {
+        Tensor::randn([3, 4, D], (Kind::Float, Device::Cpu))
+    };
     let ctx: Vec<Tensor> = (0..N_LAYERS).map(|_| Tensor::randn([4, D], (Kind::Float, Device::Cpu)) * 0.3).collect();
     let mask = Tensor::from_slice(&[1f32, 1., 1., 0., 1., 1., 0., 0., 1., 1., 1., 1.]).view([3, 4, 1]);
     let target = Tensor::randn([3, 4, D], (Kind::Float, Device::Cpu));
@@ -45,7 +49,11 @@ fn grads(ck: Checkpointing, dropout: f64, input_from_graph: bool) -> Grads {
         params: params.iter().map(|(n, t)| (n.clone(), t.grad().copy())).collect(),
         upstream: {
             let g = upstream.grad();
-            if g.defined() { g.copy() } else { g }
+            if g.defined() {
+                g.copy()
+            } else {
+                g
+            }
         },
     }
 }
@@ -114,7 +122,11 @@ fn chained_stacks_backpropagate_through_each_other() {
             l.path = l.path.replace("model.language_model.", "model.visual.");
         }
         let vs = var_store();
-        let cfg = LoraConfig { r: 2, target_modules: vla_finetune::vlm::lora::TargetModules::Suffixes(vec!["q_proj".into()]), ..LoraConfig::default() };
+        let cfg = LoraConfig {
+            r: 2,
+            target_modules: vla_finetune::vlm::lora::TargetModules::Suffixes(vec!["q_proj".into()]),
+            ..LoraConfig::default()
+        };
         inject_lora(&mut vision, &cfg, &vs.root().sub("v")).unwrap();
         inject_lora(&mut text, &cfg, &vs.root().sub("t")).unwrap();
         let mut params = lora_parameters(&mut vision);

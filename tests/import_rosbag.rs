@@ -21,7 +21,14 @@ fn expected() -> serde_json::Value {
 }
 
 fn opts() -> ImportOptions {
-    ImportOptions { id: Some("bag0".into()), instruction: "pick".into(), task: "t".into(), operator: "op".into(), outcome: "success".into(), ..Default::default() }
+    ImportOptions {
+        id: Some("bag0".into()),
+        instruction: "pick".into(),
+        task: "t".into(),
+        operator: "op".into(),
+        outcome: "success".into(),
+        ..Default::default()
+    }
 }
 
 fn msgs<'a>(exp: &'a serde_json::Value, topic: &str) -> &'a Vec<serde_json::Value> {

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vla_finetune::checkpoint::publish::{verify, Publisher};
 use vla_finetune::dataset::compile::{compile, CompileConfig, CompileReport};
 use vla_finetune::dataset::episode::EpisodeSource;
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::dataset::rng::SplitMix64;
-use vla_finetune::checkpoint::publish::{verify, Publisher};
 use vla_finetune::train::state::read_state_meta;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vla_finetune");
@@ -59,11 +59,16 @@ fn compile_config() -> CompileConfig {
 /// it was killed. Its stderr goes to `log`.
 fn run_killed_after(args: &[&str], delay: Duration, log: &Path) -> bool {
     let err = std::fs::File::create(log).unwrap();
-    let mut child = Command::new(BIN).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().unwrap();
+    let mut child =
+        Command::new(BIN).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().unwrap();
     let t0 = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{args:?} ended before its kill with {status}: {}", std::fs::read_to_string(log).unwrap_or_default());
+            assert!(
+                status.success(),
+                "{args:?} ended before its kill with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
             return false;
         }
         if t0.elapsed() >= delay {
@@ -86,7 +91,12 @@ fn run_ok(args: &[&str]) -> (std::process::Output, Duration) {
 /// Names in `dir` starting with `prefix`, sorted.
 fn names(dir: &Path, prefix: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(prefix)).collect())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -112,7 +122,8 @@ fn compile_killed_at_random_points_keeps_the_dataset_and_the_next_compile_cleans
     for seed in 0..6 {
         let delay = Duration::from_millis(rng.below(full.as_millis() as u64 * 3 / 4 + 1));
         killed += run_killed_after(&args, delay, &dir.path().join("killed.log")) as u32;
-        let ds = Dataset::open(&out).unwrap_or_else(|e| panic!("seed {seed}, kill after {delay:?}: the dataset does not open: {e}"));
+        let ds = Dataset::open(&out)
+            .unwrap_or_else(|e| panic!("seed {seed}, kill after {delay:?}: the dataset does not open: {e}"));
         assert_eq!(ds.len(), samples, "seed {seed}, kill after {delay:?}");
         left_staging += names(dir.path(), ".ds.").len();
     }
@@ -165,10 +176,20 @@ fn train_heads_killed_at_random_points_keeps_latest_and_the_state_and_the_next_r
     let ck = dir.path().join("ck");
     let work = dir.path().join("work");
     let heads_args = |w: &Path, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["train-heads", "--dataset", s(&data), "--base-model", s(&base), "--checkpoints", s(&ck), "--work-dir", s(w)]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "train-heads",
+            "--dataset",
+            s(&data),
+            "--base-model",
+            s(&base),
+            "--checkpoints",
+            s(&ck),
+            "--work-dir",
+            s(w),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
         v.extend(["--size", "small", "--epochs", "3", "--batch-size", "8"].iter().chain(extra).map(|a| a.to_string()));
         v
     };
@@ -176,7 +197,8 @@ fn train_heads_killed_at_random_points_keeps_latest_and_the_state_and_the_next_r
     let (_, full) = run_ok(&good.iter().map(String::as_str).collect::<Vec<_>>());
     let check_outputs = |what: &str| {
         let p = Publisher::new(&ck).unwrap();
-        let latest = p.latest().unwrap_or_else(|e| panic!("{what}: {e}")).unwrap_or_else(|| panic!("{what}: no latest"));
+        let latest =
+            p.latest().unwrap_or_else(|e| panic!("{what}: {e}")).unwrap_or_else(|| panic!("{what}: no latest"));
         verify(&ck.join(&latest)).unwrap_or_else(|e| panic!("{what}: latest {latest}: {e}"));
         for v in p.versions().unwrap() {
             verify(&ck.join(&v)).unwrap_or_else(|e| panic!("{what}: {v}: {e}"));
@@ -184,7 +206,10 @@ fn train_heads_killed_at_random_points_keeps_latest_and_the_state_and_the_next_r
         let state = work.join("state/latest.safetensors");
         if state.exists() {
             if let Err(e) = read_state_meta(&state) {
-                assert!(e.to_string().contains("latest.safetensors"), "{what}: the state is refused without naming it: {e}");
+                assert!(
+                    e.to_string().contains("latest.safetensors"),
+                    "{what}: the state is refused without naming it: {e}"
+                );
             }
         }
     };

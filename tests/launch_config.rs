@@ -89,7 +89,8 @@ fn files_with_ext(dir: &str, suffix: &str) -> Vec<PathBuf> {
 }
 
 fn cargo_bins() -> Vec<String> {
-    let manifest: toml::Value = toml::from_str(&std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap()).unwrap();
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap()).unwrap();
     manifest["bin"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect()
 }
 
@@ -101,7 +102,8 @@ fn params_from_file(path: &Path, node_name: &str) -> Vec<(String, Value)> {
     for (key, section) in doc.as_object().unwrap_or_else(|| panic!("{path:?}: expected a mapping")) {
         let k = key.trim_start_matches('/');
         if k == "**" || k == node_name {
-            let params = section["ros__parameters"].as_object().unwrap_or_else(|| panic!("{path:?}: {key}: no ros__parameters"));
+            let params =
+                section["ros__parameters"].as_object().unwrap_or_else(|| panic!("{path:?}: {key}: no ros__parameters"));
             out.extend(params.iter().map(|(n, v)| (n.clone(), v.clone())));
         } else {
             panic!("{path:?}: section `{key}` matches no node started with it (expected `{node_name}` or `/**`)");
@@ -116,14 +118,19 @@ fn launch_value(raw: &str) -> Value {
 }
 
 fn check_param(exec: &str, name: &str, value: &Value, source: &str) -> Result<(), String> {
-    let declared = node_params::declared(exec).ok_or_else(|| format!("{source}: no parameter declarations for `{exec}`"))?;
+    let declared =
+        node_params::declared(exec).ok_or_else(|| format!("{source}: no parameter declarations for `{exec}`"))?;
     let spec = declared
         .iter()
         .find(|p| p.name == name)
         .ok_or_else(|| format!("{source}: `{exec}` does not declare parameter `{name}`"))?;
     // An empty launch argument stays a string; any string-typed parameter accepts it.
     let ok = spec.kind.accepts(value) || (spec.kind == node_params::ParamKind::String && value.is_null());
-    if ok { Ok(()) } else { Err(format!("{source}: `{exec}.{name}` = {value} is not a {:?}", spec.kind)) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{source}: `{exec}.{name}` = {value} is not a {:?}", spec.kind))
+    }
 }
 
 fn check_all_launch_files() -> Vec<String> {
@@ -183,7 +190,9 @@ fn every_config_file_is_valid_yaml() {
 #[test]
 fn an_undeclared_or_mistyped_parameter_is_reported() {
     assert!(check_param("policy_node", "control_rate_hz", &Value::from(20.0), "t").is_ok());
-    assert!(check_param("policy_node", "control_rate", &Value::from(20.0), "t").unwrap_err().contains("does not declare"));
+    assert!(check_param("policy_node", "control_rate", &Value::from(20.0), "t")
+        .unwrap_err()
+        .contains("does not declare"));
     assert!(check_param("policy_node", "ddim_steps", &Value::from("ten"), "t").unwrap_err().contains("is not a"));
     assert!(check_param("no_such_node", "x", &Value::from(1), "t").is_err());
 }

@@ -23,12 +23,17 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The lerobot venv's Python; a missing venv fails the test with the command that makes it.
 fn lerobot_python() -> PathBuf {
     let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-lerobot/bin/python"));
-    assert!(p.is_file(), "{} is missing: run `make lerobot-venv` (lerobot 0.6.1 in a Python 3.12 venv) before these tests", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make lerobot-venv` (lerobot 0.6.1 in a Python 3.12 venv) before these tests",
+        p.display()
+    );
     p
 }
 
 fn run_script(script: &str, args: &[&str]) {
-    let out = Command::new(lerobot_python()).arg(Path::new(ROOT).join("scripts").join(script)).args(args).output().unwrap();
+    let out =
+        Command::new(lerobot_python()).arg(Path::new(ROOT).join("scripts").join(script)).args(args).output().unwrap();
     assert!(out.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -143,8 +148,15 @@ fn an_export_in_several_files_and_chunks_loads_in_lerobot() {
 
 /// The ffmpeg binary of the lerobot venv (imageio-ffmpeg; these machines have no system one).
 fn ffmpeg() -> PathBuf {
-    let out = Command::new(lerobot_python()).args(["-c", "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"]).output().unwrap();
-    assert!(out.status.success(), "imageio-ffmpeg missing from .venv-lerobot: run `make lerobot-venv`\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(lerobot_python())
+        .args(["-c", "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imageio-ffmpeg missing from .venv-lerobot: run `make lerobot-venv`\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
@@ -154,7 +166,13 @@ fn video_export_loads_in_lerobot_and_imports_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("video");
     // Files of at most 1 MB, 2 per chunk: an episode per file, the third in chunk-001.
-    let opts = ExportOptions { pictures: PictureMode::Video, ffmpeg: Some(ffmpeg()), chunks_size: 2, data_files_size_in_mb: 1, ..Default::default() };
+    let opts = ExportOptions {
+        pictures: PictureMode::Video,
+        ffmpeg: Some(ffmpeg()),
+        chunks_size: 2,
+        data_files_size_in_mb: 1,
+        ..Default::default()
+    };
     let r = export(&f.dataset, &out, &opts, &mut |_, _| {}).unwrap();
     assert_eq!(r.data_files, 3);
     assert!(out.join("data/chunk-001/file-000.parquet").is_file());
@@ -162,7 +180,9 @@ fn video_export_loads_in_lerobot_and_imports_back() {
     check_in_lerobot(&f.dataset, &out, "video", 4.0 / 255.0);
     // Without ffmpeg the import says so (none on PATH on these machines).
     if vla_finetune::dataset::lerobot::video::find_ffmpeg(None).is_err() {
-        let e = import(&out, &ImportMapping::default(), &dir.path().join("x"), &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
+        let e =
+            import(&out, &ImportMapping::default(), &dir.path().join("x"), &ImportOptions::default(), &mut |_, _| {})
+                .unwrap_err();
         assert!(e.to_string().contains("ffmpeg was not found on PATH"), "{e}");
     }
     // Back: the same samples, frames within the video tolerance of ours.
@@ -176,7 +196,8 @@ fn video_export_loads_in_lerobot_and_imports_back() {
         let (x, y) = (a.sample(i).unwrap(), b.sample(j).unwrap());
         assert_eq!((&x.state, &x.sensor, &x.action, x.t_ns), (&y.state, &y.sensor, &y.action, y.t_ns), "sample {i}");
         for (p, q) in x.images.iter().zip(&y.images) {
-            let d: f64 = p.data.iter().zip(&q.data).map(|(u, v)| (*u as f64 - *v as f64).abs()).sum::<f64>() / p.data.len() as f64;
+            let d: f64 = p.data.iter().zip(&q.data).map(|(u, v)| (*u as f64 - *v as f64).abs()).sum::<f64>()
+                / p.data.len() as f64;
             worst = worst.max(d / 255.0);
         }
     }
@@ -191,7 +212,8 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     let ds = Dataset::open(dataset).unwrap();
     let prefix = exported.with_file_name(format!("read-{kind}"));
     run_script("lerobot_read.py", &[exported.to_str().unwrap(), prefix.to_str().unwrap()]);
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(prefix.with_extension("json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(prefix.with_extension("json")).unwrap()).unwrap();
     let bytes = std::fs::read(prefix.with_extension("safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let ix = &ds.index;
@@ -201,7 +223,8 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     assert_eq!(meta["num_episodes"], ix.episodes.iter().filter(|e| e.samples > 0).count());
     assert_eq!(meta["fps"], 10);
     let sensor_key = "observation.oct";
-    let feat = |k: &str| (meta["features"][k]["dtype"].as_str().unwrap().to_string(), meta["features"][k]["shape"].clone());
+    let feat =
+        |k: &str| (meta["features"][k]["dtype"].as_str().unwrap().to_string(), meta["features"][k]["shape"].clone());
     let [t, c] = ix.sensor_shape;
     let [h, a] = ix.action_shape;
     let s = ix.state_names.len();
@@ -210,7 +233,10 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     assert_eq!(feat("action"), ("float32".into(), serde_json::json!([a])));
     assert_eq!(feat(CHUNK_FEATURE), ("float32".into(), serde_json::json!([h, a])));
     for cam in &ix.cameras {
-        assert_eq!(feat(&format!("observation.images.{}", cam.name)), (kind.into(), serde_json::json!([cam.height, cam.width, 3])));
+        assert_eq!(
+            feat(&format!("observation.images.{}", cam.name)),
+            (kind.into(), serde_json::json!([cam.height, cam.width, 3]))
+        );
     }
     let (shape, state) = f32s(&st, "observation.state");
     assert_eq!(shape, [n, s]);
@@ -222,7 +248,8 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     assert_eq!(shape, [n, h, a]);
     let (_, timestamp) = f32s(&st, "timestamp");
     let (frame_index, episode_index) = (i64s(&st, "frame_index"), i64s(&st, "episode_index"));
-    let images: Vec<(Vec<usize>, Vec<f32>)> = ix.cameras.iter().map(|cam| f32s(&st, &format!("observation.images.{}", cam.name))).collect();
+    let images: Vec<(Vec<usize>, Vec<f32>)> =
+        ix.cameras.iter().map(|cam| f32s(&st, &format!("observation.images.{}", cam.name))).collect();
     let tasks = meta["tasks"].as_array().unwrap();
     let order = export_order(&ds);
     let mut worst_image = 0.0f64;
@@ -248,7 +275,9 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
             for y in 0..hh {
                 for x in 0..ww {
                     for ch in 0..3 {
-                        sum += (px[base + ch * hh * ww + y * ww + x] as f64 - img.data[(y * ww + x) * 3 + ch] as f64 / 255.0).abs();
+                        sum += (px[base + ch * hh * ww + y * ww + x] as f64
+                            - img.data[(y * ww + x) * 3 + ch] as f64 / 255.0)
+                            .abs();
                     }
                 }
             }
@@ -260,11 +289,17 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     assert!(worst_image <= image_tol, "{kind}: mean abs image difference {worst_image}");
     // Statistics as lerobot loaded them: equal to ours over the exported frames, and to
     // lerobot's own get_feature_stats over the frames it loaded.
-    for (key, values, dims) in [("observation.state", &state, s), ("action", &action, a), (sensor_key, &sensor, c), (CHUNK_FEATURE, &chunk, a)] {
+    for (key, values, dims) in
+        [("observation.state", &state, s), ("action", &action, a), (sensor_key, &sensor, c), (CHUNK_FEATURE, &chunk, a)]
+    {
         let ours = plain_stats(values, dims);
         for (k, stat) in ["mean", "std", "min", "max"].iter().enumerate() {
             assert_rel(&json_f64s(&meta["stats"][key][stat]), &ours[k], &format!("{key} {stat}"));
-            assert_rel(&json_f64s(&meta["stats"][key][stat]), &json_f64s(&meta["recomputed_stats"][key][stat]), &format!("{key} {stat} vs lerobot"));
+            assert_rel(
+                &json_f64s(&meta["stats"][key][stat]),
+                &json_f64s(&meta["recomputed_stats"][key][stat]),
+                &format!("{key} {stat} vs lerobot"),
+            );
         }
         assert_eq!(meta["stats"][key]["count"], serde_json::json!([n]));
         for q in ["q01", "q10", "q50", "q90", "q99"] {
@@ -315,7 +350,12 @@ fn recorded_episodes_export_at_the_chosen_fps() {
     for (j, &i) in export_order(&a).iter().enumerate() {
         assert_eq!(a.sample(i).unwrap().action, b.sample(j).unwrap().action, "sample {i}");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "the temporary compile is removed: {leftovers:?}");
 }
 
@@ -329,22 +369,42 @@ fn round_trip_export_import_gives_back_the_samples() {
     assert_eq!(r.samples, a.len());
     assert!(r.dropped.is_empty() && r.ignored_features == ["action"], "{r:?}");
     let (ia, ib) = (&a.index, &b.index);
-    assert_eq!((&ia.cameras, ia.sensor_shape, &ia.state_names, ia.action_shape, ia.control_hz), (&ib.cameras, ib.sensor_shape, &ib.state_names, ib.action_shape, ib.control_hz));
+    assert_eq!(
+        (&ia.cameras, ia.sensor_shape, &ia.state_names, ia.action_shape, ia.control_hz),
+        (&ib.cameras, ib.sensor_shape, &ib.state_names, ib.action_shape, ib.control_hz)
+    );
     let with_samples: Vec<_> = ia.episodes.iter().filter(|e| e.samples > 0).cloned().collect();
     assert_eq!(with_samples, ib.episodes);
     let order = export_order(&a);
     for (j, &i) in order.iter().enumerate() {
         let (sa, sb) = (&ia.samples[i], &ib.samples[j]);
-        assert_eq!((sa.t_ns, sa.split, &ia.episodes[sa.episode].id), (sb.t_ns, sb.split, &ib.episodes[sb.episode].id), "sample {i}");
+        assert_eq!(
+            (sa.t_ns, sa.split, &ia.episodes[sa.episode].id),
+            (sb.t_ns, sb.split, &ib.episodes[sb.episode].id),
+            "sample {i}"
+        );
         let (x, y) = (a.sample(i).unwrap(), b.sample(j).unwrap());
-        assert_eq!((&x.state, &x.sensor, &x.action, &x.instruction), (&y.state, &y.sensor, &y.action, &y.instruction), "sample {i}");
+        assert_eq!(
+            (&x.state, &x.sensor, &x.action, &x.instruction),
+            (&y.state, &y.sensor, &y.action, &y.instruction),
+            "sample {i}"
+        );
         for cam in 0..ia.cameras.len() {
             assert_eq!(a.jpeg(i, cam).unwrap(), b.jpeg(j, cam).unwrap(), "JPEG of sample {i}, camera {cam}");
         }
     }
-    for (fa, fb) in [(&a.stats.sensor, &b.stats.sensor), (&a.stats.state, &b.stats.state), (&a.stats.action, &b.stats.action)] {
+    for (fa, fb) in
+        [(&a.stats.sensor, &b.stats.sensor), (&a.stats.state, &b.stats.state), (&a.stats.action, &b.stats.action)]
+    {
         assert_eq!(fa.count, fb.count);
-        for (va, vb) in [(&fa.mean, &fb.mean), (&fa.std, &fb.std), (&fa.min, &fb.min), (&fa.max, &fb.max), (&fa.q01, &fb.q01), (&fa.q99, &fb.q99)] {
+        for (va, vb) in [
+            (&fa.mean, &fb.mean),
+            (&fa.std, &fb.std),
+            (&fa.min, &fb.min),
+            (&fa.max, &fb.max),
+            (&fa.q01, &fb.q01),
+            (&fa.q99, &fb.q99),
+        ] {
             assert_rel(vb, va, "stats");
         }
     }
@@ -391,7 +451,17 @@ fn import_written(dir: &Path, kind: &str, opts: &ImportOptions, image_tol: f64) 
     let src = dir.join("written");
     let values = dir.join("values.safetensors");
     let (episodes, frames, size) = (3usize, 12usize, 56usize);
-    run_script("lerobot_write.py", &[src.to_str().unwrap(), values.to_str().unwrap(), &episodes.to_string(), &frames.to_string(), &size.to_string(), kind]);
+    run_script(
+        "lerobot_write.py",
+        &[
+            src.to_str().unwrap(),
+            values.to_str().unwrap(),
+            &episodes.to_string(),
+            &frames.to_string(),
+            &size.to_string(),
+            kind,
+        ],
+    );
     let data = dir.join("data");
     let r = import(&src, &written_mapping(), &data, opts, &mut |_, _| {}).unwrap();
     // Frames 0..3 lack a full window, frames 9..12 a full horizon.
@@ -419,7 +489,8 @@ fn import_written(dir: &Path, kind: &str, opts: &ImportOptions, image_tol: f64) 
         assert_eq!(smp.sensor[..], tactile[(g - 3) * 6..(g + 1) * 6], "sensor window of sample {i}");
         assert_eq!(smp.action[..], action[g * 7..(g + 4) * 7], "action chunk of sample {i}");
         let px = &pictures[g * size * size * 3..(g + 1) * size * size * 3];
-        let diff: f64 = smp.images[0].data.iter().zip(px).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / px.len() as f64;
+        let diff: f64 = smp.images[0].data.iter().zip(px).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>()
+            / px.len() as f64;
         worst = worst.max(diff / 255.0);
     }
     eprintln!("import of lerobot's {kind} dataset: worst mean abs image difference {:.2}/255", worst * 255.0);
@@ -473,7 +544,9 @@ fn stage2_epoch(dataset: &Path, dir: &Path) {
         "cache.mode=off".into(),
         "optim.warmup_ratio=0.0".into(),
     ];
-    let cfg = vla_finetune::train::config::TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &sets).unwrap();
+    let cfg =
+        vla_finetune::train::config::TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &sets)
+            .unwrap();
     let r = stage2::run(&Stage2Job { config: cfg, resume: false, group: None }, &ctx(), &mut |_| {}).unwrap();
     assert!(r.lora_params_changed, "one Stage 2 epoch trains the LoRA weights");
     assert!(r.val_action_error.is_some_and(f64::is_finite), "{:?}", r.val_action_error);
@@ -510,7 +583,17 @@ fn replace_column(path: &Path, name: &str, f: impl Fn(&ArrayRef) -> ArrayRef) {
     let new: Vec<RecordBatch> = batches
         .iter()
         .map(|b| {
-            let cols = schema.fields().iter().map(|fl| if fl.name() == name { f(b.column_by_name(name).unwrap()) } else { b.column_by_name(fl.name()).unwrap().clone() }).collect();
+            let cols = schema
+                .fields()
+                .iter()
+                .map(|fl| {
+                    if fl.name() == name {
+                        f(b.column_by_name(name).unwrap())
+                    } else {
+                        b.column_by_name(fl.name()).unwrap().clone()
+                    }
+                })
+                .collect();
             RecordBatch::try_new(schema.clone(), cols).unwrap()
         })
         .collect();
@@ -545,26 +628,41 @@ fn bad_input_is_refused_with_what_was_expected() {
             Arc::new(Int64Array::from_iter_values(v.values().iter().map(|x| x + 1)))
         })
     });
-    assert!(matches!(e, LeRobotError::Frames { episode: 0, .. }) && e.to_string().contains("meta/episodes says length"), "{e}");
+    assert!(
+        matches!(e, LeRobotError::Frames { episode: 0, .. }) && e.to_string().contains("meta/episodes says length"),
+        "{e}"
+    );
     // A picture that does not decode.
     let cam = format!("observation.images.{}", Dataset::open(&fixture().dataset).unwrap().index.cameras[0].name);
     let (e, _, _d) = import_damaged(|src| {
         replace_column(&src.join(format::chunk_file("data", 0, 0, "parquet")), &cam, |c| {
             let s: &StructArray = c.as_any().downcast_ref().unwrap();
             let bytes: &BinaryArray = s.column(0).as_any().downcast_ref().unwrap();
-            let broken = BinaryArray::from_iter_values((0..bytes.len()).map(|i| if i == 2 { &bytes.value(i)[..40] } else { bytes.value(i) }));
+            let broken = BinaryArray::from_iter_values((0..bytes.len()).map(|i| {
+                if i == 2 {
+                    &bytes.value(i)[..40]
+                } else {
+                    bytes.value(i)
+                }
+            }));
             Arc::new(StructArray::new(s.fields().clone(), vec![Arc::new(broken), s.column(1).clone()], None))
         })
     });
-    assert!(matches!(e, LeRobotError::Feature { ref feature, .. } if *feature == cam) && e.to_string().contains("does not decode"), "{e}");
+    assert!(
+        matches!(e, LeRobotError::Feature { ref feature, .. } if *feature == cam)
+            && e.to_string().contains("does not decode"),
+        "{e}"
+    );
     // A mapping naming a feature the dataset lacks.
     let out = tempfile::tempdir().unwrap();
     let mapping: ImportMapping = serde_yaml::from_str("state: observation.joints").unwrap();
-    let e = import(&fixture().exported, &mapping, &out.path().join("x"), &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
+    let e = import(&fixture().exported, &mapping, &out.path().join("x"), &ImportOptions::default(), &mut |_, _| {})
+        .unwrap_err();
     assert!(e.to_string().contains("observation.joints") && e.to_string().contains("observation.state"), "{e}");
     // A 1-D feature mapped as a camera.
     let mapping: ImportMapping = serde_yaml::from_str("cameras: [{name: c, feature: action}]").unwrap();
-    let e = import(&fixture().exported, &mapping, &out.path().join("x"), &ImportOptions::default(), &mut |_, _| {}).unwrap_err();
+    let e = import(&fixture().exported, &mapping, &out.path().join("x"), &ImportOptions::default(), &mut |_, _| {})
+        .unwrap_err();
     assert!(e.to_string().contains("expected an image or video feature"), "{e}");
     // Video without ffmpeg (none on PATH on these machines; a named one that is not there).
     if vla_finetune::dataset::lerobot::video::find_ffmpeg(None).is_err() {
@@ -572,7 +670,11 @@ fn bad_input_is_refused_with_what_was_expected() {
         let e = export(&fixture().dataset, &out.path().join("v"), &opts, &mut |_, _| {}).unwrap_err();
         assert!(matches!(e, LeRobotError::Video(_)) && e.to_string().contains("ffmpeg was not found on PATH"), "{e}");
     }
-    let opts = ExportOptions { pictures: PictureMode::Video, ffmpeg: Some("/nonexistent/ffmpeg".into()), ..Default::default() };
+    let opts = ExportOptions {
+        pictures: PictureMode::Video,
+        ffmpeg: Some("/nonexistent/ffmpeg".into()),
+        ..Default::default()
+    };
     let e = export(&fixture().dataset, &out.path().join("v"), &opts, &mut |_, _| {}).unwrap_err();
     assert!(matches!(e, LeRobotError::Video(_)) && e.to_string().contains("/nonexistent/ffmpeg"), "{e}");
     assert!(!out.path().join("v").exists());

@@ -16,7 +16,8 @@ fn adapter_copy(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempf
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("peft_list");
     std::fs::copy(src.join("adapter_model.safetensors"), dir.path().join("adapter_model.safetensors")).unwrap();
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
     edit(cfg.as_object_mut().unwrap());
     std::fs::write(dir.path().join("adapter_config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
     dir
@@ -109,7 +110,8 @@ fn bad_config_values_and_unsupported_features_are_errors() {
 fn targets_matching_nothing_are_an_error() {
     let mut model = base_model();
     let vs = var_store();
-    let cfg = LoraConfig { target_modules: TargetModules::Suffixes(vec!["attn_proj_typo".into()]), ..LoraConfig::default() };
+    let cfg =
+        LoraConfig { target_modules: TargetModules::Suffixes(vec!["attn_proj_typo".into()]), ..LoraConfig::default() };
     let err = inject_lora(&mut model, &cfg, &vs.root()).unwrap_err();
     assert!(matches!(err, LoraError::NoMatch { count: 27, .. }), "{err}");
     assert!(err.to_string().contains("attn_proj_typo"), "{err}");
@@ -129,12 +131,22 @@ fn targets_matching_nothing_are_an_error() {
 #[test]
 fn unknown_missing_and_non_finite_tensors_are_named() {
     let dir = adapter_copy(|_| {});
-    rewrite_tensors(dir.path(), |t| t.push(("base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight".into(), Tensor::zeros([4, 16], (Kind::Float, Device::Cpu)))));
+    rewrite_tensors(dir.path(), |t| {
+        t.push((
+            "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight".into(),
+            Tensor::zeros([4, 16], (Kind::Float, Device::Cpu)),
+        ))
+    });
     let (err, _) = load_err(dir.path());
     assert!(matches!(&err, PeftError::UnknownKey { key, .. } if key.contains("visual.blocks.0.attn.qkv")), "{err}");
 
     let dir = adapter_copy(|_| {});
-    rewrite_tensors(dir.path(), |t| t.push(("base_model.model.lm_head.modules_to_save.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))));
+    rewrite_tensors(dir.path(), |t| {
+        t.push((
+            "base_model.model.lm_head.modules_to_save.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ))
+    });
     let (err, _) = load_err(dir.path());
     assert!(matches!(&err, PeftError::UnknownKey { key, .. } if key.contains("lm_head")), "{err}");
 

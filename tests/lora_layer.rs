@@ -9,8 +9,8 @@ mod lora_support;
 use lora_support::*;
 use tch::{Device, Kind, Tensor};
 use vla_finetune::vlm::lora::{
-    inject_lora, lora_of, lora_parameters, merge_and_unload, merge_lora, select_targets, unmerge_lora, LoraConfig, LoraLayer,
-    TargetModules,
+    inject_lora, lora_of, lora_parameters, merge_and_unload, merge_lora, select_targets, unmerge_lora, LoraConfig,
+    LoraLayer, TargetModules,
 };
 
 #[test]
@@ -35,7 +35,8 @@ fn init_equals_torch_kaiming_uniform_a_sqrt5_and_b_is_zero() {
 fn default_targets_only_the_llm_attention_projections() {
     let _rng = rng_lock();
     let mut model = base_model();
-    let paths: Vec<String> = select_targets(&mut model, &LoraConfig::default()).unwrap().into_iter().map(|t| t.path).collect();
+    let paths: Vec<String> =
+        select_targets(&mut model, &LoraConfig::default()).unwrap().into_iter().map(|t| t.path).collect();
     let mut expected = Vec::new();
     for i in 0..2 {
         for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {

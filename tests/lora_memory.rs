@@ -4,8 +4,8 @@
 
 use tch::{Device, Kind, Tensor};
 use vla_finetune::memory::{
-    accelerator_capacity, accelerator_memory, host_memory, max_memory_allocated, peaks, release_cached_accelerator_memory, reset_host_peak,
-    reset_peak_memory_stats, reset_peaks,
+    accelerator_capacity, accelerator_memory, host_memory, max_memory_allocated, peaks,
+    release_cached_accelerator_memory, reset_host_peak, reset_peak_memory_stats, reset_peaks,
 };
 
 const MB: u64 = 1 << 20;
@@ -23,10 +23,20 @@ fn host_peak_follows_a_known_allocation_and_resets() {
         assert!(during.rss >= before.rss + 250 * MB, "rss {} -> {}", before.rss, during.rss);
     }
     let after = host_memory().unwrap();
-    assert!(after.peak_rss >= before.rss + 250 * MB, "peak {} after a 256 MiB tensor (rss before {})", after.peak_rss, before.rss);
+    assert!(
+        after.peak_rss >= before.rss + 250 * MB,
+        "peak {} after a 256 MiB tensor (rss before {})",
+        after.peak_rss,
+        before.rss
+    );
     if reset_host_peak().unwrap() {
         let reset = host_memory().unwrap();
-        assert!(reset.peak_rss + 200 * MB < after.peak_rss, "peak after reset {} vs {}", reset.peak_rss, after.peak_rss);
+        assert!(
+            reset.peak_rss + 200 * MB < after.peak_rss,
+            "peak after reset {} vs {}",
+            reset.peak_rss,
+            after.peak_rss
+        );
     }
     assert!(peaks(0).unwrap().host_peak > 0);
 }

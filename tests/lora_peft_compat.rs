@@ -65,7 +65,8 @@ fn older_key_layout_loads_to_identical_outputs() {
 fn config_json_has_exactly_the_fields_and_values_peft_writes() {
     for name in ["peft_list", "peft_regex"] {
         let dir = fixtures().join(name);
-        let written: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        let written: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
         let (cfg, meta) = read_adapter_config(&dir).unwrap();
         let mut ours = adapter_config_json(&cfg, &meta);
         let mut peft = written.clone();

@@ -21,7 +21,8 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
 #[test]
 #[ignore = "benchmark"]
 fn act_latency_reference_sizes() {
-    let device = vla_finetune::device::parse(&std::env::var("VLA_BENCH_DEVICE").unwrap_or_else(|_| "auto".into())).unwrap();
+    let device =
+        vla_finetune::device::parse(&std::env::var("VLA_BENCH_DEVICE").unwrap_or_else(|_| "auto".into())).unwrap();
     if let Some(n) = std::env::var("VLA_BENCH_THREADS").ok().and_then(|s| s.parse().ok()) {
         tch::set_num_threads(n);
     }

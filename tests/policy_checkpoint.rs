@@ -40,7 +40,15 @@ fn config() -> PolicyConfig {
             out_dim: 12,
             dropout: 0.1,
         },
-        expert: ActionExpertConfig { horizon: 4, action_dim: 2, d_model: 16, n_heads: 4, n_layers: 2, ff_dim: 32, dropout: 0.1 },
+        expert: ActionExpertConfig {
+            horizon: 4,
+            action_dim: 2,
+            d_model: 16,
+            n_heads: 4,
+            n_layers: 2,
+            ff_dim: 32,
+            dropout: 0.1,
+        },
         diffusion: DiffusionConfig { train_steps: 20, ..DiffusionConfig::default() },
         ..PolicyConfig::default()
     }
@@ -54,7 +62,9 @@ fn trained_heads() -> PolicyHeads {
     // One training-mode pass so the BatchNorm running statistics differ from their init.
     let vl = VlFeatures::pooled(Tensor::randn([4, 8], CPU));
     let sensor = Tensor::randn([4, 12, 3], CPU) * 3.0 + 1.0;
-    let _ = h.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &Tensor::randn([4, 4, 2], CPU), &[1, 2, 3, 4], true).unwrap();
+    let _ = h
+        .loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &Tensor::randn([4, 4, 2], CPU), &[1, 2, 3, 4], true)
+        .unwrap();
     h
 }
 
@@ -86,11 +96,15 @@ fn save_load_round_trip_stage1_and_stage2() {
     for (name, t) in &a {
         assert!(t.equal(&b[name]), "{name} differs after load");
     }
-    assert!(a.keys().any(|n| n.ends_with("running_var")) && !a["sensor_encoder.conv.1.running_var"].equal(&Tensor::ones([8], CPU)));
+    assert!(
+        a.keys().any(|n| n.ends_with("running_var"))
+            && !a["sensor_encoder.conv.1.running_var"].equal(&Tensor::ones([8], CPU))
+    );
     assert!(act(&h).equal(&act(&loaded)), "same outputs after load");
     assert!(!dir.path().read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp")));
 
-    let stage2 = CheckpointStage::Stage2 { adapter_dir: "adapter".into(), base_model_id: "Qwen/Qwen2.5-VL-3B-Instruct".into() };
+    let stage2 =
+        CheckpointStage::Stage2 { adapter_dir: "adapter".into(), base_model_id: "Qwen/Qwen2.5-VL-3B-Instruct".into() };
     let p2 = dir.path().join("stage2.safetensors");
     h.save(&p2, stage2.clone(), BTreeMap::new()).unwrap();
     assert_eq!(CheckpointMeta::read(&p2).unwrap().stage, stage2);
@@ -104,7 +118,11 @@ fn save_load_round_trip_stage1_and_stage2() {
 }
 
 /// Rewrites a checkpoint: `edit` may change tensors (name -> (dtype, shape, bytes)) and metadata.
-fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, &mut serde_json::Value)) {
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, &mut serde_json::Value),
+) {
     let buf = std::fs::read(src).unwrap();
     let (_, header) = SafeTensors::read_metadata(&buf).unwrap();
     let mut meta: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()[META_KEY]).unwrap();
@@ -112,7 +130,8 @@ fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Dtyp
     let mut tensors: BTreeMap<_, _> =
         st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     edit(&mut tensors, &mut meta);
-    let views: Vec<_> = tensors.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<_> =
+        tensors.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     let md = Some(HashMap::from([(META_KEY.to_string(), meta.to_string())]));
     std::fs::write(dst, safetensors::tensor::serialize(views, &md).unwrap()).unwrap();
 }
@@ -151,7 +170,10 @@ fn corrupted_or_mismatched_checkpoints_fail_loudly() {
     rewrite(&good, &bad, |t, _| {
         t.remove("action_expert.transformer.layers.1.linear2.weight");
     });
-    assert_eq!(tensor_error(load_err(&bad)), ("action_expert.transformer.layers.1.linear2.weight".into(), "is missing".into()));
+    assert_eq!(
+        tensor_error(load_err(&bad)),
+        ("action_expert.transformer.layers.1.linear2.weight".into(), "is missing".into())
+    );
     rewrite(&good, &bad, |t, _| {
         t.insert("action_expert.extra_head.weight".into(), (Dtype::F32, vec![1], vec![0; 4]));
     });

@@ -27,7 +27,12 @@ fn run(cmd: &mut Command) -> std::process::Output {
 
 /// Writes the reference checkpoint and its inputs/outputs into `dir`.
 fn make_reference(dir: &Path) {
-    let out = run(Command::new(PYTHON).arg(script("reference_heads.py")).arg("--config").arg(small_config()).arg("--out").arg(dir));
+    let out = run(Command::new(PYTHON)
+        .arg(script("reference_heads.py"))
+        .arg("--config")
+        .arg(small_config())
+        .arg("--out")
+        .arg(dir));
     assert!(out.status.success(), "reference_heads.py failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -134,7 +139,10 @@ fn convert_rejects_bad_reference_checkpoints() {
     let bad_shape = edit("c['action_expert']['output.bias'] = torch.zeros(5)", "bad_shape.pt");
     let out = convert(&bad_shape, &dst, &["--config", small_config().to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("`action_expert.output.bias` has shape (5,), expected (3,)"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("`action_expert.output.bias` has shape (5,), expected (3,)"),
+        "{err}"
+    );
     assert!(!dst.exists(), "nothing is written on error");
 
     // Our loader refuses a converted file whose pos_embed was dropped (strict loading).

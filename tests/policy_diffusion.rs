@@ -95,7 +95,11 @@ fn ddim_with_all_steps_follows_the_probability_flow_ode() {
     let ddim = s.ddim(x_t.copy(), 100, 0.0, None, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
     let err = |x: &Tensor| (x - &exact).abs().mean(Kind::Double).double_value(&[]);
     let max_err = (&ddim - &exact).abs().max().double_value(&[]);
-    assert!(max_err < 0.05 && err(&ddim) < 0.01, "DDIM(T steps) vs the exact ODE map: max {max_err}, mean {}", err(&ddim));
+    assert!(
+        max_err < 0.05 && err(&ddim) < 0.01,
+        "DDIM(T steps) vs the exact ODE map: max {max_err}, mean {}",
+        err(&ddim)
+    );
     // DDIM is a first-order discretization of the ODE: half the steps, about twice the error.
     let ddim50 = s.ddim(x_t.copy(), 50, 0.0, None, &mut no_noise, &mut gaussian_oracle(&s, &mu, sd)).unwrap();
     let ratio = err(&ddim50) / err(&ddim);
@@ -135,7 +139,11 @@ fn ddim_first_step_starts_from_pure_noise() {
         assert_eq!(seen.len(), steps);
         let a = s.alphas_cumprod[seen[0]];
         let snr = a / (1.0 - a);
-        assert!((snr - snr_first).abs() <= 1e-9 * snr_first, "{steps} steps: first step at t {} has SNR {snr}", seen[0]);
+        assert!(
+            (snr - snr_first).abs() <= 1e-9 * snr_first,
+            "{steps} steps: first step at t {} has SNR {snr}",
+            seen[0]
+        );
     }
     // Pure noise is a sample of x_99 (SNR ~ 0), so 10 steps of the exact-oracle sampler land on
     // the data's mean (float64 numpy of the same loop: max mean error 0.001); starting at t = 90
@@ -165,7 +173,15 @@ fn tiny_config() -> PolicyConfig {
             out_dim: 16,
             dropout: 0.0,
         },
-        expert: ActionExpertConfig { horizon: 4, action_dim: 2, d_model: 64, n_heads: 4, n_layers: 2, ff_dim: 128, dropout: 0.0 },
+        expert: ActionExpertConfig {
+            horizon: 4,
+            action_dim: 2,
+            d_model: 64,
+            n_heads: 4,
+            n_layers: 2,
+            ff_dim: 128,
+            dropout: 0.0,
+        },
         diffusion: DiffusionConfig { train_steps: 50, ..DiffusionConfig::default() },
         ..PolicyConfig::default()
     }
@@ -197,7 +213,8 @@ fn expert_fits_two_modes_without_averaging_them() {
     let cfg = tiny_config();
     // Physical actions: every step is +(30, 10) or -(30, 10) (mm-like units), small jitter.
     let n = 64i64;
-    let sign = Tensor::from_slice(&(0..n).map(|i| if i % 2 == 0 { 1.0f32 } else { -1.0 }).collect::<Vec<_>>()).view([n, 1, 1]);
+    let sign =
+        Tensor::from_slice(&(0..n).map(|i| if i % 2 == 0 { 1.0f32 } else { -1.0 }).collect::<Vec<_>>()).view([n, 1, 1]);
     let base = Tensor::from_slice(&[30.0f32, 10.0]).view([1, 1, 2]);
     let actions = &sign * &base + Tensor::randn([n, 4, 2], (Kind::Float, Device::Cpu)) * 0.5;
     let flat = Vec::<f32>::try_from(actions.reshape([-1])).unwrap();

@@ -27,7 +27,15 @@ fn tiny(fusion: FusionKind, state_dim: i64) -> PolicyConfig {
             dropout: 0.0,
         },
         fusion: FusionConfig { kind: fusion, n_heads: 4 },
-        expert: ActionExpertConfig { horizon: 4, action_dim: 2, d_model: 16, n_heads: 4, n_layers: 1, ff_dim: 32, dropout: 0.0 },
+        expert: ActionExpertConfig {
+            horizon: 4,
+            action_dim: 2,
+            d_model: 16,
+            n_heads: 4,
+            n_layers: 1,
+            ff_dim: 32,
+            dropout: 0.0,
+        },
         diffusion: DiffusionConfig { train_steps: 20, default_ddim_steps: 5, ..DiffusionConfig::default() },
     }
 }
@@ -50,10 +58,14 @@ fn reference_sizes_parameter_counts_and_shapes() {
     assert_eq!(cfg.sensor.tokens(), 41, "650 samples -> 325 -> 163 -> 82 -> 41 tokens");
     let h = PolicyHeads::new(cfg.clone(), NormStats::identity(1026, 0, 7), Device::Cpu).unwrap();
     // Hand count: conv + BN per layer, 2 encoder layers, pos_embed, MLP 1024 -> 3072 -> 3072.
-    let conv: i64 = [(1026, 512), (512, 1024), (1024, 1024), (1024, 1024)].iter().map(|&(i, o)| i * o * 3 + o + 2 * o).sum();
+    let conv: i64 =
+        [(1026, 512), (512, 1024), (1024, 1024), (1024, 1024)].iter().map(|&(i, o)| i * o * 3 + o + 2 * o).sum();
     let sensor = conv + 2 * encoder_layer(1024, 4096) + 41 * 1024 + (1024 * 3072 + 3072) + (3072 * 3072 + 3072);
     // Fusion 5120 -> 1024, time MLP, action embedding, pos_embed, 4 encoder layers, output.
-    let expert = (5120 * 1024 + 1024) + 2 * (1024 * 1024 + 1024) + (7 * 1024 + 1024) + 8 * 1024
+    let expert = (5120 * 1024 + 1024)
+        + 2 * (1024 * 1024 + 1024)
+        + (7 * 1024 + 1024)
+        + 8 * 1024
         + 4 * encoder_layer(1024, 4096)
         + (1024 * 7 + 7);
     assert_eq!(h.num_parameters("sensor_encoder"), sensor);
@@ -92,7 +104,11 @@ fn other_window_lengths_are_resampled() {
 fn bad_inputs_name_the_tensor() {
     let h = heads(tiny(FusionKind::Concat, 0));
     let vl = VlFeatures::pooled(Tensor::randn([2, 8], CPU));
-    let err_name = |sensor: &Tensor, vl: &VlFeatures, state: Option<&Tensor>| match h.sample(&CondInput { vl, sensor, state }, 5, 0) {
+    let err_name = |sensor: &Tensor, vl: &VlFeatures, state: Option<&Tensor>| match h.sample(
+        &CondInput { vl, sensor, state },
+        5,
+        0,
+    ) {
         Err(PolicyError::Input { name, .. }) => name,
         other => panic!("expected an input error, got {other:?}"),
     };
@@ -106,7 +122,9 @@ fn bad_inputs_name_the_tensor() {
     assert_eq!(err_name(&ok, &vl, Some(&Tensor::zeros([2, 1], CPU))), "state");
     let actions = Tensor::zeros([2, 5, 2], CPU);
     match h.loss(&CondInput { vl: &vl, sensor: &ok, state: None }, &actions, &[0, 1], false) {
-        Err(e @ PolicyError::Input { .. }) => assert!(e.to_string().contains("`actions`: expected shape [2, 4, 2]"), "{e}"),
+        Err(e @ PolicyError::Input { .. }) => {
+            assert!(e.to_string().contains("`actions`: expected shape [2, 4, 2]"), "{e}")
+        }
         other => panic!("{other:?}"),
     }
     let actions = Tensor::zeros([2, 4, 2], CPU);
@@ -126,7 +144,9 @@ fn config_validation_names_the_field() {
     }
     let mut cfg = tiny(FusionKind::Concat, 0);
     cfg.expert.n_heads = 3;
-    assert!(matches!(PolicyHeads::new(cfg, NormStats::identity(3, 0, 2), Device::Cpu), Err(PolicyError::Config { field, .. }) if field == "expert.n_heads"));
+    assert!(
+        matches!(PolicyHeads::new(cfg, NormStats::identity(3, 0, 2), Device::Cpu), Err(PolicyError::Config { field, .. }) if field == "expert.n_heads")
+    );
     // Stats of the wrong size.
     match PolicyHeads::new(tiny(FusionKind::Concat, 0), NormStats::identity(4, 0, 2), Device::Cpu) {
         Err(e @ PolicyError::Stats { .. }) => assert!(e.to_string().contains("sensor.mean"), "{e}"),
@@ -176,14 +196,18 @@ fn gated_and_state_fusion_use_every_input() {
     let vl = VlFeatures::pooled(Tensor::randn([2, 8], CPU));
     let sensor = Tensor::randn([2, 12, 3], CPU);
     let state = Tensor::randn([2, 5], CPU);
-    let cond = |vl: &VlFeatures, sensor: &Tensor, state: &Tensor| h.condition(&CondInput { vl, sensor, state: Some(state) }, false).unwrap();
+    let cond = |vl: &VlFeatures, sensor: &Tensor, state: &Tensor| {
+        h.condition(&CondInput { vl, sensor, state: Some(state) }, false).unwrap()
+    };
     let base = cond(&vl, &sensor, &state);
     assert_eq!(base.size(), vec![2, 16]);
     let changed = |c: Tensor| (c - &base).abs().max().double_value(&[]) > 1e-4;
     assert!(changed(cond(&VlFeatures::pooled(Tensor::randn([2, 8], CPU)), &sensor, &state)), "VL matters");
     assert!(changed(cond(&vl, &(&sensor + 1.0), &state)), "sensor matters");
     assert!(changed(cond(&vl, &sensor, &(&state + 1.0))), "state matters");
-    assert!(matches!(h.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, 5, 0), Err(PolicyError::Input { name, .. }) if name == "state"));
+    assert!(
+        matches!(h.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, 5, 0), Err(PolicyError::Input { name, .. }) if name == "state")
+    );
 }
 
 #[test]
@@ -192,11 +216,13 @@ fn cross_attention_fusion_attends_over_unpooled_tokens_and_uses_the_sensor() {
     let _g = tch::no_grad_guard();
     let tokens = Tensor::randn([2, 6, 8], CPU);
     // Sample 0 has 4 real tokens, sample 1 all 6.
-    let mask = Tensor::from_slice(&[true, true, true, true, false, false, true, true, true, true, true, true]).view([2, 6]);
+    let mask =
+        Tensor::from_slice(&[true, true, true, true, false, false, true, true, true, true, true, true]).view([2, 6]);
     let sensor = Tensor::randn([2, 12, 3], CPU);
     let pooled = Tensor::zeros([2, 8], CPU);
     let cond = |tokens: &Tensor, sensor: &Tensor| {
-        let vl = VlFeatures { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.shallow_clone())) };
+        let vl =
+            VlFeatures { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.shallow_clone())) };
         h.condition(&CondInput { vl: &vl, sensor, state: None }, false).unwrap()
     };
     let base = cond(&tokens, &sensor);
@@ -213,9 +239,13 @@ fn cross_attention_fusion_attends_over_unpooled_tokens_and_uses_the_sensor() {
     assert!(diff(&cond(&tokens, &(&sensor + 1.0)), 0) > 1e-4);
     // Without tokens, or with a fully masked row: a clear error.
     let vl = VlFeatures::pooled(pooled.shallow_clone());
-    assert!(matches!(h.condition(&CondInput { vl: &vl, sensor: &sensor, state: None }, false), Err(PolicyError::Input { name, .. }) if name == "vl.tokens"));
+    assert!(
+        matches!(h.condition(&CondInput { vl: &vl, sensor: &sensor, state: None }, false), Err(PolicyError::Input { name, .. }) if name == "vl.tokens")
+    );
     let vl = VlFeatures { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.zeros_like())) };
-    assert!(matches!(h.condition(&CondInput { vl: &vl, sensor: &sensor, state: None }, false), Err(PolicyError::Input { name, .. }) if name == "vl.mask"));
+    assert!(
+        matches!(h.condition(&CondInput { vl: &vl, sensor: &sensor, state: None }, false), Err(PolicyError::Input { name, .. }) if name == "vl.mask")
+    );
 }
 
 #[test]
@@ -249,7 +279,9 @@ fn loss_is_invariant_to_micro_batching_and_trains_in_bf16() {
     let half = |r: std::ops::Range<i64>| {
         let vl = VlFeatures::pooled(vl.pooled.narrow(0, r.start, 2));
         let c = CondInput { vl: &vl, sensor: &sensor.narrow(0, r.start, 2), state: None };
-        h.loss(&c, &actions.narrow(0, r.start, 2), &seeds[r.start as usize..r.end as usize], false).unwrap().double_value(&[])
+        h.loss(&c, &actions.narrow(0, r.start, 2), &seeds[r.start as usize..r.end as usize], false)
+            .unwrap()
+            .double_value(&[])
     };
     let micro = (half(0..2) + half(2..4)) / 2.0;
     assert!((full.double_value(&[]) - micro).abs() < 1e-5, "batch {} vs micro-batches {micro}", full.double_value(&[]));
@@ -289,10 +321,20 @@ fn vla_policy_uses_the_feature_source_or_given_features() {
     let obs_in = |s: &str| VlObservation { images: vec![], instruction: s.into() };
     let sensor = Tensor::randn([2, 12, 3], CPU);
     let policy = VlaPolicy::new(heads(tiny(FusionKind::Concat, 0))).with_vl_source(Box::new(FakeVl)).unwrap();
-    let obs = Observation { vl: None, vl_inputs: vec![obs_in("abc"), obs_in("abcdef")], sensor: sensor.shallow_clone(), state: None };
+    let obs = Observation {
+        vl: None,
+        vl_inputs: vec![obs_in("abc"), obs_in("abcdef")],
+        sensor: sensor.shallow_clone(),
+        state: None,
+    };
     let via_source = policy.act(&obs, None, 3).unwrap();
     let given = Tensor::from_slice(&[[3.0f32; 8], [6.0; 8]].concat()).view([2, 8]);
-    let obs2 = Observation { vl: Some(VlFeatures::pooled(given)), vl_inputs: vec![], sensor: sensor.shallow_clone(), state: None };
+    let obs2 = Observation {
+        vl: Some(VlFeatures::pooled(given)),
+        vl_inputs: vec![],
+        sensor: sensor.shallow_clone(),
+        state: None,
+    };
     assert!(via_source.equal(&policy.act(&obs2, Some(5), 3).unwrap()), "default steps (5) and the same features");
     assert_eq!(via_source.size(), vec![2, 4, 2]);
 
@@ -301,7 +343,9 @@ fn vla_policy_uses_the_feature_source_or_given_features() {
     let mut cfg = tiny(FusionKind::Concat, 0);
     cfg.vl_dim = 16;
     let wrong = VlaPolicy::new(PolicyHeads::new(cfg, NormStats::identity(3, 0, 2), Device::Cpu).unwrap());
-    assert!(matches!(wrong.with_vl_source(Box::new(FakeVl)), Err(PolicyError::Config { field, .. }) if field == "vl_dim"));
+    assert!(
+        matches!(wrong.with_vl_source(Box::new(FakeVl)), Err(PolicyError::Config { field, .. }) if field == "vl_dim")
+    );
 
     let batch = PolicyBatch {
         vl: VlFeatures::pooled(Tensor::randn([2, 8], CPU)),

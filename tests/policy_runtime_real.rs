@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
+use vla_finetune::checkpoint::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE};
+use vla_finetune::checkpoint::model_id::base_model_id;
+use vla_finetune::checkpoint::publish::{PublishItem, PublishRequest, Publisher, Source};
 use vla_finetune::dataset::episode::RgbImage;
 use vla_finetune::policy::checkpoint::CheckpointStage;
 use vla_finetune::policy::{
@@ -20,9 +23,6 @@ use vla_finetune::policy::{
     PolicyHeads, SensorEncoderConfig, VlFeatures as HeadFeatures, VlaPolicy,
 };
 use vla_finetune::runtime::*;
-use vla_finetune::checkpoint::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE};
-use vla_finetune::checkpoint::model_id::base_model_id;
-use vla_finetune::checkpoint::publish::{PublishItem, PublishRequest, Publisher, Source};
 use vla_finetune::vlm::{Pooling, Qwen25VL, VlProcessor};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -71,9 +71,27 @@ fn heads_config(io: &Io, action_dim: i64) -> PolicyConfig {
     PolicyConfig {
         vl_dim: 32,
         state_dim: 0,
-        sensor: SensorEncoderConfig { window: io.window as i64, in_channels: io.channels as i64, conv_channels: vec![8, 16], d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, out_dim: 8, dropout: 0.0 },
+        sensor: SensorEncoderConfig {
+            window: io.window as i64,
+            in_channels: io.channels as i64,
+            conv_channels: vec![8, 16],
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            ff_dim: 32,
+            out_dim: 8,
+            dropout: 0.0,
+        },
         fusion: FusionConfig { kind: FusionKind::Concat, n_heads: 2 },
-        expert: ActionExpertConfig { horizon: io.horizon as i64, action_dim, d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, dropout: 0.0 },
+        expert: ActionExpertConfig {
+            horizon: io.horizon as i64,
+            action_dim,
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            ff_dim: 32,
+            dropout: 0.0,
+        },
         diffusion: DiffusionConfig { train_steps: 20, default_ddim_steps: 3, ..DiffusionConfig::default() },
     }
 }
@@ -95,10 +113,18 @@ fn publish(root: &Path, work: &Path, spec: &Spec) -> String {
 /// [`publish`] for other shapes.
 fn publish_io(root: &Path, work: &Path, spec: &Spec, io: &Io) -> String {
     tch::manual_seed(spec.seed);
-    let heads = PolicyHeads::new(heads_config(io, spec.action_dim), NormStats::identity(io.channels, 0, spec.action_dim as usize), Device::Cpu).unwrap();
+    let heads = PolicyHeads::new(
+        heads_config(io, spec.action_dim),
+        NormStats::identity(io.channels, 0, spec.action_dim as usize),
+        Device::Cpu,
+    )
+    .unwrap();
     let heads_path = work.join(format!("heads_{}.safetensors", spec.seed));
     let stage = match spec.adapter {
-        Some(_) => CheckpointStage::Stage2 { adapter_dir: "adapter".into(), base_model_id: base_model_id(&base_dir()).unwrap() },
+        Some(_) => CheckpointStage::Stage2 {
+            adapter_dir: "adapter".into(),
+            base_model_id: base_model_id(&base_dir()).unwrap(),
+        },
         None => CheckpointStage::Stage1,
     };
     heads.save(&heads_path, stage, BTreeMap::new()).unwrap();
@@ -129,7 +155,12 @@ fn publish_io(root: &Path, work: &Path, spec: &Spec, io: &Io) -> String {
     }
     let publisher = Publisher::new(root).unwrap();
     let staged = publisher
-        .stage(&PublishRequest { base_model_id: deploy.base_model_id.clone(), metrics: BTreeMap::new(), info: json!({"stage": 2}), items })
+        .stage(&PublishRequest {
+            base_model_id: deploy.base_model_id.clone(),
+            metrics: BTreeMap::new(),
+            info: json!({"stage": 2}),
+            items,
+        })
         .unwrap();
     if spec.corrupt {
         let p = staged.tmp_dir.join(HEADS_FILE);
@@ -175,7 +206,8 @@ fn adapter_versions_share_the_base_and_match_a_directly_loaded_adapter() {
     let work = tempfile::tempdir().unwrap();
     let loader = VlaLoader::new(&base_dir(), 0, Device::Cpu, Kind::Float).unwrap();
     let v1 = publish(root.path(), work.path(), &Spec { seed: 1, action_dim: 2, adapter: None, corrupt: false });
-    let v2 = publish(root.path(), work.path(), &Spec { seed: 2, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
+    let v2 =
+        publish(root.path(), work.path(), &Spec { seed: 2, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
     let img = image();
     let obs = observation(&img, vec![0.1; WINDOW * CHANNELS], 7 * MS);
     let feats = |enc: &mut Box<dyn VlEncoder>| enc.features(&obs).unwrap().get::<Tensor>().unwrap().shallow_clone();
@@ -186,14 +218,22 @@ fn adapter_versions_share_the_base_and_match_a_directly_loaded_adapter() {
     let base_before = feats(&mut l1.encoder);
     let base_ref = reference_features(None, &img);
     assert_eq!(base_before.size(), vec![1, 32]);
-    assert!(max_diff(&base_before, &base_ref) < 1e-6, "heads-only version = base model: {}", max_diff(&base_before, &base_ref));
+    assert!(
+        max_diff(&base_before, &base_ref) < 1e-6,
+        "heads-only version = base model: {}",
+        max_diff(&base_before, &base_ref)
+    );
 
     let d2 = root.path().join(&v2);
     let m2 = loader.verify(&d2).unwrap();
     let mut l2 = loader.load(&d2, &m2).unwrap();
     let adapted = feats(&mut l2.encoder);
     let adapted_ref = reference_features(Some(&lora_dir()), &img);
-    assert!(max_diff(&adapted, &adapted_ref) < 1e-6, "adapter version = Qwen25VL + load_adapter: {}", max_diff(&adapted, &adapted_ref));
+    assert!(
+        max_diff(&adapted, &adapted_ref) < 1e-6,
+        "adapter version = Qwen25VL + load_adapter: {}",
+        max_diff(&adapted, &adapted_ref)
+    );
     assert!(max_diff(&adapted, &base_ref) > 1e-3, "the adapter changes the features");
 
     // The previous version (and the shared base) compute exactly what they did before.
@@ -211,7 +251,8 @@ fn a_bf16_loader_runs_the_vl_model_in_bf16_and_acts_like_the_f32_one() {
     tch::set_num_threads(1);
     let root = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let v = publish(root.path(), work.path(), &Spec { seed: 2, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
+    let v =
+        publish(root.path(), work.path(), &Spec { seed: 2, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
     let dir = root.path().join(&v);
     let img = image();
     let obs = observation(&img, (0..WINDOW * CHANNELS).map(|i| (i as f32 * 0.37).sin()).collect(), 7 * MS);
@@ -267,7 +308,13 @@ fn incompatible_adapters_are_refused_naming_file_and_field() {
     let a = edited_adapter(work.path(), |v| v["target_modules"] = json!(["nonexistent_proj"]));
     let v = publish(root.path(), work.path(), &Spec { seed: 3, action_dim: 2, adapter: Some(a), corrupt: false });
     let e = loader.verify(&root.path().join(&v)).unwrap_err().to_string();
-    assert!(e.contains("adapter_config.json") && e.contains("target_modules") && e.contains("nonexistent_proj") && e.contains("select none"), "{e}");
+    assert!(
+        e.contains("adapter_config.json")
+            && e.contains("target_modules")
+            && e.contains("nonexistent_proj")
+            && e.contains("select none"),
+        "{e}"
+    );
 
     // Rank 8 in the config, rank-4 tensors in the file: passes verify, the load names the tensor.
     let work = tempfile::tempdir().unwrap();
@@ -277,9 +324,9 @@ fn incompatible_adapters_are_refused_naming_file_and_field() {
     let meta = loader.verify(&dir).unwrap();
     let e = loader.load(&dir, &meta).err().expect("rank mismatch").to_string();
     // Whichever LoRA tensor is checked first is named: A is [r, in], B is [out, r].
-    let names_rank = (e.contains("lora_A") && e.contains("expected [8,")) || (e.contains("lora_B") && e.contains(", 8]"));
+    let names_rank =
+        (e.contains("lora_A") && e.contains("expected [8,")) || (e.contains("lora_B") && e.contains(", 8]"));
     assert!(e.contains("adapter_model.safetensors") && names_rank, "{e}");
-
 }
 
 /// The control loop on a virtual clock, fed by the test.
@@ -307,7 +354,13 @@ impl Rig {
                 state: None,
                 instruction: INSTRUCTION.into(),
             },
-            control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing, start_enabled: true },
+            control: ControlConfig {
+                period: 50 * MS,
+                tick_budget: 50 * MS,
+                vl_refresh_ticks: 4,
+                stale_behavior: StaleBehavior::Nothing,
+                start_enabled: true,
+            },
             horizon: HORIZON,
             action_dim: 2,
             base_model_id: Some(loader.base_model_id().to_string()),
@@ -315,7 +368,17 @@ impl Rig {
         };
         let (core, handle) = build(cfg, loader, clock.clone()).unwrap();
         let sched = core.scheduler();
-        Rig { clock, core, handle, sched, img: image(), stamp: 0, feed_sensor: true, windows: HashMap::new(), notices: Vec::new() }
+        Rig {
+            clock,
+            core,
+            handle,
+            sched,
+            img: image(),
+            stamp: 0,
+            feed_sensor: true,
+            windows: HashMap::new(),
+            notices: Vec::new(),
+        }
     }
 
     /// One tick on schedule after feeding fresh inputs; returns what it published.
@@ -324,7 +387,8 @@ impl Rig {
         let tick = (next.as_nanos() / (50 * MS).as_nanos()) as u64;
         self.handle.inputs.push_frame(CAM, self.img.clone(), self.stamp).unwrap();
         if self.feed_sensor {
-            let values: Vec<f32> = (0..WINDOW * CHANNELS).map(|i| ((tick as usize * 7 + i) % 11) as f32 * 0.1 - 0.5).collect();
+            let values: Vec<f32> =
+                (0..WINDOW * CHANNELS).map(|i| ((tick as usize * 7 + i) % 11) as f32 * 0.1 - 0.5).collect();
             let stamps: Vec<i64> = (0..WINDOW as i64).map(|i| self.stamp + i).collect();
             self.handle.inputs.push_sensor(&values, &stamps).unwrap();
             self.windows.insert(tick, values);
@@ -348,7 +412,11 @@ impl Rig {
         let t0 = Instant::now();
         let mut events = Vec::new();
         while !cond(self.core.status()) {
-            assert!(t0.elapsed() < Duration::from_secs(120), "timed out waiting for {what}; status {:?}", self.core.status());
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "timed out waiting for {what}; status {:?}",
+                self.core.status()
+            );
             events.extend(self.step());
             std::thread::sleep(5 * MS);
         }
@@ -375,7 +443,14 @@ fn assert_reference(rig: &Rig, ev: &ActionEvent, ckpt: &Path, features: &Tensor)
     let expected = reference_chunk(ckpt, features, window, action_seed(&obs));
     assert_eq!(ev.chunk.values.len(), expected.len());
     let diff = ev.chunk.values.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(diff < 1e-5, "tick {} of {}: runtime {:?} vs VlaPolicy::act {:?}", ev.tick, ev.chunk.version, ev.chunk.values, expected);
+    assert!(
+        diff < 1e-5,
+        "tick {} of {}: runtime {:?} vs VlaPolicy::act {:?}",
+        ev.tick,
+        ev.chunk.version,
+        ev.chunk.values,
+        expected
+    );
 }
 
 #[test]
@@ -405,7 +480,8 @@ fn hot_swap_under_load_with_the_real_loader() {
     }
 
     // Stage 2 version with an adapter: actions switch between two ticks, one per tick throughout.
-    let v2 = publish(root.path(), work.path(), &Spec { seed: 12, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
+    let v2 =
+        publish(root.path(), work.path(), &Spec { seed: 12, action_dim: 2, adapter: Some(lora_dir()), corrupt: false });
     let ticks_before = rig.core.status().ticks;
     let mut ev = rig.step_until("v2 active", |s| s.active_version == v2);
     for _ in 0..6 {
@@ -413,7 +489,9 @@ fn hot_swap_under_load_with_the_real_loader() {
     }
     assert_eq!(ev.len() as u64, rig.core.status().ticks - ticks_before, "one chunk per tick across the swap");
     let first_new = ev.iter().position(|e| e.chunk.version == v2).expect("an action of v2");
-    assert!(ev[..first_new].iter().all(|e| e.chunk.version == v1) && ev[first_new..].iter().all(|e| e.chunk.version == v2));
+    assert!(
+        ev[..first_new].iter().all(|e| e.chunk.version == v1) && ev[first_new..].iter().all(|e| e.chunk.version == v2)
+    );
     for e in &ev[..first_new] {
         assert_reference(&rig, e, &root.path().join(&v1), &base_feats);
     }
@@ -423,7 +501,8 @@ fn hot_swap_under_load_with_the_real_loader() {
     assert_eq!(rig.core.status().previous_version, v1);
 
     // Corrupted after its manifest was written: rejected, v2 keeps acting.
-    let v3 = publish(root.path(), work.path(), &Spec { seed: 13, action_dim: 2, adapter: Some(lora_dir()), corrupt: true });
+    let v3 =
+        publish(root.path(), work.path(), &Spec { seed: 13, action_dim: 2, adapter: Some(lora_dir()), corrupt: true });
     let ev = rig.step_until("v3 rejected", |s| s.rejected == 1);
     assert!(ev.iter().all(|e| e.chunk.version == v2));
     let msg = rig.core.status().message.clone();
@@ -454,11 +533,28 @@ fn hot_swap_under_load_with_the_real_loader() {
 
     let st = rig.core.status().clone();
     assert_eq!((st.swaps, st.rejected, st.rollbacks, st.missed_ticks), (2, 2, 0, 0), "{st:?}");
-    let rejected: Vec<&str> = rig.notices.iter().filter_map(|n| match n { RuntimeNotice::Rejected { version, .. } => Some(version.as_str()), _ => None }).collect();
+    let rejected: Vec<&str> = rig
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            RuntimeNotice::Rejected { version, .. } => Some(version.as_str()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(rejected, vec![v3.as_str(), v4.as_str()]);
-    let first: Vec<&str> = rig.notices.iter().filter_map(|n| match n { RuntimeNotice::FirstAction { version, .. } => Some(version.as_str()), _ => None }).collect();
+    let first: Vec<&str> = rig
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            RuntimeNotice::FirstAction { version, .. } => Some(version.as_str()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(first, vec![v1.as_str(), v2.as_str()]);
-    assert!(rig.notices.iter().any(|n| matches!(n, RuntimeNotice::Stale { inputs } if inputs == &vec!["oct".to_string()])));
+    assert!(rig
+        .notices
+        .iter()
+        .any(|n| matches!(n, RuntimeNotice::Stale { inputs } if inputs == &vec!["oct".to_string()])));
     rig.handle.shutdown();
 }
 
@@ -488,7 +584,8 @@ fn policy_cli_process_hot_swaps_published_checkpoints() {
     let t0 = Instant::now();
     let wait_status = |what: &str, cond: &dyn Fn(&serde_json::Value) -> bool| loop {
         assert!(t0.elapsed() < Duration::from_secs_f64(seconds + 60.0), "timed out waiting for {what}");
-        if let Some(v) = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+        if let Some(v) = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
             if cond(&v) {
                 return v;
             }
@@ -498,12 +595,33 @@ fn policy_cli_process_hot_swaps_published_checkpoints() {
     let first = wait_status("the first status", &|v| v["ticks"].as_u64().unwrap_or(0) >= 5);
     assert_eq!(first["active_version"], "", "no checkpoint yet");
     assert_eq!(first["actions"], 0, "no action before the first checkpoint");
-    let v1 = publish_io(root.path(), work.path(), &Spec { seed: 21, action_dim: 7, adapter: None, corrupt: false }, &sim);
-    wait_status("v1 acting", &|v| v["swaps"].as_array().is_some_and(|s| s.iter().any(|s| s["version"] == v1.as_str() && s["hotswap_latency_ms"].is_number())));
-    let v2 = publish_io(root.path(), work.path(), &Spec { seed: 22, action_dim: 7, adapter: Some(lora_dir()), corrupt: false }, &sim);
-    wait_status("v2 acting", &|v| v["swaps"].as_array().is_some_and(|s| s.iter().any(|s| s["version"] == v2.as_str() && s["hotswap_latency_ms"].is_number())));
-    let v3 = publish_io(root.path(), work.path(), &Spec { seed: 23, action_dim: 7, adapter: Some(lora_dir()), corrupt: true }, &sim);
-    wait_status("v3 rejected", &|v| v["rejected"].as_array().is_some_and(|r| r.iter().any(|r| r["version"] == v3.as_str())));
+    let v1 =
+        publish_io(root.path(), work.path(), &Spec { seed: 21, action_dim: 7, adapter: None, corrupt: false }, &sim);
+    wait_status("v1 acting", &|v| {
+        v["swaps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["version"] == v1.as_str() && s["hotswap_latency_ms"].is_number()))
+    });
+    let v2 = publish_io(
+        root.path(),
+        work.path(),
+        &Spec { seed: 22, action_dim: 7, adapter: Some(lora_dir()), corrupt: false },
+        &sim,
+    );
+    wait_status("v2 acting", &|v| {
+        v["swaps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["version"] == v2.as_str() && s["hotswap_latency_ms"].is_number()))
+    });
+    let v3 = publish_io(
+        root.path(),
+        work.path(),
+        &Spec { seed: 23, action_dim: 7, adapter: Some(lora_dir()), corrupt: true },
+        &sim,
+    );
+    wait_status("v3 rejected", &|v| {
+        v["rejected"].as_array().is_some_and(|r| r.iter().any(|r| r["version"] == v3.as_str()))
+    });
     // Keep stdin open (wait() would close it, which also stops the policy).
     let _stdin = child.stdin.take();
     let exit = child.wait().unwrap();
@@ -525,7 +643,9 @@ fn policy_cli_process_hot_swaps_published_checkpoints() {
 #[test]
 fn policy_cli_names_a_missing_device_or_unknown_dtype() {
     let dir = tempfile::tempdir().unwrap();
-    for (flag, value, expected) in [("--device", "cuda:99", "CUDA device 99 is not available"), ("--dtype", "f16", "expected auto, f32 or bf16")] {
+    for (flag, value, expected) in
+        [("--device", "cuda:99", "CUDA device 99 is not available"), ("--dtype", "f16", "expected auto, f32 or bf16")]
+    {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
             .args(["policy", "--sim", "--duration-s", "1", "--checkpoints"])
             .arg(dir.path().join("checkpoints"))
@@ -564,7 +684,8 @@ fn policy_cli_reports_a_missing_root_and_survives_an_unwritable_status() {
     let t0 = Instant::now();
     let first = loop {
         assert!(t0.elapsed() < Duration::from_secs(60), "no status written");
-        if let Some(v) = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+        if let Some(v) = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
             break v;
         }
         std::thread::sleep(Duration::from_millis(50));

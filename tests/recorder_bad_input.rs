@@ -25,7 +25,16 @@ fn hdr(ns: i64) -> Header {
 }
 
 fn image(ns: i64, w: u32, h: u32, step: u32, len: usize, encoding: &str) -> Vec<u8> {
-    Image { header: hdr(ns), height: h, width: w, encoding: encoding.into(), is_bigendian: 0, step, data: (0..len).map(|i| i as u8).collect() }.encode()
+    Image {
+        header: hdr(ns),
+        height: h,
+        width: w,
+        encoding: encoding.into(),
+        is_bigendian: 0,
+        step,
+        data: (0..len).map(|i| i as u8).collect(),
+    }
+    .encode()
 }
 
 fn frame(ns: i64, values: Vec<f32>, channels: u32) -> Vec<u8> {
@@ -37,7 +46,13 @@ fn pose(ns: i64, x: f64) -> Vec<u8> {
 }
 
 fn writer(root: &Path, id: &str) -> EpisodeWriter {
-    EpisodeWriter::create(root, EpisodeMeta { id: id.into(), ..Default::default() }, &streams(), WriterOptions::default()).unwrap()
+    EpisodeWriter::create(
+        root,
+        EpisodeMeta { id: id.into(), ..Default::default() },
+        &streams(),
+        WriterOptions::default(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -52,8 +67,16 @@ fn bad_messages_are_skipped_and_counted_by_reason_and_the_rest_kept() {
     w.write("/cam", "sensor_msgs/msg/Image", &image(40 * ms, 2, 2, 8, 16, "rgb8"), 40 * ms, 41 * ms).unwrap();
     // Sensor: good, NaN, wrong channel count, stamp going back, truncated CDR, good.
     w.write("/oct", "vla_finetune_msgs/msg/SensorFrame", &frame(ms, vec![1.0, 2.0, 3.0, 4.0], 4), ms, ms).unwrap();
-    w.write("/oct", "vla_finetune_msgs/msg/SensorFrame", &frame(2 * ms, vec![1.0, f32::NAN, 3.0, 4.0], 4), 2 * ms, 2 * ms).unwrap();
-    w.write("/oct", "vla_finetune_msgs/msg/SensorFrame", &frame(3 * ms, vec![1.0, 2.0, 3.0], 3), 3 * ms, 3 * ms).unwrap();
+    w.write(
+        "/oct",
+        "vla_finetune_msgs/msg/SensorFrame",
+        &frame(2 * ms, vec![1.0, f32::NAN, 3.0, 4.0], 4),
+        2 * ms,
+        2 * ms,
+    )
+    .unwrap();
+    w.write("/oct", "vla_finetune_msgs/msg/SensorFrame", &frame(3 * ms, vec![1.0, 2.0, 3.0], 3), 3 * ms, 3 * ms)
+        .unwrap();
     w.write("/oct", "vla_finetune_msgs/msg/SensorFrame", &frame(ms / 2, vec![9.0; 4], 4), ms / 2, 4 * ms).unwrap();
     let good = frame(5 * ms, vec![5.0; 4], 4);
     w.write("/oct", "vla_finetune_msgs/msg/SensorFrame", &good[..good.len() - 6], 5 * ms, 5 * ms).unwrap();
@@ -72,10 +95,18 @@ fn bad_messages_are_skipped_and_counted_by_reason_and_the_rest_kept() {
 
     let ep = McapEpisode::open(&dir.path().join("episodes/bad")).unwrap();
     let reasons = |t: &str| ep.skipped().get(t).cloned().unwrap_or_default();
-    assert_eq!(reasons("/cam"), BTreeMap::from([("image_size_mismatch".into(), 1), ("unsupported_encoding".into(), 1)]));
+    assert_eq!(
+        reasons("/cam"),
+        BTreeMap::from([("image_size_mismatch".into(), 1), ("unsupported_encoding".into(), 1)])
+    );
     assert_eq!(
         reasons("/oct"),
-        BTreeMap::from([("non_finite".into(), 1), ("channel_mismatch".into(), 1), ("non_monotonic_stamp".into(), 1), ("decode_error".into(), 1)])
+        BTreeMap::from([
+            ("non_finite".into(), 1),
+            ("channel_mismatch".into(), 1),
+            ("non_monotonic_stamp".into(), 1),
+            ("decode_error".into(), 1)
+        ])
     );
     assert_eq!(reasons("/pose"), BTreeMap::from([("non_monotonic_stamp".into(), 1), ("non_finite".into(), 1)]));
 
@@ -159,13 +190,34 @@ fn empty_episode_is_valid_and_opens_everywhere() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0 0");
     // An existing episode is never overwritten.
-    let e = EpisodeWriter::create(dir.path(), EpisodeMeta { id: "empty".into(), ..Default::default() }, &streams(), WriterOptions::default()).err().unwrap();
+    let e = EpisodeWriter::create(
+        dir.path(),
+        EpisodeMeta { id: "empty".into(), ..Default::default() },
+        &streams(),
+        WriterOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("already exists"), "{e}");
-    let e = EpisodeWriter::create(dir.path(), EpisodeMeta { id: "../x".into(), ..Default::default() }, &streams(), WriterOptions::default()).err().unwrap();
+    let e = EpisodeWriter::create(
+        dir.path(),
+        EpisodeMeta { id: "../x".into(), ..Default::default() },
+        &streams(),
+        WriterOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("invalid episode id"), "{e}");
     // A mapping built in code is validated too (no panic on an unknown type).
     let mut bad = streams();
     bad.state.msg_type = "nav_msgs/msg/Odometry".into();
-    let e = EpisodeWriter::create(dir.path(), EpisodeMeta { id: "y".into(), ..Default::default() }, &bad, WriterOptions::default()).err().unwrap();
+    let e = EpisodeWriter::create(
+        dir.path(),
+        EpisodeMeta { id: "y".into(), ..Default::default() },
+        &bad,
+        WriterOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("nav_msgs/msg/Odometry"), "{e}");
 }

@@ -22,7 +22,13 @@ fn recorder_throughput_5x640x360_at_30hz_plus_sensor_and_pose() {
     let msgs: Vec<SimMessage> = sim.episode(0, 0, 2.0).collect();
     for comp in [Compression::Zstd, Compression::Lz4] {
         let dir = tempfile::tempdir_in("/tmp").unwrap();
-        let cfg = RecorderConfig { root: dir.path().into(), streams: sim.streams(), queue_capacity: 4096, queue_bytes: 256 << 20, writer: WriterOptions { compression: comp, ..Default::default() } };
+        let cfg = RecorderConfig {
+            root: dir.path().into(),
+            streams: sim.streams(),
+            queue_capacity: 4096,
+            queue_bytes: 256 << 20,
+            writer: WriterOptions { compression: comp, ..Default::default() },
+        };
         let (rec, _) = Recorder::open(cfg).unwrap();
         rec.start(EpisodeInfo { id: Some("b".into()), ..Default::default() }, 0).unwrap();
         let (c0, t0) = (cpu(), Instant::now());

@@ -19,17 +19,28 @@ fn scan_file(path: &Path) -> (Vec<(String, Vec<u8>, u64)>, usize) {
     let buf = std::fs::read(path).unwrap();
     let mut chs = HashMap::new();
     let mut out = Vec::new();
-    let end = scan_mcap(&buf, &mut chs, |chs, m| out.push((chs[&m.channel].topic.clone(), m.data.into_owned(), m.log_time)));
+    let end =
+        scan_mcap(&buf, &mut chs, |chs, m| out.push((chs[&m.channel].topic.clone(), m.data.into_owned(), m.log_time)));
     (out, end.chunks)
 }
 
 /// Per topic, the recorded messages must be exactly the first N messages the simulator produced.
 fn assert_prefix_of_sim(sim: &SimConfig, seconds: f64, got: &[(String, Vec<u8>, u64)]) {
-    let start = got.iter().map(|(t, cdr, _)| vla_finetune::dataset::cdr::MsgType::parse(match t.as_str() {
-        t if t.contains("camera") => "sensor_msgs/msg/Image",
-        t if t.contains("oct") => "vla_finetune_msgs/msg/SensorFrame",
-        _ => "geometry_msgs/msg/PoseStamped",
-    }).unwrap().header_stamp(cdr).unwrap().unwrap()).min().unwrap();
+    let start = got
+        .iter()
+        .map(|(t, cdr, _)| {
+            vla_finetune::dataset::cdr::MsgType::parse(match t.as_str() {
+                t if t.contains("camera") => "sensor_msgs/msg/Image",
+                t if t.contains("oct") => "vla_finetune_msgs/msg/SensorFrame",
+                _ => "geometry_msgs/msg/PoseStamped",
+            })
+            .unwrap()
+            .header_stamp(cdr)
+            .unwrap()
+            .unwrap()
+        })
+        .min()
+        .unwrap();
     let mut want: BTreeMap<String, Vec<(Vec<u8>, u64)>> = BTreeMap::new();
     for m in sim.episode(0, start, seconds) {
         want.entry(m.topic).or_default().push((m.cdr, m.recv_ns as u64));
@@ -55,7 +66,24 @@ fn kill_9_during_recording_then_recovery_keeps_every_flushed_message() {
     let sim = SimConfig { seed: 5, cameras: 2, width: 32, height: 24, ..Default::default() };
     let seconds = 60.0;
     let mut child = Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
-        .args(["record", "--sim", "--realtime", "--episodes", "1", "--seconds", "60", "--seed", "5", "--cameras", "2", "--width", "32", "--height", "24", "--out"])
+        .args([
+            "record",
+            "--sim",
+            "--realtime",
+            "--episodes",
+            "1",
+            "--seconds",
+            "60",
+            "--seed",
+            "5",
+            "--cameras",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "24",
+            "--out",
+        ])
         .arg(&root)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -81,7 +109,13 @@ fn kill_9_during_recording_then_recovery_keeps_every_flushed_message() {
     assert!(chunks >= 2 && !before.is_empty());
 
     // The next start finds and recovers it.
-    let cfg = RecorderConfig { root: root.clone(), streams: sim.streams(), queue_capacity: 64, queue_bytes: 64 << 20, writer: WriterOptions::default() };
+    let cfg = RecorderConfig {
+        root: root.clone(),
+        streams: sim.streams(),
+        queue_capacity: 64,
+        queue_bytes: 64 << 20,
+        writer: WriterOptions::default(),
+    };
     let (_rec, recovered) = Recorder::open(cfg).unwrap();
     assert_eq!(recovered.len(), 1);
     let r = recovered.into_iter().next().unwrap().unwrap();
@@ -115,7 +149,13 @@ fn full_disk_stops_the_episode_with_an_error_and_keeps_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimConfig { seed: 9, cameras: 1, width: 32, height: 24, ..Default::default() };
     let writer = WriterOptions { max_bytes: Some(600_000), flush_interval_ns: 200_000_000, ..Default::default() };
-    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity: 16, queue_bytes: 64 << 20, writer };
+    let cfg = RecorderConfig {
+        root: dir.path().to_path_buf(),
+        streams: sim.streams(),
+        queue_capacity: 16,
+        queue_bytes: 64 << 20,
+        writer,
+    };
     let (rec, _) = Recorder::open(cfg).unwrap();
     let seconds = 30.0;
     rec.start(EpisodeInfo { id: Some("full".into()), instruction: "x".into(), ..Default::default() }, 0).unwrap();

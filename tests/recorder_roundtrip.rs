@@ -19,13 +19,27 @@ fn small_sim() -> SimConfig {
     SimConfig { seed: 11, cameras: 2, width: 32, height: 24, camera_hz: 10.0, ..Default::default() }
 }
 
-fn record(root: &Path, sim: &SimConfig, seconds: f64) -> (Vec<SimMessage>, vla_finetune::dataset::episode::EpisodeMeta) {
-    let cfg = RecorderConfig { root: root.to_path_buf(), streams: sim.streams(), queue_capacity: 256, queue_bytes: 64 << 20, writer: WriterOptions::default() };
+fn record(
+    root: &Path,
+    sim: &SimConfig,
+    seconds: f64,
+) -> (Vec<SimMessage>, vla_finetune::dataset::episode::EpisodeMeta) {
+    let cfg = RecorderConfig {
+        root: root.to_path_buf(),
+        streams: sim.streams(),
+        queue_capacity: 256,
+        queue_bytes: 64 << 20,
+        writer: WriterOptions::default(),
+    };
     let (rec, recovered) = Recorder::open(cfg).unwrap();
     assert!(recovered.is_empty());
     let ep = sim.episode(0, START_NS, seconds);
     let instruction = ep.scene().instruction();
-    rec.start(EpisodeInfo { id: Some("ep0".into()), instruction, task: "needle_insertion".into(), operator: "test".into() }, START_NS).unwrap();
+    rec.start(
+        EpisodeInfo { id: Some("ep0".into()), instruction, task: "needle_insertion".into(), operator: "test".into() },
+        START_NS,
+    )
+    .unwrap();
     let msgs: Vec<SimMessage> = ep.collect();
     for m in &msgs {
         assert_eq!(rec.push_wait(&m.topic, m.type_name, m.cdr.clone(), m.stamp_ns, m.recv_ns), PushOutcome::Queued);
@@ -68,7 +82,8 @@ fn episode_reads_back_exactly_with_our_reader() {
 
     // Sensor: 650 Hz x 2 s, every value.
     let s = ep.sensor("oct").unwrap();
-    let frames: Vec<SensorFrame> = msgs.iter().filter(|m| m.topic == SENSOR_TOPIC).map(|m| SensorFrame::decode(&m.cdr).unwrap()).collect();
+    let frames: Vec<SensorFrame> =
+        msgs.iter().filter(|m| m.topic == SENSOR_TOPIC).map(|m| SensorFrame::decode(&m.cdr).unwrap()).collect();
     assert_eq!(frames.len(), 1300);
     assert_eq!(s.channels, 1026);
     assert_eq!(s.stamps.len(), 1300);
@@ -78,7 +93,8 @@ fn episode_reads_back_exactly_with_our_reader() {
     // State: metres -> mm, quaternion -> degrees.
     let st = ep.state().unwrap();
     assert_eq!(st.names, vec!["x", "y", "z", "roll", "pitch", "yaw"]);
-    let poses: Vec<PoseStamped> = msgs.iter().filter(|m| m.topic == POSE_TOPIC).map(|m| PoseStamped::decode(&m.cdr).unwrap()).collect();
+    let poses: Vec<PoseStamped> =
+        msgs.iter().filter(|m| m.topic == POSE_TOPIC).map(|m| PoseStamped::decode(&m.cdr).unwrap()).collect();
     assert_eq!(st.values.len(), poses.len());
     for (v, p) in st.values.iter().zip(&poses) {
         for (got, m) in v.iter().zip(&p.position) {
@@ -193,7 +209,13 @@ fn full_queue_drops_are_counted_never_block_and_land_in_the_episode() {
 fn burst(queue_capacity: usize, queue_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimConfig { seed: 3, cameras: 1, width: 640, height: 360, camera_hz: 200.0, ..Default::default() };
-    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity, queue_bytes, writer: WriterOptions::default() };
+    let cfg = RecorderConfig {
+        root: dir.path().to_path_buf(),
+        streams: sim.streams(),
+        queue_capacity,
+        queue_bytes,
+        writer: WriterOptions::default(),
+    };
     let (rec, _) = Recorder::open(cfg).unwrap();
     // Not recording yet: ignored, not counted.
     let m0 = sim.episode(0, START_NS, 0.01).next().unwrap();
@@ -222,19 +244,35 @@ fn burst(queue_capacity: usize, queue_bytes: usize) {
         assert_eq!(ep.counts().get(&t.topic).copied().unwrap_or(0), t.written, "{}", t.topic);
         assert_eq!(meta.drops.get(&t.topic).copied().unwrap_or(0), t.dropped);
     }
-    assert_eq!(st.topics.iter().map(|t| t.received).sum::<u64>(), msgs.len() as u64 + 1);}
+    assert_eq!(st.topics.iter().map(|t| t.received).sum::<u64>(), msgs.len() as u64 + 1);
+}
 
 #[test]
 fn raw_subscription_entry_point_takes_the_header_stamp() {
     let dir = tempfile::tempdir().unwrap();
     let sim = small_sim();
-    let cfg = RecorderConfig { root: dir.path().to_path_buf(), streams: sim.streams(), queue_capacity: 64, queue_bytes: 64 << 20, writer: WriterOptions::default() };
+    let cfg = RecorderConfig {
+        root: dir.path().to_path_buf(),
+        streams: sim.streams(),
+        queue_capacity: 64,
+        queue_bytes: 64 << 20,
+        writer: WriterOptions::default(),
+    };
     let (rec, _) = Recorder::open(cfg).unwrap();
     rec.start(EpisodeInfo { id: Some("raw".into()), ..Default::default() }, START_NS).unwrap();
-    let header = vla_finetune::dataset::cdr::Header { stamp: vla_finetune::dataset::cdr::Time::from_ns(START_NS + 5), frame_id: "base".into() };
+    let header = vla_finetune::dataset::cdr::Header {
+        stamp: vla_finetune::dataset::cdr::Time::from_ns(START_NS + 5),
+        frame_id: "base".into(),
+    };
     let p = PoseStamped { header, position: [0.001, 0.0, 0.0], orientation: [0.0, 0.0, 0.0, 1.0] };
-    assert_eq!(rec.push_received(POSE_TOPIC, "geometry_msgs/msg/PoseStamped", p.encode(), START_NS + 9), PushOutcome::Queued);
-    assert_eq!(rec.push_received(POSE_TOPIC, "geometry_msgs/msg/PoseStamped", vec![0, 1, 0, 0, 1], START_NS + 10), PushOutcome::Dropped);
+    assert_eq!(
+        rec.push_received(POSE_TOPIC, "geometry_msgs/msg/PoseStamped", p.encode(), START_NS + 9),
+        PushOutcome::Queued
+    );
+    assert_eq!(
+        rec.push_received(POSE_TOPIC, "geometry_msgs/msg/PoseStamped", vec![0, 1, 0, 0, 1], START_NS + 10),
+        PushOutcome::Dropped
+    );
     assert_eq!(rec.push_received("/nope", "geometry_msgs/msg/PoseStamped", vec![], 0), PushOutcome::UnknownTopic);
     let meta = rec.stop("success").unwrap();
     assert_eq!(meta.drops, BTreeMap::from([(POSE_TOPIC.to_string(), 1)]));

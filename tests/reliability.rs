@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 
 use vla_finetune::dataset::compile::{compile, CompileConfig, CompileOutput};
 use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource};
-use vla_finetune::dataset::mcap_episode::{mcap_file_name, scan_mcap, EpisodeWriter, McapEpisode, WriterOptions, RECORDING_MARKER};
+use vla_finetune::dataset::mcap_episode::{
+    mcap_file_name, scan_mcap, EpisodeWriter, McapEpisode, WriterOptions, RECORDING_MARKER,
+};
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::sim::SimConfig;
 
@@ -18,7 +20,16 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const START_NS: i64 = 1_700_000_000_000_000_000;
 
 fn sim(seed: u64) -> SimConfig {
-    SimConfig { seed, cameras: 1, width: 16, height: 12, camera_hz: 10.0, sensor_hz: 200.0, sensor_channels: 4, pose_hz: 50.0 }
+    SimConfig {
+        seed,
+        cameras: 1,
+        width: 16,
+        height: 12,
+        camera_hz: 10.0,
+        sensor_hz: 200.0,
+        sensor_channels: 4,
+        pose_hz: 50.0,
+    }
 }
 
 /// Writes `seconds` of simulated episode `id` under `root` in chunks of about 8 KiB; `finish`
@@ -26,7 +37,8 @@ fn sim(seed: u64) -> SimConfig {
 fn write_episode(root: &Path, id: &str, seed: u64, seconds: f64, finish: bool) -> PathBuf {
     let s = sim(seed);
     let opts = WriterOptions { chunk_bytes: 8 << 10, ..Default::default() };
-    let meta = EpisodeMeta { id: id.into(), instruction: s.scene(0).instruction(), start_ns: START_NS, ..Default::default() };
+    let meta =
+        EpisodeMeta { id: id.into(), instruction: s.scene(0).instruction(), start_ns: START_NS, ..Default::default() };
     let mut w = EpisodeWriter::create(root, meta, &s.streams(), opts).unwrap();
     for m in s.episode(0, START_NS, seconds) {
         w.write(&m.topic, m.type_name, &m.cdr, m.stamp_ns, m.recv_ns).unwrap();
@@ -118,7 +130,8 @@ fn an_empty_recovered_episode_does_not_decide_the_streams() {
     let ep0 = write_episode(&root, "ep0", 9, 0.0, false);
     std::fs::write(ep0.join(RECORDING_MARKER), "pid 999999999\n").unwrap();
     let out = dir.path().join("ds");
-    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out)]);
+    let o =
+        cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out)]);
     assert_no_panic(&o, "compile");
     let ds = Dataset::open(&out).unwrap();
     let ids: Vec<&str> = ds.index.episodes.iter().map(|e| e.id.as_str()).collect();
@@ -149,7 +162,11 @@ fn the_majority_decides_the_streams_not_the_first_episode() {
     let r = compile_dir(&root, &dir.path().join("ds")).report;
     assert_eq!(r.episodes.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
     assert_eq!(r.failed_episodes.len(), 1);
-    assert!(r.failed_episodes[0].id == "a-odd" && r.failed_episodes[0].error.contains("expected cameras [\"camera0\"]"), "{:?}", r.failed_episodes);
+    assert!(
+        r.failed_episodes[0].id == "a-odd" && r.failed_episodes[0].error.contains("expected cameras [\"camera0\"]"),
+        "{:?}",
+        r.failed_episodes
+    );
 }
 
 #[test]
@@ -167,7 +184,10 @@ fn zero_samples_is_an_error_and_never_replaces_a_dataset() {
     let o = cli(&["dataset", "compile", "--episodes", s(&typo), "--config", s(&cfg), "--out", s(&out), "--overwrite"]);
     assert_no_panic(&o, "compile");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("no usable sample from 0 episode(s)") && err.contains("kept"), "{err}");
+    assert!(
+        o.status.code() == Some(1) && err.contains("no usable sample from 0 episode(s)") && err.contains("kept"),
+        "{err}"
+    );
     let mut long = config();
     long.align.sensor_window_s = 30.0;
     std::fs::write(&cfg, serde_yaml::to_string(&long).unwrap()).unwrap();
@@ -175,7 +195,8 @@ fn zero_samples_is_an_error_and_never_replaces_a_dataset() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("no usable sample from 2 episode(s)"), "{err}");
     assert_eq!(std::fs::read(out.join("index.json")).unwrap(), before, "the good dataset is untouched");
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!names.iter().any(|n| n.contains("staging")), "{names:?}");
 }
 
@@ -229,7 +250,11 @@ fn damaged_recordings_report_what_was_read_and_lost() {
         assert_eq!(d.file_bytes, bytes.len() as u64, "{what}");
         let whole = records(bytes);
         if let Some(k) = what.strip_prefix("flipped byte in chunk ").map(|k| k.parse::<usize>().unwrap()) {
-            assert_eq!((d.records_lost, d.bytes_lost, d.chunks_read), (1, chunks[k].1 as u64, chunks.len() as u64 - 1), "{what}: {d:?}");
+            assert_eq!(
+                (d.records_lost, d.bytes_lost, d.chunks_read),
+                (1, chunks[k].1 as u64, chunks.len() as u64 - 1),
+                "{what}: {d:?}"
+            );
             assert!(d.reasons[0].contains(&format!("chunk at byte {}", chunks[k].0)), "{what}: {:?}", d.reasons);
         } else {
             let read_chunks = whole.iter().filter(|r| r.1 == CHUNK).count() as u64;
@@ -247,12 +272,29 @@ fn damaged_recordings_report_what_was_read_and_lost() {
     let out = dir.path().join("cli");
     let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&cfg), "--out", s(&out)]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(3) && err.contains("episode `bad` is damaged") && err.contains("bytes lost"), "{err}");
-    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&cfg), "--out", s(&out), "--overwrite", "--allow-losses"]);
+    assert!(
+        o.status.code() == Some(3) && err.contains("episode `bad` is damaged") && err.contains("bytes lost"),
+        "{err}"
+    );
+    let o = cli(&[
+        "dataset",
+        "compile",
+        "--episodes",
+        s(&root),
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&out),
+        "--overwrite",
+        "--allow-losses",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let info = cli(&["dataset", "info", s(&out)]);
     let text = String::from_utf8_lossy(&info.stdout);
-    assert!(text.contains("damaged recordings (compiled from what could be read): 1") && text.contains("damaged `bad`"), "{text}");
+    assert!(
+        text.contains("damaged recordings (compiled from what could be read): 1") && text.contains("damaged `bad`"),
+        "{text}"
+    );
     let json: serde_json::Value = serde_json::from_slice(&cli(&["dataset", "info", s(&out), "--json"]).stdout).unwrap();
     assert_eq!(json["episodes"]["damaged"][0]["id"], "bad");
     println!("corpus damaged_mcap: {} inputs, {} faults injected ({compiled_damaged} compiled with the damage reported, {left_out} left out), panics 0, good samples lost 0", faults.len() + 2, faults.len());
@@ -268,25 +310,37 @@ fn one_unreadable_episode_is_listed_and_the_rest_compiled() {
     write_episode(&root, "good1", 1, 2.0, true);
     write_episode(&root, "good2", 2, 2.0, true);
     let faults: [Fault; 5] = [
-        ("cut inside its first chunk", |d| {
-            let p = mcap_of(d);
-            let b = std::fs::read(&p).unwrap();
-            let (off, len) = records(&b).iter().find(|r| r.1 == CHUNK).map(|r| (r.0, r.2)).unwrap();
-            std::fs::write(&p, &b[..off + len / 2]).unwrap();
-        }, "no readable chunk"),
-        ("bad CRC in its only chunk", |d| {
-            let p = mcap_of(d);
-            let mut b = std::fs::read(&p).unwrap();
-            let (off, len) = records(&b).iter().find(|r| r.1 == CHUNK).map(|r| (r.0, r.2)).unwrap();
-            b[off + len - 3] ^= 0xFF;
-            std::fs::write(&p, b).unwrap();
-        }, "no readable chunk"),
+        (
+            "cut inside its first chunk",
+            |d| {
+                let p = mcap_of(d);
+                let b = std::fs::read(&p).unwrap();
+                let (off, len) = records(&b).iter().find(|r| r.1 == CHUNK).map(|r| (r.0, r.2)).unwrap();
+                std::fs::write(&p, &b[..off + len / 2]).unwrap();
+            },
+            "no readable chunk",
+        ),
+        (
+            "bad CRC in its only chunk",
+            |d| {
+                let p = mcap_of(d);
+                let mut b = std::fs::read(&p).unwrap();
+                let (off, len) = records(&b).iter().find(|r| r.1 == CHUNK).map(|r| (r.0, r.2)).unwrap();
+                b[off + len - 3] ^= 0xFF;
+                std::fs::write(&p, b).unwrap();
+            },
+            "no readable chunk",
+        ),
         ("garbage episode.json", |d| std::fs::write(d.join("episode.json"), b"{\"id\": 3,,").unwrap(), "episode.json"),
-        ("the MCAP is a directory", |d| {
-            let p = mcap_of(d);
-            std::fs::remove_file(&p).unwrap();
-            std::fs::create_dir(&p).unwrap();
-        }, "_0.mcap"),
+        (
+            "the MCAP is a directory",
+            |d| {
+                let p = mcap_of(d);
+                std::fs::remove_file(&p).unwrap();
+                std::fs::create_dir(&p).unwrap();
+            },
+            "_0.mcap",
+        ),
         ("no streams.yaml", |d| std::fs::remove_file(d.join("streams.yaml")).unwrap(), "streams.yaml"),
     ];
     for (i, (what, damage, expected)) in faults.iter().enumerate() {
@@ -296,10 +350,18 @@ fn one_unreadable_episode_is_listed_and_the_rest_compiled() {
         let r = compile_dir(&root, &dir.path().join(format!("ds{i}"))).report;
         assert_eq!(r.episodes.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["good1", "good2"], "{what}");
         assert_eq!(r.failed_episodes.len(), 1, "{what}");
-        assert!(r.failed_episodes[0].id == id && r.failed_episodes[0].error.contains(expected), "{what}: {:?}", r.failed_episodes[0]);
+        assert!(
+            r.failed_episodes[0].id == id && r.failed_episodes[0].error.contains(expected),
+            "{what}: {:?}",
+            r.failed_episodes[0]
+        );
         std::fs::remove_dir_all(&bad).unwrap();
     }
-    println!("corpus unreadable_episode: {} inputs, {} faults injected, panics 0, good episodes lost 0", faults.len() + 2, faults.len());
+    println!(
+        "corpus unreadable_episode: {} inputs, {} faults injected, panics 0, good episodes lost 0",
+        faults.len() + 2,
+        faults.len()
+    );
 }
 
 #[test]
@@ -342,7 +404,10 @@ fn compile_recovers_a_kill_9_leftover_and_names_a_live_recording() {
     assert!(ep.meta().recovered && ep.complete());
     assert_eq!(ep.counts().values().sum::<u64>() as usize, flushed, "every flushed message kept");
     let f = &r.failed_episodes[0];
-    assert!(f.id == "live" && f.error.contains(&format!("still being recorded by pid {}", std::process::id())), "{f:?}");
+    assert!(
+        f.id == "live" && f.error.contains(&format!("still being recorded by pid {}", std::process::id())),
+        "{f:?}"
+    );
     assert!(live.join(RECORDING_MARKER).exists(), "a live recording is not touched");
 }
 
@@ -366,19 +431,33 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     let mut running = Command::new("sleep").arg("60").spawn().unwrap();
     let live = dir.path().join(format!(".ds.staging-{}", running.id()));
     std::fs::create_dir(&live).unwrap();
-    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&config_file(dir.path())), "--out", s(&out), "--overwrite"]);
+    let o = cli(&[
+        "dataset",
+        "compile",
+        "--episodes",
+        s(&root),
+        "--config",
+        s(&config_file(dir.path())),
+        "--out",
+        s(&out),
+        "--overwrite",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stale.iter().all(|p| !p.exists()), "stale compile folders removed");
     assert!(live.exists(), "a running compile's folder is kept");
     // ... and listed in report.json and on stdout.
-    let report: vla_finetune::dataset::compile::CompileReport = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report: vla_finetune::dataset::compile::CompileReport =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let mut removed = report.removed_leftovers;
     let mut want = stale.to_vec();
     removed.sort();
     want.sort();
     assert_eq!(removed, want);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stale.iter().all(|p| stdout.contains(&format!("removed {} (left by a compile that was killed)", p.display()))), "{stdout}");
+    assert!(
+        stale.iter().all(|p| stdout.contains(&format!("removed {} (left by a compile that was killed)", p.display()))),
+        "{stdout}"
+    );
     running.kill().unwrap();
     running.wait().unwrap();
     // An import killed right after making its folder: only the marker.
@@ -387,7 +466,8 @@ fn leftovers_of_killed_writers_are_removed_by_the_next_one() {
     std::fs::write(id_dir.join(RECORDING_MARKER), format!("pid {dead}\n")).unwrap();
     let bag = Path::new(ROOT).join("tests/fixtures/rosbag/all_types");
     let streams = Path::new(ROOT).join("tests/fixtures/rosbag/streams.yaml");
-    let o = cli(&["import-bag", s(&bag), "--streams", s(&streams), "--out", s(&dir.path().join("imp")), "--id", "bag1"]);
+    let o =
+        cli(&["import-bag", s(&bag), "--streams", s(&streams), "--out", s(&dir.path().join("imp")), "--id", "bag1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["removed_leftover"], true);
@@ -403,7 +483,12 @@ fn a_full_disk_at_every_byte_is_an_error_never_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let s = sim(4);
     let msgs: Vec<_> = s.episode(0, START_NS, 0.3).collect();
-    let opts = |max_bytes| WriterOptions { chunk_bytes: 2 << 10, flush_interval_ns: 20_000_000, max_bytes, ..Default::default() };
+    let opts = |max_bytes| WriterOptions {
+        chunk_bytes: 2 << 10,
+        flush_interval_ns: 20_000_000,
+        max_bytes,
+        ..Default::default()
+    };
     let size = {
         let meta = EpisodeMeta { id: "e".into(), start_ns: START_NS, ..Default::default() };
         let mut w = EpisodeWriter::create(&dir.path().join("full"), meta, &s.streams(), opts(None)).unwrap();
@@ -450,8 +535,12 @@ fn a_full_disk_at_every_byte_is_an_error_never_a_panic() {
             Ok(()) => finished += 1,
             Err(()) => {
                 failed += 1;
-                assert!(dir_e.join(RECORDING_MARKER).exists(), "limit {limit}: a failed episode keeps its marker for recovery");
-                let r = vla_finetune::dataset::recovery::recover_episode(&dir_e).unwrap_or_else(|e| panic!("limit {limit}: {e}"));
+                assert!(
+                    dir_e.join(RECORDING_MARKER).exists(),
+                    "limit {limit}: a failed episode keeps its marker for recovery"
+                );
+                let r = vla_finetune::dataset::recovery::recover_episode(&dir_e)
+                    .unwrap_or_else(|e| panic!("limit {limit}: {e}"));
                 assert!(r.messages as usize <= msgs.len());
             }
         }
@@ -467,7 +556,11 @@ fn record_on_a_full_tmpfs_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("tiny");
     std::fs::create_dir(&mnt).unwrap();
-    let m = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).output().expect("running mount");
+    let m = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+        .expect("running mount");
     assert!(
         m.status.success(),
         "this test needs to mount a 1 MiB tmpfs (run as root or with CAP_SYS_ADMIN): {}",
@@ -482,7 +575,21 @@ fn record_on_a_full_tmpfs_stops_cleanly() {
     let _guard = Unmount(mnt.clone());
     let root = mnt.join("rec");
     let o = Command::new(BIN)
-        .args(["record", "--sim", "--episodes", "1", "--seconds", "30", "--cameras", "1", "--width", "64", "--height", "48", "--out"])
+        .args([
+            "record",
+            "--sim",
+            "--episodes",
+            "1",
+            "--seconds",
+            "30",
+            "--cameras",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--out",
+        ])
         .arg(&root)
         .stdin(Stdio::null())
         .output()
@@ -534,13 +641,17 @@ fn a_second_training_on_a_state_folder_is_refused_with_the_first_pid() {
     let state = dir.path().join("state");
     let first = StateLock::acquire(&state).unwrap();
     let e = StateLock::acquire(&state).unwrap_err().to_string();
-    assert!(e.contains(&format!("another training (pid {})", std::process::id())) && e.contains(&*state.to_string_lossy()), "{e}");
+    assert!(
+        e.contains(&format!("another training (pid {})", std::process::id())) && e.contains(&*state.to_string_lossy()),
+        "{e}"
+    );
     drop(first);
     drop(StateLock::acquire(&state).unwrap());
     // A holder killed with -9 releases the lock (the kernel drops its flock).
     let py = Path::new(ROOT).join(".venv/bin/python");
     let code = "import fcntl,os,sys,time\nf=open(sys.argv[1],'a+')\nfcntl.flock(f,fcntl.LOCK_EX)\nf.truncate(0); f.write(str(os.getpid())); f.flush()\nprint('held', flush=True)\ntime.sleep(60)";
-    let mut child = Command::new(py).args(["-c", code]).arg(state.join("train.lock")).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new(py).args(["-c", code]).arg(state.join("train.lock")).stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
     assert_eq!(line.trim(), "held");
@@ -558,10 +669,14 @@ fn train_on_a_missing_gpu_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, state) = train_config(dir.path());
     let set = format!("checkpoint.state_dir={}", state.display());
-    let o = cli_in(dir.path(), &["train", "--config", s(&cfg), "--set", &set, "--set", "run.device=cuda:99", "--quiet"]);
+    let o =
+        cli_in(dir.path(), &["train", "--config", s(&cfg), "--set", &set, "--set", "run.device=cuda:99", "--quiet"]);
     assert_no_panic(&o, "train on cuda:99");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("run.device: device `cuda:99`: CUDA device 99 is not available"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("run.device: device `cuda:99`: CUDA device 99 is not available"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -581,7 +696,12 @@ fn a_checkpoints_root_or_its_latest_means_the_latest_version() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("checkpoints");
     let p = Publisher::new(&root).unwrap();
-    let req = PublishRequest { base_model_id: "m".into(), metrics: BTreeMap::new(), info: serde_json::json!({}), items: vec![PublishItem { dest: "a.txt".into(), source: Source::Bytes(b"x".to_vec()) }] };
+    let req = PublishRequest {
+        base_model_id: "m".into(),
+        metrics: BTreeMap::new(),
+        info: serde_json::json!({}),
+        items: vec![PublishItem { dest: "a.txt".into(), source: Source::Bytes(b"x".to_vec()) }],
+    };
     p.publish(&req).unwrap();
     let v2 = p.publish(&req).unwrap().dir;
     assert_eq!(resolve_checkpoint_dir(&root).unwrap(), v2);
@@ -597,7 +717,12 @@ fn a_checkpoints_root_or_its_latest_means_the_latest_version() {
     let o = cli_in(dir.path(), &["train", "--config", s(&cfg), "--set", &stage1, "--set", &set, "--quiet"]);
     assert_no_panic(&o, "train from a bad latest");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("model.stage1_checkpoint") && err.contains("names `v0009`, which is not a published version"), "{err}");
+    assert!(
+        !o.status.success()
+            && err.contains("model.stage1_checkpoint")
+            && err.contains("names `v0009`, which is not a published version"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- item 8
@@ -708,18 +833,29 @@ mod props {
         std::thread::spawn(move || {
             // A fixed seed: the same inputs every run, so the counts in docs/reliability.md hold.
             let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
-            let mut runner = TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng);
+            let mut runner =
+                TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng);
             let (ok, err) = (Cell::new(0u64), Cell::new(0u64));
             let r = runner.run(&edits(), |e| {
                 let b = apply(&base, &e);
-                if check(&b) { ok.set(ok.get() + 1) } else { err.set(err.get() + 1) }
+                if check(&b) {
+                    ok.set(ok.get() + 1)
+                } else {
+                    err.set(err.get() + 1)
+                }
                 Ok(())
             });
             let _ = tx.send(r.map(|()| (ok.get(), err.get())).map_err(|e| e.to_string()));
         });
-        let (ok, err) = rx.recv_timeout(std::time::Duration::from_secs(600)).unwrap_or_else(|_| panic!("{name}: a parser hung (or panicked the runner)")).unwrap();
+        let (ok, err) = rx
+            .recv_timeout(std::time::Duration::from_secs(600))
+            .unwrap_or_else(|_| panic!("{name}: a parser hung (or panicked the runner)"))
+            .unwrap();
         assert!(err > 0, "{name}: no mutation was rejected; the parser checks nothing");
-        println!("corpus prop_{name}: {} inputs ({ok} accepted, {err} rejected with an error), panics 0, hangs 0", ok + err);
+        println!(
+            "corpus prop_{name}: {} inputs ({ok} accepted, {err} rejected with an error), panics 0, hangs 0",
+            ok + err
+        );
     }
 
     /// Every decoder of `t` on `b`; true when the message decodes.
@@ -747,16 +883,24 @@ mod props {
         for m in s.episode(0, START_NS, 0.2) {
             if seen.insert(m.type_name) {
                 let t = MsgType::parse(m.type_name).unwrap();
-                fuzz(&format!("cdr_{}", t.name().rsplit('/').next().unwrap()), m.cdr.clone(), 400, move |b| decode(t, b));
+                fuzz(&format!("cdr_{}", t.name().rsplit('/').next().unwrap()), m.cdr.clone(), 400, move |b| {
+                    decode(t, b)
+                });
             }
         }
         let others = [
-            cdr::JointState { name: vec!["j1".into(), "j2".into()], position: vec![0.5, -1.0], ..Default::default() }.encode(),
+            cdr::JointState { name: vec!["j1".into(), "j2".into()], position: vec![0.5, -1.0], ..Default::default() }
+                .encode(),
             cdr::WrenchStamped { force: [1.0, 2.0, 3.0], torque: [0.1, 0.2, 0.3], ..Default::default() }.encode(),
             cdr::Float32MultiArray { data: vec![1.0, 2.0, 3.0], ..Default::default() }.encode(),
-            cdr::CompressedImage { format: "jpeg".into(), data: vec![0xFF, 0xD8, 0xFF, 0xD9], ..Default::default() }.encode(),
+            cdr::CompressedImage { format: "jpeg".into(), data: vec![0xFF, 0xD8, 0xFF, 0xD9], ..Default::default() }
+                .encode(),
         ];
-        for (t, b) in [MsgType::JointState, MsgType::WrenchStamped, MsgType::Float32MultiArray, MsgType::CompressedImage].into_iter().zip(others) {
+        for (t, b) in
+            [MsgType::JointState, MsgType::WrenchStamped, MsgType::Float32MultiArray, MsgType::CompressedImage]
+                .into_iter()
+                .zip(others)
+        {
             fuzz(&format!("cdr_{}", t.name().rsplit('/').next().unwrap()), b, 400, move |x| decode(t, x));
         }
     }
@@ -857,7 +1001,9 @@ mod props {
         use vla_finetune::dataset::streams::StreamConfig;
         use vla_finetune::train::config::TrainConfig;
         let train = std::fs::read(Path::new(ROOT).join("config/train.yaml")).unwrap();
-        fuzz("train_yaml", train, 300, |b| TrainConfig::from_yaml(&String::from_utf8_lossy(b), "train.yaml", &["run.epochs=2".into()]).is_ok());
+        fuzz("train_yaml", train, 300, |b| {
+            TrainConfig::from_yaml(&String::from_utf8_lossy(b), "train.yaml", &["run.epochs=2".into()]).is_ok()
+        });
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.yaml");
         let compile_yaml = std::fs::read(Path::new(ROOT).join("config/compile.yaml")).unwrap();
@@ -866,7 +1012,9 @@ mod props {
             CompileConfig::from_yaml_file(&p).is_ok()
         });
         let streams = sim(0).streams().to_yaml().into_bytes();
-        fuzz("streams_yaml", streams, 300, |b| StreamConfig::from_yaml(&String::from_utf8_lossy(b), "streams.yaml").is_ok());
+        fuzz("streams_yaml", streams, 300, |b| {
+            StreamConfig::from_yaml(&String::from_utf8_lossy(b), "streams.yaml").is_ok()
+        });
     }
 }
 
@@ -882,10 +1030,16 @@ fn latest_never_moves_to_a_worse_version_on_the_same_data() {
         items: vec![PublishItem { dest: "stats.json".into(), source: Source::Bytes(stats.to_vec()) }],
     };
     // An earlier training left v0001 (17.9) as latest; a restarted one publishes on the same data.
-    let v1 = Publisher::new(&root).unwrap().guard_latest("val_action_error_mm").unwrap().publish(&req(17.9, b"A")).unwrap();
+    let v1 =
+        Publisher::new(&root).unwrap().guard_latest("val_action_error_mm").unwrap().publish(&req(17.9, b"A")).unwrap();
     assert!(v1.latest);
     let p = Publisher::new(&root).unwrap().guard_latest("val_action_error_mm").unwrap();
-    let cases = [(28.3, &b"A"[..], false, "v0001"), (10.0, b"A", true, "v0003"), (12.0, b"A", true, "v0004"), (50.0, b"B", true, "v0005")];
+    let cases = [
+        (28.3, &b"A"[..], false, "v0001"),
+        (10.0, b"A", true, "v0003"),
+        (12.0, b"A", true, "v0004"),
+        (50.0, b"B", true, "v0005"),
+    ];
     for (err, stats, moves, latest) in cases {
         let got = p.publish(&req(err, stats)).unwrap();
         assert_eq!(got.latest, moves, "{err} on {stats:?}");

@@ -8,24 +8,76 @@ use std::path::Path;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 const C: &[&str] = &[
-    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern", "float", "for", "goto", "if",
-    "inline", "int", "long", "register", "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union",
-    "unsigned", "void", "volatile", "while", "bool", "true", "false",
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern", "float",
+    "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed", "sizeof",
+    "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while", "bool", "true", "false",
 ];
 const CPP: &[&str] = &[
-    "alignas", "alignof", "and", "and_eq", "asm", "bitand", "bitor", "catch", "char8_t", "char16_t", "char32_t", "class", "compl", "concept",
-    "consteval", "constexpr", "constinit", "const_cast", "co_await", "co_return", "co_yield", "decltype", "delete", "dynamic_cast",
-    "explicit", "export", "friend", "mutable", "namespace", "new", "noexcept", "not", "not_eq", "nullptr", "operator", "or", "or_eq",
-    "private", "protected", "public", "reinterpret_cast", "requires", "static_assert", "static_cast", "template", "this", "thread_local",
-    "throw", "try", "typeid", "typename", "using", "virtual", "wchar_t", "xor", "xor_eq",
+    "alignas",
+    "alignof",
+    "and",
+    "and_eq",
+    "asm",
+    "bitand",
+    "bitor",
+    "catch",
+    "char8_t",
+    "char16_t",
+    "char32_t",
+    "class",
+    "compl",
+    "concept",
+    "consteval",
+    "constexpr",
+    "constinit",
+    "const_cast",
+    "co_await",
+    "co_return",
+    "co_yield",
+    "decltype",
+    "delete",
+    "dynamic_cast",
+    "explicit",
+    "export",
+    "friend",
+    "mutable",
+    "namespace",
+    "new",
+    "noexcept",
+    "not",
+    "not_eq",
+    "nullptr",
+    "operator",
+    "or",
+    "or_eq",
+    "private",
+    "protected",
+    "public",
+    "reinterpret_cast",
+    "requires",
+    "static_assert",
+    "static_cast",
+    "template",
+    "this",
+    "thread_local",
+    "throw",
+    "try",
+    "typeid",
+    "typename",
+    "using",
+    "virtual",
+    "wchar_t",
+    "xor",
+    "xor_eq",
 ];
 const PYTHON: &[&str] = &[
-    "and", "as", "assert", "async", "await", "class", "def", "del", "elif", "except", "finally", "from", "global", "import", "in", "is",
-    "lambda", "nonlocal", "not", "or", "pass", "raise", "try", "with", "yield", "none",
+    "and", "as", "assert", "async", "await", "class", "def", "del", "elif", "except", "finally", "from", "global",
+    "import", "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "try", "with", "yield", "none",
 ];
 const RUST: &[&str] = &[
-    "abstract", "become", "box", "crate", "dyn", "final", "fn", "impl", "let", "loop", "macro", "match", "mod", "move", "mut", "override",
-    "priv", "pub", "ref", "self", "super", "trait", "type", "typeof", "unsafe", "unsized", "use", "where", "yield", "gen",
+    "abstract", "become", "box", "crate", "dyn", "final", "fn", "impl", "let", "loop", "macro", "match", "mod", "move",
+    "mut", "override", "priv", "pub", "ref", "self", "super", "trait", "type", "typeof", "unsafe", "unsized", "use",
+    "where", "yield", "gen",
 ];
 
 /// Field names of one section of an interface file (constants included: they are members too).
@@ -52,8 +104,17 @@ fn name_problem(name: &str) -> Option<String> {
         }
     }
     let is_constant = name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-    let body_ok = |c: char| if is_constant { c.is_ascii_uppercase() || c.is_ascii_digit() } else { c.is_ascii_lowercase() || c.is_ascii_digit() };
-    let ok = name.starts_with(|c: char| c.is_ascii_alphabetic()) && !name.ends_with('_') && !name.contains("__") && name.chars().all(|c| c == '_' || body_ok(c));
+    let body_ok = |c: char| {
+        if is_constant {
+            c.is_ascii_uppercase() || c.is_ascii_digit()
+        } else {
+            c.is_ascii_lowercase() || c.is_ascii_digit()
+        }
+    };
+    let ok = name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !name.ends_with('_')
+        && !name.contains("__")
+        && name.chars().all(|c| c == '_' || body_ok(c));
     (!ok).then(|| format!("`{name}` breaks rosidl's naming rule ([a-z][a-z0-9]*(_[a-z0-9]+)*)"))
 }
 
@@ -88,7 +149,9 @@ fn interface_field_names_are_valid_in_every_generated_language() {
 
 #[test]
 fn the_check_catches_keywords_and_naming_rule_breaks() {
-    for (name, lang) in [("operator", "C++"), ("type", "Rust"), ("lambda", "Python"), ("register", "C"), ("None", "Python")] {
+    for (name, lang) in
+        [("operator", "C++"), ("type", "Rust"), ("lambda", "Python"), ("register", "C"), ("None", "Python")]
+    {
         assert!(name_problem(name).is_some_and(|p| p.contains(lang)), "{name}: {:?}", name_problem(name));
     }
     for bad in ["Camel", "two__underscores", "trailing_", "9lives", "dash-ed"] {
@@ -101,7 +164,11 @@ fn the_check_catches_keywords_and_naming_rule_breaks() {
     for sub in ["msg/msg", "msg/srv", "msg/action"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
-    std::fs::write(dir.path().join("msg/srv/StartEpisode.srv"), "string instruction\nstring operator\n---\nbool started\n").unwrap();
+    std::fs::write(
+        dir.path().join("msg/srv/StartEpisode.srv"),
+        "string instruction\nstring operator\n---\nbool started\n",
+    )
+    .unwrap();
     let found = problems(dir.path());
     assert_eq!(found, vec![("StartEpisode".into(), "operator".into(), "`operator` is a C++ keyword".into())]);
 }

@@ -47,7 +47,13 @@ impl Rig {
                 state: Some(StateInput { name: "pose".into(), dim: 2, max_age: 500 * MS }),
                 instruction: "insert the needle".into(),
             },
-            control: ControlConfig { period: 50 * MS, tick_budget: 50 * MS, vl_refresh_ticks: 4, stale_behavior: stale, start_enabled },
+            control: ControlConfig {
+                period: 50 * MS,
+                tick_budget: 50 * MS,
+                vl_refresh_ticks: 4,
+                stale_behavior: stale,
+                start_enabled,
+            },
             horizon: 4,
             action_dim: 3,
             base_model_id: Some("tiny-qwen2.5-vl@sha256:feed".into()),
@@ -108,7 +114,11 @@ impl Rig {
         let t0 = Instant::now();
         let mut events = Vec::new();
         while !cond(self.core.status()) {
-            assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}; status {:?}", self.core.status());
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {what}; status {:?}",
+                self.core.status()
+            );
             events.extend(self.step());
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -144,7 +154,12 @@ fn all_values(events: &[ActionEvent], version: &str, value: f32) {
     for e in events {
         assert_eq!(e.chunk.version, version, "tick {}", e.tick);
         assert_eq!((e.chunk.horizon, e.chunk.action_dim), (4, 3));
-        assert!(e.chunk.values.iter().all(|v| *v == value), "tick {}: {:?}, expected all {value}", e.tick, e.chunk.values);
+        assert!(
+            e.chunk.values.iter().all(|v| *v == value),
+            "tick {}: {:?}, expected all {value}",
+            e.tick,
+            e.chunk.values
+        );
     }
 }
 
@@ -195,7 +210,10 @@ fn hot_swap_rejects_bad_checkpoints_and_rolls_back_non_finite_actions() {
     let ev = rig.step_until("v0003 rejected", |s| s.rejected == 1);
     all_values(&ev, "v0002", 200.5);
     let msg = rig.core.status().message.clone();
-    assert!(msg.starts_with("rejected v0003") && msg.contains("weights.safetensors") && msg.contains("manifest says"), "{msg}");
+    assert!(
+        msg.starts_with("rejected v0003") && msg.contains("weights.safetensors") && msg.contains("manifest says"),
+        "{msg}"
+    );
 
     // Declared shape the runtime cannot use.
     let mut c4 = rig.config("v0004");
@@ -255,7 +273,11 @@ fn hot_swap_rejects_bad_checkpoints_and_rolls_back_non_finite_actions() {
     all_values(&ev, "v0002", 200.5);
     let st = rig.core.status().clone();
     assert_eq!((st.active_version.as_str(), st.previous_version.as_str(), st.rollbacks), ("v0002", "", 1));
-    assert!(st.message.starts_with("rolled back v0008 -> v0002") && st.message.contains("non-finite action value inf"), "{}", st.message);
+    assert!(
+        st.message.starts_with("rolled back v0008 -> v0002") && st.message.contains("non-finite action value inf"),
+        "{}",
+        st.message
+    );
     all_values(&rig.step(), "v0002", 200.5);
 
     // Through all of it: every tick on time, and one chunk per tick once a model was active.
@@ -371,7 +393,11 @@ fn stale_input_guard_publishes_nothing_or_holds_and_clears() {
             match behavior {
                 StaleBehavior::Nothing => {
                     assert!(ev.is_empty());
-                    assert!(st.message.starts_with("stale input: oct (0.") && st.message.ends_with("publishing no action"), "{}", st.message);
+                    assert!(
+                        st.message.starts_with("stale input: oct (0.") && st.message.ends_with("publishing no action"),
+                        "{}",
+                        st.message
+                    );
                 }
                 StaleBehavior::Hold => {
                     assert_eq!(ev.len(), 1);
@@ -417,7 +443,10 @@ fn operator_gate_pin_and_roll_back() {
     let (reply, _) = rig.command(OperatorCommand::RollBack);
     assert_eq!(reply.unwrap(), "rolled back to v0001 (pinned; v0002 kept as previous)");
     let st = rig.core.status().clone();
-    assert_eq!((st.active_version.as_str(), st.previous_version.as_str(), st.pinned_version.as_str()), ("v0001", "v0002", "v0001"));
+    assert_eq!(
+        (st.active_version.as_str(), st.previous_version.as_str(), st.pinned_version.as_str()),
+        ("v0001", "v0002", "v0001")
+    );
     all_values(&rig.step(), "v0001", 100.5);
     rig.announce("v0003", 300.0);
     let ev = rig.step_until("v0003 prepared", |s| s.message.contains("v0003 is ready and waits"));
@@ -442,7 +471,10 @@ fn operator_gate_pin_and_roll_back() {
     all_values(&ev, "v0003", 300.5);
     all_values(&rig.step(), "v0003", 300.5);
     let st = rig.core.status().clone();
-    assert_eq!((st.active_version.as_str(), st.previous_version.as_str(), st.pinned_version.as_str()), ("v0003", "v0002", ""));
+    assert_eq!(
+        (st.active_version.as_str(), st.previous_version.as_str(), st.pinned_version.as_str()),
+        ("v0003", "v0002", "")
+    );
 
     // Disable: nothing is published, not even the held last action while inputs are stale.
     let (reply, _) = rig.command(OperatorCommand::Enable(false));
@@ -456,5 +488,8 @@ fn operator_gate_pin_and_roll_back() {
     // Nothing to roll back to is refused with the reason.
     let mut lone = Rig::with(StaleBehavior::Nothing, true);
     let (reply, _) = lone.command(OperatorCommand::RollBack);
-    assert_eq!(reply.unwrap_err().to_string(), "operator command `roll back`: no previous version to roll back to (active ``, previous ``)");
+    assert_eq!(
+        reply.unwrap_err().to_string(),
+        "operator command `roll back`: no previous version to roll back to (active ``, previous ``)"
+    );
 }

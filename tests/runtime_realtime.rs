@@ -18,7 +18,12 @@ const CAMS: [&str; 2] = ["wrist", "top"];
 const CH: usize = 1026;
 const WINDOW: usize = 650;
 
-fn wait_for(handle: &mut RuntimeHandle, events: &mut Vec<ActionEvent>, what: &str, cond: impl Fn(&PolicyStatus) -> bool) {
+fn wait_for(
+    handle: &mut RuntimeHandle,
+    events: &mut Vec<ActionEvent>,
+    what: &str,
+    cond: impl Fn(&PolicyStatus) -> bool,
+) {
     let t0 = Instant::now();
     loop {
         while let Ok(e) = handle.events.try_recv() {
@@ -27,7 +32,11 @@ fn wait_for(handle: &mut RuntimeHandle, events: &mut Vec<ActionEvent>, what: &st
         if cond(&handle.status.borrow()) {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}; status {:?}", *handle.status.borrow());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}; status {:?}",
+            *handle.status.borrow()
+        );
         std::thread::sleep(10 * MS);
     }
 }
@@ -46,7 +55,13 @@ fn twenty_hz_loop_hot_swaps_from_a_watched_folder_without_missing_ticks() {
             state: Some(StateInput { name: "pose".into(), dim: 6, max_age: 2000 * MS }),
             instruction: "insert the needle".into(),
         },
-        control: ControlConfig { period: 50 * MS, tick_budget: 500 * MS, vl_refresh_ticks: 4, stale_behavior: StaleBehavior::Nothing, start_enabled: true },
+        control: ControlConfig {
+            period: 50 * MS,
+            tick_budget: 500 * MS,
+            vl_refresh_ticks: 4,
+            stale_behavior: StaleBehavior::Nothing,
+            start_enabled: true,
+        },
         horizon: 4,
         action_dim: 3,
         base_model_id: None,
@@ -113,7 +128,11 @@ fn twenty_hz_loop_hot_swaps_from_a_watched_folder_without_missing_ticks() {
     publish(&c4, 400.0);
     set_latest(root.path(), "v0004");
     wait_for(&mut handle, &mut events, "v0004 rejected", |s| s.rejected == 2);
-    assert!(handle.status.borrow().message.contains("incompatible sensor_window: runtime expects 650, checkpoint has 65"));
+    assert!(handle
+        .status
+        .borrow()
+        .message
+        .contains("incompatible sensor_window: runtime expects 650, checkpoint has 65"));
 
     // Let the loop run on v0002 for a while (VL refreshes happen meanwhile).
     let until = Instant::now() + Duration::from_millis(600);

@@ -50,7 +50,10 @@ fn rates_and_stamps_follow_the_configuration() {
     // Global order is by stamp.
     assert!(msgs.windows(2).all(|w| w[0].stamp_ns <= w[1].stamp_ns));
     let img = Image::decode(&msgs.iter().find(|m| m.topic.contains("camera1")).unwrap().cdr).unwrap();
-    assert_eq!((img.width, img.height, img.step, img.encoding.as_str(), img.data.len()), (96, 72, 288, "rgb8", 96 * 72 * 3));
+    assert_eq!(
+        (img.width, img.height, img.step, img.encoding.as_str(), img.data.len()),
+        (96, 72, 288, "rgb8", 96 * 72 * 3)
+    );
     let f = SensorFrame::decode(&msgs.iter().find(|m| m.topic == SENSOR_TOPIC).unwrap().cdr).unwrap();
     assert_eq!((f.channels, f.values.len()), (1026, 1026));
 }
@@ -66,7 +69,17 @@ fn top_view_shows_the_target_its_twin_and_the_distractor_under_the_episode_light
         assert_ne!(distractor.color, scene.target_color);
         // The instruction's relation is where the target lies from its twin in the top view.
         let (dx, dy) = (scene.target_mm[0] - twin.mm[0], scene.target_mm[1] - twin.mm[1]);
-        let expected = if dx.abs() >= dy.abs() { if dx < 0.0 { "left" } else { "right" } } else if dy < 0.0 { "upper" } else { "lower" };
+        let expected = if dx.abs() >= dy.abs() {
+            if dx < 0.0 {
+                "left"
+            } else {
+                "right"
+            }
+        } else if dy < 0.0 {
+            "upper"
+        } else {
+            "lower"
+        };
         assert_eq!(scene.instruction(), format!("insert the needle into the {expected} {} target", scene.target_color));
         relations.insert(scene.relation);
         let first = sim.episode(0, T0, 0.05).find(|m| m.topic == "/sim/camera0/image_raw").unwrap();
@@ -74,7 +87,9 @@ fn top_view_shows_the_target_its_twin_and_the_distractor_under_the_episode_light
         // Top view: 96 px over 240 mm, centred on the episode's camera offset.
         let off = scene.camera_offset_mm[0];
         assert!(off.iter().all(|v| v.abs() <= 6.0));
-        let px = |p: [f64; 3]| ((48.0 + (p[0] + off[0]) * 96.0 / 240.0) as usize, (36.0 + (p[1] + off[1]) * 96.0 / 240.0) as usize);
+        let px = |p: [f64; 3]| {
+            ((48.0 + (p[0] + off[0]) * 96.0 / 240.0) as usize, (36.0 + (p[1] + off[1]) * 96.0 / 240.0) as usize)
+        };
         let rgb = |(u, v): (usize, usize)| {
             let o = (v * 96 + u) * 3;
             [img.data[o], img.data[o + 1], img.data[o + 2]]
@@ -104,10 +119,16 @@ fn tool_reaches_the_target_and_the_sensor_feels_the_contact() {
     let sim = cfg(4);
     let scene = sim.scene(0);
     let msgs: Vec<SimMessage> = sim.episode(0, T0, 10.0).collect();
-    let poses: Vec<(i64, PoseStamped)> = msgs.iter().filter(|m| m.topic == POSE_TOPIC).map(|m| (m.stamp_ns, PoseStamped::decode(&m.cdr).unwrap())).collect();
+    let poses: Vec<(i64, PoseStamped)> = msgs
+        .iter()
+        .filter(|m| m.topic == POSE_TOPIC)
+        .map(|m| (m.stamp_ns, PoseStamped::decode(&m.cdr).unwrap()))
+        .collect();
     let first = &poses[0].1;
     let last = &poses.last().unwrap().1;
-    let lateral = |p: &PoseStamped| (p.position[0] * 1000.0 - scene.target_mm[0]).hypot(p.position[1] * 1000.0 - scene.target_mm[1]);
+    let lateral = |p: &PoseStamped| {
+        (p.position[0] * 1000.0 - scene.target_mm[0]).hypot(p.position[1] * 1000.0 - scene.target_mm[1])
+    };
     assert!(lateral(first) > 5.0 || first.position[2] * 1000.0 > 30.0);
     assert!(lateral(last) < 1.0, "{}", lateral(last));
     assert!(last.position[2] * 1000.0 < scene.target_mm[2] - 2.0);
@@ -156,7 +177,22 @@ fn example_stream_config_matches_the_simulator() {
 fn cli_records_sim_episodes_with_metadata_and_no_drops() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
-        .args(["record", "--sim", "--episodes", "2", "--seconds", "2", "--width", "48", "--height", "32", "--seed", "8", "--json", "--out"])
+        .args([
+            "record",
+            "--sim",
+            "--episodes",
+            "2",
+            "--seconds",
+            "2",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--seed",
+            "8",
+            "--json",
+            "--out",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -178,7 +214,11 @@ fn cli_records_sim_episodes_with_metadata_and_no_drops() {
         assert_eq!(t["received"], t["written"]);
     }
     // Without --sim the command says what it needs.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune")).args(["record", "--out"]).arg(dir.path()).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+        .args(["record", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sim"));
 }

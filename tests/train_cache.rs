@@ -7,7 +7,15 @@ use tch::{Device, Kind, Tensor};
 use vla_finetune::train::cache::{cache_key, CacheConfig, CacheKey, FeatureCache, KeyInput};
 
 fn key(adapter: &str, processor: &serde_json::Value, prompt: &str, images: &[&[u8]]) -> CacheKey {
-    cache_key(&KeyInput { kind: "features", base_model: "sha256:base", dtype: "bf16", adapter, processor, prompt, images })
+    cache_key(&KeyInput {
+        kind: "features",
+        base_model: "sha256:base",
+        dtype: "bf16",
+        adapter,
+        processor,
+        prompt,
+        images,
+    })
 }
 
 fn feat(seed: i64, n: i64) -> Vec<(String, Tensor)> {
@@ -17,7 +25,9 @@ fn feat(seed: i64, n: i64) -> Vec<(String, Tensor)> {
 
 fn same(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|((na, ta), (nb, tb))| na == nb && ta.size() == tb.size() && ta.eq_tensor(tb).all().int64_value(&[]) == 1)
+        && a.iter().zip(b).all(|((na, ta), (nb, tb))| {
+            na == nb && ta.size() == tb.size() && ta.eq_tensor(tb).all().int64_value(&[]) == 1
+        })
 }
 
 #[test]
@@ -28,20 +38,50 @@ fn every_input_changes_the_key() {
     let base = key("v3", &proc, "In: insert the needle", &[img1, img2]);
     assert_eq!(base, key("v3", &proc, "In: insert the needle", &[img1, img2]), "deterministic");
     // Key order inside the processor settings does not matter.
-    let reordered: serde_json::Value = serde_json::from_str(r#"{"patch": 14, "max_pixels": 50176, "min_pixels": 3136}"#).unwrap();
+    let reordered: serde_json::Value =
+        serde_json::from_str(r#"{"patch": 14, "max_pixels": 50176, "min_pixels": 3136}"#).unwrap();
     assert_eq!(base, key("v3", &reordered, "In: insert the needle", &[img1, img2]));
     let changed = [
         key("v4", &proc, "In: insert the needle", &[img1, img2]),
-        key("v3", &json!({"min_pixels": 3136, "max_pixels": 65536, "patch": 14}), "In: insert the needle", &[img1, img2]),
+        key(
+            "v3",
+            &json!({"min_pixels": 3136, "max_pixels": 65536, "patch": 14}),
+            "In: insert the needle",
+            &[img1, img2],
+        ),
         key("v3", &proc, "In: retract the needle", &[img1, img2]),
         key("v3", &proc, "In: insert the needle", &[img2, img1]),
         key("v3", &proc, "In: insert the needle", &[img1]),
         key("v3", &proc, "In: insert the needle", &[img1, b"\x89PNG image twO"]),
         // Field boundaries are unambiguous.
         key("v3", &proc, "In: insert the needle", &[b"\x89PNG image onex", b"\x89PNG image two"]),
-        cache_key(&KeyInput { kind: "vision", base_model: "sha256:base", dtype: "bf16", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
-        cache_key(&KeyInput { kind: "features", base_model: "sha256:other", dtype: "bf16", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
-        cache_key(&KeyInput { kind: "features", base_model: "sha256:base", dtype: "f32", adapter: "v3", processor: &proc, prompt: "In: insert the needle", images: &[img1, img2] }),
+        cache_key(&KeyInput {
+            kind: "vision",
+            base_model: "sha256:base",
+            dtype: "bf16",
+            adapter: "v3",
+            processor: &proc,
+            prompt: "In: insert the needle",
+            images: &[img1, img2],
+        }),
+        cache_key(&KeyInput {
+            kind: "features",
+            base_model: "sha256:other",
+            dtype: "bf16",
+            adapter: "v3",
+            processor: &proc,
+            prompt: "In: insert the needle",
+            images: &[img1, img2],
+        }),
+        cache_key(&KeyInput {
+            kind: "features",
+            base_model: "sha256:base",
+            dtype: "f32",
+            adapter: "v3",
+            processor: &proc,
+            prompt: "In: insert the needle",
+            images: &[img1, img2],
+        }),
     ];
     for (i, k) in changed.iter().enumerate() {
         assert_ne!(*k, base, "variant {i} must miss");
@@ -98,7 +138,9 @@ fn ram_budget_keeps_disk_copy() {
 #[test]
 fn eviction_never_removes_pinned_entries() {
     let dir = tempfile::tempdir().unwrap();
-    let mut probe = FeatureCache::open(dir.path().join("probe"), CacheConfig { ram_budget_bytes: 0, disk_budget_bytes: None }).unwrap();
+    let mut probe =
+        FeatureCache::open(dir.path().join("probe"), CacheConfig { ram_budget_bytes: 0, disk_budget_bytes: None })
+            .unwrap();
     probe.put(key("x", &json!({}), "", &[]), &feat(0, 100)).unwrap();
     let entry = probe.stats().disk_bytes;
 
@@ -150,7 +192,8 @@ fn eviction_never_removes_pinned_entries() {
 fn corrupt_or_foreign_files_are_misses() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = CacheConfig { ram_budget_bytes: 1 << 20, disk_budget_bytes: None };
-    let (ka, kb, kc) = (key("v1", &json!({}), "a", &[]), key("v1", &json!({}), "b", &[]), key("v1", &json!({}), "c", &[]));
+    let (ka, kb, kc) =
+        (key("v1", &json!({}), "a", &[]), key("v1", &json!({}), "b", &[]), key("v1", &json!({}), "c", &[]));
     {
         let mut c = FeatureCache::open(dir.path(), cfg).unwrap();
         c.put(ka, &feat(1, 50)).unwrap();

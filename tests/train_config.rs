@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use vla_finetune::train::config::{CacheMode, ConfigError, TrainConfig, VramPresets, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
+use vla_finetune::train::config::{
+    CacheMode, ConfigError, TrainConfig, VramPresets, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA,
+};
 use vla_finetune::train::drift::DriftMetric;
 
 fn root() -> &'static Path {
@@ -75,7 +77,14 @@ fn defaults_load_and_derive_optimizer_settings() {
 
 #[test]
 fn overrides_apply_and_typos_fail() {
-    let c = cfg(&["optim.lr_heads=2e-4", "cache.mode=features", "cache.drift_threshold=0.05", "memory.preset=40gb", "lora.rank=4"]).unwrap();
+    let c = cfg(&[
+        "optim.lr_heads=2e-4",
+        "cache.mode=features",
+        "cache.drift_threshold=0.05",
+        "memory.preset=40gb",
+        "lora.rank=4",
+    ])
+    .unwrap();
     assert_eq!(c.optim.lr_heads, 2e-4);
     let p = c.refresh_policy().unwrap();
     assert_eq!((p.interval_epochs, p.drift_threshold, p.metric), (Some(5), Some(0.05), DriftMetric::RelL2Mean));

@@ -34,7 +34,8 @@ fn toy() -> Toy {
     let w = (Tensor::arange(6, o).view([2, 3]) * 0.1).set_requires_grad(true);
     let x = Tensor::linspace(-1.0, 1.0, 30, o).view([10, 3]);
     let y = x.sin().matmul(&Tensor::ones([3, 2], o));
-    let params = vec![NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w.shallow_clone(), decay: true }];
+    let params =
+        vec![NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w.shallow_clone(), decay: true }];
     let groups = vec![GroupConfig { name: "heads".into(), lr: 0.05, weight_decay: 0.01 }];
     Toy { w, opt: AdamW::new(AdamWConfig::default(), groups, params).unwrap(), x, y }
 }
@@ -117,8 +118,16 @@ fn second_start_is_rejected_and_cancel_leaves_a_consistent_checkpoint() {
     let c = controller(hub);
     let state = dir.path().join("state.safetensors");
     let (tx, rx) = sync_channel(0);
-    let req = |pace, state: &PathBuf| Req { dataset: dir.path().to_path_buf(), state: state.clone(), steps: 1_000_000, pace, panic_at: None };
-    let StartResponse::Accepted { job_id } = c.start(req(Some(tx), &state)) else { panic!("first start must be accepted") };
+    let req = |pace, state: &PathBuf| Req {
+        dataset: dir.path().to_path_buf(),
+        state: state.clone(),
+        steps: 1_000_000,
+        pace,
+        panic_at: None,
+    };
+    let StartResponse::Accepted { job_id } = c.start(req(Some(tx), &state)) else {
+        panic!("first start must be accepted")
+    };
     assert_eq!(rx.recv().unwrap(), 1);
 
     // A second start while it runs is refused, naming the running job; nothing else starts.

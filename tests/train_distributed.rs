@@ -23,7 +23,8 @@ const TORCHRUN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/torchrun"
 
 /// Settings shared by every run here: f32, no LoRA dropout (it draws per micro-batch, so it
 /// depends on the split), 4 epochs.
-const COMMON: &[&str] = &["run.epochs=4", "lora.dropout=0.0", "distributed.timeout_s=60", "checkpoint.keep_versions=20"];
+const COMMON: &[&str] =
+    &["run.epochs=4", "lora.dropout=0.0", "distributed.timeout_s=60", "checkpoint.keep_versions=20"];
 
 /// Writes the job's YAML under `out` (micro-batch `micro` x accumulation `accum` per rank).
 fn job(out: &Path, micro: usize, accum: usize, sets: &[&str]) -> PathBuf {
@@ -63,7 +64,15 @@ fn single(yaml: &Path, extra: &[&str]) -> serde_json::Value {
 fn torchrun(yaml: &Path) -> serde_json::Value {
     let port = free_port().to_string();
     let o = Command::new(TORCHRUN)
-        .args(["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port", &port, "--no-python", BIN])
+        .args([
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            "--master_port",
+            &port,
+            "--no-python",
+            BIN,
+        ])
         .args(train_args(yaml, &[]))
         .output()
         .unwrap();
@@ -86,7 +95,12 @@ fn spawn_rank(yaml: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {
 /// biases (their true gradient is zero, so Adam turns float noise there into lr-sized steps that
 /// differ with any change of summation order; see [`without_key_bias`]).
 fn state_params(out: &Path) -> Vec<(String, Tensor)> {
-    let mut t: Vec<(String, Tensor)> = read_safetensors(&out.join("state/latest.safetensors")).unwrap().tensors.into_iter().filter(|(n, _)| n.starts_with("param/")).collect();
+    let mut t: Vec<(String, Tensor)> = read_safetensors(&out.join("state/latest.safetensors"))
+        .unwrap()
+        .tensors
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("param/"))
+        .collect();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     without_key_bias(t)
 }
@@ -131,7 +145,11 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     let mut events = hub.subscribe();
     let ctx = JobContext { job_id: "dp".into(), cancel: Default::default(), progress: hub.clone() };
     let launch = Launch { nproc: 2, torchrun: TORCHRUN.into(), binary: BIN.into() };
-    let launched_job = Stage2Job { config: config(&launched, &[COMMON, &["memory.micro_batch=2", "memory.accum_steps=2"]].concat()), resume: false, group: None };
+    let launched_job = Stage2Job {
+        config: config(&launched, &[COMMON, &["memory.micro_batch=2", "memory.accum_steps=2"]].concat()),
+        resume: false,
+        group: None,
+    };
     let mut announced = Vec::new();
     let r3 = run_stage2(&launched_job, &launch, &ctx, &mut |p| announced.push(p.version.clone())).unwrap();
     assert_eq!(r3.run.counters.global_step, steps(&r1));
@@ -160,7 +178,11 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     assert!(!o.status.success(), "rank 0 finished without rank 1:\n{err}");
     assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to stop", killed_at.elapsed());
     assert!(err.contains("rank 1 of 2 stopped"), "rank 0's error does not name rank 1:\n{err}");
-    eprintln!("rank 0 stopped {:?} after rank 1 was killed: {}", killed_at.elapsed(), err.lines().find(|l| l.contains("rank 1 of 2")).unwrap_or_default());
+    eprintln!(
+        "rank 0 stopped {:?} after rank 1 was killed: {}",
+        killed_at.elapsed(),
+        err.lines().find(|l| l.contains("rank 1 of 2")).unwrap_or_default()
+    );
     // Resumed on one process (another world size): the same 8 samples per step, so the same
     // parameters as the uninterrupted runs.
     let r = single(&yaml, &["--resume"]);
@@ -186,7 +208,11 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
 /// Waits until rank 0's progress log shows epoch 1 training (rank 0 must still run).
 fn wait_for_epoch_1(log: &Path, r0: &mut Child) {
     let t0 = Instant::now();
-    while !std::fs::read_to_string(log).unwrap_or_default().lines().any(|l| l.contains("\"epoch\":1") && l.contains("\"phase\":\"training\"")) {
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("\"epoch\":1") && l.contains("\"phase\":\"training\""))
+    {
         assert!(t0.elapsed() < Duration::from_secs(120), "rank 0 never reached epoch 1");
         assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended before epoch 1");
         std::thread::sleep(Duration::from_millis(20));
@@ -240,9 +266,29 @@ fn heads_args(out: &Path, batch: usize) -> Vec<String> {
     std::fs::create_dir_all(out).unwrap();
     let heads = out.join("heads.yaml");
     std::fs::write(&heads, serde_yaml::to_string(&stage2_fixture::tiny_heads()).unwrap()).unwrap();
-    let mut v: Vec<String> = vec!["train-heads".into(), "--dataset".into(), f.dataset.display().to_string(), "--base-model".into(), f.base.display().to_string()];
-    v.extend(["--checkpoints".into(), out.join("ck").display().to_string(), "--work-dir".into(), out.join("work").display().to_string()]);
-    v.extend(["--heads-config".into(), heads.display().to_string(), "--epochs".into(), "3".into(), "--seed".into(), "4".into(), "--batch-size".into(), batch.to_string()]);
+    let mut v: Vec<String> = vec![
+        "train-heads".into(),
+        "--dataset".into(),
+        f.dataset.display().to_string(),
+        "--base-model".into(),
+        f.base.display().to_string(),
+    ];
+    v.extend([
+        "--checkpoints".into(),
+        out.join("ck").display().to_string(),
+        "--work-dir".into(),
+        out.join("work").display().to_string(),
+    ]);
+    v.extend([
+        "--heads-config".into(),
+        heads.display().to_string(),
+        "--epochs".into(),
+        "3".into(),
+        "--seed".into(),
+        "4".into(),
+        "--batch-size".into(),
+        batch.to_string(),
+    ]);
     v.extend(["--set".into(), "warmup_epochs=0".into(), "--set".into(), "distributed_timeout_s=60".into()]);
     v
 }
@@ -256,7 +302,10 @@ fn heads_tensors(r: &serde_json::Value) -> Vec<(String, Tensor)> {
     let dir = PathBuf::from(r["checkpoint"].as_str().unwrap());
     let mut t = read_safetensors(&dir.join("heads.safetensors")).unwrap().tensors;
     let conv_layer = |n: &str| n.split('.').nth(2).and_then(|i| i.parse::<usize>().ok());
-    t.retain(|(n, _)| !(n.starts_with("sensor_encoder.conv.") && (n.ends_with(".running_mean") || (n.ends_with(".bias") && conv_layer(n).is_some_and(|i| i % 3 == 0)))));
+    t.retain(|(n, _)| {
+        !(n.starts_with("sensor_encoder.conv.")
+            && (n.ends_with(".running_mean") || (n.ends_with(".bias") && conv_layer(n).is_some_and(|i| i % 3 == 0))))
+    });
     assert!(t.iter().any(|(n, _)| n.ends_with("running_var")));
     t.sort_by(|a, b| a.0.cmp(&b.0));
     without_key_bias(t)
@@ -265,17 +314,32 @@ fn heads_tensors(r: &serde_json::Value) -> Vec<(String, Tensor)> {
 #[test]
 fn stage1_over_three_ranks_with_synchronised_batch_norm_equals_one_process_with_the_tripled_batch() {
     let f = stage2_fixture::fixture();
-    let n = vla_finetune::dataset::reader::Dataset::open(&f.dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Train).len();
+    let n = vla_finetune::dataset::reader::Dataset::open(&f.dataset)
+        .unwrap()
+        .split_indices(vla_finetune::dataset::store::Split::Train)
+        .len();
     // Steps of n - 1 samples over 3 ranks: the last step of each epoch has one sample, so two
     // ranks have none and join the BatchNorm collectives with idle passes.
     let per_rank = (n - 1) / 3;
     assert!(per_rank > 1 && n % (3 * per_rank) == 1, "{n} training samples");
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(BIN).args(heads_args(&dir.path().join("one"), 3 * per_rank)).env_remove("WORLD_SIZE").output().unwrap();
+    let o = Command::new(BIN)
+        .args(heads_args(&dir.path().join("one"), 3 * per_rank))
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
     let r1 = check(&o, "single-process train-heads");
     let port = free_port().to_string();
     let o = Command::new(TORCHRUN)
-        .args(["--nnodes=1", "--nproc_per_node=3", "--master_addr=127.0.0.1", "--master_port", &port, "--no-python", BIN])
+        .args([
+            "--nnodes=1",
+            "--nproc_per_node=3",
+            "--master_addr=127.0.0.1",
+            "--master_port",
+            &port,
+            "--no-python",
+            BIN,
+        ])
         .args(heads_args(&dir.path().join("three"), per_rank))
         .output()
         .unwrap();

@@ -1,7 +1,9 @@
 //! Drift numbers against hand-computed values and the refresh decision.
 
 use tch::Tensor;
-use vla_finetune::train::drift::{feature_drift, DriftError, DriftMetric, DriftStats, RefreshDecision, RefreshPolicy, RefreshReason};
+use vla_finetune::train::drift::{
+    feature_drift, DriftError, DriftMetric, DriftStats, RefreshDecision, RefreshPolicy, RefreshReason,
+};
 
 #[test]
 fn drift_hand_values() {
@@ -39,14 +41,16 @@ fn refresh_policy() {
     assert_eq!(every5.decide(4, Some(&stats(9.0))), RefreshDecision::UseCache);
     assert_eq!(every5.decide(5, None), RefreshDecision::Refresh(RefreshReason::Interval { cached_epochs: 5 }));
 
-    let adaptive = RefreshPolicy { interval_epochs: Some(10), drift_threshold: Some(0.05), metric: DriftMetric::RelL2Max };
+    let adaptive =
+        RefreshPolicy { interval_epochs: Some(10), drift_threshold: Some(0.05), metric: DriftMetric::RelL2Max };
     assert_eq!(adaptive.decide(1, Some(&stats(0.02))), RefreshDecision::UseCache); // max 0.04
     assert_eq!(
         adaptive.decide(1, Some(&stats(0.03))),
         RefreshDecision::Refresh(RefreshReason::Drift { value: 0.06, threshold: 0.05 })
     );
     assert_eq!(adaptive.decide(2, None), RefreshDecision::UseCache);
-    let cosine = RefreshPolicy { interval_epochs: None, drift_threshold: Some(0.05), metric: DriftMetric::CosineDistance };
+    let cosine =
+        RefreshPolicy { interval_epochs: None, drift_threshold: Some(0.05), metric: DriftMetric::CosineDistance };
     assert_eq!(cosine.decide(100, Some(&stats(0.4))), RefreshDecision::UseCache);
     assert!(matches!(cosine.decide(0, Some(&stats(0.6))), RefreshDecision::Refresh(RefreshReason::Drift { .. })));
 }

@@ -12,13 +12,13 @@ static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
-use vla_finetune::train::optim::{
-    default_no_decay, Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam, OptimError,
-};
 use vla_finetune::policy::{
     ActionExpertConfig, FusionConfig, FusionKind, NormStats, PolicyConfig, PolicyHeads, SensorEncoderConfig,
 };
 use vla_finetune::train::heads_job::heads_params;
+use vla_finetune::train::optim::{
+    default_no_decay, Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam, OptimError,
+};
 use vla_finetune::train::tensor_io::read_safetensors;
 
 fn fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
@@ -29,7 +29,8 @@ fn fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
 }
 
 fn loss_fn(p: &HashMap<String, Tensor>, x: &Tensor, s: &Tensor, y: &Tensor) -> Tensor {
-    let h = (x.matmul(&p["vl.lora_A.weight"].tr()) + &p["vl.proj.bias"] + s.matmul(&p["sensor.proj.weight"].tr())).tanh();
+    let h =
+        (x.matmul(&p["vl.lora_A.weight"].tr()) + &p["vl.proj.bias"] + s.matmul(&p["sensor.proj.weight"].tr())).tanh();
     let out = (h * &p["heads.norm.weight"]).matmul(&p["heads.out.weight"].tr()) + &p["heads.out.bias"];
     (out - y).square().mean(Kind::Float)
 }
@@ -123,7 +124,12 @@ fn no_decay_rules_by_name() {
     ];
     let params = names
         .iter()
-        .map(|(n, _)| NamedParam { name: n.to_string(), group: "g".into(), tensor: Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true), decay: true })
+        .map(|(n, _)| NamedParam {
+            name: n.to_string(),
+            group: "g".into(),
+            tensor: Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+            decay: true,
+        })
         .collect();
     let g = vec![GroupConfig { name: "g".into(), lr: 1e-3, weight_decay: 0.1 }];
     let cfg = AdamWConfig { no_decay: default_no_decay(), ..Default::default() };
@@ -146,7 +152,9 @@ fn bad_params_and_gradients_are_named() {
     assert!(matches!(&err, OptimError::Param { name, .. } if name == "a"), "{err}");
     let err = AdamW::new(AdamWConfig::default(), g(), vec![p("b", "heads", Kind::BFloat16)]).err().unwrap();
     assert!(err.to_string().contains("fp32"), "{err}");
-    let err = AdamW::new(AdamWConfig::default(), g(), vec![p("c", "heads", Kind::Float), p("c", "heads", Kind::Float)]).err().unwrap();
+    let err = AdamW::new(AdamWConfig::default(), g(), vec![p("c", "heads", Kind::Float), p("c", "heads", Kind::Float)])
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("twice"), "{err}");
 
     let x = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
@@ -234,7 +242,8 @@ fn accumulation_2x4_equals_8x1_and_hand_gradient() {
     // Hand gradient of mean((xW^T + b - y)^2) over 8 samples x 2 outputs: 2/(8*2) * (xW^T+b-y)^T x.
     let (x, y, w, b) = linear_setup();
     let x64 = x.to_kind(Kind::Double);
-    let r = x64.matmul(&w.detach().to_kind(Kind::Double).tr()) + b.detach().to_kind(Kind::Double) - y.to_kind(Kind::Double);
+    let r =
+        x64.matmul(&w.detach().to_kind(Kind::Double).tr()) + b.detach().to_kind(Kind::Double) - y.to_kind(Kind::Double);
     let hand = r.tr().matmul(&x64) * (2.0 / 16.0);
     assert!(max_abs_diff(&g_full.to_kind(Kind::Double), &hand) < 1e-6);
     assert!(max_abs_diff(&g_acc.to_kind(Kind::Double), &hand) < 1e-6);
@@ -372,7 +381,15 @@ fn heads_parameters_decay_only_matrices() {
             dropout: 0.0,
         },
         fusion: FusionConfig { kind: FusionKind::CrossAttention, n_heads: 2 },
-        expert: ActionExpertConfig { horizon: 4, action_dim: 2, d_model: 8, n_heads: 2, n_layers: 1, ff_dim: 16, dropout: 0.0 },
+        expert: ActionExpertConfig {
+            horizon: 4,
+            action_dim: 2,
+            d_model: 8,
+            n_heads: 2,
+            n_layers: 1,
+            ff_dim: 16,
+            dropout: 0.0,
+        },
         ..PolicyConfig::default()
     };
     let heads = PolicyHeads::new(cfg, NormStats::identity(3, 0, 2), tch::Device::Cpu).unwrap();
@@ -389,7 +406,9 @@ fn heads_parameters_decay_only_matrices() {
 
     // With zero gradients an AdamW step only decays: lr 1, decay 0.5 halves exactly the
     // parameters flagged to decay and leaves the others untouched.
-    let zero = opt.params().fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |acc, (_, _, _, t)| acc + (t * 0.0).sum(Kind::Float));
+    let zero = opt
+        .params()
+        .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |acc, (_, _, _, t)| acc + (t * 0.0).sum(Kind::Float));
     zero.backward();
     opt.step(1.0).unwrap();
     for ((name, decays, t), b) in opt.params().map(|(n, _, d, t)| (n, d, t)).zip(&before) {

@@ -1,7 +1,9 @@
 //! The curves PNG decodes, has the curves where they belong, is labelled (titles, axis names, tick
 //! labels, a legend row per series naming it) with the bundled font, and its JSON lists the colours.
 
-use vla_finetune::train::plot::{validation_color, write_curves, Curve, TrainingCurves, MIN_SIZE, PALETTE, SWATCH, TRAIN_COLOR};
+use vla_finetune::train::plot::{
+    validation_color, write_curves, Curve, TrainingCurves, MIN_SIZE, PALETTE, SWATCH, TRAIN_COLOR,
+};
 
 fn pixels_of(img: &image::RgbImage, rgb: (u8, u8, u8), xs: std::ops::Range<u32>) -> Vec<(u32, u32)> {
     let mut v = Vec::new();
@@ -56,7 +58,8 @@ fn clusters(cols: &[u32], gap: u32) -> usize {
 
 fn sample_curves(names: [&str; 2]) -> TrainingCurves {
     // Decreasing loss; one falling and one rising validation series; a NaN that must be skipped.
-    let mut train_loss: Vec<(f64, f64)> = (0..200).map(|s| (s as f64, 2.0 * (-(s as f64) / 50.0).exp() + 0.1)).collect();
+    let mut train_loss: Vec<(f64, f64)> =
+        (0..200).map(|s| (s as f64, 2.0 * (-(s as f64) / 50.0).exp() + 0.1)).collect();
     train_loss[50].1 = f64::NAN;
     TrainingCurves {
         train_loss,
@@ -114,7 +117,8 @@ fn curves_png_has_curves_in_their_panels() {
     assert!(left(&falling) + 100.0 < right(&falling), "falling series must go down");
     assert!(left(&rising) > right(&rising) + 100.0, "rising series must go up");
 
-    let legend: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("curves.json")).unwrap()).unwrap();
+    let legend: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("curves.json")).unwrap()).unwrap();
     assert_eq!(legend["train_loss_color"], "#1f77b4");
     assert_eq!(legend["validation_colors"][1][0], "val_action_error/dim0");
     assert_eq!(legend["validation_colors"][1][1], "#2ca02c");
@@ -182,8 +186,12 @@ fn panels_have_titles_axis_names_and_tick_labels() {
 #[test]
 fn too_many_series_end_the_legend_with_a_count() {
     // 30 series at the minimum height: the legend column holds fewer rows, the last one text only.
-    let validation: Vec<Curve> =
-        (0..30).map(|i| Curve { name: format!("val_action_error/dim{i}"), points: vec![(0.0, i as f64), (1.0, i as f64 + 1.0)] }).collect();
+    let validation: Vec<Curve> = (0..30)
+        .map(|i| Curve {
+            name: format!("val_action_error/dim{i}"),
+            points: vec![(0.0, i as f64), (1.0, i as f64 + 1.0)],
+        })
+        .collect();
     let img = draw(&TrainingCurves { train_loss: vec![(0.0, 1.0), (1.0, 0.5)], validation }, MIN_SIZE);
     let (w, half) = (img.width(), img.width() / 2);
     let mut rows: Vec<(u32, u32)> = PALETTE.iter().flat_map(|&c| swatches(&img, c, half..w)).collect();
@@ -201,7 +209,8 @@ fn too_many_series_end_the_legend_with_a_count() {
 fn empty_and_single_point_curves_still_draw() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("e.png");
-    let curves = TrainingCurves { train_loss: vec![], validation: vec![Curve { name: "val".into(), points: vec![(0.0, 3.0)] }] };
+    let curves =
+        TrainingCurves { train_loss: vec![], validation: vec![Curve { name: "val".into(), points: vec![(0.0, 3.0)] }] };
     write_curves(&png, &curves, MIN_SIZE.0, MIN_SIZE.1).unwrap();
     let img = image::open(&png).unwrap().to_rgb8();
     let half = MIN_SIZE.0 / 2;

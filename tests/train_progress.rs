@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressDrawTarget;
 use vla_finetune::train::progress::{
-    eta_seconds, host_memory_bytes, spawn_sink, peak_host_memory_bytes, render_message, BarRenderer, JsonlLog, Phase, ProgressEvent,
-    ProgressHub, Throttle,
+    eta_seconds, host_memory_bytes, peak_host_memory_bytes, render_message, spawn_sink, BarRenderer, JsonlLog, Phase,
+    ProgressEvent, ProgressHub, Throttle,
 };
 
 fn ev(phase: Phase, step: u64) -> ProgressEvent {
@@ -23,16 +23,16 @@ fn throttle_limits_rate_but_passes_phase_changes_ends_and_compile_reports() {
     let ms = |m| t0 + Duration::from_millis(m);
     let mut th = Throttle::new(2.0);
     let seq = [
-        (0, Phase::Training, true),           // first
-        (100, Phase::Training, false),        // 0.1 s later: over 2 Hz
+        (0, Phase::Training, true),    // first
+        (100, Phase::Training, false), // 0.1 s later: over 2 Hz
         (499, Phase::Training, false),
-        (500, Phase::Training, true),         // 0.5 s after the last passed one
-        (510, Phase::Validating, true),       // phase change
+        (500, Phase::Training, true),   // 0.5 s after the last passed one
+        (510, Phase::Validating, true), // phase change
         (520, Phase::Validating, false),
-        (530, Phase::Training, true),         // phase change back
-        (540, Phase::Done, true),             // terminal
-        (545, Phase::Done, true),             // terminal events always pass
-        (550, Phase::Compiling, true),        // the compile reports always pass
+        (530, Phase::Training, true),  // phase change back
+        (540, Phase::Done, true),      // terminal
+        (545, Phase::Done, true),      // terminal events always pass
+        (550, Phase::Compiling, true), // the compile reports always pass
         (560, Phase::Compiling, true),
     ];
     for (i, (t, phase, expected)) in seq.into_iter().enumerate() {
@@ -137,7 +137,12 @@ fn sink_logs_every_event_of_the_job_until_it_ends() {
     let path = dir.path().join("progress.jsonl");
     let hub = ProgressHub::new(64);
     let bar = BarRenderer::with_target(ProgressDrawTarget::hidden());
-    let sink = spawn_sink(hub.subscribe(), "job-7".into(), Some(JsonlLog::open(&path).unwrap()), Some((bar, Throttle::new(2.0))));
+    let sink = spawn_sink(
+        hub.subscribe(),
+        "job-7".into(),
+        Some(JsonlLog::open(&path).unwrap()),
+        Some((bar, Throttle::new(2.0))),
+    );
     for s in 1..=5 {
         hub.publish(ev(Phase::Training, s));
     }

@@ -24,7 +24,10 @@ fn request(root: &Path, tag: &str) -> PublishRequest {
             PublishItem { dest: "heads.safetensors".into(), source: Source::File(heads) },
             PublishItem { dest: "adapter".into(), source: Source::Dir(adapter) },
             PublishItem { dest: "norm_stats.json".into(), source: Source::Bytes(b"{\"mean\": [0.0]}".to_vec()) },
-            PublishItem { dest: "config/train.yaml".into(), source: Source::Bytes(format!("tag: {tag}\n").into_bytes()) },
+            PublishItem {
+                dest: "config/train.yaml".into(),
+                source: Source::Bytes(format!("tag: {tag}\n").into_bytes()),
+            },
         ],
     }
 }
@@ -109,7 +112,8 @@ fn crash_before_rename_keeps_previous_latest_and_is_cleaned_later() {
     assert_eq!(again.version, "v0002");
     assert!(!tmp_dir.exists());
     assert!(!pointer_tmp.exists());
-    let names: Vec<String> = fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> =
+        fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     let mut names = names;
     names.sort();
     assert_eq!(names, ["latest", "v0001", "v0002"]);

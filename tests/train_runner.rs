@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
+use vla_finetune::checkpoint::publish::{verify, PublishItem, Source};
 use vla_finetune::train::controller::{CancelToken, JobContext};
+use vla_finetune::train::error::TrainError;
 use vla_finetune::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
 use vla_finetune::train::progress::{CacheStatus, Phase, ProgressHub};
-use vla_finetune::checkpoint::publish::{verify, PublishItem, Source};
-use vla_finetune::train::error::TrainError;
 use vla_finetune::train::runner::{run, Runner, RunnerConfig, TrainTask};
 
 static TORCH_RNG: Mutex<()> = Mutex::new(());
@@ -62,8 +62,18 @@ impl Toy {
 impl TrainTask for Toy {
     fn params(&mut self) -> Vec<NamedParam> {
         vec![
-            NamedParam { name: "sensor.enc.weight".into(), group: "sensor_encoder".into(), tensor: self.enc.shallow_clone(), decay: true },
-            NamedParam { name: "heads.out.weight".into(), group: "heads".into(), tensor: self.head.shallow_clone(), decay: true },
+            NamedParam {
+                name: "sensor.enc.weight".into(),
+                group: "sensor_encoder".into(),
+                tensor: self.enc.shallow_clone(),
+                decay: true,
+            },
+            NamedParam {
+                name: "heads.out.weight".into(),
+                group: "heads".into(),
+                tensor: self.head.shallow_clone(),
+                decay: true,
+            },
         ]
     }
     fn train_len(&self) -> usize {
@@ -94,7 +104,8 @@ impl TrainTask for Toy {
     }
     fn validate(&mut self, epoch: u64, _chunk: usize) -> Result<BTreeMap<String, f64>, TrainError> {
         self.validated.push(epoch);
-        let mse = tch::no_grad(|| (self.forward(&self.vx, false) - &self.vy).square().mean(Kind::Float).double_value(&[]));
+        let mse =
+            tch::no_grad(|| (self.forward(&self.vx, false) - &self.vy).square().mean(Kind::Float).double_value(&[]));
         Ok(BTreeMap::from([("val_mse".to_string(), mse)]))
     }
     fn deployable(&mut self) -> Result<Vec<PublishItem>, TrainError> {
@@ -105,7 +116,8 @@ impl TrainTask for Toy {
         serde_json::json!({"epochs_begun": self.epochs_begun})
     }
     fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<(), TrainError> {
-        self.epochs_begun = state["epochs_begun"].as_u64().ok_or_else(|| TrainError::invalid("toy state", "no epochs_begun"))?;
+        self.epochs_begun =
+            state["epochs_begun"].as_u64().ok_or_else(|| TrainError::invalid("toy state", "no epochs_begun"))?;
         Ok(())
     }
     fn cache_status(&self) -> CacheStatus {
@@ -152,7 +164,9 @@ fn trains_validates_publishes_and_plots() {
     let mut task = toy(None);
     let before = task.validate(0, 10).unwrap()["val_mse"];
     let mut announced = Vec::new();
-    let summary = run(&mut task, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |p| announced.push(p.clone())).unwrap();
+    let summary =
+        run(&mut task, &config(dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |p| announced.push(p.clone()))
+            .unwrap();
     assert!(!summary.cancelled);
     assert_eq!(summary.counters.global_step, 4 * 8); // ceil(30 / 4) = 8 steps per epoch
     assert_eq!(summary.validation.len(), 4);
@@ -188,7 +202,8 @@ fn cancel_then_resume_equals_uninterrupted() {
     let hub = ProgressHub::new(16);
     let full_dir = tempfile::tempdir().unwrap();
     let mut full = toy(None);
-    let full_sum = run(&mut full, &config(full_dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap();
+    let full_sum =
+        run(&mut full, &config(full_dir.path(), false), &ctx(CancelToken::new(), &hub), &mut |_| {}).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let token = CancelToken::new();
@@ -252,7 +267,13 @@ fn validates_every_n_epochs_and_at_the_last_with_best_among_validated() {
     let (every, sparse) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let hub = ProgressHub::new(4096);
     let mut a = toy(None);
-    let ra = run(&mut a, &RunnerConfig { epochs: 5, ..config(every.path(), false) }, &ctx(CancelToken::default(), &hub), &mut |_| {}).unwrap();
+    let ra = run(
+        &mut a,
+        &RunnerConfig { epochs: 5, ..config(every.path(), false) },
+        &ctx(CancelToken::default(), &hub),
+        &mut |_| {},
+    )
+    .unwrap();
     let mut b = toy(None);
     let cb = RunnerConfig { epochs: 5, val_every_epochs: 2, ..config(sparse.path(), false) };
     let rb = run(&mut b, &cb, &ctx(CancelToken::default(), &hub), &mut |_| {}).unwrap();

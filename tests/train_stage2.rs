@@ -8,15 +8,15 @@ mod vlm_common;
 use std::path::Path;
 use std::sync::Mutex;
 
-use tch::{Device, Tensor};
 use stage2_fixture::{config, ctx, fixture, stage1_training, tiny_heads, without_key_bias};
+use tch::{Device, Tensor};
+use vla_finetune::checkpoint::publish::Publisher;
 use vla_finetune::oom_injection::{self, Point};
 use vla_finetune::train::cache::{cache_key, FeatureCache, KeyInput};
 use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
 use vla_finetune::train::controller::{JobStatus, StartResponse};
 use vla_finetune::train::heads_job::{self, HeadsJob, HeadsTrainConfig};
 use vla_finetune::train::optim::Accumulation;
-use vla_finetune::checkpoint::publish::Publisher;
 use vla_finetune::train::progress::ProgressHub;
 use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
@@ -32,7 +32,11 @@ fn run(cfg: &TrainConfig) -> Stage2Result {
 
 /// Every tensor of the latest published checkpoint (adapter and heads), by name.
 fn published_tensors(cfg: &TrainConfig) -> Vec<(String, Tensor)> {
-    let dir = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    let dir = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir)
+        .unwrap()
+        .latest_dir()
+        .unwrap()
+        .unwrap();
     let mut out = read_safetensors(&dir.join("adapter/adapter_model.safetensors")).unwrap().tensors;
     out.extend(read_safetensors(&dir.join("heads.safetensors")).unwrap().tensors);
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -53,9 +57,15 @@ fn vision_mode_equals_off_mode_builds_the_vision_cache_once_and_beats_stage1() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let common = ["run.epochs=3", "lora.dropout=0.0"];
-    let vcfg = config(&dir.path().join("v"), &[&common[..], &["cache.mode=vision", "model.gradient_checkpointing=true"]].concat());
+    let vcfg = config(
+        &dir.path().join("v"),
+        &[&common[..], &["cache.mode=vision", "model.gradient_checkpointing=true"]].concat(),
+    );
     let v = run(&vcfg);
-    let ocfg = config(&dir.path().join("o"), &[&common[..], &["cache.mode=off", "model.gradient_checkpointing=false"]].concat());
+    let ocfg = config(
+        &dir.path().join("o"),
+        &[&common[..], &["cache.mode=off", "model.gradient_checkpointing=false"]].concat(),
+    );
     let o = run(&ocfg);
     let entries = FeatureCache::open(&vcfg.cache.dir, vcfg.cache_config()).unwrap().stats().entries;
     assert!(entries > 0);
@@ -129,17 +139,34 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
     // The features build ran the vision tower once per sample: its embeddings are kept too.
     let vision: std::collections::BTreeSet<_> = (0..n).map(|i| a.sample_key(i, "vision", "none").unwrap()).collect();
     assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "vision", "none").unwrap())));
-    assert_eq!(cache.stats().entries, (distinct.len() + vision.len()) as u64, "one features and one vision entry per distinct sample");
+    assert_eq!(
+        cache.stats().entries,
+        (distinct.len() + vision.len()) as u64,
+        "one features and one vision entry per distinct sample"
+    );
     assert!((0..n).all(|i| cache.contains(&a.sample_key(i, "features", &h0).unwrap())));
     // Another job's features and a shared (unowned) entry in the same cache folder.
     let foreign = |tag: &[u8]| {
         let proc = serde_json::json!({});
-        cache_key(&KeyInput { kind: "features", base_model: "m", dtype: "f32", adapter: "x", processor: &proc, prompt: "", images: &[tag] })
+        cache_key(&KeyInput {
+            kind: "features",
+            base_model: "m",
+            dtype: "f32",
+            adapter: "x",
+            processor: &proc,
+            prompt: "",
+            images: &[tag],
+        })
     };
     let (theirs, shared) = (foreign(b"another job"), foreign(b"shared"));
     {
         let mut c = FeatureCache::open(dir.path().join("b/cache"), acfg.cache_config()).unwrap();
-        c.put_owned(theirs, &[("pooled".into(), Tensor::ones([1, 4], (tch::Kind::Float, Device::Cpu)))], "features@/elsewhere/state").unwrap();
+        c.put_owned(
+            theirs,
+            &[("pooled".into(), Tensor::ones([1, 4], (tch::Kind::Float, Device::Cpu)))],
+            "features@/elsewhere/state",
+        )
+        .unwrap();
         c.put(shared, &[("embeds".into(), Tensor::ones([1, 4], (tch::Kind::Float, Device::Cpu)))]).unwrap();
     }
     // Interval 2: epoch 2 is a refresh epoch; LoRA trains and the cache moves to the new adapter.
@@ -164,7 +191,8 @@ fn features_mode_trains_lora_only_in_refresh_epochs_and_rewrites_the_cache() {
 fn features_mode_offloads_the_vl_model_in_cached_epochs_only_on_an_accelerator() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let (device, spec) = if tch::Cuda::is_available() { (Device::Cuda(0), "run.device=cuda") } else { (Device::Cpu, "run.device=cpu") };
+    let (device, spec) =
+        if tch::Cuda::is_available() { (Device::Cuda(0), "run.device=cuda") } else { (Device::Cpu, "run.device=cpu") };
     // Epochs 0, 1 cached, 2 a refresh (VL model back on the device), 3 cached again.
     let (on, s_on, _) = features_run_with(&dir.path().join("on"), 4, &[spec, "memory.offload_vl_when_cached=true"]);
     let (off, s_off, _) = features_run_with(&dir.path().join("off"), 4, &[spec, "memory.offload_vl_when_cached=false"]);
@@ -211,7 +239,15 @@ fn memory_auto_resume_reuses_the_saved_plan_whatever_memory_is_free() {
     )
     .unwrap();
     let file = format!("memory.presets_file={:?}", presets.display().to_string());
-    let auto = ["run.epochs=2", "cache.mode=vision", "memory.preset=auto", "memory.micro_batch=null", "memory.accum_steps=null", "lora.rank=null", &file];
+    let auto = [
+        "run.epochs=2",
+        "cache.mode=vision",
+        "memory.preset=auto",
+        "memory.micro_batch=null",
+        "memory.accum_steps=null",
+        "lora.rank=null",
+        &file,
+    ];
     let cfg = config(&dir.path().join("run"), &auto);
     let small = ResolvedMemory { preset: "small".into(), micro_batch: 2, accum_steps: 2, lora_rank: 2 };
     let big = ResolvedMemory { preset: "big".into(), micro_batch: 4, accum_steps: 1, lora_rank: 4 };
@@ -252,8 +288,13 @@ fn memory_auto_resume_reuses_the_saved_plan_whatever_memory_is_free() {
     assert!(!r2.run.cancelled && r2.run.counters.global_step > r1.run.counters.global_step);
     assert_eq!(r2.accumulation, Accumulation::new(2, 2).unwrap());
     // The published adapter has the saved rank and alpha = scaling (2.0) x rank.
-    let ck = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
-    let adapter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    let ck = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir)
+        .unwrap()
+        .latest_dir()
+        .unwrap()
+        .unwrap();
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!((adapter["r"].as_u64(), adapter["lora_alpha"].as_f64()), (Some(2), Some(4.0)));
 }
 
@@ -273,8 +314,14 @@ fn micro_batch_2_by_4_equals_batch_8_by_1() {
 /// How many times the validation before training reaches the forward injection point, in
 /// chunks of `chunk`: once per decoder layer and chunk of the validation split.
 fn forward_points_before_training(chunk: usize) -> u64 {
-    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json")).unwrap().text.num_hidden_layers as u64;
-    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset).unwrap().split_indices(vla_finetune::dataset::store::Split::Val).len();
+    let layers = vla_finetune::vlm::config::Config::from_file(&fixture().base.join("config.json"))
+        .unwrap()
+        .text
+        .num_hidden_layers as u64;
+    let val = vla_finetune::dataset::reader::Dataset::open(&fixture().dataset)
+        .unwrap()
+        .split_indices(vla_finetune::dataset::store::Split::Val)
+        .len();
     layers * val.div_ceil(chunk) as u64
 }
 
@@ -286,7 +333,8 @@ fn forward_points_before_training(chunk: usize) -> u64 {
 fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_loses_no_step() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let common = ["run.epochs=1", "lora.dropout=0.0", "cache.mode=vision", "memory.micro_batch=4", "memory.accum_steps=2"];
+    let common =
+        ["run.epochs=1", "lora.dropout=0.0", "cache.mode=vision", "memory.micro_batch=4", "memory.accum_steps=2"];
     let reference = config(&dir.path().join("reference"), &common);
     assert!(reference.model.gradient_checkpointing, "the recompute point needs checkpointing");
     let r0 = run(&reference);
@@ -305,11 +353,24 @@ fn out_of_memory_in_forward_recompute_or_backward_halves_the_micro_batch_and_los
             let _oom = oom_injection::inject(point, nth);
             run(&cfg)
         };
-        assert_eq!(r.run.accumulation, Accumulation { micro_batch: 2, accum_steps: 4 }, "{name}: halved once, same effective batch");
+        assert_eq!(
+            r.run.accumulation,
+            Accumulation { micro_batch: 2, accum_steps: 4 },
+            "{name}: halved once, same effective batch"
+        );
         assert_eq!(r.run.counters, r0.run.counters, "{name}: every step done");
         let rel = (r.val_action_error_before - r0.val_action_error_before).abs() / r0.val_action_error_before;
-        assert!(rel <= 1e-6, "{name}: validation before training {} vs {}", r.val_action_error_before, r0.val_action_error_before);
-        assert_close(&without_key_bias(published_tensors(&cfg)), &without_key_bias(published_tensors(&reference)), 1e-5);
+        assert!(
+            rel <= 1e-6,
+            "{name}: validation before training {} vs {}",
+            r.val_action_error_before,
+            r0.val_action_error_before
+        );
+        assert_close(
+            &without_key_bias(published_tensors(&cfg)),
+            &without_key_bias(published_tensors(&reference)),
+            1e-5,
+        );
     }
 }
 
@@ -351,7 +412,11 @@ fn published_adapter_reloads_with_peft_loader() {
     let cfg = config(dir.path(), &["run.epochs=1", "cache.mode=vision"]);
     let r = run(&cfg);
     assert!(r.lora_params_changed);
-    let ck = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    let ck = vla_finetune::checkpoint::publish::Publisher::new(&cfg.checkpoint.publish_dir)
+        .unwrap()
+        .latest_dir()
+        .unwrap()
+        .unwrap();
     vla_finetune::checkpoint::publish::verify(&ck).unwrap();
     let info = vla_finetune::checkpoint::deploy::DeployInfo::read(&ck).unwrap();
     assert_eq!(info.adapter.as_deref(), Some("adapter"));
@@ -368,7 +433,8 @@ fn published_adapter_reloads_with_peft_loader() {
         assert!(s.equal(&t), "{name}");
     }
     peft_gives_our_pooled_features(&ck.join("adapter"), &m, loaded.layers.len());
-    let (heads, meta) = vla_finetune::policy::heads::PolicyHeads::load(&ck.join("heads.safetensors"), Device::Cpu).unwrap();
+    let (heads, meta) =
+        vla_finetune::policy::heads::PolicyHeads::load(&ck.join("heads.safetensors"), Device::Cpu).unwrap();
     assert!(matches!(meta.stage, vla_finetune::policy::checkpoint::CheckpointStage::Stage2 { .. }));
     assert_eq!(heads.config().vl_dim, 32);
 }
@@ -388,7 +454,11 @@ fn peft_gives_our_pooled_features(adapter: &Path, adapted: &vla_finetune::vlm::Q
     assert!(change > 1e-4, "the trained adapter changes pooled features by only {change:e}");
     let tmp = tempfile::tempdir().unwrap();
     let rust = tmp.path().join("rust.safetensors");
-    Tensor::write_safetensors(&[("input_ids", batch.input_ids), ("last_hidden_state", out.last_hidden_state), ("pooled", pooled)], &rust).unwrap();
+    Tensor::write_safetensors(
+        &[("input_ids", batch.input_ids), ("last_hidden_state", out.last_hidden_state), ("pooled", pooled)],
+        &rust,
+    )
+    .unwrap();
     let res = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_vlm_peft_forward.py"))
         .arg(&fixture().base)
@@ -418,13 +488,17 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
         // The checkpoints root's `latest` names the stage-1 version.
         stage1_checkpoint: f.stage1.parent().unwrap().join("latest").display().to_string(),
         base_model: String::new(),
-        overrides: "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}".into(),
+        overrides:
+            "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}"
+                .into(),
         ..Default::default()
     };
     let bad = StartRequest { overrides: "{cache.mode: sometimes}".into(), ..req.clone() };
     assert!(matches!(c.start(bad), StartResponse::Rejected(RejectReason::ConfigInvalid(m)) if m.contains("sometimes")));
     let missing = StartRequest { stage1_checkpoint: dir.path().join("nope").display().to_string(), ..req.clone() };
-    assert!(matches!(c.start(missing), StartResponse::Rejected(RejectReason::ModelDirInvalid(m)) if m.contains("nope")));
+    assert!(
+        matches!(c.start(missing), StartResponse::Rejected(RejectReason::ModelDirInvalid(m)) if m.contains("nope"))
+    );
     let mut rx = c.progress().subscribe();
     let StartResponse::Accepted { job_id } = c.start(req.clone()) else { panic!("not started") };
     assert!(matches!(c.start(req), StartResponse::Rejected(RejectReason::AlreadyRunning { .. })));
@@ -436,16 +510,28 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     }
     c.cancel(&job_id);
     let status = c.join();
-    assert!(matches!(status, JobStatus::Finished { ref outcome, .. } if matches!(outcome, vla_finetune::train::controller::JobOutcome::Cancelled { .. })), "{status:?}");
+    assert!(
+        matches!(status, JobStatus::Finished { ref outcome, .. } if matches!(outcome, vla_finetune::train::controller::JobOutcome::Cancelled { .. })),
+        "{status:?}"
+    );
     let state = dir.path().join("runs").join(&job_id).join("stage2/state/latest.safetensors");
     let meta = read_state_meta(&state).unwrap();
-    assert!(meta.counters.global_step >= 1 && meta.counters.global_step <= 3, "stopped within a step: {:?}", meta.counters);
+    assert!(
+        meta.counters.global_step >= 1 && meta.counters.global_step <= 3,
+        "stopped within a step: {:?}",
+        meta.counters
+    );
     assert_eq!(meta.counters.epoch, 0);
     let view = job_view(&c, &cfg, &job_id).unwrap();
-    assert!(view.state == JobState::Cancelled && view.resumable && view.record.as_ref().unwrap().stage == 2, "{view:?}");
+    assert!(
+        view.state == JobState::Cancelled && view.resumable && view.record.as_ref().unwrap().stage == 2,
+        "{view:?}"
+    );
 
     // Resumed under its id, it continues from the saved step.
-    let StartResponse::Accepted { job_id: again } = start(&c, &cfg, StartRequest { resume_job_id: job_id.clone(), ..Default::default() }) else {
+    let StartResponse::Accepted { job_id: again } =
+        start(&c, &cfg, StartRequest { resume_job_id: job_id.clone(), ..Default::default() })
+    else {
         panic!("not resumed")
     };
     assert_eq!(again, job_id);
@@ -461,7 +547,11 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     assert!(resumed.counters.global_step > before, "{:?} after {before}", resumed.counters);
     let view = job_view(&c, &cfg, "").unwrap();
     assert_eq!((view.job_id, view.state), (job_id.clone(), JobState::Cancelled));
-    let mixed = start(&c, &cfg, StartRequest { resume_job_id: job_id.clone(), overrides: "{run.epochs: 2}".into(), ..Default::default() });
+    let mixed = start(
+        &c,
+        &cfg,
+        StartRequest { resume_job_id: job_id.clone(), overrides: "{run.epochs: 2}".into(), ..Default::default() },
+    );
     assert!(matches!(mixed, StartResponse::Rejected(RejectReason::NotResumable(_))), "{mixed:?}");
     let unknown = start(&c, &cfg, StartRequest { resume_job_id: "../x".into(), ..Default::default() });
     assert!(matches!(unknown, StartResponse::Rejected(RejectReason::UnknownJob(_))), "{unknown:?}");
@@ -492,7 +582,8 @@ fn validation_in_chunks_of_the_micro_batch_equals_one_chunk() {
 fn out_of_memory_while_the_features_cache_is_built_halves_the_micro_batch_and_builds_it_again() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let common = ["run.epochs=2", "cache.mode=features", "lora.dropout=0.0", "memory.micro_batch=4", "memory.accum_steps=2"];
+    let common =
+        ["run.epochs=2", "cache.mode=features", "lora.dropout=0.0", "memory.micro_batch=4", "memory.accum_steps=2"];
     let reference = config(&dir.path().join("reference"), &common);
     let r0 = run(&reference);
     // The reach after the validation before training is the first layer of the cache build.
@@ -501,12 +592,20 @@ fn out_of_memory_while_the_features_cache_is_built_halves_the_micro_batch_and_bu
         let _oom = oom_injection::inject(Point::Forward, forward_points_before_training(4) + 1);
         run(&cfg)
     };
-    assert_eq!(r.run.accumulation, Accumulation { micro_batch: 2, accum_steps: 4 }, "halved once, same effective batch");
+    assert_eq!(
+        r.run.accumulation,
+        Accumulation { micro_batch: 2, accum_steps: 4 },
+        "halved once, same effective batch"
+    );
     assert_eq!(r.run.counters, r0.run.counters);
     assert_eq!(r.run.validation.len(), r0.run.validation.len());
     for (a, b) in r.run.validation.iter().zip(&r0.run.validation) {
         for (k, v) in a {
-            assert!((v - b[k]).abs() <= 1e-5 * b[k].abs().max(1.0), "{k}: {v} after the out-of-memory, {} without", b[k]);
+            assert!(
+                (v - b[k]).abs() <= 1e-5 * b[k].abs().max(1.0),
+                "{k}: {v} after the out-of-memory, {} without",
+                b[k]
+            );
         }
     }
 }
@@ -517,7 +616,8 @@ fn out_of_memory_while_the_features_cache_is_built_halves_the_micro_batch_and_bu
 fn vision_mode_moves_the_vision_tower_off_the_accelerator_once_its_cache_is_built() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let (device, spec) = if tch::Cuda::is_available() { (Device::Cuda(0), "run.device=cuda") } else { (Device::Cpu, "run.device=cpu") };
+    let (device, spec) =
+        if tch::Cuda::is_available() { (Device::Cuda(0), "run.device=cuda") } else { (Device::Cpu, "run.device=cpu") };
     let (task, _, _) = task_run(&dir.path().join("v"), 1, &["cache.mode=vision", spec]);
     let mut devices = task.vl_weight_devices();
     devices.sort_by_key(|d| format!("{d:?}"));
@@ -536,8 +636,10 @@ fn prefetching_the_next_micro_batch_on_a_worker_changes_nothing_but_where_data_i
     for mode in ["off", "vision"] {
         let m = format!("cache.mode={mode}");
         let sets = [m.as_str(), "memory.micro_batch=2", "memory.accum_steps=2"];
-        let (on, s_on, _) = task_run(&dir.path().join(format!("{mode}-on")), 2, &[&sets[..], &["data.prefetch=true"]].concat());
-        let (off, s_off, _) = task_run(&dir.path().join(format!("{mode}-off")), 2, &[&sets[..], &["data.prefetch=false"]].concat());
+        let (on, s_on, _) =
+            task_run(&dir.path().join(format!("{mode}-on")), 2, &[&sets[..], &["data.prefetch=true"]].concat());
+        let (off, s_off, _) =
+            task_run(&dir.path().join(format!("{mode}-off")), 2, &[&sets[..], &["data.prefetch=false"]].concat());
         assert!(on.prefetched_micro_batches() > 0, "{mode}: the worker prepared micro-batches");
         assert_eq!(off.prefetched_micro_batches(), 0);
         assert_eq!(s_on.train_loss_per_epoch, s_off.train_loss_per_epoch, "{mode}");
@@ -550,7 +652,9 @@ fn a_vision_cache_over_the_disk_budget_is_refused_before_it_is_built() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &["cache.mode=vision", "cache.disk_budget_mb=0", "run.epochs=1"]);
-    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {}).expect_err("refused").to_string();
+    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {})
+        .expect_err("refused")
+        .to_string();
     assert!(e.contains("cache.mode=vision") && e.contains("needs about") && e.contains("cache.disk_budget_mb"), "{e}");
     let cache = FeatureCache::open(&cfg.cache.dir, cfg.cache_config()).unwrap();
     assert_eq!(cache.stats().entries, 0, "nothing was written");
@@ -613,15 +717,27 @@ fn train_heads_resumes_after_a_kill_like_train() {
     let dir = tempfile::tempdir().unwrap();
     let cli = |name: &str, resume: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_vla_finetune"));
-        c.args(["train-heads", "--size", "small", "--epochs", "4", "--batch-size", "8", "--seed", "3", "--set", "val_every_epochs=2"])
-            .arg("--dataset")
-            .arg(&f.dataset)
-            .arg("--base-model")
-            .arg(&f.base)
-            .arg("--checkpoints")
-            .arg(dir.path().join(name).join("ck"))
-            .arg("--work-dir")
-            .arg(dir.path().join(name).join("work"));
+        c.args([
+            "train-heads",
+            "--size",
+            "small",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+            "--set",
+            "val_every_epochs=2",
+        ])
+        .arg("--dataset")
+        .arg(&f.dataset)
+        .arg("--base-model")
+        .arg(&f.base)
+        .arg("--checkpoints")
+        .arg(dir.path().join(name).join("ck"))
+        .arg("--work-dir")
+        .arg(dir.path().join(name).join("work"));
         if resume {
             c.arg("--resume");
         }
@@ -647,11 +763,14 @@ fn train_heads_resumes_after_a_kill_like_train() {
     assert!(killed_at.epoch < 4 && killed_at.global_step > 0, "killed mid-run: {killed_at:?}");
 
     let resumed = json(cli("part", true).output().unwrap());
-    for key in ["global_step", "val_action_error", "val_action_error_per_dim", "best_val_action_error", "train_loss_per_epoch"] {
+    for key in
+        ["global_step", "val_action_error", "val_action_error_per_dim", "best_val_action_error", "train_loss_per_epoch"]
+    {
         assert_eq!(resumed[key], full[key], "`{key}`");
     }
     let heads = |r: &serde_json::Value| {
-        let mut t = read_safetensors(&Path::new(r["checkpoint"].as_str().unwrap()).join("heads.safetensors")).unwrap().tensors;
+        let mut t =
+            read_safetensors(&Path::new(r["checkpoint"].as_str().unwrap()).join("heads.safetensors")).unwrap().tensors;
         t.sort_by(|a, b| a.0.cmp(&b.0));
         t
     };
@@ -677,21 +796,33 @@ fn a_worse_stage1_run_on_the_same_data_is_kept_not_announced_unless_allowed() {
         resume: false,
         group: None,
     };
-    let metric = |v: &str| Publisher::new(&root).unwrap().published(v).unwrap().manifest.metrics[heads_job::BEST_METRIC];
+    let metric =
+        |v: &str| Publisher::new(&root).unwrap().published(v).unwrap().manifest.metrics[heads_job::BEST_METRIC];
     let mut announced = Vec::new();
-    let good = heads_job::run(&job("good", stage1_training()), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
+    let good =
+        heads_job::run(&job("good", stage1_training()), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
     let good_version = good.published.unwrap().version;
     assert_eq!(Publisher::new(&root).unwrap().latest().unwrap().as_deref(), Some(good_version.as_str()));
     // The same heads untrained (learning rate 0): the validation error of the initialization.
     let untrained = HeadsTrainConfig { epochs: 1, lr: 0.0, ..stage1_training() };
     let before = announced.len();
-    let worse = heads_job::run(&job("worse", untrained.clone()), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
+    let worse =
+        heads_job::run(&job("worse", untrained.clone()), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();
     let kept = worse.published.expect("a finished run reports its last checkpoint");
-    assert!(metric(&kept.version) > metric(&good_version), "setup: the untrained run must be worse ({} vs {})", metric(&kept.version), metric(&good_version));
+    assert!(
+        metric(&kept.version) > metric(&good_version),
+        "setup: the untrained run must be worse ({} vs {})",
+        metric(&kept.version),
+        metric(&good_version)
+    );
     assert!(!kept.latest, "not made latest");
     assert!(kept.dir.is_dir() && Publisher::new(&root).unwrap().versions().unwrap().contains(&kept.version), "kept");
     assert_eq!(announced.len(), before, "not announced: {announced:?}");
-    assert_eq!(Publisher::new(&root).unwrap().latest().unwrap().as_deref(), Some(good_version.as_str()), "latest stays");
+    assert_eq!(
+        Publisher::new(&root).unwrap().latest().unwrap().as_deref(),
+        Some(good_version.as_str()),
+        "latest stays"
+    );
     // Allowed: the same worse run becomes latest and is announced.
     let allowed = HeadsTrainConfig { allow_worse_latest: true, ..untrained };
     let r = heads_job::run(&job("allowed", allowed), &ctx(), &mut |p| announced.push(p.version.clone())).unwrap();

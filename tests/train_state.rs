@@ -5,7 +5,9 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use vla_finetune::train::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, NamedParam};
-use vla_finetune::train::state::{derive_seed, epoch_order, load_state, read_state_meta, save_state, seed_torch, Counters, RunState};
+use vla_finetune::train::state::{
+    derive_seed, epoch_order, load_state, read_state_meta, save_state, seed_torch, Counters, RunState,
+};
 
 const SEED: u64 = 1234;
 
@@ -32,7 +34,12 @@ fn toy() -> Toy {
     let b1 = Tensor::zeros([6], o).set_requires_grad(true);
     let w2 = (Tensor::randn([1, 6], o) * 0.5).set_requires_grad(true);
     let params = vec![
-        NamedParam { name: "enc.weight".into(), group: "sensor_encoder".into(), tensor: w1.shallow_clone(), decay: true },
+        NamedParam {
+            name: "enc.weight".into(),
+            group: "sensor_encoder".into(),
+            tensor: w1.shallow_clone(),
+            decay: true,
+        },
         NamedParam { name: "enc.bias".into(), group: "sensor_encoder".into(), tensor: b1.shallow_clone(), decay: true },
         NamedParam { name: "head.weight".into(), group: "heads".into(), tensor: w2.shallow_clone(), decay: true },
     ];
@@ -157,7 +164,12 @@ fn bad_state_files_are_named_errors() {
 
     // A state of another model (one parameter missing).
     let mut other = toy();
-    let params = vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: other.w1.shallow_clone(), decay: true }];
+    let params = vec![NamedParam {
+        name: "enc.weight".into(),
+        group: "g".into(),
+        tensor: other.w1.shallow_clone(),
+        decay: true,
+    }];
     let g = vec![GroupConfig { name: "g".into(), lr: 1e-3, weight_decay: 0.0 }];
     let small = AdamW::new(AdamWConfig::default(), g, params).unwrap();
     let small_path = dir.path().join("small.safetensors");
@@ -166,13 +178,15 @@ fn bad_state_files_are_named_errors() {
     assert!(err.contains("enc.bias") && err.contains("missing"), "{err}");
     // The reverse: the file holds a parameter the optimizer lacks.
     let mut one = toy();
-    let params = vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: one.w1.shallow_clone(), decay: true }];
+    let params =
+        vec![NamedParam { name: "enc.weight".into(), group: "g".into(), tensor: one.w1.shallow_clone(), decay: true }];
     let g = vec![GroupConfig { name: "g".into(), lr: 1e-3, weight_decay: 0.0 }];
     one.opt = AdamW::new(AdamWConfig::default(), g, params).unwrap();
     let err = load_state(&path, &mut one.opt).err().unwrap().to_string();
     assert!(err.contains("belongs to no parameter"), "{err}");
     // No temporary file is left beside the state.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
 }
 

@@ -8,7 +8,9 @@ use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
 use vla_finetune::dataset::align::AlignConfig;
 use vla_finetune::dataset::compile::{compile, CompileConfig, SplitConfig, StoreConfig};
-use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries};
+use vla_finetune::dataset::episode::{
+    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries,
+};
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::dataset::store::Split;
 use vla_finetune::policy::{
@@ -44,7 +46,12 @@ fn episode(e: usize) -> MemoryEpisode {
         state.values.push(vec![(t + e as f64).sin() * 20.0, t * 5.0, e as f64, 0.0, 0.0, (t * 30.0) % 90.0]);
     }
     MemoryEpisode {
-        meta: EpisodeMeta { id: format!("ep{e:02}"), instruction: "insert".into(), task: "insert".into(), ..Default::default() },
+        meta: EpisodeMeta {
+            id: format!("ep{e:02}"),
+            instruction: "insert".into(),
+            task: "insert".into(),
+            ..Default::default()
+        },
         cameras: vec![("cam".into(), (0..30).map(|f| (stamp(f as i64 * 100 * MS), frame(f))).collect())],
         sensors: vec![("oct".into(), sensor)],
         state,
@@ -104,7 +111,15 @@ fn heads(ds: &Dataset) -> PolicyHeads {
             out_dim: 8,
             dropout: 0.0,
         },
-        expert: ActionExpertConfig { horizon: 4, action_dim: action_dim as i64, d_model: 16, n_heads: 2, n_layers: 1, ff_dim: 32, dropout: 0.0 },
+        expert: ActionExpertConfig {
+            horizon: 4,
+            action_dim: action_dim as i64,
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            ff_dim: 32,
+            dropout: 0.0,
+        },
         ..PolicyConfig::default()
     };
     PolicyHeads::new(cfg, NormStats::from_dataset(&ds.stats, 0), Device::Cpu).unwrap()
@@ -130,7 +145,8 @@ fn chunked_validation_equals_one_pass_over_the_split() {
     let x_t = Tensor::cat(&val.iter().map(|&i| validation_noise(&heads, 7, i)).collect::<Vec<_>>(), 0);
     let c = CondInput { vl: &vl, sensor: &sensor, state: None };
     let pred = heads.sample_from(&c, x_t, 10, 0.0, &mut NoiseRng::new(0)).unwrap();
-    let want = Vec::<f64>::try_from((pred - b.action.to_tensor()).abs().mean_dim(&[0i64, 1][..], false, Kind::Double)).unwrap();
+    let want = Vec::<f64>::try_from((pred - b.action.to_tensor()).abs().mean_dim(&[0i64, 1][..], false, Kind::Double))
+        .unwrap();
     for chunk in [1, 5, val.len()] {
         let got = validation_error(&heads, &f.ds, &val, &feats, 7, chunk).unwrap();
         assert_eq!(got.len(), want.len());
@@ -154,7 +170,10 @@ fn chunked_validation_equals_one_pass_over_the_split() {
 /// `key` of /proc/self/status (a `kB` line), in bytes.
 fn status_bytes(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with(&format!("{key}:"))).unwrap_or_else(|| panic!("no {key} in /proc/self/status"));
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/self/status"));
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
@@ -213,5 +232,10 @@ fn validation_peak_memory_does_not_grow_with_the_split() {
     );
     let growth = p8 as f64 / p1 as f64 - 1.0;
     assert!(growth.abs() <= 0.10, "peak {:.1} MB at 8x vs {:.1} MB at 1x ({:+.1} %)", mb(p8), mb(p1), growth * 100.0);
-    assert!(pw as f64 > 1.1 * p1 as f64, "an unchunked 8x pass peaks at {:.1} MB, 1x chunked at {:.1} MB: the counters cannot see the growth", mb(pw), mb(p1));
+    assert!(
+        pw as f64 > 1.1 * p1 as f64,
+        "an unchunked 8x pass peaks at {:.1} MB, 1x chunked at {:.1} MB: the counters cannot see the growth",
+        mb(pw),
+        mb(p1)
+    );
 }

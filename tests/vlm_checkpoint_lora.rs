@@ -22,7 +22,9 @@ fn lora_cfg() -> LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.1,
-        target_modules: TargetModules::Regex(r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv|proj|mlp\.0)".into()),
+        target_modules: TargetModules::Regex(
+            r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv|proj|mlp\.0)".into(),
+        ),
         exclude_modules: None,
         use_rslora: false,
     }

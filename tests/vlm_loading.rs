@@ -74,7 +74,8 @@ fn nested_config_of_the_fixture_models() {
 fn config_errors_name_the_field() {
     let p = Path::new("x/config.json");
     let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("configs/qwen2_5_vl_3b_instruct.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("configs/qwen2_5_vl_3b_instruct.json")).unwrap())
+            .unwrap();
     let mut missing = base.clone();
     missing.as_object_mut().unwrap().remove("hidden_size");
     let e = Config::from_json(&missing, p).unwrap_err().to_string();
@@ -96,7 +97,12 @@ fn config_errors_name_the_field() {
 
 /// Copies a fixture model directory (config, tokenizer) and writes its tensors renamed by
 /// `rename`, then kept or changed by `tweak`, into `shards` files (with an index when more than one).
-fn rewrite(model: &str, rename: impl Fn(&str) -> String, shards: usize, tweak: impl Fn(&str, Tensor) -> Option<Tensor>) -> (tempfile::TempDir, PathBuf) {
+fn rewrite(
+    model: &str,
+    rename: impl Fn(&str) -> String,
+    shards: usize,
+    tweak: impl Fn(&str, Tensor) -> Option<Tensor>,
+) -> (tempfile::TempDir, PathBuf) {
     let src = fixtures().join(model);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
@@ -158,7 +164,10 @@ fn hidden(dir: &Path) -> Tensor {
 fn key_layouts_and_shards_load_to_identical_outputs() {
     // The fixture is in the on-disk layout transformers saves (`visual.*`, `model.layers.*`).
     let names = stored_names(&fixtures().join("tiny_b/model.safetensors"));
-    assert!(names.iter().any(|n| n.starts_with("visual.blocks.0.")) && names.iter().any(|n| n.starts_with("model.layers.0.")));
+    assert!(
+        names.iter().any(|n| n.starts_with("visual.blocks.0."))
+            && names.iter().any(|n| n.starts_with("model.layers.0."))
+    );
     let reference = hidden(&fixtures().join("tiny_b"));
     let (_t1, new) = rewrite("tiny_b", new_layout, 1, |_, t| Some(t));
     let names = stored_names(&new.join("model.safetensors"));
@@ -198,7 +207,10 @@ fn missing_extra_misshaped_and_wrong_dtype_tensors_are_named() {
     // An extra tensor (a deeper model's) is refused.
     let (_d, dir) = rewrite("tiny_b", new_layout, 1, |_, t| Some(t));
     let mut tensors = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
-    tensors.push(("model.language_model.layers.3.mlp.up_proj.weight".into(), Tensor::zeros([40, 24], (Kind::BFloat16, Device::Cpu))));
+    tensors.push((
+        "model.language_model.layers.3.mlp.up_proj.weight".into(),
+        Tensor::zeros([40, 24], (Kind::BFloat16, Device::Cpu)),
+    ));
     Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
     let e = load_err(&dir).to_string();
     assert!(e.contains("unexpected tensor") && e.contains("layers.3.mlp.up_proj"), "{e}");
@@ -257,7 +269,9 @@ fn every_linear_is_visited_with_its_transformers_path() {
     // Every 2-D weight but the embeddings is a visited linear.
     let mut linear_weights: Vec<String> = stored
         .iter()
-        .filter(|(n, t)| t.dim() == 2 && n.ends_with(".weight") && !n.contains("embed_tokens") && *n != "lm_head.weight")
+        .filter(|(n, t)| {
+            t.dim() == 2 && n.ends_with(".weight") && !n.contains("embed_tokens") && *n != "lm_head.weight"
+        })
         .map(|(n, _)| new_layout(n.trim_end_matches(".weight")))
         .collect();
     linear_weights.sort();

@@ -109,7 +109,10 @@ fn check_model(model_name: &str, kind: Kind, tol: f64) {
             let ours = rel_err(&out.last_hidden_state.get(0), f32_ref);
             let theirs = rel_err(&r["last_hidden_state"], f32_ref);
             eprintln!("{model_name} {case} bf16 vs f32: ours {ours:.2e}, transformers {theirs:.2e}");
-            assert!(ours <= 1.5 * theirs, "{model_name} {case}: bf16 rel err to the f32 result {ours:.2e}, transformers' bf16 has {theirs:.2e}");
+            assert!(
+                ours <= 1.5 * theirs,
+                "{model_name} {case}: bf16 rel err to the f32 result {ours:.2e}, transformers' bf16 has {theirs:.2e}"
+            );
             assert!(e <= 2.0 * tol, "{model_name} {case} {suffix}: last hidden state rel err {e}");
         }
         // Pooled over all tokens = mean of the reference's hidden states.

@@ -35,7 +35,8 @@ fn decoder_from_cached_image_embeds_equals_the_full_forward() {
 
     let full = tch::no_grad(|| model.forward(&batch, false)).unwrap();
     let (cached, _) =
-        tch::no_grad(|| model.forward_checkpointed_with_image_embeds(&batch, Some(&embeds), Checkpointing::OFF, false)).unwrap();
+        tch::no_grad(|| model.forward_checkpointed_with_image_embeds(&batch, Some(&embeds), Checkpointing::OFF, false))
+            .unwrap();
     assert!(full.last_hidden_state.allclose(&cached.last_hidden_state, 1e-6, 1e-6, false));
     assert!(full.image_mask.equal(&cached.image_mask));
 
@@ -51,7 +52,9 @@ fn decoder_from_cached_image_embeds_equals_the_full_forward() {
         }
     });
     let target = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
-    let loss_of = |features: vla_finetune::vlm::VlFeatures| (features.pooled(Pooling::All).unwrap() - &target).square().mean(Kind::Float);
+    let loss_of = |features: vla_finetune::vlm::VlFeatures| {
+        (features.pooled(Pooling::All).unwrap() - &target).square().mean(Kind::Float)
+    };
     let ck = TrainCheckpointing { vision: Checkpointing::OFF, text: Checkpointing::every(1) };
     let (l_full, g_full) = loss_and_grads(&mut model, &|m| {
         let (f, pass) = m.forward_checkpointed(&batch, ck, true).unwrap();

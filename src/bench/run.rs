@@ -36,7 +36,12 @@ impl Inputs {
     /// Builds the inputs of `spec` (the backbone config from `spec.model_dir` when given).
     pub fn new(spec: &CaseSpec) -> Result<Self> {
         if spec.views == 0 || spec.batch == 0 || spec.image_size < 28 {
-            bail!("bench: views ({}) and batch ({}) must be >= 1 and image size ({}) >= 28", spec.views, spec.batch, spec.image_size);
+            bail!(
+                "bench: views ({}) and batch ({}) must be >= 1 and image size ({}) >= 28",
+                spec.views,
+                spec.batch,
+                spec.image_size
+            );
         }
         let vl = match &spec.model_dir {
             Some(dir) => Config::from_file(&Config::path_in(Path::new(dir)))?,
@@ -47,7 +52,9 @@ impl Inputs {
         let processor = VlProcessor::from_model_dir(&fixture_dir(), &vl, Some(area), Some(area))?;
         let samples = (0..spec.batch)
             .map(|i| {
-                let frames: Vec<_> = (0..spec.views).map(|v| synthetic_frame(spec.image_size, spec.image_size, (i * spec.views + v) as u32)).collect();
+                let frames: Vec<_> = (0..spec.views)
+                    .map(|v| synthetic_frame(spec.image_size, spec.image_size, (i * spec.views + v) as u32))
+                    .collect();
                 processor.sample(&frames, INSTRUCTIONS[i % INSTRUCTIONS.len()])
             })
             .collect::<crate::vlm::error::Result<Vec<_>>>()?;
@@ -55,7 +62,8 @@ impl Inputs {
         tch::manual_seed(0);
         let b = spec.batch as i64;
         let sensor = Tensor::randn([b, heads.sensor.window, heads.sensor.in_channels], (Kind::Float, Device::Cpu));
-        let actions = Tensor::randn([b, heads.expert.horizon, heads.expert.action_dim], (Kind::Float, Device::Cpu)).clamp(-1.0, 1.0);
+        let actions = Tensor::randn([b, heads.expert.horizon, heads.expert.action_dim], (Kind::Float, Device::Cpu))
+            .clamp(-1.0, 1.0);
         Ok(Self { vl, heads, batch, sensor, actions })
     }
 
@@ -214,7 +222,12 @@ fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, devi
         inject_lora(&mut model, &lora_config(spec.lora_rank), &lora_vs.root())?;
         let mut lora: Vec<(String, Tensor)> = lora_vs.variables().into_iter().collect();
         lora.sort_by(|a, b| a.0.cmp(&b.0));
-        params.extend(lora.into_iter().map(|(name, tensor)| NamedParam { name, group: "vl_lora".into(), tensor, decay: true }));
+        params.extend(lora.into_iter().map(|(name, tensor)| NamedParam {
+            name,
+            group: "vl_lora".into(),
+            tensor,
+            decay: true,
+        }));
     }
     let lora_params = params.iter().map(|p| p.tensor.numel() as i64).sum::<i64>() - heads_params;
     let groups = vec![
@@ -224,11 +237,15 @@ fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, devi
     let mut opt = AdamW::new(AdamWConfig::default(), groups, params)?;
     // What the cache holds, computed once without gradient.
     let image_embeds = match cache {
-        CacheMode::Vision => Some(tch::no_grad(|| model.image_embeds(&batch.pixel_values, &batch.image_grid_thw, false))?),
+        CacheMode::Vision => {
+            Some(tch::no_grad(|| model.image_embeds(&batch.pixel_values, &batch.image_grid_thw, false))?)
+        }
         _ => None,
     };
     let pooled = match cache {
-        CacheMode::Features => Some(tch::no_grad(|| model.forward(&batch, false).and_then(|f| f.pooled(Pooling::All)))?),
+        CacheMode::Features => {
+            Some(tch::no_grad(|| model.forward(&batch, false).and_then(|f| f.pooled(Pooling::All)))?)
+        }
         _ => None,
     };
     let text_ck = if spec.checkpointing { Checkpointing::every(1) } else { Checkpointing::OFF };

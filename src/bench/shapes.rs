@@ -62,7 +62,8 @@ pub fn vl_config(size: ModelSize) -> crate::vlm::error::Result<Config> {
         cfg.text.vocab_size = tiny.text.vocab_size;
         (cfg.text.hidden_size, cfg.text.intermediate_size, cfg.text.num_hidden_layers) = (512, 2752, 4);
         (cfg.text.num_attention_heads, cfg.text.num_key_value_heads) = (4, 1);
-        (cfg.vision.hidden_size, cfg.vision.intermediate_size, cfg.vision.num_heads, cfg.vision.depth) = (320, 856, 4, 4);
+        (cfg.vision.hidden_size, cfg.vision.intermediate_size, cfg.vision.num_heads, cfg.vision.depth) =
+            (320, 856, 4, 4);
         cfg.vision.out_hidden_size = 512;
         cfg.vision.fullatt_block_indexes = vec![3];
     }
@@ -101,7 +102,13 @@ pub fn heads_config(size: ModelSize, vl_dim: i64) -> PolicyConfig {
                 out_dim: 32,
                 dropout: 0.1,
             };
-            cfg.expert = ActionExpertConfig { d_model: 32, n_heads: 2, n_layers: 1, ff_dim: 64, ..ActionExpertConfig::default() };
+            cfg.expert = ActionExpertConfig {
+                d_model: 32,
+                n_heads: 2,
+                n_layers: 1,
+                ff_dim: 64,
+                ..ActionExpertConfig::default()
+            };
         }
     }
     cfg

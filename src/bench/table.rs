@@ -13,7 +13,20 @@ fn mib(bytes: Option<u64>) -> String {
 pub fn render(records: &[Record]) -> String {
     let mut out = format!(
         "{:<9} {:<12} {:<16} {:<4} {:<4} {:>5} {:>5} {:>5} {:>6} {:>12} {:<9} {:>10} {:>10} {:>9}\n",
-        "impl", "kind", "cache", "ckpt", "prec", "batch", "views", "image", "tokens", "throughput", "unit", "step_ms", "accel_MiB", "host_MiB"
+        "impl",
+        "kind",
+        "cache",
+        "ckpt",
+        "prec",
+        "batch",
+        "views",
+        "image",
+        "tokens",
+        "throughput",
+        "unit",
+        "step_ms",
+        "accel_MiB",
+        "host_MiB"
     );
     for r in records {
         let s = &r.spec;

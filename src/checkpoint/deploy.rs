@@ -93,11 +93,15 @@ impl DeployInfo {
         let path = dir.join(DEPLOY_FILE);
         let p = path.display().to_string();
         let text = std::fs::read_to_string(&path).map_err(|source| DeployError::Io { path: p.clone(), source })?;
-        let info: DeployInfo = serde_json::from_str(&text).map_err(|e| DeployError::Invalid { path: p.clone(), reason: e.to_string() })?;
+        let info: DeployInfo =
+            serde_json::from_str(&text).map_err(|e| DeployError::Invalid { path: p.clone(), reason: e.to_string() })?;
         if info.format_version > DEPLOY_FORMAT_VERSION {
             return Err(DeployError::Invalid {
                 path: p,
-                reason: format!("format_version {} is newer than this build's {DEPLOY_FORMAT_VERSION}", info.format_version),
+                reason: format!(
+                    "format_version {} is newer than this build's {DEPLOY_FORMAT_VERSION}",
+                    info.format_version
+                ),
             });
         }
         Ok(info)
@@ -108,7 +112,10 @@ impl DeployInfo {
     pub fn layout_mismatch(&self, sensor: [usize; 2], action: [usize; 2]) -> Option<String> {
         let mine = ([self.sensor_window, self.sensor_channels], [self.horizon, self.action_dim]);
         (mine != (sensor, action)).then(|| {
-            format!("expects sensor {:?} and actions {:?}; the dataset has sensor {sensor:?} and actions {action:?}", mine.0, mine.1)
+            format!(
+                "expects sensor {:?} and actions {:?}; the dataset has sensor {sensor:?} and actions {action:?}",
+                mine.0, mine.1
+            )
         })
     }
 

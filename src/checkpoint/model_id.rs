@@ -153,12 +153,14 @@ mod tests {
         let b = base_model_id(dir.path()).unwrap();
         assert_ne!(a, b);
         // A stale sidecar entry (right size, old stamp) is not trusted.
-        let mut known: BTreeMap<String, FileHash> = serde_json::from_slice(&std::fs::read(dir.path().join(SIDECAR)).unwrap()).unwrap();
+        let mut known: BTreeMap<String, FileHash> =
+            serde_json::from_slice(&std::fs::read(dir.path().join(SIDECAR)).unwrap()).unwrap();
         known.get_mut("model.safetensors").unwrap().mtime_ns -= 1;
         std::fs::write(dir.path().join(SIDECAR), serde_json::to_vec(&known).unwrap()).unwrap();
         assert_eq!(base_model_id(dir.path()).unwrap(), b);
         // The sidecar's hash is what is used while the stamp matches (it is not recomputed).
-        let mut known: BTreeMap<String, FileHash> = serde_json::from_slice(&std::fs::read(dir.path().join(SIDECAR)).unwrap()).unwrap();
+        let mut known: BTreeMap<String, FileHash> =
+            serde_json::from_slice(&std::fs::read(dir.path().join(SIDECAR)).unwrap()).unwrap();
         known.get_mut("model.safetensors").unwrap().sha256 = "0".repeat(64);
         std::fs::write(dir.path().join(SIDECAR), serde_json::to_vec(&known).unwrap()).unwrap();
         assert_ne!(base_model_id(dir.path()).unwrap(), b);

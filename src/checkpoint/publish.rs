@@ -208,7 +208,10 @@ impl Publisher {
         let same_data = data(m).is_some() && data(m) == data(&old);
         match (m.metrics.get(metric), old.metrics.get(metric)) {
             (Some(new), Some(was)) if same_data && new.is_finite() && was.is_finite() && new > was => {
-                tracing::warn!("{}: {metric} {new} is worse than {prev}'s {was} on the same data; kept, `latest` stays at {prev}", m.version);
+                tracing::warn!(
+                    "{}: {metric} {new} is worse than {prev}'s {was} on the same data; kept, `latest` stays at {prev}",
+                    m.version
+                );
                 Ok(false)
             }
             _ => Ok(true),
@@ -377,7 +380,10 @@ pub fn resolve_checkpoint_dir(path: &Path) -> Result<PathBuf, PublishError> {
         return Ok(path.to_path_buf());
     };
     let p = Publisher { root: root.to_path_buf(), guard: None };
-    p.latest_dir()?.ok_or_else(|| PublishError::Latest { path: root.join(LATEST_NAME), reason: "vanished while being read".into() })
+    p.latest_dir()?.ok_or_else(|| PublishError::Latest {
+        path: root.join(LATEST_NAME),
+        reason: "vanished while being read".into(),
+    })
 }
 
 /// Reads `<dir>/manifest.json`, recomputes every listed file's size and sha256 and checks that no
@@ -385,8 +391,8 @@ pub fn resolve_checkpoint_dir(path: &Path) -> Result<PathBuf, PublishError> {
 pub fn verify(dir: &Path) -> Result<Manifest, PublishError> {
     let mpath = dir.join(MANIFEST_NAME);
     let bytes = fs::read(&mpath).map_err(|e| PublishError::Manifest { path: mpath.clone(), reason: e.to_string() })?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| PublishError::Manifest { path: mpath.clone(), reason: e.to_string() })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| PublishError::Manifest { path: mpath.clone(), reason: e.to_string() })?;
     if manifest.format_version != MANIFEST_FORMAT_VERSION {
         return Err(PublishError::Manifest {
             path: mpath,
@@ -403,7 +409,12 @@ pub fn verify(dir: &Path) -> Result<Manifest, PublishError> {
         }
         let size = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
         if size != entry.size {
-            return Err(PublishError::SizeMismatch { dir: dir.to_path_buf(), file: entry.path.clone(), expected: entry.size, actual: size });
+            return Err(PublishError::SizeMismatch {
+                dir: dir.to_path_buf(),
+                file: entry.path.clone(),
+                expected: entry.size,
+                actual: size,
+            });
         }
         let (sha, _) = hash_file(&path)?;
         if sha != entry.sha256 {
@@ -449,7 +460,10 @@ pub fn read_latest(root: &Path) -> Result<Option<String>, PublishError> {
     };
     let version = text.trim().to_string();
     if parse_version(&version).is_none() || !root.join(&version).is_dir() {
-        return Err(PublishError::Latest { path, reason: format!("names `{version}`, which is not a published version") });
+        return Err(PublishError::Latest {
+            path,
+            reason: format!("names `{version}`, which is not a published version"),
+        });
     }
     Ok(Some(version))
 }
@@ -514,7 +528,10 @@ fn list_files(dir: &Path, prefix: &str, out: &mut BTreeSet<String>) -> Result<()
         } else if ft.is_file() {
             out.insert(rel);
         } else {
-            return Err(PublishError::Request(format!("`{}` is neither a regular file nor a folder", entry.path().display())));
+            return Err(PublishError::Request(format!(
+                "`{}` is neither a regular file nor a folder",
+                entry.path().display()
+            )));
         }
     }
     Ok(())

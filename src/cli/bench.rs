@@ -122,7 +122,11 @@ fn run_in_child(spec: &CaseSpec) -> Result<Record> {
         bail!("benchmark case {} {:?} failed ({})", spec.kind.as_str(), spec.cache.map(|c| c.as_str()), out.status);
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| anyhow::anyhow!("benchmark child printed no record"))?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("benchmark child printed no record"))?;
     serde_json::from_str(line).context("parsing the benchmark child's record")
 }
 
@@ -148,7 +152,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     print!("{}", table::render(&records));
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&records)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&records)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

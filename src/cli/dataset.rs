@@ -267,13 +267,18 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
         ));
     }
     let cs = &report.camera_spread;
-    line(format!("camera spread (newest minus oldest frame used together): mean {:.1} ms, max {:.1} ms", cs.mean_s * 1e3, cs.max_s * 1e3));
+    line(format!(
+        "camera spread (newest minus oldest frame used together): mean {:.1} ms, max {:.1} ms",
+        cs.mean_s * 1e3,
+        cs.max_s * 1e3
+    ));
     line(format!("stats (training split, {} state rows):", stats.state.count));
     line(format!("  sensor: {}", summarize(&stats.sensor)));
     for (name, f) in [("state", &stats.state), ("action", &stats.action)] {
         line(format!("  {name}:"));
         for d in 0..f.dims() {
-            let label = if name == "state" { index.state_names.get(d).cloned().unwrap_or_default() } else { format!("a{d}") };
+            let label =
+                if name == "state" { index.state_names.get(d).cloned().unwrap_or_default() } else { format!("a{d}") };
             line(format!(
                 "    {label:>8}: mean {:.4} std {:.4} min {:.4} max {:.4} q01 {:.4} q99 {:.4}",
                 f.mean[d], f.std[d], f.min[d], f.max[d], f.q01[d], f.q99[d]

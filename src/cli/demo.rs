@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::checkpoint::publish::{Published, Publisher};
 use crate::dataset::compile::{compile, CompileConfig};
+use crate::train::comparison::Errors;
 use crate::train::config::TrainConfig;
 use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
-use crate::checkpoint::publish::{Published, Publisher};
-use crate::train::comparison::Errors;
 use crate::train::stage2::{self, Stage2Job};
 
 /// Arguments of `demo`.
@@ -99,7 +99,13 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     let out = std::fs::canonicalize(&a.out)?;
     let checkpoints = out.join("checkpoints");
 
-    let data = DataPlan { seed: a.seed, episodes: a.episodes, val_episodes: a.val_episodes, seconds: a.seconds, stage1_epochs: a.epochs as u64 };
+    let data = DataPlan {
+        seed: a.seed,
+        episodes: a.episodes,
+        val_episodes: a.val_episodes,
+        seconds: a.seconds,
+        stage1_epochs: a.epochs as u64,
+    };
     let p = prepare(&out, &data, &checkpoints)?;
     let (s1, stage1, oracle, compiled, val_seed) = (&p.stage1, &p.stage1_published, &p.oracle, &p.compiled, p.val_seed);
     let (dataset_dir, base_dir) = (p.dataset.clone(), p.base_model.clone());
@@ -113,9 +119,21 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     crate::priority::lower_this_thread(10);
 
     eprintln!("[6/6] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
-    let plan = Stage2Plan { epochs: a.stage2_epochs, seed: a.seed, device: a.device.clone(), cache_mode: "features".into(), refresh_every: a.refresh_every, drift_threshold: None, lr_vl_lora: LR_VL_LORA };
+    let plan = Stage2Plan {
+        epochs: a.stage2_epochs,
+        seed: a.seed,
+        device: a.device.clone(),
+        cache_mode: "features".into(),
+        refresh_every: a.refresh_every,
+        drift_threshold: None,
+        lr_vl_lora: LR_VL_LORA,
+    };
     let config = stage2_config(&plan, &out.join("stage2"), &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
-    let s2 = super::with_progress_bar("demo", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
+    let s2 = super::with_progress_bar("demo", false, |ctx| {
+        Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| {
+            eprintln!("published {}", p.version)
+        })?)
+    })?;
     // The policy ends on what `latest` names: Stage 2's best, or stage 1's version when no Stage 2
     // epoch beat it (see checkpoint.allow_worse_latest).
     let latest = Publisher::new(&checkpoints)?.latest()?.context("no `latest` checkpoint")?;
@@ -123,7 +141,11 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let status = policy.stop()?;
 
-    let swap = status["swaps"].as_array().and_then(|s| s.iter().rev().find(|s| s["version"] == latest.as_str())).cloned().unwrap_or(Value::Null);
+    let swap = status["swaps"]
+        .as_array()
+        .and_then(|s| s.iter().rev().find(|s| s["version"] == latest.as_str()))
+        .cloned()
+        .unwrap_or(Value::Null);
     let mut published = vec![stage1.version.clone()];
     published.extend(s2.published.iter().cloned());
     let errors = Errors {
@@ -227,7 +249,10 @@ pub(super) struct Prepared {
 pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Prepared> {
     let (data_root, dataset_dir, base_dir) = (out.join("recordings"), out.join("dataset"), out.join("base_model"));
     let val_seed = d.seed + VAL_SEED_OFFSET;
-    eprintln!("[1/6] recording {} training episodes (simulator seed {}) and {} validation episodes (seed {val_seed})", d.episodes, d.seed, d.val_episodes);
+    eprintln!(
+        "[1/6] recording {} training episodes (simulator seed {}) and {} validation episodes (seed {val_seed})",
+        d.episodes, d.seed, d.val_episodes
+    );
     for (seed, n) in [(d.seed, d.episodes), (val_seed, d.val_episodes)] {
         super::record::run(record_args(&data_root, seed, n, d.seconds))?;
     }
@@ -254,13 +279,17 @@ pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Pr
         resume: false,
         group: None,
     };
-    let stage1 = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run(&job, ctx, &mut |p| eprintln!("published {}", p.version))?))?;
+    let stage1 = super::with_progress_bar("demo", false, |ctx| {
+        Ok(crate::train::heads_job::run(&job, ctx, &mut |p| eprintln!("published {}", p.version))?)
+    })?;
     let stage1_published = stage1.published.clone().context("stage 1 ended without a checkpoint")?;
 
     eprintln!("[4/6] oracle: the same heads conditioned on the simulator's ground truth instead of VL features");
     let truth = crate::train::oracle::read_truth(&data_root.join(crate::sim::truth::TRUTH_FILE))?;
     let oracle_job = HeadsJob { work_dir: out.join("oracle"), ..job };
-    let oracle = super::with_progress_bar("demo", false, |ctx| Ok(crate::train::heads_job::run_oracle(&oracle_job, &truth, ctx)?))?;
+    let oracle = super::with_progress_bar("demo", false, |ctx| {
+        Ok(crate::train::heads_job::run_oracle(&oracle_job, &truth, ctx)?)
+    })?;
     Ok(Prepared { dataset: dataset_dir, base_model: base_dir, compiled, val_seed, stage1, stage1_published, oracle })
 }
 
@@ -312,7 +341,14 @@ fn record_args(root: &Path, seed: u64, n: u64, seconds: f64) -> super::record::R
 
 /// The Stage 2 configuration of `p`: config/train.yaml with CPU-sized settings (on
 /// `p.device`), its files under `work`.
-pub(super) fn stage2_config(p: &Stage2Plan, work: &Path, dataset: &Path, base: &Path, stage1: &Path, checkpoints: &Path) -> Result<TrainConfig> {
+pub(super) fn stage2_config(
+    p: &Stage2Plan,
+    work: &Path,
+    dataset: &Path,
+    base: &Path,
+    stage1: &Path,
+    checkpoints: &Path,
+) -> Result<TrainConfig> {
     let on_cuda = crate::device::parse_available(&p.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?.is_cuda();
     let q = |p: &Path| format!("{:?}", p.display().to_string());
     let sets = vec![
@@ -388,10 +424,15 @@ impl PolicyProcess {
         let t = Instant::now();
         loop {
             if let Some(code) = self.child.try_wait()? {
-                bail!("the policy process exited ({code}) before activating {version}; see policy.log beside {}", self.status_file.display());
+                bail!(
+                    "the policy process exited ({code}) before activating {version}; see policy.log beside {}",
+                    self.status_file.display()
+                );
             }
             if let Some(s) = self.status() {
-                let acting = s["swaps"].as_array().is_some_and(|sw| sw.iter().any(|w| w["version"] == version && w["hotswap_latency_ms"].is_number()));
+                let acting = s["swaps"].as_array().is_some_and(|sw| {
+                    sw.iter().any(|w| w["version"] == version && w["hotswap_latency_ms"].is_number())
+                });
                 if s["active_version"] == version && acting {
                     return Ok(());
                 }

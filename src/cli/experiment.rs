@@ -150,7 +150,13 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &seed in &a.seeds {
         let dir = out.join(format!("seed{seed}"));
-        let data = DataPlan { seed, episodes: a.episodes, val_episodes: a.val_episodes, seconds: a.seconds, stage1_epochs: a.stage1_epochs };
+        let data = DataPlan {
+            seed,
+            episodes: a.episodes,
+            val_episodes: a.val_episodes,
+            seconds: a.seconds,
+            stage1_epochs: a.stage1_epochs,
+        };
         let p = prepare(&dir, &data, &dir.join("checkpoints"))?;
         let oracle = p.oracle.val_action_error_after.context("the oracle validated no epoch")?;
         for m in &modes {
@@ -165,9 +171,18 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
                 drift_threshold: m.drift.then_some(a.drift_threshold),
                 lr_vl_lora: if m.lora { super::demo::LR_VL_LORA } else { 0.0 },
             };
-            let config = stage2_config(&plan, &work, &p.dataset, &p.base_model, &p.stage1_published.dir, &work.join("checkpoints"))?;
+            let config = stage2_config(
+                &plan,
+                &work,
+                &p.dataset,
+                &p.base_model,
+                &p.stage1_published.dir,
+                &work.join("checkpoints"),
+            )?;
             let t = Instant::now();
-            let r = super::with_progress_bar("experiment", false, |ctx| Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |_| {})?))?;
+            let r = super::with_progress_bar("experiment", false, |ctx| {
+                Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |_| {})?)
+            })?;
             let wall_s = t.elapsed().as_secs_f64();
             rows.push(RunRow {
                 seed,
@@ -261,14 +276,28 @@ fn plot(path: &Path, modes: &[Mode], rows: &[RunRow]) -> Result<()> {
     let mut seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
     seeds.dedup();
     let per_seed = |f: &dyn Fn(&RunRow) -> f64, mode: Option<&str>| -> Vec<(f64, f64)> {
-        seeds.iter().filter_map(|&s| rows.iter().find(|r| r.seed == s && mode.is_none_or(|m| r.mode == m)).map(|r| (s as f64, f(r)))).collect()
+        seeds
+            .iter()
+            .filter_map(|&s| {
+                rows.iter().find(|r| r.seed == s && mode.is_none_or(|m| r.mode == m)).map(|r| (s as f64, f(r)))
+            })
+            .collect()
     };
-    let mut errors: Vec<Curve> = modes.iter().map(|m| Curve { name: m.name.into(), points: per_seed(&|r| r.val_action_error, Some(m.name)) }).collect();
+    let mut errors: Vec<Curve> = modes
+        .iter()
+        .map(|m| Curve { name: m.name.into(), points: per_seed(&|r| r.val_action_error, Some(m.name)) })
+        .collect();
     errors.push(Curve { name: "stage 1".into(), points: per_seed(&|r| r.stage1_val_action_error, None) });
     errors.push(Curve { name: "oracle floor".into(), points: per_seed(&|r| r.oracle_val_action_error, None) });
-    let walls: Vec<Curve> = modes.iter().map(|m| Curve { name: m.name.into(), points: per_seed(&|r| r.wall_s, Some(m.name)) }).collect();
+    let walls: Vec<Curve> =
+        modes.iter().map(|m| Curve { name: m.name.into(), points: per_seed(&|r| r.wall_s, Some(m.name)) }).collect();
     let panels = [
-        PanelSpec { title: "Held-out action error", x_name: "seed", y_name: "error (training-set stds)", curves: &errors },
+        PanelSpec {
+            title: "Held-out action error",
+            x_name: "seed",
+            y_name: "error (training-set stds)",
+            curves: &errors,
+        },
         PanelSpec { title: "Stage 2 wall time", x_name: "seed", y_name: "seconds", curves: &walls },
     ];
     write_panels(path, &panels, 1280, 480).with_context(|| format!("plotting {}", path.display()))

@@ -38,7 +38,14 @@ pub struct ImportBagArgs {
 /// Runs `import-bag`.
 pub fn run(a: ImportBagArgs) -> anyhow::Result<()> {
     let streams = StreamConfig::load(&a.streams)?;
-    let opts = ImportOptions { id: a.id, instruction: a.instruction, task: a.task, operator: a.operator, outcome: a.outcome, ..Default::default() };
+    let opts = ImportOptions {
+        id: a.id,
+        instruction: a.instruction,
+        task: a.task,
+        operator: a.operator,
+        outcome: a.outcome,
+        ..Default::default()
+    };
     let r = import_bag(&a.bag, &streams, &a.out, &opts).with_context(|| format!("importing {}", a.bag.display()))?;
     println!(
         "{}",

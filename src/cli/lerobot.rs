@@ -74,7 +74,8 @@ pub struct ImportLeRobotArgs {
 
 fn bar(what: &str) -> ProgressBar {
     let b = ProgressBar::new(0);
-    let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} frames ({per_sec}, eta {eta})").unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} frames ({per_sec}, eta {eta})")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
     b.set_style(style.progress_chars("=> "));
     b.set_message(what.to_string());
     b
@@ -82,7 +83,10 @@ fn bar(what: &str) -> ProgressBar {
 
 /// Runs `dataset export-lerobot`; `open` turns an episodes path into episodes.
 pub fn run_export(a: &ExportLeRobotArgs, open: &super::dataset::EpisodeOpener<'_>) -> anyhow::Result<()> {
-    let opts = ExportOptions { overwrite: a.overwrite, pictures: if a.video { PictureMode::Video } else { PictureMode::Images }, robot_type: a.robot_type.clone(),
+    let opts = ExportOptions {
+        overwrite: a.overwrite,
+        pictures: if a.video { PictureMode::Video } else { PictureMode::Images },
+        robot_type: a.robot_type.clone(),
         ffmpeg: a.ffmpeg.clone(),
         chunks_size: a.chunks_size,
         data_files_size_in_mb: a.data_files_size_mb,
@@ -99,7 +103,13 @@ pub fn run_export(a: &ExportLeRobotArgs, open: &super::dataset::EpisodeOpener<'_
         let _ = std::fs::remove_dir_all(dir);
     }
     let r = r.with_context(|| format!("exporting {} to LeRobot v3.0", a.dataset.display()))?;
-    println!("{}: LeRobot v3.0 dataset, {} episodes, {} frames, {} data file(s)", a.out.display(), r.episodes, r.frames, r.data_files);
+    println!(
+        "{}: LeRobot v3.0 dataset, {} episodes, {} frames, {} data file(s)",
+        a.out.display(),
+        r.episodes,
+        r.frames,
+        r.data_files
+    );
     Ok(())
 }
 
@@ -112,7 +122,8 @@ fn compile_episodes(a: &ExportLeRobotArgs, open: &super::dataset::EpisodeOpener<
     if let Some(fps) = a.fps {
         cfg.align.control_hz = fps as f64;
     }
-    let eps: Vec<Box<dyn EpisodeSource>> = open(&a.dataset).with_context(|| format!("opening episodes in {}", a.dataset.display()))?;
+    let eps: Vec<Box<dyn EpisodeSource>> =
+        open(&a.dataset).with_context(|| format!("opening episodes in {}", a.dataset.display()))?;
     let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
     let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "lerobot".into());
     let dir = a.out.with_file_name(format!(".{name}.compiled-{}", std::process::id()));

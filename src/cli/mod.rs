@@ -100,7 +100,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// `episode.json`) or a dataset root whose `episodes/` are all opened, as
 /// [`open_recorded`](crate::dataset::selection::open_recorded) does (unreadable ones kept with
 /// their reason, unfinished ones of a stopped recorder recovered).
-pub fn open_recorded_episodes(path: &std::path::Path) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
+pub fn open_recorded_episodes(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
     use crate::dataset::mcap_episode::{list_episodes, EPISODE_JSON};
     let dirs = if path.join(EPISODE_JSON).exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
     Ok(crate::dataset::selection::open_recorded(&dirs))
@@ -116,7 +118,11 @@ pub(crate) fn with_progress_bar<T>(
     use crate::train::progress::{spawn_sink, BarRenderer, Phase, ProgressHub, Throttle};
     let hub = ProgressHub::new(256);
     let sink = spawn_sink(hub.subscribe(), job_id.into(), None, Some((BarRenderer::stderr(), Throttle::new(10.0))));
-    let ctx = crate::train::controller::JobContext { job_id: job_id.into(), cancel: Default::default(), progress: hub.clone() };
+    let ctx = crate::train::controller::JobContext {
+        job_id: job_id.into(),
+        cancel: Default::default(),
+        progress: hub.clone(),
+    };
     if ctrl_c {
         let cancel = ctx.cancel.clone();
         let _ = ctrlc_cancel(move || cancel.cancel());
@@ -129,7 +135,11 @@ pub(crate) fn with_progress_bar<T>(
 }
 
 /// The job's last event (so the step and epoch stay those reached) in the terminal `phase`.
-pub(crate) fn terminal_event(hub: &crate::train::progress::ProgressHub, job_id: &str, phase: crate::train::progress::Phase) -> crate::train::progress::ProgressEvent {
+pub(crate) fn terminal_event(
+    hub: &crate::train::progress::ProgressHub,
+    job_id: &str,
+    phase: crate::train::progress::Phase,
+) -> crate::train::progress::ProgressEvent {
     use crate::train::progress::ProgressEvent;
     let fresh = ProgressEvent::new(job_id, phase);
     match hub.latest().filter(|e| e.job_id == job_id) {

@@ -17,8 +17,8 @@ use serde::Serialize;
 use crate::dataset::cdr::{Image, RosMessage, SensorFrame};
 use crate::dataset::episode::RgbImage;
 use crate::runtime::{
-    ActionEvent, CameraInput, Clock, ControlConfig, InputBuffers, InputConfig, RuntimeConfig, RuntimeNotice, SensorInput,
-    StaleBehavior, SystemClock, VlaLoader, WatchConfig,
+    ActionEvent, CameraInput, Clock, ControlConfig, InputBuffers, InputConfig, RuntimeConfig, RuntimeNotice,
+    SensorInput, StaleBehavior, SystemClock, VlaLoader, WatchConfig,
 };
 use crate::sim::{SimConfig, SENSOR_TOPIC};
 
@@ -211,7 +211,12 @@ impl StatusCollector {
         let r = &mut self.report;
         match n {
             RuntimeNotice::Activated { version, validated, at, .. } => {
-                r.swaps.push(SwapRecord { version: version.clone(), activated_at_s: at.as_secs_f64(), validated: *validated, hotswap_latency_ms: None });
+                r.swaps.push(SwapRecord {
+                    version: version.clone(),
+                    activated_at_s: at.as_secs_f64(),
+                    validated: *validated,
+                    hotswap_latency_ms: None,
+                });
                 r.active_version = version.clone();
             }
             RuntimeNotice::FirstAction { version, latency } => {
@@ -219,11 +224,17 @@ impl StatusCollector {
                     s.hotswap_latency_ms = Some(latency.as_secs_f64() * 1e3);
                 }
             }
-            RuntimeNotice::Rejected { version, reason } => {
-                r.rejected.push(RejectRecord { version: version.clone(), kind: "rejected".into(), reason: reason.clone() })
-            }
+            RuntimeNotice::Rejected { version, reason } => r.rejected.push(RejectRecord {
+                version: version.clone(),
+                kind: "rejected".into(),
+                reason: reason.clone(),
+            }),
             RuntimeNotice::RolledBack { from, to, reason } => {
-                r.rejected.push(RejectRecord { version: from.clone(), kind: "rolled_back".into(), reason: reason.clone() });
+                r.rejected.push(RejectRecord {
+                    version: from.clone(),
+                    kind: "rolled_back".into(),
+                    reason: reason.clone(),
+                });
                 r.active_version = to.clone().unwrap_or_default();
             }
             RuntimeNotice::Stale { inputs } => {
@@ -254,7 +265,12 @@ impl StatusCollector {
         self.age_ms.push(ev.published_at.saturating_sub(ev.vl_obs_taken_at).as_secs_f64() * 1e3);
         // The refresh that computed the chunk's features; features from a new version's
         // validation pass have none and are left out.
-        let vl = self.refreshes.iter().rev().find(|(v, at, _)| *v == ev.chunk.version && *at == ev.vl_obs_taken_at).map(|r| r.2);
+        let vl = self
+            .refreshes
+            .iter()
+            .rev()
+            .find(|(v, at, _)| *v == ev.chunk.version && *at == ev.vl_obs_taken_at)
+            .map(|r| r.2);
         if let Some(vl) = vl {
             self.included_ms.push(tick + vl);
         }
@@ -297,14 +313,25 @@ fn write_status(path: &std::path::Path, collector: &mut StatusCollector, report:
 
 /// The warning for a checkpoints root that does not exist, or `None`.
 fn missing_root_warning(root: &std::path::Path) -> Option<String> {
-    (!root.is_dir()).then(|| format!("checkpoints folder {} does not exist: no model acts until a checkpoint is published there", root.display()))
+    (!root.is_dir()).then(|| {
+        format!(
+            "checkpoints folder {} does not exist: no model acts until a checkpoint is published there",
+            root.display()
+        )
+    })
 }
 
 fn check_args(a: &PolicyArgs) -> Result<()> {
     if !a.sim {
         bail!("`policy` needs --sim: live ROS topics are read by the ROS policy node (policy_node, feature `ros`)");
     }
-    let positive = |name: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { bail!("--{name} must be a positive number, got {v}") };
+    let positive = |name: &str, v: f64| {
+        if v > 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            bail!("--{name} must be a positive number, got {v}")
+        }
+    };
     positive("rate-hz", a.rate_hz)?;
     positive("status-period-s", a.status_period_s)?;
     positive("episode-s", a.episode_s)?;
@@ -327,12 +354,28 @@ pub fn runtime_config(a: &PolicyArgs, sim: &SimConfig) -> RuntimeConfig {
     let period = Duration::from_secs_f64(1.0 / a.rate_hz);
     RuntimeConfig {
         inputs: InputConfig {
-            cameras: (0..sim.cameras).map(|i| CameraInput { name: format!("camera{i}"), max_age: Duration::from_secs_f64(a.max_camera_age_s) }).collect(),
-            sensor: SensorInput { name: "oct".into(), channels: sim.sensor_channels, window: a.sensor_window, max_age: Duration::from_secs_f64(a.max_sensor_age_s) },
+            cameras: (0..sim.cameras)
+                .map(|i| CameraInput {
+                    name: format!("camera{i}"),
+                    max_age: Duration::from_secs_f64(a.max_camera_age_s),
+                })
+                .collect(),
+            sensor: SensorInput {
+                name: "oct".into(),
+                channels: sim.sensor_channels,
+                window: a.sensor_window,
+                max_age: Duration::from_secs_f64(a.max_sensor_age_s),
+            },
             state: None,
             instruction: sim.scene(0).instruction(),
         },
-        control: ControlConfig { period, tick_budget: period, vl_refresh_ticks: a.vl_refresh_ticks, stale_behavior: a.stale_behavior, start_enabled: true },
+        control: ControlConfig {
+            period,
+            tick_budget: period,
+            vl_refresh_ticks: a.vl_refresh_ticks,
+            stale_behavior: a.stale_behavior,
+            start_enabled: true,
+        },
         horizon: a.horizon,
         action_dim: a.action_dim,
         base_model_id: None,
@@ -342,7 +385,13 @@ pub fn runtime_config(a: &PolicyArgs, sim: &SimConfig) -> RuntimeConfig {
 
 /// Feeds the simulated robot's camera and sensor messages into `inputs` at wall-clock pace,
 /// episode after episode, until `stop` is set. The instruction follows each episode's scene.
-fn feed_sim(sim: SimConfig, episode_s: f64, inputs: Arc<InputBuffers>, clock: Arc<SystemClock>, stop: Arc<AtomicBool>) -> Result<()> {
+fn feed_sim(
+    sim: SimConfig,
+    episode_s: f64,
+    inputs: Arc<InputBuffers>,
+    clock: Arc<SystemClock>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     let origin = clock.now();
     let mut start_ns = 0i64;
     for index in 0.. {
@@ -358,7 +407,11 @@ fn feed_sim(sim: SimConfig, episode_s: f64, inputs: Arc<InputBuffers>, clock: Ar
                 inputs.push_sensor(&f.values, &[m.stamp_ns])?;
             } else if let Some(cam) = m.topic.strip_prefix("/sim/camera").and_then(|r| r.split('/').next()) {
                 let img = Image::decode(&m.cdr)?;
-                inputs.push_frame(&format!("camera{cam}"), RgbImage { width: img.width, height: img.height, data: img.data }, m.stamp_ns)?;
+                inputs.push_frame(
+                    &format!("camera{cam}"),
+                    RgbImage { width: img.width, height: img.height, data: img.data },
+                    m.stamp_ns,
+                )?;
             }
         }
         start_ns += (episode_s * 1e9) as i64;
@@ -393,7 +446,9 @@ pub fn run(a: PolicyArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = {
         let (inputs, clock, stop, sim) = (handle.inputs.clone(), clock.clone(), stop.clone(), sim.clone());
-        std::thread::Builder::new().name("sim-feed".into()).spawn(move || feed_sim(sim, a.episode_s, inputs, clock, stop))?
+        std::thread::Builder::new()
+            .name("sim-feed".into())
+            .spawn(move || feed_sim(sim, a.episode_s, inputs, clock, stop))?
     };
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -409,7 +464,9 @@ pub fn run(a: PolicyArgs) -> Result<()> {
         let stdin_closed = async {
             if stdin_is_pipe() {
                 // Reads until EOF on a blocking thread; the bytes themselves are ignored.
-                let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())).await;
+                let _ =
+                    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink()))
+                        .await;
             } else {
                 std::future::pending::<()>().await;
             }
@@ -480,10 +537,16 @@ pub fn run(a: PolicyArgs) -> Result<()> {
 
 fn log_notice(n: &RuntimeNotice) {
     match n {
-        RuntimeNotice::Activated { version, validated, .. } => eprintln!("activated {version} (validated on live input: {validated})"),
-        RuntimeNotice::FirstAction { version, latency } => eprintln!("{version}: first action {:.1} ms after announcement", latency.as_secs_f64() * 1e3),
+        RuntimeNotice::Activated { version, validated, .. } => {
+            eprintln!("activated {version} (validated on live input: {validated})")
+        }
+        RuntimeNotice::FirstAction { version, latency } => {
+            eprintln!("{version}: first action {:.1} ms after announcement", latency.as_secs_f64() * 1e3)
+        }
         RuntimeNotice::Rejected { version, reason } => eprintln!("rejected {version}: {reason}"),
-        RuntimeNotice::RolledBack { from, to, reason } => eprintln!("dropped {from} (now {}): {reason}", to.as_deref().unwrap_or("none")),
+        RuntimeNotice::RolledBack { from, to, reason } => {
+            eprintln!("dropped {from} (now {}): {reason}", to.as_deref().unwrap_or("none"))
+        }
         RuntimeNotice::Stale { inputs } => eprintln!("stale inputs: {}", inputs.join(", ")),
         RuntimeNotice::Fresh => eprintln!("inputs fresh"),
         RuntimeNotice::VlRefreshed { .. } => {}

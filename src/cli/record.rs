@@ -82,8 +82,23 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
     if a.width == 0 || a.height == 0 || a.cameras == 0 || !(a.camera_hz > 0.0 && a.sensor_hz > 0.0 && a.pose_hz > 0.0) {
         bail!("--width, --height, --cameras and the rates must be positive");
     }
-    let sim = SimConfig { seed: a.seed, cameras: a.cameras, width: a.width, height: a.height, camera_hz: a.camera_hz, sensor_hz: a.sensor_hz, pose_hz: a.pose_hz, ..Default::default() };
-    let cfg = RecorderConfig { root: a.out.clone(), streams: sim.streams(), queue_capacity: a.queue, queue_bytes: a.queue_mb << 20, writer: WriterOptions { compression: a.compression, ..Default::default() } };
+    let sim = SimConfig {
+        seed: a.seed,
+        cameras: a.cameras,
+        width: a.width,
+        height: a.height,
+        camera_hz: a.camera_hz,
+        sensor_hz: a.sensor_hz,
+        pose_hz: a.pose_hz,
+        ..Default::default()
+    };
+    let cfg = RecorderConfig {
+        root: a.out.clone(),
+        streams: sim.streams(),
+        queue_capacity: a.queue,
+        queue_bytes: a.queue_mb << 20,
+        writer: WriterOptions { compression: a.compression, ..Default::default() },
+    };
     let (rec, recovered) = Recorder::open(cfg).with_context(|| format!("opening dataset {}", a.out.display()))?;
     for r in &recovered {
         match r {
@@ -96,13 +111,25 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
     // Faster than real time, simulated episodes would overlap in time: each starts where the last
     // one (of this run or of an earlier run into the same folder) ended.
     let truth_file = a.out.join(truth::TRUTH_FILE);
-    let mut free_from_ns = if truth_file.exists() { truth::read(&truth_file)?.iter().map(|t| t.end_ns).max().unwrap_or(i64::MIN) } else { i64::MIN };
+    let mut free_from_ns = if truth_file.exists() {
+        truth::read(&truth_file)?.iter().map(|t| t.end_ns).max().unwrap_or(i64::MIN)
+    } else {
+        i64::MIN
+    };
     for index in 0..a.episodes {
         let start_ns = now_ns().max(free_from_ns);
         let mut ep = sim.episode(index, start_ns, a.seconds);
         let scene = ep.scene().clone();
         let id = episode_id(a.seed, index);
-        rec.start(EpisodeInfo { id: Some(id), instruction: scene.instruction(), task: "needle_insertion".into(), operator: a.operator.clone() }, start_ns)?;
+        rec.start(
+            EpisodeInfo {
+                id: Some(id),
+                instruction: scene.instruction(),
+                task: "needle_insertion".into(),
+                operator: a.operator.clone(),
+            },
+            start_ns,
+        )?;
         let wall0 = Instant::now();
         let mut dropped = 0u64;
         for m in ep.by_ref() {
@@ -137,7 +164,13 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
             "drops": meta.drops, "dropped_at_push": dropped,
         }));
         if !a.json {
-            eprintln!("episode {} ({}): {}, {} drops", meta.id, meta.instruction, meta.outcome, meta.drops.values().sum::<u64>());
+            eprintln!(
+                "episode {} ({}): {}, {} drops",
+                meta.id,
+                meta.instruction,
+                meta.outcome,
+                meta.drops.values().sum::<u64>()
+            );
         }
     }
     let status = rec.status();
@@ -145,11 +178,18 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let simulated = a.seconds * a.episodes as f64;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "episodes": summaries, "status": status, "wall_seconds": secs, "simulated_seconds": simulated,
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "episodes": summaries, "status": status, "wall_seconds": secs, "simulated_seconds": simulated,
+            }))?
+        );
     } else {
-        println!("recorded {} episodes ({simulated:.1} s simulated) in {secs:.2} s into {}", a.episodes, a.out.display());
+        println!(
+            "recorded {} episodes ({simulated:.1} s simulated) in {secs:.2} s into {}",
+            a.episodes,
+            a.out.display()
+        );
     }
     Ok(())
 }

@@ -90,7 +90,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let result = stage2::run(&job, &ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()));
     let Some(sink) = sink else {
         let r = result?;
-        eprintln!("rank {}: done after {} optimizer steps", group.as_ref().map_or(0, |g| g.rank()), r.run.counters.global_step);
+        eprintln!(
+            "rank {}: done after {} optimizer steps",
+            group.as_ref().map_or(0, |g| g.rank()),
+            r.run.counters.global_step
+        );
         return Ok(());
     };
     let phase = match &result {
@@ -119,7 +123,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// `cuda:LOCAL_RANK`.
 fn join_launch(config: &mut TrainConfig) -> Result<Option<Arc<Group>>> {
     let d = &config.distributed;
-    let Some((env, group)) = crate::dist::join_launch(&d.backend, Duration::from_secs(d.timeout_s))? else { return Ok(None) };
+    let Some((env, group)) = crate::dist::join_launch(&d.backend, Duration::from_secs(d.timeout_s))? else {
+        return Ok(None);
+    };
     if config.run.device.starts_with("cuda") || (config.run.device == "auto" && tch::Cuda::is_available()) {
         config.run.device = format!("cuda:{}", env.local_rank);
     }
@@ -130,7 +136,9 @@ fn join_launch(config: &mut TrainConfig) -> Result<Option<Arc<Group>>> {
 /// (which rank 0 writes; the lock is rank 0's too).
 fn run_launch(a: TrainArgs, config: TrainConfig) -> Result<()> {
     if LaunchEnv::from_env()?.is_some() {
-        anyhow::bail!("--nproc-per-node is for starting a launch, and this process already is a rank of one (WORLD_SIZE is set)");
+        anyhow::bail!(
+            "--nproc-per-node is for starting a launch, and this process already is a rank of one (WORLD_SIZE is set)"
+        );
     }
     if !a.resume {
         guard::check_start(&config.checkpoint.state_dir, false, a.fresh)?;
@@ -144,7 +152,9 @@ fn run_launch(a: TrainArgs, config: TrainConfig) -> Result<()> {
     let cancel = ctx.cancel.clone();
     let _ = super::ctrlc_cancel(move || cancel.cancel());
     let job = Stage2Job { config, resume: a.resume, group: None };
-    let result = crate::train::launch::run_stage2(&job, &launch, &ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()));
+    let result = crate::train::launch::run_stage2(&job, &launch, &ctx, &mut |p| {
+        eprintln!("published {} ({})", p.version, p.dir.display())
+    });
     let phase = match &result {
         Ok(r) if r.run.cancelled => Phase::Cancelled,
         Ok(_) => Phase::Done,

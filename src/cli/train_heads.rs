@@ -88,26 +88,51 @@ pub fn run(a: TrainHeadsArgs) -> Result<()> {
     let train = HeadsTrainConfig::load(a.config.as_deref(), &a.overrides())?;
     let heads = match &a.heads_config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading --heads-config {}", path.display()))?;
-            serde_yaml::from_str::<PolicyConfig>(&text).with_context(|| format!("--heads-config {}: not a heads configuration", path.display()))?
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading --heads-config {}", path.display()))?;
+            serde_yaml::from_str::<PolicyConfig>(&text)
+                .with_context(|| format!("--heads-config {}: not a heads configuration", path.display()))?
         }
         None if a.size == "small" => small_heads(),
         None => PolicyConfig::default(),
     };
-    let group = crate::dist::join_launch("gloo", std::time::Duration::from_secs(train.distributed_timeout_s))?.map(|(_, g)| g);
+    let group =
+        crate::dist::join_launch("gloo", std::time::Duration::from_secs(train.distributed_timeout_s))?.map(|(_, g)| g);
     if let Some(truth) = &a.oracle_truth {
         if group.is_some() {
             bail!("--oracle-truth runs in one process (not under torchrun)");
         }
-        let job = HeadsJob { dataset: a.dataset, base_model: PathBuf::new(), checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: false, group: None };
+        let job = HeadsJob {
+            dataset: a.dataset,
+            base_model: PathBuf::new(),
+            checkpoints: a.checkpoints,
+            work_dir: a.work_dir,
+            train,
+            heads,
+            resume: false,
+            group: None,
+        };
         return run_oracle(&job, truth);
     }
     let base_model = a.base_model.context("--base-model is required")?;
-    let job = HeadsJob { dataset: a.dataset, base_model, checkpoints: a.checkpoints, work_dir: a.work_dir, train, heads, resume: a.resume, group: group.clone() };
+    let job = HeadsJob {
+        dataset: a.dataset,
+        base_model,
+        checkpoints: a.checkpoints,
+        work_dir: a.work_dir,
+        train,
+        heads,
+        resume: a.resume,
+        group: group.clone(),
+    };
     let Some(group) = group.filter(|g| !g.is_main()) else { return run_main(&job) };
     // The other ranks wait until rank 0 holds the state folder's lock.
     group.barrier()?;
-    let ctx = crate::train::controller::JobContext { job_id: "train-heads".into(), cancel: Default::default(), progress: crate::train::progress::ProgressHub::new(16) };
+    let ctx = crate::train::controller::JobContext {
+        job_id: "train-heads".into(),
+        cancel: Default::default(),
+        progress: crate::train::progress::ProgressHub::new(16),
+    };
     let cancel = ctx.cancel.clone();
     let _ = super::ctrlc_cancel(move || cancel.cancel());
     let r = heads_job::run(&job, &ctx, &mut |_| {})?;
@@ -145,7 +170,11 @@ fn run_main(job: &HeadsJob) -> Result<()> {
         Ok(heads_job::run(job, ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()))?)
     })?;
     let published = r.published.with_context(|| {
-        format!("stage 1 was cancelled at step {}; `--resume` continues from {}", r.run.counters.global_step, job.state_dir().display())
+        format!(
+            "stage 1 was cancelled at step {}; `--resume` continues from {}",
+            r.run.counters.global_step,
+            job.state_dir().display()
+        )
     })?;
     let out = json!({
         "samples_train": r.samples.0,

@@ -210,7 +210,11 @@ struct Track {
 
 impl Track {
     fn new(stamps: &[Stamp], clock: Clock) -> Self {
-        let mut t = Track { stamps: Vec::with_capacity(stamps.len()), orig: Vec::with_capacity(stamps.len()), poisoned: Vec::new() };
+        let mut t = Track {
+            stamps: Vec::with_capacity(stamps.len()),
+            orig: Vec::with_capacity(stamps.len()),
+            poisoned: Vec::new(),
+        };
         let mut max = i64::MIN;
         for (i, s) in stamps.iter().enumerate() {
             let v = match clock {
@@ -379,7 +383,11 @@ fn check_state(ep: &str, stream: &str, s: &StateSeries) -> Result<(), AlignError
         return Err(inv(format!("{} angle flags for {n} names; expected one per name", s.is_angle_deg.len())));
     }
     if s.values.len() != s.stamps.len() {
-        return Err(inv(format!("{} value rows for {} stamps; expected one per stamp", s.values.len(), s.stamps.len())));
+        return Err(inv(format!(
+            "{} value rows for {} stamps; expected one per stamp",
+            s.values.len(),
+            s.stamps.len()
+        )));
     }
     if let Some((i, v)) = s.values.iter().enumerate().find(|(_, v)| v.len() != n) {
         return Err(inv(format!("row {i} has {} values; expected {n} (one per name)", v.len())));
@@ -403,7 +411,11 @@ impl Aligner {
         }
         let sensor = src.sensor(&cfg.sensor).map_err(|e| src_err(&ep, &cfg.sensor, e))?;
         if sensor.channels == 0 && !sensor.stamps.is_empty() {
-            return Err(AlignError::Invalid { episode: ep, stream: cfg.sensor.clone(), what: "0 channels; expected at least 1".into() });
+            return Err(AlignError::Invalid {
+                episode: ep,
+                stream: cfg.sensor.clone(),
+                what: "0 channels; expected at least 1".into(),
+            });
         }
         if sensor.values.len() != sensor.stamps.len() * sensor.channels {
             return Err(AlignError::Invalid {
@@ -425,10 +437,11 @@ impl Aligner {
         let state_track = Track::new(&state.stamps, cfg.clock);
         reports.push(stream_report("state", "state", &state.stamps, &state_track));
         let commands = if cfg.action == ActionMode::Command {
-            let c = src
-                .commands()
-                .map_err(|e| src_err(&ep, "command", e))?
-                .ok_or_else(|| AlignError::Invalid { episode: ep.clone(), stream: "command".into(), what: "missing; `action: command` needs a recorded command stream".into() })?;
+            let c = src.commands().map_err(|e| src_err(&ep, "command", e))?.ok_or_else(|| AlignError::Invalid {
+                episode: ep.clone(),
+                stream: "command".into(),
+                what: "missing; `action: command` needs a recorded command stream".into(),
+            })?;
             check_state(&ep, "command", &c)?;
             let tr = Track::new(&c.stamps, cfg.clock);
             reports.push(stream_report("command", "command", &c.stamps, &tr));

@@ -94,10 +94,7 @@ impl MsgType {
             [pkg, ty] => format!("{pkg}/msg/{ty}"),
             _ => name.to_string(),
         };
-        MsgType::ALL
-            .into_iter()
-            .find(|t| t.name() == canonical)
-            .ok_or_else(|| CdrError::UnknownType(name.to_string()))
+        MsgType::ALL.into_iter().find(|t| t.name() == canonical).ok_or_else(|| CdrError::UnknownType(name.to_string()))
     }
 
     /// The full `ros2msg` schema text (the type's definition followed by every dependency), as
@@ -109,7 +106,13 @@ impl MsgType {
             MsgType::JointState => (JOINT_STATE_MSG, &[HEADER_DEP, TIME_DEP]),
             MsgType::PoseStamped => (
                 POSE_STAMPED_MSG,
-                &[HEADER_DEP, TIME_DEP, ("geometry_msgs/Pose", POSE_MSG), ("geometry_msgs/Point", POINT_MSG), ("geometry_msgs/Quaternion", QUATERNION_MSG)],
+                &[
+                    HEADER_DEP,
+                    TIME_DEP,
+                    ("geometry_msgs/Pose", POSE_MSG),
+                    ("geometry_msgs/Point", POINT_MSG),
+                    ("geometry_msgs/Quaternion", QUATERNION_MSG),
+                ],
             ),
             MsgType::WrenchStamped => (
                 WRENCH_STAMPED_MSG,
@@ -117,7 +120,10 @@ impl MsgType {
             ),
             MsgType::Float32MultiArray => (
                 FLOAT32_MULTI_ARRAY_MSG,
-                &[("std_msgs/MultiArrayLayout", MULTI_ARRAY_LAYOUT_MSG), ("std_msgs/MultiArrayDimension", MULTI_ARRAY_DIMENSION_MSG)],
+                &[
+                    ("std_msgs/MultiArrayLayout", MULTI_ARRAY_LAYOUT_MSG),
+                    ("std_msgs/MultiArrayDimension", MULTI_ARRAY_DIMENSION_MSG),
+                ],
             ),
             MsgType::SensorFrame => (SENSOR_FRAME_MSG, &[HEADER_DEP, TIME_DEP]),
         };
@@ -146,7 +152,8 @@ const HEADER_DEP: (&str, &str) = ("std_msgs/Header", HEADER_MSG);
 const TIME_DEP: (&str, &str) = ("builtin_interfaces/Time", TIME_MSG);
 
 /// `vla_finetune_msgs/msg/SensorFrame` definition (the interface package's `SensorFrame.msg`).
-pub const SENSOR_FRAME_MSG: &str = "# One sample of a multi-channel sensor (e.g. 1 force value + 1025-value OCT A-scan).\n\
+pub const SENSOR_FRAME_MSG: &str =
+    "# One sample of a multi-channel sensor (e.g. 1 force value + 1025-value OCT A-scan).\n\
 std_msgs/Header header\n\
 float32[] values\n\
 uint32 channels\n\
@@ -155,7 +162,8 @@ const HEADER_MSG: &str = "builtin_interfaces/Time stamp\nstring frame_id\n";
 const TIME_MSG: &str = "int32 sec\nuint32 nanosec\n";
 const IMAGE_MSG: &str = "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\nuint32 step\nuint8[] data\n";
 const COMPRESSED_IMAGE_MSG: &str = "std_msgs/Header header\nstring format\nuint8[] data\n";
-const JOINT_STATE_MSG: &str = "std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\nfloat64[] effort\n";
+const JOINT_STATE_MSG: &str =
+    "std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\nfloat64[] effort\n";
 const POSE_STAMPED_MSG: &str = "std_msgs/Header header\ngeometry_msgs/Pose pose\n";
 const POSE_MSG: &str = "geometry_msgs/Point position\ngeometry_msgs/Quaternion orientation\n";
 const POINT_MSG: &str = "float64 x\nfloat64 y\nfloat64 z\n";
@@ -514,7 +522,12 @@ impl RosMessage for SensorFrame {
     fn decode(cdr: &[u8]) -> Result<Self, CdrError> {
         let mut r = Reader::new(cdr, Self::TYPE.name())?;
         let header = Header::read(&mut r)?;
-        Ok(SensorFrame { header, values: r.f32_seq("values")?, channels: r.u32("channels")?, layout: r.string("layout")? })
+        Ok(SensorFrame {
+            header,
+            values: r.f32_seq("values")?,
+            channels: r.u32("channels")?,
+            layout: r.string("layout")?,
+        })
     }
 }
 
@@ -590,7 +603,13 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn new(buf: &'a [u8], type_name: &'static str) -> Result<Reader<'a>, CdrError> {
         if buf.len() < 4 {
-            return Err(CdrError::Truncated { type_name, field: "encapsulation header", offset: 0, need: 4, have: buf.len() });
+            return Err(CdrError::Truncated {
+                type_name,
+                field: "encapsulation header",
+                offset: 0,
+                need: 4,
+                have: buf.len(),
+            });
         }
         let big_endian = match [buf[0], buf[1]] {
             [0, 1] => false,
@@ -628,7 +647,13 @@ impl<'a> Reader<'a> {
         let n = self.u32(field)? as usize;
         let have = self.buf.len() - self.pos;
         if n.saturating_mul(min_elem) > have {
-            return Err(CdrError::Truncated { type_name: self.type_name, field, offset: self.pos, need: n * min_elem, have });
+            return Err(CdrError::Truncated {
+                type_name: self.type_name,
+                field,
+                offset: self.pos,
+                need: n * min_elem,
+                have,
+            });
         }
         Ok(n)
     }
@@ -656,7 +681,11 @@ impl<'a> Reader<'a> {
         Ok(b.chunks_exact(4)
             .map(|c| {
                 let a: [u8; 4] = c.try_into().expect("4 bytes");
-                if big { f32::from_be_bytes(a) } else { f32::from_le_bytes(a) }
+                if big {
+                    f32::from_be_bytes(a)
+                } else {
+                    f32::from_le_bytes(a)
+                }
             })
             .collect())
     }
@@ -670,7 +699,11 @@ impl<'a> Reader<'a> {
         Ok(b.chunks_exact(8)
             .map(|c| {
                 let a: [u8; 8] = c.try_into().expect("8 bytes");
-                if big { f64::from_be_bytes(a) } else { f64::from_le_bytes(a) }
+                if big {
+                    f64::from_be_bytes(a)
+                } else {
+                    f64::from_le_bytes(a)
+                }
             })
             .collect())
     }

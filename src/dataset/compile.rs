@@ -25,8 +25,8 @@ use super::align::{AlignConfig, AlignError, Aligner, DropCounts, StreamReport};
 use super::episode::{Damage, EpisodeSource, ImageError, RgbImage};
 use super::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
 use super::store::{
-    write_synced, CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, StoreError, CONFIG_FILE, FORMAT,
-    INDEX_FILE, REPORT_FILE, STATS_FILE,
+    write_synced, CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging,
+    StoreError, CONFIG_FILE, FORMAT, INDEX_FILE, REPORT_FILE, STATS_FILE,
 };
 
 /// Train/validation split settings.
@@ -86,7 +86,8 @@ impl CompileConfig {
     /// Reads a YAML config; missing fields take their defaults.
     pub fn from_yaml_file(path: &Path) -> Result<Self, CompileError> {
         let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io { path: path.into(), source })?;
-        let cfg: CompileConfig = serde_yaml::from_str(&text).map_err(|e| CompileError::Config(format!("{}: {e}", path.display())))?;
+        let cfg: CompileConfig =
+            serde_yaml::from_str(&text).map_err(|e| CompileError::Config(format!("{}: {e}", path.display())))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -308,7 +309,12 @@ impl Shapes {
     }
 
     fn of(al: &Aligner) -> Self {
-        Shapes { cameras: al.camera_names(), sensor_channels: al.sensor_channels(), state_names: al.state_names().to_vec(), action_dim: al.action_dim() }
+        Shapes {
+            cameras: al.camera_names(),
+            sensor_channels: al.sensor_channels(),
+            state_names: al.state_names().to_vec(),
+            action_dim: al.action_dim(),
+        }
     }
 
     /// The shapes a compiled dataset holds.
@@ -490,9 +496,20 @@ impl Builder<'_> {
                     *rep.drops.entry(k).or_default() += 1;
                     continue;
                 }
-                let w = self.shard.get_or_insert_with(|| ShardWriter::new(&shapes.cameras, sensor_shape, shapes.state_names.len(), action_shape));
-                let row = w.push(&s.sensor, &s.state, &s.action, &frame_bytes).map_err(|e| format!("internal shape error: {e}"))?;
-                self.samples.push(SampleEntry { episode: ep_index, t_ns: s.t_ns, split, shard: self.shards.len(), row, frames: s.frames.clone() });
+                let w = self.shard.get_or_insert_with(|| {
+                    ShardWriter::new(&shapes.cameras, sensor_shape, shapes.state_names.len(), action_shape)
+                });
+                let row = w
+                    .push(&s.sensor, &s.state, &s.action, &frame_bytes)
+                    .map_err(|e| format!("internal shape error: {e}"))?;
+                self.samples.push(SampleEntry {
+                    episode: ep_index,
+                    t_ns: s.t_ns,
+                    split,
+                    shard: self.shards.len(),
+                    row,
+                    frames: s.frames.clone(),
+                });
                 rep.samples += 1;
                 if split == Split::Train {
                     let st = self.stats.as_mut().expect("set by check_shapes");
@@ -545,7 +562,12 @@ pub struct CompileOutput {
 
 /// Compiles `episodes` into a new dataset folder `out` (replacing an existing one only when
 /// `overwrite`). The folder appears complete or not at all.
-pub fn compile(episodes: &[&dyn EpisodeSource], cfg: &CompileConfig, out: &Path, overwrite: bool) -> Result<CompileOutput, CompileError> {
+pub fn compile(
+    episodes: &[&dyn EpisodeSource],
+    cfg: &CompileConfig,
+    out: &Path,
+    overwrite: bool,
+) -> Result<CompileOutput, CompileError> {
     cfg.validate()?;
     let mut order: Vec<usize> = (0..episodes.len()).collect();
     order.sort_by(|&a, &b| episodes[a].meta().id.cmp(&episodes[b].meta().id));
@@ -566,12 +588,23 @@ pub(super) fn check_unique(ids: &[String]) -> Result<(), CompileError> {
 }
 
 /// Commits a staged dataset that holds samples; abandons it otherwise.
-pub(super) fn finish(staging: Staging, result: Result<CompileOutput, CompileError>, out: &Path, episodes: usize) -> Result<CompileOutput, CompileError> {
+pub(super) fn finish(
+    staging: Staging,
+    result: Result<CompileOutput, CompileError>,
+    out: &Path,
+    episodes: usize,
+) -> Result<CompileOutput, CompileError> {
     match result {
         Ok(o) if o.report.samples == 0 => {
             staging.abandon();
-            let first = o.report.failed_episodes.first().map(|f| format!("; first: {}: {}", f.id, f.error)).unwrap_or_default();
-            Err(CompileError::NoSamples { out: out.to_path_buf(), episodes, failed: o.report.failed_episodes.len(), first })
+            let first =
+                o.report.failed_episodes.first().map(|f| format!("; first: {}: {}", f.id, f.error)).unwrap_or_default();
+            Err(CompileError::NoSamples {
+                out: out.to_path_buf(),
+                episodes,
+                failed: o.report.failed_episodes.len(),
+                first,
+            })
         }
         Ok(o) => {
             staging.commit()?;
@@ -587,7 +620,11 @@ pub(super) fn finish(staging: Staging, result: Result<CompileOutput, CompileErro
 /// Compiles one episode, all of it as training, into the new folder `out` (a part of an
 /// incremental compile, [`super::incremental`]); kept even without samples, for its report.
 /// `Ok(Err(..))` when the episode is left out (nothing is written then).
-pub(super) fn compile_one(src: &dyn EpisodeSource, cfg: &CompileConfig, out: &Path) -> Result<Result<CompileOutput, FailedEpisode>, CompileError> {
+pub(super) fn compile_one(
+    src: &dyn EpisodeSource,
+    cfg: &CompileConfig,
+    out: &Path,
+) -> Result<Result<CompileOutput, FailedEpisode>, CompileError> {
     let staging = Staging::create(out, false)?;
     match build(&[src], &[0], &[Split::Train], cfg, &staging.dir, &[]) {
         Ok(mut o) if !o.report.failed_episodes.is_empty() => {
@@ -617,7 +654,17 @@ fn build(
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
-    let mut b = Builder { cfg, dir, shapes: None, camera_sizes: Vec::new(), shard: None, shards: Vec::new(), samples: Vec::new(), stats: None, threads };
+    let mut b = Builder {
+        cfg,
+        dir,
+        shapes: None,
+        camera_sizes: Vec::new(),
+        shard: None,
+        shards: Vec::new(),
+        samples: Vec::new(),
+        stats: None,
+        threads,
+    };
     if let Some(s) = majority_shapes(episodes, order, &cfg.align) {
         b.set_shapes(s);
     }
@@ -724,7 +771,13 @@ pub(super) fn add_totals(report: &mut CompileReport) {
 }
 
 /// Writes a dataset's index, statistics, report and compile settings into `dir`.
-pub(super) fn write_outputs(dir: &Path, cfg: &CompileConfig, index: &DatasetIndex, stats: &DatasetStats, report: &CompileReport) -> Result<(), CompileError> {
+pub(super) fn write_outputs(
+    dir: &Path,
+    cfg: &CompileConfig,
+    index: &DatasetIndex,
+    stats: &DatasetStats,
+    report: &CompileReport,
+) -> Result<(), CompileError> {
     write_json(&dir.join(INDEX_FILE), index)?;
     write_json(&dir.join(STATS_FILE), stats)?;
     write_json(&dir.join(REPORT_FILE), report)?;
@@ -734,6 +787,7 @@ pub(super) fn write_outputs(dir: &Path, cfg: &CompileConfig, index: &DatasetInde
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(v).map_err(|e| StoreError::Invalid { path: path.into(), what: format!("serializing: {e}") })?;
+    let bytes = serde_json::to_vec_pretty(v)
+        .map_err(|e| StoreError::Invalid { path: path.into(), what: format!("serializing: {e}") })?;
     write_synced(path, &bytes)
 }

@@ -235,11 +235,11 @@ pub struct MemoryEpisode {
 
 impl MemoryEpisode {
     fn camera(&self, camera: &str) -> Result<&Vec<(Stamp, RgbImage)>, SourceError> {
-        self.cameras
-            .iter()
-            .find(|(n, _)| n == camera)
-            .map(|(_, f)| f)
-            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "camera", name: camera.into() })
+        self.cameras.iter().find(|(n, _)| n == camera).map(|(_, f)| f).ok_or_else(|| SourceError::NoStream {
+            episode: self.meta.id.clone(),
+            kind: "camera",
+            name: camera.into(),
+        })
     }
 }
 
@@ -263,11 +263,11 @@ impl EpisodeSource for MemoryEpisode {
         })
     }
     fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
-        self.sensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| s.clone())
-            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "sensor", name: name.into() })
+        self.sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
+            episode: self.meta.id.clone(),
+            kind: "sensor",
+            name: name.into(),
+        })
     }
     fn state(&self) -> Result<StateSeries, SourceError> {
         Ok(self.state.clone())
@@ -293,7 +293,11 @@ impl UnreadableEpisode {
     }
 
     fn fail<T>(&self) -> Result<T, SourceError> {
-        Err(SourceError::Read { episode: self.meta.id.clone(), what: "the recording".into(), source: self.error.clone().into() })
+        Err(SourceError::Read {
+            episode: self.meta.id.clone(),
+            what: "the recording".into(),
+            source: self.error.clone().into(),
+        })
     }
 }
 

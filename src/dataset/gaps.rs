@@ -19,7 +19,9 @@ impl GapCounter {
     /// back in time, and for gaps shorter than 1.5 periods, which are jitter).
     pub fn observe(&mut self, stamp_ns: i64) -> u64 {
         let missing = match self.last_ns {
-            Some(last) if stamp_ns > last => (((stamp_ns - last) as f64 / self.period_ns).round() as u64).saturating_sub(1),
+            Some(last) if stamp_ns > last => {
+                (((stamp_ns - last) as f64 / self.period_ns).round() as u64).saturating_sub(1)
+            }
             _ => 0,
         };
         if self.last_ns.is_none_or(|last| stamp_ns > last) {

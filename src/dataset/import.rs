@@ -122,13 +122,20 @@ struct BagInfo {
 }
 
 /// Imports the bag folder `bag` into the dataset at `root` as one episode.
-pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+pub fn import_bag(
+    bag: &Path,
+    streams: &StreamConfig,
+    root: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportReport, ImportError> {
     let mut checked = streams.clone();
     checked.validate("import stream mapping")?;
     let streams = &checked;
     let mpath = bag.join(ROSBAG2_METADATA);
     let text = std::fs::read_to_string(&mpath).map_err(|source| ImportError::Io { path: mpath.clone(), source })?;
-    let info = serde_yaml::from_str::<BagMeta>(&text).map_err(|e| ImportError::Metadata { path: mpath.clone(), message: e.to_string() })?.rosbag2_bagfile_information;
+    let info = serde_yaml::from_str::<BagMeta>(&text)
+        .map_err(|e| ImportError::Metadata { path: mpath.clone(), message: e.to_string() })?
+        .rosbag2_bagfile_information;
     if info.storage_identifier != "mcap" && info.storage_identifier != "sqlite3" {
         return Err(ImportError::Storage { path: bag.to_path_buf(), storage: info.storage_identifier });
     }
@@ -151,8 +158,17 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
             let t = spec.kind();
             if MsgType::parse(type_name).ok() != Some(t) || encoding != "cdr" {
                 if mismatch.is_none() {
-                    let found = if encoding != "cdr" { format!("{type_name} ({encoding} encoding)") } else { type_name.to_string() };
-                    mismatch = Some(ImportError::TypeMismatch { path: path.clone(), topic: topic.into(), found, expected: t.name().into() });
+                    let found = if encoding != "cdr" {
+                        format!("{type_name} ({encoding} encoding)")
+                    } else {
+                        type_name.to_string()
+                    };
+                    mismatch = Some(ImportError::TypeMismatch {
+                        path: path.clone(),
+                        topic: topic.into(),
+                        found,
+                        expected: t.name().into(),
+                    });
                 }
                 return;
             }
@@ -178,13 +194,24 @@ pub fn import_bag(bag: &Path, streams: &StreamConfig, root: &Path, opts: &Import
         }
     }
     let id = opts.id.clone().unwrap_or_else(|| {
-        bag.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string())).unwrap_or_else(|| "imported".into())
+        bag.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_else(|| "imported".into())
     });
     let start = msgs.iter().map(|m| m.4).min().unwrap_or(0);
     let stop = msgs.iter().map(|m| m.4).max().unwrap_or(0);
-    let meta = EpisodeMeta { id, instruction: opts.instruction.clone(), task: opts.task.clone(), operator: opts.operator.clone(), start_ns: start, ..Default::default() };
+    let meta = EpisodeMeta {
+        id,
+        instruction: opts.instruction.clone(),
+        task: opts.task.clone(),
+        operator: opts.operator.clone(),
+        start_ns: start,
+        ..Default::default()
+    };
     let leftover = super::mcap_episode::episode_dir(root, &meta.id);
-    let removed_leftover = super::recovery::remove_empty_leftover(&leftover).map_err(|source| ImportError::Io { path: leftover.clone(), source })?;
+    let removed_leftover = super::recovery::remove_empty_leftover(&leftover)
+        .map_err(|source| ImportError::Io { path: leftover.clone(), source })?;
     let mut w = EpisodeWriter::create(root, meta, streams, opts.writer.clone())?;
     let mut imported: BTreeMap<String, u64> = BTreeMap::new();
     for (topic, t, data, stamp, recv) in &msgs {
@@ -211,18 +238,26 @@ fn read_mcap(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportError>
     });
     if !end.complete || !end.lost.is_empty() {
         let why = end.lost.into_iter().chain(end.stopped).collect::<Vec<_>>().join("; ");
-        return Err(ImportError::Damaged { path: path.to_path_buf(), message: if why.is_empty() { "data section incomplete".into() } else { why } });
+        return Err(ImportError::Damaged {
+            path: path.to_path_buf(),
+            message: if why.is_empty() { "data section incomplete".into() } else { why },
+        });
     }
     Ok(())
 }
 
 /// Visits every message of a sqlite3 bag file (`topics` and `messages` tables), in time order.
 fn read_sqlite(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportError> {
-    let damaged = |e: rusqlite::Error| ImportError::Damaged { path: path.to_path_buf(), message: format!("sqlite3: {e}") };
+    let damaged =
+        |e: rusqlite::Error| ImportError::Damaged { path: path.to_path_buf(), message: format!("sqlite3: {e}") };
     if !path.exists() {
-        return Err(ImportError::Io { path: path.to_path_buf(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+        return Err(ImportError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
     }
-    let db = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(damaged)?;
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(damaged)?;
     let mut topics: HashMap<i64, (String, String, String)> = HashMap::new();
     let mut st = db.prepare("SELECT id, name, type, serialization_format FROM topics").map_err(damaged)?;
     let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))).map_err(damaged)?;
@@ -230,15 +265,17 @@ fn read_sqlite(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportErro
         let (id, t) = row.map_err(damaged)?;
         topics.insert(id, t);
     }
-    let mut st = db.prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id").map_err(damaged)?;
+    let mut st =
+        db.prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id").map_err(damaged)?;
     let mut rows = st.query([]).map_err(damaged)?;
     while let Some(r) = rows.next().map_err(damaged)? {
         let topic_id: i64 = r.get(0).map_err(damaged)?;
         let log: i64 = r.get(1).map_err(damaged)?;
         let data = r.get_ref(2).map_err(damaged)?.as_blob().map_err(|e| damaged(e.into()))?;
-        let (name, type_name, encoding) = topics
-            .get(&topic_id)
-            .ok_or_else(|| ImportError::Damaged { path: path.to_path_buf(), message: format!("message refers to unknown topic id {topic_id}") })?;
+        let (name, type_name, encoding) = topics.get(&topic_id).ok_or_else(|| ImportError::Damaged {
+            path: path.to_path_buf(),
+            message: format!("message refers to unknown topic id {topic_id}"),
+        })?;
         visit(name, type_name, encoding, log, data);
     }
     Ok(())

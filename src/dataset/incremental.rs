@@ -19,12 +19,15 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::compile::{
-    add_totals, check_unique, compile_one, dataset_index, finish, split_episodes, write_outputs, CompileConfig, CompileError, CompileOutput, CompileReport,
-    FailedEpisode, Shapes,
+    add_totals, check_unique, compile_one, dataset_index, finish, split_episodes, write_outputs, CompileConfig,
+    CompileError, CompileOutput, CompileReport, FailedEpisode, Shapes,
 };
 use super::episode::EpisodeSource;
 use super::stats::DatasetStats;
-use super::store::{CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardReader, Split, Staging, StoreError, INDEX_FILE, REPORT_FILE};
+use super::store::{
+    CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardReader, Split, Staging, StoreError,
+    INDEX_FILE, REPORT_FILE,
+};
 
 /// Version of the parts' layout, in their keys.
 const PARTS_FORMAT: &str = "vla_finetune.part/1";
@@ -59,7 +62,12 @@ struct Part {
 
 /// Compiles `episodes` into the new dataset folder `out` (replacing one there), compiling into
 /// `parts_root` only the episodes without a part for their fingerprint and these settings.
-pub fn compile_incremental(episodes: &[FingerprintedEpisode<'_>], cfg: &CompileConfig, parts_root: &Path, out: &Path) -> Result<IncrementalOutput, CompileError> {
+pub fn compile_incremental(
+    episodes: &[FingerprintedEpisode<'_>],
+    cfg: &CompileConfig,
+    parts_root: &Path,
+    out: &Path,
+) -> Result<IncrementalOutput, CompileError> {
     cfg.validate()?;
     let mut order: Vec<&FingerprintedEpisode<'_>> = episodes.iter().collect();
     order.sort_by(|a, b| a.id.cmp(&b.id));
@@ -99,7 +107,13 @@ fn part_key(fingerprint: &str, cfg: &CompileConfig) -> String {
         jpeg_quality: u8,
         shard_max_mb: f64,
     }
-    let key = Key { format: PARTS_FORMAT, fingerprint, align: &cfg.align, jpeg_quality: cfg.store.jpeg_quality, shard_max_mb: cfg.store.shard_max_mb };
+    let key = Key {
+        format: PARTS_FORMAT,
+        fingerprint,
+        align: &cfg.align,
+        jpeg_quality: cfg.store.jpeg_quality,
+        shard_max_mb: cfg.store.shard_max_mb,
+    };
     let digest = Sha256::digest(serde_json::to_vec(&key).expect("part key serializes"));
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
@@ -112,7 +126,11 @@ fn load_part(dir: &Path) -> Result<Option<(PathBuf, DatasetIndex, CompileReport)
     let index = DatasetIndex::load(dir)?;
     let report: CompileReport = super::store::read_json(&dir.join(REPORT_FILE))?;
     if index.episodes.len() != 1 || report.episodes.len() != 1 {
-        return Err(StoreError::Invalid { path: dir.to_path_buf(), what: "a compiled part holds one episode; remove the folder to compile it again".into() }.into());
+        return Err(StoreError::Invalid {
+            path: dir.to_path_buf(),
+            what: "a compiled part holds one episode; remove the folder to compile it again".into(),
+        }
+        .into());
     }
     Ok(Some((dir.to_path_buf(), index, report)))
 }
@@ -136,7 +154,13 @@ fn majority(parts: &[Part]) -> Option<Shapes> {
 }
 
 /// The dataset of `parts` (in id order, `splits` theirs) written into `dir`.
-fn assemble(parts: &[Part], splits: &[Split], cfg: &CompileConfig, dir: &Path, removed: &[PathBuf]) -> Result<CompileOutput, CompileError> {
+fn assemble(
+    parts: &[Part],
+    splits: &[Split],
+    cfg: &CompileConfig,
+    dir: &Path,
+    removed: &[PathBuf],
+) -> Result<CompileOutput, CompileError> {
     let shapes = majority(parts);
     let mut report = CompileReport { removed_leftovers: removed.to_vec(), ..Default::default() };
     let mut sizes: Vec<Option<(u32, u32)>> = vec![None; shapes.as_ref().map_or(0, |s| s.cameras.len())];
@@ -173,7 +197,12 @@ fn assemble(parts: &[Part], splits: &[Split], cfg: &CompileConfig, dir: &Path, r
                     link_or_copy(&pdir.join(&sh.file), &dir.join(&file))?;
                     shards.push(ShardInfo { file, samples: sh.samples });
                 }
-                samples.extend(index.samples.iter().map(|s| SampleEntry { episode: entries.len(), split, shard: first_shard + s.shard, ..s.clone() }));
+                samples.extend(index.samples.iter().map(|s| SampleEntry {
+                    episode: entries.len(),
+                    split,
+                    shard: first_shard + s.shard,
+                    ..s.clone()
+                }));
             }
         }
         entries.push(EpisodeEntry { split, samples: rep.samples as usize, ..index.episodes[0].clone() });
@@ -211,12 +240,21 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), StoreError> {
 
 /// Statistics of the training samples, read from the shards in `dir` in sample order (the order
 /// and seeds of a whole compile, so the values are the same).
-fn training_stats(index: &DatasetIndex, shapes: &Shapes, cfg: &CompileConfig, dir: &Path) -> Result<DatasetStats, StoreError> {
+fn training_stats(
+    index: &DatasetIndex,
+    shapes: &Shapes,
+    cfg: &CompileConfig,
+    dir: &Path,
+) -> Result<DatasetStats, StoreError> {
     if index.samples.is_empty() {
         return Ok(DatasetStats::default());
     }
     let mut acc = shapes.stats_accumulators(cfg);
-    let lens = [index.sensor_shape[0] * index.sensor_shape[1], index.state_names.len(), index.action_shape[0] * index.action_shape[1]];
+    let lens = [
+        index.sensor_shape[0] * index.sensor_shape[1],
+        index.state_names.len(),
+        index.action_shape[0] * index.action_shape[1],
+    ];
     let mut shard: Option<(usize, ShardReader)> = None;
     let mut row = Vec::new();
     for s in index.samples.iter().filter(|s| s.split == Split::Train) {

@@ -18,8 +18,8 @@ pub use camera::decode_image;
 pub use reader::{quaternion_to_rpy_deg, McapEpisode, POSE_STATE_NAMES, POSE_STATE_UNITS};
 pub use rosbag2::write_rosbag2_metadata;
 pub use scan::{scan_mcap, ScanEnd, ScannedChannel, ScannedMessage};
-pub use writer::{Compression, EpisodeWriter, TopicCount, WriterOptions};
 pub(crate) use writer::new_mcap_writer;
+pub use writer::{Compression, EpisodeWriter, TopicCount, WriterOptions};
 
 use std::path::{Path, PathBuf};
 
@@ -127,7 +127,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EpisodeError> {
 pub fn read_episode_json(dir: &Path) -> Result<EpisodeMeta, EpisodeError> {
     let path = dir.join(EPISODE_JSON);
     let text = std::fs::read(&path).map_err(io_err(&path))?;
-    serde_json::from_slice(&text).map_err(|e| EpisodeError::Meta { path, message: format!("not a valid episode metadata JSON: {e}") })
+    serde_json::from_slice(&text)
+        .map_err(|e| EpisodeError::Meta { path, message: format!("not a valid episode metadata JSON: {e}") })
 }
 
 /// Lists the episode folders under `<root>/episodes`, sorted by name.

@@ -137,7 +137,8 @@ impl Dataset {
         let index = DatasetIndex::load(dir)?;
         let stats: DatasetStats = read_json(&dir.join(STATS_FILE))?;
         stats.validate().map_err(|source| ReaderError::Stats { dir: dir.to_path_buf(), source })?;
-        let shards = index.shards.iter().map(|s| ShardReader::open(&dir.join(&s.file))).collect::<Result<Vec<_>, _>>()?;
+        let shards =
+            index.shards.iter().map(|s| ShardReader::open(&dir.join(&s.file))).collect::<Result<Vec<_>, _>>()?;
         Ok(Self { dir: dir.to_path_buf(), index, stats, shards })
     }
 
@@ -182,15 +183,33 @@ impl Dataset {
         let mut images = Vec::with_capacity(ix.cameras.len());
         for (c, cam) in ix.cameras.iter().enumerate() {
             let bytes = self.jpeg(i, c)?;
-            let err = |what: String| ReaderError::Image { dir: self.dir.clone(), sample: i, camera: cam.name.clone(), what };
-            let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).map_err(|e| err(format!("JPEG decoding: {e}")))?.to_rgb8();
+            let err =
+                |what: String| ReaderError::Image { dir: self.dir.clone(), sample: i, camera: cam.name.clone(), what };
+            let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
+                .map_err(|e| err(format!("JPEG decoding: {e}")))?
+                .to_rgb8();
             if (img.width(), img.height()) != (cam.width, cam.height) {
-                return Err(err(format!("frame is {}x{}; expected {}x{}", img.width(), img.height(), cam.width, cam.height)));
+                return Err(err(format!(
+                    "frame is {}x{}; expected {}x{}",
+                    img.width(),
+                    img.height(),
+                    cam.width,
+                    cam.height
+                )));
             }
             images.push(RgbImage { width: img.width(), height: img.height(), data: img.into_raw() });
         }
         let ep = &ix.episodes[s.episode];
-        Ok(Sample { index: i, episode: ep.id.clone(), instruction: ep.instruction.clone(), t_ns: s.t_ns, images, sensor, state, action })
+        Ok(Sample {
+            index: i,
+            episode: ep.id.clone(),
+            instruction: ep.instruction.clone(),
+            t_ns: s.t_ns,
+            images,
+            sensor,
+            state,
+            action,
+        })
     }
 
     /// The raw `[B, T, C]` sensor windows and `[B, H, A]` action chunks of `indices`, read
@@ -210,7 +229,9 @@ impl Dataset {
     /// Reads, decodes and stacks the samples `indices` into a batch.
     pub fn batch(&self, indices: &[usize]) -> Result<Batch, ReaderError> {
         let ix = &self.index;
-        for (field, st) in [("sensor", &self.stats.sensor), ("state", &self.stats.state), ("action", &self.stats.action)] {
+        for (field, st) in
+            [("sensor", &self.stats.sensor), ("state", &self.stats.state), ("action", &self.stats.action)]
+        {
             if st.count == 0 {
                 return Err(ReaderError::Stats { dir: self.dir.clone(), source: StatsError::Empty { field } });
             }
@@ -219,7 +240,11 @@ impl Dataset {
         let mut out = Batch {
             indices: indices.to_vec(),
             instructions: Vec::with_capacity(b),
-            images: ix.cameras.iter().map(|c| Array { shape: vec![b, c.height as usize, c.width as usize, 3], data: Vec::new() }).collect(),
+            images: ix
+                .cameras
+                .iter()
+                .map(|c| Array { shape: vec![b, c.height as usize, c.width as usize, 3], data: Vec::new() })
+                .collect(),
             sensor: Array { shape: vec![b, ix.sensor_shape[0], ix.sensor_shape[1]], data: Vec::new() },
             state: Array { shape: vec![b, ix.state_names.len()], data: Vec::new() },
             action: Array { shape: vec![b, ix.action_shape[0], ix.action_shape[1]], data: Vec::new() },
@@ -277,7 +302,16 @@ pub struct ReaderConfig {
 
 impl Default for ReaderConfig {
     fn default() -> Self {
-        Self { split: Split::Train, batch_size: 32, shuffle: true, seed: 0, epoch: 0, drop_last: false, workers: 2, prefetch: 4 }
+        Self {
+            split: Split::Train,
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            epoch: 0,
+            drop_last: false,
+            workers: 2,
+            prefetch: 4,
+        }
     }
 }
 

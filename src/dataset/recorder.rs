@@ -175,7 +175,9 @@ pub struct Recorder {
 
 impl Recorder {
     /// Recovers unfinished episodes under the root (see [`recovery`]), then starts the writer thread.
-    pub fn open(mut config: RecorderConfig) -> Result<(Recorder, Vec<Result<RecoveryReport, RecoveryError>>), RecorderError> {
+    pub fn open(
+        mut config: RecorderConfig,
+    ) -> Result<(Recorder, Vec<Result<RecoveryReport, RecoveryError>>), RecorderError> {
         config.streams.validate("recorder configuration")?;
         std::fs::create_dir_all(config.root.join("episodes"))
             .map_err(|source| EpisodeError::Io { path: config.root.join("episodes"), source })?;
@@ -200,7 +202,15 @@ impl Recorder {
             .name("recorder-writer".into())
             .spawn(move || {
                 let types = config.streams.all().iter().map(|(_, s)| s.kind()).collect();
-                Worker { shared: worker_shared, config, types, current: None, base_drops: Vec::new(), last_progress: Instant::now() }.run(rx)
+                Worker {
+                    shared: worker_shared,
+                    config,
+                    types,
+                    current: None,
+                    base_drops: Vec::new(),
+                    last_progress: Instant::now(),
+                }
+                .run(rx)
             })
             .map_err(|source| EpisodeError::Io { path: PathBuf::from("recorder-writer thread"), source })?;
         Ok((Recorder { tx: Some(tx), shared, index, worker: Some(worker), root }, recovered))
@@ -303,7 +313,10 @@ impl Recorder {
         if t.name() != type_name && MsgType::parse(type_name).ok() != Some(t) {
             c.dropped.fetch_add(1, Ordering::Relaxed);
             if !c.warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!("topic `{topic}`: got type `{type_name}`, the mapping says {}; dropping such messages", t.name());
+                tracing::warn!(
+                    "topic `{topic}`: got type `{type_name}`, the mapping says {}; dropping such messages",
+                    t.name()
+                );
             }
             return Err(PushOutcome::Dropped);
         }
@@ -316,7 +329,14 @@ impl Recorder {
             Some(id) => id,
             None => self.fresh_id(now_ns),
         };
-        let meta = EpisodeMeta { id, instruction: info.instruction, task: info.task, operator: info.operator, start_ns: now_ns, ..Default::default() };
+        let meta = EpisodeMeta {
+            id,
+            instruction: info.instruction,
+            task: info.task,
+            operator: info.operator,
+            start_ns: now_ns,
+            ..Default::default()
+        };
         let (reply, rx) = mpsc::channel();
         self.send(Msg::Start { meta, reply })?;
         let id = rx.recv().map_err(|_| RecorderError::WriterGone)??;

@@ -14,8 +14,8 @@ use thiserror::Error;
 use super::cdr::MsgType;
 use super::episode::EpisodeMeta;
 use super::mcap_episode::{
-    list_episodes, mcap_file_name, read_episode_json, scan_mcap, write_episode_json, write_rosbag2_metadata, Compression, TopicCount,
-    WriterOptions, RECORDING_MARKER,
+    list_episodes, mcap_file_name, read_episode_json, scan_mcap, write_episode_json, write_rosbag2_metadata,
+    Compression, TopicCount, WriterOptions, RECORDING_MARKER,
 };
 
 /// Errors recovering an episode.
@@ -86,7 +86,8 @@ pub fn remove_empty_leftover(dir: &Path) -> std::io::Result<bool> {
 
 /// Episode folders under `root` that still carry the recording marker.
 pub fn find_unfinished(root: &Path) -> Result<Vec<PathBuf>, RecoveryError> {
-    let eps = list_episodes(root).map_err(|e| RecoveryError::Unusable { path: root.to_path_buf(), message: e.to_string() })?;
+    let eps = list_episodes(root)
+        .map_err(|e| RecoveryError::Unusable { path: root.to_path_buf(), message: e.to_string() })?;
     Ok(eps.into_iter().filter(|d| d.join(RECORDING_MARKER).exists()).collect())
 }
 
@@ -113,7 +114,10 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
         }
     };
     if meta.id != id {
-        return Err(RecoveryError::Unusable { path: dir.to_path_buf(), message: format!("episode.json names episode `{}` but the folder is `{id}`", meta.id) });
+        return Err(RecoveryError::Unusable {
+            path: dir.to_path_buf(),
+            message: format!("episode.json names episode `{}` but the folder is `{id}`", meta.id),
+        });
     }
     let path = dir.join(mcap_file_name(&id));
     // A crash right after the folder was made can leave no (or an empty) MCAP: recover it empty.
@@ -146,13 +150,24 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
             Some(&c) => c,
             None => {
                 let schema_text = MsgType::parse(&ch.type_name).map(|t| t.schema_text()).unwrap_or_default();
-                let added = w
-                    .add_schema(&ch.type_name, "ros2msg", schema_text.as_bytes())
-                    .and_then(|s| w.add_channel(s, &ch.topic, &ch.encoding, &BTreeMap::from([("offered_qos_profiles".to_string(), crate::dataset::mcap_episode::QOS_PROFILE.to_string())])));
+                let added = w.add_schema(&ch.type_name, "ros2msg", schema_text.as_bytes()).and_then(|s| {
+                    w.add_channel(
+                        s,
+                        &ch.topic,
+                        &ch.encoding,
+                        &BTreeMap::from([(
+                            "offered_qos_profiles".to_string(),
+                            crate::dataset::mcap_episode::QOS_PROFILE.to_string(),
+                        )]),
+                    )
+                });
                 match added {
                     Ok(c) => {
                         out_channels.insert(m.channel, c);
-                        counts.insert(ch.topic.clone(), TopicCount { topic: ch.topic.clone(), type_name: ch.type_name.clone(), count: 0 });
+                        counts.insert(
+                            ch.topic.clone(),
+                            TopicCount { topic: ch.topic.clone(), type_name: ch.type_name.clone(), count: 0 },
+                        );
                         c
                     }
                     Err(e) => {
@@ -186,8 +201,11 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
     if meta.stop_ns == 0 {
         meta.stop_ns = bounds.map_or(meta.start_ns, |(_, b)| b);
     }
-    w.write_metadata(&mcap::records::Metadata { name: "vla_finetune.episode".into(), metadata: BTreeMap::from([("recovered".into(), "true".into())]) })
-        .map_err(mcap_err)?;
+    w.write_metadata(&mcap::records::Metadata {
+        name: "vla_finetune.episode".into(),
+        metadata: BTreeMap::from([("recovered".into(), "true".into())]),
+    })
+    .map_err(mcap_err)?;
     w.finish().map_err(mcap_err)?;
     let mut inner = w.into_inner();
     inner.flush().map_err(io(&tmp))?;
@@ -196,11 +214,19 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     let counts: Vec<TopicCount> = counts.into_values().collect();
     let (start, stop) = bounds.unwrap_or((meta.start_ns, meta.start_ns));
-    write_rosbag2_metadata(dir, &mcap_file_name(&id), &counts, start, stop).map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
-    write_episode_json(dir, &meta).map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
+    write_rosbag2_metadata(dir, &mcap_file_name(&id), &counts, start, stop)
+        .map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
+    write_episode_json(dir, &meta)
+        .map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
     let marker = dir.join(RECORDING_MARKER);
     std::fs::remove_file(&marker).map_err(io(&marker))?;
     let messages = counts.iter().map(|c| c.count).sum();
     tracing::info!("recovered episode {id}: {messages} messages from {} chunks", end.chunks);
-    Ok(RecoveryReport { dir: dir.to_path_buf(), id, messages, chunks: end.chunks, stopped: if end.complete { None } else { end.stopped } })
+    Ok(RecoveryReport {
+        dir: dir.to_path_buf(),
+        id,
+        messages,
+        chunks: end.chunks,
+        stopped: if end.complete { None } else { end.stopped },
+    })
 }

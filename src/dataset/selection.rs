@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::episode::{Discard, EpisodeMeta, EpisodeSource, UnreadableEpisode};
-use super::mcap_episode::{list_episodes, read_episode_json, write_episode_json, McapEpisode, EPISODE_JSON, RECORDING_MARKER};
+use super::mcap_episode::{
+    list_episodes, read_episode_json, write_episode_json, McapEpisode, EPISODE_JSON, RECORDING_MARKER,
+};
 use super::recovery::{live_recorder, recover_episode};
 
 /// The outcome selected when none is given.
@@ -24,7 +26,9 @@ pub const ANY_OUTCOME: &str = "any";
 #[derive(Debug, thiserror::Error)]
 pub enum SelectionError {
     /// The path holds no `episodes/` folder.
-    #[error("{0}: not an episodes root (expected an `episodes/` folder of recorded episodes, as the collector writes)")]
+    #[error(
+        "{0}: not an episodes root (expected an `episodes/` folder of recorded episodes, as the collector writes)"
+    )]
     NotARoot(PathBuf),
     /// A folder or file could not be read or written.
     #[error("{path}: {message}")]
@@ -122,8 +126,10 @@ pub fn select(root: &Path, sel: &EpisodeSelection) -> Result<Selected, Selection
     if !is_episodes_root(root) {
         return Err(SelectionError::NotARoot(root.to_path_buf()));
     }
-    let dirs = list_episodes(root).map_err(|e| SelectionError::Io { path: root.join("episodes"), message: e.to_string() })?;
-    let mut out = Selected { dirs: Vec::new(), fingerprints: Vec::new(), left_out: Vec::new(), fingerprint: String::new() };
+    let dirs =
+        list_episodes(root).map_err(|e| SelectionError::Io { path: root.join("episodes"), message: e.to_string() })?;
+    let mut out =
+        Selected { dirs: Vec::new(), fingerprints: Vec::new(), left_out: Vec::new(), fingerprint: String::new() };
     let mut hash = Sha256::new();
     for dir in dirs {
         let id = folder_id(&dir);
@@ -180,7 +186,12 @@ fn episode_fingerprint(dir: &Path, id: &str) -> Result<String, SelectionError> {
         let md = entry.metadata().map_err(io)?;
         // episode.json is hashed by content below (a discard taken back gives the same set).
         if md.is_file() && entry.file_name() != EPISODE_JSON {
-            let mtime = md.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i128).unwrap_or(-1);
+            let mtime = md
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(-1);
             files.push((entry.file_name().to_string_lossy().into_owned(), md.len(), mtime));
         }
     }
@@ -225,7 +236,10 @@ fn finish_unfinished(dir: &Path) -> Result<(), String> {
     let marker = dir.join(RECORDING_MARKER);
     let Ok(text) = std::fs::read_to_string(&marker) else { return Ok(()) };
     if let Some(pid) = live_recorder(&text) {
-        return Err(format!("{}: still being recorded by pid {pid}; compile it after that recording stops", dir.display()));
+        return Err(format!(
+            "{}: still being recorded by pid {pid}; compile it after that recording stops",
+            dir.display()
+        ));
     }
     let r = recover_episode(dir).map_err(|e| e.to_string())?;
     tracing::warn!(
@@ -248,11 +262,16 @@ pub fn set_discarded(root: &Path, id: &str, reason: &str, restore: bool) -> Resu
     if let Some(pid) = recording_pid(&dir) {
         return Err(SelectionError::Recording { id: id.to_string(), pid });
     }
-    let mut meta = read_episode_json(&dir).map_err(|e| SelectionError::Io { path: dir.join(EPISODE_JSON), message: e.to_string() })?;
+    let mut meta = read_episode_json(&dir)
+        .map_err(|e| SelectionError::Io { path: dir.join(EPISODE_JSON), message: e.to_string() })?;
     meta.discarded = (!restore).then(|| Discard {
         reason: reason.to_string(),
-        time_unix_ns: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0),
+        time_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
     });
-    write_episode_json(&dir, &meta).map_err(|e| SelectionError::Io { path: dir.join(EPISODE_JSON), message: e.to_string() })?;
+    write_episode_json(&dir, &meta)
+        .map_err(|e| SelectionError::Io { path: dir.join(EPISODE_JSON), message: e.to_string() })?;
     Ok(meta)
 }

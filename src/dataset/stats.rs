@@ -94,7 +94,9 @@ impl FieldStats {
     /// list, its length and the expected one.
     pub fn validate(&self) -> Result<(), StatsError> {
         let d = self.dims();
-        for (list, v) in [("std", &self.std), ("min", &self.min), ("max", &self.max), ("q01", &self.q01), ("q99", &self.q99)] {
+        for (list, v) in
+            [("std", &self.std), ("min", &self.min), ("max", &self.max), ("q01", &self.q01), ("q99", &self.q99)]
+        {
             if v.len() != d {
                 return Err(StatsError::Length { list, len: v.len(), expected: d });
             }
@@ -230,10 +232,26 @@ impl StatsAccumulator {
         let d = self.dims;
         if self.count == 0 {
             let z = vec![0.0; d];
-            return FieldStats { count: 0, mean: z.clone(), std: z.clone(), min: z.clone(), max: z.clone(), q01: z.clone(), q99: z };
+            return FieldStats {
+                count: 0,
+                mean: z.clone(),
+                std: z.clone(),
+                min: z.clone(),
+                max: z.clone(),
+                q01: z.clone(),
+                q99: z,
+            };
         }
         let [q01, q99]: [Vec<f64>; 2] = self.quantiles(&[0.01, 0.99]).try_into().unwrap_or_default();
-        FieldStats { count: self.count, mean: self.mean.clone(), std: self.std(), min: self.min.clone(), max: self.max.clone(), q01, q99 }
+        FieldStats {
+            count: self.count,
+            mean: self.mean.clone(),
+            std: self.std(),
+            min: self.min.clone(),
+            max: self.max.clone(),
+            q01,
+            q99,
+        }
     }
 
     /// Mean, minimum and maximum per dimension (no sorting; see [`StatsAccumulator::quantiles`]).

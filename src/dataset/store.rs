@@ -171,10 +171,17 @@ impl DatasetIndex {
         }
         for (i, s) in idx.samples.iter().enumerate() {
             if s.episode >= idx.episodes.len() || s.shard >= idx.shards.len() || s.row >= idx.shards[s.shard].samples {
-                return Err(bad(format!("sample {i} points to episode {} / shard {} row {} outside the index", s.episode, s.shard, s.row)));
+                return Err(bad(format!(
+                    "sample {i} points to episode {} / shard {} row {} outside the index",
+                    s.episode, s.shard, s.row
+                )));
             }
             if s.frames.len() != idx.cameras.len() {
-                return Err(bad(format!("sample {i} has {} frame indices; expected {} (one per camera)", s.frames.len(), idx.cameras.len())));
+                return Err(bad(format!(
+                    "sample {i} has {} frame indices; expected {} (one per camera)",
+                    s.frames.len(),
+                    idx.cameras.len()
+                )));
             }
         }
         Ok(idx)
@@ -184,7 +191,10 @@ impl DatasetIndex {
 /// Reads a JSON file.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| StoreError::Invalid { path: path.to_path_buf(), what: format!("not valid JSON of the expected shape: {e}") })
+    serde_json::from_slice(&bytes).map_err(|e| StoreError::Invalid {
+        path: path.to_path_buf(),
+        what: format!("not valid JSON of the expected shape: {e}"),
+    })
 }
 
 /// Writes `bytes` to `path` and fsyncs it.
@@ -236,13 +246,28 @@ impl ShardWriter {
 
     /// Bytes held so far.
     pub fn bytes(&self) -> usize {
-        self.sensor.len() + self.state.len() + self.action.len() + self.images.iter().map(|(_, b, o)| b.len() + o.len() * 8).sum::<usize>()
+        self.sensor.len()
+            + self.state.len()
+            + self.action.len()
+            + self.images.iter().map(|(_, b, o)| b.len() + o.len() * 8).sum::<usize>()
     }
 
     /// Appends a row; `jpegs` has one encoded image per camera. Returns the row number, or
     /// which input has the wrong length.
-    pub fn push(&mut self, sensor: &[f32], state: &[f32], action: &[f32], jpegs: &[&[u8]]) -> Result<usize, StoreError> {
-        let want = |input, got, expected| if got == expected { Ok(()) } else { Err(StoreError::RowShape { input, got, expected }) };
+    pub fn push(
+        &mut self,
+        sensor: &[f32],
+        state: &[f32],
+        action: &[f32],
+        jpegs: &[&[u8]],
+    ) -> Result<usize, StoreError> {
+        let want = |input, got, expected| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(StoreError::RowShape { input, got, expected })
+            }
+        };
         want("sensor", sensor.len(), self.sensor_shape[0] * self.sensor_shape[1])?;
         want("state", state.len(), self.state_dim)?;
         want("action", action.len(), self.action_shape[0] * self.action_shape[1])?;
@@ -261,13 +286,27 @@ impl ShardWriter {
     /// Writes the shard as safetensors to `path` (fsynced).
     pub fn write(&self, path: &Path) -> Result<(), StoreError> {
         let n = self.rows;
-        let offsets: Vec<(String, Vec<u8>)> =
-            self.images.iter().map(|(c, _, o)| (format!("image.{c}.offsets"), o.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
-        let inv = |e: safetensors::SafeTensorError| StoreError::Invalid { path: path.to_path_buf(), what: format!("serializing shard: {e}") };
+        let offsets: Vec<(String, Vec<u8>)> = self
+            .images
+            .iter()
+            .map(|(c, _, o)| (format!("image.{c}.offsets"), o.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
+        let inv = |e: safetensors::SafeTensorError| StoreError::Invalid {
+            path: path.to_path_buf(),
+            what: format!("serializing shard: {e}"),
+        };
         let mut views: Vec<(String, TensorView<'_>)> = vec![
-            ("sensor".into(), TensorView::new(Dtype::F32, vec![n, self.sensor_shape[0], self.sensor_shape[1]], &self.sensor).map_err(inv)?),
+            (
+                "sensor".into(),
+                TensorView::new(Dtype::F32, vec![n, self.sensor_shape[0], self.sensor_shape[1]], &self.sensor)
+                    .map_err(inv)?,
+            ),
             ("state".into(), TensorView::new(Dtype::F32, vec![n, self.state_dim], &self.state).map_err(inv)?),
-            ("action".into(), TensorView::new(Dtype::F32, vec![n, self.action_shape[0], self.action_shape[1]], &self.action).map_err(inv)?),
+            (
+                "action".into(),
+                TensorView::new(Dtype::F32, vec![n, self.action_shape[0], self.action_shape[1]], &self.action)
+                    .map_err(inv)?,
+            ),
         ];
         for ((c, bytes, _), (oname, obytes)) in self.images.iter().zip(&offsets) {
             views.push((format!("image.{c}"), TensorView::new(Dtype::U8, vec![bytes.len()], bytes).map_err(inv)?));
@@ -297,9 +336,12 @@ impl ShardReader {
         // SAFETY: dataset files are written once into a staging folder and never modified in
         // place afterwards; the map is read-only.
         let mmap = unsafe { Mmap::map(&f) }.map_err(io(path))?;
-        let (n, meta): (usize, Metadata) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| StoreError::Invalid { path: path.to_path_buf(), what: format!("not a safetensors file: {e}") })?;
-        let tensors = meta.tensors().into_iter().map(|(k, i)| (k, (i.dtype, i.shape.clone(), i.data_offsets))).collect();
+        let (n, meta): (usize, Metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| StoreError::Invalid {
+            path: path.to_path_buf(),
+            what: format!("not a safetensors file: {e}"),
+        })?;
+        let tensors =
+            meta.tensors().into_iter().map(|(k, i)| (k, (i.dtype, i.shape.clone(), i.data_offsets))).collect();
         Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + n, tensors })
     }
 
@@ -309,7 +351,10 @@ impl ShardReader {
             .get(name)
             .ok_or_else(|| StoreError::Invalid { path: self.path.clone(), what: format!("missing tensor `{name}`") })?;
         if *dt != dtype {
-            return Err(StoreError::Invalid { path: self.path.clone(), what: format!("tensor `{name}` is {dt:?}; expected {dtype:?}") });
+            return Err(StoreError::Invalid {
+                path: self.path.clone(),
+                what: format!("tensor `{name}` is {dt:?}; expected {dtype:?}"),
+            });
         }
         Ok((shape, &self.mmap[self.data_start + a..self.data_start + b]))
     }
@@ -337,7 +382,10 @@ impl ShardReader {
         let off = |i: usize| ob.get(i * 8..i * 8 + 8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
         match (off(row), off(row + 1)) {
             (Some(a), Some(b)) if 0 <= a && a <= b && (b as usize) <= bytes.len() => Ok(&bytes[a as usize..b as usize]),
-            _ => Err(StoreError::Invalid { path: self.path.clone(), what: format!("tensor `{oname}`: no valid byte range for row {row}") }),
+            _ => Err(StoreError::Invalid {
+                path: self.path.clone(),
+                what: format!("tensor `{oname}`: no valid byte range for row {row}"),
+            }),
         }
     }
 }
@@ -361,7 +409,10 @@ impl Staging {
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
         let removed = remove_dead_siblings(target, &name)?;
         if target.exists() && !overwrite {
-            return Err(StoreError::Invalid { path: target.to_path_buf(), what: "already exists; expected a new folder (pass overwrite)".into() });
+            return Err(StoreError::Invalid {
+                path: target.to_path_buf(),
+                what: "already exists; expected a new folder (pass overwrite)".into(),
+            });
         }
         let dir = target.with_file_name(format!(".{name}.staging-{}", std::process::id()));
         if dir.exists() {
@@ -374,7 +425,11 @@ impl Staging {
     /// Moves the finished folder into place (replacing an old one when allowed).
     pub fn commit(self) -> Result<(), StoreError> {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
-        let old = self.target.with_file_name(format!(".{}.old-{}", self.target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
+        let old = self.target.with_file_name(format!(
+            ".{}.old-{}",
+            self.target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
         let replaced = self.overwrite && self.target.exists();
         if replaced {
             std::fs::rename(&self.target, &old).map_err(io(&self.target))?;
@@ -409,12 +464,19 @@ fn remove_dead_siblings(target: &Path, name: &str) -> Result<Vec<PathBuf>, Store
     let mut removed = Vec::new();
     for entry in entries.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        let pid = [".staging-", ".old-"].iter().find_map(|k| file.strip_prefix(&format!(".{name}{k}"))).and_then(|p| p.parse::<i32>().ok());
+        let pid = [".staging-", ".old-"]
+            .iter()
+            .find_map(|k| file.strip_prefix(&format!(".{name}{k}")))
+            .and_then(|p| p.parse::<i32>().ok());
         if let Some(pid) = pid.filter(|&p| p as u32 != std::process::id() && !super::recovery::process_alive(p)) {
             let path = entry.path();
             if file.starts_with(&format!(".{name}.old-")) && !target.exists() {
                 std::fs::rename(&path, target).map_err(io(target))?;
-                tracing::warn!("{}: restored from {} (a compile, pid {pid}, was killed while replacing it)", target.display(), path.display());
+                tracing::warn!(
+                    "{}: restored from {} (a compile, pid {pid}, was killed while replacing it)",
+                    target.display(),
+                    path.display()
+                );
                 continue;
             }
             std::fs::remove_dir_all(&path).map_err(io(&path))?;

@@ -182,7 +182,11 @@ impl StreamConfig {
                 Role::State | Role::Command => matches!(t, MsgType::PoseStamped | MsgType::JointState),
             };
             if !ok {
-                return Err(invalid(format!("topic `{}` has type {} which a {role:?} stream cannot have", s.topic, t.name())));
+                return Err(invalid(format!(
+                    "topic `{}` has type {} which a {role:?} stream cannot have",
+                    s.topic,
+                    t.name()
+                )));
             }
             s.msg_type = t.name().to_string();
             if !s.topic.starts_with('/') {
@@ -244,7 +248,8 @@ mod tests {
         assert!(StreamConfig::from_yaml(dup, "x.yaml").unwrap_err().to_string().contains("twice"));
         let unknown = "state: {topic: /pose, type: foo/Bar}\n";
         assert!(StreamConfig::from_yaml(unknown, "x.yaml").unwrap_err().to_string().contains("foo/Bar"));
-        let ok = StreamConfig::from_yaml("state: {topic: /robot/pose, type: geometry_msgs/PoseStamped}\n", "x").unwrap();
+        let ok =
+            StreamConfig::from_yaml("state: {topic: /robot/pose, type: geometry_msgs/PoseStamped}\n", "x").unwrap();
         assert_eq!(ok.state.name, "robot/pose");
         assert_eq!(ok.state.msg_type, "geometry_msgs/msg/PoseStamped");
     }

@@ -36,17 +36,33 @@ impl LaunchEnv {
         if world_size <= 1 {
             return Ok(None);
         }
-        let need = |var: &'static str| get(var).ok_or(DistError::Env { var, reason: "is not set (expected by a torchrun launch with WORLD_SIZE > 1)".into() });
+        let need = |var: &'static str| {
+            get(var).ok_or(DistError::Env {
+                var,
+                reason: "is not set (expected by a torchrun launch with WORLD_SIZE > 1)".into(),
+            })
+        };
         let rank = parse("RANK", &need("RANK")?)?;
         if rank >= world_size {
-            return Err(DistError::Env { var: "RANK", reason: format!("is {rank}, expected below WORLD_SIZE {world_size}") });
+            return Err(DistError::Env {
+                var: "RANK",
+                reason: format!("is {rank}, expected below WORLD_SIZE {world_size}"),
+            });
         }
         let local_rank = parse("LOCAL_RANK", &get("LOCAL_RANK").unwrap_or_else(|| "0".into()))?;
         let master_addr = need("MASTER_ADDR")?;
         let port: usize = parse("MASTER_PORT", &need("MASTER_PORT")?)?;
-        let master_port = u16::try_from(port).ok().filter(|p| *p > 0).ok_or(DistError::Env { var: "MASTER_PORT", reason: format!("is {port}, expected 1..65535") })?;
+        let master_port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or(DistError::Env { var: "MASTER_PORT", reason: format!("is {port}, expected 1..65535") })?;
         let agent = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-        let agent_store = if agent { Some(parse("TORCHELASTIC_RESTART_COUNT", &get("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into()))? as u64) } else { None };
+        let agent_store = if agent {
+            Some(parse("TORCHELASTIC_RESTART_COUNT", &get("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into()))?
+                as u64)
+        } else {
+            None
+        };
         Ok(Some(Self { rank, world_size, local_rank, master_addr, master_port, agent_store }))
     }
 
@@ -59,7 +75,10 @@ impl LaunchEnv {
 }
 
 fn parse(var: &'static str, value: &str) -> Result<usize, DistError> {
-    value.trim().parse().map_err(|_| DistError::Env { var, reason: format!("is `{value}`, expected a non-negative integer") })
+    value
+        .trim()
+        .parse()
+        .map_err(|_| DistError::Env { var, reason: format!("is `{value}`, expected a non-negative integer") })
 }
 
 #[cfg(test)]
@@ -76,7 +95,15 @@ mod tests {
     fn torchrun_variables_make_a_launch_and_their_absence_none() {
         assert_eq!(env(&[]).unwrap(), None);
         assert_eq!(env(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(), None);
-        let l = env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")]).unwrap().unwrap();
+        let l = env(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!((l.rank, l.world_size, l.local_rank, l.master_port, l.agent_store), (1, 2, 1, 29500, None));
         assert!(l.is_loopback());
         let a = env(&[

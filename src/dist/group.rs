@@ -26,9 +26,29 @@ extern "C" {
         err_len: usize,
     ) -> *mut c_void;
     fn vla_dist_free(group: *mut c_void);
-    fn vla_dist_allreduce(group: *mut c_void, tensors: *mut *mut torch_sys::C_tensor, n: c_int, op: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn vla_dist_broadcast(group: *mut c_void, tensor: *mut torch_sys::C_tensor, root: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn vla_dist_store_add(group: *mut c_void, key: *const c_char, delta: i64, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
+    fn vla_dist_allreduce(
+        group: *mut c_void,
+        tensors: *mut *mut torch_sys::C_tensor,
+        n: c_int,
+        op: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn vla_dist_broadcast(
+        group: *mut c_void,
+        tensor: *mut torch_sys::C_tensor,
+        root: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn vla_dist_store_add(
+        group: *mut c_void,
+        key: *const c_char,
+        delta: i64,
+        out: *mut i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
 /// Heartbeat period; a rank whose counter does not move over [`SILENCE`] is reported dead.
@@ -117,7 +137,8 @@ impl Group {
         if ptr.is_null() {
             return Err(join_err(err_text(&err)));
         }
-        let store_host = if host_store || env.agent_store.is_none() { "rank 0".to_string() } else { "torchrun's agent".to_string() };
+        let store_host =
+            if host_store || env.agent_store.is_none() { "rank 0".to_string() } else { "torchrun's agent".to_string() };
         let mut group = Self {
             handle: Arc::new(Handle(ptr)),
             rank: env.rank,
@@ -162,7 +183,9 @@ impl Group {
             ReduceOp::Max => 1,
         };
         // SAFETY: live group and tensors; the error buffer has its length.
-        let rc = unsafe { vla_dist_allreduce(self.handle.0, ptrs.as_mut_ptr(), ptrs.len() as c_int, code, err.as_mut_ptr(), err.len()) };
+        let rc = unsafe {
+            vla_dist_allreduce(self.handle.0, ptrs.as_mut_ptr(), ptrs.len() as c_int, code, err.as_mut_ptr(), err.len())
+        };
         if rc != 1 {
             return Err(self.failed("all-reduce", err_text(&err)));
         }
@@ -174,7 +197,9 @@ impl Group {
         let mut err = err_buf();
         self.collectives.fetch_add(1, Ordering::Relaxed);
         // SAFETY: live group and tensor; the error buffer has its length.
-        let rc = unsafe { vla_dist_broadcast(self.handle.0, tensor.as_mut_ptr(), root as c_int, err.as_mut_ptr(), err.len()) };
+        let rc = unsafe {
+            vla_dist_broadcast(self.handle.0, tensor.as_mut_ptr(), root as c_int, err.as_mut_ptr(), err.len())
+        };
         if rc != 1 {
             return Err(self.failed("broadcast", err_text(&err)));
         }
@@ -193,7 +218,11 @@ impl Group {
         let mut len = Tensor::from_slice(&[bytes.len() as i64]);
         self.broadcast(&mut len, 0)?;
         let n = len.int64_value(&[0]) as usize;
-        let mut data = if self.is_main() { Tensor::from_slice(bytes) } else { Tensor::zeros([n as i64], (Kind::Uint8, Device::Cpu)) };
+        let mut data = if self.is_main() {
+            Tensor::from_slice(bytes)
+        } else {
+            Tensor::zeros([n as i64], (Kind::Uint8, Device::Cpu))
+        };
         self.broadcast(&mut data, 0)?;
         Ok(Vec::<u8>::try_from(&data).unwrap_or_default())
     }
@@ -222,17 +251,26 @@ impl Group {
         let reason = match self.silent_ranks() {
             Ok(dead) if !dead.is_empty() => {
                 let names: Vec<String> = dead.iter().map(|r| format!("rank {r}")).collect();
-                format!("{} of {} stopped (no heartbeat for {} s): {cause}", names.join(", "), self.world, SILENCE.as_secs())
+                format!(
+                    "{} of {} stopped (no heartbeat for {} s): {cause}",
+                    names.join(", "),
+                    self.world,
+                    SILENCE.as_secs()
+                )
             }
             Ok(_) => format!("{cause} (every rank's heartbeat is alive: a collective timed out or the ranks disagree)"),
-            Err(store) => format!("the rendezvous store hosted by {} is unreachable, so that host stopped ({store}): {cause}", self.store_host),
+            Err(store) => format!(
+                "the rendezvous store hosted by {} is unreachable, so that host stopped ({store}): {cause}",
+                self.store_host
+            ),
         };
         DistError::Collective { op, rank: self.rank, reason }
     }
 
     /// Ranks whose heartbeat counter does not move over [`SILENCE`].
     fn silent_ranks(&self) -> Result<Vec<usize>, String> {
-        let read = || (0..self.world).map(|r| store_add(&self.handle, &beat_key(r), 0)).collect::<Result<Vec<i64>, String>>();
+        let read =
+            || (0..self.world).map(|r| store_add(&self.handle, &beat_key(r), 0)).collect::<Result<Vec<i64>, String>>();
         let before = read()?;
         std::thread::sleep(SILENCE);
         let after = read()?;

@@ -12,7 +12,10 @@ pub use group::{Group, ReduceOp};
 
 /// Joins the `backend` group of this process's torchrun launch (None without one), with
 /// collectives failing after `timeout`.
-pub fn join_launch(backend: &str, timeout: std::time::Duration) -> Result<Option<(LaunchEnv, std::sync::Arc<Group>)>, DistError> {
+pub fn join_launch(
+    backend: &str,
+    timeout: std::time::Duration,
+) -> Result<Option<(LaunchEnv, std::sync::Arc<Group>)>, DistError> {
     let Some(env) = LaunchEnv::from_env()? else { return Ok(None) };
     let group = Group::join(&env, backend, timeout)?;
     tracing::info!(rank = env.rank, world = env.world_size, "joined the {backend} process group");

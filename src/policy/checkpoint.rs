@@ -84,13 +84,13 @@ impl CheckpointMeta {
     }
 
     fn from_header(path: &Path, buf: &[u8]) -> Result<Self, PolicyError> {
-        let (_, header) = SafeTensors::read_metadata(buf).map_err(|e| ckpt_err(path, format!("not a safetensors file: {e:?}")))?;
-        let json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| ckpt_err(path, format!("header has no `{META_KEY}` metadata (not a policy heads checkpoint)")))?;
-        let meta: Self = serde_json::from_str(json).map_err(|e| ckpt_err(path, format!("metadata `{META_KEY}`: {e}")))?;
+        let (_, header) =
+            SafeTensors::read_metadata(buf).map_err(|e| ckpt_err(path, format!("not a safetensors file: {e:?}")))?;
+        let json = header.metadata().as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| {
+            ckpt_err(path, format!("header has no `{META_KEY}` metadata (not a policy heads checkpoint)"))
+        })?;
+        let meta: Self =
+            serde_json::from_str(json).map_err(|e| ckpt_err(path, format!("metadata `{META_KEY}`: {e}")))?;
         meta.check(path)?;
         Ok(meta)
     }
@@ -101,7 +101,10 @@ impl CheckpointMeta {
             return Err(ckpt_err(path, format!("format `{}`, expected `{FORMAT}`", self.format)));
         }
         if self.format_version == 0 || self.format_version > FORMAT_VERSION {
-            return Err(ckpt_err(path, format!("format version {} (this build reads 1..={FORMAT_VERSION})", self.format_version)));
+            return Err(ckpt_err(
+                path,
+                format!("format version {} (this build reads 1..={FORMAT_VERSION})", self.format_version),
+            ));
         }
         let wrap = |e: PolicyError| ckpt_err(path, e.to_string());
         self.config.validate().map_err(wrap)?;
@@ -152,7 +155,8 @@ impl PolicyHeads {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ckpt_err(path, format!("serialize: {e:?}")))?;
         let header = Some(HashMap::from([(META_KEY.to_string(), json)]));
-        let bytes = safetensors::tensor::serialize(views, &header).map_err(|e| ckpt_err(path, format!("serialize: {e:?}")))?;
+        let bytes =
+            safetensors::tensor::serialize(views, &header).map_err(|e| ckpt_err(path, format!("serialize: {e:?}")))?;
         write_atomic(path, &bytes)?;
         Ok(meta)
     }
@@ -164,7 +168,8 @@ impl PolicyHeads {
         // SAFETY: read-only map; the file is not modified while loading (publication renames).
         let buf = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
         let meta = CheckpointMeta::from_header(path, &buf)?;
-        let st = SafeTensors::deserialize(&buf).map_err(|e| ckpt_err(path, format!("corrupt safetensors data: {e:?}")))?;
+        let st =
+            SafeTensors::deserialize(&buf).map_err(|e| ckpt_err(path, format!("corrupt safetensors data: {e:?}")))?;
         let heads = Self::new(meta.config.clone(), meta.normalization.clone(), device)?;
         let vars = heads.var_store().variables();
         if let Some(extra) = st.names().into_iter().filter(|n| !vars.contains_key(n.as_str())).min() {

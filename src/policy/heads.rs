@@ -113,7 +113,18 @@ impl PolicyHeads {
         let expert = ActionExpert::new(&root / EXPERT_PREFIX, &cfg);
         let schedule = NoiseSchedule::cosine(&cfg.diffusion);
         let affine = Affine::new(&norm, device);
-        Ok(Self { vs, cfg, norm, affine, schedule, sensor, expert, compute_kind: Kind::Float, bn_frozen: false, bn_sync: None })
+        Ok(Self {
+            vs,
+            cfg,
+            norm,
+            affine,
+            schedule,
+            sensor,
+            expert,
+            compute_kind: Kind::Float,
+            bn_frozen: false,
+            bn_sync: None,
+        })
     }
 
     /// The configuration.
@@ -190,12 +201,18 @@ impl PolicyHeads {
 
     /// Number of trainable scalars whose name starts with `prefix` (`""` for all).
     pub fn num_parameters(&self, prefix: &str) -> i64 {
-        self.vs.variables().iter().filter(|(n, t)| n.starts_with(prefix) && t.requires_grad()).map(|(_, t)| t.numel() as i64).sum()
+        self.vs
+            .variables()
+            .iter()
+            .filter(|(n, t)| n.starts_with(prefix) && t.requires_grad())
+            .map(|(_, t)| t.numel() as i64)
+            .sum()
     }
 
     /// Trainable parameters by component with weight-decay flags, sorted by name.
     pub fn param_groups(&self) -> ParamGroups {
-        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> =
+            self.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut groups = ParamGroups { sensor_encoder: vec![], action_expert: vec![] };
         for (name, tensor) in vars {
@@ -215,7 +232,10 @@ impl PolicyHeads {
         let cfg = &self.cfg;
         let sz = c.sensor.size();
         if sz.len() != 3 || sz[2] != cfg.sensor.in_channels || sz[1] < 1 {
-            return Err(input("sensor", format!("expected [B, T, {}] with T >= 1, got {sz:?}", cfg.sensor.in_channels)));
+            return Err(input(
+                "sensor",
+                format!("expected [B, T, {}] with T >= 1, got {sz:?}", cfg.sensor.in_channels),
+            ));
         }
         let b = sz[0];
         check_shape("vl.pooled", &c.vl.pooled, &[b, cfg.vl_dim])?;
@@ -232,7 +252,10 @@ impl PolicyHeads {
         }
         if cfg.fusion.kind == FusionKind::CrossAttention {
             let Some((tokens, mask)) = &c.vl.tokens else {
-                return Err(input("vl.tokens", "cross-attention fusion needs unpooled VL tokens and their mask".into()));
+                return Err(input(
+                    "vl.tokens",
+                    "cross-attention fusion needs unpooled VL tokens and their mask".into(),
+                ));
             };
             let ts = tokens.size();
             if ts.len() != 3 || ts[0] != b || ts[2] != cfg.vl_dim || ts[1] < 1 {
@@ -306,11 +329,20 @@ impl PolicyHeads {
     /// standard-normal noise per sample drawn from `sample_seeds[i]` (one seed per sample, so
     /// a batch split into micro-batches draws the same values). Dropout (when `train`) uses
     /// libtorch's global generator. Returns an f32 scalar.
-    pub fn loss(&self, c: &CondInput, actions: &Tensor, sample_seeds: &[u64], train: bool) -> Result<Tensor, PolicyError> {
+    pub fn loss(
+        &self,
+        c: &CondInput,
+        actions: &Tensor,
+        sample_seeds: &[u64],
+        train: bool,
+    ) -> Result<Tensor, PolicyError> {
         let b = self.check_cond(c)?;
         self.check_actions(actions, b)?;
         if sample_seeds.len() as i64 != b {
-            return Err(input("sample_seeds", format!("expected {b} seeds (one per sample), got {}", sample_seeds.len())));
+            return Err(input(
+                "sample_seeds",
+                format!("expected {b} seeds (one per sample), got {}", sample_seeds.len()),
+            ));
         }
         let e = &self.cfg.expert;
         let dev = self.device();
@@ -369,7 +401,8 @@ impl PolicyHeads {
         let dev = self.device();
         let x_t = x_t.to_device(dev).to_kind(Kind::Float);
         let mut noise = || rng.randn(&shape, dev);
-        let mut eps = |x: &Tensor, t: usize| self.denoise(x, &Tensor::full([b], t as i64, (Kind::Int64, dev)), &cond, false);
+        let mut eps =
+            |x: &Tensor, t: usize| self.denoise(x, &Tensor::full([b], t as i64, (Kind::Int64, dev)), &cond, false);
         let (lo, hi) = self.action_range();
         let x0 = self.schedule.ddim(x_t, ddim_steps, eta, Some((&lo, &hi)), &mut noise, &mut eps)?;
         Ok(self.denormalize_actions(&x0))

@@ -54,9 +54,7 @@ impl LayerNorm {
     /// Normalizes in f32, returns `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        x.to_kind(Kind::Float)
-            .layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true)
-            .to_kind(k)
+        x.to_kind(Kind::Float).layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true).to_kind(k)
     }
 }
 
@@ -129,7 +127,8 @@ impl BatchNorm1d {
     /// Training-mode `x [B, C, L]` with the statistics of every rank's batch ([`SyncBatchNorm`]).
     pub fn forward_synced(&self, x: &Tensor, sync: &SyncBatchNorm) -> Tensor {
         let k = x.kind();
-        sync.forward(&x.to_kind(Kind::Float), &self.weight, &self.bias, (&self.running_mean, &self.running_var), 1e-5).to_kind(k)
+        sync.forward(&x.to_kind(Kind::Float), &self.weight, &self.bias, (&self.running_mean, &self.running_var), 1e-5)
+            .to_kind(k)
     }
 }
 

@@ -22,7 +22,8 @@ impl NoiseSchedule {
     /// `f(t) = cos(((t / T) + s) / (1 + s) * pi / 2)^2`, betas clipped to `max_beta`.
     pub fn cosine(cfg: &DiffusionConfig) -> Self {
         let t_max = cfg.train_steps as f64;
-        let f = |t: f64| (((t / t_max) + cfg.cosine_s) / (1.0 + cfg.cosine_s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        let f =
+            |t: f64| (((t / t_max) + cfg.cosine_s) / (1.0 + cfg.cosine_s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
         let betas: Vec<f64> =
             (0..cfg.train_steps).map(|i| (1.0 - f(i as f64 + 1.0) / f(i as f64)).min(cfg.max_beta)).collect();
         let mut acc = 1.0;
@@ -54,8 +55,11 @@ impl NoiseSchedule {
                 expected.betas.len()
             )));
         }
-        let pairs = self.betas.iter().zip(&expected.betas).chain(self.alphas_cumprod.iter().zip(&expected.alphas_cumprod));
-        if let Some((i, (a, b))) = pairs.enumerate().find(|(_, (a, b))| (*a - *b).abs().is_nan() || (*a - *b).abs() > 1e-9) {
+        let pairs =
+            self.betas.iter().zip(&expected.betas).chain(self.alphas_cumprod.iter().zip(&expected.alphas_cumprod));
+        if let Some((i, (a, b))) =
+            pairs.enumerate().find(|(_, (a, b))| (*a - *b).abs().is_nan() || (*a - *b).abs() > 1e-9)
+        {
             return Err(err(format!("entry {i} is {a}, the config's cosine schedule gives {b}")));
         }
         Ok(())

@@ -49,7 +49,14 @@ impl SensorEncoder {
         Self {
             conv,
             pos_embed: p.randn("pos_embed", &[cfg.tokens(), cfg.d_model], 0.0, 0.02),
-            transformer: Encoder::new(&p / "transformer", cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.ff_dim, cfg.dropout),
+            transformer: Encoder::new(
+                &p / "transformer",
+                cfg.n_layers,
+                cfg.d_model,
+                cfg.n_heads,
+                cfg.ff_dim,
+                cfg.dropout,
+            ),
             proj: (Linear::new(&pp / 0, cfg.d_model, cfg.out_dim), Linear::new(&pp / 2, cfg.out_dim, cfg.out_dim)),
             window: cfg.window,
         }

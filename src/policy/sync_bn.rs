@@ -56,7 +56,13 @@ impl SyncBatchNorm {
     pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, running: (&Tensor, &Tensor), eps: f64) -> Tensor {
         let c = x.size()[1];
         let xd = x.to_kind(Kind::Double);
-        let local = Tensor::stack(&[xd.sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double), xd.square().sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double)], 0);
+        let local = Tensor::stack(
+            &[
+                xd.sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double),
+                xd.square().sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double),
+            ],
+            0,
+        );
         let count = (x.size()[0] * x.size()[2]) as f64;
         let (global, n) = match self.reduce(&local.detach(), count, running) {
             Ok((global, n)) => (global.set_requires_grad(true), n),
@@ -78,7 +84,10 @@ impl SyncBatchNorm {
     /// values per channel, with the running statistics moved to the global ones.
     fn reduce(&self, local: &Tensor, count: f64, running: (&Tensor, &Tensor)) -> Result<(Tensor, f64), DistError> {
         let c = local.size()[1];
-        let mut reduced = [Tensor::cat(&[local.flatten(0, -1), Tensor::from_slice(&[count]).to_kind(Kind::Double).to_device(local.device())], 0)];
+        let mut reduced = [Tensor::cat(
+            &[local.flatten(0, -1), Tensor::from_slice(&[count]).to_kind(Kind::Double).to_device(local.device())],
+            0,
+        )];
         self.group.all_reduce(&mut reduced, ReduceOp::Sum)?;
         let [r] = reduced;
         let n = r.double_value(&[2 * c]);
@@ -111,7 +120,11 @@ impl SyncBatchNorm {
             let [total] = total;
             let through_stats = (&r.local * total).sum(Kind::Double);
             if let Err(e) = backward_keep_graph(&through_stats) {
-                return Err(DistError::Collective { op: "synchronised BatchNorm backward", rank: self.group.rank(), reason: e });
+                return Err(DistError::Collective {
+                    op: "synchronised BatchNorm backward",
+                    rank: self.group.rank(),
+                    reason: e,
+                });
             }
         }
         Ok(())
@@ -139,7 +152,11 @@ impl SyncBatchNorm {
 }
 
 extern "C" {
-    fn vla_backward_keep_graph(out: *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> std::ffi::c_int;
+    fn vla_backward_keep_graph(
+        out: *mut torch_sys::C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
 }
 
 /// `out.backward(retain_graph=True)` of a scalar through the shim (csrc/torch_shim.cpp).

@@ -55,7 +55,9 @@ pub fn ros_topic(topic: &str) -> &str {
 /// episode (a busy machine delays 690 KB camera images by hundreds of milliseconds).
 async fn drain_in_flight(newest: &[AtomicI64], stop_ns: i64, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline && newest.iter().map(|n| n.load(Ordering::Relaxed)).any(|t| t != i64::MIN && t < stop_ns) {
+    while Instant::now() < deadline
+        && newest.iter().map(|n| n.load(Ordering::Relaxed)).any(|t| t != i64::MIN && t < stop_ns)
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -65,7 +67,8 @@ pub fn main() -> Result<()> {
     let mut n = NodeRuntime::new("vla_collector")?;
     let p = declare(&mut n.node, &n.rt, "collector_node", |_, _| {})?;
     let streams_path = share_file(&p.string("streams_config"));
-    let streams = StreamConfig::load(&streams_path).with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
+    let streams = StreamConfig::load(&streams_path)
+        .with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
     let config = RecorderConfig {
         root: p.string("dataset_root").into(),
         streams: streams.clone(),
@@ -85,7 +88,8 @@ pub fn main() -> Result<()> {
 
     for (i, (_, spec)) in streams.all().into_iter().enumerate() {
         let mut sub = n.node.subscribe_raw(ros_topic(&spec.topic), spec.kind().name(), qos(spec))?;
-        let (rec, topic, kind, newest, clock) = (recorder.clone(), spec.topic.clone(), spec.kind(), newest.clone(), n.clock.clone());
+        let (rec, topic, kind, newest, clock) =
+            (recorder.clone(), spec.topic.clone(), spec.kind(), newest.clone(), n.clock.clone());
         let mut gaps = spec.rate_hz.map(GapCounter::new);
         n.rt.spawn(async move {
             while let Some(cdr) = sub.next().await {
@@ -101,15 +105,23 @@ pub fn main() -> Result<()> {
     }
     let drain = Duration::from_secs_f64(p.double("stop_drain_s").max(0.0));
 
-    let mut start = n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
+    let mut start =
+        n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
     let (rec, clock) = (recorder.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while let Some(req) = start.next().await {
             let m = &req.message;
-            let info = EpisodeInfo { id: None, instruction: m.instruction.clone(), task: m.task.clone(), operator: m.operator_name.clone() };
+            let info = EpisodeInfo {
+                id: None,
+                instruction: m.instruction.clone(),
+                task: m.task.clone(),
+                operator: m.operator_name.clone(),
+            };
             let resp = match rec.start(info, clock.now_ns()) {
                 Ok(id) => srv::StartEpisode::Response { started: true, episode_id: id, reason: String::new() },
-                Err(e) => srv::StartEpisode::Response { started: false, episode_id: String::new(), reason: e.to_string() },
+                Err(e) => {
+                    srv::StartEpisode::Response { started: false, episode_id: String::new(), reason: e.to_string() }
+                }
             };
             if let Err(e) = req.respond(resp) {
                 tracing::error!("start_episode: could not respond: {e}");
@@ -117,15 +129,26 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut stop = n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
+    let mut stop =
+        n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
     let (rec, newest, clock) = (recorder.clone(), newest.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while let Some(req) = stop.next().await {
             let stop_ns = clock.now_ns();
             drain_in_flight(&newest, stop_ns, drain).await;
             let resp = match rec.stop_at(&req.message.outcome, stop_ns) {
-                Ok(meta) => srv::StopEpisode::Response { stopped: true, episode_id: meta.id, messages: rec.status().episode_messages, reason: String::new() },
-                Err(e) => srv::StopEpisode::Response { stopped: false, episode_id: String::new(), messages: 0, reason: e.to_string() },
+                Ok(meta) => srv::StopEpisode::Response {
+                    stopped: true,
+                    episode_id: meta.id,
+                    messages: rec.status().episode_messages,
+                    reason: String::new(),
+                },
+                Err(e) => srv::StopEpisode::Response {
+                    stopped: false,
+                    episode_id: String::new(),
+                    messages: 0,
+                    reason: e.to_string(),
+                },
             };
             if let Err(e) = req.respond(resp) {
                 tracing::error!("stop_episode: could not respond: {e}");
@@ -133,13 +156,17 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut discard = n.node.create_service::<srv::DiscardEpisode::Service>("~/discard_episode", QosProfile::services_default())?;
+    let mut discard =
+        n.node.create_service::<srv::DiscardEpisode::Service>("~/discard_episode", QosProfile::services_default())?;
     let root = std::path::PathBuf::from(p.string("dataset_root"));
     n.rt.spawn(async move {
         while let Some(req) = discard.next().await {
             let m = &req.message;
             let resp = match set_discarded(&root, &m.episode_id, &m.reason, m.restore) {
-                Ok(_) => srv::DiscardEpisode::Response { success: true, message: if m.restore { "restored" } else { "discarded" }.into() },
+                Ok(_) => srv::DiscardEpisode::Response {
+                    success: true,
+                    message: if m.restore { "restored" } else { "discarded" }.into(),
+                },
                 Err(e) => srv::DiscardEpisode::Response { success: false, message: e.to_string() },
             };
             if let Err(e) = req.respond(resp) {
@@ -149,7 +176,8 @@ pub fn main() -> Result<()> {
     });
 
     let status_pub = n.node.create_publisher::<msg::CollectorStatus>("~/status", QosProfile::default())?;
-    let mut timer = n.node.create_wall_timer(std::time::Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
+    let mut timer =
+        n.node.create_wall_timer(std::time::Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
     let (rec, clock) = (recorder.clone(), n.clock.clone());
     n.rt.spawn(async move {
         while timer.tick().await.is_ok() {
@@ -163,7 +191,11 @@ pub fn main() -> Result<()> {
     n.spin();
     if recorder.status().recording {
         match recorder.stop_at("interrupted", n.clock.now_ns()) {
-            Ok(meta) => tracing::info!("episode {} closed as interrupted ({} messages)", meta.id, recorder.status().episode_messages),
+            Ok(meta) => tracing::info!(
+                "episode {} closed as interrupted ({} messages)",
+                meta.id,
+                recorder.status().episode_messages
+            ),
             Err(e) => tracing::error!("closing the episode at shutdown: {e}"),
         }
     }

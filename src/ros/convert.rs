@@ -1,8 +1,8 @@
 //! Core types -> vla_finetune_msgs messages. Pure functions, no ROS calls.
 
 use super::interfaces::msg;
-use crate::train::progress::ProgressEvent;
 use crate::checkpoint::publish::Published;
+use crate::train::progress::ProgressEvent;
 use r2r::builtin_interfaces::msg::Time;
 
 /// A ROS time from Unix nanoseconds.
@@ -14,7 +14,11 @@ pub fn time_from_ns(ns: i64) -> Time {
 pub fn progress_msg(ev: &ProgressEvent, stamp: Time) -> msg::TrainingProgress {
     let f = |v: Option<f64>| v.map(|x| x as f32).unwrap_or(f32::NAN);
     let cache_state = if ev.cache.building {
-        if ev.cache.refreshes > 0 { "refreshing" } else { "building" }
+        if ev.cache.refreshes > 0 {
+            "refreshing"
+        } else {
+            "building"
+        }
     } else if ev.cache.entries > 0 {
         "ready"
     } else {
@@ -62,6 +66,9 @@ pub fn checkpoint_msg(p: &Published, job_id: &str, stamp: Time) -> msg::Checkpoi
         step: info_u64("global_step"),
         val_loss: m.metrics.get("val_loss").map(|v| *v as f32).unwrap_or(f32::NAN),
         val_action_error: per_dim.iter().map(|(_, v)| **v as f32).collect(),
-        val_action_error_names: per_dim.iter().map(|(k, _)| k.trim_start_matches("val_action_error/").to_string()).collect(),
+        val_action_error_names: per_dim
+            .iter()
+            .map(|(k, _)| k.trim_start_matches("val_action_error/").to_string())
+            .collect(),
     }
 }

@@ -62,7 +62,7 @@ impl NodeRuntime {
     pub fn new(name: &str) -> Result<Self> {
         let ctx = r2r::Context::create().context("initialize ROS 2 (rcl)")?;
         let node = r2r::Node::create(ctx, name, "").with_context(|| format!("create node `{name}`"))?;
-        rosout::init(&node.logger().to_string(), "info");
+        rosout::init(node.logger(), "info");
         let rt = tokio::runtime::Runtime::new()?;
         let stop = stop_on_signals(&rt)?;
         let clock = clock::NodeClock::of(&node);

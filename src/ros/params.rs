@@ -17,7 +17,8 @@ pub fn declare(
     executable: &str,
     mut on_change: impl FnMut(&str, &ParameterValue) + Send + 'static,
 ) -> Result<Map<String, Value>> {
-    let specs = node_params::declared(executable).ok_or_else(|| anyhow!("no parameter declarations for `{executable}`"))?;
+    let specs =
+        node_params::declared(executable).ok_or_else(|| anyhow!("no parameter declarations for `{executable}`"))?;
     let out = {
         let mut params = node.params.lock().map_err(|_| anyhow!("parameter table poisoned"))?;
         let unknown: Vec<&String> = params.keys().filter(|n| !specs.iter().any(|s| s.name == n.as_str())).collect();

@@ -13,8 +13,8 @@
 //! The robot state stream is not an input: the heads in this build are trained without state.
 
 use super::clock::RuntimeRosClock;
-use super::interfaces::msg;
 use super::collector::{qos, ros_topic};
+use super::interfaces::msg;
 use super::params::{declare, share_file, ParamsExt};
 use super::NodeRuntime;
 use crate::dataset::cdr::{MsgType, RosMessage, SensorFrame};
@@ -22,13 +22,13 @@ use crate::dataset::mcap_episode::decode_image;
 use crate::dataset::streams::StreamConfig;
 use crate::runtime::output::{pose_delta, twist, TargetOutput};
 use crate::runtime::{
-    ActionEvent, CameraInput, ControlConfig, InputBuffers, InputConfig, Operator, OperatorCommand, OperatorReply, PolicyStatus,
-    RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior, VlaLoader, WatchConfig,
+    ActionEvent, CameraInput, ControlConfig, InputBuffers, InputConfig, Operator, OperatorCommand, OperatorReply,
+    PolicyStatus, RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior, VlaLoader, WatchConfig,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use futures::StreamExt;
-use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, TwistStamped, Vector3};
 use r2r::builtin_interfaces::msg::Time;
+use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, TwistStamped, Vector3};
 use r2r::std_msgs::msg::Header;
 use r2r::std_srvs::srv::{SetBool, Trigger};
 use r2r::{ParameterValue, QosProfile};
@@ -97,38 +97,71 @@ pub struct Shapes {
 /// The shapes from the parameters, each 0 ("from the checkpoint") taken from `checkpoint`'s
 /// deploy.json; an explicit value is kept (a checkpoint that disagrees is then rejected).
 pub fn resolve_shapes(p: &serde_json::Map<String, serde_json::Value>, checkpoint: Option<&Path>) -> Result<Shapes> {
-    let param = |name: &str| usize::try_from(p.int(name)).map_err(|_| anyhow!("parameter {name} = {}: expected 0 (from the checkpoint) or more", p.int(name)));
+    let param = |name: &str| {
+        usize::try_from(p.int(name))
+            .map_err(|_| anyhow!("parameter {name} = {}: expected 0 (from the checkpoint) or more", p.int(name)))
+    };
     let (w, h, a) = (param("sensor_window")?, param("horizon")?, param("action_dim")?);
     if w > 0 && h > 0 && a > 0 {
         return Ok(Shapes { sensor_window: w, horizon: h, action_dim: a });
     }
-    let dir = checkpoint.ok_or_else(|| anyhow!("sensor_window, horizon and action_dim come from the checkpoint, and none is known yet"))?;
-    let d = crate::checkpoint::deploy::DeployInfo::read(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+    let dir = checkpoint.ok_or_else(|| {
+        anyhow!("sensor_window, horizon and action_dim come from the checkpoint, and none is known yet")
+    })?;
+    let d =
+        crate::checkpoint::deploy::DeployInfo::read(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
     let pick = |v: usize, from: usize| if v > 0 { v } else { from };
-    Ok(Shapes { sensor_window: pick(w, d.sensor_window), horizon: pick(h, d.horizon), action_dim: pick(a, d.action_dim) })
+    Ok(Shapes {
+        sensor_window: pick(w, d.sensor_window),
+        horizon: pick(h, d.horizon),
+        action_dim: pick(a, d.action_dim),
+    })
 }
 
 /// The runtime configuration from the node's parameters, stream mapping and shapes.
-fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &StreamConfig, shapes: Shapes) -> Result<RuntimeConfig> {
+fn runtime_config(
+    p: &serde_json::Map<String, serde_json::Value>,
+    streams: &StreamConfig,
+    shapes: Shapes,
+) -> Result<RuntimeConfig> {
     let [sensor] = streams.sensors.as_slice() else {
         bail!("streams_config: the policy reads exactly one sensor stream, found {}", streams.sensors.len());
     };
-    let channels = sensor.channels.ok_or_else(|| anyhow!("streams_config: sensor `{}` needs `channels`", sensor.name))?;
+    let channels =
+        sensor.channels.ok_or_else(|| anyhow!("streams_config: sensor `{}` needs `channels`", sensor.name))?;
     let rate = p.double("control_rate_hz");
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("parameter control_rate_hz = {rate}: expected a positive number");
     }
     let age = |name: &str| {
         let v = p.double(name);
-        if v > 0.0 && v.is_finite() { Ok(Duration::from_secs_f64(v)) } else { Err(anyhow!("parameter {name} = {v}: expected a positive number")) }
+        if v > 0.0 && v.is_finite() {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow!("parameter {name} = {v}: expected a positive number"))
+        }
     };
-    let count = |name: &str| usize::try_from(p.int(name)).ok().filter(|v| *v > 0).ok_or_else(|| anyhow!("parameter {name} = {}: expected at least 1", p.int(name)));
+    let count = |name: &str| {
+        usize::try_from(p.int(name))
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| anyhow!("parameter {name} = {}: expected at least 1", p.int(name)))
+    };
     let period = Duration::from_secs_f64(1.0 / rate);
     let dir = p.string("checkpoints_dir");
     Ok(RuntimeConfig {
         inputs: InputConfig {
-            cameras: streams.cameras.iter().map(|c| Ok(CameraInput { name: c.name.clone(), max_age: age("max_camera_age_s")? })).collect::<Result<_>>()?,
-            sensor: SensorInput { name: sensor.name.clone(), channels, window: shapes.sensor_window, max_age: age("max_sensor_age_s")? },
+            cameras: streams
+                .cameras
+                .iter()
+                .map(|c| Ok(CameraInput { name: c.name.clone(), max_age: age("max_camera_age_s")? }))
+                .collect::<Result<_>>()?,
+            sensor: SensorInput {
+                name: sensor.name.clone(),
+                channels,
+                window: shapes.sensor_window,
+                max_age: age("max_sensor_age_s")?,
+            },
             state: None,
             instruction: p.string("instruction"),
         },
@@ -136,7 +169,10 @@ fn runtime_config(p: &serde_json::Map<String, serde_json::Value>, streams: &Stre
             period,
             tick_budget: period,
             vl_refresh_ticks: u32::try_from(count("vl_refresh_ticks")?).context("parameter vl_refresh_ticks")?,
-            stale_behavior: p.string("stale_behavior").parse::<StaleBehavior>().map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
+            stale_behavior: p
+                .string("stale_behavior")
+                .parse::<StaleBehavior>()
+                .map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
             start_enabled: p.boolean("start_enabled"),
         },
         horizon: shapes.horizon,
@@ -161,13 +197,16 @@ pub fn main() -> Result<()> {
     let device = crate::device::parse_available(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
     let kind = crate::device::parse_dtype(&p.string("dtype"), device).map_err(|e| anyhow!("parameter dtype: {e}"))?;
     let streams_path = share_file(&p.string("streams_config"));
-    let streams = StreamConfig::load(&streams_path).with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
-    let target: TargetOutput = p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
+    let streams = StreamConfig::load(&streams_path)
+        .with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
+    let target: TargetOutput =
+        p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
     let base_model = p.string("base_model");
     if base_model.is_empty() {
         bail!("parameter base_model is empty: set the base VL model folder the checkpoints belong to");
     }
-    let ddim_steps = usize::try_from(p.int("ddim_steps")).map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
+    let ddim_steps = usize::try_from(p.int("ddim_steps"))
+        .map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
 
     let gate: SharedGate = Arc::new(tokio::sync::Mutex::new(Gate::Waiting { enable: None }));
     serve_operator(&mut n.node, &n.rt, &gate)?;
@@ -203,7 +242,12 @@ pub fn main() -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    tracing::info!("shapes: sensor window {}, horizon {}, action size {}", shapes.sensor_window, shapes.horizon, shapes.action_dim);
+    tracing::info!(
+        "shapes: sensor window {}, horizon {}, action size {}",
+        shapes.sensor_window,
+        shapes.horizon,
+        shapes.action_dim
+    );
     let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps, device, kind)?);
     let cfg = runtime_config(&p, &streams, shapes)?;
     let mut handle = crate::runtime::start(cfg, loader, Arc::new(RuntimeRosClock::new(n.clock.clone())))?;
@@ -228,7 +272,12 @@ pub fn main() -> Result<()> {
     }
     let sensor = &streams.sensors[0];
     if sensor.kind() != MsgType::SensorFrame {
-        bail!("streams_config: sensor `{}` has type {}; the policy reads {}", sensor.name, sensor.msg_type, MsgType::SensorFrame.name());
+        bail!(
+            "streams_config: sensor `{}` has type {}; the policy reads {}",
+            sensor.name,
+            sensor.msg_type,
+            MsgType::SensorFrame.name()
+        );
     }
     let mut sub = node.subscribe_raw(ros_topic(&sensor.topic), sensor.kind().name(), qos(sensor))?;
     let (inputs, topic) = (handle.inputs.clone(), sensor.topic.clone());
@@ -260,8 +309,12 @@ pub fn main() -> Result<()> {
     });
 
     let action_pub = node.create_publisher::<msg::ActionChunk>("~/action_chunk", QosProfile::default())?;
-    let twist_pub = (target == TargetOutput::Twist).then(|| node.create_publisher::<TwistStamped>("~/target_twist", QosProfile::default())).transpose()?;
-    let pose_pub = (target == TargetOutput::Pose).then(|| node.create_publisher::<PoseStamped>("~/target_pose", QosProfile::default())).transpose()?;
+    let twist_pub = (target == TargetOutput::Twist)
+        .then(|| node.create_publisher::<TwistStamped>("~/target_twist", QosProfile::default()))
+        .transpose()?;
+    let pose_pub = (target == TargetOutput::Pose)
+        .then(|| node.create_publisher::<PoseStamped>("~/target_pose", QosProfile::default()))
+        .transpose()?;
     let mut events = std::mem::replace(&mut handle.events, tokio::sync::mpsc::unbounded_channel().1);
     let clock = n.clock.clone();
     rt.spawn(async move {
@@ -274,7 +327,10 @@ pub fn main() -> Result<()> {
                 match twist(&ev.chunk) {
                     Ok(t) => {
                         let v = |a: [f64; 3]| Vector3 { x: a[0], y: a[1], z: a[2] };
-                        let m = TwistStamped { header: header(stamp.clone(), "tool"), twist: Twist { linear: v(t.linear), angular: v(t.angular) } };
+                        let m = TwistStamped {
+                            header: header(stamp.clone(), "tool"),
+                            twist: Twist { linear: v(t.linear), angular: v(t.angular) },
+                        };
                         if let Err(e) = pubr.publish(&m) {
                             tracing::warn!("target_twist: {e}");
                         }
@@ -286,7 +342,10 @@ pub fn main() -> Result<()> {
                 match pose_delta(&ev.chunk) {
                     Ok(d) => {
                         let (q, x) = (d.orientation, d.position);
-                        let pose = Pose { position: Point { x: x[0], y: x[1], z: x[2] }, orientation: Quaternion { x: q[0], y: q[1], z: q[2], w: q[3] } };
+                        let pose = Pose {
+                            position: Point { x: x[0], y: x[1], z: x[2] },
+                            orientation: Quaternion { x: q[0], y: q[1], z: q[2], w: q[3] },
+                        };
                         if let Err(e) = pubr.publish(&PoseStamped { header: header(stamp.clone(), "tool"), pose }) {
                             tracing::warn!("target_pose: {e}");
                         }
@@ -312,9 +371,15 @@ pub fn main() -> Result<()> {
         while let Some(n) = notices.recv().await {
             match n {
                 RuntimeNotice::Rejected { version, reason } => tracing::warn!("rejected {version}: {reason}"),
-                RuntimeNotice::RolledBack { from, to, reason } => tracing::warn!("dropped {from} (now {to:?}): {reason}"),
-                RuntimeNotice::Activated { version, validated, .. } => tracing::info!("activated {version} (validated: {validated})"),
-                RuntimeNotice::FirstAction { version, latency } => tracing::info!("{version} acting, {:.1} ms after announcement", latency.as_secs_f64() * 1e3),
+                RuntimeNotice::RolledBack { from, to, reason } => {
+                    tracing::warn!("dropped {from} (now {to:?}): {reason}")
+                }
+                RuntimeNotice::Activated { version, validated, .. } => {
+                    tracing::info!("activated {version} (validated: {validated})")
+                }
+                RuntimeNotice::FirstAction { version, latency } => {
+                    tracing::info!("{version} acting, {:.1} ms after announcement", latency.as_secs_f64() * 1e3)
+                }
                 RuntimeNotice::Stale { inputs } => tracing::warn!("stale inputs: {}", inputs.join(", ")),
                 RuntimeNotice::Fresh => tracing::info!("inputs fresh"),
                 RuntimeNotice::VlRefreshed { .. } => {}
@@ -322,7 +387,12 @@ pub fn main() -> Result<()> {
         }
     });
 
-    tracing::info!("policy ready: {} cameras, sensor `{}`, {} Hz", streams.cameras.len(), sensor.name, p.double("control_rate_hz"));
+    tracing::info!(
+        "policy ready: {} cameras, sensor `{}`, {} Hz",
+        streams.cameras.len(),
+        sensor.name,
+        p.double("control_rate_hz")
+    );
     n.spin();
     handle.shutdown();
     tracing::info!("policy stopped");
@@ -359,7 +429,11 @@ async fn command(gate: &SharedGate, cmd: OperatorCommand) -> (bool, String) {
         Gate::Waiting { enable } => match cmd {
             OperatorCommand::Enable(on) => {
                 *enable = Some(on);
-                let message = if on { "enabled: publishing actions once a checkpoint is loaded" } else { "disabled: no checkpoint is loaded yet" };
+                let message = if on {
+                    "enabled: publishing actions once a checkpoint is loaded"
+                } else {
+                    "disabled: no checkpoint is loaded yet"
+                };
                 (true, message.into())
             }
             _ => (false, "no checkpoint is loaded yet: nothing to roll back to".into()),
@@ -427,7 +501,9 @@ async fn apply_parameter_changes(
                     tracing::error!("{message} (the status's pinned_version is what holds)");
                 }
             }
-            ("instruction" | "pinned_version", other) => tracing::error!("parameter {name}: expected a string, got {other:?}; ignored"),
+            ("instruction" | "pinned_version", other) => {
+                tracing::error!("parameter {name}: expected a string, got {other:?}; ignored")
+            }
             _ => tracing::warn!("parameter {name} takes effect at the next start of the node"),
         }
     }

@@ -36,14 +36,22 @@ pub fn main() -> Result<()> {
     let mut log = match p.string("published_log").as_str() {
         "" => None,
         path => Some(std::io::BufWriter::new(
-            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("parameter published_log = `{path}`"))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("parameter published_log = `{path}`"))?,
         )),
     };
     let truth_log = match p.string("truth_log").as_str() {
         "" => None,
         path => {
             // Fail at start, as for published_log, when the file cannot be opened for appending.
-            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("parameter truth_log = `{path}`"))?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("parameter truth_log = `{path}`"))?;
             Some(std::path::PathBuf::from(path))
         }
     };

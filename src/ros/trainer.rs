@@ -8,11 +8,11 @@ use super::convert::{checkpoint_msg, progress_msg};
 use super::interfaces::{action, msg, srv};
 use super::params::{declare, share_file, ParamsExt};
 use super::NodeRuntime;
+use crate::dataset::compile::CompileConfig;
 use crate::dataset::selection::EpisodeSelection;
 use crate::train::controller::{CancelResponse, JobController, JobOutcome, JobStatus, StartResponse};
 use crate::train::progress::{ProgressHub, Throttle};
 use crate::train::service::{controller, job_view, start, ServiceConfig, StartRequest};
-use crate::dataset::compile::CompileConfig;
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use r2r::QosProfile;
@@ -31,7 +31,16 @@ type LastCheckpoint = Arc<Mutex<HashMap<String, msg::CheckpointInfo>>>;
 
 /// A StartFineTune request (or FineTune goal) as the service's request.
 #[allow(clippy::too_many_arguments)]
-fn request(dataset: &str, stage1: &str, base: &str, overrides: &str, stages: &str, outcomes: &[String], tasks: &[String], resume: &str) -> StartRequest {
+fn request(
+    dataset: &str,
+    stage1: &str,
+    base: &str,
+    overrides: &str,
+    stages: &str,
+    outcomes: &[String],
+    tasks: &[String],
+    resume: &str,
+) -> StartRequest {
     StartRequest {
         dataset: dataset.into(),
         stage1_checkpoint: stage1.into(),
@@ -51,7 +60,8 @@ pub fn main() -> Result<()> {
     let compile_config = p.string("compile_config");
     let compile = match compile_config.as_str() {
         "" => CompileConfig::default(),
-        file => CompileConfig::from_yaml_file(&share_file(file)).with_context(|| format!("parameter compile_config = `{file}`"))?,
+        file => CompileConfig::from_yaml_file(&share_file(file))
+            .with_context(|| format!("parameter compile_config = `{file}`"))?,
     };
     let cfg = ServiceConfig {
         train_config: (!train_config.is_empty()).then(|| share_file(&train_config)),
@@ -60,7 +70,11 @@ pub fn main() -> Result<()> {
         job_nice: i32::try_from(p.int("job_nice")).unwrap_or(i32::MAX).clamp(0, 19),
         device: p.string("device"),
         nproc_per_node: usize::try_from(p.int("nproc_per_node")).unwrap_or(1).max(1),
-        ..ServiceConfig::new(p.string("base_model").into(), p.string("runs_root").into(), p.string("checkpoints_root").into())
+        ..ServiceConfig::new(
+            p.string("base_model").into(),
+            p.string("runs_root").into(),
+            p.string("checkpoints_root").into(),
+        )
     };
     let hub = ProgressHub::new(256);
     let (published_tx, published_rx) = std::sync::mpsc::channel();
@@ -105,15 +119,31 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut start_srv = n.node.create_service::<srv::StartFineTune::Service>("~/start_finetune", QosProfile::services_default())?;
+    let mut start_srv =
+        n.node.create_service::<srv::StartFineTune::Service>("~/start_finetune", QosProfile::services_default())?;
     let (c, svc) = (jobs.clone(), cfg.clone());
     n.rt.spawn(async move {
         while let Some(req) = start_srv.next().await {
             let m = &req.message;
-            let r = request(&m.dataset, &m.stage1_checkpoint, &m.base_model, &m.overrides, &m.stages, &m.outcomes, &m.tasks, &m.resume_job_id);
+            let r = request(
+                &m.dataset,
+                &m.stage1_checkpoint,
+                &m.base_model,
+                &m.overrides,
+                &m.stages,
+                &m.outcomes,
+                &m.tasks,
+                &m.resume_job_id,
+            );
             let resp = match start(&c, &svc, r) {
-                StartResponse::Accepted { job_id } => srv::StartFineTune::Response { accepted: true, job_id, reason: String::new() },
-                StartResponse::Rejected(why) => srv::StartFineTune::Response { accepted: false, job_id: String::new(), reason: format!("{}: {why}", why.code()) },
+                StartResponse::Accepted { job_id } => {
+                    srv::StartFineTune::Response { accepted: true, job_id, reason: String::new() }
+                }
+                StartResponse::Rejected(why) => srv::StartFineTune::Response {
+                    accepted: false,
+                    job_id: String::new(),
+                    reason: format!("{}: {why}", why.code()),
+                },
             };
             if let Err(e) = req.respond(resp) {
                 tracing::error!("start_finetune: could not respond: {e}");
@@ -121,7 +151,8 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut cancel = n.node.create_service::<srv::CancelFineTune::Service>("~/cancel_finetune", QosProfile::services_default())?;
+    let mut cancel =
+        n.node.create_service::<srv::CancelFineTune::Service>("~/cancel_finetune", QosProfile::services_default())?;
     let c = jobs.clone();
     n.rt.spawn(async move {
         while let Some(req) = cancel.next().await {
@@ -132,8 +163,12 @@ pub fn main() -> Result<()> {
             };
             let resp = match c.cancel(&id) {
                 CancelResponse::Cancelling => srv::CancelFineTune::Response { cancelled: true, reason: String::new() },
-                CancelResponse::NotRunning if id.is_empty() => srv::CancelFineTune::Response { cancelled: false, reason: "no job is running".into() },
-                CancelResponse::NotRunning => srv::CancelFineTune::Response { cancelled: false, reason: format!("no running job `{id}`") },
+                CancelResponse::NotRunning if id.is_empty() => {
+                    srv::CancelFineTune::Response { cancelled: false, reason: "no job is running".into() }
+                }
+                CancelResponse::NotRunning => {
+                    srv::CancelFineTune::Response { cancelled: false, reason: format!("no running job `{id}`") }
+                }
             };
             if let Err(e) = req.respond(resp) {
                 tracing::error!("cancel_finetune: could not respond: {e}");
@@ -141,7 +176,8 @@ pub fn main() -> Result<()> {
         }
     });
 
-    let mut get_job = n.node.create_service::<srv::GetFineTuneJob::Service>("~/get_job", QosProfile::services_default())?;
+    let mut get_job =
+        n.node.create_service::<srv::GetFineTuneJob::Service>("~/get_job", QosProfile::services_default())?;
     let (c, svc) = (jobs.clone(), cfg.clone());
     n.rt.spawn(async move {
         while let Some(req) = get_job.next().await {
@@ -174,7 +210,16 @@ pub fn main() -> Result<()> {
     n.rt.spawn(async move {
         while let Some(req) = goals.next().await {
             let g = &req.goal;
-            let r = request(&g.dataset, &g.stage1_checkpoint, &g.base_model, &g.overrides, &g.stages, &g.outcomes, &g.tasks, &g.resume_job_id);
+            let r = request(
+                &g.dataset,
+                &g.stage1_checkpoint,
+                &g.base_model,
+                &g.overrides,
+                &g.stages,
+                &g.outcomes,
+                &g.tasks,
+                &g.resume_job_id,
+            );
             // Subscribed before the start: the goal gets the job's first events too.
             let events = c.progress().subscribe();
             let started = start(&c, &svc, r);
@@ -191,7 +236,11 @@ pub fn main() -> Result<()> {
             let job_id = match started {
                 StartResponse::Accepted { job_id } => job_id,
                 StartResponse::Rejected(why) => {
-                    let result = action::FineTune::Result { state: "rejected".into(), summary: format!("{}: {why}", why.code()), ..Default::default() };
+                    let result = action::FineTune::Result {
+                        state: "rejected".into(),
+                        summary: format!("{}: {why}", why.code()),
+                        ..Default::default()
+                    };
                     if let Err(e) = goal.abort(result) {
                         tracing::error!("finetune: could not answer a rejected goal: {e}");
                     }
@@ -267,7 +316,12 @@ async fn follow_goal(
         }
     }
     let checkpoint = last.lock().ok().and_then(|m| m.get(&job_id).cloned()).unwrap_or_default();
-    let result = |state: &str, summary: String| action::FineTune::Result { state: state.into(), job_id: job_id.clone(), checkpoint: checkpoint.clone(), summary };
+    let result = |state: &str, summary: String| action::FineTune::Result {
+        state: state.into(),
+        job_id: job_id.clone(),
+        checkpoint: checkpoint.clone(),
+        summary,
+    };
     let sent = match outcome {
         Some(JobOutcome::Completed { summary }) => goal.succeed(result("done", summary.to_string())),
         // r2r moves a goal whose cancel was accepted to `canceling` itself (and forgets its
@@ -275,7 +329,11 @@ async fn follow_goal(
         // the goal executing: it aborts then.
         Some(JobOutcome::Cancelled { summary }) => {
             let r = result("cancelled", summary.to_string());
-            if cancel_accepted { goal.cancel(r) } else { goal.abort(r) }
+            if cancel_accepted {
+                goal.cancel(r)
+            } else {
+                goal.abort(r)
+            }
         }
         Some(JobOutcome::Failed { error }) => goal.abort(result("failed", error)),
         None => goal.abort(result("failed", "the job's outcome was lost (another job replaced it)".into())),
@@ -286,7 +344,11 @@ async fn follow_goal(
 }
 
 /// Sends `ev` as the goal's feedback, stamped by the node clock.
-fn feedback(goal: &r2r::ActionServerGoal<action::FineTune::Action>, ev: &crate::train::progress::ProgressEvent, clock: &super::clock::NodeClock) {
+fn feedback(
+    goal: &r2r::ActionServerGoal<action::FineTune::Action>,
+    ev: &crate::train::progress::ProgressEvent,
+    clock: &super::clock::NodeClock,
+) {
     if let Err(e) = goal.publish_feedback(action::FineTune::Feedback { progress: progress_msg(ev, clock.now()) }) {
         tracing::warn!("finetune feedback: {e}");
     }
@@ -306,6 +368,8 @@ fn cancel_running(rt: &tokio::runtime::Runtime, jobs: &JobController<StartReques
     }));
     match ended {
         Ok(()) => tracing::info!("job {job_id} cancelled; its state is saved (resume it with the same runs folder)"),
-        Err(_) => tracing::warn!("job {job_id} did not reach a step boundary within {grace:?}; its last saved state is kept"),
+        Err(_) => {
+            tracing::warn!("job {job_id} did not reach a step boundary within {grace:?}; its last saved state is kept")
+        }
     }
 }

@@ -349,7 +349,11 @@ impl ControlCore {
         self.status.message = match command {
             OperatorCommand::Enable(on) => {
                 self.status.enabled = *on;
-                if *on { "enabled: publishing actions".into() } else { DISABLED.into() }
+                if *on {
+                    "enabled: publishing actions".into()
+                } else {
+                    DISABLED.into()
+                }
             }
             OperatorCommand::Pin(Some(v)) if *v == self.status.active_version => {
                 self.status.pinned_version = v.clone();
@@ -371,11 +375,16 @@ impl ControlCore {
                     None => "unpinned: following announcements".into(),
                 }
             }
-            OperatorCommand::RollBack if self.previous.is_none() => return refuse(format!("no previous version to roll back to ({loaded})")),
+            OperatorCommand::RollBack if self.previous.is_none() => {
+                return refuse(format!("no previous version to roll back to ({loaded})"))
+            }
             OperatorCommand::RollBack => {
                 self.swap_active_and_previous();
                 self.status.pinned_version = self.status.active_version.clone();
-                format!("rolled back to {} (pinned; {} kept as previous)", self.status.active_version, self.status.previous_version)
+                format!(
+                    "rolled back to {} (pinned; {} kept as previous)",
+                    self.status.active_version, self.status.previous_version
+                )
             }
         };
         Ok(self.status.message.clone())
@@ -394,7 +403,10 @@ impl ControlCore {
         while let Ok(outcome) = self.swaps.try_recv() {
             match outcome {
                 SwapOutcome::Ready(p) if self.pinned().is_some() => {
-                    self.status.message = format!("pinned {}: {} is ready and waits until unpinned", self.status.pinned_version, p.meta.version);
+                    self.status.message = format!(
+                        "pinned {}: {} is ready and waits until unpinned",
+                        self.status.pinned_version, p.meta.version
+                    );
                     tracing::info!("{}", self.status.message);
                     self.waiting = Some(*p);
                 }
@@ -418,7 +430,12 @@ impl ControlCore {
             None => format!("activated {} ({validated})", meta.version),
         };
         tracing::info!("{}", self.status.message);
-        self.notify(RuntimeNotice::Activated { version: meta.version.clone(), validated: features.is_some(), announced_at, at: self.clock.now() });
+        self.notify(RuntimeNotice::Activated {
+            version: meta.version.clone(),
+            validated: features.is_some(),
+            announced_at,
+            at: self.clock.now(),
+        });
         let slot = Slot { meta, model, features, announced_at: Some(announced_at) };
         if let Some(old) = self.previous.take() {
             retire(old);
@@ -434,8 +451,13 @@ impl ControlCore {
                 Ok(f) => {
                     self.status.vl_refreshes += 1;
                     self.status.last_vl_refresh_ms = Some(r.took.as_secs_f64() * 1e3);
-                    self.notify(RuntimeNotice::VlRefreshed { version: r.version.clone(), obs_taken_at: f.obs_taken_at, took: r.took });
-                    let slot = self.active.iter_mut().chain(self.previous.iter_mut()).find(|s| s.meta.version == r.version);
+                    self.notify(RuntimeNotice::VlRefreshed {
+                        version: r.version.clone(),
+                        obs_taken_at: f.obs_taken_at,
+                        took: r.took,
+                    });
+                    let slot =
+                        self.active.iter_mut().chain(self.previous.iter_mut()).find(|s| s.meta.version == r.version);
                     if let Some(s) = slot {
                         if s.features.as_ref().is_none_or(|old| old.obs_taken_at <= f.obs_taken_at) {
                             s.features = Some(f);
@@ -468,11 +490,15 @@ impl ControlCore {
                 }
                 let list = stale.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
                 let held = match (self.cfg.stale_behavior, &self.last_action) {
-                    (StaleBehavior::Hold, Some(last)) if self.status.enabled => Some(ActionEvent { tick: slot.index, held: true, ..last.clone() }),
+                    (StaleBehavior::Hold, Some(last)) if self.status.enabled => {
+                        Some(ActionEvent { tick: slot.index, held: true, ..last.clone() })
+                    }
                     _ => None,
                 };
-                self.status.message =
-                    format!("stale input: {list}; {}", if held.is_some() { "holding the last action" } else { "publishing no action" });
+                self.status.message = format!(
+                    "stale input: {list}; {}",
+                    if held.is_some() { "holding the last action" } else { "publishing no action" }
+                );
                 return held;
             }
         };
@@ -511,7 +537,11 @@ impl ControlCore {
                         failed = s.meta.version.clone();
                         retire(s);
                     }
-                    self.notify(RuntimeNotice::RolledBack { from: failed.clone(), to: self.previous.as_ref().map(|p| p.meta.version.clone()), reason: reason.clone() });
+                    self.notify(RuntimeNotice::RolledBack {
+                        from: failed.clone(),
+                        to: self.previous.as_ref().map(|p| p.meta.version.clone()),
+                        reason: reason.clone(),
+                    });
                     match self.previous.take() {
                         Some(prev) => {
                             self.status.rollbacks += 1;
@@ -531,7 +561,13 @@ impl ControlCore {
     }
 }
 
-fn run_model(model: &mut dyn ActionModel, features: &VlFeatures, obs: &Observation, version: &str, io: &IoSpec) -> Result<ActionChunk, String> {
+fn run_model(
+    model: &mut dyn ActionModel,
+    features: &VlFeatures,
+    obs: &Observation,
+    version: &str,
+    io: &IoSpec,
+) -> Result<ActionChunk, String> {
     let mut chunk = model.act_with(features, obs).map_err(|e| e.to_string())?;
     chunk.validate(version, io).map_err(|e| e.to_string())?;
     chunk.version = version.to_string();

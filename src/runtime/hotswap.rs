@@ -74,7 +74,12 @@ pub(crate) struct Acceptance {
     pub base_model_id: Option<String>,
 }
 
-fn prepare(loader: &dyn ModelLoader, accept: &Acceptance, inputs: &InputBuffers, ann: &Announcement) -> Result<Prepared, RuntimeError> {
+fn prepare(
+    loader: &dyn ModelLoader,
+    accept: &Acceptance,
+    inputs: &InputBuffers,
+    ann: &Announcement,
+) -> Result<Prepared, RuntimeError> {
     let meta = loader.verify(&ann.dir)?;
     if meta.version != ann.version {
         return Err(RuntimeError::Checkpoint {
@@ -167,11 +172,17 @@ impl SwapWorker {
 
 /// [`crate::checkpoint::publish::read_latest`] as a runtime error.
 fn read_latest(root: &Path) -> Result<Option<String>, RuntimeError> {
-    crate::checkpoint::publish::read_latest(root).map_err(|e| RuntimeError::Checkpoint { dir: root.to_path_buf(), reason: e.to_string() })
+    crate::checkpoint::publish::read_latest(root)
+        .map_err(|e| RuntimeError::Checkpoint { dir: root.to_path_buf(), reason: e.to_string() })
 }
 
 /// Polls `<root>/latest` every `poll` and announces each new version (`<root>/<version>`).
-pub(crate) fn spawn_watcher(root: PathBuf, poll: Duration, announcer: Announcer, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, RuntimeError> {
+pub(crate) fn spawn_watcher(
+    root: PathBuf,
+    poll: Duration,
+    announcer: Announcer,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, RuntimeError> {
     std::thread::Builder::new()
         .name("vla-ckpt-watch".into())
         .spawn(move || {

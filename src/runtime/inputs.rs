@@ -175,7 +175,9 @@ fn input_err(name: &str, reason: String) -> RuntimeError {
 impl InputBuffers {
     /// Empty buffers for `cfg`, timed by `clock`.
     pub fn new(cfg: InputConfig, clock: Arc<dyn Clock>) -> Result<Self, RuntimeError> {
-        let bad = |field: &str, reason: &str| Err(RuntimeError::Config { field: field.to_string(), reason: reason.to_string() });
+        let bad = |field: &str, reason: &str| {
+            Err(RuntimeError::Config { field: field.to_string(), reason: reason.to_string() })
+        };
         if cfg.sensor.channels == 0 {
             return bad("sensor.channels", "must be at least 1");
         }
@@ -212,17 +214,25 @@ impl InputBuffers {
 
     /// Stores the newest frame of camera `camera` (RGB8, `width * height * 3` bytes).
     pub fn push_frame(&self, camera: &str, image: RgbImage, stamp_ns: i64) -> Result<(), RuntimeError> {
-        let idx = self
-            .cfg
-            .cameras
-            .iter()
-            .position(|c| c.name == camera)
-            .ok_or_else(|| input_err(camera, format!("unknown camera; configured: {:?}", self.cfg.cameras.iter().map(|c| &c.name).collect::<Vec<_>>())))?;
+        let idx = self.cfg.cameras.iter().position(|c| c.name == camera).ok_or_else(|| {
+            input_err(
+                camera,
+                format!(
+                    "unknown camera; configured: {:?}",
+                    self.cfg.cameras.iter().map(|c| &c.name).collect::<Vec<_>>()
+                ),
+            )
+        })?;
         let want = image.width as usize * image.height as usize * 3;
         if image.data.len() != want || want == 0 {
             return Err(input_err(
                 camera,
-                format!("RGB8 image {}x{} needs {want} bytes (non-empty), got {}", image.width, image.height, image.data.len()),
+                format!(
+                    "RGB8 image {}x{} needs {want} bytes (non-empty), got {}",
+                    image.width,
+                    image.height,
+                    image.data.len()
+                ),
             ));
         }
         let now = self.clock.now();
@@ -237,17 +247,26 @@ impl InputBuffers {
         let name = &self.cfg.sensor.name;
         let c = self.cfg.sensor.channels;
         if values.len() != stamps_ns.len() * c {
-            return Err(input_err(name, format!("{} values for {} samples of {c} channels", values.len(), stamps_ns.len())));
+            return Err(input_err(
+                name,
+                format!("{} values for {} samples of {c} channels", values.len(), stamps_ns.len()),
+            ));
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(input_err(name, format!("non-finite value {} in sample {}, channel {}", values[i], i / c, i % c)));
+            return Err(input_err(
+                name,
+                format!("non-finite value {} in sample {}, channel {}", values[i], i / c, i % c),
+            ));
         }
         let now = self.clock.now();
         let mut latest = self.lock();
         let mut prev = latest.sensor.last_stamp();
         for &s in stamps_ns {
             if prev.is_some_and(|p| s <= p) {
-                return Err(input_err(name, format!("sample stamp {s} ns does not increase (previous {} ns)", prev.unwrap_or(0))));
+                return Err(input_err(
+                    name,
+                    format!("sample stamp {s} ns does not increase (previous {} ns)", prev.unwrap_or(0)),
+                ));
             }
             prev = Some(s);
         }

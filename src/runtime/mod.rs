@@ -28,6 +28,6 @@ pub use inputs::{CameraInput, InputBuffers, InputConfig, SensorInput, Snapshot, 
 pub use model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 pub use operator::{Operator, OperatorCommand, OperatorReply};
 pub use runner::{build, start, RuntimeConfig, RuntimeHandle, WatchConfig};
-pub use vla::{action_seed, VlaLoader};
 pub use schedule::{TickScheduler, TickSlot};
 pub use types::{ActionChunk, CameraFrame, CheckpointMeta, IoSpec, Observation, RobotState, SensorWindow, VlFeatures};
+pub use vla::{action_seed, VlaLoader};

@@ -58,7 +58,10 @@ impl Operator {
     pub fn send(&self, command: OperatorCommand) -> oneshot::Receiver<OperatorReply> {
         let (reply, answer) = oneshot::channel();
         if let Err(mpsc::SendError(req)) = self.tx.send(OperatorRequest { command, reply }) {
-            let _ = req.reply.send(Err(RuntimeError::Operator { command: req.command.to_string(), reason: "the control loop has stopped".into() }));
+            let _ = req.reply.send(Err(RuntimeError::Operator {
+                command: req.command.to_string(),
+                reason: "the control loop has stopped".into(),
+            }));
         }
         answer
     }

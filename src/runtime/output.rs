@@ -47,7 +47,10 @@ pub struct PoseDelta {
 
 fn first_step(chunk: &ActionChunk) -> Result<[f64; 6], String> {
     if chunk.action_dim < 6 || chunk.values.len() < 6 {
-        return Err(format!("chunk of {} has action_dim {}; a robot command needs 6 (dx dy dz mm, droll dpitch dyaw deg)", chunk.version, chunk.action_dim));
+        return Err(format!(
+            "chunk of {} has action_dim {}; a robot command needs 6 (dx dy dz mm, droll dpitch dyaw deg)",
+            chunk.version, chunk.action_dim
+        ));
     }
     let mut s = [0.0; 6];
     for (d, v) in s.iter_mut().zip(&chunk.values) {
@@ -63,7 +66,10 @@ pub fn twist(chunk: &ActionChunk) -> Result<Twist, String> {
     if !(dt > 0.0 && dt.is_finite()) {
         return Err(format!("chunk of {} has step period {dt} s; expected a positive number", chunk.version));
     }
-    Ok(Twist { linear: [s[0] / 1e3 / dt, s[1] / 1e3 / dt, s[2] / 1e3 / dt], angular: [s[3].to_radians() / dt, s[4].to_radians() / dt, s[5].to_radians() / dt] })
+    Ok(Twist {
+        linear: [s[0] / 1e3 / dt, s[1] / 1e3 / dt, s[2] / 1e3 / dt],
+        angular: [s[3].to_radians() / dt, s[4].to_radians() / dt, s[5].to_radians() / dt],
+    })
 }
 
 /// The first step as a relative pose (rotation from roll, pitch, yaw applied as Rz Ry Rx).
@@ -73,7 +79,12 @@ pub fn pose_delta(chunk: &ActionChunk) -> Result<PoseDelta, String> {
     let (cr, sr, cp, sp, cy, sy) = (r.cos(), r.sin(), p.cos(), p.sin(), y.cos(), y.sin());
     Ok(PoseDelta {
         position: [s[0] / 1e3, s[1] / 1e3, s[2] / 1e3],
-        orientation: [sr * cp * cy - cr * sp * sy, cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy, cr * cp * cy + sr * sp * sy],
+        orientation: [
+            sr * cp * cy - cr * sp * sy,
+            cr * sp * cy + sr * cp * sy,
+            cr * cp * sy - sr * sp * cy,
+            cr * cp * cy + sr * sp * sy,
+        ],
     })
 }
 
@@ -94,7 +105,13 @@ mod tests {
         // 90 degrees of yaw: quaternion (0, 0, sin 45, cos 45).
         let p = pose_delta(&chunk([1.0, 0.0, 0.0, 0.0, 0.0, 90.0, 0.0])).unwrap();
         let h = std::f64::consts::FRAC_1_SQRT_2;
-        assert!(close(p.position[0], 1e-3) && close(p.orientation[2], h) && close(p.orientation[3], h) && close(p.orientation[0], 0.0), "{p:?}");
+        assert!(
+            close(p.position[0], 1e-3)
+                && close(p.orientation[2], h)
+                && close(p.orientation[3], h)
+                && close(p.orientation[0], 0.0),
+            "{p:?}"
+        );
         // 90 degrees of roll: (sin 45, 0, 0, cos 45).
         let p = pose_delta(&chunk([0.0, 0.0, 0.0, 90.0, 0.0, 0.0, 0.0])).unwrap();
         assert!(close(p.orientation[0], h) && close(p.orientation[3], h), "{p:?}");

@@ -95,7 +95,11 @@ impl Drop for Refresher {
 /// Runs the encoder; a panic inside it becomes a model error naming the version.
 fn run_encoder(encoder: &mut dyn VlEncoder, version: &str, obs: &Observation) -> Result<VlFeatures, RuntimeError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encoder.features(obs))).unwrap_or_else(|p| {
-        let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
         Err(RuntimeError::Model { version: version.to_string(), reason: format!("the VL encoder panicked: {what}") })
     })
 }
@@ -142,7 +146,13 @@ mod tests {
 
     fn obs() -> Arc<Observation> {
         let sensor = crate::runtime::types::SensorWindow { channels: 1, values: vec![0.0], stamps_ns: vec![0] };
-        Arc::new(Observation { frames: Vec::new(), sensor, state: None, instruction: String::new(), taken_at: Duration::ZERO })
+        Arc::new(Observation {
+            frames: Vec::new(),
+            sensor,
+            state: None,
+            instruction: String::new(),
+            taken_at: Duration::ZERO,
+        })
     }
 
     /// Sleeps, then records that it finished, or panics.

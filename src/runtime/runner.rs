@@ -121,7 +121,11 @@ impl Drop for RuntimeHandle {
 /// Builds the runtime without starting the control loop: the caller drives the returned
 /// [`ControlCore`] (tick by tick in tests, or [`ControlCore::run`] on a thread of its choice).
 /// The hot-swap thread, the VL refresh thread and the folder watcher run already.
-pub fn build(cfg: RuntimeConfig, loader: Arc<dyn ModelLoader>, clock: Arc<dyn Clock>) -> Result<(ControlCore, RuntimeHandle), RuntimeError> {
+pub fn build(
+    cfg: RuntimeConfig,
+    loader: Arc<dyn ModelLoader>,
+    clock: Arc<dyn Clock>,
+) -> Result<(ControlCore, RuntimeHandle), RuntimeError> {
     cfg.validate()?;
     let io = cfg.io_spec();
     let inputs = Arc::new(InputBuffers::new(cfg.inputs.clone(), clock.clone())?);
@@ -137,12 +141,27 @@ pub fn build(cfg: RuntimeConfig, loader: Arc<dyn ModelLoader>, clock: Arc<dyn Cl
     let (status_tx, status) = watch::channel(PolicyStatus::default());
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let (operator, operator_rx) = Operator::channel();
-    let core = ControlCore::new(cfg.control.clone(), io, clock, inputs.clone(), worker.outcomes, operator_rx, refresher, events_tx, status_tx, notices_tx);
+    let core = ControlCore::new(
+        cfg.control.clone(),
+        io,
+        clock,
+        inputs.clone(),
+        worker.outcomes,
+        operator_rx,
+        refresher,
+        events_tx,
+        status_tx,
+        notices_tx,
+    );
     Ok((core, RuntimeHandle { inputs, announcer: worker.announcer, events, status, notices, operator, stop, threads }))
 }
 
 /// Builds the runtime and runs its control loop on a dedicated thread (`vla-control`).
-pub fn start(cfg: RuntimeConfig, loader: Arc<dyn ModelLoader>, clock: Arc<dyn Clock>) -> Result<RuntimeHandle, RuntimeError> {
+pub fn start(
+    cfg: RuntimeConfig,
+    loader: Arc<dyn ModelLoader>,
+    clock: Arc<dyn Clock>,
+) -> Result<RuntimeHandle, RuntimeError> {
     let (core, mut handle) = build(cfg, loader, clock)?;
     let stop = handle.stop.clone();
     let t = std::thread::Builder::new()

@@ -119,7 +119,10 @@ impl ActionChunk {
 
     /// Checks the size against `io` and that every value is finite.
     pub fn validate(&self, version: &str, io: &IoSpec) -> Result<(), RuntimeError> {
-        if self.horizon != io.horizon || self.action_dim != io.action_dim || self.values.len() != io.horizon * io.action_dim {
+        if self.horizon != io.horizon
+            || self.action_dim != io.action_dim
+            || self.values.len() != io.horizon * io.action_dim
+        {
             return Err(RuntimeError::ActionShape {
                 version: version.to_string(),
                 actual: self.values.len(),
@@ -171,7 +174,12 @@ impl IoSpec {
         ];
         for (field, expected, got) in fields {
             if expected != got {
-                return Err(RuntimeError::Incompatible { version: version.to_string(), field: field.to_string(), expected, actual: got });
+                return Err(RuntimeError::Incompatible {
+                    version: version.to_string(),
+                    field: field.to_string(),
+                    expected,
+                    actual: got,
+                });
             }
         }
         Ok(())

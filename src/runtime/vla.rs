@@ -18,8 +18,8 @@ use tch::{nn, Device, Kind, Tensor};
 use super::error::RuntimeError;
 use super::model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 use super::types::{ActionChunk, CheckpointMeta, IoSpec, Observation, VlFeatures};
-use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadFeatures};
 use crate::checkpoint::deploy::{DeployInfo, HEADS_FILE};
+use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadFeatures};
 use crate::vlm::linear::VisitLinears;
 use crate::vlm::peft::{load_adapter, read_adapter_config, ADAPTER_CONFIG};
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -70,7 +70,11 @@ impl VlaLoader {
 
     /// The VL model a version computes features with: the shared base for a heads-only version,
     /// a weight-sharing copy with the adapter's LoRA layers otherwise.
-    fn version_model(&self, dir: &Path, adapter: Option<&str>) -> Result<(Arc<Mutex<Qwen25VL>>, Option<nn::VarStore>), RuntimeError> {
+    fn version_model(
+        &self,
+        dir: &Path,
+        adapter: Option<&str>,
+    ) -> Result<(Arc<Mutex<Qwen25VL>>, Option<nn::VarStore>), RuntimeError> {
         let Some(rel) = adapter else { return Ok((self.vlm.clone(), None)) };
         let mut model = {
             let base = self.vlm.lock().map_err(|_| ck_err(dir, "base VL model lock poisoned"))?;
@@ -88,13 +92,19 @@ impl VlaLoader {
     fn check_adapter(&self, dir: &Path, rel: &str) -> Result<(), RuntimeError> {
         let inside = Path::new(rel).components().all(|c| matches!(c, std::path::Component::Normal(_)));
         if rel.is_empty() || !inside {
-            return Err(ck_err(dir, format!("deploy.json: adapter `{rel}`: expected a folder name inside the checkpoint")));
+            return Err(ck_err(
+                dir,
+                format!("deploy.json: adapter `{rel}`: expected a folder name inside the checkpoint"),
+            ));
         }
         let adir = dir.join(rel);
         let (config, _) = read_adapter_config(&adir).map_err(|e| ck_err(dir, format!("adapter: {e}")))?;
         let mut selected = 0;
         for path in &self.linears {
-            if config.selects(path).map_err(|e| ck_err(dir, format!("adapter: {}: {e}", adir.join(ADAPTER_CONFIG).display())))? {
+            if config
+                .selects(path)
+                .map_err(|e| ck_err(dir, format!("adapter: {}: {e}", adir.join(ADAPTER_CONFIG).display())))?
+            {
                 selected += 1;
             }
         }
@@ -128,7 +138,15 @@ impl ModelLoader for VlaLoader {
         let deploy = DeployInfo::read(dir).map_err(|e| ck_err(dir, e))?;
         if deploy.base_model_id != self.base_id {
             let note = crate::checkpoint::model_id::older_scheme_note(&deploy.base_model_id);
-            return Err(ck_err(dir, format!("deploy.json: base_model_id {}, but the loaded base model {} is {}{note}", deploy.base_model_id, self.base_dir.display(), self.base_id)));
+            return Err(ck_err(
+                dir,
+                format!(
+                    "deploy.json: base_model_id {}, but the loaded base model {} is {}{note}",
+                    deploy.base_model_id,
+                    self.base_dir.display(),
+                    self.base_id
+                ),
+            ));
         }
         let image = &self.processor.image;
         if (deploy.processor.min_pixels, deploy.processor.max_pixels) != (image.min_pixels, image.max_pixels) {
@@ -172,7 +190,12 @@ impl ModelLoader for VlaLoader {
         ];
         for (field, heads_value, deploy_value) in checks {
             if heads_value != deploy_value {
-                return Err(RuntimeError::Incompatible { version: meta.version.clone(), field: field.into(), expected: deploy_value.to_string(), actual: heads_value.to_string() });
+                return Err(RuntimeError::Incompatible {
+                    version: meta.version.clone(),
+                    field: field.into(),
+                    expected: deploy_value.to_string(),
+                    actual: heads_value.to_string(),
+                });
             }
         }
         let pooling = match deploy.pooling.as_str() {
@@ -184,8 +207,19 @@ impl ModelLoader for VlaLoader {
         let steps = if self.ddim_steps > 0 { self.ddim_steps } else { deploy.ddim_steps };
         let (vlm, adapter_vars) = self.version_model(dir, deploy.adapter.as_deref())?;
         Ok(LoadedModel {
-            encoder: Box::new(Encoder { vlm, _adapter_vars: adapter_vars, processor: self.processor.clone(), pooling, version: meta.version.clone() }),
-            model: Box::new(Heads { heads, version: meta.version.clone(), steps, step_period_s: deploy.step_period_s as f32 }),
+            encoder: Box::new(Encoder {
+                vlm,
+                _adapter_vars: adapter_vars,
+                processor: self.processor.clone(),
+                pooling,
+                version: meta.version.clone(),
+            }),
+            model: Box::new(Heads {
+                heads,
+                version: meta.version.clone(),
+                steps,
+                step_period_s: deploy.step_period_s as f32,
+            }),
         })
     }
 }
@@ -201,12 +235,16 @@ struct Encoder {
 
 impl VlEncoder for Encoder {
     fn features(&mut self, obs: &Observation) -> Result<VlFeatures, RuntimeError> {
-        let err = |e: &dyn std::fmt::Display| RuntimeError::Model { version: self.version.clone(), reason: format!("VL features: {e}") };
+        let err = |e: &dyn std::fmt::Display| RuntimeError::Model {
+            version: self.version.clone(),
+            reason: format!("VL features: {e}"),
+        };
         let images: Vec<_> = obs.frames.iter().map(|f| f.image.as_ref().clone()).collect();
         let sample = self.processor.sample(&images, &obs.instruction).map_err(|e| err(&e))?;
         let batch = self.processor.collate(&[sample]).map_err(|e| err(&e))?;
         let vlm = self.vlm.lock().map_err(|_| err(&"VL model lock poisoned"))?;
-        let pooled = tch::no_grad(|| vlm.forward(&batch, false)).and_then(|f| f.pooled(self.pooling)).map_err(|e| err(&e))?;
+        let pooled =
+            tch::no_grad(|| vlm.forward(&batch, false)).and_then(|f| f.pooled(self.pooling)).map_err(|e| err(&e))?;
         Ok(VlFeatures::new(pooled.detach()))
     }
 }
@@ -230,21 +268,40 @@ impl ActionModel for Heads {
     }
 
     fn act_with(&mut self, features: &VlFeatures, obs: &Observation) -> Result<ActionChunk, RuntimeError> {
-        let err = |e: &dyn std::fmt::Display| RuntimeError::Model { version: self.version.clone(), reason: e.to_string() };
+        let err =
+            |e: &dyn std::fmt::Display| RuntimeError::Model { version: self.version.clone(), reason: e.to_string() };
         let pooled = features.get::<Tensor>().ok_or_else(|| err(&"VL features of another model type"))?;
         let ch = obs.sensor.channels;
         // Host tensors: the heads move their inputs to their own device.
-        let sensor = Tensor::from_slice(&obs.sensor.values).reshape([1, (obs.sensor.values.len() / ch.max(1)) as i64, ch as i64]);
+        let sensor = Tensor::from_slice(&obs.sensor.values).reshape([
+            1,
+            (obs.sensor.values.len() / ch.max(1)) as i64,
+            ch as i64,
+        ]);
         let vl = HeadFeatures::pooled(pooled.shallow_clone());
         let c = self.heads.config();
         let state = match (&obs.state, c.state_dim) {
             (_, 0) => None,
             (Some(s), d) => Some(Tensor::from_slice(&s.values).to_kind(Kind::Float).reshape([1, d])),
-            (None, d) => return Err(err(&format!("the heads use a robot state of {d} values, but no state input is configured"))),
+            (None, d) => {
+                return Err(err(&format!(
+                    "the heads use a robot state of {d} values, but no state input is configured"
+                )))
+            }
         };
         let seed = action_seed(obs);
-        let out = self.heads.sample(&CondInput { vl: &vl, sensor: &sensor, state: state.as_ref() }, self.steps, seed).map_err(|e| err(&e))?;
-        let values = Vec::<f32>::try_from(out.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).map_err(|e| err(&e))?;
-        Ok(ActionChunk { version: self.version.clone(), horizon: c.expert.horizon as usize, action_dim: c.expert.action_dim as usize, step_period_s: self.step_period_s, values })
+        let out = self
+            .heads
+            .sample(&CondInput { vl: &vl, sensor: &sensor, state: state.as_ref() }, self.steps, seed)
+            .map_err(|e| err(&e))?;
+        let values =
+            Vec::<f32>::try_from(out.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).map_err(|e| err(&e))?;
+        Ok(ActionChunk {
+            version: self.version.clone(),
+            horizon: c.expert.horizon as usize,
+            action_dim: c.expert.action_dim as usize,
+            step_period_s: self.step_period_s,
+            values,
+        })
     }
 }

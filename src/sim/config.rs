@@ -31,7 +31,16 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { seed: 0, cameras: 2, width: 640, height: 360, camera_hz: 10.0, sensor_hz: 650.0, sensor_channels: 1026, pose_hz: 100.0 }
+        SimConfig {
+            seed: 0,
+            cameras: 2,
+            width: 640,
+            height: 360,
+            camera_hz: 10.0,
+            sensor_hz: 650.0,
+            sensor_channels: 1026,
+            pose_hz: 100.0,
+        }
     }
 }
 
@@ -60,7 +69,15 @@ impl SimConfig {
         let camera_age = 1500.0 / self.camera_hz;
         let mut c = StreamConfig {
             cameras: (0..self.cameras)
-                .map(|i| StreamSpec { name: format!("camera{i}"), topic: camera_topic(i), msg_type: MsgType::Image.name().into(), max_age_ms: Some(camera_age), channels: None, rate_hz: Some(self.camera_hz), qos: Some(best_effort(10)) })
+                .map(|i| StreamSpec {
+                    name: format!("camera{i}"),
+                    topic: camera_topic(i),
+                    msg_type: MsgType::Image.name().into(),
+                    max_age_ms: Some(camera_age),
+                    channels: None,
+                    rate_hz: Some(self.camera_hz),
+                    qos: Some(best_effort(10)),
+                })
                 .collect(),
             sensors: vec![StreamSpec {
                 name: "oct".into(),
@@ -71,7 +88,15 @@ impl SimConfig {
                 rate_hz: Some(self.sensor_hz),
                 qos: Some(reliable(1000)),
             }],
-            state: StreamSpec { name: "pose".into(), topic: POSE_TOPIC.into(), msg_type: MsgType::PoseStamped.name().into(), max_age_ms: Some(30.0), channels: None, rate_hz: Some(self.pose_hz), qos: Some(reliable(1000)) },
+            state: StreamSpec {
+                name: "pose".into(),
+                topic: POSE_TOPIC.into(),
+                msg_type: MsgType::PoseStamped.name().into(),
+                max_age_ms: Some(30.0),
+                channels: None,
+                rate_hz: Some(self.pose_hz),
+                qos: Some(reliable(1000)),
+            },
             command: None,
         };
         c.validate("simulator").expect("simulator mapping is valid");

@@ -133,7 +133,13 @@ impl Iterator for SimEpisode {
                     step: self.cfg.width * 3,
                     data,
                 };
-                SimMessage { topic: self.camera_topics[i].clone(), type_name: MsgType::Image.name(), cdr: img.encode(), stamp_ns: t, recv_ns: t + latency }
+                SimMessage {
+                    topic: self.camera_topics[i].clone(),
+                    type_name: MsgType::Image.name(),
+                    cdr: img.encode(),
+                    stamp_ns: t,
+                    recv_ns: t + latency,
+                }
             }
             Kind::Sensor => {
                 let latency = self.rng.gen_range(200_000..1_000_000);
@@ -144,13 +150,29 @@ impl Iterator for SimEpisode {
                     values,
                     layout: format!("force,ascan[{}]", self.cfg.sensor_channels - 1),
                 };
-                SimMessage { topic: SENSOR_TOPIC.into(), type_name: MsgType::SensorFrame.name(), cdr: f.encode(), stamp_ns: t, recv_ns: t + latency }
+                SimMessage {
+                    topic: SENSOR_TOPIC.into(),
+                    type_name: MsgType::SensorFrame.name(),
+                    cdr: f.encode(),
+                    stamp_ns: t,
+                    recv_ns: t + latency,
+                }
             }
             Kind::Pose => {
                 let latency = self.rng.gen_range(500_000..2_000_000);
                 let measured = tool.measured(&mut self.rng);
-                let p = PoseStamped { header: Header { frame_id: "base".into(), ..header }, position: measured.position_m(), orientation: measured.quaternion() };
-                SimMessage { topic: POSE_TOPIC.into(), type_name: MsgType::PoseStamped.name(), cdr: p.encode(), stamp_ns: t, recv_ns: t + latency }
+                let p = PoseStamped {
+                    header: Header { frame_id: "base".into(), ..header },
+                    position: measured.position_m(),
+                    orientation: measured.quaternion(),
+                };
+                SimMessage {
+                    topic: POSE_TOPIC.into(),
+                    type_name: MsgType::PoseStamped.name(),
+                    cdr: p.encode(),
+                    stamp_ns: t,
+                    recv_ns: t + latency,
+                }
             }
         };
         Some(msg)

@@ -29,7 +29,14 @@ const NOTCH_RGB: [u8; 3] = [255, 255, 255];
 impl CameraView {
     /// Prepares view `index` of `scene`.
     pub fn new(index: usize, width: u32, height: u32, scene: &Scene) -> CameraView {
-        let mut v = CameraView { index, width, height, offset_mm: scene.camera_offset_mm[index % 4], light: scene.light, background: Vec::new() };
+        let mut v = CameraView {
+            index,
+            width,
+            height,
+            offset_mm: scene.camera_offset_mm[index % 4],
+            light: scene.light,
+            background: Vec::new(),
+        };
         let (w, h) = (width as usize, height as usize);
         let tint = [(index * 37 % 60) as u8, (index * 23 % 40) as u8, (index * 53 % 50) as u8];
         let mut bg = vec![0u8; w * h * 3];
@@ -50,7 +57,11 @@ impl CameraView {
             if index % 2 == 0 {
                 // A white notch shows the disk's yaw; the target's is the yaw the tool must reach.
                 let a = d.yaw_deg.to_radians();
-                v.disk([d.mm[0] + 0.6 * DISK_MM * a.cos(), d.mm[1] + 0.6 * DISK_MM * a.sin(), d.mm[2]], 0.25 * r, NOTCH_RGB);
+                v.disk(
+                    [d.mm[0] + 0.6 * DISK_MM * a.cos(), d.mm[1] + 0.6 * DISK_MM * a.sin(), d.mm[2]],
+                    0.25 * r,
+                    NOTCH_RGB,
+                );
             }
         }
         let light = v.light;
@@ -111,7 +122,11 @@ impl CameraView {
             let steps = (3.0 * TOOL_MM * self.scale()).ceil() as usize;
             for i in 0..=steps {
                 let d = i as f64 / self.scale();
-                let (x, y) = self.project([tool.position_mm[0] + d * a.cos(), tool.position_mm[1] + d * a.sin(), tool.position_mm[2]]);
+                let (x, y) = self.project([
+                    tool.position_mm[0] + d * a.cos(),
+                    tool.position_mm[1] + d * a.sin(),
+                    tool.position_mm[2],
+                ]);
                 self.fill(&mut img, (x - 0.5, y - 0.5), (x + 0.5, y + 0.5), notch);
             }
         }

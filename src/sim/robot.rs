@@ -60,7 +60,10 @@ pub struct Robot {
 impl Robot {
     /// Starts at a random pose above the work surface.
     pub fn new(scene: &Scene, rng: &mut StdRng) -> Robot {
-        let pose = ToolPose { position_mm: [rng.gen_range(-80.0..80.0), rng.gen_range(-50.0..50.0), rng.gen_range(35.0..50.0)], yaw_deg: wrap_deg(rng.gen_range(-180.0..180.0)) };
+        let pose = ToolPose {
+            position_mm: [rng.gen_range(-80.0..80.0), rng.gen_range(-50.0..50.0), rng.gen_range(35.0..50.0)],
+            yaw_deg: wrap_deg(rng.gen_range(-180.0..180.0)),
+        };
         Robot { pose, target_mm: scene.target_mm, target_yaw: scene.target_yaw_deg }
     }
 

@@ -5,9 +5,9 @@ use rand::Rng;
 
 use crate::dataset::align::wrap_deg;
 
-
 /// Target colours and their RGB values.
-pub const COLORS: [(&str, [u8; 3]); 4] = [("red", [220, 40, 40]), ("green", [40, 190, 60]), ("blue", [40, 80, 230]), ("yellow", [230, 210, 40])];
+pub const COLORS: [(&str, [u8; 3]); 4] =
+    [("red", [220, 40, 40]), ("green", [40, 190, 60]), ("blue", [40, 80, 230]), ("yellow", [230, 210, 40])];
 
 /// A notched disk on the work surface.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +74,10 @@ impl Scene {
         };
         let mut yaw = || wrap_deg(rng.gen_range(-180.0..180.0));
         let (target_yaw_deg, twin_yaw, distractor_yaw) = (yaw(), yaw(), yaw());
-        let others = vec![Disk { color: COLORS[ti].0, mm: twin_mm, yaw_deg: twin_yaw }, Disk { color: COLORS[di].0, mm: distractor_mm, yaw_deg: distractor_yaw }];
+        let others = vec![
+            Disk { color: COLORS[ti].0, mm: twin_mm, yaw_deg: twin_yaw },
+            Disk { color: COLORS[di].0, mm: distractor_mm, yaw_deg: distractor_yaw },
+        ];
         let brightness = rng.gen_range(0.7..1.2);
         let light = [0; 3].map(|_| brightness * rng.gen_range(0.9..1.1));
         let camera_offset_mm = [[0.0; 2]; 4].map(|_| [rng.gen_range(-6.0..6.0), rng.gen_range(-6.0..6.0)]);

@@ -34,7 +34,15 @@ pub struct EpisodeTruth {
 impl EpisodeTruth {
     /// The truth of `scene` (episode `index` of simulator `seed`) over `[start_ns, end_ns)`.
     pub fn new(scene: &Scene, seed: u64, index: u64, start_ns: i64, end_ns: i64) -> Self {
-        EpisodeTruth { start_ns, end_ns, seed, index, instruction: scene.instruction(), target_mm: scene.target_mm, target_yaw_deg: scene.target_yaw_deg }
+        EpisodeTruth {
+            start_ns,
+            end_ns,
+            seed,
+            index,
+            instruction: scene.instruction(),
+            target_mm: scene.target_mm,
+            target_yaw_deg: scene.target_yaw_deg,
+        }
     }
 }
 
@@ -96,7 +104,13 @@ pub fn read(path: &Path) -> Result<Vec<EpisodeTruth>, TruthError> {
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| TruthError::Parse { path: path.to_path_buf(), line: i + 1, reason: e.to_string() }))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| TruthError::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: e.to_string(),
+            })
+        })
         .collect::<Result<Vec<EpisodeTruth>, _>>()?;
     truths.sort_by_key(|t| t.start_ns);
     if let Some(w) = truths.windows(2).find(|w| w[1].start_ns < w[0].end_ns) {

@@ -69,7 +69,8 @@ impl ActionAxes {
 
     /// Mean over the varying dimensions of `err[k] / std[k]` (0 when none varies).
     pub fn normalized(&self, err: &[f64]) -> f64 {
-        let v: Vec<f64> = (0..self.std.len().min(err.len())).filter(|&k| self.varies(k)).map(|k| err[k] / self.std[k]).collect();
+        let v: Vec<f64> =
+            (0..self.std.len().min(err.len())).filter(|&k| self.varies(k)).map(|k| err[k] / self.std[k]).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     }
 
@@ -86,7 +87,9 @@ impl ActionAxes {
     /// The per-dimension errors of `metrics` (from [`Self::metrics`]) in dimension order; empty
     /// when it holds none.
     pub fn per_dim(&self, metrics: &BTreeMap<String, f64>) -> Vec<f64> {
-        let v: Option<Vec<f64>> = (0..self.names.len()).map(|k| metrics.get(&format!("{PER_DIM_PREFIX}{}", self.label(k))).copied()).collect();
+        let v: Option<Vec<f64>> = (0..self.names.len())
+            .map(|k| metrics.get(&format!("{PER_DIM_PREFIX}{}", self.label(k))).copied())
+            .collect();
         v.unwrap_or_default()
     }
 
@@ -95,7 +98,12 @@ impl ActionAxes {
         err.iter()
             .enumerate()
             .take(self.names.len())
-            .map(|(k, &e)| DimError { name: self.names[k].clone(), unit: self.units[k].clone(), error: e, error_std: self.varies(k).then(|| e / self.std[k]) })
+            .map(|(k, &e)| DimError {
+                name: self.names[k].clone(),
+                unit: self.units[k].clone(),
+                error: e,
+                error_std: self.varies(k).then(|| e / self.std[k]),
+            })
             .collect()
     }
 }

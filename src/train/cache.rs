@@ -202,7 +202,8 @@ impl FeatureCache {
                 disk.insert(key, DiskEntry { bytes, tick: 0 });
             }
         }
-        let mut cache = Self { dir, cfg, ram: HashMap::new(), disk, pins: HashSet::new(), tick: 0, stats: CacheStats::default() };
+        let mut cache =
+            Self { dir, cfg, ram: HashMap::new(), disk, pins: HashSet::new(), tick: 0, stats: CacheStats::default() };
         cache.refresh_sizes();
         Ok(cache)
     }
@@ -291,7 +292,9 @@ impl FeatureCache {
 
     /// Indexes every entry file in the folder that is not indexed yet.
     fn index_entries_written_elsewhere(&mut self) -> Result<(), CacheError> {
-        let list = |path: &Path| fs::read_dir(path).map_err(|source| CacheError::Io { op: "list", path: path.to_path_buf(), source });
+        let list = |path: &Path| {
+            fs::read_dir(path).map_err(|source| CacheError::Io { op: "list", path: path.to_path_buf(), source })
+        };
         for shard in list(&self.dir.clone())?.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
             for path in list(&shard)?.flatten().map(|e| e.path()) {
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -334,18 +337,28 @@ impl FeatureCache {
         self.put_entry(key, tensors, Some(owner))
     }
 
-    fn put_entry(&mut self, key: CacheKey, tensors: &[(String, Tensor)], owner: Option<&str>) -> Result<(), CacheError> {
+    fn put_entry(
+        &mut self,
+        key: CacheKey,
+        tensors: &[(String, Tensor)],
+        owner: Option<&str>,
+    ) -> Result<(), CacheError> {
         self.tick += 1;
         let path = self.entry_path(&key);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|source| CacheError::Io { op: "create", path: parent.to_path_buf(), source })?;
+            fs::create_dir_all(parent).map_err(|source| CacheError::Io {
+                op: "create",
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
         let mut meta = HashMap::from([(KEY_META.to_string(), key.hex())]);
         if let Some(owner) = owner {
             meta.insert(OWNER_META.to_string(), owner.to_string());
         }
         tensor_io::write_safetensors_atomic(&path, tensors, Some(meta))?;
-        let bytes = fs::metadata(&path).map_err(|source| CacheError::Io { op: "stat", path: path.clone(), source })?.len();
+        let bytes =
+            fs::metadata(&path).map_err(|source| CacheError::Io { op: "stat", path: path.clone(), source })?.len();
         self.disk.insert(key, DiskEntry { bytes, tick: self.tick });
         let copy = tensors.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
         self.insert_ram(key, copy);
@@ -427,7 +440,11 @@ impl FeatureCache {
             total -= bytes;
         }
         if total > budget {
-            tracing::warn!(disk_bytes = total, budget, "feature cache over its disk budget: the rest is pinned by the running job");
+            tracing::warn!(
+                disk_bytes = total,
+                budget,
+                "feature cache over its disk budget: the rest is pinned by the running job"
+            );
         }
         Ok(())
     }

@@ -98,7 +98,10 @@ mod tests {
         assert!(e.verdict().contains("only 5.0 %") && e.verdict().contains("300.0 % above"), "{}", e.verdict());
         let e = Errors { oracle: (1.8, &c), ..e };
         assert!(e.verdict().starts_with("stage 1 is already within 11.1 % of the oracle floor"), "{}", e.verdict());
-        assert_eq!(e.per_dim()[0], json!({"name": "x", "unit": "mm", "untrained": 9.0, "stage1": 2.0, "stage2": 1.0, "oracle": 0.5}));
+        assert_eq!(
+            e.per_dim()[0],
+            json!({"name": "x", "unit": "mm", "untrained": 9.0, "stage1": 2.0, "stage2": 1.0, "oracle": 0.5})
+        );
         assert!(e.table().contains("x mm") && e.table().lines().count() == 5, "{}", e.table());
     }
 }

@@ -285,7 +285,8 @@ impl std::fmt::Display for ResolvedMemory {
 impl TrainConfig {
     /// Reads `path`, applies `overrides` (`section.key=value`, value in YAML syntax) and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
         Self::from_yaml(&text, &path.display().to_string(), overrides)
     }
 
@@ -301,16 +302,23 @@ impl TrainConfig {
             apply_override(&mut value, spec)?;
             if let (true, Err(e)) = (file_ok, serde_yaml::from_value::<TrainConfig>(value.clone())) {
                 let key = spec.split_once('=').map_or(spec.as_str(), |(k, _)| k.trim());
-                return Err(ConfigError::Parse { origin: format!("--set {spec}"), reason: format!("`{key}` (from --set): {e}") });
+                return Err(ConfigError::Parse {
+                    origin: format!("--set {spec}"),
+                    reason: format!("`{key}` (from --set): {e}"),
+                });
             }
         }
         let mut cfg: TrainConfig = match serde_yaml::from_value(value) {
             Ok(c) => c,
             // The file's own error, with its position.
-            Err(e) => return Err(parse(serde_yaml::from_str::<TrainConfig>(text).err().map_or(e.to_string(), |fe| fe.to_string()))),
+            Err(e) => {
+                return Err(parse(
+                    serde_yaml::from_str::<TrainConfig>(text).err().map_or(e.to_string(), |fe| fe.to_string()),
+                ))
+            }
         };
-        cfg.model.stage1_checkpoint =
-            crate::checkpoint::publish::resolve_checkpoint_dir(&cfg.model.stage1_checkpoint).map_err(|e| invalid("model.stage1_checkpoint", e.to_string()))?;
+        cfg.model.stage1_checkpoint = crate::checkpoint::publish::resolve_checkpoint_dir(&cfg.model.stage1_checkpoint)
+            .map_err(|e| invalid("model.stage1_checkpoint", e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -337,13 +345,21 @@ impl TrainConfig {
             return Err(invalid("data.val_every_epochs", "must be >= 1"));
         }
         if self.distributed.backend != "gloo" {
-            return Err(invalid("distributed.backend", format!("`{}` is not built in (expected gloo)", self.distributed.backend)));
+            return Err(invalid(
+                "distributed.backend",
+                format!("`{}` is not built in (expected gloo)", self.distributed.backend),
+            ));
         }
         if self.distributed.timeout_s == 0 {
             return Err(invalid("distributed.timeout_s", "must be >= 1"));
         }
         let o = &self.optim;
-        for (key, v) in [("optim.lr_vl_lora", o.lr_vl_lora), ("optim.lr_heads", o.lr_heads), ("optim.lr_sensor_encoder", o.lr_sensor_encoder), ("optim.weight_decay", o.weight_decay)] {
+        for (key, v) in [
+            ("optim.lr_vl_lora", o.lr_vl_lora),
+            ("optim.lr_heads", o.lr_heads),
+            ("optim.lr_sensor_encoder", o.lr_sensor_encoder),
+            ("optim.weight_decay", o.weight_decay),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(invalid(key, format!("{v} must be finite and >= 0")));
             }
@@ -370,7 +386,9 @@ impl TrainConfig {
         }
         let m = &self.memory;
         match (m.micro_batch, m.accum_steps) {
-            (Some(0), _) | (_, Some(0)) => return Err(invalid("memory.micro_batch", "micro_batch and accum_steps must be >= 1")),
+            (Some(0), _) | (_, Some(0)) => {
+                return Err(invalid("memory.micro_batch", "micro_batch and accum_steps must be >= 1"))
+            }
             (Some(_), None) | (None, Some(_)) => {
                 return Err(invalid("memory.micro_batch", "give both micro_batch and accum_steps, or neither"))
             }
@@ -412,7 +430,12 @@ impl TrainConfig {
 
     /// AdamW hyper-parameters.
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig { beta1: self.optim.beta1, beta2: self.optim.beta2, eps: self.optim.eps, no_decay: self.optim.no_decay.clone() }
+        AdamWConfig {
+            beta1: self.optim.beta1,
+            beta2: self.optim.beta2,
+            eps: self.optim.eps,
+            no_decay: self.optim.no_decay.clone(),
+        }
     }
 
     /// The schedule for a run of `total_steps` optimizer steps (warmup rounded to whole steps).
@@ -445,18 +468,29 @@ impl TrainConfig {
     /// fitting `accelerator_gib` (the device's free memory, GiB; required then; see
     /// [`VramPresets::best_fit`]); explicit `micro_batch`/`accum_steps` and `lora.rank` override
     /// the preset. The training loop may still halve the micro-batch on out-of-memory.
-    pub fn resolve_memory(&self, presets: &VramPresets, accelerator_gib: Option<f64>) -> Result<ResolvedMemory, ConfigError> {
+    pub fn resolve_memory(
+        &self,
+        presets: &VramPresets,
+        accelerator_gib: Option<f64>,
+    ) -> Result<ResolvedMemory, ConfigError> {
         let m = &self.memory;
         let preset = match m.preset.as_str() {
             "manual" => None,
             "auto" => {
-                let gib = accelerator_gib.ok_or_else(|| invalid("memory.preset", "`auto` needs the accelerator's memory size"))?;
+                let gib = accelerator_gib
+                    .ok_or_else(|| invalid("memory.preset", "`auto` needs the accelerator's memory size"))?;
                 Some(presets.best_fit(gib).ok_or_else(|| {
-                    invalid("memory.preset", format!("no preset fits {gib:.1} GiB (smallest: {})", presets.smallest_name()))
+                    invalid(
+                        "memory.preset",
+                        format!("no preset fits {gib:.1} GiB (smallest: {})", presets.smallest_name()),
+                    )
                 })?)
             }
             name => Some(presets.get(name).ok_or_else(|| {
-                invalid("memory.preset", format!("`{name}` is not in {} (have: {})", m.presets_file.display(), presets.names().join(", ")))
+                invalid(
+                    "memory.preset",
+                    format!("`{name}` is not in {} (have: {})", m.presets_file.display(), presets.names().join(", ")),
+                )
             })?),
         };
         let (micro_batch, accum_steps) = match (m.micro_batch, m.accum_steps, preset) {
@@ -520,20 +554,24 @@ pub struct VramPresets {
 impl VramPresets {
     /// Reads and checks a presets file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
         Self::from_yaml(&text, &path.display().to_string())
     }
 
     /// Parses and checks presets YAML (named `origin` in errors): names unique, numbers >= 1.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let p: VramPresets =
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.to_string(), reason: e.to_string() })?;
+        let p: VramPresets = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.to_string(), reason: e.to_string() })?;
         if p.presets.is_empty() {
             return Err(invalid("presets", format!("`{origin}` defines no preset")));
         }
         for (i, x) in p.presets.iter().enumerate() {
             if x.vram_gb == 0 || x.micro_batch == 0 || x.accum_steps == 0 || x.lora_rank == 0 {
-                return Err(invalid(&format!("presets[{i}] ({})", x.name), "vram_gb, micro_batch, accum_steps and lora_rank must be >= 1"));
+                return Err(invalid(
+                    &format!("presets[{i}] ({})", x.name),
+                    "vram_gb, micro_batch, accum_steps and lora_rank must be >= 1",
+                ));
             }
             if matches!(x.name.as_str(), "auto" | "manual") || p.presets[..i].iter().any(|y| y.name == x.name) {
                 return Err(invalid(&format!("presets[{i}].name"), format!("`{}` is reserved or used twice", x.name)));
@@ -560,6 +598,10 @@ impl VramPresets {
     }
 
     fn smallest_name(&self) -> String {
-        self.presets.iter().min_by_key(|p| p.vram_gb).map(|p| format!("{} ({} GB)", p.name, p.vram_gb)).unwrap_or_default()
+        self.presets
+            .iter()
+            .min_by_key(|p| p.vram_gb)
+            .map(|p| format!("{} ({} GB)", p.name, p.vram_gb))
+            .unwrap_or_default()
     }
 }

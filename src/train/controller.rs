@@ -254,7 +254,8 @@ impl<R: Send + 'static> JobController<R> {
             let outcome = match catch_unwind(AssertUnwindSafe(|| job(ctx, request))) {
                 Ok(o) => o,
                 Err(p) => {
-                    let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                    let msg =
+                        p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
                     JobOutcome::Failed { error: format!("job panicked: {}", msg.unwrap_or_default()) }
                 }
             };
@@ -263,7 +264,8 @@ impl<R: Send + 'static> JobController<R> {
                 JobOutcome::Cancelled { summary } => (Phase::Cancelled, summary.to_string()),
                 JobOutcome::Failed { error } => (Phase::Failed, error.clone()),
             };
-            let mut ev = inner.progress.latest().filter(|e| e.job_id == id).unwrap_or_else(|| ProgressEvent::new(&id, phase));
+            let mut ev =
+                inner.progress.latest().filter(|e| e.job_id == id).unwrap_or_else(|| ProgressEvent::new(&id, phase));
             let fresh = ProgressEvent::new(&id, phase);
             ev.phase = phase;
             ev.message = message;

@@ -62,7 +62,11 @@ pub fn all_reduce_gradients(group: &Group, params: &mut [Tensor]) -> Result<u64,
                 let p = &trainable[i];
                 let g = p.grad();
                 present.push(f32::from(u8::from(g.defined())));
-                parts.push(if g.defined() { g.to_kind(Kind::Float).to_device(device).flatten(0, -1) } else { Tensor::zeros([p.numel() as i64], (Kind::Float, device)) });
+                parts.push(if g.defined() {
+                    g.to_kind(Kind::Float).to_device(device).flatten(0, -1)
+                } else {
+                    Tensor::zeros([p.numel() as i64], (Kind::Float, device))
+                });
             }
             parts.push(Tensor::from_slice(&present).to_device(device));
             Tensor::cat(&parts, 0)
@@ -72,7 +76,8 @@ pub fn all_reduce_gradients(group: &Group, params: &mut [Tensor]) -> Result<u64,
         issued += 1;
         let [flat] = reduced;
         let n_grads: i64 = bucket.iter().map(|&i| trainable[i].numel() as i64).sum();
-        let present = Vec::<f32>::try_from(flat.narrow(0, n_grads, bucket.len() as i64).to_device(Device::Cpu)).unwrap_or_default();
+        let present = Vec::<f32>::try_from(flat.narrow(0, n_grads, bucket.len() as i64).to_device(Device::Cpu))
+            .unwrap_or_default();
         let mut offset = 0i64;
         for (k, &i) in bucket.iter().enumerate() {
             let p = &mut trainable[i];

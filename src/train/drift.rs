@@ -118,7 +118,9 @@ impl RefreshPolicy {
     pub fn decide(&self, cached_epochs_since_refresh: u64, drift: Option<&DriftStats>) -> RefreshDecision {
         if let Some(n) = self.interval_epochs {
             if cached_epochs_since_refresh >= n {
-                return RefreshDecision::Refresh(RefreshReason::Interval { cached_epochs: cached_epochs_since_refresh });
+                return RefreshDecision::Refresh(RefreshReason::Interval {
+                    cached_epochs: cached_epochs_since_refresh,
+                });
             }
         }
         if let (Some(threshold), Some(d)) = (self.drift_threshold, drift) {

@@ -5,16 +5,16 @@
 use std::error::Error as StdError;
 use std::path::PathBuf;
 
+use crate::checkpoint::deploy::DeployError;
+use crate::checkpoint::publish::PublishError;
 use crate::dataset::reader::ReaderError;
 use crate::memory::MemoryError;
 use crate::policy::PolicyError;
 use crate::train::cache::CacheError;
 use crate::train::config::ConfigError;
-use crate::checkpoint::deploy::DeployError;
 use crate::train::drift::DriftError;
 use crate::train::optim::OptimError;
 use crate::train::plot::PlotError;
-use crate::checkpoint::publish::PublishError;
 use crate::train::state::StateError;
 use crate::vlm::grad_checkpoint::CheckpointError;
 use crate::vlm::lora::LoraError;
@@ -149,7 +149,9 @@ impl TrainError {
     /// libtorch out-of-memory, otherwise the payload back (to continue unwinding).
     pub fn from_panic(payload: Box<dyn std::any::Any + Send>) -> Result<Self, Box<dyn std::any::Any + Send>> {
         match panic_text(payload.as_ref()) {
-            Some(text) if says_out_of_memory(text) => Ok(TrainError::OutOfMemory { source: Box::new(OpPanic(text.to_string())) }),
+            Some(text) if says_out_of_memory(text) => {
+                Ok(TrainError::OutOfMemory { source: Box::new(OpPanic(text.to_string())) })
+            }
             _ => Err(payload),
         }
     }

@@ -68,7 +68,8 @@ impl StateLock {
     pub fn acquire(state_dir: &Path) -> Result<Self, GuardError> {
         std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
         let path = state_dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let mut pid = String::new();

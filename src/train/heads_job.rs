@@ -15,24 +15,26 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::deploy::{
+    DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE, STATS_FILE,
+};
+use crate::checkpoint::publish::{PublishItem, Published, Publisher, Source};
 use crate::dataset::reader::Dataset;
 use crate::dataset::store::Split;
 use crate::dist::Group;
 use crate::policy::config::PolicyConfig;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures};
+use crate::policy::normalize::NormStats;
 use crate::policy::schedule::NoiseRng;
 use crate::policy::sync_bn::backward_keep_graph;
-use crate::policy::normalize::NormStats;
+use crate::sim::truth::EpisodeTruth;
 use crate::train::action_error::{ActionAxes, DimError};
 use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
-use crate::sim::truth::EpisodeTruth;
 use crate::train::controller::JobContext;
-use crate::train::oracle::{self, ORACLE_DIM};
-use crate::checkpoint::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FILE, DEPLOY_FORMAT_VERSION, HEADS_FILE, STATS_FILE};
 use crate::train::error::TrainError;
 use crate::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
+use crate::train::oracle::{self, ORACLE_DIM};
 use crate::train::progress::{CacheStatus, Phase, ProgressEvent};
-use crate::checkpoint::publish::{PublishItem, Published, Publisher, Source};
 use crate::train::runner::{self, RunSummary, RunnerConfig, TrainTask};
 use crate::train::state::derive_seed;
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -103,8 +105,10 @@ impl HeadsTrainConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> std::result::Result<Self, ConfigError> {
         let (mut doc, origin) = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io { path: p.to_path_buf(), source })?;
-                let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse { origin: p.display().to_string(), reason: e.to_string() })?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Io { path: p.to_path_buf(), source })?;
+                let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+                    .map_err(|e| ConfigError::Parse { origin: p.display().to_string(), reason: e.to_string() })?;
                 (doc, p.display().to_string())
             }
             None => (serde_yaml::to_value(Self::default()).expect("the defaults serialize"), "defaults".to_string()),
@@ -112,14 +116,16 @@ impl HeadsTrainConfig {
         for spec in overrides {
             apply_override(&mut doc, spec)?;
         }
-        let cfg: Self = serde_yaml::from_value(doc).map_err(|e| ConfigError::Parse { origin, reason: e.to_string() })?;
+        let cfg: Self =
+            serde_yaml::from_value(doc).map_err(|e| ConfigError::Parse { origin, reason: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks every value's range; the error names the key.
     pub fn validate(&self) -> std::result::Result<(), ConfigError> {
-        let bad = |key: &str, reason: &str| Err(ConfigError::Invalid { key: key.to_string(), reason: reason.to_string() });
+        let bad =
+            |key: &str, reason: &str| Err(ConfigError::Invalid { key: key.to_string(), reason: reason.to_string() });
         let finite_pos = |v: f64| v > 0.0 && v.is_finite();
         if self.epochs == 0 {
             return bad("epochs", "must be >= 1");
@@ -237,7 +243,12 @@ pub fn run_oracle(job: &HeadsJob, truth: &[EpisodeTruth], ctx: &JobContext) -> R
     run_conditioned(job, ctx, &mut |_| {}, Some(truth))
 }
 
-fn run_conditioned(job: &HeadsJob, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published), truth: Option<&[EpisodeTruth]>) -> Result<HeadsResult> {
+fn run_conditioned(
+    job: &HeadsJob,
+    ctx: &JobContext,
+    on_publish: &mut dyn FnMut(&Published),
+    truth: Option<&[EpisodeTruth]>,
+) -> Result<HeadsResult> {
     job.train.validate()?;
     ctx.progress.publish(ProgressEvent::new(&ctx.job_id, Phase::Preparing));
     let mut task = HeadsTask::conditioned(job, ctx, truth)?;
@@ -463,7 +474,10 @@ impl TrainTask for HeadsTask {
         let idx: Vec<usize> = samples.iter().map(|&k| self.train_idx[k]).collect();
         // Sensor and action only: the VL features are precomputed, no image is decoded.
         let (sensor, actions) = self.ds.sensor_action(&idx)?;
-        let vl = VlFeatures::pooled(Tensor::cat(&idx.iter().map(|&i| self.features[i].shallow_clone()).collect::<Vec<_>>(), 0));
+        let vl = VlFeatures::pooled(Tensor::cat(
+            &idx.iter().map(|&i| self.features[i].shallow_clone()).collect::<Vec<_>>(),
+            0,
+        ));
         let (sensor, actions) = (sensor.to_tensor(), actions.to_tensor());
         let data_s = t0.elapsed().as_secs_f64();
         let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[global_step, i as u64])).collect();
@@ -475,7 +489,14 @@ impl TrainTask for HeadsTask {
     }
 
     fn validate(&mut self, _epoch: u64, chunk: usize) -> Result<BTreeMap<String, f64>> {
-        Ok(self.axes.metrics(&validation_error(&self.heads, &self.ds, &self.val_idx, &self.features, self.seed, chunk)?))
+        Ok(self.axes.metrics(&validation_error(
+            &self.heads,
+            &self.ds,
+            &self.val_idx,
+            &self.features,
+            self.seed,
+            chunk,
+        )?))
     }
 
     /// With synchronised BatchNorm, the backward keeps its graph for the pass through the
@@ -497,7 +518,10 @@ impl TrainTask for HeadsTask {
     }
 
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {
-        let deploy = self.deploy.as_ref().ok_or_else(|| TrainError::invalid("oracle heads", "conditioned on simulator truth: not deployable"))?;
+        let deploy = self
+            .deploy
+            .as_ref()
+            .ok_or_else(|| TrainError::invalid("oracle heads", "conditioned on simulator truth: not deployable"))?;
         std::fs::create_dir_all(&self.work_dir).map_err(TrainError::io("create folder", &self.work_dir))?;
         let heads_path = self.work_dir.join(HEADS_FILE);
         self.heads.save(&heads_path, crate::policy::checkpoint::CheckpointStage::Stage1, BTreeMap::new())?;
@@ -515,7 +539,8 @@ impl TrainTask for HeadsTask {
             .buffers()
             .into_iter()
             .map(|(name, t)| {
-                let values = Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1)).expect("a CPU float buffer converts");
+                let values = Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1))
+                    .expect("a CPU float buffer converts");
                 (name, SavedBuffer { shape: t.size(), values })
             })
             .collect();
@@ -524,7 +549,8 @@ impl TrainTask for HeadsTask {
 
     fn restore_cache_state(&mut self, state: &serde_json::Value) -> Result<()> {
         let bad = |reason: String| TrainError::invalid("stage-1 task state", reason);
-        let saved: BTreeMap<String, SavedBuffer> = serde_json::from_value(state["buffers"].clone()).map_err(|e| bad(format!("`buffers`: {e}")))?;
+        let saved: BTreeMap<String, SavedBuffer> =
+            serde_json::from_value(state["buffers"].clone()).map_err(|e| bad(format!("`buffers`: {e}")))?;
         let mut buffers = self.buffers();
         if saved.len() != buffers.len() {
             return Err(bad(format!("{} buffers saved, the heads have {}", saved.len(), buffers.len())));
@@ -541,7 +567,12 @@ impl TrainTask for HeadsTask {
     }
 
     fn cache_status(&self) -> CacheStatus {
-        CacheStatus { mode: "features".into(), entries: self.features.len() as u64, hit_rate: 1.0, ..Default::default() }
+        CacheStatus {
+            mode: "features".into(),
+            entries: self.features.len() as u64,
+            hit_rate: 1.0,
+            ..Default::default()
+        }
     }
 }
 
@@ -569,7 +600,15 @@ impl ValidationSums {
     /// Adds the samples `idx` with their pooled VL features `vl [n, hidden]`, reading only their
     /// sensor windows and action chunks (no image is decoded). With `loss_stream`, their
     /// diffusion loss too, with sample `i`'s noise from `derive_seed(seed, [loss_stream, i])`.
-    pub fn add(&mut self, heads: &PolicyHeads, ds: &Dataset, idx: &[usize], vl: &Tensor, seed: u64, loss_stream: Option<u64>) -> Result<()> {
+    pub fn add(
+        &mut self,
+        heads: &PolicyHeads,
+        ds: &Dataset,
+        idx: &[usize],
+        vl: &Tensor,
+        seed: u64,
+        loss_stream: Option<u64>,
+    ) -> Result<()> {
         let (sensor, action) = ds.sensor_action(idx)?;
         let dev = heads.device();
         let (sensor, action) = (sensor.to_tensor().to_device(dev), action.to_tensor().to_device(dev));
@@ -605,7 +644,14 @@ impl ValidationSums {
 /// Mean absolute DDIM action error per action dimension over `val`, in physical units, in chunks
 /// of `chunk` samples; `features` holds the pooled VL features `[1, hidden]` of every dataset
 /// sample. Each sample's start noise derives from `seed` and its index ([`validation_noise`]).
-pub fn validation_error(heads: &PolicyHeads, ds: &Dataset, val: &[usize], features: &[Tensor], seed: u64, chunk: usize) -> Result<Vec<f64>> {
+pub fn validation_error(
+    heads: &PolicyHeads,
+    ds: &Dataset,
+    val: &[usize],
+    features: &[Tensor],
+    seed: u64,
+    chunk: usize,
+) -> Result<Vec<f64>> {
     let mut sums = ValidationSums::default();
     for idx in val.chunks(chunk.max(1)) {
         let vl = Tensor::cat(&idx.iter().map(|&i| features[i].shallow_clone()).collect::<Vec<_>>(), 0);

@@ -75,16 +75,21 @@ impl JobRecord {
     /// Writes it to `run_dir` (atomically: a reader sees the old or the new record).
     pub fn write(&self, run_dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
-        crate::atomic_file::write(&run_dir.join(JOB_FILE), &serde_json::to_vec_pretty(self).expect("job records serialize")).map_err(|e| e.to_string())
+        crate::atomic_file::write(
+            &run_dir.join(JOB_FILE),
+            &serde_json::to_vec_pretty(self).expect("job records serialize"),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// The state, reading a `running` record whose process is gone as failed.
     pub fn state_now(&self) -> (JobState, String) {
         let alive = self.pid == std::process::id() || crate::dataset::recovery::process_alive(self.pid as i32);
         match self.state {
-            JobState::Running | JobState::Cancelling if !alive => {
-                (JobState::Failed, format!("the trainer (pid {}) stopped while the job ran; its last saved state is kept", self.pid))
-            }
+            JobState::Running | JobState::Cancelling if !alive => (
+                JobState::Failed,
+                format!("the trainer (pid {}) stopped while the job ran; its last saved state is kept", self.pid),
+            ),
             s => (s, self.summary.clone()),
         }
     }

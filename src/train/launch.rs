@@ -12,8 +12,8 @@ use std::time::Duration;
 use super::controller::JobContext;
 use super::error::TrainError;
 use super::progress::ProgressEvent;
-use crate::checkpoint::publish::{Published, Publisher};
 use super::stage2::{Stage2Job, Stage2Result};
+use crate::checkpoint::publish::{Published, Publisher};
 
 /// How to start the ranks.
 #[derive(Debug, Clone)]
@@ -30,17 +30,30 @@ impl Launch {
     /// `nproc` ranks with the `torchrun` on PATH and the `vla_finetune` beside this executable
     /// (the CLI itself, or a node installed next to it).
     pub fn local(nproc: usize) -> Result<Self, TrainError> {
-        let exe = std::env::current_exe().map_err(TrainError::io("find this executable", Path::new("/proc/self/exe")))?;
+        let exe =
+            std::env::current_exe().map_err(TrainError::io("find this executable", Path::new("/proc/self/exe")))?;
         let binary = exe.with_file_name("vla_finetune");
         if !binary.is_file() {
-            return Err(TrainError::invalid("nproc_per_node", format!("needs the vla_finetune executable beside {} (not found at {})", exe.display(), binary.display())));
+            return Err(TrainError::invalid(
+                "nproc_per_node",
+                format!(
+                    "needs the vla_finetune executable beside {} (not found at {})",
+                    exe.display(),
+                    binary.display()
+                ),
+            ));
         }
         let torchrun = std::env::var_os("PATH")
             .into_iter()
             .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
             .map(|d| d.join("torchrun"))
             .find(|p| p.is_file())
-            .ok_or_else(|| TrainError::invalid("nproc_per_node", "needs `torchrun` on PATH (it comes with torch: the project venv's bin/)"))?;
+            .ok_or_else(|| {
+                TrainError::invalid(
+                    "nproc_per_node",
+                    "needs `torchrun` on PATH (it comes with torch: the project venv's bin/)",
+                )
+            })?;
         if nproc < 2 {
             return Err(TrainError::invalid("nproc_per_node", format!("is {nproc}; a launch has at least 2 ranks")));
         }
@@ -49,7 +62,12 @@ impl Launch {
 }
 
 /// Runs `job` as [`Launch::nproc`] ranks (see the module doc); `job.group` is ignored.
-pub fn run_stage2(job: &Stage2Job, launch: &Launch, ctx: &JobContext, on_publish: &mut dyn FnMut(&Published)) -> Result<Stage2Result, TrainError> {
+pub fn run_stage2(
+    job: &Stage2Job,
+    launch: &Launch,
+    ctx: &JobContext,
+    on_publish: &mut dyn FnMut(&Published),
+) -> Result<Stage2Result, TrainError> {
     let cfg = &job.config;
     let dir = cfg.run.output_dir.join("launch");
     std::fs::create_dir_all(&dir).map_err(TrainError::io("create folder", &dir))?;
@@ -60,7 +78,10 @@ pub fn run_stage2(job: &Stage2Job, launch: &Launch, ctx: &JobContext, on_publish
     let start_offset = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
     let publisher = Publisher::new(&cfg.checkpoint.publish_dir)?;
     let mut announced = publisher.latest()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(TrainError::io("find a free port on", Path::new("127.0.0.1")))?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(TrainError::io("find a free port on", Path::new("127.0.0.1")))?
+        .port();
     let mut child = Command::new(&launch.torchrun)
         .arg(format!("--nproc_per_node={}", launch.nproc))
         .args(["--nnodes=1", "--master_addr=127.0.0.1", &format!("--master_port={port}"), "--no-python"])
@@ -111,14 +132,21 @@ pub fn run_stage2(job: &Stage2Job, launch: &Launch, ctx: &JobContext, on_publish
     announce_new_latest(&publisher, &mut announced, on_publish)?;
     let (printed, last_err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
     if !status.success() {
-        return Err(TrainError::invalid(format!("{} ranks under torchrun", launch.nproc), format!("ended with {status}; last lines:\n{last_err}")));
+        return Err(TrainError::invalid(
+            format!("{} ranks under torchrun", launch.nproc),
+            format!("ended with {status}; last lines:\n{last_err}"),
+        ));
     }
     let json = printed.find('{').map(|i| &printed[i..]).unwrap_or_default();
     serde_json::from_str(json).map_err(|e| TrainError::invalid("rank 0's result", format!("{e} (printed: {printed})")))
 }
 
 /// Announces the version `latest` names when it changed since `announced`.
-fn announce_new_latest(publisher: &Publisher, announced: &mut Option<String>, on_publish: &mut dyn FnMut(&Published)) -> Result<(), TrainError> {
+fn announce_new_latest(
+    publisher: &Publisher,
+    announced: &mut Option<String>,
+    on_publish: &mut dyn FnMut(&Published),
+) -> Result<(), TrainError> {
     let now = publisher.latest()?;
     if now != *announced {
         if let Some(v) = &now {

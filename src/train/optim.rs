@@ -129,7 +129,10 @@ impl AdamW {
         let mut group_index = HashMap::new();
         for (i, g) in groups.iter().enumerate() {
             if !(g.lr >= 0.0 && g.lr.is_finite() && g.weight_decay >= 0.0 && g.weight_decay.is_finite()) {
-                return bad(format!("group `{}`: lr {} and weight_decay {} must be finite and >= 0", g.name, g.lr, g.weight_decay));
+                return bad(format!(
+                    "group `{}`: lr {} and weight_decay {} must be finite and >= 0",
+                    g.name, g.lr, g.weight_decay
+                ));
             }
             if group_index.insert(g.name.clone(), i).is_some() {
                 return bad(format!("group `{}` is defined twice", g.name));
@@ -242,14 +245,18 @@ impl AdamW {
                 (g.defined() && s.param.requires_grad()).then_some(g)
             })
             .collect();
-        let present: Vec<(usize, &Tensor)> = grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|g| (i, g))).collect();
+        let present: Vec<(usize, &Tensor)> =
+            grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|g| (i, g))).collect();
         if let Some((_, first)) = present.first() {
             let device = first.device();
             // A NaN or inf anywhere makes a gradient's sum non-finite (a sum reads the gradient
             // once and writes nothing, unlike an element-wise isfinite). A finite gradient whose
             // sum overflows would overflow its square in `exp_avg_sq` anyway.
             let flags = tch::no_grad(|| {
-                Tensor::stack(&present.iter().map(|(_, g)| g.sum(Kind::Float).isfinite().to_device(device)).collect::<Vec<_>>(), 0)
+                Tensor::stack(
+                    &present.iter().map(|(_, g)| g.sum(Kind::Float).isfinite().to_device(device)).collect::<Vec<_>>(),
+                    0,
+                )
             });
             // One host sync; the per-parameter flags are read only when something is wrong.
             if flags.all().int64_value(&[]) == 0 {
@@ -336,8 +343,17 @@ impl AdamW {
 }
 
 extern "C" {
-    fn vla_tensor_clear_grad(t: *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> std::ffi::c_int;
-    fn vla_tensor_set_grad(t: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> std::ffi::c_int;
+    fn vla_tensor_clear_grad(
+        t: *mut torch_sys::C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
+    fn vla_tensor_set_grad(
+        t: *mut torch_sys::C_tensor,
+        grad: *mut torch_sys::C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
 }
 
 /// `t.grad = grad` through the shim (csrc/torch_shim.cpp); the error names what libtorch refused.

@@ -22,7 +22,10 @@ pub fn conditioning(ds: &Dataset, truths: &[EpisodeTruth]) -> Result<Vec<Tensor>
     let names = &ds.index.state_names;
     let pos = |n: &str| names.iter().position(|s| s == n);
     let (Some(x), Some(y), Some(z), Some(yaw)) = (pos("x"), pos("y"), pos("z"), pos("yaw")) else {
-        return Err(TrainError::invalid("oracle", format!("the dataset's state {names:?} is not a tool pose (needs x, y, z, yaw)")));
+        return Err(TrainError::invalid(
+            "oracle",
+            format!("the dataset's state {names:?} is not a tool pose (needs x, y, z, yaw)"),
+        ));
     };
     (0..ds.len())
         .map(|i| {

@@ -112,9 +112,11 @@ pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height
         root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
         let panels = root.split_evenly((1, 2));
         let train = [Curve { name: "train_loss".into(), points: curves.train_loss.clone() }];
-        let left = PanelSpec { title: "Loss per optimizer step", x_name: "optimizer step", y_name: "loss", curves: &train };
+        let left =
+            PanelSpec { title: "Loss per optimizer step", x_name: "optimizer step", y_name: "loss", curves: &train };
         draw_panel(&panels[0], &left, |_| TRAIN_COLOR).map_err(draw_err)?;
-        let right = PanelSpec { title: "Validation per epoch", x_name: "epoch", y_name: "value", curves: &curves.validation };
+        let right =
+            PanelSpec { title: "Validation per epoch", x_name: "epoch", y_name: "value", curves: &curves.validation };
         draw_panel(&panels[1], &right, validation_color).map_err(draw_err)?;
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
@@ -125,7 +127,12 @@ pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height
         left_panel: "training loss (y) per optimizer step (x), linear axes",
         right_panel: "validation series (y) per epoch (x), linear axes, shared y range",
         train_loss_color: hex(TRAIN_COLOR),
-        validation_colors: curves.validation.iter().enumerate().map(|(i, c)| (c.name.clone(), hex(validation_color(i)))).collect(),
+        validation_colors: curves
+            .validation
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), hex(validation_color(i))))
+            .collect(),
         data: curves,
     };
     let json = serde_json::to_vec_pretty(&legend).map_err(|e| draw_err(e.to_string()))?;
@@ -138,7 +145,12 @@ pub fn write_curves(png_path: &Path, curves: &TrainingCurves, width: u32, height
 pub fn write_panels(png_path: &Path, panels: &[PanelSpec<'_>], width: u32, height: u32) -> Result<(), PlotError> {
     let draw_err = |reason: String| PlotError::Draw { path: png_path.to_path_buf(), reason };
     if width < MIN_SIZE.0 || height < MIN_SIZE.1 || panels.is_empty() {
-        return Err(draw_err(format!("size {width}x{height} with {} panels: at least {}x{} and one panel", panels.len(), MIN_SIZE.0, MIN_SIZE.1)));
+        return Err(draw_err(format!(
+            "size {width}x{height} with {} panels: at least {}x{} and one panel",
+            panels.len(),
+            MIN_SIZE.0,
+            MIN_SIZE.1
+        )));
     }
     register_bundled_font().map_err(draw_err)?;
     let mut buf = vec![0u8; width as usize * height as usize * 3];
@@ -151,7 +163,10 @@ pub fn write_panels(png_path: &Path, panels: &[PanelSpec<'_>], width: u32, heigh
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
     write_png(png_path, width, height, buf)?;
-    let data: Vec<_> = panels.iter().map(|p| serde_json::json!({ "title": p.title, "x": p.x_name, "y": p.y_name, "curves": p.curves })).collect();
+    let data: Vec<_> = panels
+        .iter()
+        .map(|p| serde_json::json!({ "title": p.title, "x": p.x_name, "y": p.y_name, "curves": p.curves }))
+        .collect();
     let json = serde_json::to_vec_pretty(&data).map_err(|e| draw_err(e.to_string()))?;
     write_atomic(&png_path.with_extension("json"), &json)?;
     Ok(())
@@ -268,7 +283,9 @@ fn draw_panel(area: &Area<'_>, panel: &PanelSpec<'_>, color: impl Fn(usize) -> (
     if shown < names.len() {
         let y = LEGEND_TOP_PX + shown as i32 * LEGEND_ROW_PX;
         let more = format!("+{} more (see .json)", names.len() - shown);
-        legend_area.draw_text(&fit_text(&more, max_text + SWATCH + 6, &text_width)?, &legend_style, (2, y - 1)).map_err(|e| e.to_string())?;
+        legend_area
+            .draw_text(&fit_text(&more, max_text + SWATCH + 6, &text_width)?, &legend_style, (2, y - 1))
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -32,8 +32,8 @@ use super::error::TrainError;
 use super::optim::{Accumulation, AdamW, AdamWConfig, CosineSchedule, GroupConfig, MicroBatch, NamedParam};
 use super::plot::{write_curves, Curve, TrainingCurves};
 use super::progress::{eta_seconds, peak_host_memory_bytes, CacheStatus, Phase, ProgressEvent};
-use crate::checkpoint::publish::{Published, PublishItem, PublishRequest, Publisher};
 use super::state::{epoch_order, load_state, save_state, seed_torch, Counters, RunState};
+use crate::checkpoint::publish::{PublishItem, PublishRequest, Published, Publisher};
 
 /// The model side of a training run. Progress events report the learning rate of the
 /// [`GROUP_HEADS`] group (or of the first group when there is none).
@@ -256,7 +256,9 @@ impl<'a> Runner<'a> {
         let fail = |e: TrainError| e.at("preparing", 0, 0);
         let world = cfg.group.as_ref().map_or(1, |g| g.world_size());
         let main = cfg.group.as_ref().is_none_or(|g| g.is_main());
-        std::fs::create_dir_all(&cfg.state_dir).map_err(TrainError::io("create folder", &cfg.state_dir)).map_err(fail)?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(TrainError::io("create folder", &cfg.state_dir))
+            .map_err(fail)?;
         let latest = cfg.state_dir.join("latest.safetensors");
         if !cfg.resume && latest.exists() && main {
             std::fs::remove_file(&latest).map_err(TrainError::io("remove the old state", &latest)).map_err(fail)?;
@@ -288,7 +290,11 @@ impl<'a> Runner<'a> {
             .filter(|_| main)
             .map(|d| {
                 let p = Publisher::new(d)?;
-                if cfg.allow_worse_latest { Ok(p) } else { p.guard_latest(&cfg.best_metric) }
+                if cfg.allow_worse_latest {
+                    Ok(p)
+                } else {
+                    p.guard_latest(&cfg.best_metric)
+                }
             })
             .transpose()
             .map_err(|e| fail(e.into()))?;
@@ -347,8 +353,10 @@ impl<'a> Runner<'a> {
         let meta = load_state(path, &mut self.opt).map_err(|e| TrainError::from(e).at("preparing", 0, 0))?;
         let (epoch, step) = (meta.counters.epoch, meta.counters.global_step);
         self.task.restore_cache_state(&meta.cache_state).map_err(|e| e.at("restore", epoch, step))?;
-        self.hist = serde_json::from_value(meta.extra.clone())
-            .map_err(|e| TrainError::invalid(format!("training state `{}`", path.display()), format!("history: {e}")).at("restore", epoch, step))?;
+        self.hist = serde_json::from_value(meta.extra.clone()).map_err(|e| {
+            TrainError::invalid(format!("training state `{}`", path.display()), format!("history: {e}"))
+                .at("restore", epoch, step)
+        })?;
         let saved_world = meta.world_size.max(1);
         self.state = meta.into();
         self.start_step = step;
@@ -360,7 +368,13 @@ impl<'a> Runner<'a> {
             let a = &mut self.state.accumulation;
             a.accum_steps = self.step_batch.div_ceil(a.micro_batch * world);
             self.state.world_size = world;
-            tracing::info!(saved_world, world, step_batch = self.step_batch, accum_steps = a.accum_steps, "resumed on another world size: same batch per optimizer step");
+            tracing::info!(
+                saved_world,
+                world,
+                step_batch = self.step_batch,
+                accum_steps = a.accum_steps,
+                "resumed on another world size: same batch per optimizer step"
+            );
         }
         Ok(())
     }
@@ -408,7 +422,11 @@ impl<'a> Runner<'a> {
             self.peak_accel = peak;
             return Ok(cancel);
         };
-        let local = [f64::from(u8::from(cancel)), -(self.state.accumulation.micro_batch as f64), peak.map_or(-1.0, |b| b as f64)];
+        let local = [
+            f64::from(u8::from(cancel)),
+            -(self.state.accumulation.micro_batch as f64),
+            peak.map_or(-1.0, |b| b as f64),
+        ];
         let agreed = self.agree(&group, &local, "agree")?;
         let micro = (-agreed[1]) as usize;
         while self.state.accumulation.micro_batch > micro {
@@ -443,7 +461,8 @@ impl<'a> Runner<'a> {
                         .iter()
                         .map(|p| {
                             let d = p.to_kind(tch::Kind::Double);
-                            Tensor::stack(&[d.sum(tch::Kind::Double), d.square().sum(tch::Kind::Double)], 0).to_device(device)
+                            Tensor::stack(&[d.sum(tch::Kind::Double), d.square().sum(tch::Kind::Double)], 0)
+                                .to_device(device)
                         })
                         .collect();
                     Tensor::stack(&each, 0).sum_dim_intlist(0, false, tch::Kind::Double)
@@ -458,7 +477,13 @@ impl<'a> Runner<'a> {
         let max = group.all_reduce_f64(&local, ReduceOp::Max).map_err(|e| self.located(e.into(), phase))?;
         let k = values.len();
         if max[k] != -max[k + 1] || max[k + 2] != -max[k + 3] {
-            let reason = format!("differ between the ranks (sum {} .. {}, sum of squares {} .. {}): their updates diverged", -max[k + 1], max[k], -max[k + 3], max[k + 2]);
+            let reason = format!(
+                "differ between the ranks (sum {} .. {}, sum of squares {} .. {}): their updates diverged",
+                -max[k + 1],
+                max[k],
+                -max[k + 3],
+                max[k + 2]
+            );
             return Err(self.located(TrainError::invalid("trainable parameters", reason), phase));
         }
         self.replica_checks += 1;
@@ -500,15 +525,23 @@ impl<'a> Runner<'a> {
         let (mut step_loss, data_s) = self.forward_backward(batch, next, phase)?;
         if let Some(group) = self.cfg.group.clone() {
             let t = Instant::now();
-            self.grad_all_reduces += all_reduce_gradients(&group, &mut self.dp_params).map_err(|e| self.located(e, "gradient all-reduce"))?;
+            self.grad_all_reduces += all_reduce_gradients(&group, &mut self.dp_params)
+                .map_err(|e| self.located(e, "gradient all-reduce"))?;
             self.grad_all_reduce_s += t.elapsed().as_secs_f64();
-            step_loss = group.all_reduce_f64(&[step_loss], ReduceOp::Sum).map_err(|e| self.located(e.into(), "loss all-reduce"))?[0];
+            step_loss = group
+                .all_reduce_f64(&[step_loss], ReduceOp::Sum)
+                .map_err(|e| self.located(e.into(), "loss all-reduce"))?[0];
         }
         if !step_loss.is_finite() {
-            return Err(self.located(TrainError::invalid("loss", format!("is {step_loss} (expected a finite number)")), "loss"));
+            return Err(
+                self.located(TrainError::invalid("loss", format!("is {step_loss} (expected a finite number)")), "loss")
+            );
         }
         let factor = self.state.schedule.factor(self.state.counters.global_step);
-        self.opt.clip_grad_norm(self.cfg.grad_clip_norm).and_then(|_| self.opt.step(factor)).map_err(|e| self.located(e.into(), "optimizer step"))?;
+        self.opt
+            .clip_grad_norm(self.cfg.grad_clip_norm)
+            .and_then(|_| self.opt.step(factor))
+            .map_err(|e| self.located(e.into(), "optimizer step"))?;
         let c = &mut self.state.counters;
         c.global_step += 1;
         c.step_in_epoch += 1;
@@ -538,7 +571,13 @@ impl<'a> Runner<'a> {
         let (parts, next_parts) = (shard(batch.len()), shard(next.len()));
         loop {
             self.opt.zero_grad();
-            let plan = Plan { parts: &parts, next_first: next_parts.iter().find(|mb| !mb.range.is_empty()).map(|mb| &next[mb.range.clone()]), micro_batch: self.state.accumulation.micro_batch, rank, world };
+            let plan = Plan {
+                parts: &parts,
+                next_first: next_parts.iter().find(|mb| !mb.range.is_empty()).map(|mb| &next[mb.range.clone()]),
+                micro_batch: self.state.accumulation.micro_batch,
+                rank,
+                world,
+            };
             match accumulate(self.task, &self.state, batch, &plan) {
                 Ok(v) => return Ok(v),
                 Err(TrainError::OutOfMemory { source }) => {
@@ -549,7 +588,10 @@ impl<'a> Runner<'a> {
                     };
                     self.state.accumulation = smaller;
                     self.event(phase, |ev| {
-                        ev.message = format!("out of memory: micro-batch {} x accumulation {}", smaller.micro_batch, smaller.accum_steps)
+                        ev.message = format!(
+                            "out of memory: micro-batch {} x accumulation {}",
+                            smaller.micro_batch, smaller.accum_steps
+                        )
                     });
                 }
                 Err(e) => return Err(self.located(e, "loss")),
@@ -562,7 +604,8 @@ impl<'a> Runner<'a> {
     pub fn end_epoch(&mut self) -> Result<(), TrainError> {
         let epoch = self.state.counters.epoch;
         let task = &mut *self.task;
-        with_halving(&mut self.state.accumulation, "end_epoch", |chunk| task.end_epoch(epoch, chunk)).map_err(|e| self.located(e, "end_epoch"))?;
+        with_halving(&mut self.state.accumulation, "end_epoch", |chunk| task.end_epoch(epoch, chunk))
+            .map_err(|e| self.located(e, "end_epoch"))?;
         self.barrier("end_epoch")?;
         self.epoch = None;
         self.hist.epoch_loss.push(self.hist.epoch_loss_sum / self.n as f64);
@@ -584,7 +627,9 @@ impl<'a> Runner<'a> {
         if is_best || last {
             self.publish(epoch, metrics, is_best)?;
         }
-        self.event(Phase::Checkpointing, |ev| ev.message = format!("epoch {epoch}: {} = {value}", self.cfg.best_metric));
+        self.event(Phase::Checkpointing, |ev| {
+            ev.message = format!("epoch {epoch}: {} = {value}", self.cfg.best_metric)
+        });
         self.save(&self.cfg.state_dir.join("latest.safetensors"))?;
         if is_best {
             self.save(&self.cfg.state_dir.join("best.safetensors"))?;
@@ -603,10 +648,16 @@ impl<'a> Runner<'a> {
         let metrics = self.validate_on_main(epoch).map_err(|e| self.located(e, "validate"))?;
         if self.state.accumulation != before {
             let a = self.state.accumulation;
-            self.event(Phase::Validating, |ev| ev.message = format!("out of memory: micro-batch {} x accumulation {}", a.micro_batch, a.accum_steps));
+            self.event(Phase::Validating, |ev| {
+                ev.message = format!("out of memory: micro-batch {} x accumulation {}", a.micro_batch, a.accum_steps)
+            });
         }
         if !metrics.contains_key(&self.cfg.best_metric) {
-            let reason = format!("lack `{}` (have: {})", self.cfg.best_metric, metrics.keys().cloned().collect::<Vec<_>>().join(", "));
+            let reason = format!(
+                "lack `{}` (have: {})",
+                self.cfg.best_metric,
+                metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
             return Err(self.located(TrainError::invalid("validation metrics", reason), "validate"));
         }
         self.hist.validated_epochs = self.hist.epochs();
@@ -623,7 +674,8 @@ impl<'a> Runner<'a> {
         let mut sent = Vec::new();
         if group.is_main() {
             let metrics = validate_with_halving(self.task, epoch, &mut self.state.accumulation)?;
-            sent = serde_json::to_vec(&metrics).map_err(|e| TrainError::invalid("validation metrics", e.to_string()))?;
+            sent =
+                serde_json::to_vec(&metrics).map_err(|e| TrainError::invalid("validation metrics", e.to_string()))?;
         }
         let got = group.broadcast_bytes(&sent)?;
         serde_json::from_slice(&got).map_err(|e| TrainError::invalid("validation metrics from rank 0", e.to_string()))
@@ -642,7 +694,12 @@ impl<'a> Runner<'a> {
             info: serde_json::json!({"job_id": self.ctx.job_id, "epoch": epoch, "global_step": self.state.counters.global_step, "best": is_best}),
             items,
         };
-        let published = self.publisher.as_ref().expect("checked above").publish(&req).map_err(|e| self.located(e.into(), "publish"))?;
+        let published = self
+            .publisher
+            .as_ref()
+            .expect("checked above")
+            .publish(&req)
+            .map_err(|e| self.located(e.into(), "publish"))?;
         if published.latest {
             (self.on_publish)(&published);
         }
@@ -657,7 +714,8 @@ impl<'a> Runner<'a> {
             return Ok(());
         }
         self.state.cache_state = self.task.cache_state();
-        self.state.extra = serde_json::to_value(&self.hist).map_err(|e| self.located(TrainError::invalid("training history", e.to_string()), "save"))?;
+        self.state.extra = serde_json::to_value(&self.hist)
+            .map_err(|e| self.located(TrainError::invalid("training history", e.to_string()), "save"))?;
         save_state(path, &self.opt, &self.state).map_err(|e| self.located(e.into(), "save"))
     }
 
@@ -696,9 +754,14 @@ impl<'a> Runner<'a> {
         ev.step = c.global_step;
         ev.total_steps = total_steps;
         ev.cache = self.task.cache_status();
-        ev.peak_accel_mem_bytes = if self.group().is_some() { self.peak_accel } else { self.task.peak_accel_mem_bytes() };
+        ev.peak_accel_mem_bytes =
+            if self.group().is_some() { self.peak_accel } else { self.task.peak_accel_mem_bytes() };
         ev.peak_host_mem_bytes = peak_host_memory_bytes();
-        ev.eta_s = eta_seconds(c.global_step - self.start_step, total_steps.saturating_sub(self.start_step), self.started.elapsed());
+        ev.eta_s = eta_seconds(
+            c.global_step - self.start_step,
+            total_steps.saturating_sub(self.start_step),
+            self.started.elapsed(),
+        );
         extra(&mut ev);
         self.ctx.progress.publish(ev);
     }
@@ -728,7 +791,11 @@ pub fn validate_with_halving(
 /// `f(chunk)` with `chunk` = `accumulation`'s micro-batch, behind the unwind boundary; on
 /// out-of-memory the micro-batch is halved (`accumulation` updated, the effective batch kept)
 /// and `f` called again.
-fn with_halving<T>(accumulation: &mut Accumulation, what: &str, mut f: impl FnMut(usize) -> Result<T, TrainError>) -> Result<T, TrainError> {
+fn with_halving<T>(
+    accumulation: &mut Accumulation,
+    what: &str,
+    mut f: impl FnMut(usize) -> Result<T, TrainError>,
+) -> Result<T, TrainError> {
     loop {
         let chunk = accumulation.micro_batch;
         match unwind_boundary(|| f(chunk)) {
@@ -745,13 +812,21 @@ fn with_halving<T>(accumulation: &mut Accumulation, what: &str, mut f: impl FnMu
 
 /// The halved micro-batch after an out-of-memory in `what` (None at micro-batch 1), with what
 /// the failed pass freed returned to the device and a warning logged.
-fn halve_after_oom(accumulation: &Accumulation, source: &(dyn std::error::Error + Send + Sync), what: &str) -> Option<Accumulation> {
+fn halve_after_oom(
+    accumulation: &Accumulation,
+    source: &(dyn std::error::Error + Send + Sync),
+    what: &str,
+) -> Option<Accumulation> {
     // A no-op on the CPU.
     let _ = crate::memory::release_cached_accelerator_memory();
     let smaller = accumulation.halved()?;
     let text = source.to_string();
     let cause = text.lines().next().unwrap_or_default();
-    tracing::warn!(micro_batch = smaller.micro_batch, accum_steps = smaller.accum_steps, "out of memory ({cause}): micro-batch halved, {what} redone");
+    tracing::warn!(
+        micro_batch = smaller.micro_batch,
+        accum_steps = smaller.accum_steps,
+        "out of memory ({cause}): micro-batch halved, {what} redone"
+    );
     Some(smaller)
 }
 
@@ -776,7 +851,11 @@ impl Plan<'_> {
             .iter()
             .flat_map(|p| {
                 let per_sample = p.loss_scale / p.range.len().max(1) as f64;
-                let starts: Vec<usize> = if p.range.is_empty() { vec![p.range.start] } else { (p.range.start..p.range.end).step_by(m).collect() };
+                let starts: Vec<usize> = if p.range.is_empty() {
+                    vec![p.range.start]
+                } else {
+                    (p.range.start..p.range.end).step_by(m).collect()
+                };
                 starts.into_iter().map(move |s| {
                     let range = s..(s + m).min(p.range.end);
                     MicroBatch { loss_scale: per_sample * range.len() as f64, range }
@@ -789,7 +868,12 @@ impl Plan<'_> {
 /// Forward and backward of this process's micro-batches of one optimizer step, each announcing
 /// the one after it (the next step's first after the last); returns (this process's share of
 /// the step's mean loss, data seconds).
-fn accumulate(task: &mut dyn TrainTask, run: &RunState, batch: &[usize], plan: &Plan<'_>) -> Result<(f64, f64), TrainError> {
+fn accumulate(
+    task: &mut dyn TrainTask,
+    run: &RunState,
+    batch: &[usize],
+    plan: &Plan<'_>,
+) -> Result<(f64, f64), TrainError> {
     let (mut loss_sum, mut data_s) = (0.0, 0.0);
     let mbs = plan.micro_batches();
     let next_first = plan.next_first.map(|n| &n[..n.len().min(plan.micro_batch.max(1))]);
@@ -876,7 +960,12 @@ fn curves(h: &History) -> TrainingCurves {
             .into_iter()
             .map(|name| Curve {
                 name: name.clone(),
-                points: h.validation.iter().zip(&epochs).filter_map(|(m, &e)| m.get(name).map(|v| (e as f64, *v))).collect(),
+                points: h
+                    .validation
+                    .iter()
+                    .zip(&epochs)
+                    .filter_map(|(m, &e)| m.get(name).map(|v| (e as f64, *v)))
+                    .collect(),
             })
             .collect(),
     }

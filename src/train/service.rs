@@ -26,9 +26,9 @@ use super::controller::{JobContext, JobController, JobOutcome, JobStatus, Reject
 use super::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use super::job_record::{run_dir, JobRecord, JobState};
 use super::progress::{Phase, ProgressEvent, ProgressHub};
-use crate::checkpoint::publish::Published;
 use super::stage2::{self, Stage2Job};
 use super::training_set::{self, DatasetSource};
+use crate::checkpoint::publish::Published;
 use crate::dataset::compile::CompileConfig;
 use crate::dataset::selection::EpisodeSelection;
 
@@ -69,13 +69,16 @@ impl Stages {
     /// The stages of request `r`; errors say what to send instead.
     pub fn of(r: &StartRequest) -> Result<Self, ConfigError> {
         let given = !r.stage1_checkpoint.is_empty();
-        let bad = |reason: &str| ConfigError::Override { spec: format!("stages={}", r.stages), reason: reason.to_string() };
+        let bad =
+            |reason: &str| ConfigError::Override { spec: format!("stages={}", r.stages), reason: reason.to_string() };
         match (r.stages.as_str(), given) {
             ("", true) | ("2", true) => Ok(Stages::Two),
             ("", false) | ("both", false) => Ok(Stages::Both),
             ("1", false) => Ok(Stages::One),
             ("2", false) => Err(bad("Stage 2 starts from a stage-1 checkpoint: give stage1_checkpoint, or run `both`")),
-            ("1" | "both", true) => Err(bad("trains stage 1 from scratch, but stage1_checkpoint is given: leave it empty, or run `2` from it")),
+            ("1" | "both", true) => Err(bad(
+                "trains stage 1 from scratch, but stage1_checkpoint is given: leave it empty, or run `2` from it",
+            )),
             _ => Err(bad("expected `1`, `2` or `both` (empty: `2` with stage1_checkpoint, else `both`)")),
         }
     }
@@ -118,10 +121,11 @@ impl RequestOverrides {
         if text.trim().is_empty() {
             return Ok(out);
         }
-        let map: BTreeMap<String, serde_yaml::Value> = serde_yaml::from_str(text).map_err(|e| ConfigError::Override {
-            spec: text.to_string(),
-            reason: format!("expected a mapping of `section.key: value`: {e}"),
-        })?;
+        let map: BTreeMap<String, serde_yaml::Value> =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Override {
+                spec: text.to_string(),
+                reason: format!("expected a mapping of `section.key: value`: {e}"),
+            })?;
         for (key, value) in map {
             let bad = |reason: String| ConfigError::Override { spec: key.clone(), reason };
             let v = serde_yaml::to_string(&value).map_err(|e| bad(e.to_string()))?;
@@ -147,7 +151,10 @@ impl RequestOverrides {
         };
         match stray {
             None => Ok(()),
-            Some((spec, which, why)) => Err(ConfigError::Override { spec: spec.clone(), reason: format!("configures {which}, which this request does not run ({why})") }),
+            Some((spec, which, why)) => Err(ConfigError::Override {
+                spec: spec.clone(),
+                reason: format!("configures {which}, which this request does not run ({why})"),
+            }),
         }
     }
 
@@ -163,16 +170,26 @@ impl RequestOverrides {
 /// job folders under `run_dir`), then the request's `section.key: value` overrides. With preset
 /// `auto` on a CPU device (no accelerator memory to measure) a CPU-sized setting is used
 /// (micro-batch 4 x 1, LoRA rank 8). Errors name the bad key or value and where it came from.
-pub fn stage2_config(svc: &ServiceConfig, r: &StartRequest, run_dir: &std::path::Path) -> Result<TrainConfig, ConfigError> {
+pub fn stage2_config(
+    svc: &ServiceConfig,
+    r: &StartRequest,
+    run_dir: &std::path::Path,
+) -> Result<TrainConfig, ConfigError> {
     let overrides = RequestOverrides::parse(&r.overrides)?;
     let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
     let (text, origin) = match &svc.train_config {
-        Some(path) => (std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?, path.display().to_string()),
+        Some(path) => (
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?,
+            path.display().to_string(),
+        ),
         None => (include_str!("../../config/train.yaml").to_string(), "config/train.yaml (embedded)".to_string()),
     };
     let cpu_auto = svc.vram_preset == "auto" && matches!(crate::device::parse(&svc.device), Ok(tch::Device::Cpu));
     let preset = if cpu_auto { "manual" } else { svc.vram_preset.as_str() };
-    let mut sets = vec![format!("run.device={}", q(std::path::Path::new(&svc.device))), format!("memory.preset={}", q(std::path::Path::new(preset)))];
+    let mut sets = vec![
+        format!("run.device={}", q(std::path::Path::new(&svc.device))),
+        format!("memory.preset={}", q(std::path::Path::new(preset))),
+    ];
     if cpu_auto {
         sets.extend(["memory.micro_batch=4".into(), "memory.accum_steps=1".into(), "lora.rank=8".into()]);
     }
@@ -233,7 +250,11 @@ impl ServiceConfig {
     }
 
     fn model_dir(&self, r: &StartRequest) -> PathBuf {
-        if r.base_model.is_empty() { self.base_model.clone() } else { PathBuf::from(&r.base_model) }
+        if r.base_model.is_empty() {
+            self.base_model.clone()
+        } else {
+            PathBuf::from(&r.base_model)
+        }
     }
 }
 
@@ -248,18 +269,28 @@ fn check_request(svc: &ServiceConfig, r: &StartRequest) -> Result<Stages, Reject
     }
     if stages.stage2() {
         if stages == Stages::Two {
-            let bad = |e: &dyn std::fmt::Display| RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint));
-            let stage1 = crate::checkpoint::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint)).map_err(|e| bad(&e))?;
+            let bad = |e: &dyn std::fmt::Display| {
+                RejectReason::ModelDirInvalid(format!("stage-1 checkpoint {}: {e}", r.stage1_checkpoint))
+            };
+            let stage1 = crate::checkpoint::publish::resolve_checkpoint_dir(std::path::Path::new(&r.stage1_checkpoint))
+                .map_err(|e| bad(&e))?;
             let info = crate::checkpoint::deploy::DeployInfo::read(&stage1).map_err(|e| bad(&e))?;
             // A compiled dataset is checked now; an episodes root's layout is known once compiled.
             if let Ok(index) = crate::dataset::store::DatasetIndex::load(std::path::Path::new(&r.dataset)) {
                 if let Some(why) = info.layout_mismatch(index.sensor_shape, index.action_shape) {
-                    return Err(RejectReason::DatasetMissing(format!("{}: another sensor layout: stage-1 checkpoint {} {why}", r.dataset, r.stage1_checkpoint)));
+                    return Err(RejectReason::DatasetMissing(format!(
+                        "{}: another sensor layout: stage-1 checkpoint {} {why}",
+                        r.dataset, r.stage1_checkpoint
+                    )));
                 }
             }
         }
         // A resume plans memory as its saved state says; a new job as if it ran now.
-        let dir = if r.resume_job_id.is_empty() { svc.runs_root.join("check") } else { svc.runs_root.join(&r.resume_job_id).join("stage2") };
+        let dir = if r.resume_job_id.is_empty() {
+            svc.runs_root.join("check")
+        } else {
+            svc.runs_root.join(&r.resume_job_id).join("stage2")
+        };
         let cfg = stage2_config(svc, r, &dir).map_err(|e| invalid(&e))?;
         stage2::plan_memory(&cfg, !r.resume_job_id.is_empty(), &mut || stage2::free_accelerator_gib(&cfg.run.device))
             .map_err(|e| RejectReason::ConfigInvalid(format!("{e:#}")))?;
@@ -269,15 +300,24 @@ fn check_request(svc: &ServiceConfig, r: &StartRequest) -> Result<Stages, Reject
 
 /// A controller running fine-tuning jobs; published checkpoints go to `published`. Start jobs
 /// with [`start`] (it resumes jobs by id).
-pub fn controller(cfg: ServiceConfig, hub: ProgressHub, published: Sender<(String, Published)>) -> JobController<StartRequest> {
+pub fn controller(
+    cfg: ServiceConfig,
+    hub: ProgressHub,
+    published: Sender<(String, Published)>,
+) -> JobController<StartRequest> {
     let dataset_ok = move |r: &StartRequest| {
-        DatasetSource::resolve(std::path::Path::new(&r.dataset), &r.selection).map(|_| ()).map_err(|e| RejectReason::DatasetMissing(e.to_string()))
+        DatasetSource::resolve(std::path::Path::new(&r.dataset), &r.selection)
+            .map(|_| ())
+            .map_err(|e| RejectReason::DatasetMissing(e.to_string()))
     };
     let c = cfg.clone();
-    let model_ok = move |r: &StartRequest| heads_job::check_model_dir(&c.model_dir(r)).map_err(|e| RejectReason::ModelDirInvalid(e.to_string()));
+    let model_ok = move |r: &StartRequest| {
+        heads_job::check_model_dir(&c.model_dir(r)).map_err(|e| RejectReason::ModelDirInvalid(e.to_string()))
+    };
     let c = cfg.clone();
     let config_ok = move |r: &StartRequest| check_request(&c, r).map(|_| ());
-    let validators: Vec<Box<dyn Validator<StartRequest>>> = vec![Box::new(dataset_ok), Box::new(model_ok), Box::new(config_ok)];
+    let validators: Vec<Box<dyn Validator<StartRequest>>> =
+        vec![Box::new(dataset_ok), Box::new(model_ok), Box::new(config_ok)];
     let published = std::sync::Mutex::new(published);
     let job = move |ctx: JobContext, r: StartRequest| {
         let announce = |p: &Published| {
@@ -312,7 +352,12 @@ pub fn start(jobs: &JobController<StartRequest>, svc: &ServiceConfig, r: StartRe
     }
     match record.state_now().0 {
         JobState::Cancelled | JobState::Failed => {}
-        s => return StartResponse::Rejected(RejectReason::NotResumable(format!("`{id}` is {}; only a cancelled or failed job resumes", s.as_str()))),
+        s => {
+            return StartResponse::Rejected(RejectReason::NotResumable(format!(
+                "`{id}` is {}; only a cancelled or failed job resumes",
+                s.as_str()
+            )))
+        }
     }
     let mut again = record.request.clone();
     again.resume_job_id = id.clone();
@@ -500,7 +545,8 @@ fn run_stages(
     };
     let res = match cfg.nproc_per_node {
         1 => stage2::run(&job, &stage_ctx(2), &mut on_publish),
-        n => super::launch::Launch::local(n).and_then(|l| super::launch::run_stage2(&job, &l, &stage_ctx(2), &mut on_publish)),
+        n => super::launch::Launch::local(n)
+            .and_then(|l| super::launch::run_stage2(&job, &l, &stage_ctx(2), &mut on_publish)),
     };
     record.versions.extend(published);
     match res {
@@ -538,9 +584,15 @@ fn compile_episodes(cfg: &ServiceConfig, ctx: &JobContext, r: &StartRequest) -> 
         ctx.progress.with_stage(0).publish(ev);
     };
     if let DatasetSource::Episodes { root, selected } = &source {
-        report(format!("compiling {} episode(s) of {} ({} left out by the selection)", selected.dirs.len(), root.display(), selected.left_out.len()));
+        report(format!(
+            "compiling {} episode(s) of {} ({} left out by the selection)",
+            selected.dirs.len(),
+            root.display(),
+            selected.left_out.len()
+        ));
     }
-    let set = training_set::prepare(&source, &cfg.compile, &cfg.runs_root.join("datasets")).map_err(|e| e.to_string())?;
+    let set =
+        training_set::prepare(&source, &cfg.compile, &cfg.runs_root.join("datasets")).map_err(|e| e.to_string())?;
     if matches!(source, DatasetSource::Episodes { .. }) {
         let text = training_set::describe(&set);
         tracing::info!("job {}: {text}", ctx.job_id);
@@ -572,8 +624,12 @@ mod tests {
         assert_eq!(e, "config key `epochs`: must be >= 1");
         let e = RequestOverrides::parse("{run.epochs: 3}").unwrap().check_stages(Stages::One).unwrap_err().to_string();
         assert!(e.starts_with("override `run.epochs=3`: configures Stage 2, which this request does not run"), "{e}");
-        let e = RequestOverrides::parse("{stage1.epochs: 3}").unwrap().check_stages(Stages::Two).unwrap_err().to_string();
-        assert!(e.starts_with("override `epochs=3`: configures stage 1, which this request does not run (it runs Stage 2"), "{e}");
+        let e =
+            RequestOverrides::parse("{stage1.epochs: 3}").unwrap().check_stages(Stages::Two).unwrap_err().to_string();
+        assert!(
+            e.starts_with("override `epochs=3`: configures stage 1, which this request does not run (it runs Stage 2"),
+            "{e}"
+        );
         RequestOverrides::parse(text).unwrap().check_stages(Stages::Both).unwrap();
         let e = RequestOverrides::parse("[1, 2]").unwrap_err().to_string();
         assert!(e.starts_with("override `[1, 2]`: expected a mapping of `section.key: value`"), "{e}");
@@ -581,13 +637,20 @@ mod tests {
 
     #[test]
     fn stages_default_to_both_without_a_stage1_checkpoint_and_mismatches_say_what_to_send() {
-        let r = |stages: &str, ck: &str| StartRequest { stages: stages.into(), stage1_checkpoint: ck.into(), ..Default::default() };
+        let r = |stages: &str, ck: &str| StartRequest {
+            stages: stages.into(),
+            stage1_checkpoint: ck.into(),
+            ..Default::default()
+        };
         assert_eq!(Stages::of(&r("", "")).unwrap(), Stages::Both);
         assert_eq!(Stages::of(&r("", "ck")).unwrap(), Stages::Two);
         assert_eq!(Stages::of(&r("1", "")).unwrap(), Stages::One);
         assert_eq!(Stages::of(&r("both", "")).unwrap(), Stages::Both);
         let e = Stages::of(&r("2", "")).unwrap_err().to_string();
-        assert_eq!(e, "override `stages=2`: Stage 2 starts from a stage-1 checkpoint: give stage1_checkpoint, or run `both`");
+        assert_eq!(
+            e,
+            "override `stages=2`: Stage 2 starts from a stage-1 checkpoint: give stage1_checkpoint, or run `both`"
+        );
         assert!(Stages::of(&r("1", "ck")).unwrap_err().to_string().contains("stage1_checkpoint is given"));
         assert!(Stages::of(&r("3", "")).unwrap_err().to_string().contains("expected `1`, `2` or `both`"));
     }
@@ -601,7 +664,10 @@ mod tests {
         let r = StartRequest { dataset: dir.path().join("nodata").display().to_string(), ..Default::default() };
         match c.start(r) {
             StartResponse::Rejected(RejectReason::DatasetMissing(m)) => {
-                assert!(m.ends_with("nodata: neither a compiled dataset (index.json) nor an episodes root (episodes/)"), "{m}")
+                assert!(
+                    m.ends_with("nodata: neither a compiled dataset (index.json) nor an episodes root (episodes/)"),
+                    "{m}"
+                )
             }
             other => panic!("expected a dataset rejection, got {other:?}"),
         }
@@ -613,7 +679,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("rec/episodes")).unwrap();
         let r = StartRequest { dataset: dir.path().join("rec").display().to_string(), ..Default::default() };
         match c.start(r) {
-            StartResponse::Rejected(RejectReason::DatasetMissing(m)) => assert!(m.ends_with("rec: no usable episode: the `episodes/` folder is empty"), "{m}"),
+            StartResponse::Rejected(RejectReason::DatasetMissing(m)) => {
+                assert!(m.ends_with("rec: no usable episode: the `episodes/` folder is empty"), "{m}")
+            }
             other => panic!("expected a dataset rejection, got {other:?}"),
         }
         assert!(!dir.path().join("runs").exists(), "nothing started");

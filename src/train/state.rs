@@ -132,7 +132,8 @@ pub fn save_state(path: &Path, opt: &AdamW, run: &RunState) -> Result<(), StateE
         cache_state: run.cache_state.clone(),
         extra: run.extra.clone(),
     };
-    let json = serde_json::to_string(&meta).map_err(|e| StateError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+    let json = serde_json::to_string(&meta)
+        .map_err(|e| StateError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
     let metadata = HashMap::from([(META_KEY.to_string(), json)]);
     tensor_io::write_safetensors_atomic(path, &tensors, Some(metadata))?;
     Ok(())
@@ -174,7 +175,11 @@ pub fn load_state(path: &Path, opt: &mut AdamW) -> Result<StateMeta, StateError>
         };
         let p = take(&mut by_name, PARAM_PREFIX)?;
         if p.size() != target.size() {
-            return Err(invalid(format!("`{PARAM_PREFIX}{name}` has shape {:?}, model has {:?}", p.size(), target.size())));
+            return Err(invalid(format!(
+                "`{PARAM_PREFIX}{name}` has shape {:?}, model has {:?}",
+                p.size(),
+                target.size()
+            )));
         }
         let m = take(&mut by_name, EXP_AVG_PREFIX)?;
         let v = take(&mut by_name, EXP_AVG_SQ_PREFIX)?;
@@ -184,8 +189,7 @@ pub fn load_state(path: &Path, opt: &mut AdamW) -> Result<StateMeta, StateError>
     if let Some(extra) = by_name.keys().next() {
         return Err(invalid(format!("tensor `{extra}` belongs to no parameter of the optimizer")));
     }
-    opt.import_state(AdamWState { moments, steps: meta.adamw_steps.clone() })
-        .map_err(|e| invalid(e.to_string()))?;
+    opt.import_state(AdamWState { moments, steps: meta.adamw_steps.clone() }).map_err(|e| invalid(e.to_string()))?;
     tch::no_grad(|| {
         for (mut target, p) in params {
             target.copy_(&p);

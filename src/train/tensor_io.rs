@@ -93,7 +93,8 @@ fn dtype_to_kind(dtype: Dtype) -> Option<Kind> {
 /// Copies `t` (any device) to host memory, bit-exact.
 pub fn to_host(name: &str, t: &Tensor) -> Result<HostTensor, TensorIoError> {
     let kind = t.kind();
-    let dtype = kind_to_dtype(kind).ok_or_else(|| TensorIoError::Dtype { name: name.to_string(), dtype: format!("{kind:?}") })?;
+    let dtype = kind_to_dtype(kind)
+        .ok_or_else(|| TensorIoError::Dtype { name: name.to_string(), dtype: format!("{kind:?}") })?;
     let cpu = t.detach().to_device(Device::Cpu).contiguous();
     let numel = cpu.numel();
     let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
@@ -108,10 +109,7 @@ pub fn to_safetensors_bytes(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>, TensorIoError> {
-    let host = tensors
-        .iter()
-        .map(|(n, t)| to_host(n, t).map(|h| (n.clone(), h)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let host = tensors.iter().map(|(n, t)| to_host(n, t).map(|h| (n.clone(), h))).collect::<Result<Vec<_>, _>>()?;
     safetensors::tensor::serialize(host.iter().map(|(n, h)| (n.as_str(), h)), &metadata)
         .map_err(|e| TensorIoError::Format { path: PathBuf::from("<memory>"), reason: e.to_string() })
 }

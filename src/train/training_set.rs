@@ -86,24 +86,48 @@ pub struct TrainingSet {
 /// The folder `source` trains from, compiling an episodes root's selection under
 /// `datasets_root` unless a compile of the same episodes and settings is there already (and
 /// then only the episodes not compiled before).
-pub fn prepare(source: &DatasetSource, cfg: &CompileConfig, datasets_root: &Path) -> Result<TrainingSet, TrainingSetError> {
+pub fn prepare(
+    source: &DatasetSource,
+    cfg: &CompileConfig,
+    datasets_root: &Path,
+) -> Result<TrainingSet, TrainingSetError> {
     let (root, selected) = match source {
-        DatasetSource::Compiled(dir) => return Ok(TrainingSet { dir: dir.clone(), reused: true, left_out: Vec::new(), report: None, episodes_compiled: 0 }),
+        DatasetSource::Compiled(dir) => {
+            return Ok(TrainingSet {
+                dir: dir.clone(),
+                reused: true,
+                left_out: Vec::new(),
+                report: None,
+                episodes_compiled: 0,
+            })
+        }
         DatasetSource::Episodes { root, selected } => (root, selected),
     };
     let dir = datasets_root.join(identity(selected, cfg));
-    let mut set = TrainingSet { dir: dir.clone(), reused: true, left_out: selected.left_out.clone(), report: None, episodes_compiled: 0 };
+    let mut set = TrainingSet {
+        dir: dir.clone(),
+        reused: true,
+        left_out: selected.left_out.clone(),
+        report: None,
+        episodes_compiled: 0,
+    };
     if dir.join("index.json").is_file() {
         return Ok(set);
     }
-    std::fs::create_dir_all(datasets_root).map_err(|source| TrainingSetError::Io { path: datasets_root.to_path_buf(), source })?;
+    std::fs::create_dir_all(datasets_root)
+        .map_err(|source| TrainingSetError::Io { path: datasets_root.to_path_buf(), source })?;
     let inputs: Vec<FingerprintedEpisode<'_>> = selected
         .dirs
         .iter()
         .zip(&selected.fingerprints)
-        .map(|(d, f)| FingerprintedEpisode { id: selection::folder_id(d), fingerprint: f.clone(), open: Box::new(move || selection::open_one(d)) })
+        .map(|(d, f)| FingerprintedEpisode {
+            id: selection::folder_id(d),
+            fingerprint: f.clone(),
+            open: Box::new(move || selection::open_one(d)),
+        })
         .collect();
-    let out = compile_incremental(&inputs, cfg, &datasets_root.join("parts"), &dir).map_err(|source| TrainingSetError::Compile { root: root.clone(), source: Box::new(source) })?;
+    let out = compile_incremental(&inputs, cfg, &datasets_root.join("parts"), &dir)
+        .map_err(|source| TrainingSetError::Compile { root: root.clone(), source: Box::new(source) })?;
     set.reused = false;
     set.report = Some(out.output.report);
     set.episodes_compiled = out.compiled;

@@ -44,7 +44,12 @@ impl Qwen25VL {
     /// Training forward: like [`Qwen25VL::forward`], with the vision blocks and decoder layers
     /// run as configured by `ck`. After `loss.backward()` on a loss built from the returned
     /// features, call [`CheckpointedPass::backward`] with this model to complete the gradients.
-    pub fn forward_checkpointed(&self, batch: &VlBatch, ck: TrainCheckpointing, train: bool) -> Result<(VlFeatures, CheckpointedPass)> {
+    pub fn forward_checkpointed(
+        &self,
+        batch: &VlBatch,
+        ck: TrainCheckpointing,
+        train: bool,
+    ) -> Result<(VlFeatures, CheckpointedPass)> {
         let vision = if batch.image_grid_thw.is_empty() {
             None
         } else {
@@ -56,7 +61,8 @@ impl Qwen25VL {
             let merged = v.merge(run.output(), &ctx);
             Some((run, ctx, merged))
         };
-        let (features, mut pass) = self.forward_checkpointed_with_image_embeds(batch, vision.as_ref().map(|(_, _, m)| m), ck.text, train)?;
+        let (features, mut pass) =
+            self.forward_checkpointed_with_image_embeds(batch, vision.as_ref().map(|(_, _, m)| m), ck.text, train)?;
         pass.vision = vision.map(|(run, ctx, _)| (run, ctx));
         Ok((features, pass))
     }

@@ -238,10 +238,15 @@ impl Config {
                 num_attention_heads: text.num_attention_heads,
                 num_key_value_heads: text.num_key_value_heads.unwrap_or(text.num_attention_heads),
                 rms_norm_eps: text.rms_norm_eps.unwrap_or(1e-6),
-                rope_theta: rope.and_then(|r| r.rope_theta).or(text.rope_theta).or(top.rope_theta).unwrap_or(1_000_000.0),
+                rope_theta: rope
+                    .and_then(|r| r.rope_theta)
+                    .or(text.rope_theta)
+                    .or(top.rope_theta)
+                    .unwrap_or(1_000_000.0),
                 mrope_section,
                 // As transformers: tied when either level says so.
-                tie_word_embeddings: text.tie_word_embeddings.unwrap_or(false) || top.tie_word_embeddings.unwrap_or(false),
+                tie_word_embeddings: text.tie_word_embeddings.unwrap_or(false)
+                    || top.tie_word_embeddings.unwrap_or(false),
             },
             vision: VisionConfig {
                 depth: v.depth.or(v.num_hidden_layers).unwrap_or(32),
@@ -306,11 +311,7 @@ impl Config {
             ));
         }
         if t.head_dim() % 2 != 0 || t.mrope_section.iter().sum::<i64>() * 2 != t.head_dim() {
-            return Err(format!(
-                "mrope_section {:?} must sum to head_dim/2 = {}",
-                t.mrope_section,
-                t.head_dim() / 2
-            ));
+            return Err(format!("mrope_section {:?} must sum to head_dim/2 = {}", t.mrope_section, t.head_dim() / 2));
         }
         if v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
             return Err(format!(

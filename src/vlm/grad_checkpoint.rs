@@ -30,7 +30,12 @@ use tch::{Device, Kind, Tensor};
 use crate::oom_injection::{self, Point};
 
 extern "C" {
-    fn vla_backward_with_grad(out: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> c_int;
+    fn vla_backward_with_grad(
+        out: *mut torch_sys::C_tensor,
+        grad: *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
 /// Errors of the checkpointed backward pass.
@@ -103,7 +108,13 @@ fn draw_seeds(n: usize) -> Result<Vec<i64>, CheckpointError> {
 
 /// Layers `start..end` on `x`, each after its seed; `point` names the pass (forward or
 /// recompute) for fault injection.
-fn run_segment<F: Fn(usize, &Tensor) -> Tensor>(layer: &F, (start, end): (usize, usize), seeds: &[i64], x: &Tensor, point: Point) -> Tensor {
+fn run_segment<F: Fn(usize, &Tensor) -> Tensor>(
+    layer: &F,
+    (start, end): (usize, usize),
+    seeds: &[i64],
+    x: &Tensor,
+    point: Point,
+) -> Tensor {
     (start..end).fold(x.shallow_clone(), |h, i| {
         oom_injection::reach(point);
         tch::manual_seed(seeds[i]);

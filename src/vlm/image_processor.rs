@@ -123,7 +123,8 @@ impl ImageProcessor {
                 match v.get(k) {
                     None | Some(serde_json::Value::Null) => Ok(None),
                     Some(a) => {
-                        let vals: Option<Vec<f64>> = a.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect());
+                        let vals: Option<Vec<f64>> =
+                            a.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect());
                         match vals {
                             Some(vals) if vals.len() == 3 => Ok(Some([vals[0], vals[1], vals[2]])),
                             _ => Err(VlmError::Config { path: path.clone(), msg: format!("`{k}` must be 3 numbers") }),
@@ -172,7 +173,13 @@ impl ImageProcessor {
     /// The patch grid `[1, h, w]` of a `width` x `height` image (what [`ImageProcessor::preprocess`]
     /// gives it), without reading pixels.
     pub fn grid(&self, width: u32, height: u32) -> Result<[i64; 3]> {
-        let (rh, rw) = smart_resize(height as i64, width as i64, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)?;
+        let (rh, rw) = smart_resize(
+            height as i64,
+            width as i64,
+            self.patch_size * self.merge_size,
+            self.min_pixels,
+            self.max_pixels,
+        )?;
         Ok([1, rh / self.patch_size, rw / self.patch_size])
     }
 
@@ -182,7 +189,8 @@ impl ImageProcessor {
         let (rh, rw) = (x.size()[1], x.size()[2]);
         let mean: Vec<f32> = self.image_mean.iter().map(|m| (m * 255.0) as f32).collect();
         let std: Vec<f32> = self.image_std.iter().map(|s| (s * 255.0) as f32).collect();
-        let x = (x.to_kind(Kind::Float) - Tensor::from_slice(&mean).view([3, 1, 1])) / Tensor::from_slice(&std).view([3, 1, 1]);
+        let x = (x.to_kind(Kind::Float) - Tensor::from_slice(&mean).view([3, 1, 1]))
+            / Tensor::from_slice(&std).view([3, 1, 1]);
         let (p, m, t) = (self.patch_size, self.merge_size, self.temporal_patch_size);
         let (gh, gw) = (rh / p, rw / p);
         let patches = x

@@ -45,7 +45,9 @@ pub enum LoraError {
         message: String,
     },
     /// The targets select no linear layer of the model.
-    #[error("LoRA target_modules {targets} matched none of the model's {count} linear layers (for example {examples})")]
+    #[error(
+        "LoRA target_modules {targets} matched none of the model's {count} linear layers (for example {examples})"
+    )]
     NoMatch {
         /// The targets as written.
         targets: String,
@@ -143,7 +145,10 @@ impl ModuleMatcher {
     pub fn matches(&self, path: &str) -> bool {
         match self {
             Self::Suffixes(s) => s.iter().any(|t| {
-                path == t || (path.len() > t.len() && path.ends_with(t.as_str()) && path.as_bytes()[path.len() - t.len() - 1] == b'.')
+                path == t
+                    || (path.len() > t.len()
+                        && path.ends_with(t.as_str())
+                        && path.as_bytes()[path.len() - t.len() - 1] == b'.')
             }),
             Self::Regex(r) => r.is_match(path),
         }
@@ -197,10 +202,18 @@ impl LoraConfig {
             return Err(LoraError::Config { field: "r", expected: "a positive integer", found: self.r.to_string() });
         }
         if !self.lora_alpha.is_finite() {
-            return Err(LoraError::Config { field: "lora_alpha", expected: "a finite number", found: self.lora_alpha.to_string() });
+            return Err(LoraError::Config {
+                field: "lora_alpha",
+                expected: "a finite number",
+                found: self.lora_alpha.to_string(),
+            });
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(LoraError::Config { field: "lora_dropout", expected: "a probability in [0, 1)", found: self.lora_dropout.to_string() });
+            return Err(LoraError::Config {
+                field: "lora_dropout",
+                expected: "a probability in [0, 1)",
+                found: self.lora_dropout.to_string(),
+            });
         }
         ModuleMatcher::new(&self.target_modules, "target_modules")?;
         if let Some(e) = &self.exclude_modules {
@@ -330,7 +343,11 @@ pub fn select_targets(model: &mut dyn VisitLinears, cfg: &LoraConfig) -> Result<
             if l.adapter.is_some() && adapted.is_none() {
                 adapted = Some(l.path.clone());
             }
-            selected.push(Target { path: l.path.clone(), in_features: l.in_features(), out_features: l.out_features() });
+            selected.push(Target {
+                path: l.path.clone(),
+                in_features: l.in_features(),
+                out_features: l.out_features(),
+            });
         }
     });
     if let Some(p) = adapted {
@@ -389,9 +406,15 @@ fn inject_with(
         let Some((a, b)) = tensors.get(&t.path) else {
             return Err(LoraError::MissingTensors(t.path.clone()));
         };
-        for (name, tensor, expected) in [("lora_A", a, [cfg.r, t.in_features]), ("lora_B", b, [t.out_features, cfg.r])] {
+        for (name, tensor, expected) in [("lora_A", a, [cfg.r, t.in_features]), ("lora_B", b, [t.out_features, cfg.r])]
+        {
             if tensor.size() != expected {
-                return Err(LoraError::Shape { path: t.path.clone(), tensor: name, expected: expected.to_vec(), found: tensor.size() });
+                return Err(LoraError::Shape {
+                    path: t.path.clone(),
+                    tensor: name,
+                    expected: expected.to_vec(),
+                    found: tensor.size(),
+                });
             }
         }
     }

@@ -138,7 +138,12 @@ impl Qwen25VL {
 
     /// Decoder forward with precomputed image embeddings (e.g. from a vision cache), in the order
     /// of the batch's image tokens.
-    pub fn forward_with_image_embeds(&self, batch: &VlBatch, image_embeds: Option<&Tensor>, train: bool) -> Result<VlFeatures> {
+    pub fn forward_with_image_embeds(
+        &self,
+        batch: &VlBatch,
+        image_embeds: Option<&Tensor>,
+        train: bool,
+    ) -> Result<VlFeatures> {
         let inputs = self.text_inputs(batch, image_embeds, train)?;
         let last_hidden_state = self.language_model.forward_embeds(&inputs.embeds, &inputs.ctx);
         Ok(inputs.into_features(last_hidden_state))
@@ -162,7 +167,8 @@ impl Qwen25VL {
         }
         // Counted and checked on the batch as given (the host for a batch from the processor):
         // no device synchronisation.
-        let host_image_mask = batch.input_ids.eq(self.config.image_token_id).logical_and(&batch.attention_mask.to_kind(Kind::Bool));
+        let host_image_mask =
+            batch.input_ids.eq(self.config.image_token_id).logical_and(&batch.attention_mask.to_kind(Kind::Bool));
         let n_image = host_image_mask.sum(Kind::Int64).int64_value(&[]);
         let image_mask = host_image_mask.to_device(device);
         let mut embeds = self.language_model.embed(&batch.input_ids)?;
@@ -185,7 +191,12 @@ impl Qwen25VL {
             }
             None => {}
         }
-        let ctx = self.language_model.prepare(&batch.position_ids.to_device(device), &batch.attention_mask, embeds.kind(), train);
+        let ctx = self.language_model.prepare(
+            &batch.position_ids.to_device(device),
+            &batch.attention_mask,
+            embeds.kind(),
+            train,
+        );
         Ok(TextInputs { embeds, ctx, attention_mask, image_mask })
     }
 }
@@ -213,8 +224,12 @@ impl TextInputs {
     /// recompute checkpointed layers).
     pub fn into_features_and_context(self, last_hidden_state: Tensor) -> (VlFeatures, TextContext) {
         let text_mask = self.attention_mask.to_kind(Kind::Bool).logical_and(&self.image_mask.logical_not());
-        let features =
-            VlFeatures { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask };
+        let features = VlFeatures {
+            last_hidden_state,
+            attention_mask: self.attention_mask,
+            image_mask: self.image_mask,
+            text_mask,
+        };
         (features, self.ctx)
     }
 }

@@ -230,7 +230,8 @@ const MUST_BE_OFF: &[&str] = &[
 
 /// Parses an `adapter_config.json` text (`path` names it in errors) into our config and meta.
 pub fn parse_adapter_config(text: &str, path: &Path) -> Result<(LoraConfig, AdapterMeta), PeftError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| PeftError::Json { path: path.into(), message: e.to_string() })?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| PeftError::Json { path: path.into(), message: e.to_string() })?;
     let obj = v.as_object().ok_or_else(|| PeftError::BadValue {
         path: path.into(),
         key: "<root>".into(),
@@ -253,8 +254,8 @@ pub fn parse_adapter_config(text: &str, path: &Path) -> Result<(LoraConfig, Adap
     let alpha = get("lora_alpha")?;
     let lora_alpha = alpha.as_f64().ok_or_else(|| bad("lora_alpha", "a number", alpha))?;
     let targets = get("target_modules")?;
-    let target_modules: TargetModules =
-        serde_json::from_value(targets.clone()).map_err(|_| bad("target_modules", "a list of strings or a regex string", targets))?;
+    let target_modules: TargetModules = serde_json::from_value(targets.clone())
+        .map_err(|_| bad("target_modules", "a list of strings or a regex string", targets))?;
     let lora_dropout = match obj.get("lora_dropout") {
         None | Some(Value::Null) => 0.0,
         Some(d) => d.as_f64().ok_or_else(|| bad("lora_dropout", "a number", d))?,
@@ -265,7 +266,10 @@ pub fn parse_adapter_config(text: &str, path: &Path) -> Result<(LoraConfig, Adap
     };
     let exclude_modules = match obj.get("exclude_modules") {
         None | Some(Value::Null) => None,
-        Some(e) => Some(serde_json::from_value(e.clone()).map_err(|_| bad("exclude_modules", "a list of strings or a regex string", e))?),
+        Some(e) => Some(
+            serde_json::from_value(e.clone())
+                .map_err(|_| bad("exclude_modules", "a list of strings or a regex string", e))?,
+        ),
     };
     if let Some(b) = obj.get("bias") {
         if b.as_str() != Some("none") {
@@ -282,7 +286,10 @@ pub fn parse_adapter_config(text: &str, path: &Path) -> Result<(LoraConfig, Adap
     let string = |key: &str| obj.get(key).and_then(Value::as_str).map(str::to_string);
     let cfg = LoraConfig { r, lora_alpha, lora_dropout, target_modules, exclude_modules, use_rslora };
     cfg.validate()?;
-    Ok((cfg, AdapterMeta { base_model_name_or_path: string("base_model_name_or_path"), task_type: string("task_type") }))
+    Ok((
+        cfg,
+        AdapterMeta { base_model_name_or_path: string("base_model_name_or_path"), task_type: string("task_type") },
+    ))
 }
 
 /// Reads `<dir>/adapter_config.json`.
@@ -384,7 +391,10 @@ pub fn load_adapter(model: &mut dyn VisitLinears, dir: &Path, root: &nn::Path) -
             return Err(PeftError::UnknownKey {
                 path,
                 key,
-                reason: format!("`{module}` is not a linear layer of this model selected by target_modules {}", config.target_modules),
+                reason: format!(
+                    "`{module}` is not a linear layer of this model selected by target_modules {}",
+                    config.target_modules
+                ),
             });
         };
         let expected = if is_a { vec![config.r, target.in_features] } else { vec![target.out_features, config.r] };
@@ -394,7 +404,11 @@ pub fn load_adapter(model: &mut dyn VisitLinears, dir: &Path, root: &nn::Path) -
         let slot = pairs.entry(module).or_default();
         let slot = if is_a { &mut slot.0 } else { &mut slot.1 };
         if slot.replace(t).is_some() {
-            return Err(PeftError::UnknownKey { path, key, reason: "duplicate of another key for the same layer (both layouts?)".into() });
+            return Err(PeftError::UnknownKey {
+                path,
+                key,
+                reason: "duplicate of another key for the same layer (both layouts?)".into(),
+            });
         }
     }
     let mut tensors = HashMap::new();
@@ -421,7 +435,12 @@ fn to_le_bytes(t: &Tensor) -> Result<Vec<u8>, PeftError> {
 /// Writes the model's LoRA layers as a PEFT adapter folder (created if needed):
 /// `adapter_config.json` for `cfg`/`meta` and fp32 `adapter_model.safetensors` (metadata
 /// `{"format": "pt"}` like PEFT). Each file is written to a temporary name and renamed.
-pub fn save_adapter(model: &mut dyn VisitLinears, cfg: &LoraConfig, meta: &AdapterMeta, dir: &Path) -> Result<(), PeftError> {
+pub fn save_adapter(
+    model: &mut dyn VisitLinears,
+    cfg: &LoraConfig,
+    meta: &AdapterMeta,
+    dir: &Path,
+) -> Result<(), PeftError> {
     cfg.validate()?;
     let mut named = Vec::new();
     model.visit_linears_mut(&mut |l| {

@@ -70,7 +70,12 @@ pub struct VlProcessor {
 
 impl VlProcessor {
     /// The processor of a model directory (`tokenizer.json`, optional `preprocessor_config.json`).
-    pub fn from_model_dir(dir: &Path, config: &Config, min_pixels: Option<i64>, max_pixels: Option<i64>) -> Result<Self> {
+    pub fn from_model_dir(
+        dir: &Path,
+        config: &Config,
+        min_pixels: Option<i64>,
+        max_pixels: Option<i64>,
+    ) -> Result<Self> {
         let image = ImageProcessor::from_model_dir(dir, min_pixels, max_pixels)?;
         let tokenizer = PromptTokenizer::from_file(&dir.join("tokenizer.json"), config)?;
         Self::new(image, tokenizer, config)
@@ -79,10 +84,18 @@ impl VlProcessor {
     /// A processor from parts; the image settings must agree with the vision config.
     pub fn new(image: ImageProcessor, tokenizer: PromptTokenizer, config: &Config) -> Result<Self> {
         let v = &config.vision;
-        if image.patch_size != v.patch_size || image.merge_size != v.spatial_merge_size || image.temporal_patch_size != v.temporal_patch_size {
+        if image.patch_size != v.patch_size
+            || image.merge_size != v.spatial_merge_size
+            || image.temporal_patch_size != v.temporal_patch_size
+        {
             return Err(VlmError::Input(format!(
                 "image processor patch/merge/temporal sizes ({}, {}, {}) differ from the vision config ({}, {}, {})",
-                image.patch_size, image.merge_size, image.temporal_patch_size, v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+                image.patch_size,
+                image.merge_size,
+                image.temporal_patch_size,
+                v.patch_size,
+                v.spatial_merge_size,
+                v.temporal_patch_size
             )));
         }
         Ok(VlProcessor { image, tokenizer, spatial_merge_size: v.spatial_merge_size })

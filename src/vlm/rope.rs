@@ -8,7 +8,12 @@ use super::error::{Result, VlmError};
 
 /// 3D positions `[3][len]` (temporal, height, width) for one unpadded sequence in which each run
 /// of `image_token_id` tokens is one image of `grids` (in order, `[t, h, w]` in patches).
-pub fn rope_index(input_ids: &[i64], image_token_id: i64, grids: &[[i64; 3]], spatial_merge_size: i64) -> Result<[Vec<i64>; 3]> {
+pub fn rope_index(
+    input_ids: &[i64],
+    image_token_id: i64,
+    grids: &[[i64; 3]],
+    spatial_merge_size: i64,
+) -> Result<[Vec<i64>; 3]> {
     let m = spatial_merge_size;
     let mut out: [Vec<i64>; 3] = [Vec::with_capacity(input_ids.len()), Vec::new(), Vec::new()];
     let mut pos = 0i64;
@@ -55,7 +60,13 @@ pub fn rope_index(input_ids: &[i64], image_token_id: i64, grids: &[[i64; 3]], sp
 
 /// M-RoPE tables: `cos`, `sin` `[batch, len, head_dim]` in `kind` for position ids `[3, batch,
 /// len]`, the frequency bands split by `mrope_section` across the temporal/height/width axes.
-pub fn mrope_cos_sin(position_ids: &Tensor, head_dim: i64, theta: f64, mrope_section: [i64; 3], kind: Kind) -> (Tensor, Tensor) {
+pub fn mrope_cos_sin(
+    position_ids: &Tensor,
+    head_dim: i64,
+    theta: f64,
+    mrope_section: [i64; 3],
+    kind: Kind,
+) -> (Tensor, Tensor) {
     let device = position_ids.device();
     let exps = Tensor::arange_start_step(0, head_dim, 2, (Kind::Float, device)) / (head_dim as f64);
     let inv_freq = Tensor::from(theta as f32).to_device(device).pow(&exps).reciprocal();

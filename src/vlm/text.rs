@@ -125,7 +125,12 @@ impl DecoderLayer {
                 num_kv_heads: nkv,
                 head_dim: hd,
             },
-            post_attention_layernorm: RmsNorm::new(loader, &format!("{path}.post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::new(
+                loader,
+                &format!("{path}.post_attention_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
             mlp: TextMlp {
                 gate_proj: linear(loader, &format!("{path}.mlp.gate_proj"), h, i, false)?,
                 up_proj: linear(loader, &format!("{path}.mlp.up_proj"), h, i, false)?,
@@ -147,8 +152,11 @@ impl DecoderLayer {
 impl TextModel {
     /// Builds the language model from `prefix` (normally `model.language_model`).
     pub fn new(loader: &mut Loader, prefix: &str, cfg: &TextConfig) -> Result<Self> {
-        let embed_tokens =
-            loader.tensor(&format!("{prefix}.embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], Init::Normal)?;
+        let embed_tokens = loader.tensor(
+            &format!("{prefix}.embed_tokens.weight"),
+            &[cfg.vocab_size, cfg.hidden_size],
+            Init::Normal,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(loader, &format!("{prefix}.layers.{i}"), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -164,7 +172,9 @@ impl TextModel {
         if input_ids.numel() > 0 {
             let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
             if lo < 0 || hi >= vocab {
-                return Err(VlmError::Input(format!("input_ids hold ids in [{lo}, {hi}], outside the vocabulary 0..{vocab}")));
+                return Err(VlmError::Input(format!(
+                    "input_ids hold ids in [{lo}, {hi}], outside the vocabulary 0..{vocab}"
+                )));
             }
         }
         let device = self.embed_tokens.device();
@@ -175,7 +185,8 @@ impl TextModel {
         if let Some(id) = ids.iter().find(|&&i| !k.kept[i as usize]) {
             return Err(VlmError::Input(format!("token id {id} is not among the embedding rows kept for this run")));
         }
-        let rows = k.row_of.index_select(0, &Tensor::from_slice(&ids).to_device(device)).view(input_ids.size().as_slice());
+        let rows =
+            k.row_of.index_select(0, &Tensor::from_slice(&ids).to_device(device)).view(input_ids.size().as_slice());
         Ok(Tensor::embedding(&self.embed_tokens, &rows, -1, false, false))
     }
 

@@ -61,15 +61,22 @@ impl SafetensorsStore {
         } else {
             vec!["model.safetensors".to_string()]
         };
-        let mut store = SafetensorsStore { dir: dir.to_path_buf(), files: Vec::new(), names: HashMap::new(), used: BTreeSet::new() };
+        let mut store = SafetensorsStore {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+            names: HashMap::new(),
+            used: BTreeSet::new(),
+        };
         for f in file_names {
             let path = dir.join(&f);
             let file = File::open(&path).map_err(io_err(&path))?;
             // SAFETY: the file is only read; a concurrent truncation by another process is outside
             // what we can guard against (as for every mmap-based safetensors reader).
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| VlmError::Safetensors { path: path.clone(), msg: format!("corrupt or truncated file: {e:?}") })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| VlmError::Safetensors {
+                path: path.clone(),
+                msg: format!("corrupt or truncated file: {e:?}"),
+            })?;
             let idx = store.files.len();
             for name in metadata.tensors().keys() {
                 if let Some(prev) = store.names.insert(name.clone(), idx) {
@@ -111,7 +118,12 @@ impl SafetensorsStore {
         let (f, info) = self.info(&stored);
         let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         if found != shape {
-            return Err(VlmError::ShapeMismatch { name: stored, file: f.path.clone(), expected: shape.to_vec(), found });
+            return Err(VlmError::ShapeMismatch {
+                name: stored,
+                file: f.path.clone(),
+                expected: shape.to_vec(),
+                found,
+            });
         }
         self.used.insert(stored);
         Ok(())
@@ -222,7 +234,8 @@ impl Loader {
                 Ok(t.set_requires_grad(false))
             }
             WeightSource::Shared(map) => {
-                let t = map.remove(name).ok_or_else(|| VlmError::Input(format!("shared weights: no tensor `{name}`")))?;
+                let t =
+                    map.remove(name).ok_or_else(|| VlmError::Input(format!("shared weights: no tensor `{name}`")))?;
                 if t.size() != shape || t.kind() != self.kind || t.device() != self.device {
                     return Err(VlmError::Input(format!(
                         "shared weights: `{name}` is {:?} {:?} on {:?}, expected {shape:?} {:?} on {:?}",
@@ -263,7 +276,11 @@ impl Loader {
             WeightSource::Shared(map) => {
                 let mut names: Vec<&String> = map.keys().collect();
                 names.sort();
-                Err(VlmError::Input(format!("shared weights: {} tensors not used by the model, e.g. {:?}", names.len(), &names[..names.len().min(5)])))
+                Err(VlmError::Input(format!(
+                    "shared weights: {} tensors not used by the model, e.g. {:?}",
+                    names.len(),
+                    &names[..names.len().min(5)]
+                )))
             }
         }
     }

@@ -205,13 +205,24 @@ impl ActionModel for FakeModel {
         }
         let f = x.len();
         if f * self.cfg.rows() != self.w.len() {
-            return Err(RuntimeError::Model { version: self.cfg.version.clone(), reason: format!("{f} input features for weight of {} values", self.w.len()) });
+            return Err(RuntimeError::Model {
+                version: self.cfg.version.clone(),
+                reason: format!("{f} input features for weight of {} values", self.w.len()),
+            });
         }
-        let values = (0..self.cfg.rows()).map(|r| self.w[r * f..(r + 1) * f].iter().zip(&x).map(|(a, b)| a * b).sum::<f32>() + self.b[r]).collect();
+        let values = (0..self.cfg.rows())
+            .map(|r| self.w[r * f..(r + 1) * f].iter().zip(&x).map(|(a, b)| a * b).sum::<f32>() + self.b[r])
+            .collect();
         if let Some(clock) = &self.manual {
             clock.advance(Duration::from_micros(self.knobs.act_cost_us.load(Ordering::SeqCst)));
         }
-        Ok(ActionChunk { version: String::new(), horizon: self.cfg.horizon, action_dim: self.cfg.action_dim, step_period_s: self.cfg.step_period_s, values })
+        Ok(ActionChunk {
+            version: String::new(),
+            horizon: self.cfg.horizon,
+            action_dim: self.cfg.action_dim,
+            step_period_s: self.cfg.step_period_s,
+            values,
+        })
     }
 }
 
@@ -235,30 +246,50 @@ fn ckpt_err(dir: &Path, reason: String) -> RuntimeError {
 
 impl ModelLoader for FakeLoader {
     fn verify(&self, dir: &Path) -> Result<CheckpointMeta, RuntimeError> {
-        let mbytes = std::fs::read(dir.join("manifest.json")).map_err(|e| ckpt_err(dir, format!("manifest.json: {e}")))?;
+        let mbytes =
+            std::fs::read(dir.join("manifest.json")).map_err(|e| ckpt_err(dir, format!("manifest.json: {e}")))?;
         let m: Manifest = serde_json::from_slice(&mbytes).map_err(|e| ckpt_err(dir, format!("manifest.json: {e}")))?;
         for f in &m.files {
             let bytes = std::fs::read(dir.join(&f.path)).map_err(|e| ckpt_err(dir, format!("{}: {e}", f.path)))?;
             let sha = sha256_hex(&bytes);
             if bytes.len() as u64 != f.size || sha != f.sha256 {
-                return Err(ckpt_err(dir, format!("file `{}` has sha256 {sha} ({} bytes), manifest says {} ({} bytes)", f.path, bytes.len(), f.sha256, f.size)));
+                return Err(ckpt_err(
+                    dir,
+                    format!(
+                        "file `{}` has sha256 {sha} ({} bytes), manifest says {} ({} bytes)",
+                        f.path,
+                        bytes.len(),
+                        f.sha256,
+                        f.size
+                    ),
+                ));
             }
         }
         let cfg = read_config(dir)?;
         if cfg.version != m.version {
             return Err(ckpt_err(dir, format!("config.json says version {}, manifest {}", cfg.version, m.version)));
         }
-        Ok(CheckpointMeta { version: m.version, base_model_id: m.base_model_id, io: cfg.io(), manifest_sha256: sha256_hex(&mbytes) })
+        Ok(CheckpointMeta {
+            version: m.version,
+            base_model_id: m.base_model_id,
+            io: cfg.io(),
+            manifest_sha256: sha256_hex(&mbytes),
+        })
     }
 
     fn load(&self, dir: &Path, _meta: &CheckpointMeta) -> Result<LoadedModel, RuntimeError> {
         let cfg = read_config(dir)?;
-        let bytes = std::fs::read(dir.join("weights.safetensors")).map_err(|e| ckpt_err(dir, format!("weights.safetensors: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ckpt_err(dir, format!("weights.safetensors: {e}")))?;
+        let bytes = std::fs::read(dir.join("weights.safetensors"))
+            .map_err(|e| ckpt_err(dir, format!("weights.safetensors: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| ckpt_err(dir, format!("weights.safetensors: {e}")))?;
         let get = |name: &str, shape: Vec<usize>| -> Result<Vec<f32>, RuntimeError> {
             let t = st.tensor(name).map_err(|e| ckpt_err(dir, format!("tensor `{name}`: {e}")))?;
             if t.shape() != shape.as_slice() || t.dtype() != Dtype::F32 {
-                return Err(ckpt_err(dir, format!("tensor `{name}` is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape())));
+                return Err(ckpt_err(
+                    dir,
+                    format!("tensor `{name}` is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape()),
+                ));
             }
             Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         };

@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use tch::Tensor;
 use vla_finetune::dataset::compile::{compile, CompileConfig};
 use vla_finetune::policy::config::PolicyConfig;
 use vla_finetune::train::config::TrainConfig;
 use vla_finetune::train::controller::JobContext;
 use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
-use tch::Tensor;
 use vla_finetune::train::progress::ProgressHub;
 
 pub struct Fixture {
@@ -47,11 +47,12 @@ pub fn fixture() -> &'static Fixture {
             json: true,
         })
         .unwrap();
-        let eps: Vec<Box<dyn vla_finetune::dataset::episode::EpisodeSource>> = vla_finetune::dataset::mcap_episode::list_episodes(&rec)
-            .unwrap()
-            .into_iter()
-            .map(|d| Box::new(vla_finetune::dataset::mcap_episode::McapEpisode::open(&d).unwrap()) as Box<_>)
-            .collect();
+        let eps: Vec<Box<dyn vla_finetune::dataset::episode::EpisodeSource>> =
+            vla_finetune::dataset::mcap_episode::list_episodes(&rec)
+                .unwrap()
+                .into_iter()
+                .map(|d| Box::new(vla_finetune::dataset::mcap_episode::McapEpisode::open(&d).unwrap()) as Box<_>)
+                .collect();
         let refs: Vec<&dyn vla_finetune::dataset::episode::EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
         let mut cc = CompileConfig::default();
         cc.align.sensor_window_s = 0.05;

@@ -99,7 +99,12 @@ pub struct ExportReport {
 
 /// Writes the compiled dataset `dataset` as a LeRobot v3.0 dataset in the new folder `out`;
 /// `progress(done, total)` is called after each frame.
-pub fn export(dataset: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportReport, LeRobotError> {
+pub fn export(
+    dataset: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportReport, LeRobotError> {
     if opts.chunks_size == 0 || opts.data_files_size_in_mb == 0 {
         return Err(LeRobotError::Settings("chunks_size and data_files_size_in_mb must be at least 1".into()));
     }
@@ -128,7 +133,9 @@ pub fn export(dataset: &Path, out: &Path, opts: &ExportOptions, progress: &mut d
 
 /// The sensor stream's name from the dataset's compile.yaml (`sensor` without one).
 fn sensor_name(dataset: &Path) -> String {
-    CompileConfig::from_yaml_file(&dataset.join(CONFIG_FILE)).map(|c| c.align.sensor).unwrap_or_else(|_| "sensor".into())
+    CompileConfig::from_yaml_file(&dataset.join(CONFIG_FILE))
+        .map(|c| c.align.sensor)
+        .unwrap_or_else(|_| "sensor".into())
 }
 
 /// The features of an export of `ds`; cameras as `video` features of `codec` at `fps` when given.
@@ -154,9 +161,15 @@ pub fn features_of(ds: &Dataset, sensor_feature: &str, video: Option<(&str, u32)
     f.push((sensor_feature.into(), Feature::f32(ix.sensor_shape.to_vec(), serde_json::Value::Null)));
     f.push(("action".into(), Feature::f32(vec![ix.action_shape[1]], serde_json::Value::Null)));
     f.push((CHUNK_FEATURE.into(), Feature::f32(ix.action_shape.to_vec(), serde_json::Value::Null)));
-    f.push(("timestamp".into(), Feature { dtype: "float32".into(), shape: vec![1], names: serde_json::Value::Null, info: None }));
+    f.push((
+        "timestamp".into(),
+        Feature { dtype: "float32".into(), shape: vec![1], names: serde_json::Value::Null, info: None },
+    ));
     for k in ["frame_index", "episode_index", "index", "task_index"] {
-        f.push((k.into(), Feature { dtype: "int64".into(), shape: vec![1], names: serde_json::Value::Null, info: None }));
+        f.push((
+            k.into(),
+            Feature { dtype: "int64".into(), shape: vec![1], names: serde_json::Value::Null, info: None },
+        ));
     }
     Features(f)
 }
@@ -176,7 +189,11 @@ impl Accs {
         let dims = [ix.state_names.len(), ix.sensor_shape[1], ix.action_shape[1], ix.action_shape[1], 1, 1, 1, 1, 1];
         Self {
             images: vec![PixelHistogram::default(); ix.cameras.len()],
-            numeric: dims.iter().enumerate().map(|(i, &d)| StatsAccumulator::new(d, DEFAULT_RESERVOIR_ROWS, i as u64)).collect(),
+            numeric: dims
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| StatsAccumulator::new(d, DEFAULT_RESERVOIR_ROWS, i as u64))
+                .collect(),
             frames: 0,
         }
     }
@@ -216,14 +233,29 @@ struct Columns {
 impl Columns {
     fn new(ds: &Dataset, images: bool) -> Self {
         let ix = &ds.index;
-        let fsl = |n: usize| FixedSizeListBuilder::new(Float32Builder::new(), n as i32).with_field(Arc::new(Field::new("element", arrow_schema::DataType::Float32, true)));
+        let fsl = |n: usize| {
+            FixedSizeListBuilder::new(Float32Builder::new(), n as i32).with_field(Arc::new(Field::new(
+                "element",
+                arrow_schema::DataType::Float32,
+                true,
+            )))
+        };
         let nested = || {
-            let inner = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("element", arrow_schema::DataType::Float32, true)));
-            let inner_type = arrow_schema::DataType::List(Arc::new(Field::new("element", arrow_schema::DataType::Float32, true)));
+            let inner = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
+                "element",
+                arrow_schema::DataType::Float32,
+                true,
+            )));
+            let inner_type =
+                arrow_schema::DataType::List(Arc::new(Field::new("element", arrow_schema::DataType::Float32, true)));
             ListBuilder::new(inner).with_field(Arc::new(Field::new("element", inner_type, true)))
         };
         Self {
-            images: if images { ix.cameras.iter().map(|_| (BinaryBuilder::new(), StringBuilder::new())).collect() } else { Vec::new() },
+            images: if images {
+                ix.cameras.iter().map(|_| (BinaryBuilder::new(), StringBuilder::new())).collect()
+            } else {
+                Vec::new()
+            },
             state: fsl(ix.state_names.len()),
             sensor: nested(),
             action: fsl(ix.action_shape[1]),
@@ -244,7 +276,10 @@ impl Columns {
     fn finish(&mut self, schema: &Arc<Schema>, path: &Path) -> Result<RecordBatch, LeRobotError> {
         let mut cols: Vec<ArrayRef> = Vec::new();
         for (bytes, paths) in &mut self.images {
-            let fields = vec![Field::new("bytes", arrow_schema::DataType::Binary, true), Field::new("path", arrow_schema::DataType::Utf8, true)];
+            let fields = vec![
+                Field::new("bytes", arrow_schema::DataType::Binary, true),
+                Field::new("path", arrow_schema::DataType::Utf8, true),
+            ];
             let arrays: Vec<ArrayRef> = vec![Arc::new(bytes.finish()), Arc::new(paths.finish())];
             cols.push(Arc::new(StructArray::new(fields.into(), arrays, None)));
         }
@@ -257,7 +292,8 @@ impl Columns {
             cols.push(Arc::new(Int64Array::from(std::mem::take(v))));
         }
         self.bytes = 0;
-        RecordBatch::try_new(schema.clone(), cols).map_err(|e| format::invalid(path, format!("building the frame columns: {e}")))
+        RecordBatch::try_new(schema.clone(), cols)
+            .map_err(|e| format::invalid(path, format!("building the frame columns: {e}")))
     }
 }
 
@@ -274,11 +310,21 @@ struct DataFile {
 /// Rows buffered before they are handed to the parquet writer.
 const BATCH_BYTES: usize = 32 << 20;
 
-fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Option<&(PathBuf, video::Encoder)>, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportReport, LeRobotError> {
+fn write(
+    ds: &Dataset,
+    src: &Path,
+    dir: &Path,
+    opts: &ExportOptions,
+    video: Option<&(PathBuf, video::Encoder)>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportReport, LeRobotError> {
     let ix = &ds.index;
     let fps = ix.control_hz.round();
     if (ix.control_hz - fps).abs() > 1e-6 || fps < 1.0 {
-        return Err(format::invalid(&src.join(crate::dataset::store::INDEX_FILE), format!("control_hz {} is not a whole number; LeRobot needs an integer fps", ix.control_hz)));
+        return Err(format::invalid(
+            &src.join(crate::dataset::store::INDEX_FILE),
+            format!("control_hz {} is not a whole number; LeRobot needs an integer fps", ix.control_hz),
+        ));
     }
     let sensor = sensor_name(src);
     let sensor_feature = format!("observation.{sensor}");
@@ -323,7 +369,8 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
         // LeRobot starts a new file when this episode would take the current one past the limit.
         let row_bytes = samples.first().map_or(0, |&i| frame_bytes(ds, i, video.is_none()));
         let ep_bytes = row_bytes * samples.len();
-        let rollover = data.as_ref().is_some_and(|d| d.bytes > 0 && d.bytes + ep_bytes >= opts.data_files_size_in_mb << 20);
+        let rollover =
+            data.as_ref().is_some_and(|d| d.bytes > 0 && d.bytes + ep_bytes >= opts.data_files_size_in_mb << 20);
         if data.is_none() || rollover {
             let next = match data.take() {
                 Some(d) => {
@@ -336,11 +383,23 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
             let mut videos = Vec::new();
             if let Some((ffmpeg, enc)) = video {
                 for cam in &ix.cameras {
-                    let p = dir.join(format::chunk_file(&format!("videos/observation.images.{}", cam.name), next.0, next.1, "mp4"));
+                    let p = dir.join(format::chunk_file(
+                        &format!("videos/observation.images.{}", cam.name),
+                        next.0,
+                        next.1,
+                        "mp4",
+                    ));
                     videos.push(video::VideoFile::create(ffmpeg, *enc, &p, cam.width, cam.height, fps as u32)?);
                 }
             }
-            data = Some(DataFile { writer: format::create_writer(&path, schema.clone())?, path, chunk: next.0, file: next.1, bytes: 0, videos });
+            data = Some(DataFile {
+                writer: format::create_writer(&path, schema.clone())?,
+                path,
+                chunk: next.0,
+                file: next.1,
+                bytes: 0,
+                videos,
+            });
             data_files += 1;
         }
         let Some(df) = data.as_mut() else { unreachable!("a data file was just opened") };
@@ -377,8 +436,28 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
             }
             cols.bytes += (s.state.len() + s.sensor.len() + s.action.len() + a) * 4 + 36;
             let intf = ints.map(|x| x as f32);
-            acc.add([&s.state, &s.sensor, &s.action[..a], &s.action, &[ts], &intf[0..1], &intf[1..2], &intf[2..3], &intf[3..4]]);
-            global.add([&s.state, &s.sensor, &s.action[..a], &s.action, &[ts], &intf[0..1], &intf[1..2], &intf[2..3], &intf[3..4]]);
+            acc.add([
+                &s.state,
+                &s.sensor,
+                &s.action[..a],
+                &s.action,
+                &[ts],
+                &intf[0..1],
+                &intf[1..2],
+                &intf[2..3],
+                &intf[3..4],
+            ]);
+            global.add([
+                &s.state,
+                &s.sensor,
+                &s.action[..a],
+                &s.action,
+                &[ts],
+                &intf[0..1],
+                &intf[1..2],
+                &intf[2..3],
+                &intf[3..4],
+            ]);
             t_ns.push(s.t_ns);
             index += 1;
             if cols.bytes >= BATCH_BYTES {
@@ -408,16 +487,27 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
             cols.from.push(*start as f64 / fps);
             cols.to.push(v.frames as f64 / fps);
         }
-        sidecar.episodes.push(SidecarEpisode { id: entry.id.clone(), task: entry.task.clone(), outcome: entry.outcome.clone(), split: entry.split, t_ns });
+        sidecar.episodes.push(SidecarEpisode {
+            id: entry.id.clone(),
+            task: entry.task.clone(),
+            outcome: entry.outcome.clone(),
+            split: entry.split,
+            t_ns,
+        });
     }
     if let Some(d) = data.take() {
         close(d)?;
     }
-    let video_keys: Vec<String> = if video.is_some() { ix.cameras.iter().map(|c| format!("observation.images.{}", c.name)).collect() } else { Vec::new() };
+    let video_keys: Vec<String> = if video.is_some() {
+        ix.cameras.iter().map(|c| format!("observation.images.{}", c.name)).collect()
+    } else {
+        Vec::new()
+    };
     write_episodes(dir, ep_rows, &video_keys, ep_stats)?;
     write_tasks(dir, &tasks)?;
     let stats = global.stats(&features);
-    let stats_json: serde_json::Map<String, serde_json::Value> = stats.iter().map(|(k, s)| (k.clone(), s.to_json())).collect();
+    let stats_json: serde_json::Map<String, serde_json::Value> =
+        stats.iter().map(|(k, s)| (k.clone(), s.to_json())).collect();
     write_json(&dir.join(format::STATS_PATH), &serde_json::Value::Object(stats_json))?;
     let info = Info {
         codebase_version: format::CODEBASE_VERSION.into(),
@@ -444,8 +534,15 @@ fn write(ds: &Dataset, src: &Path, dir: &Path, opts: &ExportOptions, video: Opti
 /// numbers), to size files.
 fn frame_bytes(ds: &Dataset, i: usize, images: bool) -> usize {
     let ix = &ds.index;
-    let jpegs: usize = if images { (0..ix.cameras.len()).filter_map(|c| ds.jpeg(i, c).ok()).map(|j| j.len()).sum() } else { 0 };
-    jpegs + (ix.state_names.len() + ix.sensor_shape[0] * ix.sensor_shape[1] + ix.action_shape[0] * ix.action_shape[1] + ix.action_shape[1]) * 4 + 36
+    let jpegs: usize =
+        if images { (0..ix.cameras.len()).filter_map(|c| ds.jpeg(i, c).ok()).map(|j| j.len()).sum() } else { 0 };
+    jpegs
+        + (ix.state_names.len()
+            + ix.sensor_shape[0] * ix.sensor_shape[1]
+            + ix.action_shape[0] * ix.action_shape[1]
+            + ix.action_shape[1])
+            * 4
+        + 36
 }
 
 /// The (chunk, file) after the `n`-th file (0-based) of a chunked folder.
@@ -494,10 +591,19 @@ struct VideoColumns {
 }
 
 /// `meta/episodes/chunk-000/file-000.parquet`: one row per episode, LeRobot's columns.
-fn write_episodes(dir: &Path, rows: EpisodeRows, video_keys: &[String], stats: format::EpisodeStatsColumns) -> Result<(), LeRobotError> {
+fn write_episodes(
+    dir: &Path,
+    rows: EpisodeRows,
+    video_keys: &[String],
+    stats: format::EpisodeStatsColumns,
+) -> Result<(), LeRobotError> {
     let path = dir.join(format::chunk_file(format::EPISODES_DIR, 0, 0, "parquet"));
     let n = rows.episode.len();
-    let mut tasks = ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new("element", arrow_schema::DataType::Utf8, true)));
+    let mut tasks = ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new(
+        "element",
+        arrow_schema::DataType::Utf8,
+        true,
+    )));
     for t in &rows.task {
         tasks.values().append_value(t);
         tasks.append(true);

@@ -202,12 +202,14 @@ impl Info {
             return Err(LeRobotError::Missing { path, what: "meta/info.json of a LeRobot v3.0 dataset".into() });
         }
         let bytes = std::fs::read(&path).map_err(|source| LeRobotError::Io { path: path.clone(), source })?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| invalid(&path, format!("not JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(&path, format!("not JSON: {e}")))?;
         let version = value.get("codebase_version").and_then(|v| v.as_str()).unwrap_or("(none)");
         if version != CODEBASE_VERSION {
             return Err(LeRobotError::Version { path, found: version.into() });
         }
-        let info: Info = serde_json::from_value(value).map_err(|e| invalid(&path, format!("not a LeRobot v3.0 info.json: {e}")))?;
+        let info: Info =
+            serde_json::from_value(value).map_err(|e| invalid(&path, format!("not a LeRobot v3.0 info.json: {e}")))?;
         if info.fps == 0 {
             return Err(invalid(&path, "fps is 0; expected a positive frame rate".into()));
         }
@@ -263,11 +265,20 @@ pub fn column_field(key: &str, f: &Feature) -> Result<Field, LeRobotError> {
         "float64" => DataType::Float64,
         "int64" => DataType::Int64,
         "image" => return Ok(Field::new(key, image_type(), true)),
-        other => return Err(LeRobotError::Feature { feature: key.into(), what: format!("dtype `{other}` cannot be written; expected float32, float64, int64 or image") }),
+        other => {
+            return Err(LeRobotError::Feature {
+                feature: key.into(),
+                what: format!("dtype `{other}` cannot be written; expected float32, float64, int64 or image"),
+            })
+        }
     };
     let field = match f.shape.len() {
         1 if f.shape[0] == 1 => Field::new(key, leaf, true),
-        1 => Field::new(key, DataType::FixedSizeList(Arc::new(Field::new("element", leaf, true)), f.shape[0] as i32), true),
+        1 => Field::new(
+            key,
+            DataType::FixedSizeList(Arc::new(Field::new("element", leaf, true)), f.shape[0] as i32),
+            true,
+        ),
         n => {
             let mut t = leaf;
             for _ in 0..n {
@@ -275,9 +286,12 @@ pub fn column_field(key: &str, f: &Feature) -> Result<Field, LeRobotError> {
             }
             let ext = serde_json::json!([f.shape, f.dtype]).to_string();
             Field::new(key, t, true).with_metadata(
-                [("ARROW:extension:name".to_string(), format!("datasets.features.features.Array{n}DExtensionType")), ("ARROW:extension:metadata".to_string(), ext)]
-                    .into_iter()
-                    .collect(),
+                [
+                    ("ARROW:extension:name".to_string(), format!("datasets.features.features.Array{n}DExtensionType")),
+                    ("ARROW:extension:metadata".to_string(), ext),
+                ]
+                .into_iter()
+                .collect(),
             )
         }
     };
@@ -337,10 +351,15 @@ pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), LeRobotErro
 /// Reads every record batch of a parquet file.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, LeRobotError> {
     if !path.is_file() {
-        return Err(LeRobotError::Missing { path: path.to_path_buf(), what: "a parquet file the dataset's metadata names".into() });
+        return Err(LeRobotError::Missing {
+            path: path.to_path_buf(),
+            what: "a parquet file the dataset's metadata names".into(),
+        });
     }
     let f = File::open(path).map_err(|source| LeRobotError::Io { path: path.to_path_buf(), source })?;
-    let r = ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.with_batch_size(256).build()).map_err(|e| invalid(path, format!("not a readable parquet file: {e}")))?;
+    let r = ParquetRecordBatchReaderBuilder::try_new(f)
+        .and_then(|b| b.with_batch_size(256).build())
+        .map_err(|e| invalid(path, format!("not a readable parquet file: {e}")))?;
     r.collect::<Result<Vec<_>, _>>().map_err(|e| invalid(path, format!("reading parquet: {e}")))
 }
 
@@ -349,7 +368,8 @@ pub fn chunked_files(dir: &Path) -> Result<Vec<PathBuf>, LeRobotError> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|source| LeRobotError::Io { path: dir.to_path_buf(), source })?;
     for chunk in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("chunk-")) {
-        let files = std::fs::read_dir(chunk.path()).map_err(|source| LeRobotError::Io { path: chunk.path(), source })?;
+        let files =
+            std::fs::read_dir(chunk.path()).map_err(|source| LeRobotError::Io { path: chunk.path(), source })?;
         out.extend(files.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet")));
     }
     out.sort();
@@ -358,7 +378,15 @@ pub fn chunked_files(dir: &Path) -> Result<Vec<PathBuf>, LeRobotError> {
 
 /// A column of `batch` by name, or which one is missing.
 pub fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef, LeRobotError> {
-    batch.column_by_name(name).ok_or_else(|| invalid(path, format!("no column `{name}`; the columns are {:?}", batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>())))
+    batch.column_by_name(name).ok_or_else(|| {
+        invalid(
+            path,
+            format!(
+                "no column `{name}`; the columns are {:?}",
+                batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>()
+            ),
+        )
+    })
 }
 
 /// An integer column's value at `row` (int64 or int32).
@@ -433,7 +461,11 @@ impl FeatureStats {
     pub fn to_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         for (k, v) in &self.values {
-            let val = if self.visual { serde_json::json!(v.iter().map(|x| [[x]]).collect::<Vec<_>>()) } else { serde_json::json!(v) };
+            let val = if self.visual {
+                serde_json::json!(v.iter().map(|x| [[x]]).collect::<Vec<_>>())
+            } else {
+                serde_json::json!(v)
+            };
             m.insert((*k).into(), val);
             if *k == "std" {
                 m.insert("count".into(), serde_json::json!([self.count]));
@@ -495,7 +527,11 @@ impl PixelHistogram {
     /// The statistics, values scaled to [0, 1]; quantiles interpolate linearly between order
     /// statistics (numpy's default).
     pub fn stats(&self) -> FeatureStats {
-        let mut cols: Vec<(&'static str, Vec<f64>)> = ["min", "max", "mean", "std"].iter().chain(QUANTILES.iter().map(|(k, _)| k)).map(|k| (*k, Vec::new())).collect();
+        let mut cols: Vec<(&'static str, Vec<f64>)> = ["min", "max", "mean", "std"]
+            .iter()
+            .chain(QUANTILES.iter().map(|(k, _)| k))
+            .map(|k| (*k, Vec::new()))
+            .collect();
         for h in &self.hist {
             let n: u64 = h.iter().sum();
             let nf = n.max(1) as f64;
@@ -552,13 +588,21 @@ impl EpisodeStatsColumns {
         let first = self.cols.is_empty();
         let mut i = 0;
         for (feat, s) in stats {
-            let cells = s.values.iter().map(|(k, v)| (*k, Some(v))).take(4).chain([("count", None)]).chain(s.values.iter().skip(4).map(|(k, v)| (*k, Some(v))));
+            let cells = s
+                .values
+                .iter()
+                .map(|(k, v)| (*k, Some(v)))
+                .take(4)
+                .chain([("count", None)])
+                .chain(s.values.iter().skip(4).map(|(k, v)| (*k, Some(v))));
             for (key, v) in cells {
                 if first {
                     let col = match (v, s.visual) {
                         (None, _) => StatsColumn::Count(ListBuilder::new(Int64Builder::new())),
                         (Some(_), false) => StatsColumn::Flat(ListBuilder::new(Float64Builder::new())),
-                        (Some(_), true) => StatsColumn::Visual(ListBuilder::new(ListBuilder::new(ListBuilder::new(Float64Builder::new())))),
+                        (Some(_), true) => StatsColumn::Visual(ListBuilder::new(ListBuilder::new(ListBuilder::new(
+                            Float64Builder::new(),
+                        )))),
                     };
                     self.cols.push((format!("stats/{feat}/{key}"), col));
                 }
@@ -604,10 +648,15 @@ impl EpisodeStatsColumns {
 }
 
 /// A record batch from named columns (their types give the schema), with schema metadata.
-pub fn batch_of(cols: Vec<(String, ArrayRef)>, metadata: Vec<(String, String)>, path: &Path) -> Result<RecordBatch, LeRobotError> {
+pub fn batch_of(
+    cols: Vec<(String, ArrayRef)>,
+    metadata: Vec<(String, String)>,
+    path: &Path,
+) -> Result<RecordBatch, LeRobotError> {
     let fields: Vec<Field> = cols.iter().map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
     let schema = Arc::new(Schema::new(fields).with_metadata(metadata.into_iter().collect()));
-    RecordBatch::try_new(schema, cols.into_iter().map(|(_, a)| a).collect()).map_err(|e| invalid(path, format!("building columns: {e}")))
+    RecordBatch::try_new(schema, cols.into_iter().map(|(_, a)| a).collect())
+        .map_err(|e| invalid(path, format!("building columns: {e}")))
 }
 
 #[cfg(test)]

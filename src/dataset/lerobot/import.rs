@@ -30,10 +30,14 @@ use serde::{Deserialize, Serialize};
 
 use super::format::{self, column, float_at, int_at, values_at, Feature, Info, Sidecar};
 use super::LeRobotError;
-use crate::dataset::compile::{add_totals, encode_jpeg, split_episodes, write_outputs, CompileConfig, CompileReport, EpisodeReport, SplitConfig};
+use crate::dataset::compile::{
+    add_totals, encode_jpeg, split_episodes, write_outputs, CompileConfig, CompileReport, EpisodeReport, SplitConfig,
+};
 use crate::dataset::episode::RgbImage;
 use crate::dataset::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
-use crate::dataset::store::{CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, FORMAT};
+use crate::dataset::store::{
+    CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging, FORMAT,
+};
 
 /// A camera: our name and the LeRobot feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,7 +122,8 @@ impl ImportMapping {
     /// Reads a mapping; missing fields take their defaults.
     pub fn from_yaml_file(path: &Path) -> Result<Self, LeRobotError> {
         let text = std::fs::read_to_string(path).map_err(|source| LeRobotError::Io { path: path.into(), source })?;
-        let m: ImportMapping = serde_yaml::from_str(&text).map_err(|e| LeRobotError::Mapping(format!("{}: {e}", path.display())))?;
+        let m: ImportMapping =
+            serde_yaml::from_str(&text).map_err(|e| LeRobotError::Mapping(format!("{}: {e}", path.display())))?;
         m.validate()?;
         Ok(m)
     }
@@ -195,20 +200,36 @@ struct Resolved {
 fn feature<'a>(info: &'a Info, key: &str, role: &str) -> Result<&'a Feature, LeRobotError> {
     info.features.get(key).ok_or_else(|| LeRobotError::Feature {
         feature: key.into(),
-        what: format!("mapped as the {role} but not in meta/info.json; the dataset has {:?}", info.features.0.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()),
+        what: format!(
+            "mapped as the {role} but not in meta/info.json; the dataset has {:?}",
+            info.features.0.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()
+        ),
     })
 }
 
 fn numeric(f: &Feature, key: &str, role: &str, dims: &[usize]) -> Result<(), LeRobotError> {
     if !matches!(f.dtype.as_str(), "float32" | "float64" | "int64" | "int32") || !dims.contains(&f.shape.len()) {
-        return Err(LeRobotError::Feature { feature: key.into(), what: format!("{} {:?} cannot be the {role}; expected a number feature of {} dimension(s)", f.dtype, f.shape, dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" or ")) });
+        return Err(LeRobotError::Feature {
+            feature: key.into(),
+            what: format!(
+                "{} {:?} cannot be the {role}; expected a number feature of {} dimension(s)",
+                f.dtype,
+                f.shape,
+                dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" or ")
+            ),
+        });
     }
     Ok(())
 }
 
 fn resolve(m: &ImportMapping, info: &Info, sidecar: Option<&Sidecar>) -> Result<Resolved, LeRobotError> {
     let cams: Vec<(String, String)> = if m.cameras.is_empty() {
-        info.features.0.iter().filter(|(_, f)| f.is_visual()).filter_map(|(k, _)| k.strip_prefix("observation.images.").map(|n| (n.to_string(), k.clone()))).collect()
+        info.features
+            .0
+            .iter()
+            .filter(|(_, f)| f.is_visual())
+            .filter_map(|(k, _)| k.strip_prefix("observation.images.").map(|n| (n.to_string(), k.clone())))
+            .collect()
     } else {
         m.cameras.iter().map(|c| (c.name.clone(), c.feature.clone())).collect()
     };
@@ -216,7 +237,13 @@ fn resolve(m: &ImportMapping, info: &Info, sidecar: Option<&Sidecar>) -> Result<
     for (name, key) in cams {
         let f = feature(info, &key, "camera")?;
         if !f.is_visual() || f.shape.len() != 3 || f.shape[2] != 3 {
-            return Err(LeRobotError::Feature { feature: key, what: format!("{} {:?} cannot be a camera; expected an image or video feature of shape [height, width, 3]", f.dtype, f.shape) });
+            return Err(LeRobotError::Feature {
+                feature: key,
+                what: format!(
+                    "{} {:?} cannot be a camera; expected an image or video feature of shape [height, width, 3]",
+                    f.dtype, f.shape
+                ),
+            });
         }
         cameras.push(Camera { name, shape: [f.shape[0], f.shape[1], 3], video: f.dtype == "video", key });
     }
@@ -228,13 +255,23 @@ fn resolve(m: &ImportMapping, info: &Info, sidecar: Option<&Sidecar>) -> Result<
     })?;
     let f = feature(info, &skey, "sensor")?;
     numeric(f, &skey, "sensor", &[1, 2])?;
-    let name = m.sensor.name.clone().or_else(|| sidecar.map(|s| s.sensor.clone())).unwrap_or_else(|| skey.strip_prefix("observation.").unwrap_or(&skey).to_string());
+    let name = m
+        .sensor
+        .name
+        .clone()
+        .or_else(|| sidecar.map(|s| s.sensor.clone()))
+        .unwrap_or_else(|| skey.strip_prefix("observation.").unwrap_or(&skey).to_string());
     let sensor = match f.shape[..] {
         [t, c] => (skey, name, None, [t, c]),
         [c] => (skey, name, Some(m.sensor.window_frames), [m.sensor.window_frames, c]),
         _ => unreachable!("checked by numeric"),
     };
-    let akey = m.action.feature.clone().or_else(|| sidecar.map(|s| s.action_chunk_feature.clone())).unwrap_or_else(|| "action".into());
+    let akey = m
+        .action
+        .feature
+        .clone()
+        .or_else(|| sidecar.map(|s| s.action_chunk_feature.clone()))
+        .unwrap_or_else(|| "action".into());
     let f = feature(info, &akey, "action")?;
     numeric(f, &akey, "action", &[1, 2])?;
     let action = match f.shape[..] {
@@ -258,29 +295,65 @@ struct EpisodeMeta {
 fn read_episodes(root: &Path, info: &Info, cameras: &[Camera]) -> Result<Vec<EpisodeMeta>, LeRobotError> {
     let dir = root.join(format::EPISODES_DIR);
     if !dir.is_dir() {
-        return Err(LeRobotError::Missing { path: dir, what: "the episodes metadata of a LeRobot v3.0 dataset (meta/episodes/chunk-XXX/file-XXX.parquet)".into() });
+        return Err(LeRobotError::Missing {
+            path: dir,
+            what: "the episodes metadata of a LeRobot v3.0 dataset (meta/episodes/chunk-XXX/file-XXX.parquet)".into(),
+        });
     }
     let mut out = Vec::new();
     for path in format::chunked_files(&dir)? {
         for b in format::read_parquet(&path)? {
-            let cols: Vec<&ArrayRef> = ["episode_index", "length", "data/chunk_index", "data/file_index"].iter().map(|c| column(&b, c, &path)).collect::<Result<_, _>>()?;
+            let cols: Vec<&ArrayRef> = ["episode_index", "length", "data/chunk_index", "data/file_index"]
+                .iter()
+                .map(|c| column(&b, c, &path))
+                .collect::<Result<_, _>>()?;
             for r in 0..b.num_rows() {
-                let v: Vec<i64> = cols.iter().map(|c| int_at(c, r).ok_or_else(|| format::invalid(&path, format!("row {r}: expected int64 episode columns")))).collect::<Result<_, _>>()?;
-                let fill = |t: &str, c: i64, f: i64| t.replace("{chunk_index:03d}", &format!("{c:03}")).replace("{file_index:03d}", &format!("{f:03}"));
+                let v: Vec<i64> = cols
+                    .iter()
+                    .map(|c| {
+                        int_at(c, r)
+                            .ok_or_else(|| format::invalid(&path, format!("row {r}: expected int64 episode columns")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let fill = |t: &str, c: i64, f: i64| {
+                    t.replace("{chunk_index:03d}", &format!("{c:03}")).replace("{file_index:03d}", &format!("{f:03}"))
+                };
                 let mut videos = Vec::new();
                 for cam in cameras {
                     if !cam.video {
                         videos.push(None);
                         continue;
                     }
-                    let template = info.video_path.as_deref().ok_or_else(|| format::invalid(&root.join(format::INFO_PATH), format!("video feature `{}` but no video_path", cam.key)))?;
+                    let template = info.video_path.as_deref().ok_or_else(|| {
+                        format::invalid(
+                            &root.join(format::INFO_PATH),
+                            format!("video feature `{}` but no video_path", cam.key),
+                        )
+                    })?;
                     let col = |k: &str| column(&b, &format!("videos/{}/{k}", cam.key), &path);
                     let (c, f, from) = (col("chunk_index")?, col("file_index")?, col("from_timestamp")?);
-                    let bad = || format::invalid(&path, format!("row {r}: expected int64 chunk/file and a float from_timestamp for video `{}`", cam.key));
-                    let file = fill(&template.replace("{video_key}", &cam.key), int_at(c, r).ok_or_else(bad)?, int_at(f, r).ok_or_else(bad)?);
+                    let bad = || {
+                        format::invalid(
+                            &path,
+                            format!(
+                                "row {r}: expected int64 chunk/file and a float from_timestamp for video `{}`",
+                                cam.key
+                            ),
+                        )
+                    };
+                    let file = fill(
+                        &template.replace("{video_key}", &cam.key),
+                        int_at(c, r).ok_or_else(bad)?,
+                        int_at(f, r).ok_or_else(bad)?,
+                    );
                     videos.push(Some((root.join(file), float_at(from, r).ok_or_else(bad)?)));
                 }
-                out.push(EpisodeMeta { index: v[0], length: v[1].max(0) as usize, file: root.join(fill(&info.data_path, v[2], v[3])), videos });
+                out.push(EpisodeMeta {
+                    index: v[0],
+                    length: v[1].max(0) as usize,
+                    file: root.join(fill(&info.data_path, v[2], v[3])),
+                    videos,
+                });
             }
         }
     }
@@ -289,7 +362,10 @@ fn read_episodes(root: &Path, info: &Info, cameras: &[Camera]) -> Result<Vec<Epi
     }
     out.sort_by_key(|e| e.index);
     if out.len() != info.total_episodes {
-        return Err(format::invalid(&dir, format!("{} episode rows; meta/info.json says total_episodes {}", out.len(), info.total_episodes)));
+        return Err(format::invalid(
+            &dir,
+            format!("{} episode rows; meta/info.json says total_episodes {}", out.len(), info.total_episodes),
+        ));
     }
     Ok(out)
 }
@@ -297,14 +373,21 @@ fn read_episodes(root: &Path, info: &Info, cameras: &[Camera]) -> Result<Vec<Epi
 fn read_tasks(root: &Path) -> Result<BTreeMap<i64, String>, LeRobotError> {
     let path = root.join(format::TASKS_PATH);
     if !path.is_file() {
-        return Err(LeRobotError::Missing { path, what: "the task strings of a LeRobot v3.0 dataset (meta/tasks.parquet)".into() });
+        return Err(LeRobotError::Missing {
+            path,
+            what: "the task strings of a LeRobot v3.0 dataset (meta/tasks.parquet)".into(),
+        });
     }
     let mut out = BTreeMap::new();
     for b in format::read_parquet(&path)? {
         let (ti, t) = (column(&b, "task_index", &path)?, column(&b, "task", &path)?);
-        let t = t.as_string_opt::<i32>().ok_or_else(|| format::invalid(&path, "column `task`: expected strings".into()))?;
+        let t =
+            t.as_string_opt::<i32>().ok_or_else(|| format::invalid(&path, "column `task`: expected strings".into()))?;
         for r in 0..b.num_rows() {
-            out.insert(int_at(ti, r).ok_or_else(|| format::invalid(&path, "column `task_index`: expected int64".into()))?, t.value(r).to_string());
+            out.insert(
+                int_at(ti, r).ok_or_else(|| format::invalid(&path, "column `task_index`: expected int64".into()))?,
+                t.value(r).to_string(),
+            );
         }
     }
     Ok(out)
@@ -322,21 +405,37 @@ struct Frame {
 }
 
 /// Reads the frames of `ep` from its data file's batches (and its videos with `ffmpeg`).
-fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Resolved, quality: u8, fps: u32, ffmpeg: Option<&Path>) -> Result<Vec<Frame>, LeRobotError> {
+fn episode_frames(
+    root: &Path,
+    ep: &EpisodeMeta,
+    batches: &[RecordBatch],
+    r: &Resolved,
+    quality: u8,
+    fps: u32,
+    ffmpeg: Option<&Path>,
+) -> Result<Vec<Frame>, LeRobotError> {
     let path = &ep.file;
     let mut frames = Vec::with_capacity(ep.length);
     for b in batches {
         let epi = column(b, "episode_index", path)?;
-        let (fi, ts, ti) = (column(b, "frame_index", path)?, column(b, "timestamp", path)?, column(b, "task_index", path)?);
+        let (fi, ts, ti) =
+            (column(b, "frame_index", path)?, column(b, "timestamp", path)?, column(b, "task_index", path)?);
         let st = column(b, &r.state.0, path)?;
         let se = column(b, &r.sensor.0, path)?;
         let ac = column(b, &r.action.0, path)?;
-        let cams: Vec<Option<&ArrayRef>> = r.cameras.iter().map(|c| if c.video { Ok(None) } else { column(b, &c.key, path).map(Some) }).collect::<Result<_, _>>()?;
+        let cams: Vec<Option<&ArrayRef>> = r
+            .cameras
+            .iter()
+            .map(|c| if c.video { Ok(None) } else { column(b, &c.key, path).map(Some) })
+            .collect::<Result<_, _>>()?;
         for row in 0..b.num_rows() {
             if int_at(epi, row) != Some(ep.index) {
                 continue;
             }
-            let bad = |key: &str, what: String| LeRobotError::Feature { feature: key.into(), what: format!("{}: episode {}, row {row}: {what}", path.display(), ep.index) };
+            let bad = |key: &str, what: String| LeRobotError::Feature {
+                feature: key.into(),
+                what: format!("{}: episode {}, row {row}: {what}", path.display(), ep.index),
+            };
             let read = |col: &ArrayRef, key: &str, want: usize| -> Result<Vec<f32>, LeRobotError> {
                 let mut v = Vec::with_capacity(want);
                 values_at(col, row, &mut v).map_err(|e| bad(key, e))?;
@@ -368,17 +467,32 @@ fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Re
     }
     frames.sort_by_key(|f| f.frame_index);
     if frames.len() != ep.length {
-        return Err(LeRobotError::Frames { episode: ep.index, what: format!("{} has {} frames of the episode; meta/episodes says length {}", path.display(), frames.len(), ep.length) });
+        return Err(LeRobotError::Frames {
+            episode: ep.index,
+            what: format!(
+                "{} has {} frames of the episode; meta/episodes says length {}",
+                path.display(),
+                frames.len(),
+                ep.length
+            ),
+        });
     }
     if let Some((i, f)) = frames.iter().enumerate().find(|(i, f)| f.frame_index != *i as i64) {
-        return Err(LeRobotError::Frames { episode: ep.index, what: format!("frame_index {} where {i} was expected (frame indices must run 0..{})", f.frame_index, ep.length) });
+        return Err(LeRobotError::Frames {
+            episode: ep.index,
+            what: format!(
+                "frame_index {} where {i} was expected (frame indices must run 0..{})",
+                f.frame_index, ep.length
+            ),
+        });
     }
     for (c, (cam, v)) in r.cameras.iter().zip(&ep.videos).enumerate() {
         let (Some((file, from)), Some(ffmpeg)) = (v, ffmpeg) else { continue };
         let [h, w, _] = cam.shape;
         let decoded = super::video::decode(ffmpeg, file, *from, fps, ep.length, w, h)?;
         for (f, rgb) in frames.iter_mut().zip(decoded) {
-            f.jpegs[c] = encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb }, quality).map_err(|e| LeRobotError::Video(format!("{}: encoding a frame as JPEG: {e}", file.display())))?;
+            f.jpegs[c] = encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb }, quality)
+                .map_err(|e| LeRobotError::Video(format!("{}: encoding a frame as JPEG: {e}", file.display())))?;
         }
     }
     Ok(frames)
@@ -388,7 +502,9 @@ fn episode_frames(root: &Path, ep: &EpisodeMeta, batches: &[RecordBatch], r: &Re
 /// the decoded picture encoded at `quality`. A cell without bytes is read from its path
 /// (relative to the dataset root, or absolute).
 fn frame_jpeg(root: &Path, col: &ArrayRef, row: usize, shape: &[usize; 3], quality: u8) -> Result<Vec<u8>, String> {
-    let s = col.as_struct_opt().ok_or_else(|| format!("a {} column; expected struct<bytes, path> (an image feature)", col.data_type()))?;
+    let s = col
+        .as_struct_opt()
+        .ok_or_else(|| format!("a {} column; expected struct<bytes, path> (an image feature)", col.data_type()))?;
     let bytes = s.column_by_name("bytes").filter(|b| b.is_valid(row)).map(|b| match b.data_type() {
         DataType::Binary => Ok(b.as_binary::<i32>().value(row).to_vec()),
         DataType::LargeBinary => Ok(b.as_binary::<i64>().value(row).to_vec()),
@@ -397,39 +513,62 @@ fn frame_jpeg(root: &Path, col: &ArrayRef, row: usize, shape: &[usize; 3], quali
     let bytes = match bytes {
         Some(b) => b?,
         None => {
-            let p = s.column_by_name("path").filter(|p| p.is_valid(row)).and_then(|p| p.as_string_opt::<i32>().map(|p| p.value(row).to_string()));
+            let p = s
+                .column_by_name("path")
+                .filter(|p| p.is_valid(row))
+                .and_then(|p| p.as_string_opt::<i32>().map(|p| p.value(row).to_string()));
             let p = p.ok_or("an image with neither bytes nor path")?;
             let full = if Path::new(&p).is_absolute() { PathBuf::from(&p) } else { root.join(&p) };
             std::fs::read(&full).map_err(|e| format!("image file {}: {e}", full.display()))?
         }
     };
     let fmt = image::guess_format(&bytes).map_err(|e| format!("picture of unknown format: {e}"))?;
-    let img = image::load_from_memory_with_format(&bytes, fmt).map_err(|e| format!("picture does not decode ({fmt:?}): {e}"))?;
+    let img = image::load_from_memory_with_format(&bytes, fmt)
+        .map_err(|e| format!("picture does not decode ({fmt:?}): {e}"))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if [h, w] != shape[..2] {
-        return Err(format!("picture is {w}x{h}; expected {}x{} (shape {:?} in meta/info.json)", shape[1], shape[0], shape));
+        return Err(format!(
+            "picture is {w}x{h}; expected {}x{} (shape {:?} in meta/info.json)",
+            shape[1], shape[0], shape
+        ));
     }
     if fmt == image::ImageFormat::Jpeg && img.color() == image::ColorType::Rgb8 {
         return Ok(bytes);
     }
     let rgb = img.to_rgb8();
-    encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb.into_raw() }, quality).map_err(|e| format!("encoding JPEG: {e}"))
+    encode_jpeg(&RgbImage { width: w as u32, height: h as u32, data: rgb.into_raw() }, quality)
+        .map_err(|e| format!("encoding JPEG: {e}"))
 }
 
 /// Imports the LeRobot v3.0 dataset at `root` into the new compiled dataset folder `out`;
 /// `progress(done, total)` counts frames.
-pub fn import(root: &Path, mapping: &ImportMapping, out: &Path, opts: &ImportOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
+pub fn import(
+    root: &Path,
+    mapping: &ImportMapping,
+    out: &Path,
+    opts: &ImportOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ImportReport, LeRobotError> {
     mapping.validate()?;
     let info = Info::load(root)?;
     let sidecar_path = root.join(format::SIDECAR_PATH);
-    let sidecar: Option<Sidecar> = if sidecar_path.is_file() { Some(crate::dataset::store::read_json(&sidecar_path)?) } else { None };
+    let sidecar: Option<Sidecar> =
+        if sidecar_path.is_file() { Some(crate::dataset::store::read_json(&sidecar_path)?) } else { None };
     let sidecar = sidecar.filter(|s| s.format == format::SIDECAR_FORMAT && s.episodes.len() == info.total_episodes);
     let r = resolve(mapping, &info, sidecar.as_ref())?;
-    let ffmpeg = if r.cameras.iter().any(|c| c.video) { Some(super::video::find_ffmpeg(opts.ffmpeg.as_deref())?) } else { None };
+    let ffmpeg =
+        if r.cameras.iter().any(|c| c.video) { Some(super::video::find_ffmpeg(opts.ffmpeg.as_deref())?) } else { None };
     let tasks = read_tasks(root)?;
     let episodes = read_episodes(root, &info, &r.cameras)?;
     let staging = Staging::create(out, opts.overwrite)?;
-    let src = Source { root, info: &info, sidecar: sidecar.as_ref(), tasks: &tasks, episodes: &episodes, ffmpeg: ffmpeg.as_deref() };
+    let src = Source {
+        root,
+        info: &info,
+        sidecar: sidecar.as_ref(),
+        tasks: &tasks,
+        episodes: &episodes,
+        ffmpeg: ffmpeg.as_deref(),
+    };
     match build(&src, mapping, &r, &staging.dir, progress) {
         Ok(mut rep) => {
             staging.commit()?;
@@ -453,9 +592,19 @@ struct Source<'a> {
     ffmpeg: Option<&'a Path>,
 }
 
-fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, LeRobotError> {
+fn build(
+    src: &Source<'_>,
+    m: &ImportMapping,
+    r: &Resolved,
+    dir: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ImportReport, LeRobotError> {
     let Source { root, info, sidecar, tasks, episodes, ffmpeg } = *src;
-    let ids: Vec<String> = episodes.iter().enumerate().map(|(i, e)| sidecar.map_or_else(|| format!("lerobot_{:06}", e.index), |s| s.episodes[i].id.clone())).collect();
+    let ids: Vec<String> = episodes
+        .iter()
+        .enumerate()
+        .map(|(i, e)| sidecar.map_or_else(|| format!("lerobot_{:06}", e.index), |s| s.episodes[i].id.clone()))
+        .collect();
     let splits = match sidecar {
         Some(s) => s.episodes.iter().map(|e| e.split).collect(),
         None => split_episodes(&ids, &m.split),
@@ -493,10 +642,21 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
         let frames = episode_frames(root, ep, batches, r, m.jpeg_quality, info.fps, ffmpeg)?;
         let first_task = frames.first().map_or(-1, |f| f.task_index);
         if let Some(f) = frames.iter().find(|f| f.task_index != first_task) {
-            return Err(LeRobotError::Frames { episode: ep.index, what: format!("frame {} has task_index {} but frame 0 has {first_task}; expected one task per episode", f.frame_index, f.task_index) });
+            return Err(LeRobotError::Frames {
+                episode: ep.index,
+                what: format!(
+                    "frame {} has task_index {} but frame 0 has {first_task}; expected one task per episode",
+                    f.frame_index, f.task_index
+                ),
+            });
         }
         let instruction = match frames.first() {
-            Some(f) => tasks.get(&f.task_index).cloned().ok_or_else(|| format::invalid(&root.join(format::TASKS_PATH), format!("no task_index {} (episode {})", f.task_index, ep.index)))?,
+            Some(f) => tasks.get(&f.task_index).cloned().ok_or_else(|| {
+                format::invalid(
+                    &root.join(format::TASKS_PATH),
+                    format!("no task_index {} (episode {})", f.task_index, ep.index),
+                )
+            })?,
             None => String::new(),
         };
         let side = sidecar.map(|s| &s.episodes[i]).filter(|s| s.t_ns.len() == frames.len());
@@ -513,7 +673,9 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
             };
             let action: Vec<f32> = match r.action.1 {
                 None => f.action.clone(),
-                Some(h) if k + h <= frames.len() => frames[k..k + h].iter().flat_map(|g| g.action.iter().copied()).collect(),
+                Some(h) if k + h <= frames.len() => {
+                    frames[k..k + h].iter().flat_map(|g| g.action.iter().copied()).collect()
+                }
                 Some(_) => {
                     *drops.entry(DROP_HORIZON.to_string()).or_insert(0u64) += 1;
                     continue;
@@ -527,7 +689,14 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
             let jpegs: Vec<&[u8]> = f.jpegs.iter().map(|j| j.as_slice()).collect();
             let row = shard.push(&sensor, &f.state, &action, &jpegs)?;
             let t_ns = side.map_or_else(|| (f.timestamp * 1e9).round() as i64, |s| s.t_ns[k]);
-            samples.push(SampleEntry { episode: entries.len(), t_ns, split, shard: shards.len(), row, frames: vec![k; r.cameras.len()] });
+            samples.push(SampleEntry {
+                episode: entries.len(),
+                t_ns,
+                split,
+                shard: shards.len(),
+                row,
+                frames: vec![k; r.cameras.len()],
+            });
             kept += 1;
             if shard.bytes() as f64 >= m.shard_max_mb * 1024.0 * 1024.0 {
                 flush(&mut shard, &mut shards)?;
@@ -538,7 +707,8 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
         for (k, v) in &drops {
             *dropped.entry(k.clone()).or_default() += v;
         }
-        let (task, outcome) = side.map_or_else(|| (instruction.clone(), String::new()), |s| (s.task.clone(), s.outcome.clone()));
+        let (task, outcome) =
+            side.map_or_else(|| (instruction.clone(), String::new()), |s| (s.task.clone(), s.outcome.clone()));
         entries.push(EpisodeEntry { id: ids[i].clone(), instruction, task, outcome, split, samples: kept });
         report.episodes.push(EpisodeReport {
             id: ids[i].clone(),
@@ -560,7 +730,11 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
     let control_hz = sidecar.map_or(info.fps as f64, |s| s.control_hz);
     let index = DatasetIndex {
         format: FORMAT.into(),
-        cameras: r.cameras.iter().map(|c| CameraInfo { name: c.name.clone(), width: c.shape[1] as u32, height: c.shape[0] as u32 }).collect(),
+        cameras: r
+            .cameras
+            .iter()
+            .map(|c| CameraInfo { name: c.name.clone(), width: c.shape[1] as u32, height: c.shape[0] as u32 })
+            .collect(),
         sensor_shape,
         state_names: state_names(info, &r.state.0, r.state.1),
         action_shape,
@@ -585,9 +759,27 @@ fn build(src: &Source<'_>, m: &ImportMapping, r: &Resolved, dir: &Path, progress
     cfg.store.jpeg_quality = m.jpeg_quality;
     cfg.store.shard_max_mb = m.shard_max_mb;
     write_outputs(dir, &cfg, &index, &stats, &report)?;
-    let used: Vec<&str> = r.cameras.iter().map(|c| c.key.as_str()).chain([r.state.0.as_str(), r.sensor.0.as_str(), r.action.0.as_str()]).collect();
-    let ignored = info.features.0.iter().map(|(k, _)| k.clone()).filter(|k| !used.contains(&k.as_str()) && !format::INDEX_FEATURES.contains(&k.as_str())).collect();
-    Ok(ImportReport { out: dir.to_path_buf(), episodes: episodes.len(), frames: done, samples: index.samples.len(), dropped, ignored_features: ignored })
+    let used: Vec<&str> = r
+        .cameras
+        .iter()
+        .map(|c| c.key.as_str())
+        .chain([r.state.0.as_str(), r.sensor.0.as_str(), r.action.0.as_str()])
+        .collect();
+    let ignored = info
+        .features
+        .0
+        .iter()
+        .map(|(k, _)| k.clone())
+        .filter(|k| !used.contains(&k.as_str()) && !format::INDEX_FEATURES.contains(&k.as_str()))
+        .collect();
+    Ok(ImportReport {
+        out: dir.to_path_buf(),
+        episodes: episodes.len(),
+        frames: done,
+        samples: index.samples.len(),
+        dropped,
+        ignored_features: ignored,
+    })
 }
 
 /// The state's value names from the feature's `names` (a list, or a mapping holding one list,

@@ -1,7 +1,5 @@
 //! Camera messages: checked without decoding, decoded to RGB8.
 
-
-
 use crate::dataset::cdr::{self, MsgType, RosMessage};
 use crate::dataset::episode::{ImageError, RgbImage};
 
@@ -11,7 +9,11 @@ pub(super) fn check_camera_message(t: MsgType, data: &[u8]) -> Result<(), &'stat
         MsgType::Image => {
             let v = cdr::ImageView::parse(data).map_err(|_| "decode_error")?;
             let bpp = bytes_per_pixel(&v.encoding).ok_or("unsupported_encoding")?;
-            if v.width == 0 || v.height == 0 || (v.step as u64) < v.width as u64 * bpp as u64 || v.data.len() as u64 != v.step as u64 * v.height as u64 {
+            if v.width == 0
+                || v.height == 0
+                || (v.step as u64) < v.width as u64 * bpp as u64
+                || v.data.len() as u64 != v.step as u64 * v.height as u64
+            {
                 return Err("image_size_mismatch");
             }
             Ok(())
@@ -46,7 +48,14 @@ pub fn decode_image(t: MsgType, data: &[u8]) -> Result<RgbImage, ImageError> {
             let bpp = bytes_per_pixel(&v.encoding).ok_or_else(|| ImageError::Encoding(v.encoding.clone()))?;
             let (w, h, step) = (v.width as usize, v.height as usize, v.step as usize);
             if step < w * bpp || v.data.len() != step * h {
-                return Err(ImageError::RawSize { width: v.width, height: v.height, encoding: v.encoding.clone(), step: v.step, need: step * h, have: v.data.len() });
+                return Err(ImageError::RawSize {
+                    width: v.width,
+                    height: v.height,
+                    encoding: v.encoding.clone(),
+                    step: v.step,
+                    need: step * h,
+                    have: v.data.len(),
+                });
             }
             let mut out = Vec::with_capacity(w * h * 3);
             for row in v.data.chunks_exact(step) {
@@ -63,7 +72,9 @@ pub fn decode_image(t: MsgType, data: &[u8]) -> Result<RgbImage, ImageError> {
         }
         MsgType::CompressedImage => {
             let c = cdr::CompressedImage::decode(data)?;
-            let img = ::image::load_from_memory(&c.data).map_err(|source| ImageError::Compressed { format: c.format.clone(), source })?.to_rgb8();
+            let img = ::image::load_from_memory(&c.data)
+                .map_err(|source| ImageError::Compressed { format: c.format.clone(), source })?
+                .to_rgb8();
             Ok(RgbImage { width: img.width(), height: img.height(), data: img.into_raw() })
         }
         other => Err(ImageError::NotImage(other.name())),

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use mcap::records::Record;
 
 use crate::dataset::cdr::{self, MsgType, RosMessage};
-use crate::dataset::episode::{Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, StateSeries, Stamp};
+use crate::dataset::episode::{
+    Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries,
+};
 use crate::dataset::streams::{Role, StreamConfig, StreamSpec};
 
 use super::camera::check_camera_message;
@@ -56,7 +58,8 @@ impl McapEpisode {
     pub fn open(dir: &Path) -> Result<McapEpisode, EpisodeError> {
         let meta = read_episode_json(dir)?;
         let sp = dir.join(STREAMS_YAML);
-        let streams = StreamConfig::load(&sp).map_err(|e| EpisodeError::Meta { path: sp.clone(), message: e.to_string() })?;
+        let streams =
+            StreamConfig::load(&sp).map_err(|e| EpisodeError::Meta { path: sp.clone(), message: e.to_string() })?;
         let mcap_path = dir.join(mcap_file_name(&meta.id));
         let map = std::fs::read(&mcap_path).map_err(io_err(&mcap_path))?;
         let mut ep = McapEpisode {
@@ -67,12 +70,24 @@ impl McapEpisode {
             map,
             chunk_offsets: Vec::new(),
             frames: streams.cameras.iter().map(|c| (c.clone(), Vec::new())).collect(),
-            sensors: streams.sensors.iter().map(|s| (s.name.clone(), SensorSeries { channels: s.channels.unwrap_or(0), ..Default::default() })).collect(),
+            sensors: streams
+                .sensors
+                .iter()
+                .map(|s| (s.name.clone(), SensorSeries { channels: s.channels.unwrap_or(0), ..Default::default() }))
+                .collect(),
             state: StateSeries::default(),
             commands: streams.command.as_ref().map(|_| StateSeries::default()),
             skipped: BTreeMap::new(),
             counts: BTreeMap::new(),
-            scan: ScanEnd { complete: false, stopped: None, chunks: 0, chunk_offsets: Vec::new(), lost: Vec::new(), lost_bytes: 0, end_offset: 0 },
+            scan: ScanEnd {
+                complete: false,
+                stopped: None,
+                chunks: 0,
+                chunk_offsets: Vec::new(),
+                lost: Vec::new(),
+                lost_bytes: 0,
+                end_offset: 0,
+            },
             cache: Mutex::new(None),
         };
         ep.index()?;
@@ -84,8 +99,11 @@ impl McapEpisode {
         let mut channels = HashMap::new();
         let mut msgs: Vec<IndexedMessage> = Vec::new();
         let mut skipped: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        let mut skip = |topic: &str, reason: &str| *skipped.entry(topic.to_string()).or_default().entry(reason.to_string()).or_default() += 1;
-        let roles: HashMap<String, (Role, MsgType)> = self.streams.all().into_iter().map(|(r, s)| (s.topic.clone(), (r, s.kind()))).collect();
+        let mut skip = |topic: &str, reason: &str| {
+            *skipped.entry(topic.to_string()).or_default().entry(reason.to_string()).or_default() += 1
+        };
+        let roles: HashMap<String, (Role, MsgType)> =
+            self.streams.all().into_iter().map(|(r, s)| (s.topic.clone(), (r, s.kind()))).collect();
         let scan = scan_mcap(map, &mut channels, |chs, m| {
             let Some(ch) = chs.get(&m.channel) else { return };
             let Some(&(role, t)) = roles.get(&ch.topic) else { return };
@@ -114,7 +132,10 @@ impl McapEpisode {
         });
         if scan.chunks == 0 && (!scan.complete || !scan.lost.is_empty()) {
             let why = scan.lost.iter().chain(&scan.stopped).cloned().collect::<Vec<_>>().join("; ");
-            return Err(EpisodeError::Corrupt { path: self.mcap_path.clone(), message: format!("no readable chunk: {}", if why.is_empty() { "no data" } else { &why }) });
+            return Err(EpisodeError::Corrupt {
+                path: self.mcap_path.clone(),
+                message: format!("no readable chunk: {}", if why.is_empty() { "no data" } else { &why }),
+            });
         }
         let mut last_stamp: HashMap<String, i64> = HashMap::new();
         for (topic, t, stamp, chunk, ordinal, data) in msgs {
@@ -182,11 +203,16 @@ impl McapEpisode {
         let buf: &[u8] = &self.map;
         let len = u64::from_le_bytes(buf[off + 1..off + 9].try_into().expect("8 bytes")) as usize;
         let corrupt = |message: String| EpisodeError::Corrupt { path: self.mcap_path.clone(), message };
-        let Record::Chunk { header, data } = mcap::read::parse_record(buf[off], &buf[off + 9..off + 9 + len]).map_err(|e| corrupt(e.to_string()))? else {
+        let Record::Chunk { header, data } =
+            mcap::read::parse_record(buf[off], &buf[off + 9..off + 9 + len]).map_err(|e| corrupt(e.to_string()))?
+        else {
             return Err(corrupt(format!("no chunk at byte {off}")));
         };
         let records = decode_chunk(&header, &data).map_err(corrupt)?;
-        Ok(records.into_iter().filter_map(|r| if let Record::Message { data, .. } = r { Some(data.into_owned()) } else { None }).collect())
+        Ok(records
+            .into_iter()
+            .filter_map(|r| if let Record::Message { data, .. } = r { Some(data.into_owned()) } else { None })
+            .collect())
     }
 
     fn raw_message(&self, f: &FrameRef) -> Result<Vec<u8>, EpisodeError> {
@@ -197,7 +223,10 @@ impl McapEpisode {
                     *cache = Some((c, self.chunk_messages(c)?));
                 }
                 let msgs = &cache.as_ref().expect("filled").1;
-                msgs.get(f.ordinal).cloned().ok_or_else(|| EpisodeError::Corrupt { path: self.mcap_path.clone(), message: format!("chunk {c} has no message {}", f.ordinal) })
+                msgs.get(f.ordinal).cloned().ok_or_else(|| EpisodeError::Corrupt {
+                    path: self.mcap_path.clone(),
+                    message: format!("chunk {c} has no message {}", f.ordinal),
+                })
             }
             None => {
                 let mut found = None;
@@ -207,13 +236,22 @@ impl McapEpisode {
                         found = Some(m.data.into_owned());
                     }
                 });
-                found.ok_or_else(|| EpisodeError::Corrupt { path: self.mcap_path.clone(), message: format!("unchunked message {} vanished", f.ordinal) })
+                found.ok_or_else(|| EpisodeError::Corrupt {
+                    path: self.mcap_path.clone(),
+                    message: format!("unchunked message {} vanished", f.ordinal),
+                })
             }
         }
     }
 }
 
-fn push_sensor(s: &mut SensorSeries, t: MsgType, expected: Option<usize>, stamp: Stamp, data: &[u8]) -> Result<(), &'static str> {
+fn push_sensor(
+    s: &mut SensorSeries,
+    t: MsgType,
+    expected: Option<usize>,
+    stamp: Stamp,
+    data: &[u8],
+) -> Result<(), &'static str> {
     let values: Vec<f32> = match t {
         MsgType::SensorFrame => {
             let f = cdr::SensorFrame::decode(data).map_err(|_| "decode_error")?;
@@ -296,10 +334,11 @@ fn push_state(s: &mut StateSeries, t: MsgType, stamp: Stamp, data: &[u8]) -> Res
 impl McapEpisode {
     /// The camera stream named `camera` with its frame references.
     fn camera_stream(&self, camera: &str) -> Result<&(StreamSpec, Vec<FrameRef>), SourceError> {
-        self.frames
-            .iter()
-            .find(|(s, _)| s.name == camera)
-            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "camera", name: camera.into() })
+        self.frames.iter().find(|(s, _)| s.name == camera).ok_or_else(|| SourceError::NoStream {
+            episode: self.meta.id.clone(),
+            kind: "camera",
+            name: camera.into(),
+        })
     }
 
     /// What the file lost: damaged records skipped, a truncated tail, a missing footer.
@@ -343,17 +382,30 @@ impl EpisodeSource for McapEpisode {
     fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError> {
         let (spec, f) = self.camera_stream(camera)?;
         let episode = || self.meta.id.clone();
-        let r = f.get(index).ok_or_else(|| SourceError::NoFrame { episode: episode(), camera: camera.into(), frames: f.len(), index })?;
+        let r = f.get(index).ok_or_else(|| SourceError::NoFrame {
+            episode: episode(),
+            camera: camera.into(),
+            frames: f.len(),
+            index,
+        })?;
         let what = || format!("camera `{camera}` ({}) frame {index}", spec.topic);
-        let raw = self.raw_message(r).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: Box::new(e) })?;
-        decode_image(spec.kind(), &raw).map_err(|e| SourceError::Read { episode: episode(), what: what(), source: Box::new(e) })
+        let raw = self.raw_message(r).map_err(|e| SourceError::Read {
+            episode: episode(),
+            what: what(),
+            source: Box::new(e),
+        })?;
+        decode_image(spec.kind(), &raw).map_err(|e| SourceError::Read {
+            episode: episode(),
+            what: what(),
+            source: Box::new(e),
+        })
     }
     fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
-        self.sensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| s.clone())
-            .ok_or_else(|| SourceError::NoStream { episode: self.meta.id.clone(), kind: "sensor", name: name.into() })
+        self.sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
+            episode: self.meta.id.clone(),
+            kind: "sensor",
+            name: name.into(),
+        })
     }
     fn state(&self) -> Result<StateSeries, SourceError> {
         Ok(self.state.clone())

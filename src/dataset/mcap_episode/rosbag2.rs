@@ -53,7 +53,13 @@ struct MetadataFile {
 }
 
 /// Writes a rosbag2 (version 5) `metadata.yaml` describing one MCAP file in `dir`.
-pub fn write_rosbag2_metadata(dir: &Path, file_name: &str, counts: &[TopicCount], start_ns: i64, end_ns: i64) -> Result<(), EpisodeError> {
+pub fn write_rosbag2_metadata(
+    dir: &Path,
+    file_name: &str,
+    counts: &[TopicCount],
+    start_ns: i64,
+    end_ns: i64,
+) -> Result<(), EpisodeError> {
     let total: u64 = counts.iter().map(|c| c.count).sum();
     let duration = (end_ns - start_ns).max(0);
     let info = MetadataFile {

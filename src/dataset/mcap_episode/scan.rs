@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use mcap::records::Record;
 use super::*;
+use mcap::records::Record;
 
 /// One message found while scanning an MCAP file.
 #[derive(Debug)]
@@ -63,7 +63,15 @@ pub fn scan_mcap<'a>(
     channels: &mut HashMap<u16, ScannedChannel>,
     mut on_message: impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'a>),
 ) -> ScanEnd {
-    let mut end = ScanEnd { complete: false, stopped: None, chunks: 0, chunk_offsets: Vec::new(), lost: Vec::new(), lost_bytes: 0, end_offset: 0 };
+    let mut end = ScanEnd {
+        complete: false,
+        stopped: None,
+        chunks: 0,
+        chunk_offsets: Vec::new(),
+        lost: Vec::new(),
+        lost_bytes: 0,
+        end_offset: 0,
+    };
     if buf.len() < 8 || &buf[..8] != MCAP_MAGIC {
         end.stopped = Some("not an MCAP file (bad magic)".into());
         return end;
@@ -85,7 +93,10 @@ pub fn scan_mcap<'a>(
         let op = buf[pos];
         let len = u64::from_le_bytes(buf[pos + 1..pos + 9].try_into().expect("8 bytes"));
         if len > (buf.len() - pos - 9) as u64 {
-            end.stopped = Some(format!("record at byte {pos} (op 0x{op:02x}) is truncated: {len} bytes announced, {} present", buf.len() - pos - 9));
+            end.stopped = Some(format!(
+                "record at byte {pos} (op 0x{op:02x}) is truncated: {len} bytes announced, {} present",
+                buf.len() - pos - 9
+            ));
             return end;
         }
         let body = &buf[pos + 9..pos + 9 + len as usize];
@@ -119,11 +130,24 @@ pub fn scan_mcap<'a>(
                         }
                         Record::Channel(c) => {
                             let type_name = schemas.get(&c.schema_id).cloned().unwrap_or_default();
-                            channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
+                            channels.insert(
+                                c.id,
+                                ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding },
+                            );
                         }
                         Record::Message { header, data } => {
                             let data = std::borrow::Cow::Owned(data.into_owned());
-                            on_message(channels, ScannedMessage { channel: header.channel_id, log_time: header.log_time, publish_time: header.publish_time, data, chunk: Some(chunk), ordinal });
+                            on_message(
+                                channels,
+                                ScannedMessage {
+                                    channel: header.channel_id,
+                                    log_time: header.log_time,
+                                    publish_time: header.publish_time,
+                                    data,
+                                    chunk: Some(chunk),
+                                    ordinal,
+                                },
+                            );
                             ordinal += 1;
                         }
                         _ => {}
@@ -140,7 +164,17 @@ pub fn scan_mcap<'a>(
                 channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
             }
             Record::Message { header, data } => {
-                on_message(channels, ScannedMessage { channel: header.channel_id, log_time: header.log_time, publish_time: header.publish_time, data, chunk: None, ordinal: loose });
+                on_message(
+                    channels,
+                    ScannedMessage {
+                        channel: header.channel_id,
+                        log_time: header.log_time,
+                        publish_time: header.publish_time,
+                        data,
+                        chunk: None,
+                        ordinal: loose,
+                    },
+                );
                 loose += 1;
             }
             Record::DataEnd(_) | Record::Footer(_) => {
@@ -170,7 +204,8 @@ pub(super) fn decode_chunk(header: &mcap::records::ChunkHeader, data: &[u8]) -> 
         "lz4" => {
             let mut out = Vec::new();
             let dec = lz4::Decoder::new(data).map_err(|e| format!("lz4: {e}"))?;
-            std::io::Read::read_to_end(&mut std::io::Read::take(dec, size + 1), &mut out).map_err(|e| format!("lz4: {e}"))?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(dec, size + 1), &mut out)
+                .map_err(|e| format!("lz4: {e}"))?;
             out
         }
         other => return Err(format!("compression `{other}`; expected zstd, lz4 or none")),
@@ -190,10 +225,17 @@ pub(super) fn decode_chunk(header: &mcap::records::ChunkHeader, data: &[u8]) -> 
         }
         let len = u64::from_le_bytes(raw[pos + 1..pos + 9].try_into().expect("8 bytes"));
         if len > (raw.len() - pos - 9) as u64 {
-            return Err(format!("record at byte {pos} of the content announces {len} bytes, {} present", raw.len() - pos - 9));
+            return Err(format!(
+                "record at byte {pos} of the content announces {len} bytes, {} present",
+                raw.len() - pos - 9
+            ));
         }
         let body = &raw[pos + 9..pos + 9 + len as usize];
-        records.push(mcap::read::parse_record(raw[pos], body).map_err(|e| format!("record at byte {pos} of the content: {e}"))?.into_owned());
+        records.push(
+            mcap::read::parse_record(raw[pos], body)
+                .map_err(|e| format!("record at byte {pos} of the content: {e}"))?
+                .into_owned(),
+        );
         pos += 9 + len as usize;
     }
     Ok(records)

@@ -44,7 +44,12 @@ pub struct WriterOptions {
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { compression: Compression::Zstd, chunk_bytes: 4 << 20, flush_interval_ns: 1_000_000_000, max_bytes: None }
+        WriterOptions {
+            compression: Compression::Zstd,
+            chunk_bytes: 4 << 20,
+            flush_interval_ns: 1_000_000_000,
+            max_bytes: None,
+        }
     }
 }
 
@@ -75,7 +80,10 @@ impl Write for QuotaFile {
             return Err(std::io::Error::other("episode file closed after a write error"));
         }
         if self.pos + buf.len() as u64 > self.limit {
-            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, format!("episode quota of {} bytes reached", self.limit)));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("episode quota of {} bytes reached", self.limit),
+            ));
         }
         let n = self.inner.write(buf)?;
         self.pos += n as u64;
@@ -118,12 +126,22 @@ pub struct EpisodeWriter {
 
 impl EpisodeWriter {
     /// Creates `<root>/episodes/<meta.id>/`, its marker, `episode.json`, `streams.yaml` and the MCAP.
-    pub fn create(root: &Path, meta: EpisodeMeta, streams: &StreamConfig, opts: WriterOptions) -> Result<Self, EpisodeError> {
+    pub fn create(
+        root: &Path,
+        meta: EpisodeMeta,
+        streams: &StreamConfig,
+        opts: WriterOptions,
+    ) -> Result<Self, EpisodeError> {
         if meta.id.is_empty() || meta.id.contains(['/', '\\']) || meta.id.starts_with('.') {
-            return Err(EpisodeError::Meta { path: root.to_path_buf(), message: format!("invalid episode id `{}`", meta.id) });
+            return Err(EpisodeError::Meta {
+                path: root.to_path_buf(),
+                message: format!("invalid episode id `{}`", meta.id),
+            });
         }
         let mut streams = streams.clone();
-        streams.validate("episode stream mapping").map_err(|e| EpisodeError::Meta { path: root.to_path_buf(), message: e.to_string() })?;
+        streams
+            .validate("episode stream mapping")
+            .map_err(|e| EpisodeError::Meta { path: root.to_path_buf(), message: e.to_string() })?;
         let dir = episode_dir(root, &meta.id);
         if dir.exists() {
             return Err(EpisodeError::Meta { path: dir, message: "episode folder already exists".into() });
@@ -137,7 +155,13 @@ impl EpisodeWriter {
         let mcap_path = dir.join(mcap_file_name(&meta.id));
         let file = File::create(&mcap_path).map_err(io_err(&mcap_path))?;
         let closed = Arc::new(AtomicBool::new(false));
-        let quota = QuotaFile { inner: BufWriter::with_capacity(1 << 20, file), pos: 0, end: 0, limit: opts.max_bytes.unwrap_or(u64::MAX), closed: closed.clone() };
+        let quota = QuotaFile {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            pos: 0,
+            end: 0,
+            limit: opts.max_bytes.unwrap_or(u64::MAX),
+            closed: closed.clone(),
+        };
         let mcap = new_mcap_writer(quota, &opts).map_err(|source| mcap_error(&mcap_path, source))?;
         Ok(EpisodeWriter {
             dir,
@@ -169,17 +193,32 @@ impl EpisodeWriter {
 
     /// Writes one message. `type_name` must match the mapping for `topic`; `recv_ns` is the log
     /// time, `stamp_ns` the publish time.
-    pub fn write(&mut self, topic: &str, type_name: &str, cdr: &[u8], stamp_ns: i64, recv_ns: i64) -> Result<(), EpisodeError> {
+    pub fn write(
+        &mut self,
+        topic: &str,
+        type_name: &str,
+        cdr: &[u8],
+        stamp_ns: i64,
+        recv_ns: i64,
+    ) -> Result<(), EpisodeError> {
         let channel = match self.channels.get(topic) {
             Some(&(id, t)) => {
                 if t.name() != type_name && MsgType::parse(type_name).ok() != Some(t) {
-                    return Err(EpisodeError::Topic { topic: topic.into(), message: format!("type `{type_name}` but the mapping says {}", t.name()) });
+                    return Err(EpisodeError::Topic {
+                        topic: topic.into(),
+                        message: format!("type `{type_name}` but the mapping says {}", t.name()),
+                    });
                 }
                 id
             }
             None => self.add_channel(topic, type_name)?,
         };
-        let header = MessageHeader { channel_id: channel, sequence: self.sequence, log_time: recv_ns.max(0) as u64, publish_time: stamp_ns.max(0) as u64 };
+        let header = MessageHeader {
+            channel_id: channel,
+            sequence: self.sequence,
+            log_time: recv_ns.max(0) as u64,
+            publish_time: stamp_ns.max(0) as u64,
+        };
         self.sequence = self.sequence.wrapping_add(1);
         self.mcap_op(|m| m.write_to_known_channel(&header, cdr))?;
         let c = self.counts.get_mut(topic).expect("channel registered");
@@ -210,11 +249,19 @@ impl EpisodeWriter {
 
     /// Runs one operation on the MCAP writer; after a failure every later one is refused, as the
     /// crate's writer may be left without its file and panic when used.
-    fn mcap_op<T>(&mut self, f: impl FnOnce(&mut mcap::Writer<QuotaFile>) -> Result<T, mcap::McapError>) -> Result<T, EpisodeError> {
+    fn mcap_op<T>(
+        &mut self,
+        f: impl FnOnce(&mut mcap::Writer<QuotaFile>) -> Result<T, mcap::McapError>,
+    ) -> Result<T, EpisodeError> {
         let path = &self.mcap_path;
         let mcap = match self.mcap.as_mut() {
             Some(m) if !self.failed => m,
-            _ => return Err(EpisodeError::Corrupt { path: path.clone(), message: "an earlier write to the episode file failed; nothing more is written to it".into() }),
+            _ => {
+                return Err(EpisodeError::Corrupt {
+                    path: path.clone(),
+                    message: "an earlier write to the episode file failed; nothing more is written to it".into(),
+                })
+            }
         };
         f(mcap).map_err(|source| {
             self.failed = true;
@@ -242,9 +289,13 @@ impl EpisodeWriter {
             .find_topic(topic)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| EpisodeError::Topic { topic: topic.into(), message: "not in the stream mapping".into() })?;
-        let t = MsgType::parse(type_name).map_err(|e| EpisodeError::Topic { topic: topic.into(), message: e.to_string() })?;
+        let t = MsgType::parse(type_name)
+            .map_err(|e| EpisodeError::Topic { topic: topic.into(), message: e.to_string() })?;
         if t != spec.kind() {
-            return Err(EpisodeError::Topic { topic: topic.into(), message: format!("type `{type_name}` but the mapping says {}", spec.msg_type) });
+            return Err(EpisodeError::Topic {
+                topic: topic.into(),
+                message: format!("type `{type_name}` but the mapping says {}", spec.msg_type),
+            });
         }
         let schema = self.mcap_op(|m| m.add_schema(t.name(), "ros2msg", t.schema_text().as_bytes()))?;
         let md = BTreeMap::from([("offered_qos_profiles".to_string(), QOS_PROFILE.to_string())]);
@@ -270,7 +321,12 @@ impl EpisodeWriter {
 
     /// Finishes the MCAP (summary, footer), syncs it, writes `metadata.yaml` and the final
     /// `episode.json` (with `outcome`, `stop_ns` and `drops`) and removes the marker.
-    pub fn finish(mut self, outcome: &str, stop_ns: i64, drops: BTreeMap<String, u64>) -> Result<EpisodeMeta, EpisodeError> {
+    pub fn finish(
+        mut self,
+        outcome: &str,
+        stop_ns: i64,
+        drops: BTreeMap<String, u64>,
+    ) -> Result<EpisodeMeta, EpisodeError> {
         self.meta.outcome = outcome.to_string();
         self.meta.stop_ns = stop_ns;
         self.meta.drops = drops;

@@ -15,13 +15,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::action_error::DimError;
 use super::config::{ResolvedMemory, TrainConfig, VramPresets};
 use super::controller::JobContext;
 use super::error::TrainError;
-use super::action_error::DimError;
 use super::optim::Accumulation;
-use crate::checkpoint::publish::Published;
 use super::runner::{self, RunSummary, RunnerConfig};
+use crate::checkpoint::publish::Published;
 pub use task::{saved_memory, Stage2Task};
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -97,7 +97,11 @@ pub fn resolve_memory_with(cfg: &TrainConfig, free_gib: Option<f64>) -> Result<R
 /// free now), unless the config explicitly asks for another one, which is an error; otherwise
 /// the settings are resolved, measuring the accelerator with `free_gib` only for
 /// `memory.preset: auto`.
-pub fn plan_memory(cfg: &TrainConfig, resume: bool, free_gib: &mut dyn FnMut() -> Result<Option<f64>>) -> Result<ResolvedMemory> {
+pub fn plan_memory(
+    cfg: &TrainConfig,
+    resume: bool,
+    free_gib: &mut dyn FnMut() -> Result<Option<f64>>,
+) -> Result<ResolvedMemory> {
     let latest = cfg.checkpoint.state_dir.join("latest.safetensors");
     let saved = if resume && latest.exists() { task::saved_memory(&latest)? } else { None };
     let Some(saved) = saved else {
@@ -124,7 +128,9 @@ fn explicit_conflict(cfg: &TrainConfig, saved: &ResolvedMemory) -> Option<String
             Some(format!("memory.micro_batch {mb} x memory.accum_steps {acc}"))
         }
         (Some(_), Some(_)) => None,
-        _ if !matches!(m.preset.as_str(), "auto" | "manual") && m.preset != saved.preset => Some(format!("memory.preset `{}`", m.preset)),
+        _ if !matches!(m.preset.as_str(), "auto" | "manual") && m.preset != saved.preset => {
+            Some(format!("memory.preset `{}`", m.preset))
+        }
         _ => None,
     }
 }
@@ -134,7 +140,10 @@ pub fn free_accelerator_gib(device: &str) -> Result<Option<f64>> {
     match crate::device::parse(device).map_err(|e| TrainError::invalid("run.device", e))? {
         tch::Device::Cuda(i) => {
             let cap = crate::memory::accelerator_capacity(i)?.ok_or_else(|| {
-                TrainError::invalid(format!("run.device `{device}`"), format!("CUDA device {i} is not available (memory.preset `auto` measures its free memory)"))
+                TrainError::invalid(
+                    format!("run.device `{device}`"),
+                    format!("CUDA device {i} is not available (memory.preset `auto` measures its free memory)"),
+                )
             })?;
             Ok(Some(cap.free as f64 / (1u64 << 30) as f64))
         }
@@ -161,8 +170,14 @@ pub fn run_with_free_memory(
     let memory = match &job.group {
         // Rank 0 decides (`memory.preset: auto` measures its device), every rank uses it.
         Some(g) => {
-            let mine = if g.is_main() { serde_json::to_vec(&plan_memory(cfg, job.resume, free_gib)?).map_err(|e| TrainError::invalid("memory plan", e.to_string()))? } else { Vec::new() };
-            serde_json::from_slice(&g.broadcast_bytes(&mine)?).map_err(|e| TrainError::invalid("memory plan from rank 0", e.to_string()))?
+            let mine = if g.is_main() {
+                serde_json::to_vec(&plan_memory(cfg, job.resume, free_gib)?)
+                    .map_err(|e| TrainError::invalid("memory plan", e.to_string()))?
+            } else {
+                Vec::new()
+            };
+            serde_json::from_slice(&g.broadcast_bytes(&mine)?)
+                .map_err(|e| TrainError::invalid("memory plan from rank 0", e.to_string()))?
         }
         None => plan_memory(cfg, job.resume, free_gib)?,
     };

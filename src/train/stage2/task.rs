@@ -43,22 +43,24 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::checkpoint::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
+use crate::checkpoint::model_id::{base_model_id, older_scheme_note};
+use crate::checkpoint::publish::{PublishItem, Source};
 use crate::dataset::reader::{Array, Dataset};
-use crate::dist::Group;
 use crate::dataset::store::Split;
+use crate::dist::Group;
 use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
+use crate::train::action_error::ActionAxes;
 use crate::train::cache::{cache_key, CacheKey, FeatureCache, KeyInput};
-use crate::train::config::{CacheMode, ComputeDtype, ResolvedMemory, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA};
-use crate::checkpoint::deploy::{DeployInfo, ADAPTER_DIR, DEPLOY_FILE, HEADS_FILE, STATS_FILE};
+use crate::train::config::{
+    CacheMode, ComputeDtype, ResolvedMemory, TrainConfig, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA,
+};
 use crate::train::drift::{feature_drift, DriftStats, RefreshDecision, RefreshPolicy};
 use crate::train::error::TrainError;
-use crate::train::action_error::ActionAxes;
 use crate::train::heads_job::{heads_params, ValidationSums};
-use crate::checkpoint::model_id::{base_model_id, older_scheme_note};
 use crate::train::optim::NamedParam;
 use crate::train::progress::{CacheStatus, Phase};
-use crate::checkpoint::publish::{PublishItem, Source};
 use crate::train::runner::TrainTask;
 use crate::train::state::{derive_seed, read_state_meta};
 use crate::vlm::grad_checkpoint::Checkpointing;
@@ -104,7 +106,10 @@ pub fn saved_memory(path: &Path) -> Result<Option<ResolvedMemory>> {
 fn memory_in(state: &serde_json::Value) -> Result<Option<ResolvedMemory>> {
     state
         .get(MEMORY_KEY)
-        .map(|m| serde_json::from_value(m.clone()).map_err(|e| TrainError::invalid("training state's memory plan", e.to_string())))
+        .map(|m| {
+            serde_json::from_value(m.clone())
+                .map_err(|e| TrainError::invalid("training state's memory plan", e.to_string()))
+        })
         .transpose()
 }
 
@@ -190,11 +195,15 @@ fn vl_batch_of(ds: &Dataset, processor: &VlProcessor, idx: &[usize], need: VlNee
         VlNeed::None => return Ok(None),
         VlNeed::Text => {
             let sizes = frame_sizes(ds);
-            idx.iter().map(|&i| processor.text_sample(&sizes, instruction(ds, i))).collect::<std::result::Result<Vec<_>, _>>()?
+            idx.iter()
+                .map(|&i| processor.text_sample(&sizes, instruction(ds, i)))
+                .collect::<std::result::Result<Vec<_>, _>>()?
         }
         VlNeed::Images => idx
             .iter()
-            .map(|&i| ds.sample(i).map_err(TrainError::from).and_then(|s| Ok(processor.sample(&s.images, &s.instruction)?)))
+            .map(|&i| {
+                ds.sample(i).map_err(TrainError::from).and_then(|s| Ok(processor.sample(&s.images, &s.instruction)?))
+            })
             .collect::<Result<Vec<_>>>()?,
     };
     Ok(Some(processor.collate(&samples)?))
@@ -254,7 +263,8 @@ impl Stage2Task {
         let stage1 = &cfg.model.stage1_checkpoint;
         let deploy1 = DeployInfo::read(stage1)?;
         let base_dir = &cfg.model.base_model_dir;
-        crate::train::heads_job::check_model_dir(base_dir).map_err(|e| TrainError::invalid("model.base_model_dir", e.to_string()))?;
+        crate::train::heads_job::check_model_dir(base_dir)
+            .map_err(|e| TrainError::invalid("model.base_model_dir", e.to_string()))?;
         let base_id = base_model_id(base_dir)?;
         if deploy1.base_model_id != base_id {
             return Err(TrainError::invalid(
@@ -269,10 +279,16 @@ impl Stage2Task {
             ));
         }
         if deploy1.pooling != "all" {
-            return Err(TrainError::invalid(format!("stage-1 checkpoint `{}`", stage1.display()), format!("pooling `{}` (this job trains with `all`)", deploy1.pooling)));
+            return Err(TrainError::invalid(
+                format!("stage-1 checkpoint `{}`", stage1.display()),
+                format!("pooling `{}` (this job trains with `all`)", deploy1.pooling),
+            ));
         }
         if let Some(why) = deploy1.layout_mismatch(ds.index.sensor_shape, ds.index.action_shape) {
-            return Err(TrainError::invalid(format!("stage-1 checkpoint `{}`", stage1.display()), format!("{why} (dataset {})", cfg.data.dataset_dir.display())));
+            return Err(TrainError::invalid(
+                format!("stage-1 checkpoint `{}`", stage1.display()),
+                format!("{why} (dataset {})", cfg.data.dataset_dir.display()),
+            ));
         }
         let (mut heads, _) = PolicyHeads::load(&stage1.join(HEADS_FILE), device)?;
         heads.set_compute_kind(precision.compute_kind());
@@ -297,7 +313,12 @@ impl Stage2Task {
         tch::manual_seed(derive_seed(cfg.run.seed, &[0x4c4f_5241]) as i64);
         inject_lora(&mut vlm, &lora_cfg, &lora_vs.root())?;
         let lora_init = lora_parameters(&mut vlm).into_iter().map(|(_, t)| t.detach().copy()).collect();
-        let processor = VlProcessor::from_model_dir(base_dir, &vlm.config, Some(deploy1.processor.min_pixels), Some(deploy1.processor.max_pixels))?;
+        let processor = VlProcessor::from_model_dir(
+            base_dir,
+            &vlm.config,
+            Some(deploy1.processor.min_pixels),
+            Some(deploy1.processor.max_pixels),
+        )?;
         // The frozen embedding is only ever read at this dataset's prompt tokens: keep those rows.
         let sizes = frame_sizes(&ds);
         let mut prompt_ids = vec![processor.tokenizer.pad_token_id];
@@ -384,7 +405,8 @@ impl Stage2Task {
         let mut h = sha2::Sha256::new();
         for (name, t) in lora_parameters(&mut self.vlm) {
             h.update(name.as_bytes());
-            let v = Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default();
+            let v = Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
+                .unwrap_or_default();
             for x in v {
                 h.update(x.to_le_bytes());
             }
@@ -458,11 +480,7 @@ impl Stage2Task {
     pub fn sample_key(&self, i: usize, kind: &str, adapter: &str) -> Result<CacheKey> {
         let cams = self.ds.index.cameras.len();
         let images: Vec<&[u8]> = (0..cams).map(|c| self.ds.jpeg(i, c)).collect::<std::result::Result<_, _>>()?;
-        let prompt = if kind == "features" {
-            chat_prompt(cams, instruction(&self.ds, i))
-        } else {
-            String::new()
-        };
+        let prompt = if kind == "features" { chat_prompt(cams, instruction(&self.ds, i)) } else { String::new() };
         Ok(cache_key(&KeyInput {
             kind,
             base_model: &self.base_model_id,
@@ -535,7 +553,11 @@ impl Stage2Task {
             missing += u64::from(!self.cache.as_ref().expect("vision mode has a cache").contains(&key));
         }
         let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
-        let need = format!("the vision cache of this dataset needs about {} ({n} samples x {} of embeddings)", gb(n as u64 * per_sample), gb(per_sample));
+        let need = format!(
+            "the vision cache of this dataset needs about {} ({n} samples x {} of embeddings)",
+            gb(n as u64 * per_sample),
+            gb(per_sample)
+        );
         let cache = self.cache.as_ref().expect("vision mode has a cache");
         if let Some(budget) = cache.disk_budget_bytes() {
             if n as u64 * per_sample > budget {
@@ -567,7 +589,9 @@ impl Stage2Task {
 
     /// A VL `batch` of `idx` with, when there is a cache, the vision embeddings of `idx` from it.
     fn with_embeds(&mut self, idx: &[usize], batch: Option<VlBatch>) -> Result<(VlBatch, Option<Tensor>)> {
-        let batch = batch.ok_or_else(|| TrainError::invalid("micro-batch data", "has no VL inputs (expected them outside cached epochs)"))?;
+        let batch = batch.ok_or_else(|| {
+            TrainError::invalid("micro-batch data", "has no VL inputs (expected them outside cached epochs)")
+        })?;
         if self.cache.is_none() {
             return Ok((batch, None));
         }
@@ -581,7 +605,9 @@ impl Stage2Task {
         let data = match self.prefetched.take() {
             Some((for_idx, for_need, worker)) if for_idx == idx && for_need == need => {
                 self.prefetch_hits += 1;
-                worker.join().map_err(|_| TrainError::invalid("data worker", "panicked while preparing a micro-batch"))??
+                worker
+                    .join()
+                    .map_err(|_| TrainError::invalid("data worker", "panicked while preparing a micro-batch"))??
             }
             // Another micro-batch (e.g. the micro-batch was halved): prepared here.
             _ => prepare(&self.ds, &self.processor, idx, need)?,
@@ -608,7 +634,12 @@ impl Stage2Task {
     /// `vision` mode) and the current LoRA, computed live; `train` keeps the graph and LoRA
     /// dropout. With gradient checkpointing in training, the returned pass must be completed
     /// after the loss's backward.
-    fn features_of(&mut self, batch: &VlBatch, embeds: Option<Tensor>, train: bool) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
+    fn features_of(
+        &mut self,
+        batch: &VlBatch,
+        embeds: Option<Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
         self.vl_to_device();
         let ck = self.checkpointing;
         let run = |vlm: &Qwen25VL| -> Result<(Tensor, Option<crate::vlm::CheckpointedPass>)> {
@@ -619,7 +650,11 @@ impl Stage2Task {
                 }
                 (Some(e), false) => (vlm.forward_with_image_embeds(batch, Some(e), train)?, None),
                 (None, true) => {
-                    let (f, p) = vlm.forward_checkpointed(batch, crate::vlm::TrainCheckpointing { vision: Checkpointing::OFF, text: ck }, true)?;
+                    let (f, p) = vlm.forward_checkpointed(
+                        batch,
+                        crate::vlm::TrainCheckpointing { vision: Checkpointing::OFF, text: ck },
+                        true,
+                    )?;
                     (f, Some(p))
                 }
                 (None, false) => (vlm.forward(batch, train)?, None),
@@ -635,7 +670,9 @@ impl Stage2Task {
 
     /// Cached pooled features of sample `i` under the adapter the cache holds.
     fn cached_features(&mut self, i: usize) -> Result<Tensor> {
-        let adapter = self.fs.adapter.clone().ok_or_else(|| TrainError::invalid("features cache", "is not built yet (expected a cached epoch after it was built)"))?;
+        let adapter = self.fs.adapter.clone().ok_or_else(|| {
+            TrainError::invalid("features cache", "is not built yet (expected a cached epoch after it was built)")
+        })?;
         let key = self.memo_key(i, "features", &adapter)?;
         let cache = self.cache.as_mut().expect("features mode has a cache");
         if let Some(t) = cache.get(&key) {
@@ -753,7 +790,10 @@ impl Stage2Task {
                 if self.fs.decided_epoch != Some(epoch) {
                     let live = match (&self.fs.adapter, self.refresh) {
                         (None, _) => false,
-                        (Some(_), Some(p)) => matches!(p.decide(self.fs.cached_since_refresh, self.fs.drift.as_ref()), RefreshDecision::Refresh(_)),
+                        (Some(_), Some(p)) => matches!(
+                            p.decide(self.fs.cached_since_refresh, self.fs.drift.as_ref()),
+                            RefreshDecision::Refresh(_)
+                        ),
                         (Some(_), None) => false,
                     };
                     if live {
@@ -795,8 +835,10 @@ impl Stage2Task {
             VlNeed::Images
         };
         let data = self.micro_batch_data(idx, need)?;
-        let (sensor, actions) = (data.sensor.to_tensor().to_device(self.device), data.action.to_tensor().to_device(self.device));
-        let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
+        let (sensor, actions) =
+            (data.sensor.to_tensor().to_device(self.device), data.action.to_tensor().to_device(self.device));
+        let seeds: Vec<u64> =
+            idx.iter().map(|&i| derive_seed(self.seed, &[NOISE_STREAM, self.epoch, i as u64])).collect();
         let (pooled, pass, data_s) = if cached {
             let f = idx.iter().map(|&i| self.cached_features(i)).collect::<Result<Vec<_>>>()?;
             (Tensor::cat(&f, 0).to_device(self.device), None, t0.elapsed().as_secs_f64())
@@ -817,7 +859,12 @@ impl TrainTask for Stage2Task {
     fn params(&mut self) -> Vec<NamedParam> {
         let mut out: Vec<NamedParam> = lora_parameters(&mut self.vlm)
             .into_iter()
-            .map(|(name, tensor)| NamedParam { name: format!("vl.{name}"), group: GROUP_VL_LORA.into(), tensor, decay: true })
+            .map(|(name, tensor)| NamedParam {
+                name: format!("vl.{name}"),
+                group: GROUP_VL_LORA.into(),
+                tensor,
+                decay: true,
+            })
             .collect();
         out.extend(heads_params(&self.heads, "heads.", GROUP_SENSOR_ENCODER, GROUP_HEADS));
         out
@@ -863,7 +910,8 @@ impl TrainTask for Stage2Task {
             self.fs.drift = Some(match &self.group {
                 Some(g) => {
                     let bytes = serde_json::to_vec(&drift).map_err(|e| TrainError::invalid("drift", e.to_string()))?;
-                    serde_json::from_slice(&g.broadcast_bytes(&bytes)?).map_err(|e| TrainError::invalid("drift from rank 0", e.to_string()))?
+                    serde_json::from_slice(&g.broadcast_bytes(&bytes)?)
+                        .map_err(|e| TrainError::invalid("drift from rank 0", e.to_string()))?
                 }
                 None => drift,
             });
@@ -883,10 +931,12 @@ impl TrainTask for Stage2Task {
     fn deployable(&mut self) -> Result<Vec<PublishItem>> {
         std::fs::create_dir_all(&self.work_dir).map_err(TrainError::io("create folder", &self.work_dir))?;
         let heads_path = self.work_dir.join(HEADS_FILE);
-        let stage = CheckpointStage::Stage2 { adapter_dir: ADAPTER_DIR.into(), base_model_id: self.base_model_id.clone() };
+        let stage =
+            CheckpointStage::Stage2 { adapter_dir: ADAPTER_DIR.into(), base_model_id: self.base_model_id.clone() };
         self.heads.save(&heads_path, stage, BTreeMap::new())?;
         let adapter_dir = self.work_dir.join(ADAPTER_DIR);
-        let meta = AdapterMeta { base_model_name_or_path: Some(self.base_model_dir.display().to_string()), task_type: None };
+        let meta =
+            AdapterMeta { base_model_name_or_path: Some(self.base_model_dir.display().to_string()), task_type: None };
         save_adapter(&mut self.vlm, &self.lora_cfg, &meta, &adapter_dir)?;
         Ok(vec![
             PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
@@ -912,7 +962,8 @@ impl TrainTask for Stage2Task {
                 format!("was saved with {saved}, but this run was built with {}", self.memory),
             ));
         }
-        self.fs = serde_json::from_value(state.clone()).map_err(|e| TrainError::invalid("features-mode cache state", e.to_string()))?;
+        self.fs = serde_json::from_value(state.clone())
+            .map_err(|e| TrainError::invalid("features-mode cache state", e.to_string()))?;
         Ok(())
     }
 
