@@ -15,7 +15,7 @@ ROS_STAMP := $(VENV)/.ros-installed
 # The one colcon command, the same for an apt-installed ROS 2 (README).
 COLCON_BUILD := colcon build --base-paths . msg --cargo-args --release --features ros
 
-.PHONY: all venv lerobot-venv build ros test test-rust test-ros demo demo-cli bench-cpu clean
+.PHONY: all venv lerobot-venv build ros lint test test-rust test-ros demo demo-cli bench-cpu clean
 
 all: build
 
@@ -52,6 +52,13 @@ $(ROS_STAMP): scripts/requirements-ros.txt scripts/ros_install.sh $(STAMP)
 
 ros: $(ROS_STAMP) $(GLOO_STAMP)
 	source scripts/ros_env.sh && $(COLCON_BUILD)
+
+# Formatting (rustfmt.toml) and clippy with warnings as errors, over every target: the core, and
+# the ROS nodes in the ROS environment. CI runs it before the tests.
+lint: venv ros
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	source scripts/ros_env.sh && $(CARGO) clippy --all-targets --features ros -- -D warnings
 
 # Every test: unit + integration (Rust, some driving the Python reference stack), then the ROS
 # 2 tests (rclpy driving the installed nodes) inside a loopback-only network namespace.
