@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
-use vla_finetune::policy::{CondInput, NormStats, PolicyConfig, PolicyHeads, VlFeatures};
+use vla_finetune::policy::{CondInput, NormStats, PolicyConfig, PolicyHeads, VlInput};
 
 fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     v.sort();
@@ -28,7 +28,7 @@ fn act_latency_reference_sizes() {
     }
     let cfg = PolicyConfig::default();
     let heads = PolicyHeads::new(cfg, NormStats::identity(1026, 0, 7), device).unwrap();
-    let vl = VlFeatures::pooled(Tensor::randn([1, 2048], (Kind::Float, device)));
+    let vl = VlInput::pooled(Tensor::randn([1, 2048], (Kind::Float, device)));
     let sensor = Tensor::randn([1, 650, 1026], (Kind::Float, device));
     let c = CondInput { vl: &vl, sensor: &sensor, state: None };
     let sync = || {

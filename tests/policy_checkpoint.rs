@@ -9,8 +9,8 @@ use safetensors::SafeTensors;
 use tch::{Device, Kind, Tensor};
 use vla_finetune::policy::checkpoint::META_KEY;
 use vla_finetune::policy::{
-    ActionExpertConfig, CheckpointMeta, CheckpointStage, CondInput, DiffusionConfig, FeatureStats, NormMode, NormStats,
-    Normalizer, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlFeatures,
+    ActionExpertConfig, CheckpointStage, CondInput, DiffusionConfig, FeatureStats, HeadsFileMeta, NormMode, NormStats,
+    Normalizer, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlInput,
 };
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
@@ -60,7 +60,7 @@ fn trained_heads() -> PolicyHeads {
     let norm = NormStats { action: Normalizer { mode: NormMode::Quantile, stats }, ..NormStats::identity(3, 0, 2) };
     let h = PolicyHeads::new(config(), norm, Device::Cpu).unwrap();
     // One training-mode pass so the BatchNorm running statistics differ from their init.
-    let vl = VlFeatures::pooled(Tensor::randn([4, 8], CPU));
+    let vl = VlInput::pooled(Tensor::randn([4, 8], CPU));
     let sensor = Tensor::randn([4, 12, 3], CPU) * 3.0 + 1.0;
     let _ = h
         .loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &Tensor::randn([4, 4, 2], CPU), &[1, 2, 3, 4], true)
@@ -70,7 +70,7 @@ fn trained_heads() -> PolicyHeads {
 
 fn act(h: &PolicyHeads) -> Tensor {
     tch::manual_seed(99);
-    let vl = VlFeatures::pooled(Tensor::randn([2, 8], CPU));
+    let vl = VlInput::pooled(Tensor::randn([2, 8], CPU));
     let sensor = Tensor::randn([2, 12, 3], CPU);
     h.sample(&CondInput { vl: &vl, sensor: &sensor, state: None }, 10, 5).unwrap()
 }
@@ -107,7 +107,7 @@ fn save_load_round_trip_stage1_and_stage2() {
         CheckpointStage::Stage2 { adapter_dir: "adapter".into(), base_model_id: "Qwen/Qwen2.5-VL-3B-Instruct".into() };
     let p2 = dir.path().join("stage2.safetensors");
     h.save(&p2, stage2.clone(), BTreeMap::new()).unwrap();
-    assert_eq!(CheckpointMeta::read(&p2).unwrap().stage, stage2);
+    assert_eq!(HeadsFileMeta::read(&p2).unwrap().stage, stage2);
 
     // The file is plain safetensors: the metadata JSON is readable by any safetensors reader.
     let buf = std::fs::read(&p2).unwrap();
@@ -216,6 +216,6 @@ fn corrupted_or_mismatched_checkpoints_fail_loudly() {
     });
     assert!(load_err(&bad).to_string().contains("missing field `config`"));
     // The header-only reader applies the same checks.
-    assert!(CheckpointMeta::read(&bad).is_err());
-    assert!(CheckpointMeta::read(&good).is_ok());
+    assert!(HeadsFileMeta::read(&bad).is_err());
+    assert!(HeadsFileMeta::read(&good).is_ok());
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use safetensors::SafeTensors;
 use tch::{Device, Kind, Tensor};
-use vla_finetune::policy::{CheckpointStage, CondInput, NoiseRng, PolicyError, PolicyHeads, VlFeatures};
+use vla_finetune::policy::{CheckpointStage, CondInput, NoiseRng, PolicyError, PolicyHeads, VlInput};
 
 const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -80,7 +80,7 @@ fn converted_reference_checkpoint_matches_pytorch() {
     assert_eq!(meta.extra["reference_epoch"], serde_json::json!(20));
 
     let io = read_tensors(&dir.path().join("io.safetensors"));
-    let vl = VlFeatures::pooled(get(&io, "vl"));
+    let vl = VlInput::pooled(get(&io, "vl"));
     let sensor = get(&io, "sensor");
     let c = CondInput { vl: &vl, sensor: &sensor, state: None };
     let _g = tch::no_grad_guard();

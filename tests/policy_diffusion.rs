@@ -4,7 +4,7 @@
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use vla_finetune::policy::{
     ActionExpertConfig, CondInput, DiffusionConfig, FeatureStats, NoiseRng, NoiseSchedule, NormMode, NormStats,
-    Normalizer, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlFeatures,
+    Normalizer, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlInput,
 };
 
 /// libtorch on one thread: the CI machine's 2 cores are shared, and oversubscribed intra-op
@@ -192,7 +192,7 @@ fn same_seed_same_actions() {
     let _rng = rng_lock();
     tch::manual_seed(0);
     let heads = PolicyHeads::new(tiny_config(), NormStats::identity(3, 0, 2), Device::Cpu).unwrap();
-    let vl = VlFeatures::pooled(Tensor::randn([3, 8], (Kind::Float, Device::Cpu)));
+    let vl = VlInput::pooled(Tensor::randn([3, 8], (Kind::Float, Device::Cpu)));
     let sensor = Tensor::randn([3, 8, 3], (Kind::Float, Device::Cpu));
     let c = CondInput { vl: &vl, sensor: &sensor, state: None };
     let a = heads.sample(&c, 10, 42).unwrap();
@@ -222,7 +222,7 @@ fn expert_fits_two_modes_without_averaging_them() {
     let norm = NormStats { action: action_stats, ..NormStats::identity(3, 0, 2) };
     let heads = PolicyHeads::new(cfg, norm, Device::Cpu).unwrap();
     // The condition carries no information about the mode.
-    let vl = VlFeatures::pooled(Tensor::zeros([n, 8], (Kind::Float, Device::Cpu)));
+    let vl = VlInput::pooled(Tensor::zeros([n, 8], (Kind::Float, Device::Cpu)));
     let sensor = Tensor::ones([n, 8, 3], (Kind::Float, Device::Cpu));
     let c = CondInput { vl: &vl, sensor: &sensor, state: None };
 
@@ -238,7 +238,7 @@ fn expert_fits_two_modes_without_averaging_them() {
     let last = losses[losses.len() - 50..].iter().sum::<f64>() / 50.0;
     assert!(last < 0.5 * first, "loss went from {first} to {last}");
 
-    let vl1 = VlFeatures::pooled(Tensor::zeros([128, 8], (Kind::Float, Device::Cpu)));
+    let vl1 = VlInput::pooled(Tensor::zeros([128, 8], (Kind::Float, Device::Cpu)));
     let s1 = Tensor::ones([128, 8, 3], (Kind::Float, Device::Cpu));
     let x = heads.sample(&CondInput { vl: &vl1, sensor: &s1, state: None }, 10, 7).unwrap();
     // Per sample: the mean first coordinate over the horizon, in physical units.

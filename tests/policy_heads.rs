@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use vla_finetune::policy::{
     ActionExpertConfig, CondInput, DiffusionConfig, FeatureStats, FusionConfig, FusionKind, NormMode, NormStats,
     Normalizer, Observation, PolicyBatch, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlFeatureSource,
-    VlFeatures, VlObservation, VlaPolicy,
+    VlInput, VlObservation, VlaPolicy,
 };
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
@@ -74,7 +74,7 @@ fn reference_sizes_parameter_counts_and_shapes() {
     assert!((57_000_000..59_000_000).contains(&expert), "action expert ~58 M: {expert}");
     assert_eq!(h.num_parameters(""), sensor + expert);
 
-    let vl = VlFeatures::pooled(Tensor::randn([1, 2048], CPU));
+    let vl = VlInput::pooled(Tensor::randn([1, 2048], CPU));
     let sensor_in = Tensor::randn([1, 650, 1026], CPU);
     let c = CondInput { vl: &vl, sensor: &sensor_in, state: None };
     let _g = tch::no_grad_guard();
@@ -103,8 +103,8 @@ fn other_window_lengths_are_resampled() {
 #[test]
 fn bad_inputs_name_the_tensor() {
     let h = heads(tiny(FusionKind::Concat, 0));
-    let vl = VlFeatures::pooled(Tensor::randn([2, 8], CPU));
-    let err_name = |sensor: &Tensor, vl: &VlFeatures, state: Option<&Tensor>| match h.sample(
+    let vl = VlInput::pooled(Tensor::randn([2, 8], CPU));
+    let err_name = |sensor: &Tensor, vl: &VlInput, state: Option<&Tensor>| match h.sample(
         &CondInput { vl, sensor, state },
         5,
         0,
@@ -118,7 +118,7 @@ fn bad_inputs_name_the_tensor() {
     let _ = nan.get(1).get(3).get(0).fill_(f64::NAN);
     assert_eq!(err_name(&nan, &vl, None), "sensor");
     let ok = Tensor::randn([2, 12, 3], CPU);
-    assert_eq!(err_name(&ok, &VlFeatures::pooled(Tensor::randn([3, 8], CPU)), None), "vl.pooled");
+    assert_eq!(err_name(&ok, &VlInput::pooled(Tensor::randn([3, 8], CPU)), None), "vl.pooled");
     assert_eq!(err_name(&ok, &vl, Some(&Tensor::zeros([2, 1], CPU))), "state");
     let actions = Tensor::zeros([2, 5, 2], CPU);
     match h.loss(&CondInput { vl: &vl, sensor: &ok, state: None }, &actions, &[0, 1], false) {
@@ -193,16 +193,16 @@ fn normalization_statistics_and_unclamped_denormalization() {
 fn gated_and_state_fusion_use_every_input() {
     let h = heads(tiny(FusionKind::Gated, 5));
     let _g = tch::no_grad_guard();
-    let vl = VlFeatures::pooled(Tensor::randn([2, 8], CPU));
+    let vl = VlInput::pooled(Tensor::randn([2, 8], CPU));
     let sensor = Tensor::randn([2, 12, 3], CPU);
     let state = Tensor::randn([2, 5], CPU);
-    let cond = |vl: &VlFeatures, sensor: &Tensor, state: &Tensor| {
+    let cond = |vl: &VlInput, sensor: &Tensor, state: &Tensor| {
         h.condition(&CondInput { vl, sensor, state: Some(state) }, false).unwrap()
     };
     let base = cond(&vl, &sensor, &state);
     assert_eq!(base.size(), vec![2, 16]);
     let changed = |c: Tensor| (c - &base).abs().max().double_value(&[]) > 1e-4;
-    assert!(changed(cond(&VlFeatures::pooled(Tensor::randn([2, 8], CPU)), &sensor, &state)), "VL matters");
+    assert!(changed(cond(&VlInput::pooled(Tensor::randn([2, 8], CPU)), &sensor, &state)), "VL matters");
     assert!(changed(cond(&vl, &(&sensor + 1.0), &state)), "sensor matters");
     assert!(changed(cond(&vl, &sensor, &(&state + 1.0))), "state matters");
     assert!(
@@ -222,7 +222,7 @@ fn cross_attention_fusion_attends_over_unpooled_tokens_and_uses_the_sensor() {
     let pooled = Tensor::zeros([2, 8], CPU);
     let cond = |tokens: &Tensor, sensor: &Tensor| {
         let vl =
-            VlFeatures { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.shallow_clone())) };
+            VlInput { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.shallow_clone())) };
         h.condition(&CondInput { vl: &vl, sensor, state: None }, false).unwrap()
     };
     let base = cond(&tokens, &sensor);
@@ -238,11 +238,11 @@ fn cross_attention_fusion_attends_over_unpooled_tokens_and_uses_the_sensor() {
     assert!(diff(&cond(&real, &sensor), 0) > 1e-4);
     assert!(diff(&cond(&tokens, &(&sensor + 1.0)), 0) > 1e-4);
     // Without tokens, or with a fully masked row: a clear error.
-    let vl = VlFeatures::pooled(pooled.shallow_clone());
+    let vl = VlInput::pooled(pooled.shallow_clone());
     assert!(
         matches!(h.condition(&CondInput { vl: &vl, sensor: &sensor, state: None }, false), Err(PolicyError::Input { name, .. }) if name == "vl.tokens")
     );
-    let vl = VlFeatures { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.zeros_like())) };
+    let vl = VlInput { pooled: pooled.shallow_clone(), tokens: Some((tokens.shallow_clone(), mask.zeros_like())) };
     assert!(
         matches!(h.condition(&CondInput { vl: &vl, sensor: &sensor, state: None }, false), Err(PolicyError::Input { name, .. }) if name == "vl.mask")
     );
@@ -271,13 +271,13 @@ fn parameter_groups_split_components_and_exclude_biases_norms_from_decay() {
 #[test]
 fn loss_is_invariant_to_micro_batching_and_trains_in_bf16() {
     let mut h = heads(tiny(FusionKind::Concat, 0));
-    let vl = VlFeatures::pooled(Tensor::randn([4, 8], CPU));
+    let vl = VlInput::pooled(Tensor::randn([4, 8], CPU));
     let sensor = Tensor::randn([4, 12, 3], CPU);
     let actions = Tensor::randn([4, 4, 2], CPU);
     let seeds = [11, 12, 13, 14];
     let full = h.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, false).unwrap();
     let half = |r: std::ops::Range<i64>| {
-        let vl = VlFeatures::pooled(vl.pooled.narrow(0, r.start, 2));
+        let vl = VlInput::pooled(vl.pooled.narrow(0, r.start, 2));
         let c = CondInput { vl: &vl, sensor: &sensor.narrow(0, r.start, 2), state: None };
         h.loss(&c, &actions.narrow(0, r.start, 2), &seeds[r.start as usize..r.end as usize], false)
             .unwrap()
@@ -310,9 +310,9 @@ impl VlFeatureSource for FakeVl {
     fn vl_dim(&self) -> i64 {
         8
     }
-    fn features(&self, obs: &[VlObservation]) -> Result<VlFeatures, vla_finetune::vlm::VlmError> {
+    fn features(&self, obs: &[VlObservation]) -> Result<VlInput, vla_finetune::vlm::VlmError> {
         let v: Vec<f32> = obs.iter().flat_map(|o| vec![o.instruction.len() as f32; 8]).collect();
-        Ok(VlFeatures::pooled(Tensor::from_slice(&v).view([obs.len() as i64, 8])))
+        Ok(VlInput::pooled(Tensor::from_slice(&v).view([obs.len() as i64, 8])))
     }
 }
 
@@ -330,7 +330,7 @@ fn vla_policy_uses_the_feature_source_or_given_features() {
     let via_source = policy.act(&obs, None, 3).unwrap();
     let given = Tensor::from_slice(&[[3.0f32; 8], [6.0; 8]].concat()).view([2, 8]);
     let obs2 = Observation {
-        vl: Some(VlFeatures::pooled(given)),
+        vl: Some(VlInput::pooled(given)),
         vl_inputs: vec![],
         sensor: sensor.shallow_clone(),
         state: None,
@@ -348,7 +348,7 @@ fn vla_policy_uses_the_feature_source_or_given_features() {
     );
 
     let batch = PolicyBatch {
-        vl: VlFeatures::pooled(Tensor::randn([2, 8], CPU)),
+        vl: VlInput::pooled(Tensor::randn([2, 8], CPU)),
         sensor,
         state: None,
         actions: Tensor::randn([2, 4, 2], CPU),

@@ -20,7 +20,7 @@ use vla_finetune::dataset::episode::RgbImage;
 use vla_finetune::policy::checkpoint::CheckpointStage;
 use vla_finetune::policy::{
     ActionExpertConfig, DiffusionConfig, FusionConfig, FusionKind, NormStats, Observation as PolicyObs, PolicyConfig,
-    PolicyHeads, SensorEncoderConfig, VlFeatures as HeadFeatures, VlaPolicy,
+    PolicyHeads, SensorEncoderConfig, VlInput, VlaPolicy,
 };
 use vla_finetune::runtime::*;
 use vla_finetune::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -429,7 +429,7 @@ fn reference_chunk(ckpt: &Path, features: &Tensor, window: &[f32], seed: u64) ->
     let (heads, _) = PolicyHeads::load(&ckpt.join(HEADS_FILE), Device::Cpu).unwrap();
     let policy = VlaPolicy::new(heads);
     let obs = PolicyObs {
-        vl: Some(HeadFeatures::pooled(features.shallow_clone())),
+        vl: Some(VlInput::pooled(features.shallow_clone())),
         vl_inputs: Vec::new(),
         sensor: Tensor::from_slice(window).reshape([1, WINDOW as i64, CHANNELS as i64]),
         state: None,

@@ -14,7 +14,7 @@ use vla_finetune::dataset::episode::{
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::dataset::store::Split;
 use vla_finetune::policy::{
-    ActionExpertConfig, CondInput, NoiseRng, NormStats, PolicyConfig, PolicyHeads, SensorEncoderConfig, VlFeatures,
+    ActionExpertConfig, CondInput, NoiseRng, NormStats, PolicyConfig, PolicyHeads, SensorEncoderConfig, VlInput,
 };
 use vla_finetune::train::heads_job::{validation_error, validation_noise, ValidationSums};
 
@@ -140,7 +140,7 @@ fn chunked_validation_equals_one_pass_over_the_split() {
     let val: Vec<usize> = f.val_episodes[..3].concat();
     // The reference: the whole split in one batch, read with the image-decoding reader.
     let b = f.ds.batch(&val).unwrap();
-    let vl = VlFeatures::pooled(Tensor::cat(&val.iter().map(|&i| feats[i].shallow_clone()).collect::<Vec<_>>(), 0));
+    let vl = VlInput::pooled(Tensor::cat(&val.iter().map(|&i| feats[i].shallow_clone()).collect::<Vec<_>>(), 0));
     let sensor = b.sensor.to_tensor();
     let x_t = Tensor::cat(&val.iter().map(|&i| validation_noise(&heads, 7, i)).collect::<Vec<_>>(), 0);
     let c = CondInput { vl: &vl, sensor: &sensor, state: None };

@@ -52,7 +52,7 @@ fn decoder_from_cached_image_embeds_equals_the_full_forward() {
         }
     });
     let target = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
-    let loss_of = |features: vla_finetune::vlm::VlFeatures| {
+    let loss_of = |features: vla_finetune::vlm::VlOutput| {
         (features.pooled(Pooling::All).unwrap() - &target).square().mean(Kind::Float)
     };
     let ck = TrainCheckpointing { vision: Checkpointing::OFF, text: Checkpointing::every(1) };

@@ -40,7 +40,7 @@ impl CaseKind {
 
 /// What the Stage 2 step recomputes each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-pub enum CacheMode {
+pub enum StepCache {
     /// Full VL forward each step (vision tower + LLM with LoRA).
     #[serde(rename = "off")]
     #[value(name = "off")]
@@ -59,7 +59,7 @@ pub enum CacheMode {
     FeaturesRefresh,
 }
 
-impl CacheMode {
+impl StepCache {
     /// Name as on the command line and in the JSON records.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -111,7 +111,7 @@ pub struct CaseSpec {
     /// LoRA rank.
     pub lora_rank: i64,
     /// Cache mode (step only; `None` for the other kinds).
-    pub cache: Option<CacheMode>,
+    pub cache: Option<StepCache>,
     /// Gradient checkpointing of every decoder layer (step only).
     pub checkpointing: bool,
     /// Precision.

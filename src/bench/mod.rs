@@ -12,5 +12,5 @@ pub mod run;
 pub mod shapes;
 pub mod table;
 
-pub use case::{BenchPrecision, CacheMode, CaseKind, CaseSpec, Record};
+pub use case::{BenchPrecision, CaseKind, CaseSpec, Record, StepCache};
 pub use shapes::ModelSize;

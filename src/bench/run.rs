@@ -6,9 +6,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::case::{median, CacheMode, CaseKind, CaseSpec, Record};
+use super::case::{median, CaseKind, CaseSpec, Record, StepCache};
 use super::shapes::{config_json, fixture_dir, heads_config, synthetic_frame, vl_config};
-use crate::policy::{CondInput, NormStats, PolicyConfig, PolicyHeads, VlFeatures};
+use crate::policy::{CondInput, NormStats, PolicyConfig, PolicyHeads, VlInput};
 use crate::train::optim::{AdamW, AdamWConfig, GroupConfig, NamedParam};
 use crate::vlm::grad_checkpoint::Checkpointing;
 use crate::vlm::lora::{inject_lora, LoraConfig, TargetModules, DEFAULT_TARGET_REGEX};
@@ -168,7 +168,7 @@ pub fn run_case(spec: &CaseSpec) -> Result<Record> {
         CaseKind::Act => {
             let heads = new_heads(spec, &inputs.heads, device)?;
             tch::manual_seed(1);
-            let vl = VlFeatures::pooled(Tensor::randn([spec.batch as i64, inputs.heads.vl_dim], (Kind::Float, device)));
+            let vl = VlInput::pooled(Tensor::randn([spec.batch as i64, inputs.heads.vl_dim], (Kind::Float, device)));
             let sensor = inputs.sensor.to_device(device);
             let cond = CondInput { vl: &vl, sensor: &sensor, state: None };
             let ms = time_median(device, spec.warmup, spec.steps, |i| {
@@ -208,7 +208,7 @@ struct StepResult {
 }
 
 /// The Stage 2 step, timed.
-fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, device: Device) -> Result<StepResult> {
+fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: StepCache, kind: Kind, device: Device) -> Result<StepResult> {
     let mut model = load_model(spec, &inputs.vl, kind, device)?;
     let heads = new_heads(spec, &inputs.heads, device)?;
     let batch = inputs.batch.to_device(device);
@@ -217,7 +217,7 @@ fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, devi
     let lora_vs = nn::VarStore::new(device);
     let mut params = crate::train::heads_job::heads_params(&heads, "heads.", "heads", "heads");
     let heads_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
-    let runs_llm = cache != CacheMode::Features;
+    let runs_llm = cache != StepCache::Features;
     if runs_llm {
         inject_lora(&mut model, &lora_config(spec.lora_rank), &lora_vs.root())?;
         let mut lora: Vec<(String, Tensor)> = lora_vs.variables().into_iter().collect();
@@ -237,13 +237,13 @@ fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, devi
     let mut opt = AdamW::new(AdamWConfig::default(), groups, params)?;
     // What the cache holds, computed once without gradient.
     let image_embeds = match cache {
-        CacheMode::Vision => {
+        StepCache::Vision => {
             Some(tch::no_grad(|| model.image_embeds(&batch.pixel_values, &batch.image_grid_thw, false))?)
         }
         _ => None,
     };
     let pooled = match cache {
-        CacheMode::Features => {
+        StepCache::Features => {
             Some(tch::no_grad(|| model.forward(&batch, false).and_then(|f| f.pooled(Pooling::All)))?)
         }
         _ => None,
@@ -265,7 +265,7 @@ fn run_step(spec: &CaseSpec, inputs: &Inputs, cache: CacheMode, kind: Kind, devi
                 (f.pooled(Pooling::All)?, Some(pass))
             }
         };
-        let vl = VlFeatures::pooled(features);
+        let vl = VlInput::pooled(features);
         let seeds: Vec<u64> = (0..b).map(|j| i as u64 * b + j).collect();
         let loss = heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
         loss.backward();

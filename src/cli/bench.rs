@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::bench::run::{run_case, Inputs};
-use crate::bench::{table, BenchPrecision, CacheMode, CaseKind, CaseSpec, ModelSize, Record};
+use crate::bench::{table, BenchPrecision, CaseKind, CaseSpec, ModelSize, Record, StepCache};
 
 /// Arguments of `bench`.
 #[derive(clap::Args, Debug)]
@@ -38,7 +38,7 @@ pub struct BenchArgs {
     pub kinds: Vec<CaseKind>,
     /// Cache modes of the step.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "off,vision,features")]
-    pub cache: Vec<CacheMode>,
+    pub cache: Vec<StepCache>,
     /// Gradient checkpointing of every decoder layer in the step.
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub checkpointing: bool,

@@ -16,9 +16,9 @@ use super::heads::PolicyHeads;
 use super::normalize::NormStats;
 use super::schedule::NoiseSchedule;
 
-/// `__metadata__` key holding the JSON [`CheckpointMeta`].
+/// `__metadata__` key holding the JSON [`HeadsFileMeta`].
 pub const META_KEY: &str = "vla_finetune.policy_heads";
-/// Value of [`CheckpointMeta::format`].
+/// Value of [`HeadsFileMeta::format`].
 pub const FORMAT: &str = "vla_finetune.policy_heads";
 /// Newest format version this build reads and the one it writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -40,7 +40,7 @@ pub enum CheckpointStage {
 
 /// Everything besides the weights that a loader needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointMeta {
+pub struct HeadsFileMeta {
     /// Always [`FORMAT`].
     pub format: String,
     /// Format version (currently [`FORMAT_VERSION`]).
@@ -74,7 +74,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PolicyError + '_ {
     move |source| PolicyError::Io { path: path.to_path_buf(), source }
 }
 
-impl CheckpointMeta {
+impl HeadsFileMeta {
     /// Reads and checks only the metadata of a checkpoint (cheap: the header).
     pub fn read(path: &Path) -> Result<Self, PolicyError> {
         let file = std::fs::File::open(path).map_err(io_err(path))?;
@@ -119,14 +119,14 @@ impl CheckpointMeta {
 
 impl PolicyHeads {
     /// Writes every variable (f32) and the metadata to `path` atomically (temporary file in the
-    /// same folder, fsync, rename). `extra` is stored as [`CheckpointMeta::extra`].
+    /// same folder, fsync, rename). `extra` is stored as [`HeadsFileMeta::extra`].
     pub fn save(
         &self,
         path: &Path,
         stage: CheckpointStage,
         extra: BTreeMap<String, serde_json::Value>,
-    ) -> Result<CheckpointMeta, PolicyError> {
-        let meta = CheckpointMeta {
+    ) -> Result<HeadsFileMeta, PolicyError> {
+        let meta = HeadsFileMeta {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             crate_version: env!("CARGO_PKG_VERSION").into(),
@@ -163,11 +163,11 @@ impl PolicyHeads {
 
     /// Loads heads from a checkpoint onto `device`: metadata checked, every variable of the
     /// config present with dtype F32 and the right shape and finite values, no extra tensors.
-    pub fn load(path: &Path, device: Device) -> Result<(Self, CheckpointMeta), PolicyError> {
+    pub fn load(path: &Path, device: Device) -> Result<(Self, HeadsFileMeta), PolicyError> {
         let file = std::fs::File::open(path).map_err(io_err(path))?;
         // SAFETY: read-only map; the file is not modified while loading (publication renames).
         let buf = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        let meta = CheckpointMeta::from_header(path, &buf)?;
+        let meta = HeadsFileMeta::from_header(path, &buf)?;
         let st =
             SafeTensors::deserialize(&buf).map_err(|e| ckpt_err(path, format!("corrupt safetensors data: {e:?}")))?;
         let heads = Self::new(meta.config.clone(), meta.normalization.clone(), device)?;

@@ -19,7 +19,7 @@ pub const EXPERT_PREFIX: &str = "action_expert";
 
 /// VL features of a batch: pooled, plus unpooled tokens for cross-attention fusion.
 #[derive(Debug)]
-pub struct VlFeatures {
+pub struct VlInput {
     /// `[B, vl_dim]` (mean-pooled last hidden state).
     pub pooled: Tensor,
     /// `[B, L, vl_dim]` unpooled tokens and their `[B, L]` bool mask (true = real token);
@@ -27,7 +27,7 @@ pub struct VlFeatures {
     pub tokens: Option<(Tensor, Tensor)>,
 }
 
-impl VlFeatures {
+impl VlInput {
     /// Pooled features only.
     pub fn pooled(pooled: Tensor) -> Self {
         Self { pooled, tokens: None }
@@ -38,7 +38,7 @@ impl VlFeatures {
 #[derive(Debug)]
 pub struct CondInput<'a> {
     /// VL features (may carry gradient when the backbone trains).
-    pub vl: &'a VlFeatures,
+    pub vl: &'a VlInput,
     /// Sensor windows `[B, T, in_channels]` (raw; normalized and resampled here).
     pub sensor: &'a Tensor,
     /// Robot state `[B, state_dim]` (raw) when the config has `state_dim > 0`.

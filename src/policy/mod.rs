@@ -20,10 +20,10 @@ pub mod sensor;
 pub mod sync_bn;
 pub mod vla;
 
-pub use checkpoint::{CheckpointMeta, CheckpointStage};
+pub use checkpoint::{CheckpointStage, HeadsFileMeta};
 pub use config::{ActionExpertConfig, DiffusionConfig, FusionConfig, FusionKind, PolicyConfig, SensorEncoderConfig};
 pub use error::PolicyError;
-pub use heads::{CondInput, NamedParam, ParamGroups, PolicyHeads, VlFeatures};
+pub use heads::{CondInput, NamedParam, ParamGroups, PolicyHeads, VlInput};
 pub use normalize::{FeatureStats, NormMode, NormStats, Normalizer};
 pub use schedule::{NoiseRng, NoiseSchedule};
 pub use vla::{Observation, PolicyBatch, VlFeatureSource, VlObservation, VlaPolicy};

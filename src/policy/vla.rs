@@ -5,7 +5,7 @@ use tch::Tensor;
 use crate::dataset::episode::RgbImage;
 
 use super::error::PolicyError;
-use super::heads::{CondInput, PolicyHeads, VlFeatures};
+use super::heads::{CondInput, PolicyHeads, VlInput};
 
 /// What the VL backbone sees for one sample: the camera views and the instruction.
 #[derive(Debug, Clone)]
@@ -22,7 +22,7 @@ pub trait VlFeatureSource: Send {
     /// Size of the pooled feature (must equal the heads' `vl_dim`).
     fn vl_dim(&self) -> i64;
     /// Features of `obs` (batch order kept): pooled `[B, vl_dim]`, plus tokens when available.
-    fn features(&self, obs: &[VlObservation]) -> Result<VlFeatures, crate::vlm::VlmError>;
+    fn features(&self, obs: &[VlObservation]) -> Result<VlInput, crate::vlm::VlmError>;
 }
 
 /// A batch of observations for [`VlaPolicy::act`].
@@ -30,7 +30,7 @@ pub trait VlFeatureSource: Send {
 pub struct Observation {
     /// Precomputed VL features (e.g. refreshed every N control ticks); when `None` the policy's
     /// [`VlFeatureSource`] computes them from `vl_inputs`.
-    pub vl: Option<VlFeatures>,
+    pub vl: Option<VlInput>,
     /// Inputs for the VL feature source, one per sample (unused when `vl` is given).
     pub vl_inputs: Vec<VlObservation>,
     /// Raw sensor windows `[B, T, in_channels]`.
@@ -43,7 +43,7 @@ pub struct Observation {
 #[derive(Debug)]
 pub struct PolicyBatch {
     /// VL features (cached, or live from the backbone and carrying gradient).
-    pub vl: VlFeatures,
+    pub vl: VlInput,
     /// Raw sensor windows `[B, T, in_channels]`.
     pub sensor: Tensor,
     /// Raw robot state `[B, state_dim]`, when the config uses state.

@@ -19,7 +19,7 @@ use super::error::RuntimeError;
 use super::model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 use super::types::{ActionChunk, CheckpointMeta, IoSpec, Observation, VlFeatures};
 use crate::checkpoint::deploy::{DeployInfo, HEADS_FILE};
-use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadFeatures};
+use crate::policy::heads::{CondInput, PolicyHeads, VlInput};
 use crate::vlm::linear::VisitLinears;
 use crate::vlm::peft::{load_adapter, read_adapter_config, ADAPTER_CONFIG};
 use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
@@ -278,7 +278,7 @@ impl ActionModel for Heads {
             (obs.sensor.values.len() / ch.max(1)) as i64,
             ch as i64,
         ]);
-        let vl = HeadFeatures::pooled(pooled.shallow_clone());
+        let vl = VlInput::pooled(pooled.shallow_clone());
         let c = self.heads.config();
         let state = match (&obs.state, c.state_dim) {
             (_, 0) => None,

@@ -23,7 +23,7 @@ use crate::dataset::reader::Dataset;
 use crate::dataset::store::Split;
 use crate::dist::Group;
 use crate::policy::config::PolicyConfig;
-use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures};
+use crate::policy::heads::{CondInput, PolicyHeads, VlInput};
 use crate::policy::normalize::NormStats;
 use crate::policy::schedule::NoiseRng;
 use crate::policy::sync_bn::backward_keep_graph;
@@ -474,10 +474,8 @@ impl TrainTask for HeadsTask {
         let idx: Vec<usize> = samples.iter().map(|&k| self.train_idx[k]).collect();
         // Sensor and action only: the VL features are precomputed, no image is decoded.
         let (sensor, actions) = self.ds.sensor_action(&idx)?;
-        let vl = VlFeatures::pooled(Tensor::cat(
-            &idx.iter().map(|&i| self.features[i].shallow_clone()).collect::<Vec<_>>(),
-            0,
-        ));
+        let vl =
+            VlInput::pooled(Tensor::cat(&idx.iter().map(|&i| self.features[i].shallow_clone()).collect::<Vec<_>>(), 0));
         let (sensor, actions) = (sensor.to_tensor(), actions.to_tensor());
         let data_s = t0.elapsed().as_secs_f64();
         let seeds: Vec<u64> = idx.iter().map(|&i| derive_seed(self.seed, &[global_step, i as u64])).collect();
@@ -612,7 +610,7 @@ impl ValidationSums {
         let (sensor, action) = ds.sensor_action(idx)?;
         let dev = heads.device();
         let (sensor, action) = (sensor.to_tensor().to_device(dev), action.to_tensor().to_device(dev));
-        let vl = VlFeatures::pooled(vl.to_device(dev));
+        let vl = VlInput::pooled(vl.to_device(dev));
         let c = CondInput { vl: &vl, sensor: &sensor, state: None };
         let x_t = Tensor::cat(&idx.iter().map(|&i| validation_noise(heads, seed, i)).collect::<Vec<_>>(), 0);
         let pred = heads.sample_from(&c, x_t, DDIM_STEPS, 0.0, &mut NoiseRng::new(seed))?;

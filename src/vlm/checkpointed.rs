@@ -9,7 +9,7 @@ use tch::Tensor;
 
 use super::error::Result;
 use super::grad_checkpoint::{run_layers, Checkpointing, SegmentRun};
-use super::model::{Qwen25VL, VlFeatures};
+use super::model::{Qwen25VL, VlOutput};
 use super::processor::VlBatch;
 use super::text::TextContext;
 use super::vision::VisionContext;
@@ -49,7 +49,7 @@ impl Qwen25VL {
         batch: &VlBatch,
         ck: TrainCheckpointing,
         train: bool,
-    ) -> Result<(VlFeatures, CheckpointedPass)> {
+    ) -> Result<(VlOutput, CheckpointedPass)> {
         let vision = if batch.image_grid_thw.is_empty() {
             None
         } else {
@@ -76,7 +76,7 @@ impl Qwen25VL {
         image_embeds: Option<&Tensor>,
         ck: Checkpointing,
         train: bool,
-    ) -> Result<(VlFeatures, CheckpointedPass)> {
+    ) -> Result<(VlOutput, CheckpointedPass)> {
         let inputs = self.text_inputs(batch, image_embeds, train)?;
         let lm = &self.language_model;
         let text = {

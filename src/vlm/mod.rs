@@ -23,5 +23,5 @@ pub use checkpointed::{CheckpointedPass, TrainCheckpointing};
 pub use config::{Config, TextConfig, VisionConfig};
 pub use error::VlmError;
 pub use image_processor::{load_image, ImageProcessor};
-pub use model::{Pooling, Qwen25VL, TextInputs, VlFeatures};
+pub use model::{Pooling, Qwen25VL, TextInputs, VlOutput};
 pub use processor::{VlBatch, VlProcessor, VlSample};

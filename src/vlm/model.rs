@@ -36,7 +36,7 @@ pub enum Pooling {
 
 /// The model's output for a batch.
 #[derive(Debug)]
-pub struct VlFeatures {
+pub struct VlOutput {
     /// Hidden states after the final norm `[batch, len, hidden]` (compute dtype).
     pub last_hidden_state: Tensor,
     /// `[batch, len]` int64, 1 for tokens, 0 for padding.
@@ -47,7 +47,7 @@ pub struct VlFeatures {
     pub text_mask: Tensor,
 }
 
-impl VlFeatures {
+impl VlOutput {
     /// Mean of the last hidden states over the selected tokens of each sample, `[batch, hidden]`
     /// in f32. Errors if a sample has no such token.
     pub fn pooled(&self, pooling: Pooling) -> Result<Tensor> {
@@ -127,7 +127,7 @@ impl Qwen25VL {
     }
 
     /// Full forward: vision tower, image embeddings scattered into the token embeddings, decoder.
-    pub fn forward(&self, batch: &VlBatch, train: bool) -> Result<VlFeatures> {
+    pub fn forward(&self, batch: &VlBatch, train: bool) -> Result<VlOutput> {
         let embeds = if batch.image_grid_thw.is_empty() {
             None
         } else {
@@ -143,7 +143,7 @@ impl Qwen25VL {
         batch: &VlBatch,
         image_embeds: Option<&Tensor>,
         train: bool,
-    ) -> Result<VlFeatures> {
+    ) -> Result<VlOutput> {
         let inputs = self.text_inputs(batch, image_embeds, train)?;
         let last_hidden_state = self.language_model.forward_embeds(&inputs.embeds, &inputs.ctx);
         Ok(inputs.into_features(last_hidden_state))
@@ -214,22 +214,18 @@ pub struct TextInputs {
 }
 
 impl TextInputs {
-    /// Wraps the final-norm output of the decoder into [`VlFeatures`].
-    pub fn into_features(self, last_hidden_state: Tensor) -> VlFeatures {
+    /// Wraps the final-norm output of the decoder into [`VlOutput`].
+    pub fn into_features(self, last_hidden_state: Tensor) -> VlOutput {
         let text_mask = self.attention_mask.to_kind(Kind::Bool).logical_and(&self.image_mask.logical_not());
-        VlFeatures { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask }
+        VlOutput { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask }
     }
 
     /// Like [`TextInputs::into_features`], also returning the per-forward context (needed to
     /// recompute checkpointed layers).
-    pub fn into_features_and_context(self, last_hidden_state: Tensor) -> (VlFeatures, TextContext) {
+    pub fn into_features_and_context(self, last_hidden_state: Tensor) -> (VlOutput, TextContext) {
         let text_mask = self.attention_mask.to_kind(Kind::Bool).logical_and(&self.image_mask.logical_not());
-        let features = VlFeatures {
-            last_hidden_state,
-            attention_mask: self.attention_mask,
-            image_mask: self.image_mask,
-            text_mask,
-        };
+        let features =
+            VlOutput { last_hidden_state, attention_mask: self.attention_mask, image_mask: self.image_mask, text_mask };
         (features, self.ctx)
     }
 }

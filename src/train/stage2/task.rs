@@ -50,7 +50,7 @@ use crate::dataset::reader::{Array, Dataset};
 use crate::dataset::store::Split;
 use crate::dist::Group;
 use crate::policy::checkpoint::CheckpointStage;
-use crate::policy::heads::{CondInput, PolicyHeads, VlFeatures as HeadsVl};
+use crate::policy::heads::{CondInput, PolicyHeads, VlInput};
 use crate::train::action_error::ActionAxes;
 use crate::train::cache::{cache_key, CacheKey, FeatureCache, KeyInput};
 use crate::train::config::{
@@ -848,7 +848,7 @@ impl Stage2Task {
             let (f, p) = self.features_of(&batch, embeds, true)?;
             (f, p, data_s)
         };
-        let vl = HeadsVl::pooled(pooled);
+        let vl = VlInput::pooled(pooled);
         let loss = self.heads.loss(&CondInput { vl: &vl, sensor: &sensor, state: None }, &actions, &seeds, true)?;
         self.pending = pass;
         Ok((loss, data_s))
