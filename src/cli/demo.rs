@@ -32,22 +32,29 @@ use crate::train::config::TrainConfig;
 use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
 use crate::train::stage2::{self, Stage2Job};
 
+/// How much simulated data a run records (`demo`, `experiment`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct SimDataArgs {
+    /// Simulated training episodes to record (per seed).
+    #[arg(long, default_value_t = 16)]
+    pub episodes: u64,
+    /// Validation episodes, recorded with simulator seed + 1000 (scenes the training never saw).
+    #[arg(long, default_value_t = 6)]
+    pub val_episodes: u64,
+    /// Seconds per episode.
+    #[arg(long, default_value_t = 6.0)]
+    pub seconds: f64,
+}
+
 /// Arguments of `demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Output folder (everything the demo makes stays there).
     #[arg(long, default_value = "out/demo")]
     pub out: PathBuf,
-    /// Simulated training episodes to record (simulator seed `--seed`).
-    #[arg(long, default_value_t = 16)]
-    pub episodes: u64,
-    /// Validation episodes, recorded with simulator seed `--seed + 1000` (scenes the training
-    /// never saw).
-    #[arg(long, default_value_t = 6)]
-    pub val_episodes: u64,
-    /// Seconds per episode.
-    #[arg(long, default_value_t = 6.0)]
-    pub seconds: f64,
+    /// The simulated data recorded (simulator seed `--seed`).
+    #[command(flatten)]
+    pub data: SimDataArgs,
     /// Training epochs of stage 1 (heads on frozen VL features).
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
@@ -87,7 +94,8 @@ fn embedded_base_model() -> PathBuf {
 /// Runs the demo and prints its report (also written to `<out>/report.json`).
 pub fn run(mut a: DemoArgs) -> Result<()> {
     if a.quick {
-        (a.episodes, a.val_episodes, a.seconds, a.epochs, a.stage2_epochs) = (4, 2, 3.0, 10, 3);
+        a.data = SimDataArgs { episodes: 4, val_episodes: 2, seconds: 3.0 };
+        (a.epochs, a.stage2_epochs) = (10, 3);
     }
     let t0 = Instant::now();
     a.device()?;
@@ -99,13 +107,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     let out = std::fs::canonicalize(&a.out)?;
     let checkpoints = out.join("checkpoints");
 
-    let data = DataPlan {
-        seed: a.seed,
-        episodes: a.episodes,
-        val_episodes: a.val_episodes,
-        seconds: a.seconds,
-        stage1_epochs: a.epochs as u64,
-    };
+    let data = DataPlan { seed: a.seed, sim: a.data, stage1_epochs: a.epochs as u64 };
     let p = prepare(&out, &data, &checkpoints)?;
     let (s1, stage1, oracle, compiled, val_seed) = (&p.stage1, &p.stage1_published, &p.oracle, &p.compiled, p.val_seed);
     let (dataset_dir, base_dir) = (p.dataset.clone(), p.base_model.clone());
@@ -222,12 +224,8 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
 pub(super) struct DataPlan {
     /// Simulator seed of the training episodes (and seed of the split and of stage 1).
     pub seed: u64,
-    /// Training episodes.
-    pub episodes: u64,
-    /// Validation episodes, recorded with simulator seed `seed + VAL_SEED_OFFSET`.
-    pub val_episodes: u64,
-    /// Seconds per episode.
-    pub seconds: f64,
+    /// Episodes and their length (validation ones with simulator seed `seed + VAL_SEED_OFFSET`).
+    pub sim: SimDataArgs,
     /// Stage-1 epochs (the oracle's too).
     pub stage1_epochs: u64,
 }
@@ -251,10 +249,10 @@ pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Pr
     let val_seed = d.seed + VAL_SEED_OFFSET;
     eprintln!(
         "[1/6] recording {} training episodes (simulator seed {}) and {} validation episodes (seed {val_seed})",
-        d.episodes, d.seed, d.val_episodes
+        d.sim.episodes, d.seed, d.sim.val_episodes
     );
-    for (seed, n) in [(d.seed, d.episodes), (val_seed, d.val_episodes)] {
-        super::record::run(record_args(&data_root, seed, n, d.seconds))?;
+    for (seed, n) in [(d.seed, d.sim.episodes), (val_seed, d.sim.val_episodes)] {
+        super::record::run(record_args(&data_root, seed, n, d.sim.seconds))?;
     }
 
     eprintln!("[2/6] compiling the training set");
@@ -263,7 +261,7 @@ pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Pr
     let mut cc = CompileConfig::default();
     cc.align.sensor_window_s = 0.1;
     cc.align.sensor_samples = 65;
-    cc.split.val_episodes = (0..d.val_episodes).map(|i| super::record::episode_id(val_seed, i)).collect();
+    cc.split.val_episodes = (0..d.sim.val_episodes).map(|i| super::record::episode_id(val_seed, i)).collect();
     cc.split.seed = d.seed;
     let compiled = compile(&refs, &cc, &dataset_dir, true)?;
 

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use super::demo::{prepare, stage2_config, DataPlan, Stage2Plan};
+use super::demo::{prepare, stage2_config, DataPlan, SimDataArgs, Stage2Plan};
 use crate::train::plot::{write_panels, Curve, PanelSpec};
 use crate::train::stage2::{self, Stage2Job};
 
@@ -42,15 +42,9 @@ pub struct CacheModesArgs {
     /// Seeds: each records its own episodes and trains its own stage 1.
     #[arg(long, value_delimiter = ',', default_values_t = [7u64, 8, 9])]
     pub seeds: Vec<u64>,
-    /// Training episodes per seed.
-    #[arg(long, default_value_t = 16)]
-    pub episodes: u64,
-    /// Validation episodes per seed (simulator seed + 1000).
-    #[arg(long, default_value_t = 6)]
-    pub val_episodes: u64,
-    /// Seconds per episode.
-    #[arg(long, default_value_t = 6.0)]
-    pub seconds: f64,
+    /// The simulated data recorded per seed.
+    #[command(flatten)]
+    pub data: SimDataArgs,
     /// Stage-1 (and oracle) epochs.
     #[arg(long, default_value_t = 30)]
     pub stage1_epochs: u64,
@@ -150,13 +144,7 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &seed in &a.seeds {
         let dir = out.join(format!("seed{seed}"));
-        let data = DataPlan {
-            seed,
-            episodes: a.episodes,
-            val_episodes: a.val_episodes,
-            seconds: a.seconds,
-            stage1_epochs: a.stage1_epochs,
-        };
+        let data = DataPlan { seed, sim: a.data, stage1_epochs: a.stage1_epochs };
         let p = prepare(&dir, &data, &dir.join("checkpoints"))?;
         let oracle = p.oracle.val_action_error_after.context("the oracle validated no epoch")?;
         for m in &modes {
@@ -201,7 +189,7 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
     let summary: Vec<ModeSummary> = modes.iter().map(|m| summarize(m.name, &rows)).collect();
     let results = json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "settings": { "seeds": a.seeds, "episodes": a.episodes, "val_episodes": a.val_episodes, "seconds": a.seconds,
+        "settings": { "seeds": a.seeds, "episodes": a.data.episodes, "val_episodes": a.data.val_episodes, "seconds": a.data.seconds,
                       "stage1_epochs": a.stage1_epochs, "stage2_epochs": a.stage2_epochs, "drift_threshold": a.drift_threshold, "device": a.device },
         "error_unit": "mean absolute DDIM action error on the unseen-seed validation episodes, in training-set stds",
         "runs": rows,

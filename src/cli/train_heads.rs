@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::policy::config::PolicyConfig;
-use crate::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
+use crate::train::heads_job::{self, small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
 
 /// Arguments of `train-heads`.
 #[derive(clap::Args, Debug)]
@@ -145,15 +145,7 @@ fn run_oracle(job: &HeadsJob, truth: &std::path::Path) -> Result<()> {
     let truths = crate::train::oracle::read_truth(truth)?;
     let _lock = crate::train::guard::StateLock::acquire(&job.state_dir())?;
     let r = super::with_progress_bar("oracle", true, |ctx| Ok(heads_job::run_oracle(job, &truths, ctx)?))?;
-    let out = json!({
-        "samples_train": r.samples.0,
-        "samples_val": r.samples.1,
-        "val_action_error_before": r.val_action_error_before,
-        "val_action_error": r.val_action_error_after,
-        "val_action_error_per_dim": r.val_error_after,
-        "train_loss_per_epoch": r.run.train_loss_per_epoch,
-    });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    println!("{}", serde_json::to_string_pretty(&errors_json(&r))?);
     Ok(())
 }
 
@@ -169,27 +161,32 @@ fn run_main(job: &HeadsJob) -> Result<()> {
     let r = super::with_progress_bar("train-heads", true, |ctx| {
         Ok(heads_job::run(job, ctx, &mut |p| eprintln!("published {} ({})", p.version, p.dir.display()))?)
     })?;
-    let published = r.published.with_context(|| {
+    let published = r.published.as_ref().with_context(|| {
         format!(
             "stage 1 was cancelled at step {}; `--resume` continues from {}",
             r.run.counters.global_step,
             job.state_dir().display()
         )
     })?;
-    let out = json!({
+    let mut out = errors_json(&r);
+    out["best_val_action_error"] = json!(r.run.best);
+    out["global_step"] = json!(r.run.counters.global_step);
+    out["published"] = json!(r.run.published);
+    out["version"] = json!(published.version);
+    out["checkpoint"] = json!(published.dir);
+    out["latest"] = json!(published.latest);
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// The samples, errors and losses of a stage-1 or oracle run, as the printed result has them.
+fn errors_json(r: &HeadsResult) -> serde_json::Value {
+    json!({
         "samples_train": r.samples.0,
         "samples_val": r.samples.1,
         "val_action_error_before": r.val_action_error_before,
         "val_action_error": r.val_action_error_after,
         "val_action_error_per_dim": r.val_error_after,
-        "best_val_action_error": r.run.best,
         "train_loss_per_epoch": r.run.train_loss_per_epoch,
-        "global_step": r.run.counters.global_step,
-        "published": r.run.published,
-        "version": published.version,
-        "checkpoint": published.dir,
-        "latest": published.latest,
-    });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    })
 }

@@ -175,6 +175,15 @@ pub enum SourceError {
     },
 }
 
+/// The sensor stream `name` of episode `episode` among its `sensors`.
+pub fn find_sensor(sensors: &[(String, SensorSeries)], episode: &str, name: &str) -> Result<SensorSeries, SourceError> {
+    sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
+        episode: episode.to_string(),
+        kind: "sensor",
+        name: name.into(),
+    })
+}
+
 /// What a damaged recording lost: its readable part is used, the rest is reported here.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Damage {
@@ -263,11 +272,7 @@ impl EpisodeSource for MemoryEpisode {
         })
     }
     fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
-        self.sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
-            episode: self.meta.id.clone(),
-            kind: "sensor",
-            name: name.into(),
-        })
+        find_sensor(&self.sensors, &self.meta.id, name)
     }
     fn state(&self) -> Result<StateSeries, SourceError> {
         Ok(self.state.clone())

@@ -436,7 +436,7 @@ fn write(
             }
             cols.bytes += (s.state.len() + s.sensor.len() + s.action.len() + a) * 4 + 36;
             let intf = ints.map(|x| x as f32);
-            acc.add([
+            let row: [&[f32]; 9] = [
                 &s.state,
                 &s.sensor,
                 &s.action[..a],
@@ -446,18 +446,9 @@ fn write(
                 &intf[1..2],
                 &intf[2..3],
                 &intf[3..4],
-            ]);
-            global.add([
-                &s.state,
-                &s.sensor,
-                &s.action[..a],
-                &s.action,
-                &[ts],
-                &intf[0..1],
-                &intf[1..2],
-                &intf[2..3],
-                &intf[3..4],
-            ]);
+            ];
+            acc.add(row);
+            global.add(row);
             t_ns.push(s.t_ns);
             index += 1;
             if cols.bytes >= BATCH_BYTES {

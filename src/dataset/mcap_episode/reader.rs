@@ -8,7 +8,7 @@ use mcap::records::Record;
 
 use crate::dataset::cdr::{self, MsgType, RosMessage};
 use crate::dataset::episode::{
-    Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries,
+    find_sensor, Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries,
 };
 use crate::dataset::streams::{Role, StreamConfig, StreamSpec};
 
@@ -79,15 +79,7 @@ impl McapEpisode {
             commands: streams.command.as_ref().map(|_| StateSeries::default()),
             skipped: BTreeMap::new(),
             counts: BTreeMap::new(),
-            scan: ScanEnd {
-                complete: false,
-                stopped: None,
-                chunks: 0,
-                chunk_offsets: Vec::new(),
-                lost: Vec::new(),
-                lost_bytes: 0,
-                end_offset: 0,
-            },
+            scan: ScanEnd::default(),
             cache: Mutex::new(None),
         };
         ep.index()?;
@@ -401,11 +393,7 @@ impl EpisodeSource for McapEpisode {
         })
     }
     fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
-        self.sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
-            episode: self.meta.id.clone(),
-            kind: "sensor",
-            name: name.into(),
-        })
+        find_sensor(&self.sensors, &self.meta.id, name)
     }
     fn state(&self) -> Result<StateSeries, SourceError> {
         Ok(self.state.clone())

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use mcap::records::Record;
+use mcap::records::{MessageHeader, Record};
 
 /// One message found while scanning an MCAP file.
 #[derive(Debug)]
@@ -22,6 +22,19 @@ pub struct ScannedMessage<'a> {
     pub ordinal: usize,
 }
 
+impl<'a> ScannedMessage<'a> {
+    fn new(header: &MessageHeader, data: std::borrow::Cow<'a, [u8]>, chunk: Option<usize>, ordinal: usize) -> Self {
+        Self {
+            channel: header.channel_id,
+            log_time: header.log_time,
+            publish_time: header.publish_time,
+            data,
+            chunk,
+            ordinal,
+        }
+    }
+}
+
 /// A channel and its schema name, found while scanning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedChannel {
@@ -34,7 +47,7 @@ pub struct ScannedChannel {
 }
 
 /// How a scan ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanEnd {
     /// True when the data section ended properly (a DataEnd or Footer record was reached).
     pub complete: bool,
@@ -63,15 +76,7 @@ pub fn scan_mcap<'a>(
     channels: &mut HashMap<u16, ScannedChannel>,
     mut on_message: impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'a>),
 ) -> ScanEnd {
-    let mut end = ScanEnd {
-        complete: false,
-        stopped: None,
-        chunks: 0,
-        chunk_offsets: Vec::new(),
-        lost: Vec::new(),
-        lost_bytes: 0,
-        end_offset: 0,
-    };
+    let mut end = ScanEnd::default();
     if buf.len() < 8 || &buf[..8] != MCAP_MAGIC {
         end.stopped = Some("not an MCAP file (bad magic)".into());
         return end;
@@ -137,17 +142,7 @@ pub fn scan_mcap<'a>(
                         }
                         Record::Message { header, data } => {
                             let data = std::borrow::Cow::Owned(data.into_owned());
-                            on_message(
-                                channels,
-                                ScannedMessage {
-                                    channel: header.channel_id,
-                                    log_time: header.log_time,
-                                    publish_time: header.publish_time,
-                                    data,
-                                    chunk: Some(chunk),
-                                    ordinal,
-                                },
-                            );
+                            on_message(channels, ScannedMessage::new(&header, data, Some(chunk), ordinal));
                             ordinal += 1;
                         }
                         _ => {}
@@ -164,17 +159,7 @@ pub fn scan_mcap<'a>(
                 channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
             }
             Record::Message { header, data } => {
-                on_message(
-                    channels,
-                    ScannedMessage {
-                        channel: header.channel_id,
-                        log_time: header.log_time,
-                        publish_time: header.publish_time,
-                        data,
-                        chunk: None,
-                        ordinal: loose,
-                    },
-                );
+                on_message(channels, ScannedMessage::new(&header, data, None, loose));
                 loose += 1;
             }
             Record::DataEnd(_) | Record::Footer(_) => {
