@@ -332,193 +332,246 @@ fn write(
         return Err(LeRobotError::Settings(format!("the sensor stream `{sensor}` would be exported as `{sensor_feature}`, which LeRobot uses for other data; rename it")));
     }
     let features = features_of(ds, &sensor_feature, video.map(|(_, e)| (e.codec, fps as u32)));
-    let schema = format::data_schema(&features)?;
-    let total = ds.len();
+    let mut w = Writer {
+        ds,
+        dir,
+        opts,
+        video,
+        fps,
+        schema: format::data_schema(&features)?,
+        features,
+        tasks: Vec::new(),
+        global: Accs::new(ds),
+        ep_stats: format::EpisodeStatsColumns::default(),
+        ep_rows: EpisodeRows::default(),
+        sidecar: Sidecar {
+            format: format::SIDECAR_FORMAT.into(),
+            control_hz: ix.control_hz,
+            sensor,
+            sensor_feature,
+            action_chunk_feature: CHUNK_FEATURE.into(),
+            episodes: Vec::new(),
+        },
+        data: None,
+        data_files: 0,
+        done: 0,
+        index: 0,
+    };
     // Episodes in index order with their samples in stored order.
     let mut by_episode: Vec<Vec<usize>> = vec![Vec::new(); ix.episodes.len()];
     for (i, s) in ix.samples.iter().enumerate() {
         by_episode[s.episode].push(i);
     }
-    let mut tasks: Vec<String> = Vec::new();
-    let mut global = Accs::new(ds);
-    let mut ep_stats = format::EpisodeStatsColumns::default();
-    let mut ep_rows = EpisodeRows::default();
-    let mut sidecar = Sidecar {
-        format: format::SIDECAR_FORMAT.into(),
-        control_hz: ix.control_hz,
-        sensor: sensor.clone(),
-        sensor_feature: sensor_feature.clone(),
-        action_chunk_feature: CHUNK_FEATURE.into(),
-        episodes: Vec::new(),
-    };
-    let mut data: Option<DataFile> = None;
-    let mut data_files = 0;
-    let (mut done, mut index) = (0usize, 0i64);
-    let a = ix.action_shape[1];
-    let c = ix.sensor_shape[1];
     for (e, samples) in by_episode.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
-        let entry = &ix.episodes[e];
-        let episode_index = sidecar.episodes.len() as i64;
-        let task_index = match tasks.iter().position(|t| *t == entry.instruction) {
+        w.episode(e, samples, progress)?;
+    }
+    w.finish()
+}
+
+/// An export in progress: its settings and what it has accumulated over the episodes so far.
+struct Writer<'a> {
+    ds: &'a Dataset,
+    dir: &'a Path,
+    opts: &'a ExportOptions,
+    video: Option<&'a (PathBuf, video::Encoder)>,
+    fps: f64,
+    schema: Arc<arrow_schema::Schema>,
+    features: Features,
+    tasks: Vec<String>,
+    global: Accs,
+    ep_stats: format::EpisodeStatsColumns,
+    ep_rows: EpisodeRows,
+    sidecar: Sidecar,
+    data: Option<DataFile>,
+    data_files: usize,
+    /// Frames written.
+    done: usize,
+    /// The next frame's global index.
+    index: i64,
+}
+
+impl Writer<'_> {
+    /// Writes episode `e` (its samples `samples`): data rows, videos, statistics, episode row.
+    fn episode(
+        &mut self,
+        e: usize,
+        samples: &[usize],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(), LeRobotError> {
+        let (ds, fps) = (self.ds, self.fps);
+        let entry = &ds.index.episodes[e];
+        let episode_index = self.sidecar.episodes.len() as i64;
+        let task_index = match self.tasks.iter().position(|t| *t == entry.instruction) {
             Some(p) => p,
             None => {
-                tasks.push(entry.instruction.clone());
-                tasks.len() - 1
+                self.tasks.push(entry.instruction.clone());
+                self.tasks.len() - 1
             }
         };
-        // LeRobot starts a new file when this episode would take the current one past the limit.
-        let row_bytes = samples.first().map_or(0, |&i| frame_bytes(ds, i, video.is_none()));
+        let row_bytes = samples.first().map_or(0, |&i| frame_bytes(ds, i, self.video.is_none()));
         let ep_bytes = row_bytes * samples.len();
-        let rollover =
-            data.as_ref().is_some_and(|d| d.bytes > 0 && d.bytes + ep_bytes >= opts.data_files_size_in_mb << 20);
-        if data.is_none() || rollover {
-            let next = match data.take() {
-                Some(d) => {
-                    close(d)?;
-                    next_file(data_files - 1, opts.chunks_size)
-                }
-                None => (0, 0),
-            };
-            let path = dir.join(format::chunk_file("data", next.0, next.1, "parquet"));
-            let mut videos = Vec::new();
-            if let Some((ffmpeg, enc)) = video {
-                for cam in &ix.cameras {
-                    let p = dir.join(format::chunk_file(
-                        &format!("videos/observation.images.{}", cam.name),
-                        next.0,
-                        next.1,
-                        "mp4",
-                    ));
-                    videos.push(video::VideoFile::create(ffmpeg, *enc, &p, cam.width, cam.height, fps as u32)?);
-                }
-            }
-            data = Some(DataFile {
-                writer: format::create_writer(&path, schema.clone())?,
-                path,
-                chunk: next.0,
-                file: next.1,
-                bytes: 0,
-                videos,
-            });
-            data_files += 1;
-        }
-        let Some(df) = data.as_mut() else { unreachable!("a data file was just opened") };
+        let mut df = self.data_file_for(ep_bytes)?;
         let mut acc = Accs::new(ds);
-        let mut cols = Columns::new(ds, video.is_none());
+        let mut cols = Columns::new(ds, self.video.is_none());
         let video_from: Vec<usize> = df.videos.iter().map(|v| v.frames).collect();
         let mut t_ns = Vec::with_capacity(samples.len());
-        let from = index;
+        let from = self.index;
         for (frame, &i) in samples.iter().enumerate() {
-            let s = ds.sample(i)?;
-            for (cam, img) in s.images.iter().enumerate() {
-                acc.images[cam].add_frame(&img.data);
-                match df.videos.get_mut(cam) {
-                    Some(v) => v.push(&img.data)?,
-                    None => {
-                        let jpeg = ds.jpeg(i, cam)?;
-                        cols.images[cam].0.append_value(jpeg);
-                        cols.images[cam].1.append_value(format!("frame-{frame:06}.jpg"));
-                        cols.bytes += jpeg.len();
-                    }
-                }
-            }
-            cols.state.values().append_slice(&s.state);
-            cols.state.append(true);
-            Columns::push_2d(&mut cols.sensor, &s.sensor, c);
-            cols.action.values().append_slice(&s.action[..a]);
-            cols.action.append(true);
-            Columns::push_2d(&mut cols.chunk, &s.action, a);
-            let ts = (frame as f64 / fps) as f32;
-            let ints = [frame as i64, episode_index, index, task_index as i64];
-            cols.scalars.0.push(ts);
-            for (v, x) in cols.scalars.1.iter_mut().zip(ints) {
-                v.push(x);
-            }
-            cols.bytes += (s.state.len() + s.sensor.len() + s.action.len() + a) * 4 + 36;
-            let intf = ints.map(|x| x as f32);
-            let row: [&[f32]; 9] = [
-                &s.state,
-                &s.sensor,
-                &s.action[..a],
-                &s.action,
-                &[ts],
-                &intf[0..1],
-                &intf[1..2],
-                &intf[2..3],
-                &intf[3..4],
-            ];
-            acc.add(row);
-            global.add(row);
-            t_ns.push(s.t_ns);
-            index += 1;
+            let ints = [frame as i64, episode_index, self.index, task_index as i64];
+            t_ns.push(self.sample(i, ints, &mut df, &mut cols, &mut acc)?);
+            self.index += 1;
             if cols.bytes >= BATCH_BYTES {
-                let batch = cols.finish(&schema, &df.path)?;
+                let batch = cols.finish(&self.schema, &df.path)?;
                 df.writer.write(&batch).map_err(|e| format::invalid(&df.path, format!("writing parquet: {e}")))?;
             }
-            done += 1;
-            progress(done, total);
+            self.done += 1;
+            progress(self.done, ds.len());
         }
-        let batch = cols.finish(&schema, &df.path)?;
+        let batch = cols.finish(&self.schema, &df.path)?;
         df.writer.write(&batch).map_err(|e| format::invalid(&df.path, format!("writing parquet: {e}")))?;
         // One row group per episode.
         df.writer.flush().map_err(|e| format::invalid(&df.path, format!("writing parquet: {e}")))?;
         df.bytes += ep_bytes;
-        global.merge_images(&acc);
-        ep_stats.push(&acc.stats(&features));
-        ep_rows.episode.push(episode_index);
-        ep_rows.task.push(entry.instruction.clone());
-        ep_rows.length.push(samples.len() as i64);
-        for (v, x) in ep_rows.data.iter_mut().zip([df.chunk as i64, df.file as i64, from, index]) {
+        self.global.merge_images(&acc);
+        self.ep_stats.push(&acc.stats(&self.features));
+        let rows = &mut self.ep_rows;
+        rows.episode.push(episode_index);
+        rows.task.push(entry.instruction.clone());
+        rows.length.push(samples.len() as i64);
+        for (v, x) in rows.data.iter_mut().zip([df.chunk as i64, df.file as i64, from, self.index]) {
             v.push(x);
         }
-        ep_rows.videos.resize_with(df.videos.len(), Default::default);
-        for ((cols, v), start) in ep_rows.videos.iter_mut().zip(&df.videos).zip(&video_from) {
+        rows.videos.resize_with(df.videos.len(), Default::default);
+        for ((cols, v), start) in rows.videos.iter_mut().zip(&df.videos).zip(&video_from) {
             cols.chunk.push(df.chunk as i64);
             cols.file.push(df.file as i64);
             cols.from.push(*start as f64 / fps);
             cols.to.push(v.frames as f64 / fps);
         }
-        sidecar.episodes.push(SidecarEpisode {
+        self.data = Some(df);
+        self.sidecar.episodes.push(SidecarEpisode {
             id: entry.id.clone(),
             task: entry.task.clone(),
             outcome: entry.outcome.clone(),
             split: entry.split,
             t_ns,
         });
+        Ok(())
     }
-    if let Some(d) = data.take() {
-        close(d)?;
+
+    /// The data file an episode of `ep_bytes` goes to: the current one, or a new one when this
+    /// episode would take the current one past the size limit (as LeRobot does).
+    fn data_file_for(&mut self, ep_bytes: usize) -> Result<DataFile, LeRobotError> {
+        let limit = self.opts.data_files_size_in_mb << 20;
+        match self.data.take() {
+            Some(d) if d.bytes == 0 || d.bytes + ep_bytes < limit => return Ok(d),
+            Some(d) => close(d)?,
+            None => {}
+        }
+        let next = if self.data_files == 0 { (0, 0) } else { next_file(self.data_files - 1, self.opts.chunks_size) };
+        let path = self.dir.join(format::chunk_file("data", next.0, next.1, "parquet"));
+        let mut videos = Vec::new();
+        if let Some((ffmpeg, enc)) = self.video {
+            for cam in &self.ds.index.cameras {
+                let key = format!("videos/observation.images.{}", cam.name);
+                let p = self.dir.join(format::chunk_file(&key, next.0, next.1, "mp4"));
+                videos.push(video::VideoFile::create(ffmpeg, *enc, &p, cam.width, cam.height, self.fps as u32)?);
+            }
+        }
+        self.data_files += 1;
+        let writer = format::create_writer(&path, self.schema.clone())?;
+        Ok(DataFile { writer, path, chunk: next.0, file: next.1, bytes: 0, videos })
     }
-    let video_keys: Vec<String> = if video.is_some() {
-        ix.cameras.iter().map(|c| format!("observation.images.{}", c.name)).collect()
-    } else {
-        Vec::new()
-    };
-    write_episodes(dir, ep_rows, &video_keys, ep_stats)?;
-    write_tasks(dir, &tasks)?;
-    let stats = global.stats(&features);
-    let stats_json: serde_json::Map<String, serde_json::Value> =
-        stats.iter().map(|(k, s)| (k.clone(), s.to_json())).collect();
-    write_json(&dir.join(format::STATS_PATH), &serde_json::Value::Object(stats_json))?;
-    let info = Info {
-        codebase_version: format::CODEBASE_VERSION.into(),
-        fps: fps as u32,
-        features: features.clone(),
-        total_episodes: sidecar.episodes.len(),
-        total_frames: index as usize,
-        total_tasks: tasks.len(),
-        chunks_size: opts.chunks_size,
-        data_files_size_in_mb: opts.data_files_size_in_mb,
-        video_files_size_in_mb: format::VIDEO_FILES_SIZE_MB,
-        data_path: format::DATA_PATH.into(),
-        video_path: video.map(|_| format::VIDEO_PATH.to_string()),
-        robot_type: opts.robot_type.clone(),
-        splits: [("train".to_string(), format!("0:{}", sidecar.episodes.len()))].into_iter().collect(),
-    };
-    write_json(&dir.join(format::INFO_PATH), &info)?;
-    let episodes = sidecar.episodes.len();
-    write_json(&dir.join(format::SIDECAR_PATH), &sidecar)?;
-    Ok(ExportReport { out: dir.to_path_buf(), episodes, frames: index as usize, data_files, features })
+
+    /// Appends sample `i` (frame, episode, global and task indices `ints`) to the columns, the
+    /// videos and the statistics; returns its time stamp.
+    fn sample(
+        &mut self,
+        i: usize,
+        ints: [i64; 4],
+        df: &mut DataFile,
+        cols: &mut Columns,
+        acc: &mut Accs,
+    ) -> Result<i64, LeRobotError> {
+        let ds = self.ds;
+        let (a, c) = (ds.index.action_shape[1], ds.index.sensor_shape[1]);
+        let frame = ints[0];
+        let s = ds.sample(i)?;
+        for (cam, img) in s.images.iter().enumerate() {
+            acc.images[cam].add_frame(&img.data);
+            match df.videos.get_mut(cam) {
+                Some(v) => v.push(&img.data)?,
+                None => {
+                    let jpeg = ds.jpeg(i, cam)?;
+                    cols.images[cam].0.append_value(jpeg);
+                    cols.images[cam].1.append_value(format!("frame-{frame:06}.jpg"));
+                    cols.bytes += jpeg.len();
+                }
+            }
+        }
+        cols.state.values().append_slice(&s.state);
+        cols.state.append(true);
+        Columns::push_2d(&mut cols.sensor, &s.sensor, c);
+        cols.action.values().append_slice(&s.action[..a]);
+        cols.action.append(true);
+        Columns::push_2d(&mut cols.chunk, &s.action, a);
+        let ts = (frame as f64 / self.fps) as f32;
+        cols.scalars.0.push(ts);
+        for (v, x) in cols.scalars.1.iter_mut().zip(ints) {
+            v.push(x);
+        }
+        cols.bytes += (s.state.len() + s.sensor.len() + s.action.len() + a) * 4 + 36;
+        let intf = ints.map(|x| x as f32);
+        let row: [&[f32]; 9] =
+            [&s.state, &s.sensor, &s.action[..a], &s.action, &[ts], &intf[0..1], &intf[1..2], &intf[2..3], &intf[3..4]];
+        acc.add(row);
+        self.global.add(row);
+        Ok(s.t_ns)
+    }
+
+    /// Closes the last data file and writes the metadata: episodes, tasks, statistics, info and
+    /// our sidecar.
+    fn finish(mut self) -> Result<ExportReport, LeRobotError> {
+        if let Some(d) = self.data.take() {
+            close(d)?;
+        }
+        let (dir, ix) = (self.dir, &self.ds.index);
+        let video_keys: Vec<String> = match self.video {
+            Some(_) => ix.cameras.iter().map(|c| format!("observation.images.{}", c.name)).collect(),
+            None => Vec::new(),
+        };
+        write_episodes(dir, self.ep_rows, &video_keys, self.ep_stats)?;
+        write_tasks(dir, &self.tasks)?;
+        let stats = self.global.stats(&self.features);
+        let stats_json: serde_json::Map<String, serde_json::Value> =
+            stats.iter().map(|(k, s)| (k.clone(), s.to_json())).collect();
+        write_json(&dir.join(format::STATS_PATH), &serde_json::Value::Object(stats_json))?;
+        let episodes = self.sidecar.episodes.len();
+        let info = Info {
+            codebase_version: format::CODEBASE_VERSION.into(),
+            fps: self.fps as u32,
+            features: self.features.clone(),
+            total_episodes: episodes,
+            total_frames: self.index as usize,
+            total_tasks: self.tasks.len(),
+            chunks_size: self.opts.chunks_size,
+            data_files_size_in_mb: self.opts.data_files_size_in_mb,
+            video_files_size_in_mb: format::VIDEO_FILES_SIZE_MB,
+            data_path: format::DATA_PATH.into(),
+            video_path: self.video.map(|_| format::VIDEO_PATH.to_string()),
+            robot_type: self.opts.robot_type.clone(),
+            splits: [("train".to_string(), format!("0:{episodes}"))].into_iter().collect(),
+        };
+        write_json(&dir.join(format::INFO_PATH), &info)?;
+        write_json(&dir.join(format::SIDECAR_PATH), &self.sidecar)?;
+        Ok(ExportReport {
+            out: dir.to_path_buf(),
+            episodes,
+            frames: self.index as usize,
+            data_files: self.data_files,
+            features: self.features,
+        })
+    }
 }
 
 /// Bytes of one frame of sample `i` in the data file (JPEG sizes with `images`, plus the
