@@ -600,107 +600,36 @@ fn build(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ImportReport, LeRobotError> {
     let Source { root, info, sidecar, tasks, episodes, ffmpeg } = *src;
-    let ids: Vec<String> = episodes
-        .iter()
-        .enumerate()
-        .map(|(i, e)| sidecar.map_or_else(|| format!("lerobot_{:06}", e.index), |s| s.episodes[i].id.clone()))
-        .collect();
-    let splits = match sidecar {
-        Some(s) => s.episodes.iter().map(|e| e.split).collect(),
-        None => split_episodes(&ids, &m.split),
-    };
-    let cam_names: Vec<String> = r.cameras.iter().map(|c| c.name.clone()).collect();
-    let (sensor_shape, action_shape) = (r.sensor.3, r.action.2);
-    let seed = m.split.seed;
-    let mut accs = [
-        StatsAccumulator::new(sensor_shape[1], DEFAULT_RESERVOIR_ROWS, seed ^ 1),
-        StatsAccumulator::new(r.state.1, DEFAULT_RESERVOIR_ROWS, seed ^ 2),
-        StatsAccumulator::new(action_shape[1], DEFAULT_RESERVOIR_ROWS, seed ^ 3),
-    ];
-    let mut shard = ShardWriter::new(&cam_names, sensor_shape, r.state.1, action_shape);
-    let mut shards = Vec::new();
-    let mut samples = Vec::new();
+    let (ids, splits) = ids_and_splits(src, m);
+    let mut sink = SampleSink::new(dir, r, m);
     let mut entries = Vec::new();
     let mut report = CompileReport::default();
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
     let (mut done, total) = (0usize, info.total_frames);
     let mut loaded: Option<(PathBuf, Vec<RecordBatch>)> = None;
-    let flush = |shard: &mut ShardWriter, shards: &mut Vec<ShardInfo>| -> Result<(), LeRobotError> {
-        if shard.rows() > 0 {
-            let file = format!("shard-{:05}.safetensors", shards.len());
-            shard.write(&dir.join(&file))?;
-            shards.push(ShardInfo { file, samples: shard.rows() });
-            *shard = ShardWriter::new(&cam_names, sensor_shape, r.state.1, action_shape);
-        }
-        Ok(())
-    };
     for (i, ep) in episodes.iter().enumerate() {
         if loaded.as_ref().is_none_or(|(p, _)| *p != ep.file) {
             loaded = Some((ep.file.clone(), format::read_parquet(&ep.file)?));
         }
         let batches = &loaded.as_ref().expect("loaded above").1;
         let frames = episode_frames(root, ep, batches, r, m.jpeg_quality, info.fps, ffmpeg)?;
-        let first_task = frames.first().map_or(-1, |f| f.task_index);
-        if let Some(f) = frames.iter().find(|f| f.task_index != first_task) {
-            return Err(LeRobotError::Frames {
-                episode: ep.index,
-                what: format!(
-                    "frame {} has task_index {} but frame 0 has {first_task}; expected one task per episode",
-                    f.frame_index, f.task_index
-                ),
-            });
-        }
-        let instruction = match frames.first() {
-            Some(f) => tasks.get(&f.task_index).cloned().ok_or_else(|| {
-                format::invalid(
-                    &root.join(format::TASKS_PATH),
-                    format!("no task_index {} (episode {})", f.task_index, ep.index),
-                )
-            })?,
-            None => String::new(),
-        };
+        let instruction = episode_instruction(root, tasks, ep, &frames)?;
         let side = sidecar.map(|s| &s.episodes[i]).filter(|s| s.t_ns.len() == frames.len());
         let split = splits[i];
         let (mut kept, mut drops) = (0usize, BTreeMap::new());
         for (k, f) in frames.iter().enumerate() {
-            let sensor: Vec<f32> = match r.sensor.2 {
-                None => f.sensor.clone(),
-                Some(w) if k + 1 >= w => frames[k + 1 - w..=k].iter().flat_map(|g| g.sensor.iter().copied()).collect(),
-                Some(_) => {
-                    *drops.entry(DROP_WINDOW.to_string()).or_insert(0u64) += 1;
+            let (sensor, action) = match sample_windows(&frames, k, r) {
+                Ok(w) => w,
+                Err(reason) => {
+                    *drops.entry(reason.to_string()).or_insert(0u64) += 1;
                     continue;
                 }
             };
-            let action: Vec<f32> = match r.action.1 {
-                None => f.action.clone(),
-                Some(h) if k + h <= frames.len() => {
-                    frames[k..k + h].iter().flat_map(|g| g.action.iter().copied()).collect()
-                }
-                Some(_) => {
-                    *drops.entry(DROP_HORIZON.to_string()).or_insert(0u64) += 1;
-                    continue;
-                }
-            };
-            if split == Split::Train {
-                accs[0].add_rows(&sensor);
-                accs[1].add_rows(&f.state);
-                accs[2].add_rows(&action);
-            }
-            let jpegs: Vec<&[u8]> = f.jpegs.iter().map(|j| j.as_slice()).collect();
-            let row = shard.push(&sensor, &f.state, &action, &jpegs)?;
             let t_ns = side.map_or_else(|| (f.timestamp * 1e9).round() as i64, |s| s.t_ns[k]);
-            samples.push(SampleEntry {
-                episode: entries.len(),
-                t_ns,
-                split,
-                shard: shards.len(),
-                row,
-                frames: vec![k; r.cameras.len()],
-            });
+            let at =
+                SampleEntry { episode: entries.len(), t_ns, split, shard: 0, row: 0, frames: vec![k; r.cameras.len()] };
+            sink.push(f, &sensor, &action, at)?;
             kept += 1;
-            if shard.bytes() as f64 >= m.shard_max_mb * 1024.0 * 1024.0 {
-                flush(&mut shard, &mut shards)?;
-            }
         }
         done += frames.len();
         progress(done, total);
@@ -722,7 +651,7 @@ fn build(
             damage: None,
         });
     }
-    flush(&mut shard, &mut shards)?;
+    let (shards, samples, stats) = sink.finish()?;
     add_totals(&mut report);
     if samples.is_empty() {
         return Err(LeRobotError::Mapping(format!("no frame gave a sample ({dropped:?}); nothing written")));
@@ -735,9 +664,9 @@ fn build(
             .iter()
             .map(|c| CameraInfo { name: c.name.clone(), width: c.shape[1] as u32, height: c.shape[0] as u32 })
             .collect(),
-        sensor_shape,
+        sensor_shape: r.sensor.3,
         state_names: state_names(info, &r.state.0, r.state.1),
-        action_shape,
+        action_shape: r.action.2,
         // Unnamed: reports label them `dim<k>`.
         action_names: Vec::new(),
         action_units: Vec::new(),
@@ -746,10 +675,145 @@ fn build(
         episodes: entries,
         samples,
     };
-    let stats = DatasetStats { sensor: accs[0].finish(), state: accs[1].finish(), action: accs[2].finish() };
+    write_outputs(dir, &compile_config(m, r, control_hz), &index, &stats, &report)?;
+    Ok(ImportReport {
+        out: dir.to_path_buf(),
+        episodes: episodes.len(),
+        frames: done,
+        samples: index.samples.len(),
+        dropped,
+        ignored_features: ignored_features(info, r),
+    })
+}
+
+/// Each episode's id and split: our sidecar's when the dataset has one (an export of ours),
+/// else `lerobot_<index>` and the mapping's split.
+fn ids_and_splits(src: &Source<'_>, m: &ImportMapping) -> (Vec<String>, Vec<Split>) {
+    let ids: Vec<String> = src
+        .episodes
+        .iter()
+        .enumerate()
+        .map(|(i, e)| src.sidecar.map_or_else(|| format!("lerobot_{:06}", e.index), |s| s.episodes[i].id.clone()))
+        .collect();
+    let splits = match src.sidecar {
+        Some(s) => s.episodes.iter().map(|e| e.split).collect(),
+        None => split_episodes(&ids, &m.split),
+    };
+    (ids, splits)
+}
+
+/// The imported samples being written: shard files, their index entries and the statistics of
+/// the training split.
+struct SampleSink<'a> {
+    dir: &'a Path,
+    cameras: Vec<String>,
+    r: &'a Resolved,
+    shard_max_bytes: f64,
+    /// Sensor, state and action.
+    accs: [StatsAccumulator; 3],
+    shard: ShardWriter,
+    shards: Vec<ShardInfo>,
+    samples: Vec<SampleEntry>,
+}
+
+impl<'a> SampleSink<'a> {
+    fn new(dir: &'a Path, r: &'a Resolved, m: &ImportMapping) -> Self {
+        let cameras: Vec<String> = r.cameras.iter().map(|c| c.name.clone()).collect();
+        let seed = m.split.seed;
+        let accs = [
+            StatsAccumulator::new(r.sensor.3[1], DEFAULT_RESERVOIR_ROWS, seed ^ 1),
+            StatsAccumulator::new(r.state.1, DEFAULT_RESERVOIR_ROWS, seed ^ 2),
+            StatsAccumulator::new(r.action.2[1], DEFAULT_RESERVOIR_ROWS, seed ^ 3),
+        ];
+        let shard = ShardWriter::new(&cameras, r.sensor.3, r.state.1, r.action.2);
+        let shard_max_bytes = m.shard_max_mb * 1024.0 * 1024.0;
+        Self { dir, cameras, r, shard_max_bytes, accs, shard, shards: Vec::new(), samples: Vec::new() }
+    }
+
+    /// Writes the sample of frame `f` with its sensor window and action chunk; `at` says where
+    /// it comes from (its shard and row are filled in here).
+    fn push(&mut self, f: &Frame, sensor: &[f32], action: &[f32], mut at: SampleEntry) -> Result<(), LeRobotError> {
+        if at.split == Split::Train {
+            self.accs[0].add_rows(sensor);
+            self.accs[1].add_rows(&f.state);
+            self.accs[2].add_rows(action);
+        }
+        let jpegs: Vec<&[u8]> = f.jpegs.iter().map(|j| j.as_slice()).collect();
+        at.row = self.shard.push(sensor, &f.state, action, &jpegs)?;
+        at.shard = self.shards.len();
+        self.samples.push(at);
+        if self.shard.bytes() as f64 >= self.shard_max_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), LeRobotError> {
+        if self.shard.rows() > 0 {
+            let file = format!("shard-{:05}.safetensors", self.shards.len());
+            self.shard.write(&self.dir.join(&file))?;
+            self.shards.push(ShardInfo { file, samples: self.shard.rows() });
+            self.shard = ShardWriter::new(&self.cameras, self.r.sensor.3, self.r.state.1, self.r.action.2);
+        }
+        Ok(())
+    }
+
+    /// The shards, the samples and the statistics, the last shard written.
+    fn finish(mut self) -> Result<(Vec<ShardInfo>, Vec<SampleEntry>, DatasetStats), LeRobotError> {
+        self.flush()?;
+        let [sensor, state, action] = self.accs;
+        let stats = DatasetStats { sensor: sensor.finish(), state: state.finish(), action: action.finish() };
+        Ok((self.shards, self.samples, stats))
+    }
+}
+
+/// Episode `ep`'s instruction: the task of its frames, which must all have the same one.
+fn episode_instruction(
+    root: &Path,
+    tasks: &BTreeMap<i64, String>,
+    ep: &EpisodeMeta,
+    frames: &[Frame],
+) -> Result<String, LeRobotError> {
+    let Some(first) = frames.first() else { return Ok(String::new()) };
+    if let Some(f) = frames.iter().find(|f| f.task_index != first.task_index) {
+        return Err(LeRobotError::Frames {
+            episode: ep.index,
+            what: format!(
+                "frame {} has task_index {} but frame 0 has {}; expected one task per episode",
+                f.frame_index, f.task_index, first.task_index
+            ),
+        });
+    }
+    tasks.get(&first.task_index).cloned().ok_or_else(|| {
+        format::invalid(
+            &root.join(format::TASKS_PATH),
+            format!("no task_index {} (episode {})", first.task_index, ep.index),
+        )
+    })
+}
+
+/// The sensor window and action chunk of frame `k` (each a single frame's values when the
+/// mapping builds none), or the drop reason when the episode is too short for them there.
+fn sample_windows(frames: &[Frame], k: usize, r: &Resolved) -> Result<(Vec<f32>, Vec<f32>), &'static str> {
+    let sensor = match r.sensor.2 {
+        None => frames[k].sensor.clone(),
+        Some(w) if k + 1 >= w => frames[k + 1 - w..=k].iter().flat_map(|g| g.sensor.iter().copied()).collect(),
+        Some(_) => return Err(DROP_WINDOW),
+    };
+    let action = match r.action.1 {
+        None => frames[k].action.clone(),
+        Some(h) if k + h <= frames.len() => frames[k..k + h].iter().flat_map(|g| g.action.iter().copied()).collect(),
+        Some(_) => return Err(DROP_HORIZON),
+    };
+    Ok((sensor, action))
+}
+
+/// The compile settings the imported set is equivalent to (written as its compile.yaml).
+fn compile_config(m: &ImportMapping, r: &Resolved, control_hz: f64) -> CompileConfig {
+    let (sensor_shape, action_shape) = (r.sensor.3, r.action.2);
     let mut cfg = CompileConfig::default();
     cfg.align.control_hz = control_hz;
-    cfg.align.cameras = cam_names;
+    cfg.align.cameras = r.cameras.iter().map(|c| c.name.clone()).collect();
     cfg.align.sensor = r.sensor.1.clone();
     cfg.align.sensor_samples = sensor_shape[0];
     cfg.align.sensor_window_s = sensor_shape[0] as f64 / control_hz;
@@ -758,28 +822,23 @@ fn build(
     cfg.split = m.split.clone();
     cfg.store.jpeg_quality = m.jpeg_quality;
     cfg.store.shard_max_mb = m.shard_max_mb;
-    write_outputs(dir, &cfg, &index, &stats, &report)?;
+    cfg
+}
+
+/// The dataset's features the mapping does not use (LeRobot's index columns aside).
+fn ignored_features(info: &Info, r: &Resolved) -> Vec<String> {
     let used: Vec<&str> = r
         .cameras
         .iter()
         .map(|c| c.key.as_str())
         .chain([r.state.0.as_str(), r.sensor.0.as_str(), r.action.0.as_str()])
         .collect();
-    let ignored = info
-        .features
+    info.features
         .0
         .iter()
         .map(|(k, _)| k.clone())
         .filter(|k| !used.contains(&k.as_str()) && !format::INDEX_FEATURES.contains(&k.as_str()))
-        .collect();
-    Ok(ImportReport {
-        out: dir.to_path_buf(),
-        episodes: episodes.len(),
-        frames: done,
-        samples: index.samples.len(),
-        dropped,
-        ignored_features: ignored,
-    })
+        .collect()
 }
 
 /// The state's value names from the feature's `names` (a list, or a mapping holding one list,
