@@ -174,7 +174,7 @@ def main():
         {
             # A simulated episode lasts a little longer than a recording, which starts with it (its
             # scene's instruction read from the truth log), so a recording holds one scene.
-            "sim_robot_node": {"image_width": 112, "image_height": 84, "seed": a.seed, "episode_seconds": a.seconds + 1.0, "truth_log": str(truth_log)},
+            "sim_robot_node": {"image_width": 112, "image_height": 84, "seed": a.seed, "episode_seconds": a.seconds + 2.0, "truth_log": str(truth_log)},
             "trainer_node": {"runs_root": str(out / "runs"), "checkpoints_root": str(out / "checkpoints"), "compile_config": str(compile_yaml)},
         },
     )
@@ -231,7 +231,10 @@ def main():
             r = call(StartEpisode, "/vla_collector/start_episode", StartEpisode.Request(instruction=scene["instruction"], task="needle_insertion", operator_name="demo"))
             if not r.started:
                 raise RuntimeError(f"start_episode: {r.reason}")
-            end = time.monotonic() + a.seconds
+            # Stop before the simulator's scene ends (its span is in the truth log), so that the
+            # recording holds that one scene even when starting it took a while.
+            left = (scene["end_ns"] - time.time_ns()) / 1e9 - 0.3
+            end = time.monotonic() + min(a.seconds, left)
             while time.monotonic() < end:
                 rclpy.spin_once(node, timeout_sec=0.05)
             s = call(StopEpisode, "/vla_collector/stop_episode", StopEpisode.Request(outcome="success"))

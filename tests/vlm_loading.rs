@@ -93,6 +93,10 @@ fn config_errors_name_the_field() {
     let e = Config::from_json(&bad, p).unwrap_err().to_string();
     assert!(e.contains("vision_config.num_heads"), "{e}");
     assert!(Config::from_json_str("{not json", p).is_err());
+    // Another model's config is named as such, before its missing fields.
+    let llama = serde_json::json!({"model_type": "llama", "hidden_size": 64});
+    let e = Config::from_json(&llama, p).unwrap_err().to_string();
+    assert!(e.contains("model_type `llama` is not `qwen2_5_vl`"), "{e}");
 }
 
 /// Copies a fixture model directory (config, tokenizer) and writes its tensors renamed by

@@ -104,7 +104,6 @@ pub struct Config {
 /// text fields are read separately: from `text_config` (5.x) or from the top level (4.x).
 #[derive(Deserialize)]
 struct RawTop {
-    model_type: Option<String>,
     text_config: Option<Value>,
     vision_config: RawVision,
     rope_scaling: Option<RawRope>,
@@ -208,10 +207,11 @@ impl Config {
         if !value.is_object() {
             return Err(err("expected a JSON object".into()));
         }
-        let top: RawTop = parse(value, "", path)?;
-        if let Some(mt) = top.model_type.as_deref().filter(|&m| m != "qwen2_5_vl") {
+        // Another model's config says so before any missing field does.
+        if let Some(mt) = value.get("model_type").and_then(Value::as_str).filter(|&m| m != "qwen2_5_vl") {
             return Err(err(format!("model_type `{mt}` is not `qwen2_5_vl`")));
         }
+        let top: RawTop = parse(value, "", path)?;
         let text: RawText = match &top.text_config {
             Some(t @ Value::Object(_)) => parse(t, "text_config", path)?,
             None => parse(value, "", path)?,
