@@ -234,6 +234,8 @@ def main():
             # Stop before the simulator's scene ends (its span is in the truth log), so that the
             # recording holds that one scene even when starting it took a while.
             left = (scene["end_ns"] - time.time_ns()) / 1e9 - 0.3
+            if left < 1.0:
+                raise RuntimeError(f"start_episode answered {left + 0.3:.1f} s before simulated episode {scene['index']} ends: too late to record it")
             end = time.monotonic() + min(a.seconds, left)
             while time.monotonic() < end:
                 rclpy.spin_once(node, timeout_sec=0.05)
