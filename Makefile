@@ -32,7 +32,7 @@ $(GLOO_STAMP): scripts/gloo_headers.sh | $(STAMP)
 
 venv: $(STAMP) $(GLOO_STAMP)
 
-# lerobot (Python >= 3.12) in its own venv, the reference of tests/lerobot_interop.rs.
+# lerobot (Python >= 3.12) in its own venv, the reference of tests/dataset/lerobot_interop.rs.
 LEROBOT_VENV := $(CURDIR)/.venv-lerobot
 LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
 $(LEROBOT_STAMP): scripts/requirements-lerobot.txt scripts/lerobot_venv.sh

@@ -1,5 +1,5 @@
 """Loads a local LeRobot v3.0 dataset with lerobot's LeRobotDataset and dumps what it reads, for
-tests/lerobot_interop.rs: every frame's values (safetensors, one tensor per feature stacked over
+tests/dataset/lerobot_interop.rs: every frame's values (safetensors, one tensor per feature stacked over
 frames; pictures as LeRobot returns them, float32 [N, 3, H, W] in [0, 1]) and a JSON file with
 the features, per-frame tasks, meta/stats.json as loaded and the same statistics recomputed with
 lerobot's own get_feature_stats over the loaded frames.

@@ -1,5 +1,5 @@
 """Writes a LeRobot v3.0 dataset with lerobot's own writer (LeRobotDataset.create, add_frame,
-save_episode, finalize), for tests/lerobot_interop.rs, and the values it was given as
+save_episode, finalize), for tests/dataset/lerobot_interop.rs, and the values it was given as
 safetensors (one tensor per feature stacked over all frames, episodes in order).
 
 usage: lerobot_write.py DATASET_DIR VALUES.safetensors EPISODES FRAMES_PER_EPISODE SIZE [image|video]

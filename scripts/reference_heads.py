@@ -16,7 +16,7 @@ embeddings, normalization); scripts/convert_reference_ckpt.py maps one to the ot
 Importable: `SensorEncoder`, `ActionExpert`, `cosine_schedule`, `ddim_sample`,
 `build_from_config(cfg)` (cfg in the layout of our PolicyConfig JSON, missing fields = reference
 defaults) and `save_reference_checkpoint`. Run as a script it writes a reference checkpoint plus
-fixed inputs and the modules' outputs on them (used by tests/policy_convert.rs):
+fixed inputs and the modules' outputs on them (used by tests/policy/convert.rs):
 
     python scripts/reference_heads.py --config small.json --out DIR [--seed 0]
 """

@@ -1,0 +1,9 @@
+//! The policy heads: shapes, fusion, diffusion sampling, checkpoints, conversion from the PyTorch reference.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod checkpoint;
+mod convert;
+mod diffusion;
+mod heads;
