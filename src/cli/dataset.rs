@@ -186,15 +186,46 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
     let index = DatasetIndex::load(dir)?;
     let stats: DatasetStats = read_json(&dir.join(STATS_FILE))?;
     let report: CompileReport = read_json(&dir.join(REPORT_FILE))?;
-    let count = |sp: Split| index.episodes.iter().filter(|e| e.split == sp).count();
-    let damaged: Vec<_> = report.episodes.iter().filter_map(|e| e.damage.as_ref().map(|d| (&e.id, d))).collect();
-    let samples = |sp: Split| index.samples.iter().filter(|s| s.split == sp).count();
+    let ds = CompiledInfo { dir, index, stats, report };
     if json_out {
-        let v = json!({
-            "dir": dir,
-            "episodes": { "total": index.episodes.len(), "train": count(Split::Train), "val": count(Split::Val), "failed": report.failed_episodes,
-                "damaged": damaged.iter().map(|(id, d)| json!({ "id": id, "damage": d })).collect::<Vec<_>>() },
-            "samples": { "total": index.samples.len(), "train": samples(Split::Train), "val": samples(Split::Val), "candidates": report.candidates },
+        return Ok(serde_json::to_string_pretty(&ds.json())?);
+    }
+    let lines: Vec<String> = ds.overview().into_iter().chain(ds.streams()).chain(ds.statistics()).collect();
+    Ok(lines.join("\n").trim_end().to_string())
+}
+
+/// A compiled dataset's files, as `dataset info` describes them.
+struct CompiledInfo<'a> {
+    dir: &'a Path,
+    index: DatasetIndex,
+    stats: DatasetStats,
+    report: CompileReport,
+}
+
+impl CompiledInfo<'_> {
+    /// Episodes of split `sp`.
+    fn episodes(&self, sp: Split) -> usize {
+        self.index.episodes.iter().filter(|e| e.split == sp).count()
+    }
+
+    /// Samples of split `sp`.
+    fn samples(&self, sp: Split) -> usize {
+        self.index.samples.iter().filter(|s| s.split == sp).count()
+    }
+
+    /// The damaged recordings compiled: id and damage.
+    fn damaged(&self) -> Vec<(&String, &Damage)> {
+        self.report.episodes.iter().filter_map(|e| e.damage.as_ref().map(|d| (&e.id, d))).collect()
+    }
+
+    /// The `--json` form.
+    fn json(&self) -> serde_json::Value {
+        let (index, report) = (&self.index, &self.report);
+        json!({
+            "dir": self.dir,
+            "episodes": { "total": index.episodes.len(), "train": self.episodes(Split::Train), "val": self.episodes(Split::Val), "failed": report.failed_episodes,
+                "damaged": self.damaged().iter().map(|(id, d)| json!({ "id": id, "damage": d })).collect::<Vec<_>>() },
+            "samples": { "total": index.samples.len(), "train": self.samples(Split::Train), "val": self.samples(Split::Val), "candidates": report.candidates },
             "drops": report.drops,
             "streams": report.streams,
             "camera_spread": report.camera_spread,
@@ -204,88 +235,96 @@ pub fn info(dir: &Path, json_out: bool) -> anyhow::Result<String> {
             "action_shape": index.action_shape,
             "control_hz": index.control_hz,
             "shards": index.shards.len(),
-            "stats": stats,
-        });
-        return Ok(serde_json::to_string_pretty(&v)?);
+            "stats": self.stats,
+        })
     }
-    let mut s = String::new();
-    let mut line = |t: String| {
-        s.push_str(&t);
-        s.push('\n');
-    };
-    line(format!("dataset {}", dir.display()));
-    line(format!(
-        "episodes: {} ({} train, {} val), {} left out",
-        index.episodes.len(),
-        count(Split::Train),
-        count(Split::Val),
-        report.failed_episodes.len()
-    ));
-    for f in &report.failed_episodes {
-        line(format!("  left out `{}`: {}", f.id, f.error));
-    }
-    line(format!("damaged recordings (compiled from what could be read): {}", damaged.len()));
-    for (id, d) in &damaged {
-        line(format!("  damaged `{id}`: {}", describe_damage(d)));
-    }
-    line(format!(
-        "samples: {} ({} train, {} val) of {} sample times at {} Hz, {} shards",
-        index.samples.len(),
-        samples(Split::Train),
-        samples(Split::Val),
-        report.candidates,
-        index.control_hz,
-        index.shards.len()
-    ));
-    line(format!(
-        "shapes: cameras {}, sensor {:?}, state {:?}, action {:?}",
-        index.cameras.iter().map(|c| format!("{} {}x{}", c.name, c.width, c.height)).collect::<Vec<_>>().join(", "),
-        index.sensor_shape,
-        index.state_names,
-        index.action_shape
-    ));
-    line("drops by reason:".into());
-    if report.drops.is_empty() {
-        line("  none".into());
-    }
-    for (k, v) in &report.drops {
-        line(format!("  {k}: {v}"));
-    }
-    line("streams (rate min-max Hz, max gap, out-of-order, age of data used mean/max):".into());
-    for (name, st) in &report.streams {
-        line(format!(
-            "  {name} [{}]: {} msgs, {:.2}-{:.2} Hz, gap {:.1} ms, {} out-of-order, age {:.1}/{:.1} ms, latency max {:.1} ms",
-            st.kind,
-            st.messages,
-            st.rate_hz_min,
-            st.rate_hz_max,
-            st.max_gap_s * 1e3,
-            st.non_monotonic,
-            st.skew.mean_s * 1e3,
-            st.skew.max_s * 1e3,
-            st.max_latency_s * 1e3
+
+    /// Episodes (left out, damaged), samples, shapes and drops by reason.
+    fn overview(&self) -> Vec<String> {
+        let (index, report) = (&self.index, &self.report);
+        let mut out = vec![format!("dataset {}", self.dir.display())];
+        out.push(format!(
+            "episodes: {} ({} train, {} val), {} left out",
+            index.episodes.len(),
+            self.episodes(Split::Train),
+            self.episodes(Split::Val),
+            report.failed_episodes.len()
         ));
+        out.extend(report.failed_episodes.iter().map(|f| format!("  left out `{}`: {}", f.id, f.error)));
+        let damaged = self.damaged();
+        out.push(format!("damaged recordings (compiled from what could be read): {}", damaged.len()));
+        out.extend(damaged.iter().map(|(id, d)| format!("  damaged `{id}`: {}", describe_damage(d))));
+        out.push(format!(
+            "samples: {} ({} train, {} val) of {} sample times at {} Hz, {} shards",
+            index.samples.len(),
+            self.samples(Split::Train),
+            self.samples(Split::Val),
+            report.candidates,
+            index.control_hz,
+            index.shards.len()
+        ));
+        out.push(format!(
+            "shapes: cameras {}, sensor {:?}, state {:?}, action {:?}",
+            index.cameras.iter().map(|c| format!("{} {}x{}", c.name, c.width, c.height)).collect::<Vec<_>>().join(", "),
+            index.sensor_shape,
+            index.state_names,
+            index.action_shape
+        ));
+        out.push("drops by reason:".into());
+        if report.drops.is_empty() {
+            out.push("  none".into());
+        }
+        out.extend(report.drops.iter().map(|(k, v)| format!("  {k}: {v}")));
+        out
     }
-    let cs = &report.camera_spread;
-    line(format!(
-        "camera spread (newest minus oldest frame used together): mean {:.1} ms, max {:.1} ms",
-        cs.mean_s * 1e3,
-        cs.max_s * 1e3
-    ));
-    line(format!("stats (training split, {} state rows):", stats.state.count));
-    line(format!("  sensor: {}", summarize(&stats.sensor)));
-    for (name, f) in [("state", &stats.state), ("action", &stats.action)] {
-        line(format!("  {name}:"));
-        for d in 0..f.dims() {
-            let label =
-                if name == "state" { index.state_names.get(d).cloned().unwrap_or_default() } else { format!("a{d}") };
-            line(format!(
-                "    {label:>8}: mean {:.4} std {:.4} min {:.4} max {:.4} q01 {:.4} q99 {:.4}",
-                f.mean[d], f.std[d], f.min[d], f.max[d], f.q01[d], f.q99[d]
+
+    /// Per-stream rates, gaps and ages, and the camera spread.
+    fn streams(&self) -> Vec<String> {
+        let mut out = vec!["streams (rate min-max Hz, max gap, out-of-order, age of data used mean/max):".to_string()];
+        for (name, st) in &self.report.streams {
+            out.push(format!(
+                "  {name} [{}]: {} msgs, {:.2}-{:.2} Hz, gap {:.1} ms, {} out-of-order, age {:.1}/{:.1} ms, latency max {:.1} ms",
+                st.kind,
+                st.messages,
+                st.rate_hz_min,
+                st.rate_hz_max,
+                st.max_gap_s * 1e3,
+                st.non_monotonic,
+                st.skew.mean_s * 1e3,
+                st.skew.max_s * 1e3,
+                st.max_latency_s * 1e3
             ));
         }
+        let cs = &self.report.camera_spread;
+        out.push(format!(
+            "camera spread (newest minus oldest frame used together): mean {:.1} ms, max {:.1} ms",
+            cs.mean_s * 1e3,
+            cs.max_s * 1e3
+        ));
+        out
     }
-    Ok(s.trim_end().to_string())
+
+    /// The training split's statistics: the sensor summarized, state and action per dimension.
+    fn statistics(&self) -> Vec<String> {
+        let stats = &self.stats;
+        let mut out = vec![format!("stats (training split, {} state rows):", stats.state.count)];
+        out.push(format!("  sensor: {}", summarize(&stats.sensor)));
+        for (name, f) in [("state", &stats.state), ("action", &stats.action)] {
+            out.push(format!("  {name}:"));
+            for d in 0..f.dims() {
+                let label = if name == "state" {
+                    self.index.state_names.get(d).cloned().unwrap_or_default()
+                } else {
+                    format!("a{d}")
+                };
+                out.push(format!(
+                    "    {label:>8}: mean {:.4} std {:.4} min {:.4} max {:.4} q01 {:.4} q99 {:.4}",
+                    f.mean[d], f.std[d], f.min[d], f.max[d], f.q01[d], f.q99[d]
+                ));
+            }
+        }
+        out
+    }
 }
 
 fn summarize(f: &FieldStats) -> String {

@@ -109,33 +109,17 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
 
     let data = DataPlan { seed: a.seed, sim: a.data, stage1_epochs: a.epochs as u64 };
     let p = prepare(&out, &data, &checkpoints)?;
-    let (s1, stage1, oracle, compiled, val_seed) = (&p.stage1, &p.stage1_published, &p.oracle, &p.compiled, p.val_seed);
-    let (dataset_dir, base_dir) = (p.dataset.clone(), p.base_model.clone());
 
     eprintln!("[5/6] policy process: hot-swapping checkpoints from {}", checkpoints.display());
     let status_file = out.join("policy_status.json");
-    let mut policy = PolicyProcess::spawn(&base_dir, &checkpoints, &status_file, &a, &out.join("policy.log"))?;
-    policy.wait_active(&stage1.version, Duration::from_secs(180))?;
+    let mut policy = PolicyProcess::spawn(&p.base_model, &checkpoints, &status_file, &a, &out.join("policy.log"))?;
+    policy.wait_active(&p.stage1_published.version, Duration::from_secs(180))?;
     // Stage 2 runs on this thread (libtorch with one intra-op thread); the policy process,
     // started before, keeps its priority.
     crate::priority::lower_this_thread(10);
 
     eprintln!("[6/6] Stage 2: LoRA + heads from the stage-1 checkpoint, cache mode `features` with refresh epochs");
-    let plan = Stage2Plan {
-        epochs: a.stage2_epochs,
-        seed: a.seed,
-        device: a.device.clone(),
-        cache_mode: "features".into(),
-        refresh_every: a.refresh_every,
-        drift_threshold: None,
-        lr_vl_lora: LR_VL_LORA,
-    };
-    let config = stage2_config(&plan, &out.join("stage2"), &dataset_dir, &base_dir, &stage1.dir, &checkpoints)?;
-    let s2 = super::with_progress_bar("demo", false, |ctx| {
-        Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| {
-            eprintln!("published {}", p.version)
-        })?)
-    })?;
+    let s2 = run_stage2(&a, &out, &p, &checkpoints)?;
     // The policy ends on what `latest` names: Stage 2's best, or stage 1's version when no Stage 2
     // epoch beat it (see checkpoint.allow_worse_latest).
     let latest = Publisher::new(&checkpoints)?.latest()?.context("no `latest` checkpoint")?;
@@ -143,69 +127,20 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let status = policy.stop()?;
 
-    let swap = status["swaps"]
-        .as_array()
-        .and_then(|s| s.iter().rev().find(|s| s["version"] == latest.as_str()))
-        .cloned()
-        .unwrap_or(Value::Null);
-    let mut published = vec![stage1.version.clone()];
-    published.extend(s2.published.iter().cloned());
-    let errors = Errors {
-        untrained: (s1.val_action_error_before, &s1.val_error_before),
-        stage1: (s2.val_action_error_before, &s2.val_action_error_before_per_dim),
-        stage2: (s2.val_action_error.context("Stage 2 validated no epoch")?, &s2.val_action_error_per_dim),
-        oracle: (oracle.val_action_error_after.context("the oracle validated no epoch")?, &oracle.val_error_after),
-    };
-    let mut report = json!({
-        "episodes": compiled.report.episodes.len(),
-        "validation_episodes_seed": val_seed,
-        "samples_train": s1.samples.0,
-        "samples_val": s1.samples.1,
-        "drops": compiled.report.drops,
-        "val_action_error_unit": "training-set std (mean over the varying action dimensions)",
-        "untrained_val_action_error": errors.untrained.0,
-        "stage1_job_val_action_error": s1.val_action_error_after,
-        "stage1_val_action_error": errors.stage1.0,
-        "stage2_val_action_error": errors.stage2.0,
-        "oracle_val_action_error": errors.oracle.0,
-        "val_action_error_per_dim": errors.per_dim(),
-        "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
-        "stage2_best_val_action_error": s2.run.best,
-        "stage2_gain_over_stage1": 1.0 - errors.stage2.0 / errors.stage1.0,
-        "stage1_over_oracle": errors.stage1.0 / errors.oracle.0,
-        "verdict": errors.verdict(),
-        "stage1_train_loss_per_epoch": s1.run.train_loss_per_epoch,
-        "oracle_train_loss_per_epoch": oracle.run.train_loss_per_epoch,
-        "stage2_validation_per_epoch": s2.run.validation,
-        "lora_params_changed": s2.lora_params_changed,
-        "cache_refreshes": s2.cache_refreshes,
-        "published_versions": published,
-        "latest_version": latest,
-        "active_version": status["active_version"],
-        "hotswap_latency_ms": swap["hotswap_latency_ms"],
-        "missed_ticks": status["missed_ticks"],
-        "policy_ticks": status["ticks"],
-        "policy_actions": status["actions"],
-        "policy_control_latency_ms": status["control_latency"],
-        "checkpoints": checkpoints,
-        "plot": out.join("stage2/curves.png"),
-        "dataset": dataset_dir,
-        "base_model": base_dir,
-        "policy_status": status_file,
-    });
-    if let Some(last) = s2.published.last() {
-        report["adapter"] = json!(checkpoints.join(last).join(crate::checkpoint::deploy::ADAPTER_DIR));
-    }
+    let run = DemoRun { out: &out, prepared: &p, s2: &s2, latest: &latest, status: &status, status_file: &status_file };
+    let errors = run.errors()?;
+    let mut report = run.report(&errors);
     report["wall_s"] = json!(t0.elapsed().as_secs_f64());
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(out.join("report.json"), &text)?;
     println!("{text}");
     println!(
-        "\nepisodes {} (samples train {} / val {}, validation scenes from simulator seed {val_seed})\n{}\n{}\n\
+        "\nepisodes {} (samples train {} / val {}, validation scenes from simulator seed {})\n{}\n{}\n\
          policy: active {} after hot-swap in {} ms, {} missed ticks of {}\nplot {}; checkpoints {}; report {}",
         report["episodes"],
         report["samples_train"],
         report["samples_val"],
+        p.val_seed,
         errors.table(),
         errors.verdict(),
         report["active_version"],
@@ -217,6 +152,106 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
         out.join("report.json").display()
     );
     Ok(())
+}
+
+/// The demo's Stage 2 (on `a.device`, cache mode `features` with refresh epochs) from `p`'s
+/// stage-1 checkpoint, publishing to `checkpoints`.
+fn run_stage2(a: &DemoArgs, out: &Path, p: &Prepared, checkpoints: &Path) -> Result<stage2::Stage2Result> {
+    let plan = Stage2Plan {
+        epochs: a.stage2_epochs,
+        seed: a.seed,
+        device: a.device.clone(),
+        cache_mode: "features".into(),
+        refresh_every: a.refresh_every,
+        drift_threshold: None,
+        lr_vl_lora: LR_VL_LORA,
+    };
+    let config =
+        stage2_config(&plan, &out.join("stage2"), &p.dataset, &p.base_model, &p.stage1_published.dir, checkpoints)?;
+    super::with_progress_bar("demo", false, |ctx| {
+        Ok(stage2::run(&Stage2Job { config, resume: false, group: None }, ctx, &mut |p| {
+            eprintln!("published {}", p.version)
+        })?)
+    })
+}
+
+/// What a finished demo run produced, for its report.
+struct DemoRun<'a> {
+    out: &'a Path,
+    prepared: &'a Prepared,
+    s2: &'a stage2::Stage2Result,
+    /// The version `latest` names, which the policy ended on.
+    latest: &'a str,
+    /// The policy process's final status.
+    status: &'a Value,
+    status_file: &'a Path,
+}
+
+impl DemoRun<'_> {
+    /// The validation action errors compared in the report.
+    fn errors(&self) -> Result<Errors<'_>> {
+        let (s1, s2, oracle) = (&self.prepared.stage1, self.s2, &self.prepared.oracle);
+        Ok(Errors {
+            untrained: (s1.val_action_error_before, &s1.val_error_before),
+            stage1: (s2.val_action_error_before, &s2.val_action_error_before_per_dim),
+            stage2: (s2.val_action_error.context("Stage 2 validated no epoch")?, &s2.val_action_error_per_dim),
+            oracle: (oracle.val_action_error_after.context("the oracle validated no epoch")?, &oracle.val_error_after),
+        })
+    }
+
+    /// The report (`report.json`, without `wall_s`).
+    fn report(&self, errors: &Errors<'_>) -> Value {
+        let (p, s1, s2, status) = (self.prepared, &self.prepared.stage1, self.s2, self.status);
+        let checkpoints = self.out.join("checkpoints");
+        let swap = status["swaps"]
+            .as_array()
+            .and_then(|s| s.iter().rev().find(|s| s["version"] == self.latest))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let mut published = vec![p.stage1_published.version.clone()];
+        published.extend(s2.published.iter().cloned());
+        let mut report = json!({
+            "episodes": p.compiled.report.episodes.len(),
+            "validation_episodes_seed": p.val_seed,
+            "samples_train": s1.samples.0,
+            "samples_val": s1.samples.1,
+            "drops": p.compiled.report.drops,
+            "val_action_error_unit": "training-set std (mean over the varying action dimensions)",
+            "untrained_val_action_error": errors.untrained.0,
+            "stage1_job_val_action_error": s1.val_action_error_after,
+            "stage1_val_action_error": errors.stage1.0,
+            "stage2_val_action_error": errors.stage2.0,
+            "oracle_val_action_error": errors.oracle.0,
+            "val_action_error_per_dim": errors.per_dim(),
+            "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
+            "stage2_best_val_action_error": s2.run.best,
+            "stage2_gain_over_stage1": 1.0 - errors.stage2.0 / errors.stage1.0,
+            "stage1_over_oracle": errors.stage1.0 / errors.oracle.0,
+            "verdict": errors.verdict(),
+            "stage1_train_loss_per_epoch": s1.run.train_loss_per_epoch,
+            "oracle_train_loss_per_epoch": p.oracle.run.train_loss_per_epoch,
+            "stage2_validation_per_epoch": s2.run.validation,
+            "lora_params_changed": s2.lora_params_changed,
+            "cache_refreshes": s2.cache_refreshes,
+            "published_versions": published,
+            "latest_version": self.latest,
+            "active_version": status["active_version"],
+            "hotswap_latency_ms": swap["hotswap_latency_ms"],
+            "missed_ticks": status["missed_ticks"],
+            "policy_ticks": status["ticks"],
+            "policy_actions": status["actions"],
+            "policy_control_latency_ms": status["control_latency"],
+            "checkpoints": checkpoints,
+            "plot": self.out.join("stage2/curves.png"),
+            "dataset": p.dataset,
+            "base_model": p.base_model,
+            "policy_status": self.status_file,
+        });
+        if let Some(last) = s2.published.last() {
+            report["adapter"] = json!(checkpoints.join(last).join(crate::checkpoint::deploy::ADAPTER_DIR));
+        }
+        report
+    }
 }
 
 /// What the demo (and `experiment`) records and trains before Stage 2.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use crate::dataset::mcap_episode::{Compression, WriterOptions};
 use crate::dataset::recorder::{now_ns, EpisodeInfo, PushOutcome, Recorder, RecorderConfig};
 use crate::sim::truth::{self, EpisodeTruth};
-use crate::sim::SimConfig;
+use crate::sim::{SimConfig, SimEpisode};
 
 /// Arguments of `record`.
 #[derive(clap::Args, Debug)]
@@ -73,15 +73,7 @@ pub fn episode_id(seed: u64, index: u64) -> String {
 
 /// Runs `record`.
 pub fn run(a: RecordArgs) -> anyhow::Result<()> {
-    if !a.sim {
-        bail!("`record` needs --sim: live ROS topics are recorded by the collector node (feature `ros`)");
-    }
-    if !(a.seconds > 0.0 && a.seconds.is_finite()) {
-        bail!("--seconds must be a positive number, got {}", a.seconds);
-    }
-    if a.width == 0 || a.height == 0 || a.cameras == 0 || !(a.camera_hz > 0.0 && a.sensor_hz > 0.0 && a.pose_hz > 0.0) {
-        bail!("--width, --height, --cameras and the rates must be positive");
-    }
+    check_args(&a)?;
     let sim = SimConfig {
         seed: a.seed,
         cameras: a.cameras,
@@ -92,20 +84,7 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
         pose_hz: a.pose_hz,
         ..Default::default()
     };
-    let cfg = RecorderConfig {
-        root: a.out.clone(),
-        streams: sim.streams(),
-        queue_capacity: a.queue,
-        queue_bytes: a.queue_mb << 20,
-        writer: WriterOptions { compression: a.compression, ..Default::default() },
-    };
-    let (rec, recovered) = Recorder::open(cfg).with_context(|| format!("opening dataset {}", a.out.display()))?;
-    for r in &recovered {
-        match r {
-            Ok(r) => eprintln!("recovered unfinished episode {} ({} messages)", r.id, r.messages),
-            Err(e) => eprintln!("could not recover an unfinished episode: {e}"),
-        }
-    }
+    let rec = open_recorder(&a, &sim)?;
     let started = Instant::now();
     let mut summaries = Vec::new();
     // Faster than real time, simulated episodes would overlap in time: each starts where the last
@@ -118,60 +97,9 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
     };
     for index in 0..a.episodes {
         let start_ns = now_ns().max(free_from_ns);
-        let mut ep = sim.episode(index, start_ns, a.seconds);
-        let scene = ep.scene().clone();
-        let id = episode_id(a.seed, index);
-        rec.start(
-            EpisodeInfo {
-                id: Some(id),
-                instruction: scene.instruction(),
-                task: "needle_insertion".into(),
-                operator: a.operator.clone(),
-            },
-            start_ns,
-        )?;
-        let wall0 = Instant::now();
-        let mut dropped = 0u64;
-        for m in ep.by_ref() {
-            let outcome = if a.realtime {
-                let due = Duration::from_nanos((m.recv_ns - start_ns).max(0) as u64);
-                if let Some(wait) = due.checked_sub(wall0.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-                rec.push(&m.topic, m.type_name, m.cdr, m.stamp_ns, m.recv_ns)
-            } else {
-                rec.push_wait(&m.topic, m.type_name, m.cdr, m.stamp_ns, m.recv_ns)
-            };
-            match outcome {
-                PushOutcome::Queued => {}
-                PushOutcome::Dropped => dropped += 1,
-                PushOutcome::NotRecording | PushOutcome::UnknownTopic => {
-                    let st = rec.status();
-                    bail!("recording stopped: {}", st.error.unwrap_or_else(|| "episode no longer recording".into()));
-                }
-            }
-        }
-        let tool = ep.tool();
-        let inserted = tool.position_mm[2] < scene.target_mm[2]
-            && (tool.position_mm[0] - scene.target_mm[0]).hypot(tool.position_mm[1] - scene.target_mm[1]) < 2.0;
-        let stop_ns = start_ns + (a.seconds * 1e9) as i64;
+        let (summary, stop_ns) = record_episode(&rec, &a, sim.episode(index, start_ns, a.seconds), index, start_ns)?;
         free_from_ns = stop_ns;
-        let meta = rec.stop_at(if inserted { "success" } else { "failure" }, stop_ns)?;
-        // The ground truth beside the recording, for the oracle (never a policy input).
-        truth::append(&truth_file, &EpisodeTruth::new(&scene, a.seed, index, start_ns, stop_ns))?;
-        summaries.push(serde_json::json!({
-            "id": meta.id, "instruction": meta.instruction, "outcome": meta.outcome,
-            "drops": meta.drops, "dropped_at_push": dropped,
-        }));
-        if !a.json {
-            eprintln!(
-                "episode {} ({}): {}, {} drops",
-                meta.id,
-                meta.instruction,
-                meta.outcome,
-                meta.drops.values().sum::<u64>()
-            );
-        }
+        summaries.push(summary);
     }
     let status = rec.status();
     drop(rec);
@@ -192,4 +120,109 @@ pub fn run(a: RecordArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses a run without `--sim` or with a non-positive length, size, camera count or rate.
+fn check_args(a: &RecordArgs) -> anyhow::Result<()> {
+    if !a.sim {
+        bail!("`record` needs --sim: live ROS topics are recorded by the collector node (feature `ros`)");
+    }
+    if !(a.seconds > 0.0 && a.seconds.is_finite()) {
+        bail!("--seconds must be a positive number, got {}", a.seconds);
+    }
+    if a.width == 0 || a.height == 0 || a.cameras == 0 || !(a.camera_hz > 0.0 && a.sensor_hz > 0.0 && a.pose_hz > 0.0) {
+        bail!("--width, --height, --cameras and the rates must be positive");
+    }
+    Ok(())
+}
+
+/// Opens the recorder on `a.out` for `sim`'s streams, reporting the unfinished episodes it
+/// recovered.
+fn open_recorder(a: &RecordArgs, sim: &SimConfig) -> anyhow::Result<Recorder> {
+    let cfg = RecorderConfig {
+        root: a.out.clone(),
+        streams: sim.streams(),
+        queue_capacity: a.queue,
+        queue_bytes: a.queue_mb << 20,
+        writer: WriterOptions { compression: a.compression, ..Default::default() },
+    };
+    let (rec, recovered) = Recorder::open(cfg).with_context(|| format!("opening dataset {}", a.out.display()))?;
+    for r in &recovered {
+        match r {
+            Ok(r) => eprintln!("recovered unfinished episode {} ({} messages)", r.id, r.messages),
+            Err(e) => eprintln!("could not recover an unfinished episode: {e}"),
+        }
+    }
+    Ok(rec)
+}
+
+/// Records simulated episode `index` (`ep`, starting at `start_ns`) with its ground truth beside
+/// it; returns its summary and its stop time.
+fn record_episode(
+    rec: &Recorder,
+    a: &RecordArgs,
+    mut ep: SimEpisode,
+    index: u64,
+    start_ns: i64,
+) -> anyhow::Result<(serde_json::Value, i64)> {
+    let scene = ep.scene().clone();
+    let id = episode_id(a.seed, index);
+    rec.start(
+        EpisodeInfo {
+            id: Some(id),
+            instruction: scene.instruction(),
+            task: "needle_insertion".into(),
+            operator: a.operator.clone(),
+        },
+        start_ns,
+    )?;
+    let dropped = push_messages(rec, &mut ep, a.realtime, start_ns)?;
+    let tool = ep.tool();
+    let inserted = tool.position_mm[2] < scene.target_mm[2]
+        && (tool.position_mm[0] - scene.target_mm[0]).hypot(tool.position_mm[1] - scene.target_mm[1]) < 2.0;
+    let stop_ns = start_ns + (a.seconds * 1e9) as i64;
+    let meta = rec.stop_at(if inserted { "success" } else { "failure" }, stop_ns)?;
+    // The ground truth beside the recording, for the oracle (never a policy input).
+    truth::append(&a.out.join(truth::TRUTH_FILE), &EpisodeTruth::new(&scene, a.seed, index, start_ns, stop_ns))?;
+    let summary = serde_json::json!({
+        "id": meta.id, "instruction": meta.instruction, "outcome": meta.outcome,
+        "drops": meta.drops, "dropped_at_push": dropped,
+    });
+    if !a.json {
+        eprintln!(
+            "episode {} ({}): {}, {} drops",
+            meta.id,
+            meta.instruction,
+            meta.outcome,
+            meta.drops.values().sum::<u64>()
+        );
+    }
+    Ok((summary, stop_ns))
+}
+
+/// Hands every message of `ep` to the recorder (at the simulated clock's pace when `realtime`,
+/// else waiting for queue room); returns how many it dropped.
+fn push_messages(rec: &Recorder, ep: &mut SimEpisode, realtime: bool, start_ns: i64) -> anyhow::Result<u64> {
+    let wall0 = Instant::now();
+    let mut dropped = 0u64;
+    for m in ep.by_ref() {
+        let outcome = if realtime {
+            let due = Duration::from_nanos((m.recv_ns - start_ns).max(0) as u64);
+            if let Some(wait) = due.checked_sub(wall0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            rec.push(&m.topic, m.type_name, m.cdr, m.stamp_ns, m.recv_ns)
+        } else {
+            rec.push_wait(&m.topic, m.type_name, m.cdr, m.stamp_ns, m.recv_ns)
+        };
+        match outcome {
+            PushOutcome::Queued => {}
+            PushOutcome::Dropped => dropped += 1,
+            PushOutcome::NotRecording | PushOutcome::UnknownTopic => {
+                let st = rec.status();
+                bail!("recording stopped: {}", st.error.unwrap_or_else(|| "episode no longer recording".into()));
+            }
+        }
+    }
+    Ok(dropped)
 }

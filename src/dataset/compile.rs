@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::align::{AlignConfig, AlignError, Aligner, DropCounts, StreamReport};
+use super::align::{AlignConfig, AlignError, AlignedSample, Aligner, DropCounts, DropReason, StreamReport};
 use super::episode::{Damage, EpisodeSource, ImageError, RgbImage};
 use super::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
 use super::store::{
@@ -417,11 +417,9 @@ impl Builder<'_> {
         if let Some(why) = src.unreadable() {
             return Err(why);
         }
-        let cfg = self.cfg;
-        let al = Aligner::new(src, &cfg.align).map_err(|e| e.to_string())?;
+        let al = Aligner::new(src, &self.cfg.align).map_err(|e| e.to_string())?;
         self.check_shapes(&al)?;
-        let shapes = self.shapes.clone().expect("set by check_shapes");
-        let mut rep = EpisodeReport {
+        let rep = EpisodeReport {
             id: src.meta().id.clone(),
             split,
             candidates: 0,
@@ -432,108 +430,138 @@ impl Builder<'_> {
             camera_spread: Skew::default(),
             damage: src.damage(),
         };
+        let shapes = self.shapes.clone().expect("set by check_shapes");
+        let mut ep = EpisodeRun { src, index: ep_index, split, shapes, jpegs: HashMap::new(), rep };
         let times = al.sample_times();
-        rep.candidates = times.len() as u64;
-        let sensor_shape = [cfg.align.sensor_samples, shapes.sensor_channels];
-        let action_shape = [cfg.align.horizon, shapes.action_dim];
-        // Encoded frames and their size by (camera, recorded index); consecutive samples share
-        // frames, and frames only move forward in time, so the cache keeps the newest per camera.
-        let mut jpegs: HashMap<(usize, usize), EncodedFrame> = HashMap::new();
+        ep.rep.candidates = times.len() as u64;
         const CHUNK: usize = 32;
         for chunk in times.chunks(CHUNK) {
             let aligned: Vec<_> = chunk.iter().map(|&t| al.align(t)).collect();
-            // Fetch the frames not encoded yet (the source is read from this thread only) ...
-            let mut todo: Vec<((usize, usize), Result<RgbImage, String>)> = Vec::new();
-            for s in aligned.iter().flatten() {
-                for (c, &f) in s.frames.iter().enumerate() {
-                    if !jpegs.contains_key(&(c, f)) && !todo.iter().any(|(k, _)| *k == (c, f)) {
-                        let img = src.camera_frame(&shapes.cameras[c], f).map_err(|e| format!("{e:#}"));
-                        todo.push(((c, f), img));
-                    }
-                }
-            }
-            // ... and encode them in parallel.
-            let quality = cfg.store.jpeg_quality;
-            let encoded = parallel_map(&todo, self.threads, |(_, img)| match img {
-                Ok(img) => encode_jpeg(img, quality).map(|j| (j, (img.width, img.height))).map_err(|e| e.to_string()),
-                Err(e) => Err(e.clone()),
-            });
-            for ((key, _), enc) in todo.iter().zip(encoded) {
-                jpegs.insert(*key, enc);
-            }
+            self.encode_new_frames(&mut ep, &aligned);
             let mut last_frames: Option<Vec<usize>> = None;
             for s in aligned {
-                let s = match s {
-                    Ok(s) => s,
-                    Err(reason) => {
-                        *rep.drops.entry(reason.key()).or_default() += 1;
-                        continue;
+                match s {
+                    Ok(s) => {
+                        last_frames = Some(s.frames.clone());
+                        self.sample(&mut ep, s)?;
                     }
-                };
-                last_frames = Some(s.frames.clone());
-                let mut frame_bytes: Vec<&[u8]> = Vec::with_capacity(s.frames.len());
-                let mut drop: Option<String> = None;
-                for (c, &f) in s.frames.iter().enumerate() {
-                    match jpegs.get(&(c, f)) {
-                        Some(Ok((j, wh))) => {
-                            match self.camera_sizes[c] {
-                                None => self.camera_sizes[c] = Some(*wh),
-                                Some(known) if known != *wh => {
-                                    drop = Some(format!("camera_size_changed:{}", shapes.cameras[c]));
-                                    break;
-                                }
-                                _ => {}
-                            }
-                            frame_bytes.push(j);
-                        }
-                        _ => {
-                            drop = Some(format!("camera_bad_frame:{}", shapes.cameras[c]));
-                            break;
-                        }
-                    }
-                }
-                if let Some(k) = drop {
-                    *rep.drops.entry(k).or_default() += 1;
-                    continue;
-                }
-                let w = self.shard.get_or_insert_with(|| {
-                    ShardWriter::new(&shapes.cameras, sensor_shape, shapes.state_names.len(), action_shape)
-                });
-                let row = w
-                    .push(&s.sensor, &s.state, &s.action, &frame_bytes)
-                    .map_err(|e| format!("internal shape error: {e}"))?;
-                self.samples.push(SampleEntry {
-                    episode: ep_index,
-                    t_ns: s.t_ns,
-                    split,
-                    shard: self.shards.len(),
-                    row,
-                    frames: s.frames.clone(),
-                });
-                rep.samples += 1;
-                if split == Split::Train {
-                    let st = self.stats.as_mut().expect("set by check_shapes");
-                    st[0].add_rows(&s.sensor);
-                    st[1].add_rows(&s.state);
-                    st[2].add_rows(&s.action);
-                }
-                for (c, &age) in s.frame_age_ns.iter().enumerate() {
-                    rep.skew.entry(shapes.cameras[c].clone()).or_default().add(age);
-                }
-                if let (Some(lo), Some(hi)) = (s.frame_age_ns.iter().min(), s.frame_age_ns.iter().max()) {
-                    rep.camera_spread.add(hi - lo);
-                }
-                rep.skew.entry(cfg.align.sensor.clone()).or_default().add(s.sensor_age_ns);
-                rep.skew.entry("state".into()).or_default().add(s.state_age_ns);
-                if self.shard.as_ref().is_some_and(|w| w.bytes() as f64 >= cfg.store.shard_max_mb * 1048576.0) {
-                    self.flush_shard().map_err(|e| e.to_string())?;
+                    Err(reason) => *ep.rep.drops.entry(reason.key()).or_default() += 1,
                 }
             }
             if let Some(last) = last_frames {
-                jpegs.retain(|(c, f), _| *f >= last[*c]);
+                ep.jpegs.retain(|(c, f), _| *f >= last[*c]);
             }
         }
-        Ok(rep)
+        Ok(ep.rep)
+    }
+
+    /// Encodes the frames of `aligned` that `ep` has not encoded yet: read from this thread (the
+    /// source is read from one thread only), encoded in parallel.
+    fn encode_new_frames(&self, ep: &mut EpisodeRun<'_>, aligned: &[Result<AlignedSample, DropReason>]) {
+        let mut todo: Vec<((usize, usize), Result<RgbImage, String>)> = Vec::new();
+        for s in aligned.iter().flatten() {
+            for (c, &f) in s.frames.iter().enumerate() {
+                if !ep.jpegs.contains_key(&(c, f)) && !todo.iter().any(|(k, _)| *k == (c, f)) {
+                    let img = ep.src.camera_frame(&ep.shapes.cameras[c], f).map_err(|e| format!("{e:#}"));
+                    todo.push(((c, f), img));
+                }
+            }
+        }
+        let quality = self.cfg.store.jpeg_quality;
+        let encoded = parallel_map(&todo, self.threads, |(_, img)| match img {
+            Ok(img) => encode_jpeg(img, quality).map(|j| (j, (img.width, img.height))).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        });
+        for ((key, _), enc) in todo.iter().zip(encoded) {
+            ep.jpegs.insert(*key, enc);
+        }
+    }
+
+    /// Appends sample `s` of `ep` to the current shard with its statistics and timing, or
+    /// counts why it is dropped (a frame that did not encode or changed size).
+    fn sample(&mut self, ep: &mut EpisodeRun<'_>, s: AlignedSample) -> Result<(), String> {
+        let frame_bytes = match self.frame_bytes(&ep.jpegs, &ep.shapes.cameras, &s.frames) {
+            Ok(b) => b,
+            Err(drop) => {
+                *ep.rep.drops.entry(drop).or_default() += 1;
+                return Ok(());
+            }
+        };
+        let (cfg, shapes) = (self.cfg, &ep.shapes);
+        let sensor_shape = [cfg.align.sensor_samples, shapes.sensor_channels];
+        let action_shape = [cfg.align.horizon, shapes.action_dim];
+        let w = self.shard.get_or_insert_with(|| {
+            ShardWriter::new(&shapes.cameras, sensor_shape, shapes.state_names.len(), action_shape)
+        });
+        let row =
+            w.push(&s.sensor, &s.state, &s.action, &frame_bytes).map_err(|e| format!("internal shape error: {e}"))?;
+        let (episode, split) = (ep.index, ep.split);
+        let frames = s.frames.clone();
+        self.samples.push(SampleEntry { episode, t_ns: s.t_ns, split, shard: self.shards.len(), row, frames });
+        ep.rep.samples += 1;
+        if split == Split::Train {
+            let st = self.stats.as_mut().expect("set by check_shapes");
+            st[0].add_rows(&s.sensor);
+            st[1].add_rows(&s.state);
+            st[2].add_rows(&s.action);
+        }
+        ep.rep.add_timing(&s, &ep.shapes.cameras, &cfg.align.sensor);
+        if self.shard.as_ref().is_some_and(|w| w.bytes() as f64 >= cfg.store.shard_max_mb * 1048576.0) {
+            self.flush_shard().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The JPEG of each of a sample's `frames` (one per camera), or the drop key when one did
+    /// not encode or its size differs from the camera's first frame.
+    fn frame_bytes<'j>(
+        &mut self,
+        jpegs: &'j HashMap<(usize, usize), EncodedFrame>,
+        cameras: &[String],
+        frames: &[usize],
+    ) -> Result<Vec<&'j [u8]>, String> {
+        let mut frame_bytes: Vec<&[u8]> = Vec::with_capacity(frames.len());
+        for (c, &f) in frames.iter().enumerate() {
+            let Some(Ok((j, wh))) = jpegs.get(&(c, f)) else {
+                return Err(format!("camera_bad_frame:{}", cameras[c]));
+            };
+            match self.camera_sizes[c] {
+                None => self.camera_sizes[c] = Some(*wh),
+                Some(known) if known != *wh => return Err(format!("camera_size_changed:{}", cameras[c])),
+                _ => {}
+            }
+            frame_bytes.push(j);
+        }
+        Ok(frame_bytes)
+    }
+}
+
+/// One episode being compiled.
+struct EpisodeRun<'s> {
+    src: &'s dyn EpisodeSource,
+    /// Its position among the dataset's episodes.
+    index: usize,
+    split: Split,
+    /// The dataset's shapes.
+    shapes: Shapes,
+    /// Encoded frames and their size by (camera, recorded index); consecutive samples share
+    /// frames, and frames only move forward in time, so the cache keeps the newest per camera.
+    jpegs: HashMap<(usize, usize), EncodedFrame>,
+    rep: EpisodeReport,
+}
+
+impl EpisodeReport {
+    /// Adds a kept sample's data ages per stream (`cameras` in order, then the sensor named
+    /// `sensor` and the state) and its camera spread.
+    fn add_timing(&mut self, s: &AlignedSample, cameras: &[String], sensor: &str) {
+        for (c, &age) in s.frame_age_ns.iter().enumerate() {
+            self.skew.entry(cameras[c].clone()).or_default().add(age);
+        }
+        if let (Some(lo), Some(hi)) = (s.frame_age_ns.iter().min(), s.frame_age_ns.iter().max()) {
+            self.camera_spread.add(hi - lo);
+        }
+        self.skew.entry(sensor.to_string()).or_default().add(s.sensor_age_ns);
+        self.skew.entry("state".into()).or_default().add(s.state_age_ns);
     }
 }
 

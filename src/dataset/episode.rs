@@ -175,13 +175,15 @@ pub enum SourceError {
     },
 }
 
-/// The sensor stream `name` of episode `episode` among its `sensors`.
-pub fn find_sensor(sensors: &[(String, SensorSeries)], episode: &str, name: &str) -> Result<SensorSeries, SourceError> {
-    sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
-        episode: episode.to_string(),
-        kind: "sensor",
-        name: name.into(),
-    })
+/// An episode's decoded non-camera streams: sensors by name, robot state, recorded commands.
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// Sensor name -> samples.
+    pub sensors: Vec<(String, SensorSeries)>,
+    /// Robot state.
+    pub state: StateSeries,
+    /// Recorded commands, if a command topic was configured.
+    pub commands: Option<StateSeries>,
 }
 
 /// What a damaged recording lost: its readable part is used, the rest is reported here.
@@ -219,12 +221,25 @@ pub trait EpisodeSource {
     fn camera_stamps(&self, camera: &str) -> Result<Vec<Stamp>, SourceError>;
     /// Decodes frame `index` of `camera` to RGB8.
     fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError>;
+    /// The decoded sensor, state and command streams (read by the three methods below).
+    fn signals(&self) -> Result<&Signals, SourceError>;
     /// The sensor stream named `name`.
-    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError>;
+    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
+        let sensors = &self.signals()?.sensors;
+        sensors.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).ok_or_else(|| SourceError::NoStream {
+            episode: self.meta().id.clone(),
+            kind: "sensor",
+            name: name.into(),
+        })
+    }
     /// The robot state stream.
-    fn state(&self) -> Result<StateSeries, SourceError>;
+    fn state(&self) -> Result<StateSeries, SourceError> {
+        Ok(self.signals()?.state.clone())
+    }
     /// Recorded commands, if a command topic was configured (same layout as the state).
-    fn commands(&self) -> Result<Option<StateSeries>, SourceError>;
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
+        Ok(self.signals()?.commands.clone())
+    }
 }
 
 /// An episode held in memory (synthetic streams in tests, small recordings).
@@ -234,12 +249,8 @@ pub struct MemoryEpisode {
     pub meta: EpisodeMeta,
     /// Camera name -> frames with their stamps.
     pub cameras: Vec<(String, Vec<(Stamp, RgbImage)>)>,
-    /// Sensor name -> samples.
-    pub sensors: Vec<(String, SensorSeries)>,
-    /// Robot state.
-    pub state: StateSeries,
-    /// Recorded commands.
-    pub commands: Option<StateSeries>,
+    /// Sensors, robot state and recorded commands.
+    pub signals: Signals,
 }
 
 impl MemoryEpisode {
@@ -271,14 +282,8 @@ impl EpisodeSource for MemoryEpisode {
             index,
         })
     }
-    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
-        find_sensor(&self.sensors, &self.meta.id, name)
-    }
-    fn state(&self) -> Result<StateSeries, SourceError> {
-        Ok(self.state.clone())
-    }
-    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
-        Ok(self.commands.clone())
+    fn signals(&self) -> Result<&Signals, SourceError> {
+        Ok(&self.signals)
     }
 }
 
@@ -322,13 +327,7 @@ impl EpisodeSource for UnreadableEpisode {
     fn camera_frame(&self, _camera: &str, _index: usize) -> Result<RgbImage, SourceError> {
         self.fail()
     }
-    fn sensor(&self, _name: &str) -> Result<SensorSeries, SourceError> {
-        self.fail()
-    }
-    fn state(&self) -> Result<StateSeries, SourceError> {
-        self.fail()
-    }
-    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
+    fn signals(&self) -> Result<&Signals, SourceError> {
         self.fail()
     }
 }

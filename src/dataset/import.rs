@@ -130,7 +130,20 @@ pub fn import_bag(
 ) -> Result<ImportReport, ImportError> {
     let mut checked = streams.clone();
     checked.validate("import stream mapping")?;
-    let streams = &checked;
+    let info = read_bag_info(bag)?;
+    // Everything is checked and read before the episode folder is created.
+    let mut read =
+        BagMessages { streams: &checked, msgs: Vec::new(), skipped: BTreeMap::new(), unmapped: BTreeMap::new() };
+    for rel in &info.relative_file_paths {
+        let name = Path::new(rel).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(rel));
+        read.file(&bag.join(name), &info.storage_identifier)?;
+    }
+    read.check_topics(bag)?;
+    read.write(bag, root, opts)
+}
+
+/// The bag's `metadata.yaml`: a supported storage and at least one file.
+fn read_bag_info(bag: &Path) -> Result<BagInfo, ImportError> {
     let mpath = bag.join(ROSBAG2_METADATA);
     let text = std::fs::read_to_string(&mpath).map_err(|source| ImportError::Io { path: mpath.clone(), source })?;
     let info = serde_yaml::from_str::<BagMeta>(&text)
@@ -142,85 +155,112 @@ pub fn import_bag(
     if info.relative_file_paths.is_empty() {
         return Err(ImportError::Metadata { path: mpath, message: "relative_file_paths is empty".into() });
     }
-    // Everything is checked and read before the episode folder is created.
-    let mut msgs: Vec<(String, MsgType, Vec<u8>, i64, i64)> = Vec::new();
-    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-    let mut unmapped: BTreeMap<String, u64> = BTreeMap::new();
-    for rel in &info.relative_file_paths {
-        let name = Path::new(rel).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(rel));
-        let path = bag.join(name);
+    Ok(info)
+}
+
+/// The messages of a bag read so far, sorted by the stream mapping.
+struct BagMessages<'s> {
+    streams: &'s StreamConfig,
+    /// Mapped messages: topic, type, CDR, header stamp (the log time when it has none), log time.
+    msgs: Vec<(String, MsgType, Vec<u8>, i64, i64)>,
+    /// Mapped messages whose header does not decode, per topic.
+    skipped: BTreeMap<String, u64>,
+    /// Messages of topics not in the mapping, per topic.
+    unmapped: BTreeMap<String, u64>,
+}
+
+impl BagMessages<'_> {
+    /// Reads the bag file `path` (`storage`: mcap or sqlite3); the first mapped topic of another
+    /// type or encoding fails it.
+    fn file(&mut self, path: &Path, storage: &str) -> Result<(), ImportError> {
         let mut mismatch: Option<ImportError> = None;
         let mut visit = |topic: &str, type_name: &str, encoding: &str, log_time: i64, data: &[u8]| {
-            let Some((_, spec)) = streams.find_topic(topic) else {
-                *unmapped.entry(topic.to_string()).or_default() += 1;
-                return;
-            };
-            let t = spec.kind();
-            if MsgType::parse(type_name).ok() != Some(t) || encoding != "cdr" {
-                if mismatch.is_none() {
-                    let found = if encoding != "cdr" {
-                        format!("{type_name} ({encoding} encoding)")
-                    } else {
-                        type_name.to_string()
-                    };
-                    mismatch = Some(ImportError::TypeMismatch {
-                        path: path.clone(),
-                        topic: topic.into(),
-                        found,
-                        expected: t.name().into(),
-                    });
-                }
-                return;
-            }
-            match t.header_stamp(data) {
-                Ok(s) => msgs.push((topic.to_string(), t, data.to_vec(), s.unwrap_or(log_time), log_time)),
-                Err(e) => {
-                    tracing::warn!("{}: topic `{topic}`: message skipped: {e}", path.display());
-                    *skipped.entry(topic.to_string()).or_default() += 1;
-                }
+            if let Err(e) = self.message(path, topic, type_name, encoding, log_time, data) {
+                mismatch.get_or_insert(e);
             }
         };
-        match info.storage_identifier.as_str() {
-            "mcap" => read_mcap(&path, &mut visit)?,
-            _ => read_sqlite(&path, &mut visit)?,
+        match storage {
+            "mcap" => read_mcap(path, &mut visit)?,
+            _ => read_sqlite(path, &mut visit)?,
         }
-        if let Some(e) = mismatch {
-            return Err(e);
+        mismatch.map_or(Ok(()), Err)
+    }
+
+    /// Takes in one message of `path`; `Err` when its topic is mapped to another type or it is
+    /// not CDR.
+    fn message(
+        &mut self,
+        path: &Path,
+        topic: &str,
+        type_name: &str,
+        encoding: &str,
+        log_time: i64,
+        data: &[u8],
+    ) -> Result<(), ImportError> {
+        let Some((_, spec)) = self.streams.find_topic(topic) else {
+            *self.unmapped.entry(topic.to_string()).or_default() += 1;
+            return Ok(());
+        };
+        let t = spec.kind();
+        if MsgType::parse(type_name).ok() != Some(t) || encoding != "cdr" {
+            let found =
+                if encoding != "cdr" { format!("{type_name} ({encoding} encoding)") } else { type_name.to_string() };
+            let (path, topic, expected) = (path.to_path_buf(), topic.into(), t.name().into());
+            return Err(ImportError::TypeMismatch { path, topic, found, expected });
         }
-    }
-    for (_, spec) in streams.all() {
-        if !msgs.iter().any(|m| m.0 == spec.topic) && !skipped.contains_key(&spec.topic) {
-            return Err(ImportError::MissingTopic { path: bag.to_path_buf(), topic: spec.topic.clone() });
+        match t.header_stamp(data) {
+            Ok(s) => self.msgs.push((topic.to_string(), t, data.to_vec(), s.unwrap_or(log_time), log_time)),
+            Err(e) => {
+                tracing::warn!("{}: topic `{topic}`: message skipped: {e}", path.display());
+                *self.skipped.entry(topic.to_string()).or_default() += 1;
+            }
         }
+        Ok(())
     }
-    let id = opts.id.clone().unwrap_or_else(|| {
-        bag.canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
-            .unwrap_or_else(|| "imported".into())
-    });
-    let start = msgs.iter().map(|m| m.4).min().unwrap_or(0);
-    let stop = msgs.iter().map(|m| m.4).max().unwrap_or(0);
-    let meta = EpisodeMeta {
-        id,
-        instruction: opts.instruction.clone(),
-        task: opts.task.clone(),
-        operator: opts.operator.clone(),
-        start_ns: start,
-        ..Default::default()
-    };
-    let leftover = super::mcap_episode::episode_dir(root, &meta.id);
-    let removed_leftover = super::recovery::remove_empty_leftover(&leftover)
-        .map_err(|source| ImportError::Io { path: leftover.clone(), source })?;
-    let mut w = EpisodeWriter::create(root, meta, streams, opts.writer.clone())?;
-    let mut imported: BTreeMap<String, u64> = BTreeMap::new();
-    for (topic, t, data, stamp, recv) in &msgs {
-        w.write(topic, t.name(), data, *stamp, *recv)?;
-        *imported.entry(topic.clone()).or_default() += 1;
+
+    /// Every mapped topic must have messages in the bag (read or skipped).
+    fn check_topics(&self, bag: &Path) -> Result<(), ImportError> {
+        for (_, spec) in self.streams.all() {
+            if !self.msgs.iter().any(|m| m.0 == spec.topic) && !self.skipped.contains_key(&spec.topic) {
+                return Err(ImportError::MissingTopic { path: bag.to_path_buf(), topic: spec.topic.clone() });
+            }
+        }
+        Ok(())
     }
-    let dir = w.dir().to_path_buf();
-    let meta = w.finish(&opts.outcome, stop, BTreeMap::new())?;
-    Ok(ImportReport { meta, dir, imported, skipped, unmapped, removed_leftover })
+
+    /// Writes the messages as a new episode of the dataset at `root` (id: `opts.id`, else the
+    /// bag folder's name).
+    fn write(self, bag: &Path, root: &Path, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+        let id = opts.id.clone().unwrap_or_else(|| {
+            bag.canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+                .unwrap_or_else(|| "imported".into())
+        });
+        let start = self.msgs.iter().map(|m| m.4).min().unwrap_or(0);
+        let stop = self.msgs.iter().map(|m| m.4).max().unwrap_or(0);
+        let meta = EpisodeMeta {
+            id,
+            instruction: opts.instruction.clone(),
+            task: opts.task.clone(),
+            operator: opts.operator.clone(),
+            start_ns: start,
+            ..Default::default()
+        };
+        let leftover = super::mcap_episode::episode_dir(root, &meta.id);
+        let removed_leftover = super::recovery::remove_empty_leftover(&leftover)
+            .map_err(|source| ImportError::Io { path: leftover.clone(), source })?;
+        let mut w = EpisodeWriter::create(root, meta, self.streams, opts.writer.clone())?;
+        let mut imported: BTreeMap<String, u64> = BTreeMap::new();
+        for (topic, t, data, stamp, recv) in &self.msgs {
+            w.write(topic, t.name(), data, *stamp, *recv)?;
+            *imported.entry(topic.clone()).or_default() += 1;
+        }
+        let dir = w.dir().to_path_buf();
+        let meta = w.finish(&opts.outcome, stop, BTreeMap::new())?;
+        let (skipped, unmapped) = (self.skipped, self.unmapped);
+        Ok(ImportReport { meta, dir, imported, skipped, unmapped, removed_leftover })
+    }
 }
 
 /// A visitor of a bag's messages: (topic, type, encoding, log time, CDR).

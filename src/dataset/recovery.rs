@@ -15,7 +15,7 @@ use super::cdr::MsgType;
 use super::episode::EpisodeMeta;
 use super::mcap_episode::{
     list_episodes, mcap_file_name, read_episode_json, scan_mcap, write_episode_json, write_rosbag2_metadata,
-    Compression, TopicCount, WriterOptions, RECORDING_MARKER,
+    Compression, ScannedChannel, ScannedMessage, TopicCount, WriterOptions, QOS_PROFILE, RECORDING_MARKER,
 };
 
 /// Errors recovering an episode.
@@ -101,123 +101,27 @@ pub fn recover_all(root: &Path) -> Vec<Result<RecoveryReport, RecoveryError>> {
 
 /// Rebuilds one unfinished episode in place (write a new file, fsync, rename over the old one).
 pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RecoveryError::Io { path, source }
-    };
     let id = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let mut meta = match read_episode_json(dir) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!("{}: episode.json unreadable ({e}); recovering with an empty one", dir.display());
-            EpisodeMeta { id: id.clone(), ..Default::default() }
-        }
-    };
-    if meta.id != id {
-        return Err(RecoveryError::Unusable {
-            path: dir.to_path_buf(),
-            message: format!("episode.json names episode `{}` but the folder is `{id}`", meta.id),
-        });
-    }
+    let mut meta = read_meta(dir, &id)?;
     let path = dir.join(mcap_file_name(&id));
-    // A crash right after the folder was made can leave no (or an empty) MCAP: recover it empty.
-    // Read, not mapped: a file shrinking under a map would raise SIGBUS.
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io(&path)(e)),
-    };
-    let data: &[u8] = &bytes;
-
+    let bytes = read_partial(&path)?;
     let tmp = dir.join(format!("{}.recovering", mcap_file_name(&id)));
-    let out = File::create(&tmp).map_err(io(&tmp))?;
-    let opts = WriterOptions { compression: Compression::Zstd, ..Default::default() };
-    let mcap_err = |e: mcap::McapError| RecoveryError::Unusable { path: tmp.clone(), message: e.to_string() };
-    let mut w = crate::dataset::mcap_episode::new_mcap_writer(BufWriter::new(out), &opts).map_err(mcap_err)?;
-
-    let mut channels = HashMap::new();
-    let mut out_channels: HashMap<u16, u16> = HashMap::new();
-    let mut counts: BTreeMap<String, TopicCount> = BTreeMap::new();
-    let mut bounds: Option<(i64, i64)> = None;
-    let mut error: Option<mcap::McapError> = None;
-    let mut seq = 0u32;
-    let end = scan_mcap(data, &mut channels, |chs, m| {
-        if error.is_some() {
-            return;
-        }
-        let Some(ch) = chs.get(&m.channel) else { return };
-        let out_id = match out_channels.get(&m.channel) {
-            Some(&c) => c,
-            None => {
-                let schema_text = MsgType::parse(&ch.type_name).map(|t| t.schema_text()).unwrap_or_default();
-                let added = w.add_schema(&ch.type_name, "ros2msg", schema_text.as_bytes()).and_then(|s| {
-                    w.add_channel(
-                        s,
-                        &ch.topic,
-                        &ch.encoding,
-                        &BTreeMap::from([(
-                            "offered_qos_profiles".to_string(),
-                            crate::dataset::mcap_episode::QOS_PROFILE.to_string(),
-                        )]),
-                    )
-                });
-                match added {
-                    Ok(c) => {
-                        out_channels.insert(m.channel, c);
-                        counts.insert(
-                            ch.topic.clone(),
-                            TopicCount { topic: ch.topic.clone(), type_name: ch.type_name.clone(), count: 0 },
-                        );
-                        c
-                    }
-                    Err(e) => {
-                        error = Some(e);
-                        return;
-                    }
-                }
-            }
-        };
-        let h = MessageHeader { channel_id: out_id, sequence: seq, log_time: m.log_time, publish_time: m.publish_time };
-        seq = seq.wrapping_add(1);
-        if let Err(e) = w.write_to_known_channel(&h, &m.data) {
-            error = Some(e);
-            return;
-        }
-        counts.get_mut(&ch.topic).expect("added with channel").count += 1;
-        let t = m.log_time as i64;
-        bounds = Some(bounds.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
-    });
-    if let Some(e) = error {
+    let mut copy = Rewrite::create(&tmp)?;
+    let end = scan_mcap(&bytes, &mut HashMap::new(), |chs, m| copy.message(chs, m));
+    if let Some(e) = copy.error.take() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(mcap_err(e));
+        return Err(unusable(&tmp, e));
     }
     if let Some(why) = end.stopped.as_ref().filter(|_| end.chunks == 0 && !end.complete) {
         tracing::warn!("{}: nothing recoverable ({why}); keeping an empty episode", path.display());
     }
-    meta.recovered = true;
-    if meta.outcome.is_empty() {
-        meta.outcome = "aborted".into();
-    }
-    if meta.stop_ns == 0 {
-        meta.stop_ns = bounds.map_or(meta.start_ns, |(_, b)| b);
-    }
-    w.write_metadata(&mcap::records::Metadata {
-        name: "vla_finetune.episode".into(),
-        metadata: BTreeMap::from([("recovered".into(), "true".into())]),
-    })
-    .map_err(mcap_err)?;
-    w.finish().map_err(mcap_err)?;
-    let mut inner = w.into_inner();
-    inner.flush().map_err(io(&tmp))?;
-    inner.get_ref().sync_all().map_err(io(&tmp))?;
-    drop(inner);
+    let bounds = copy.bounds;
+    close_meta(&mut meta, bounds);
+    let counts = copy.finish(&tmp)?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    let counts: Vec<TopicCount> = counts.into_values().collect();
     let (start, stop) = bounds.unwrap_or((meta.start_ns, meta.start_ns));
-    write_rosbag2_metadata(dir, &mcap_file_name(&id), &counts, start, stop)
-        .map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
-    write_episode_json(dir, &meta)
-        .map_err(|e| RecoveryError::Unusable { path: dir.to_path_buf(), message: e.to_string() })?;
+    write_rosbag2_metadata(dir, &mcap_file_name(&id), &counts, start, stop).map_err(|e| unusable(dir, e))?;
+    write_episode_json(dir, &meta).map_err(|e| unusable(dir, e))?;
     let marker = dir.join(RECORDING_MARKER);
     std::fs::remove_file(&marker).map_err(io(&marker))?;
     let messages = counts.iter().map(|c| c.count).sum();
@@ -229,4 +133,133 @@ pub fn recover_episode(dir: &Path) -> Result<RecoveryReport, RecoveryError> {
         chunks: end.chunks,
         stopped: if end.complete { None } else { end.stopped },
     })
+}
+
+/// An I/O error on `path`, as a [`RecoveryError`].
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecoveryError {
+    let path = path.to_path_buf();
+    move |source| RecoveryError::Io { path, source }
+}
+
+/// `path` holds nothing usable, or rewriting it failed with `e`.
+fn unusable(path: &Path, e: impl std::fmt::Display) -> RecoveryError {
+    RecoveryError::Unusable { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// The episode's `episode.json` (an empty one when unreadable), which must name episode `id`.
+fn read_meta(dir: &Path, id: &str) -> Result<EpisodeMeta, RecoveryError> {
+    let meta = match read_episode_json(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("{}: episode.json unreadable ({e}); recovering with an empty one", dir.display());
+            EpisodeMeta { id: id.to_string(), ..Default::default() }
+        }
+    };
+    if meta.id != id {
+        return Err(RecoveryError::Unusable {
+            path: dir.to_path_buf(),
+            message: format!("episode.json names episode `{}` but the folder is `{id}`", meta.id),
+        });
+    }
+    Ok(meta)
+}
+
+/// The partial MCAP's bytes. A crash right after the folder was made can leave no (or an empty)
+/// MCAP: it is recovered empty. Read, not mapped: a file shrinking under a map would raise SIGBUS.
+fn read_partial(path: &Path) -> Result<Vec<u8>, RecoveryError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Marks `meta` recovered; an episode without outcome or stop time is `aborted` at its last
+/// message (`bounds`: first and last log time copied).
+fn close_meta(meta: &mut EpisodeMeta, bounds: Option<(i64, i64)>) {
+    meta.recovered = true;
+    if meta.outcome.is_empty() {
+        meta.outcome = "aborted".into();
+    }
+    if meta.stop_ns == 0 {
+        meta.stop_ns = bounds.map_or(meta.start_ns, |(_, b)| b);
+    }
+}
+
+/// The new MCAP being written from the messages a scan of the partial one delivers.
+struct Rewrite {
+    w: mcap::Writer<BufWriter<File>>,
+    /// Channel id in the partial file -> channel id in the new one.
+    channels: HashMap<u16, u16>,
+    counts: BTreeMap<String, TopicCount>,
+    /// First and last log time copied.
+    bounds: Option<(i64, i64)>,
+    /// The first write error; the copy stops there.
+    error: Option<mcap::McapError>,
+    seq: u32,
+}
+
+impl Rewrite {
+    /// Starts the new file at `tmp`.
+    fn create(tmp: &Path) -> Result<Self, RecoveryError> {
+        let out = File::create(tmp).map_err(io(tmp))?;
+        let opts = WriterOptions { compression: Compression::Zstd, ..Default::default() };
+        let w =
+            crate::dataset::mcap_episode::new_mcap_writer(BufWriter::new(out), &opts).map_err(|e| unusable(tmp, e))?;
+        let (channels, counts) = (HashMap::new(), BTreeMap::new());
+        Ok(Self { w, channels, counts, bounds: None, error: None, seq: 0 })
+    }
+
+    /// Copies one scanned message (nothing more after the first error).
+    fn message(&mut self, chs: &HashMap<u16, ScannedChannel>, m: ScannedMessage<'_>) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(ch) = chs.get(&m.channel) else { return };
+        if let Err(e) = self.copy(ch, &m) {
+            self.error = Some(e);
+        }
+    }
+
+    fn copy(&mut self, ch: &ScannedChannel, m: &ScannedMessage<'_>) -> Result<(), mcap::McapError> {
+        let channel_id = match self.channels.get(&m.channel) {
+            Some(&c) => c,
+            None => self.add_channel(m.channel, ch)?,
+        };
+        let h = MessageHeader { channel_id, sequence: self.seq, log_time: m.log_time, publish_time: m.publish_time };
+        self.seq = self.seq.wrapping_add(1);
+        self.w.write_to_known_channel(&h, &m.data)?;
+        self.counts.get_mut(&ch.topic).expect("added with channel").count += 1;
+        let t = m.log_time as i64;
+        self.bounds = Some(self.bounds.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+        Ok(())
+    }
+
+    /// Declares the partial file's channel `input` (and its schema) in the new file.
+    fn add_channel(&mut self, input: u16, ch: &ScannedChannel) -> Result<u16, mcap::McapError> {
+        let schema_text = MsgType::parse(&ch.type_name).map(|t| t.schema_text()).unwrap_or_default();
+        let schema = self.w.add_schema(&ch.type_name, "ros2msg", schema_text.as_bytes())?;
+        let qos = BTreeMap::from([("offered_qos_profiles".to_string(), QOS_PROFILE.to_string())]);
+        let c = self.w.add_channel(schema, &ch.topic, &ch.encoding, &qos)?;
+        self.channels.insert(input, c);
+        let count = TopicCount { topic: ch.topic.clone(), type_name: ch.type_name.clone(), count: 0 };
+        self.counts.insert(ch.topic.clone(), count);
+        Ok(c)
+    }
+
+    /// Ends the file at `tmp` (a `recovered` metadata record, summary, footer) and syncs it;
+    /// returns the messages copied per topic.
+    fn finish(mut self, tmp: &Path) -> Result<Vec<TopicCount>, RecoveryError> {
+        self.w
+            .write_metadata(&mcap::records::Metadata {
+                name: "vla_finetune.episode".into(),
+                metadata: BTreeMap::from([("recovered".into(), "true".into())]),
+            })
+            .map_err(|e| unusable(tmp, e))?;
+        self.w.finish().map_err(|e| unusable(tmp, e))?;
+        let mut inner = self.w.into_inner();
+        inner.flush().map_err(io(tmp))?;
+        inner.get_ref().sync_all().map_err(io(tmp))?;
+        Ok(self.counts.into_values().collect())
+    }
 }

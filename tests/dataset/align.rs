@@ -2,7 +2,7 @@
 //! messages, plus a causality property over random streams.
 
 use vla_finetune::dataset::align::{wrap_deg, ActionMode, AlignConfig, Aligner, DropReason};
-use vla_finetune::dataset::episode::{EpisodeMeta, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries};
+use vla_finetune::dataset::episode::{EpisodeMeta, MemoryEpisode, RgbImage, SensorSeries, Signals, Stamp, StateSeries};
 use vla_finetune::dataset::rng::SplitMix64;
 
 /// Epoch offset so that stamps are realistic i64 nanoseconds.
@@ -60,9 +60,7 @@ fn episode() -> MemoryEpisode {
             ("front".into(), front.iter().enumerate().map(|(i, &ms)| (st(ms), tiny_img(i as u8))).collect()),
             ("wrist".into(), wrist.iter().enumerate().map(|(i, &ms)| (st(ms), tiny_img(i as u8))).collect()),
         ],
-        sensors: vec![("oct".into(), sensor)],
-        state,
-        commands: None,
+        signals: Signals { sensors: vec![("oct".into(), sensor)], state, commands: None },
     }
 }
 
@@ -227,7 +225,7 @@ fn command_actions_and_missing_command_stream() {
         cmd.stamps.push(st(50 + 100 * j));
         cmd.values.push(vec![j as f64, -(j as f64)]);
     }
-    ep.commands = Some(cmd);
+    ep.signals.commands = Some(cmd);
     let al = Aligner::new(&ep, &cfg).unwrap();
     // t = 78: commands in effect at 178, 278, 378 ms are j = 1, 2, 3; 2 values + 2 pad channels.
     let s = al.align(t(78)).unwrap();
@@ -239,20 +237,22 @@ fn empty_and_bad_episodes() {
     let empty = MemoryEpisode {
         meta: EpisodeMeta { id: "empty".into(), ..Default::default() },
         cameras: vec![("front".into(), vec![])],
-        sensors: vec![("oct".into(), SensorSeries::default())],
-        state: StateSeries { names: vec!["x".into()], is_angle_deg: vec![false], ..Default::default() },
-        commands: None,
+        signals: Signals {
+            sensors: vec![("oct".into(), SensorSeries::default())],
+            state: StateSeries { names: vec!["x".into()], is_angle_deg: vec![false], ..Default::default() },
+            commands: None,
+        },
     };
     let al = Aligner::new(&empty, &config()).unwrap();
     assert!(al.sample_times().is_empty());
 
     let mut bad = episode();
-    bad.sensors[0].1.values.pop();
+    bad.signals.sensors[0].1.values.pop();
     let err = Aligner::new(&bad, &config()).err().unwrap().to_string();
     assert!(err.contains("`oct`") && err.contains("expected"), "{err}");
 
     let mut bad = episode();
-    bad.state.values[5].pop();
+    bad.signals.state.values[5].pop();
     let err = Aligner::new(&bad, &config()).err().unwrap().to_string();
     assert!(err.contains("`state`") && err.contains("row 5"), "{err}");
 
@@ -305,9 +305,7 @@ fn random_episode(rng: &mut SplitMix64) -> MemoryEpisode {
             .enumerate()
             .map(|(c, v)| (format!("cam{c}"), v.iter().map(|&s| (ep_stamp(s), tiny_img(0))).collect()))
             .collect(),
-        sensors: vec![("oct".into(), sensor)],
-        state,
-        commands: None,
+        signals: Signals { sensors: vec![("oct".into(), sensor)], state, commands: None },
     }
 }
 
@@ -317,7 +315,7 @@ fn truncate_after(ep: &MemoryEpisode, t: i64) -> MemoryEpisode {
     for (_, frames) in &mut e.cameras {
         frames.retain(|(s, _)| s.stamp_ns <= t);
     }
-    let s = &mut e.sensors[0].1;
+    let s = &mut e.signals.sensors[0].1;
     let keep = s.stamps.iter().filter(|x| x.stamp_ns <= t).count();
     s.stamps.truncate(keep);
     s.values.truncate(keep * s.channels);

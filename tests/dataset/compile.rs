@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vla_finetune::dataset::align::{wrap_deg, AlignConfig, Aligner};
 use vla_finetune::dataset::compile::{compile, split_episodes, CompileConfig, SplitConfig, StoreConfig};
 use vla_finetune::dataset::episode::{
-    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries,
+    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Signals, Stamp, StateSeries,
 };
 use vla_finetune::dataset::incremental::{compile_incremental, FingerprintedEpisode};
 use vla_finetune::dataset::reader::{epoch_batches, BatchReader, Dataset, ReaderConfig};
@@ -74,9 +74,7 @@ fn episode(id: &str, seed: u64) -> MemoryEpisode {
             .enumerate()
             .map(|(c, v)| (format!("cam{c}"), v.iter().enumerate().map(|(f, &s)| (stamp(s), frame(c, f))).collect()))
             .collect(),
-        sensors: vec![("oct".into(), sensor)],
-        state,
-        commands: None,
+        signals: Signals { sensors: vec![("oct".into(), sensor)], state, commands: None },
     }
 }
 
@@ -108,7 +106,7 @@ fn compile_to(eps: &[MemoryEpisode], cfg: &CompileConfig, out: &Path) -> vla_fin
 #[test]
 fn stored_samples_are_the_aligned_ones() {
     let mut eps = episodes(5);
-    eps[2].sensors[0].1.values[4 * 150 + 1] = f32::NAN; // one NaN sensor value
+    eps[2].signals.sensors[0].1.values[4 * 150 + 1] = f32::NAN; // one NaN sensor value
     let cfg = config();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ds");
@@ -376,13 +374,15 @@ fn info_cli_reports_counts_drops_streams_and_stats() {
 #[test]
 fn bad_and_empty_episodes_are_reported_and_the_rest_compiled() {
     let mut eps = episodes(3);
-    eps[1].sensors[0].1.values.truncate(10); // inconsistent sensor stream
+    eps[1].signals.sensors[0].1.values.truncate(10); // inconsistent sensor stream
     eps.push(MemoryEpisode {
         meta: EpisodeMeta { id: "ep99-empty".into(), ..Default::default() },
         cameras: vec![("cam0".into(), vec![]), ("cam1".into(), vec![])],
-        sensors: vec![("oct".into(), SensorSeries { channels: 4, ..Default::default() })],
-        state: eps[0].state.clone().tap_clear(),
-        commands: None,
+        signals: Signals {
+            sensors: vec![("oct".into(), SensorSeries { channels: 4, ..Default::default() })],
+            state: eps[0].signals.state.clone().tap_clear(),
+            commands: None,
+        },
     });
     let dir = tempfile::tempdir().unwrap();
     let res = compile_to(&eps, &config(), &dir.path().join("ds"));
@@ -538,7 +538,7 @@ fn fingerprinted<'a>(eps: &'a [MemoryEpisode], opened: &'a std::cell::Cell<usize
 #[test]
 fn incremental_compile_equals_a_whole_compile_and_reads_only_new_episodes() {
     let mut eps = episodes(6);
-    eps[1].sensors[0].1.values.truncate(10); // left out: inconsistent sensor stream
+    eps[1].signals.sensors[0].1.values.truncate(10); // left out: inconsistent sensor stream
     eps[4].cameras.pop(); // left out: streams differ from the majority's
     eps[5].cameras[1].1[12].1 = RgbImage { width: 8, height: 8, data: vec![0; 8 * 8 * 3] }; // one frame of another size
     let mut cfg = config();

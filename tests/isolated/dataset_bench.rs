@@ -13,7 +13,7 @@ use crate::support::serial;
 use vla_finetune::dataset::align::AlignConfig;
 use vla_finetune::dataset::compile::{compile, CompileConfig, SplitConfig, StoreConfig};
 use vla_finetune::dataset::episode::{
-    EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries,
+    EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, Signals, SourceError, Stamp, StateSeries,
 };
 use vla_finetune::dataset::reader::{BatchReader, Dataset, ReaderConfig};
 use vla_finetune::dataset::store::Split;
@@ -26,7 +26,7 @@ struct SynthEpisode {
     meta: EpisodeMeta,
     seconds: i64,
     frames: Arc<Vec<RgbImage>>,
-    sensor: SensorSeries,
+    signals: Signals,
 }
 
 /// A smooth scene with a moving bright square: compresses like a real frame, not like noise.
@@ -68,34 +68,30 @@ impl EpisodeSource for SynthEpisode {
         let offset = if camera == "front" { 0 } else { 15 };
         Ok(self.frames[(index + offset) % self.frames.len()].clone())
     }
-    fn sensor(&self, _name: &str) -> Result<SensorSeries, SourceError> {
-        Ok(self.sensor.clone())
+    fn signals(&self) -> Result<&Signals, SourceError> {
+        Ok(&self.signals)
     }
-    fn state(&self) -> Result<StateSeries, SourceError> {
-        let stamps = self.stamps(10 * MS);
-        let values = (0..stamps.len())
-            .map(|k| vec![k as f64 * 0.1, 0.0, 1.0, 0.0, 0.0, (k as f64 * 0.5) % 360.0 - 180.0])
-            .collect();
-        Ok(StateSeries {
-            names: ["x", "y", "z", "roll", "pitch", "yaw"].map(String::from).to_vec(),
-            is_angle_deg: vec![false, false, false, true, true, true],
-            stamps,
-            values,
-        })
-    }
-    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
-        Ok(None)
+}
+
+/// A stream-less episode of `seconds`, for its stamps.
+fn probe(seconds: i64) -> SynthEpisode {
+    SynthEpisode { meta: EpisodeMeta::default(), seconds, frames: Arc::new(Vec::new()), signals: Signals::default() }
+}
+
+fn synth_state(seconds: i64) -> StateSeries {
+    let stamps = probe(seconds).stamps(10 * MS);
+    let values =
+        (0..stamps.len()).map(|k| vec![k as f64 * 0.1, 0.0, 1.0, 0.0, 0.0, (k as f64 * 0.5) % 360.0 - 180.0]).collect();
+    StateSeries {
+        names: ["x", "y", "z", "roll", "pitch", "yaw"].map(String::from).to_vec(),
+        is_angle_deg: vec![false, false, false, true, true, true],
+        stamps,
+        values,
     }
 }
 
 fn synth_sensor(seconds: i64, channels: usize) -> SensorSeries {
-    let probe = SynthEpisode {
-        meta: EpisodeMeta::default(),
-        seconds,
-        frames: Arc::new(Vec::new()),
-        sensor: SensorSeries::default(),
-    };
-    let stamps = probe.stamps(1_000_000_000 / 650);
+    let stamps = probe(seconds).stamps(1_000_000_000 / 650);
     let mut values = Vec::with_capacity(stamps.len() * channels);
     for i in 0..stamps.len() {
         values.push((i as f32 * 0.01).sin());
@@ -114,13 +110,17 @@ fn cpu_s() -> f64 {
 
 fn run(sensor_samples: usize, window_s: f64, episodes: usize, seconds: i64) {
     let frames = Arc::new((0..30).map(render).collect::<Vec<_>>());
-    let sensor = synth_sensor(seconds, 1026);
+    let signals = Signals {
+        sensors: vec![("oct".into(), synth_sensor(seconds, 1026))],
+        state: synth_state(seconds),
+        commands: None,
+    };
     let eps: Vec<SynthEpisode> = (0..episodes)
         .map(|i| SynthEpisode {
             meta: EpisodeMeta { id: format!("ep{i}"), ..Default::default() },
             seconds,
             frames: frames.clone(),
-            sensor: sensor.clone(),
+            signals: signals.clone(),
         })
         .collect();
     let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e as &dyn EpisodeSource).collect();

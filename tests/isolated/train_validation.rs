@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use vla_finetune::dataset::align::AlignConfig;
 use vla_finetune::dataset::compile::{compile, CompileConfig, SplitConfig, StoreConfig};
 use vla_finetune::dataset::episode::{
-    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Stamp, StateSeries,
+    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Signals, Stamp, StateSeries,
 };
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::dataset::store::Split;
@@ -51,9 +51,7 @@ fn episode(e: usize) -> MemoryEpisode {
             ..Default::default()
         },
         cameras: vec![("cam".into(), (0..30).map(|f| (stamp(f as i64 * 100 * MS), frame(f))).collect())],
-        sensors: vec![("oct".into(), sensor)],
-        state,
-        commands: None,
+        signals: Signals { sensors: vec![("oct".into(), sensor)], state, commands: None },
     }
 }
 

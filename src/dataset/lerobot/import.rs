@@ -28,7 +28,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use serde::{Deserialize, Serialize};
 
-use super::format::{self, column, float_at, int_at, values_at, Feature, Info, Sidecar};
+use super::format::{self, column, float_at, int_at, values_at, Feature, Info, Sidecar, SidecarEpisode};
 use super::LeRobotError;
 use crate::dataset::compile::{
     add_totals, encode_jpeg, split_episodes, write_outputs, CompileConfig, CompileReport, EpisodeReport, SplitConfig,
@@ -414,64 +414,86 @@ fn episode_frames(
     fps: u32,
     ffmpeg: Option<&Path>,
 ) -> Result<Vec<Frame>, LeRobotError> {
-    let path = &ep.file;
     let mut frames = Vec::with_capacity(ep.length);
     for b in batches {
-        let epi = column(b, "episode_index", path)?;
-        let (fi, ts, ti) =
-            (column(b, "frame_index", path)?, column(b, "timestamp", path)?, column(b, "task_index", path)?);
-        let st = column(b, &r.state.0, path)?;
-        let se = column(b, &r.sensor.0, path)?;
-        let ac = column(b, &r.action.0, path)?;
-        let cams: Vec<Option<&ArrayRef>> = r
-            .cameras
-            .iter()
-            .map(|c| if c.video { Ok(None) } else { column(b, &c.key, path).map(Some) })
-            .collect::<Result<_, _>>()?;
-        for row in 0..b.num_rows() {
-            if int_at(epi, row) != Some(ep.index) {
-                continue;
-            }
-            let bad = |key: &str, what: String| LeRobotError::Feature {
-                feature: key.into(),
-                what: format!("{}: episode {}, row {row}: {what}", path.display(), ep.index),
-            };
-            let read = |col: &ArrayRef, key: &str, want: usize| -> Result<Vec<f32>, LeRobotError> {
-                let mut v = Vec::with_capacity(want);
-                values_at(col, row, &mut v).map_err(|e| bad(key, e))?;
-                if v.len() != want {
-                    return Err(bad(key, format!("{} values; expected {want} (its shape in meta/info.json)", v.len())));
-                }
-                Ok(v)
-            };
-            let sensor_vals = r.sensor.3[1] * if r.sensor.2.is_some() { 1 } else { r.sensor.3[0] };
-            let action_vals = r.action.2[1] * if r.action.1.is_some() { 1 } else { r.action.2[0] };
-            let mut jpegs = Vec::with_capacity(cams.len());
-            for (col, cam) in cams.iter().zip(&r.cameras) {
-                // Video frames are filled in below.
-                jpegs.push(match col {
-                    Some(col) => frame_jpeg(root, col, row, &cam.shape, quality).map_err(|e| bad(&cam.key, e))?,
-                    None => Vec::new(),
-                });
-            }
-            frames.push(Frame {
-                frame_index: int_at(fi, row).ok_or_else(|| bad("frame_index", "expected int64".into()))?,
-                timestamp: float_at(ts, row).ok_or_else(|| bad("timestamp", "expected float32 or float64".into()))?,
-                task_index: int_at(ti, row).ok_or_else(|| bad("task_index", "expected int64".into()))?,
-                state: read(st, &r.state.0, r.state.1)?,
-                sensor: read(se, &r.sensor.0, sensor_vals)?,
-                action: read(ac, &r.action.0, action_vals)?,
-                jpegs,
-            });
-        }
+        batch_frames(root, ep, b, r, quality, &mut frames)?;
     }
     frames.sort_by_key(|f| f.frame_index);
+    check_frame_indices(ep, &frames)?;
+    if let Some(ffmpeg) = ffmpeg {
+        video_frames(ep, r, quality, fps, ffmpeg, &mut frames)?;
+    }
+    Ok(frames)
+}
+
+/// Appends to `frames` the rows of batch `b` that belong to episode `ep` (video cameras' JPEGs
+/// left empty).
+fn batch_frames(
+    root: &Path,
+    ep: &EpisodeMeta,
+    b: &RecordBatch,
+    r: &Resolved,
+    quality: u8,
+    frames: &mut Vec<Frame>,
+) -> Result<(), LeRobotError> {
+    let path = &ep.file;
+    let epi = column(b, "episode_index", path)?;
+    let (fi, ts, ti) = (column(b, "frame_index", path)?, column(b, "timestamp", path)?, column(b, "task_index", path)?);
+    let st = column(b, &r.state.0, path)?;
+    let se = column(b, &r.sensor.0, path)?;
+    let ac = column(b, &r.action.0, path)?;
+    let cams: Vec<Option<&ArrayRef>> = r
+        .cameras
+        .iter()
+        .map(|c| if c.video { Ok(None) } else { column(b, &c.key, path).map(Some) })
+        .collect::<Result<_, _>>()?;
+    let sensor_vals = r.sensor.3[1] * if r.sensor.2.is_some() { 1 } else { r.sensor.3[0] };
+    let action_vals = r.action.2[1] * if r.action.1.is_some() { 1 } else { r.action.2[0] };
+    for row in 0..b.num_rows() {
+        if int_at(epi, row) != Some(ep.index) {
+            continue;
+        }
+        let bad = |key: &str, what: String| LeRobotError::Feature {
+            feature: key.into(),
+            what: format!("{}: episode {}, row {row}: {what}", path.display(), ep.index),
+        };
+        let read = |col: &ArrayRef, key: &str, want: usize| -> Result<Vec<f32>, LeRobotError> {
+            let mut v = Vec::with_capacity(want);
+            values_at(col, row, &mut v).map_err(|e| bad(key, e))?;
+            if v.len() != want {
+                return Err(bad(key, format!("{} values; expected {want} (its shape in meta/info.json)", v.len())));
+            }
+            Ok(v)
+        };
+        let mut jpegs = Vec::with_capacity(cams.len());
+        for (col, cam) in cams.iter().zip(&r.cameras) {
+            // Video frames are filled in later.
+            jpegs.push(match col {
+                Some(col) => frame_jpeg(root, col, row, &cam.shape, quality).map_err(|e| bad(&cam.key, e))?,
+                None => Vec::new(),
+            });
+        }
+        frames.push(Frame {
+            frame_index: int_at(fi, row).ok_or_else(|| bad("frame_index", "expected int64".into()))?,
+            timestamp: float_at(ts, row).ok_or_else(|| bad("timestamp", "expected float32 or float64".into()))?,
+            task_index: int_at(ti, row).ok_or_else(|| bad("task_index", "expected int64".into()))?,
+            state: read(st, &r.state.0, r.state.1)?,
+            sensor: read(se, &r.sensor.0, sensor_vals)?,
+            action: read(ac, &r.action.0, action_vals)?,
+            jpegs,
+        });
+    }
+    Ok(())
+}
+
+/// The sorted `frames` must be exactly frames `0..length` of `ep`.
+fn check_frame_indices(ep: &EpisodeMeta, frames: &[Frame]) -> Result<(), LeRobotError> {
     if frames.len() != ep.length {
         return Err(LeRobotError::Frames {
             episode: ep.index,
             what: format!(
                 "{} has {} frames of the episode; meta/episodes says length {}",
-                path.display(),
+                ep.file.display(),
                 frames.len(),
                 ep.length
             ),
@@ -486,8 +508,20 @@ fn episode_frames(
             ),
         });
     }
+    Ok(())
+}
+
+/// Fills in the JPEGs of `ep`'s video cameras, decoded with `ffmpeg` and encoded at `quality`.
+fn video_frames(
+    ep: &EpisodeMeta,
+    r: &Resolved,
+    quality: u8,
+    fps: u32,
+    ffmpeg: &Path,
+    frames: &mut [Frame],
+) -> Result<(), LeRobotError> {
     for (c, (cam, v)) in r.cameras.iter().zip(&ep.videos).enumerate() {
-        let (Some((file, from)), Some(ffmpeg)) = (v, ffmpeg) else { continue };
+        let Some((file, from)) = v else { continue };
         let [h, w, _] = cam.shape;
         let decoded = super::video::decode(ffmpeg, file, *from, fps, ep.length, w, h)?;
         for (f, rgb) in frames.iter_mut().zip(decoded) {
@@ -495,7 +529,7 @@ fn episode_frames(
                 .map_err(|e| LeRobotError::Video(format!("{}: encoding a frame as JPEG: {e}", file.display())))?;
         }
     }
-    Ok(frames)
+    Ok(())
 }
 
 /// The JPEG of one picture cell: the stored bytes when they are a JPEG of `shape`, otherwise
@@ -592,6 +626,7 @@ struct Source<'a> {
     ffmpeg: Option<&'a Path>,
 }
 
+/// Writes the compiled dataset of `src` into `dir` (the staging folder).
 fn build(
     src: &Source<'_>,
     m: &ImportMapping,
@@ -601,11 +636,13 @@ fn build(
 ) -> Result<ImportReport, LeRobotError> {
     let Source { root, info, sidecar, tasks, episodes, ffmpeg } = *src;
     let (ids, splits) = ids_and_splits(src, m);
-    let mut sink = SampleSink::new(dir, r, m);
-    let mut entries = Vec::new();
-    let mut report = CompileReport::default();
-    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut done, total) = (0usize, info.total_frames);
+    let mut out = Imported {
+        sink: SampleSink::new(dir, r, m),
+        entries: Vec::new(),
+        report: CompileReport::default(),
+        dropped: BTreeMap::new(),
+        frames: 0,
+    };
     let mut loaded: Option<(PathBuf, Vec<RecordBatch>)> = None;
     for (i, ep) in episodes.iter().enumerate() {
         if loaded.as_ref().is_none_or(|(p, _)| *p != ep.file) {
@@ -615,46 +652,13 @@ fn build(
         let frames = episode_frames(root, ep, batches, r, m.jpeg_quality, info.fps, ffmpeg)?;
         let instruction = episode_instruction(root, tasks, ep, &frames)?;
         let side = sidecar.map(|s| &s.episodes[i]).filter(|s| s.t_ns.len() == frames.len());
-        let split = splits[i];
-        let (mut kept, mut drops) = (0usize, BTreeMap::new());
-        for (k, f) in frames.iter().enumerate() {
-            let (sensor, action) = match sample_windows(&frames, k, r) {
-                Ok(w) => w,
-                Err(reason) => {
-                    *drops.entry(reason.to_string()).or_insert(0u64) += 1;
-                    continue;
-                }
-            };
-            let t_ns = side.map_or_else(|| (f.timestamp * 1e9).round() as i64, |s| s.t_ns[k]);
-            let at =
-                SampleEntry { episode: entries.len(), t_ns, split, shard: 0, row: 0, frames: vec![k; r.cameras.len()] };
-            sink.push(f, &sensor, &action, at)?;
-            kept += 1;
-        }
-        done += frames.len();
-        progress(done, total);
-        for (k, v) in &drops {
-            *dropped.entry(k.clone()).or_default() += v;
-        }
-        let (task, outcome) =
-            side.map_or_else(|| (instruction.clone(), String::new()), |s| (s.task.clone(), s.outcome.clone()));
-        entries.push(EpisodeEntry { id: ids[i].clone(), instruction, task, outcome, split, samples: kept });
-        report.episodes.push(EpisodeReport {
-            id: ids[i].clone(),
-            split,
-            candidates: frames.len() as u64,
-            samples: kept as u64,
-            drops,
-            streams: Vec::new(),
-            skew: BTreeMap::new(),
-            camera_spread: Default::default(),
-            damage: None,
-        });
+        out.episode(&frames, r, EpisodeOrigin { id: &ids[i], split: splits[i], instruction, side })?;
+        progress(out.frames, info.total_frames);
     }
-    let (shards, samples, stats) = sink.finish()?;
-    add_totals(&mut report);
+    let (shards, samples, stats) = out.sink.finish()?;
+    add_totals(&mut out.report);
     if samples.is_empty() {
-        return Err(LeRobotError::Mapping(format!("no frame gave a sample ({dropped:?}); nothing written")));
+        return Err(LeRobotError::Mapping(format!("no frame gave a sample ({:?}); nothing written", out.dropped)));
     }
     let control_hz = sidecar.map_or(info.fps as f64, |s| s.control_hz);
     let index = DatasetIndex {
@@ -672,18 +676,79 @@ fn build(
         action_units: Vec::new(),
         control_hz,
         shards,
-        episodes: entries,
+        episodes: out.entries,
         samples,
     };
-    write_outputs(dir, &compile_config(m, r, control_hz), &index, &stats, &report)?;
+    write_outputs(dir, &compile_config(m, r, control_hz), &index, &stats, &out.report)?;
     Ok(ImportReport {
         out: dir.to_path_buf(),
         episodes: episodes.len(),
-        frames: done,
+        frames: out.frames,
         samples: index.samples.len(),
-        dropped,
+        dropped: out.dropped,
         ignored_features: ignored_features(info, r),
     })
+}
+
+/// Where an episode's samples come from, besides its frames.
+struct EpisodeOrigin<'a> {
+    id: &'a str,
+    split: Split,
+    instruction: String,
+    /// Its entry in our sidecar, when that covers each of its frames.
+    side: Option<&'a SidecarEpisode>,
+}
+
+/// What the import has gathered so far: the samples written, the episodes' index entries and
+/// report, the drops by reason and the frames read.
+struct Imported<'a> {
+    sink: SampleSink<'a>,
+    entries: Vec<EpisodeEntry>,
+    report: CompileReport,
+    dropped: BTreeMap<String, u64>,
+    frames: usize,
+}
+
+impl Imported<'_> {
+    /// Writes a sample for each of an episode's `frames` that has a sensor window and action
+    /// chunk, and lists the episode.
+    fn episode(&mut self, frames: &[Frame], r: &Resolved, ep: EpisodeOrigin<'_>) -> Result<(), LeRobotError> {
+        let EpisodeOrigin { id, split, instruction, side } = ep;
+        let (mut kept, mut drops) = (0usize, BTreeMap::new());
+        for (k, f) in frames.iter().enumerate() {
+            let (sensor, action) = match sample_windows(frames, k, r) {
+                Ok(w) => w,
+                Err(reason) => {
+                    *drops.entry(reason.to_string()).or_insert(0u64) += 1;
+                    continue;
+                }
+            };
+            let t_ns = side.map_or_else(|| (f.timestamp * 1e9).round() as i64, |s| s.t_ns[k]);
+            let episode = self.entries.len();
+            let at = SampleEntry { episode, t_ns, split, shard: 0, row: 0, frames: vec![k; r.cameras.len()] };
+            self.sink.push(f, &sensor, &action, at)?;
+            kept += 1;
+        }
+        self.frames += frames.len();
+        for (k, v) in &drops {
+            *self.dropped.entry(k.clone()).or_default() += v;
+        }
+        let (task, outcome) =
+            side.map_or_else(|| (instruction.clone(), String::new()), |s| (s.task.clone(), s.outcome.clone()));
+        self.entries.push(EpisodeEntry { id: id.to_string(), instruction, task, outcome, split, samples: kept });
+        self.report.episodes.push(EpisodeReport {
+            id: id.to_string(),
+            split,
+            candidates: frames.len() as u64,
+            samples: kept as u64,
+            drops,
+            streams: Vec::new(),
+            skew: BTreeMap::new(),
+            camera_spread: Default::default(),
+            damage: None,
+        });
+        Ok(())
+    }
 }
 
 /// Each episode's id and split: our sidecar's when the dataset has one (an export of ours),

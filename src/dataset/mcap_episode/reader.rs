@@ -8,7 +8,7 @@ use mcap::records::Record;
 
 use crate::dataset::cdr::{self, MsgType, RosMessage};
 use crate::dataset::episode::{
-    find_sensor, Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, SourceError, Stamp, StateSeries,
+    Damage, EpisodeMeta, EpisodeSource, RgbImage, SensorSeries, Signals, SourceError, Stamp, StateSeries,
 };
 use crate::dataset::streams::{Role, StreamConfig, StreamSpec};
 
@@ -38,9 +38,7 @@ pub struct McapEpisode {
     map: Vec<u8>,
     chunk_offsets: Vec<usize>,
     frames: Vec<(StreamSpec, Vec<FrameRef>)>,
-    sensors: Vec<(String, SensorSeries)>,
-    state: StateSeries,
-    commands: Option<StateSeries>,
+    signals: Signals,
     skipped: BTreeMap<String, BTreeMap<String, u64>>,
     counts: BTreeMap<String, u64>,
     scan: ScanEnd,
@@ -70,13 +68,15 @@ impl McapEpisode {
             map,
             chunk_offsets: Vec::new(),
             frames: streams.cameras.iter().map(|c| (c.clone(), Vec::new())).collect(),
-            sensors: streams
-                .sensors
-                .iter()
-                .map(|s| (s.name.clone(), SensorSeries { channels: s.channels.unwrap_or(0), ..Default::default() }))
-                .collect(),
-            state: StateSeries::default(),
-            commands: streams.command.as_ref().map(|_| StateSeries::default()),
+            signals: Signals {
+                sensors: streams
+                    .sensors
+                    .iter()
+                    .map(|s| (s.name.clone(), SensorSeries { channels: s.channels.unwrap_or(0), ..Default::default() }))
+                    .collect(),
+                state: StateSeries::default(),
+                commands: streams.command.as_ref().map(|_| StateSeries::default()),
+            },
             skipped: BTreeMap::new(),
             counts: BTreeMap::new(),
             scan: ScanEnd::default(),
@@ -145,11 +145,13 @@ impl McapEpisode {
                     Ok(())
                 }
                 Role::Sensor => {
-                    let s = self.sensors.iter_mut().find(|(n, _)| *n == spec.name).expect("sensor in mapping");
+                    let s = self.signals.sensors.iter_mut().find(|(n, _)| *n == spec.name).expect("sensor in mapping");
                     push_sensor(&mut s.1, t, spec.channels, stamp, &data)
                 }
-                Role::State => push_state(&mut self.state, t, stamp, &data),
-                Role::Command => push_state(self.commands.as_mut().expect("command configured"), t, stamp, &data),
+                Role::State => push_state(&mut self.signals.state, t, stamp, &data),
+                Role::Command => {
+                    push_state(self.signals.commands.as_mut().expect("command configured"), t, stamp, &data)
+                }
             };
             match ok {
                 Ok(()) => {
@@ -392,13 +394,7 @@ impl EpisodeSource for McapEpisode {
             source: Box::new(e),
         })
     }
-    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
-        find_sensor(&self.sensors, &self.meta.id, name)
-    }
-    fn state(&self) -> Result<StateSeries, SourceError> {
-        Ok(self.state.clone())
-    }
-    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
-        Ok(self.commands.clone())
+    fn signals(&self) -> Result<&Signals, SourceError> {
+        Ok(&self.signals)
     }
 }

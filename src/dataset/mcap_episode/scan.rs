@@ -81,94 +81,112 @@ pub fn scan_mcap<'a>(
         end.stopped = Some("not an MCAP file (bad magic)".into());
         return end;
     }
-    let mut schemas: HashMap<u16, String> = HashMap::new();
-    top_level_channels(buf, &mut schemas, channels);
+    let mut declared = Declared { schemas: HashMap::new(), channels };
+    top_level_channels(buf, &mut declared);
     let mut pos = 8usize;
     let mut loose = 0usize;
     loop {
         end.end_offset = pos;
-        if pos == buf.len() {
-            end.stopped = Some(format!("file ends at byte {pos} without a data-end record"));
-            return end;
-        }
-        if buf.len() - pos < 9 {
-            end.stopped = Some(format!("truncated record header at byte {pos}"));
-            return end;
-        }
-        let op = buf[pos];
-        let len = u64::from_le_bytes(buf[pos + 1..pos + 9].try_into().expect("8 bytes"));
-        if len > (buf.len() - pos - 9) as u64 {
-            end.stopped = Some(format!(
-                "record at byte {pos} (op 0x{op:02x}) is truncated: {len} bytes announced, {} present",
-                buf.len() - pos - 9
-            ));
-            return end;
-        }
-        let body = &buf[pos + 9..pos + 9 + len as usize];
-        let record = match mcap::read::parse_record(op, body) {
+        let (op, body) = match record_at(buf, pos) {
             Ok(r) => r,
-            Err(e) => {
-                end.lost.push(format!("record at byte {pos} (op 0x{op:02x}) does not parse: {e}"));
-                end.lost_bytes += 9 + body.len();
-                pos += 9 + body.len();
-                continue;
+            Err(why) => {
+                end.stopped = Some(why);
+                return end;
             }
         };
-        match record {
-            Record::Chunk { header, data } => {
-                // Decode the whole chunk first so a damaged chunk contributes nothing.
-                let inner = match decode_chunk(&header, &data) {
-                    Ok(records) => records,
-                    Err(e) => {
-                        end.lost.push(format!("chunk at byte {pos} is damaged: {e}"));
-                        end.lost_bytes += 9 + body.len();
-                        pos += 9 + body.len();
-                        continue;
-                    }
-                };
-                let chunk = end.chunks;
-                let mut ordinal = 0;
-                for r in inner {
-                    match r {
-                        Record::Schema { header, .. } => {
-                            schemas.insert(header.id, header.name);
-                        }
-                        Record::Channel(c) => {
-                            let type_name = schemas.get(&c.schema_id).cloned().unwrap_or_default();
-                            channels.insert(
-                                c.id,
-                                ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding },
-                            );
-                        }
-                        Record::Message { header, data } => {
-                            let data = std::borrow::Cow::Owned(data.into_owned());
-                            on_message(channels, ScannedMessage::new(&header, data, Some(chunk), ordinal));
-                            ordinal += 1;
-                        }
-                        _ => {}
-                    }
+        match mcap::read::parse_record(op, body) {
+            Err(e) => end.skip(format!("record at byte {pos} (op 0x{op:02x}) does not parse: {e}"), body.len()),
+            // Decode the whole chunk first so a damaged chunk contributes nothing.
+            Ok(Record::Chunk { header, data }) => match decode_chunk(&header, &data) {
+                Ok(records) => {
+                    declared.chunk(records, end.chunks, &mut on_message);
+                    end.chunks += 1;
+                    end.chunk_offsets.push(pos);
                 }
-                end.chunks += 1;
-                end.chunk_offsets.push(pos);
-            }
-            Record::Schema { header, .. } => {
-                schemas.insert(header.id, header.name);
-            }
-            Record::Channel(c) => {
-                let type_name = schemas.get(&c.schema_id).cloned().unwrap_or_default();
-                channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
-            }
-            Record::Message { header, data } => {
-                on_message(channels, ScannedMessage::new(&header, data, None, loose));
+                Err(e) => end.skip(format!("chunk at byte {pos} is damaged: {e}"), body.len()),
+            },
+            Ok(Record::Message { header, data }) => {
+                on_message(declared.channels, ScannedMessage::new(&header, data, None, loose));
                 loose += 1;
             }
-            Record::DataEnd(_) | Record::Footer(_) => {
+            Ok(Record::DataEnd(_) | Record::Footer(_)) => {
                 end.complete = true;
                 return end;
             }
+            Ok(other) => declared.declare(other),
+        }
+        pos += 9 + body.len();
+    }
+}
+
+impl ScanEnd {
+    /// Lists a damaged record whose framing held (`body_len` bytes after its 9-byte header).
+    fn skip(&mut self, why: String, body_len: usize) {
+        self.lost.push(why);
+        self.lost_bytes += 9 + body_len;
+    }
+}
+
+/// The record at byte `pos` of `buf`: its opcode and body, or why the data section stops there.
+fn record_at(buf: &[u8], pos: usize) -> Result<(u8, &[u8]), String> {
+    if pos == buf.len() {
+        return Err(format!("file ends at byte {pos} without a data-end record"));
+    }
+    if buf.len() - pos < 9 {
+        return Err(format!("truncated record header at byte {pos}"));
+    }
+    let op = buf[pos];
+    let len = u64::from_le_bytes(buf[pos + 1..pos + 9].try_into().expect("8 bytes"));
+    if len > (buf.len() - pos - 9) as u64 {
+        return Err(format!(
+            "record at byte {pos} (op 0x{op:02x}) is truncated: {len} bytes announced, {} present",
+            buf.len() - pos - 9
+        ));
+    }
+    Ok((op, &buf[pos + 9..pos + 9 + len as usize]))
+}
+
+/// The schema names and channels declared so far in a scan.
+struct Declared<'c> {
+    /// Schema id -> schema (type) name.
+    schemas: HashMap<u16, String>,
+    channels: &'c mut HashMap<u16, ScannedChannel>,
+}
+
+impl Declared<'_> {
+    /// Takes in a schema or channel record; other records are ignored.
+    fn declare(&mut self, record: Record<'_>) {
+        match record {
+            Record::Schema { header, .. } => {
+                self.schemas.insert(header.id, header.name);
+            }
+            Record::Channel(c) => {
+                let type_name = self.schemas.get(&c.schema_id).cloned().unwrap_or_default();
+                self.channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
+            }
             _ => {}
         }
-        pos += 9 + len as usize;
+    }
+
+    /// Hands the messages of good chunk number `chunk` (its decoded `records`) to `on_message`,
+    /// taking in its schemas and channels on the way.
+    fn chunk<'a>(
+        &mut self,
+        records: Vec<Record<'static>>,
+        chunk: usize,
+        on_message: &mut impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'a>),
+    ) {
+        let mut ordinal = 0;
+        for r in records {
+            match r {
+                Record::Message { header, data } => {
+                    let data = std::borrow::Cow::Owned(data.into_owned());
+                    on_message(self.channels, ScannedMessage::new(&header, data, Some(chunk), ordinal));
+                    ordinal += 1;
+                }
+                other => self.declare(other),
+            }
+        }
     }
 }
 
@@ -229,7 +247,7 @@ pub(super) fn decode_chunk(header: &mcap::records::ChunkHeader, data: &[u8]) -> 
 /// Reads the schema and channel records outside chunks (a finished file repeats them in its
 /// summary), so the messages of later chunks stay readable when the chunk that first declared
 /// their channel is damaged. Walks the record framing only; stops where it breaks.
-fn top_level_channels(buf: &[u8], schemas: &mut HashMap<u16, String>, channels: &mut HashMap<u16, ScannedChannel>) {
+fn top_level_channels(buf: &[u8], declared: &mut Declared<'_>) {
     let mut pos = 8usize;
     let mut found = Vec::new();
     while buf.len().saturating_sub(pos) >= 9 {
@@ -245,15 +263,9 @@ fn top_level_channels(buf: &[u8], schemas: &mut HashMap<u16, String>, channels: 
         }
         pos += 9 + len as usize;
     }
-    for r in &found {
-        if let Record::Schema { header, .. } = r {
-            schemas.insert(header.id, header.name.clone());
-        }
-    }
-    for r in found {
-        if let Record::Channel(c) = r {
-            let type_name = schemas.get(&c.schema_id).cloned().unwrap_or_default();
-            channels.insert(c.id, ScannedChannel { topic: c.topic, type_name, encoding: c.message_encoding });
-        }
+    // Every schema first, then the channels that name them.
+    let (schemas, channels): (Vec<_>, Vec<_>) = found.into_iter().partition(|r| matches!(r, Record::Schema { .. }));
+    for r in schemas.into_iter().chain(channels) {
+        declared.declare(r);
     }
 }
