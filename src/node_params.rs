@@ -1,5 +1,5 @@
 //! The parameters each ROS node declares, with types and defaults, kept ROS-free so launch and
-//! config files can be checked against them without ROS (tests/launch_config.rs) and the nodes
+//! config files can be checked against them without ROS (tests/cli/launch_config.rs) and the nodes
 //! declare exactly these.
 
 use serde_json::{json, Value};

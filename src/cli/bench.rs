@@ -2,7 +2,7 @@
 //! of our implementation, each case in a fresh child process of this binary (honest peaks),
 //! printed as a table and optionally written as JSON records (the schema
 //! scripts/reference_bench.py writes too). Recording throughput is not measured here (see
-//! tests/recorder_bench.rs and docs/benchmarks.md).
+//! tests/isolated/recorder_bench.rs and docs/benchmarks.md).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
