@@ -242,6 +242,40 @@ pub struct Runner<'a> {
     epoch: Option<(Vec<usize>, Phase)>,
 }
 
+/// The state of a run that starts now: counters at zero, the schedule over `total_steps`.
+fn fresh_state(cfg: &RunnerConfig, total_steps: u64, world: usize) -> RunState {
+    RunState {
+        run_seed: cfg.seed,
+        counters: Counters::default(),
+        schedule: CosineSchedule {
+            warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as u64,
+            total_steps,
+            min_lr_ratio: cfg.min_lr_ratio,
+        },
+        accumulation: cfg.accumulation,
+        world_size: world,
+        cache_state: serde_json::Value::Null,
+        extra: serde_json::Value::Null,
+    }
+}
+
+/// The publisher of `cfg.publish_dir` (None: no publication), guarding `latest` on the best
+/// metric unless `cfg.allow_worse_latest`.
+fn open_publisher(cfg: &RunnerConfig) -> Result<Option<Publisher>, TrainError> {
+    cfg.publish_dir
+        .as_ref()
+        .map(|d| {
+            let p = Publisher::new(d)?;
+            if cfg.allow_worse_latest {
+                Ok(p)
+            } else {
+                p.guard_latest(&cfg.best_metric)
+            }
+        })
+        .transpose()
+        .map_err(TrainError::from)
+}
+
 impl<'a> Runner<'a> {
     /// Builds the optimizer over the task's parameters and, with `cfg.resume`, restores
     /// `<state_dir>/latest.safetensors` (parameters, moments, counters, history, task state);
@@ -270,34 +304,8 @@ impl<'a> Runner<'a> {
         let opt = AdamW::new(cfg.adamw.clone(), cfg.groups.clone(), task.params()).map_err(|e| fail(e.into()))?;
         let step_batch = cfg.accumulation.effective_batch() * world;
         let steps_per_epoch = n.div_ceil(step_batch) as u64;
-        let total_steps = steps_per_epoch * cfg.epochs;
-        let state = RunState {
-            run_seed: cfg.seed,
-            counters: Counters::default(),
-            schedule: CosineSchedule {
-                warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as u64,
-                total_steps,
-                min_lr_ratio: cfg.min_lr_ratio,
-            },
-            accumulation: cfg.accumulation,
-            world_size: world,
-            cache_state: serde_json::Value::Null,
-            extra: serde_json::Value::Null,
-        };
-        let publisher = cfg
-            .publish_dir
-            .as_ref()
-            .filter(|_| main)
-            .map(|d| {
-                let p = Publisher::new(d)?;
-                if cfg.allow_worse_latest {
-                    Ok(p)
-                } else {
-                    p.guard_latest(&cfg.best_metric)
-                }
-            })
-            .transpose()
-            .map_err(|e| fail(e.into()))?;
+        let state = fresh_state(cfg, steps_per_epoch * cfg.epochs, world);
+        let publisher = if main { open_publisher(cfg).map_err(fail)? } else { None };
         let mut runner = Runner {
             task,
             cfg,

@@ -8,7 +8,10 @@
 //! with the LoRA frozen; refresh epochs train the LoRA live and rewrite the cache), `off` (the
 //! whole VL model live every step).
 
+mod data;
+mod features;
 mod task;
+mod vl;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
