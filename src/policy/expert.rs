@@ -4,7 +4,8 @@ use tch::{nn, Kind, Tensor};
 
 use super::config::PolicyConfig;
 use super::fusion::Fusion;
-use super::layers::{Encoder, Linear};
+use super::layers::Encoder;
+use crate::vlm::linear::Linear;
 
 /// Sinusoidal embedding of (possibly fractional) timesteps `t [B]` -> `[B, dim]` (f32):
 /// `[sin(t f_i), cos(t f_i)]` with `f_i = exp(-ln(10000) i / (dim/2 - 1))`.
@@ -52,11 +53,11 @@ impl ActionExpert {
     pub fn forward_t(&self, x_t: &Tensor, t: &Tensor, cond: &Tensor, train: bool) -> Tensor {
         let k = cond.kind();
         let temb = timestep_embedding(t, self.d_model).to_kind(k);
-        let temb = self.time_mlp.1.forward(&self.time_mlp.0.forward(&temb).gelu("none"));
-        let h = self.action_embed.forward(&x_t.to_kind(k))
+        let temb = self.time_mlp.1.forward_t(&self.time_mlp.0.forward_t(&temb, train).gelu("none"), train);
+        let h = self.action_embed.forward_t(&x_t.to_kind(k), train)
             + self.pos_embed.to_kind(k).unsqueeze(0)
             + temb.unsqueeze(1)
             + cond.unsqueeze(1);
-        self.output.forward(&self.transformer.forward_t(&h, train)).to_kind(Kind::Float)
+        self.output.forward_t(&self.transformer.forward_t(&h, train), train).to_kind(Kind::Float)
     }
 }

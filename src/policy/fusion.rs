@@ -4,7 +4,8 @@
 use tch::{nn, Tensor};
 
 use super::config::{FusionKind, PolicyConfig};
-use super::layers::{Linear, MultiheadAttention};
+use super::layers::MultiheadAttention;
+use crate::vlm::linear::Linear;
 
 /// Unpooled VL tokens for the cross-attention variant.
 #[derive(Debug)]
@@ -85,22 +86,24 @@ impl Fusion {
             Tensor::cat(&parts, -1)
         };
         match self {
-            Fusion::Concat(l) => l.forward(&with_state(vec![vl.to_kind(sensor.kind()), sensor.shallow_clone()])),
+            Fusion::Concat(l) => {
+                l.forward_t(&with_state(vec![vl.to_kind(sensor.kind()), sensor.shallow_clone()]), train)
+            }
             Fusion::Gated { vl_proj, sensor_proj, gate, state_proj } => {
                 let vl = vl.to_kind(sensor.kind());
-                let g = gate.forward(&Tensor::cat(&[&vl, sensor], -1)).sigmoid();
-                let mixed = &g * vl_proj.forward(&vl) + (1.0 - &g) * sensor_proj.forward(sensor);
+                let g = gate.forward_t(&Tensor::cat(&[&vl, sensor], -1), train).sigmoid();
+                let mixed = &g * vl_proj.forward_t(&vl, train) + (1.0 - &g) * sensor_proj.forward_t(sensor, train);
                 match (state_proj, state) {
-                    (Some(p), Some(s)) => mixed + p.forward(&s.to_kind(sensor.kind())),
+                    (Some(p), Some(s)) => mixed + p.forward_t(&s.to_kind(sensor.kind()), train),
                     _ => mixed,
                 }
             }
             Fusion::CrossAttention { query, kv_proj, attn, out } => {
                 let t = tokens.expect("cross-attention fusion needs VL tokens (checked by the caller)");
-                let q = query.forward(sensor).unsqueeze(1);
-                let kv = kv_proj.forward(&t.tokens.to_kind(sensor.kind()));
+                let q = query.forward_t(sensor, train).unsqueeze(1);
+                let kv = kv_proj.forward_t(&t.tokens.to_kind(sensor.kind()), train);
                 let attended = attn.forward_t(&q, &kv, Some(t.mask), train).squeeze_dim(1);
-                out.forward(&with_state(vec![attended, sensor.shallow_clone()]))
+                out.forward_t(&with_state(vec![attended, sensor.shallow_clone()]), train)
             }
         }
     }

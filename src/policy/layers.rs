@@ -5,6 +5,7 @@
 use tch::{nn, Kind, Tensor};
 
 use super::sync_bn::SyncBatchNorm;
+use crate::vlm::linear::Linear;
 
 /// Casts `w` to `kind` when it differs (cheap shallow clone otherwise).
 fn cast(w: &Tensor, kind: Kind) -> Tensor {
@@ -12,28 +13,6 @@ fn cast(w: &Tensor, kind: Kind) -> Tensor {
         w.shallow_clone()
     } else {
         w.to_kind(kind)
-    }
-}
-
-/// `torch.nn.Linear`: `weight [out, in]`, `bias [out]`.
-#[derive(Debug)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    /// Creates `weight` and `bias` under `p`, uniform in +-1/sqrt(in) like PyTorch.
-    pub fn new(p: nn::Path, inp: i64, out: i64) -> Self {
-        let b = 1.0 / (inp as f64).sqrt();
-        let init = nn::Init::Uniform { lo: -b, up: b };
-        Self { weight: p.var("weight", &[out, inp], init), bias: p.var("bias", &[out], init) }
-    }
-
-    /// `x W^T + b` in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        x.linear(&cast(&self.weight, k), Some(cast(&self.bias, k)))
     }
 }
 
@@ -149,10 +128,11 @@ impl MultiheadAttention {
         let b = (6.0 / (4 * d) as f64).sqrt();
         let op = &p / "out_proj";
         let wb = 1.0 / (d as f64).sqrt();
-        let out_proj = Linear {
-            weight: op.var("weight", &[d, d], nn::Init::Uniform { lo: -wb, up: wb }),
-            bias: op.zeros("bias", &[d]),
-        };
+        let out_proj = Linear::in_path(
+            &op,
+            op.var("weight", &[d, d], nn::Init::Uniform { lo: -wb, up: wb }),
+            Some(op.zeros("bias", &[d])),
+        );
         Self {
             in_proj_weight: p.var("in_proj_weight", &[3 * d, d], nn::Init::Uniform { lo: -b, up: b }),
             in_proj_bias: p.zeros("in_proj_bias", &[3 * d]),
@@ -178,7 +158,7 @@ impl MultiheadAttention {
         let mask = key_mask.map(|m| m.view([b, 1, 1, lk]));
         let p = if train { self.dropout } else { 0.0 };
         let o = Tensor::scaled_dot_product_attention(&qh, &kh, &vh, mask, p, false, None, false);
-        self.out_proj.forward(&o.transpose(1, 2).reshape([b, lq, d]))
+        self.out_proj.forward_t(&o.transpose(1, 2).reshape([b, lq, d]), train)
     }
 }
 
@@ -211,8 +191,8 @@ impl EncoderLayer {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let a = self.self_attn.forward_t(x, x, None, train).dropout(self.dropout, train);
         let x = self.norm1.forward(&(x + a));
-        let h = self.linear1.forward(&x).relu().dropout(self.dropout, train);
-        let f = self.linear2.forward(&h).dropout(self.dropout, train);
+        let h = self.linear1.forward_t(&x, train).relu().dropout(self.dropout, train);
+        let f = self.linear2.forward_t(&h, train).dropout(self.dropout, train);
         self.norm2.forward(&(x + f))
     }
 }

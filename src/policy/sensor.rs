@@ -3,8 +3,9 @@
 use tch::{nn, Kind, Tensor};
 
 use super::config::SensorEncoderConfig;
-use super::layers::{BatchNorm1d, Conv1dS2, Encoder, Linear};
+use super::layers::{BatchNorm1d, Conv1dS2, Encoder};
 use super::sync_bn::SyncBatchNorm;
+use crate::vlm::linear::Linear;
 
 /// The statistics the BatchNorm layers normalise with.
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +92,6 @@ impl SensorEncoder {
         }
         let h = h.transpose(1, 2) + self.pos_embed.to_kind(x.kind());
         let h = self.transformer.forward_t(&h, train).mean_dim(1, false, None);
-        self.proj.1.forward(&self.proj.0.forward(&h).gelu("none"))
+        self.proj.1.forward_t(&self.proj.0.forward_t(&h, train).gelu("none"), train)
     }
 }

@@ -57,7 +57,7 @@ impl Qwen25VL {
             let pixels = batch.pixel_values.to_device(self.device());
             let ctx = v.prepare(&pixels, &batch.image_grid_thw, train)?;
             let x = v.embed(&pixels, &ctx);
-            let run = run_layers(&x, v.blocks.len(), ck.vision, &|i, h: &Tensor| v.blocks[i].forward(h, &ctx))?;
+            let run = run_layers(&x, v.blocks.len(), ck.vision, &|i, h: &Tensor| v.forward_block(i, h, &ctx))?;
             let merged = v.merge(run.output(), &ctx);
             Some((run, ctx, merged))
         };
@@ -81,7 +81,7 @@ impl Qwen25VL {
         let lm = &self.language_model;
         let text = {
             let ctx = &inputs.ctx;
-            run_layers(&inputs.embeds, lm.layers.len(), ck, &|i, h: &Tensor| lm.layers[i].forward(h, ctx))?
+            run_layers(&inputs.embeds, lm.layers.len(), ck, &|i, h: &Tensor| lm.forward_layer(i, h, ctx))?
         };
         let last = lm.norm.forward(text.output());
         let (features, text_ctx) = inputs.into_features_and_context(last);
@@ -96,10 +96,10 @@ impl CheckpointedPass {
     pub fn backward(self, model: &Qwen25VL) -> Result<()> {
         let lm = &model.language_model;
         let ctx = &self.text_ctx;
-        self.text.backward(&|i, h: &Tensor| lm.layers[i].forward(h, ctx))?;
+        self.text.backward(&|i, h: &Tensor| lm.forward_layer(i, h, ctx))?;
         if let Some((run, vctx)) = self.vision {
             let v = &model.visual;
-            run.backward(&|i, h: &Tensor| v.blocks[i].forward(h, &vctx))?;
+            run.backward(&|i, h: &Tensor| v.forward_block(i, h, &vctx))?;
         }
         Ok(())
     }

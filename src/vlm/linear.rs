@@ -1,6 +1,7 @@
-//! The linear layer every Qwen2.5-VL projection uses, with a slot for an adapter (LoRA).
+//! The one linear layer: every Qwen2.5-VL projection (frozen, loaded, with a slot for an adapter
+//! such as LoRA) and the policy heads' trainable `torch.nn.Linear` layers.
 
-use tch::Tensor;
+use tch::{nn, Tensor};
 
 /// Something added to a linear layer's output, such as a LoRA update `B(A(dropout(x))) * s`.
 pub trait LinearAdapter: Send + std::any::Any {
@@ -12,10 +13,10 @@ pub trait LinearAdapter: Send + std::any::Any {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
-/// `y = x W^T + b (+ adapter(x))`, with the weight named by its Hugging Face module path.
+/// `y = x W^T + b (+ adapter(x))`, with the weight named by its module path.
 pub struct Linear {
-    /// Module path in the transformers>=4.52 layout, without `.weight`
-    /// (e.g. `model.language_model.layers.0.self_attn.q_proj`).
+    /// Module path without `.weight`: the transformers>=4.52 layout for the VLM
+    /// (e.g. `model.language_model.layers.0.self_attn.q_proj`), the VarStore path for the heads.
     pub path: String,
     /// `[out_features, in_features]`.
     pub weight: Tensor,
@@ -25,7 +26,31 @@ pub struct Linear {
     pub adapter: Option<Box<dyn LinearAdapter>>,
 }
 
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linear")
+            .field("path", &self.path)
+            .field("weight", &self.weight)
+            .field("bias", &self.bias)
+            .field("adapter", &self.adapter.is_some())
+            .finish()
+    }
+}
+
 impl Linear {
+    /// `torch.nn.Linear(inp, out)`: trainable `weight` and `bias` created under `p`, uniform in
+    /// +-1/sqrt(in) like PyTorch.
+    pub fn new(p: nn::Path, inp: i64, out: i64) -> Self {
+        let b = 1.0 / (inp as f64).sqrt();
+        let init = nn::Init::Uniform { lo: -b, up: b };
+        Self::in_path(&p, p.var("weight", &[out, inp], init), Some(p.var("bias", &[out], init)))
+    }
+
+    /// A layer without adapter over `weight` and `bias`, named by the VarStore path `p`.
+    pub fn in_path(p: &nn::Path, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { path: p.components().collect::<Vec<_>>().join("."), weight, bias, adapter: None }
+    }
+
     /// Input features.
     pub fn in_features(&self) -> i64 {
         self.weight.size()[1]

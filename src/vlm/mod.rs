@@ -10,6 +10,7 @@ pub mod layers;
 pub mod linear;
 pub mod lora;
 pub mod model;
+pub mod params;
 pub mod peft;
 pub mod precision;
 pub mod processor;

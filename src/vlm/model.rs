@@ -106,8 +106,8 @@ impl Qwen25VL {
     /// no `lm_head`, adapters excluded). Writing them to safetensors gives a loadable checkpoint
     /// of a tied-embedding model.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = self.visual.named_tensors("model.visual");
-        out.extend(self.language_model.named_tensors("model.language_model"));
+        let mut out = self.visual.named_tensors();
+        out.extend(self.language_model.named_tensors());
         out
     }
 
@@ -234,7 +234,7 @@ impl VisitLinears for Qwen25VL {
     /// Vision tower linears (blocks in order: qkv, proj, gate, up, down; then merger fc1, fc2),
     /// then decoder linears (layers in order: q, k, v, o, gate, up, down).
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear)) {
-        self.visual.visit_linears_mut(f);
-        self.language_model.visit_linears_mut(f);
+        self.visual.params.visit_linears_mut(f);
+        self.language_model.params.visit_linears_mut(f);
     }
 }

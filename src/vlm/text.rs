@@ -2,7 +2,7 @@
 //! biased q/k/v, M-RoPE, SwiGLU MLP, RMSNorm) and the final norm.
 //!
 //! Segmentable for gradient checkpointing: [`TextModel::prepare`] builds the per-forward
-//! [`TextContext`] (rotary tables, attention mask), each [`DecoderLayer::forward`] runs one layer,
+//! [`TextContext`] (rotary tables, attention mask), [`TextModel::forward_layer`] runs one layer,
 //! [`TextModel::forward_embeds`] chains them and applies the final norm.
 
 use tch::{Device, Kind, Tensor};
@@ -11,10 +11,13 @@ use crate::oom_injection::{self, Point};
 
 use super::config::TextConfig;
 use super::error::{Result, VlmError};
-use super::layers::{linear, push_linear, push_norm, rotate_half, RmsNorm};
-use super::linear::{Linear, VisitLinears};
+use super::layers::{rotate_half, RmsNorm};
+use super::params::{LinearId, Params, Scope};
 use super::rope::mrope_cos_sin;
 use super::weights::{Init, Loader};
+
+/// The token embedding's name under the language model.
+const EMBED: &str = "embed_tokens.weight";
 
 /// Everything a decoder layer needs besides its input, computed once per forward.
 pub struct TextContext {
@@ -32,13 +35,13 @@ pub struct TextContext {
 /// Grouped-query self-attention.
 pub struct TextAttention {
     /// Query projection (with bias).
-    pub q_proj: Linear,
+    pub q_proj: LinearId,
     /// Key projection (with bias).
-    pub k_proj: Linear,
+    pub k_proj: LinearId,
     /// Value projection (with bias).
-    pub v_proj: Linear,
+    pub v_proj: LinearId,
     /// Output projection (no bias).
-    pub o_proj: Linear,
+    pub o_proj: LinearId,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -47,11 +50,11 @@ pub struct TextAttention {
 /// SwiGLU MLP without biases.
 pub struct TextMlp {
     /// Gate projection.
-    pub gate_proj: Linear,
+    pub gate_proj: LinearId,
     /// Up projection.
-    pub up_proj: Linear,
+    pub up_proj: LinearId,
     /// Down projection.
-    pub down_proj: Linear,
+    pub down_proj: LinearId,
 }
 
 /// One decoder layer.
@@ -77,6 +80,9 @@ pub struct TextModel {
     pub layers: Vec<DecoderLayer>,
     /// Final norm.
     pub norm: RmsNorm,
+    /// Every weight by name and the linear layers the layers refer to.
+    pub params: Params,
+    embed_name: String,
     kept_rows: Option<KeptRows>,
 }
 
@@ -89,12 +95,12 @@ struct KeptRows {
 }
 
 impl TextAttention {
-    fn forward(&self, x: &Tensor, ctx: &TextContext) -> Tensor {
+    fn forward(&self, p: &Params, x: &Tensor, ctx: &TextContext) -> Tensor {
         let (b, l) = (x.size()[0], x.size()[1]);
         let heads = |t: Tensor, n: i64| t.reshape([b, l, n, self.head_dim]).transpose(1, 2);
-        let q = heads(self.q_proj.forward_t(x, ctx.train), self.num_heads);
-        let k = heads(self.k_proj.forward_t(x, ctx.train), self.num_kv_heads);
-        let v = heads(self.v_proj.forward_t(x, ctx.train), self.num_kv_heads);
+        let q = heads(p[self.q_proj].forward_t(x, ctx.train), self.num_heads);
+        let k = heads(p[self.k_proj].forward_t(x, ctx.train), self.num_kv_heads);
+        let v = heads(p[self.v_proj].forward_t(x, ctx.train), self.num_kv_heads);
         let cos = ctx.cos.unsqueeze(1);
         let sin = ctx.sin.unsqueeze(1);
         let q = &q * &cos + rotate_half(&q) * &sin;
@@ -106,62 +112,58 @@ impl TextAttention {
             None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa),
         };
         let out = out.transpose(1, 2).reshape([b, l, self.num_heads * self.head_dim]);
-        self.o_proj.forward_t(&out, ctx.train)
+        p[self.o_proj].forward_t(&out, ctx.train)
     }
 }
 
 impl DecoderLayer {
-    fn new(loader: &mut Loader, path: &str, cfg: &TextConfig) -> Result<Self> {
+    /// Norms first, then attention and MLP (the order of [`TextModel::named_tensors`]).
+    fn new(s: &mut Scope, cfg: &TextConfig) -> Result<Self> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        Ok(DecoderLayer {
-            input_layernorm: RmsNorm::new(loader, &format!("{path}.input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: TextAttention {
-                q_proj: linear(loader, &format!("{path}.self_attn.q_proj"), h, nh * hd, true)?,
-                k_proj: linear(loader, &format!("{path}.self_attn.k_proj"), h, nkv * hd, true)?,
-                v_proj: linear(loader, &format!("{path}.self_attn.v_proj"), h, nkv * hd, true)?,
-                o_proj: linear(loader, &format!("{path}.self_attn.o_proj"), nh * hd, h, false)?,
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: hd,
-            },
-            post_attention_layernorm: RmsNorm::new(
-                loader,
-                &format!("{path}.post_attention_layernorm"),
-                h,
-                cfg.rms_norm_eps,
-            )?,
-            mlp: TextMlp {
-                gate_proj: linear(loader, &format!("{path}.mlp.gate_proj"), h, i, false)?,
-                up_proj: linear(loader, &format!("{path}.mlp.up_proj"), h, i, false)?,
-                down_proj: linear(loader, &format!("{path}.mlp.down_proj"), i, h, false)?,
-            },
-        })
+        let input_layernorm = s.norm("input_layernorm", h, cfg.rms_norm_eps)?;
+        let post_attention_layernorm = s.norm("post_attention_layernorm", h, cfg.rms_norm_eps)?;
+        let mut a = s.pp("self_attn");
+        let self_attn = TextAttention {
+            q_proj: a.linear("q_proj", h, nh * hd, true)?,
+            k_proj: a.linear("k_proj", h, nkv * hd, true)?,
+            v_proj: a.linear("v_proj", h, nkv * hd, true)?,
+            o_proj: a.linear("o_proj", nh * hd, h, false)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let mut m = s.pp("mlp");
+        let mlp = TextMlp {
+            gate_proj: m.linear("gate_proj", h, i, false)?,
+            up_proj: m.linear("up_proj", h, i, false)?,
+            down_proj: m.linear("down_proj", i, h, false)?,
+        };
+        Ok(DecoderLayer { input_layernorm, self_attn, post_attention_layernorm, mlp })
     }
 
-    /// One layer on `x` `[batch, len, hidden]`.
-    pub fn forward(&self, x: &Tensor, ctx: &TextContext) -> Tensor {
-        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), ctx);
+    /// One layer on `x` `[batch, len, hidden]`, its linears taken from `p`.
+    fn forward(&self, p: &Params, x: &Tensor, ctx: &TextContext) -> Tensor {
+        let x = x + self.self_attn.forward(p, &self.input_layernorm.forward(x), ctx);
         let h = self.post_attention_layernorm.forward(&x);
         let m = &self.mlp;
-        let g = m.gate_proj.forward_t(&h, ctx.train).silu() * m.up_proj.forward_t(&h, ctx.train);
-        &x + m.down_proj.forward_t(&g, ctx.train)
+        let g = p[m.gate_proj].forward_t(&h, ctx.train).silu() * p[m.up_proj].forward_t(&h, ctx.train);
+        &x + p[m.down_proj].forward_t(&g, ctx.train)
     }
 }
 
 impl TextModel {
     /// Builds the language model from `prefix` (normally `model.language_model`).
     pub fn new(loader: &mut Loader, prefix: &str, cfg: &TextConfig) -> Result<Self> {
-        let embed_tokens = loader.tensor(
-            &format!("{prefix}.embed_tokens.weight"),
-            &[cfg.vocab_size, cfg.hidden_size],
-            Init::Normal,
-        )?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(loader, &format!("{prefix}.layers.{i}"), cfg))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(loader, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        Ok(TextModel { config: cfg.clone(), embed_tokens, layers, norm, kept_rows: None })
+        let mut params = Params::default();
+        let mut s = Scope::new(loader, &mut params, prefix);
+        let embed_name = s.name(EMBED);
+        let embed_tokens = s.tensor(EMBED, &[cfg.vocab_size, cfg.hidden_size], Init::Normal)?;
+        let mut ls = s.pp("layers");
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| DecoderLayer::new(&mut ls.pp(i), cfg)).collect::<Result<Vec<_>>>()?;
+        let norm = s.norm("norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        Ok(TextModel { config: cfg.clone(), embed_tokens, layers, norm, params, embed_name, kept_rows: None })
     }
 
     /// Token embeddings `[batch, len, hidden]`, on the model's device, of `input_ids` `[batch,
@@ -213,6 +215,7 @@ impl TextModel {
         }
         let device = self.embed_tokens.device();
         self.embed_tokens = self.embed_tokens.index_select(0, &Tensor::from_slice(&keep).to_device(device));
+        self.params.replace(&self.embed_name, &self.embed_tokens)?;
         self.kept_rows = Some(KeptRows { row_of: Tensor::from_slice(&row_of).to_device(device), kept });
         Ok(())
     }
@@ -238,18 +241,13 @@ impl TextModel {
     }
 
     /// Every weight with its transformers>=4.52 name (`model.language_model.*`), adapters excluded.
-    pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        let mut out = vec![(format!("{prefix}.embed_tokens.weight"), self.embed_tokens.shallow_clone())];
-        for l in &self.layers {
-            push_norm(&mut out, &l.input_layernorm);
-            push_norm(&mut out, &l.post_attention_layernorm);
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
-                push_linear(&mut out, lin);
-            }
-        }
-        push_norm(&mut out, &self.norm);
-        out
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params.named_tensors()
+    }
+
+    /// Decoder layer `i` on `x` `[batch, len, hidden]`.
+    pub fn forward_layer(&self, i: usize, x: &Tensor, ctx: &TextContext) -> Tensor {
+        self.layers[i].forward(&self.params, x, ctx)
     }
 
     /// Runs every layer and the final norm on input embeddings `[batch, len, hidden]`.
@@ -257,22 +255,8 @@ impl TextModel {
         let mut x = embeds.shallow_clone();
         for layer in &self.layers {
             oom_injection::reach(Point::Forward);
-            x = layer.forward(&x, ctx);
+            x = layer.forward(&self.params, &x, ctx);
         }
         self.norm.forward(&x)
-    }
-}
-
-impl VisitLinears for TextModel {
-    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear)) {
-        for l in &mut self.layers {
-            f(&mut l.self_attn.q_proj);
-            f(&mut l.self_attn.k_proj);
-            f(&mut l.self_attn.v_proj);
-            f(&mut l.self_attn.o_proj);
-            f(&mut l.mlp.gate_proj);
-            f(&mut l.mlp.up_proj);
-            f(&mut l.mlp.down_proj);
-        }
     }
 }

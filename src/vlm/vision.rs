@@ -2,15 +2,15 @@
 //! the window reordering and full-attention blocks, RMSNorm, SwiGLU MLP with biases, patch merger.
 //!
 //! Segmentable for gradient checkpointing: [`VisionTower::prepare`] computes the per-forward
-//! [`VisionContext`], [`VisionTower::embed`] the block input, each [`VisionBlock::forward`] one
+//! [`VisionContext`], [`VisionTower::embed`] the block input, [`VisionTower::forward_block`] one
 //! block, and [`VisionTower::merge`] the output; [`VisionTower::forward`] chains them.
 
 use tch::{Device, Kind, Tensor};
 
 use super::config::VisionConfig;
 use super::error::{Result, VlmError};
-use super::layers::{linear, push_linear, push_norm, rotate_half, RmsNorm};
-use super::linear::{Linear, VisitLinears};
+use super::layers::{rotate_half, RmsNorm};
+use super::params::{LinearId, Params, Scope};
 use super::weights::{Init, Loader};
 
 /// Everything a vision block needs besides its input, computed once per forward.
@@ -34,20 +34,20 @@ pub struct VisionContext {
 /// Self-attention of one vision block (fused qkv with bias, output projection with bias).
 pub struct VisionAttention {
     /// `[3 * hidden, hidden]`.
-    pub qkv: Linear,
+    pub qkv: LinearId,
     /// `[hidden, hidden]`.
-    pub proj: Linear,
+    pub proj: LinearId,
     num_heads: i64,
 }
 
 /// SwiGLU MLP with biases.
 pub struct VisionMlp {
     /// Gate projection.
-    pub gate_proj: Linear,
+    pub gate_proj: LinearId,
     /// Up projection.
-    pub up_proj: Linear,
+    pub up_proj: LinearId,
     /// Down projection.
-    pub down_proj: Linear,
+    pub down_proj: LinearId,
 }
 
 /// One vision transformer block.
@@ -69,9 +69,9 @@ pub struct PatchMerger {
     /// Norm over each patch before merging.
     pub ln_q: RmsNorm,
     /// `mlp.0`.
-    pub fc1: Linear,
+    pub fc1: LinearId,
     /// `mlp.2`.
-    pub fc2: Linear,
+    pub fc2: LinearId,
 }
 
 /// The whole vision tower.
@@ -84,6 +84,8 @@ pub struct VisionTower {
     pub blocks: Vec<VisionBlock>,
     /// The merger.
     pub merger: PatchMerger,
+    /// Every weight by name and the linear layers the blocks and the merger refer to.
+    pub params: Params,
     inv_freq: Tensor,
 }
 
@@ -119,9 +121,9 @@ fn attention_segments(q: &Tensor, k: &Tensor, v: &Tensor, cu: &[i64]) -> Tensor 
 }
 
 impl VisionAttention {
-    fn forward(&self, x: &Tensor, ctx: &VisionContext, cu: &[i64]) -> Tensor {
+    fn forward(&self, p: &Params, x: &Tensor, ctx: &VisionContext, cu: &[i64]) -> Tensor {
         let s = x.size()[0];
-        let qkv = self.qkv.forward_t(x, ctx.train).reshape([s, 3, self.num_heads, -1]).permute([1, 0, 2, 3]);
+        let qkv = p[self.qkv].forward_t(x, ctx.train).reshape([s, 3, self.num_heads, -1]).permute([1, 0, 2, 3]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let kind = q.kind();
         let cos = ctx.cos.unsqueeze(-2);
@@ -134,44 +136,44 @@ impl VisionAttention {
         let to_heads = |t: &Tensor| t.transpose(0, 1).unsqueeze(0);
         let out = attention_segments(&to_heads(&q), &to_heads(&k), &to_heads(&v), cu);
         let out = out.squeeze_dim(0).transpose(0, 1).reshape([s, -1]);
-        self.proj.forward_t(&out, ctx.train)
+        p[self.proj].forward_t(&out, ctx.train)
     }
 }
 
 impl VisionMlp {
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let g = self.gate_proj.forward_t(x, train).silu();
-        self.down_proj.forward_t(&(g * self.up_proj.forward_t(x, train)), train)
+    fn forward(&self, p: &Params, x: &Tensor, train: bool) -> Tensor {
+        let g = p[self.gate_proj].forward_t(x, train).silu();
+        p[self.down_proj].forward_t(&(g * p[self.up_proj].forward_t(x, train)), train)
     }
 }
 
 impl VisionBlock {
-    fn new(loader: &mut Loader, path: &str, cfg: &VisionConfig, full_attention: bool) -> Result<Self> {
+    fn new(s: &mut Scope, cfg: &VisionConfig, full_attention: bool) -> Result<Self> {
         let h = cfg.hidden_size;
         let i = cfg.intermediate_size;
-        Ok(VisionBlock {
-            norm1: RmsNorm::new(loader, &format!("{path}.norm1"), h, 1e-6)?,
-            norm2: RmsNorm::new(loader, &format!("{path}.norm2"), h, 1e-6)?,
-            attn: VisionAttention {
-                qkv: linear(loader, &format!("{path}.attn.qkv"), h, 3 * h, true)?,
-                proj: linear(loader, &format!("{path}.attn.proj"), h, h, true)?,
-                num_heads: cfg.num_heads,
-            },
-            mlp: VisionMlp {
-                gate_proj: linear(loader, &format!("{path}.mlp.gate_proj"), h, i, true)?,
-                up_proj: linear(loader, &format!("{path}.mlp.up_proj"), h, i, true)?,
-                down_proj: linear(loader, &format!("{path}.mlp.down_proj"), i, h, true)?,
-            },
-            full_attention,
-        })
+        let norm1 = s.norm("norm1", h, 1e-6)?;
+        let norm2 = s.norm("norm2", h, 1e-6)?;
+        let mut a = s.pp("attn");
+        let attn = VisionAttention {
+            qkv: a.linear("qkv", h, 3 * h, true)?,
+            proj: a.linear("proj", h, h, true)?,
+            num_heads: cfg.num_heads,
+        };
+        let mut m = s.pp("mlp");
+        let mlp = VisionMlp {
+            gate_proj: m.linear("gate_proj", h, i, true)?,
+            up_proj: m.linear("up_proj", h, i, true)?,
+            down_proj: m.linear("down_proj", i, h, true)?,
+        };
+        Ok(VisionBlock { norm1, norm2, attn, mlp, full_attention })
     }
 
     /// One block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`; `x` is `[patches, hidden]` in
-    /// window order.
-    pub fn forward(&self, x: &Tensor, ctx: &VisionContext) -> Tensor {
+    /// window order, the linears taken from `p`.
+    fn forward(&self, p: &Params, x: &Tensor, ctx: &VisionContext) -> Tensor {
         let cu = if self.full_attention { &ctx.cu_seqlens } else { &ctx.cu_window_seqlens };
-        let x = x + self.attn.forward(&self.norm1.forward(x), ctx, cu);
-        &x + self.mlp.forward(&self.norm2.forward(&x), ctx.train)
+        let x = x + self.attn.forward(p, &self.norm1.forward(x), ctx, cu);
+        &x + self.mlp.forward(p, &self.norm2.forward(&x), ctx.train)
     }
 }
 
@@ -231,27 +233,28 @@ fn patch_positions(grids: &[[i64; 3]], m: i64) -> Vec<[i64; 2]> {
 impl VisionTower {
     /// Builds the tower from `prefix` (normally `model.visual`).
     pub fn new(loader: &mut Loader, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
-        let patch_embed = loader.tensor(
-            &format!("{prefix}.patch_embed.proj.weight"),
+        let mut params = Params::default();
+        let mut s = Scope::new(loader, &mut params, prefix);
+        let patch_embed = s.tensor(
+            "patch_embed.proj.weight",
             &[cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
             Init::Normal,
         )?;
+        let mut bs = s.pp("blocks");
         let blocks = (0..cfg.depth)
-            .map(|i| {
-                VisionBlock::new(loader, &format!("{prefix}.blocks.{i}"), cfg, cfg.fullatt_block_indexes.contains(&i))
-            })
+            .map(|i| VisionBlock::new(&mut bs.pp(i), cfg, cfg.fullatt_block_indexes.contains(&i)))
             .collect::<Result<Vec<_>>>()?;
-        let unit = cfg.spatial_merge_size * cfg.spatial_merge_size;
-        let merged = cfg.hidden_size * unit;
+        let merged = cfg.hidden_size * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let mut ms = s.pp("merger");
         let merger = PatchMerger {
-            ln_q: RmsNorm::new(loader, &format!("{prefix}.merger.ln_q"), cfg.hidden_size, 1e-6)?,
-            fc1: linear(loader, &format!("{prefix}.merger.mlp.0"), merged, merged, true)?,
-            fc2: linear(loader, &format!("{prefix}.merger.mlp.2"), merged, cfg.out_hidden_size, true)?,
+            ln_q: ms.norm("ln_q", cfg.hidden_size, 1e-6)?,
+            fc1: ms.linear("mlp.0", merged, merged, true)?,
+            fc2: ms.linear("mlp.2", merged, cfg.out_hidden_size, true)?,
         };
         let half = cfg.head_dim() / 2;
-        let exps = Tensor::arange_start_step(0, half, 2, (Kind::Float, loader.device())) / (half as f64);
-        let inv_freq = Tensor::from(cfg.rope_theta as f32).to_device(loader.device()).pow(&exps).reciprocal();
-        Ok(VisionTower { config: cfg.clone(), patch_embed, blocks, merger, inv_freq })
+        let exps = Tensor::arange_start_step(0, half, 2, (Kind::Float, s.device())) / (half as f64);
+        let inv_freq = Tensor::from(cfg.rope_theta as f32).to_device(s.device()).pow(&exps).reciprocal();
+        Ok(VisionTower { config: cfg.clone(), patch_embed, blocks, merger, params, inv_freq })
     }
 
     /// Checks `pixel_values` `[patches, patch_dim]` against `grids` and computes the per-forward
@@ -318,8 +321,8 @@ impl VisionTower {
     pub fn merge(&self, x: &Tensor, ctx: &VisionContext) -> Tensor {
         let unit = self.config.spatial_merge_size * self.config.spatial_merge_size;
         let x = self.merger.ln_q.forward(x).reshape([-1, self.config.hidden_size * unit]);
-        let x = self.merger.fc1.forward_t(&x, ctx.train).gelu("none");
-        self.merger.fc2.forward_t(&x, ctx.train).index_select(0, &ctx.reverse_index)
+        let x = self.params[self.merger.fc1].forward_t(&x, ctx.train).gelu("none");
+        self.params[self.merger.fc2].forward_t(&x, ctx.train).index_select(0, &ctx.reverse_index)
     }
 
     /// Merged image embeddings `[sum(t*h*w)/merge^2, out_hidden]` for `pixel_values` `[patches,
@@ -328,43 +331,23 @@ impl VisionTower {
         let ctx = self.prepare(pixel_values, grids, train)?;
         let mut x = self.embed(pixel_values, &ctx);
         for b in &self.blocks {
-            x = b.forward(&x, &ctx);
+            x = b.forward(&self.params, &x, &ctx);
         }
         Ok(self.merge(&x, &ctx))
     }
 
+    /// Block `i` on `x` `[patches, hidden]` in window order.
+    pub fn forward_block(&self, i: usize, x: &Tensor, ctx: &VisionContext) -> Tensor {
+        self.blocks[i].forward(&self.params, x, ctx)
+    }
+
     /// Every base weight with its transformers>=4.52 name (`model.visual.*`), adapters excluded.
-    pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        let mut out = vec![(format!("{prefix}.patch_embed.proj.weight"), self.patch_embed.shallow_clone())];
-        for b in &self.blocks {
-            push_norm(&mut out, &b.norm1);
-            push_norm(&mut out, &b.norm2);
-            for l in [&b.attn.qkv, &b.attn.proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
-                push_linear(&mut out, l);
-            }
-        }
-        push_norm(&mut out, &self.merger.ln_q);
-        push_linear(&mut out, &self.merger.fc1);
-        push_linear(&mut out, &self.merger.fc2);
-        out
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params.named_tensors()
     }
 
     /// The device of the weights.
     pub fn device(&self) -> Device {
         self.patch_embed.device()
-    }
-}
-
-impl VisitLinears for VisionTower {
-    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear)) {
-        for b in &mut self.blocks {
-            f(&mut b.attn.qkv);
-            f(&mut b.attn.proj);
-            f(&mut b.mlp.gate_proj);
-            f(&mut b.mlp.up_proj);
-            f(&mut b.mlp.down_proj);
-        }
-        f(&mut self.merger.fc1);
-        f(&mut self.merger.fc2);
     }
 }
