@@ -500,6 +500,7 @@ fn import_written(dir: &Path, kind: &str, opts: &ImportOptions, image_tol: f64) 
 
 /// Stage 1 then one Stage 2 epoch on the tiny model, CPU.
 fn stage2_epoch(dataset: &Path, dir: &Path) {
+    use vla_finetune::train::config::{Override, TrainConfig};
     use vla_finetune::train::controller::JobContext;
     use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
     use vla_finetune::train::progress::ProgressHub;
@@ -544,9 +545,8 @@ fn stage2_epoch(dataset: &Path, dir: &Path) {
         "cache.mode=off".into(),
         "optim.warmup_ratio=0.0".into(),
     ];
-    let cfg =
-        vla_finetune::train::config::TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &sets)
-            .unwrap();
+    let sets: Vec<Override> = sets.iter().map(|s| s.parse().unwrap()).collect();
+    let cfg = TrainConfig::from_yaml(include_str!("../config/train.yaml"), "train.yaml", &sets).unwrap();
     let r = stage2::run(&Stage2Job { config: cfg, resume: false, group: None }, &ctx(), &mut |_| {}).unwrap();
     assert!(r.lora_params_changed, "one Stage 2 epoch trains the LoRA weights");
     assert!(r.val_action_error.is_some_and(f64::is_finite), "{:?}", r.val_action_error);
