@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use crate::checkpoint::publish::{Published, Publisher};
 use crate::dataset::compile::{compile, CompileConfig};
 use crate::train::comparison::Errors;
-use crate::train::config::TrainConfig;
+use crate::train::config::{Override, TrainConfig};
 use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
 use crate::train::stage2::{self, Stage2Job};
 
@@ -383,38 +383,37 @@ pub(super) fn stage2_config(
     checkpoints: &Path,
 ) -> Result<TrainConfig> {
     let on_cuda = crate::device::parse_available(&p.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?.is_cuda();
-    let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let sets = vec![
-        format!("data.dataset_dir={}", q(dataset)),
-        format!("model.base_model_dir={}", q(base)),
-        format!("model.stage1_checkpoint={}", q(stage1)),
-        format!("run.output_dir={}", q(work)),
-        format!("run.epochs={}", p.epochs),
-        format!("run.seed={}", p.seed),
-        format!("run.device={}", p.device),
-        // f32 on the CPU, bf16 (the GPU default) on CUDA; checkpointing as on a GPU.
-        format!("model.compute_dtype={}", if on_cuda { "bf16" } else { "f32" }),
-        "memory.preset=manual".into(),
-        "memory.micro_batch=4".into(),
-        "memory.accum_steps=2".into(),
-        "lora.rank=8".into(),
-        // The tiny random model needs larger steps than a pretrained 3B.
-        format!("optim.lr_vl_lora={:e}", p.lr_vl_lora),
-        "optim.lr_heads=3.0e-4".into(),
-        "optim.lr_sensor_encoder=3.0e-4".into(),
-        format!("cache.mode={}", p.cache_mode),
-        format!("cache.rebuild_interval_epochs={}", p.refresh_every),
-        format!("cache.drift_threshold={}", p.drift_threshold.map_or("null".to_string(), |t| t.to_string())),
-        format!("cache.dir={}", q(&work.join("cache"))),
-        format!("checkpoint.state_dir={}", q(&work.join("state"))),
-        format!("checkpoint.publish_dir={}", q(checkpoints)),
-        "checkpoint.keep_versions=20".into(),
-        format!("progress.log_file={}", q(&work.join("progress.jsonl"))),
-        format!("progress.plot_file={}", q(&work.join("curves.png"))),
-    ];
+    let path = |key: &str, dir: &Path| Override::new(key, dir.display().to_string());
     let presets = std::fs::canonicalize(crate::repo_files::repo_file("config/vram_presets.yaml"))?;
-    let mut all = vec![format!("memory.presets_file={}", q(&presets))];
-    all.extend(sets);
+    let all = vec![
+        path("memory.presets_file", &presets),
+        path("data.dataset_dir", dataset),
+        path("model.base_model_dir", base),
+        path("model.stage1_checkpoint", stage1),
+        path("run.output_dir", work),
+        Override::new("run.epochs", p.epochs),
+        Override::new("run.seed", p.seed),
+        Override::new("run.device", p.device.as_str()),
+        // f32 on the CPU, bf16 (the GPU default) on CUDA; checkpointing as on a GPU.
+        Override::new("model.compute_dtype", if on_cuda { "bf16" } else { "f32" }),
+        Override::new("memory.preset", "manual"),
+        Override::new("memory.micro_batch", 4u64),
+        Override::new("memory.accum_steps", 2u64),
+        Override::new("lora.rank", 8u64),
+        // The tiny random model needs larger steps than a pretrained 3B.
+        Override::new("optim.lr_vl_lora", p.lr_vl_lora),
+        Override::new("optim.lr_heads", 3.0e-4),
+        Override::new("optim.lr_sensor_encoder", 3.0e-4),
+        Override::new("cache.mode", p.cache_mode.as_str()),
+        Override::new("cache.rebuild_interval_epochs", p.refresh_every),
+        Override::new("cache.drift_threshold", p.drift_threshold.map_or(serde_yaml::Value::Null, Into::into)),
+        path("cache.dir", &work.join("cache")),
+        path("checkpoint.state_dir", &work.join("state")),
+        path("checkpoint.publish_dir", checkpoints),
+        Override::new("checkpoint.keep_versions", 20u64),
+        path("progress.log_file", &work.join("progress.jsonl")),
+        path("progress.plot_file", &work.join("curves.png")),
+    ];
     Ok(TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "config/train.yaml", &all)?)
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::dist::{Group, LaunchEnv};
-use crate::train::config::TrainConfig;
+use crate::train::config::{Override, TrainConfig};
 use crate::train::controller::JobContext;
 use crate::train::guard;
 use crate::train::progress::{spawn_sink, BarRenderer, JsonlLog, Phase, ProgressHub, Throttle};
@@ -30,7 +30,7 @@ pub struct TrainArgs {
     pub config: PathBuf,
     /// Override one value, `section.key=value` (YAML value), e.g. `cache.mode=off`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    pub set: Vec<Override>,
     /// Continue from the training state in `checkpoint.state_dir` when there is one.
     #[arg(long, conflicts_with = "fresh")]
     pub resume: bool,

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::policy::config::PolicyConfig;
+use crate::train::config::Override;
 use crate::train::heads_job::{self, small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
 
 /// Arguments of `train-heads`.
@@ -43,7 +44,7 @@ pub struct TrainHeadsArgs {
     pub config: Option<PathBuf>,
     /// Override one setting, `key=value` (YAML value), e.g. `weight_decay=0.01`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    pub set: Vec<Override>,
     /// Epochs (overrides the settings).
     #[arg(long)]
     pub epochs: Option<u64>,
@@ -69,16 +70,13 @@ pub struct TrainHeadsArgs {
 }
 
 impl TrainHeadsArgs {
-    /// `--set` followed by the flags, as overrides.
-    fn overrides(&self) -> Vec<String> {
+    /// `--set` followed by the flags (which win), as overrides.
+    fn overrides(&self) -> Vec<Override> {
         let mut o = self.set.clone();
-        let flags = [
-            ("epochs", self.epochs.map(|v| v.to_string())),
-            ("batch_size", self.batch_size.map(|v| v.to_string())),
-            ("lr", self.lr.map(|v| format!("{v:?}"))),
-            ("seed", self.seed.map(|v| v.to_string())),
-        ];
-        o.extend(flags.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
+        o.extend(self.epochs.map(|v| Override::new("epochs", v)));
+        o.extend(self.batch_size.map(|v| Override::new("batch_size", v)));
+        o.extend(self.lr.map(|v| Override::new("lr", v)));
+        o.extend(self.seed.map(|v| Override::new("seed", v)));
         o
     }
 }

@@ -1,5 +1,6 @@
-//! Typed Stage 2 configuration (`config/train.yaml`) with `section.key=value` overrides and
-//! validation, and the VRAM presets (`config/vram_presets.yaml`) the memory settings resolve from.
+//! Typed Stage 2 configuration (`config/train.yaml`) with typed `section.key=value` overrides
+//! ([`Override`]) and validation, and the VRAM presets (`config/vram_presets.yaml`) the memory
+//! settings resolve from.
 
 use std::path::{Path, PathBuf};
 
@@ -234,6 +235,127 @@ pub struct DistributedSection {
     pub timeout_s: u64,
 }
 
+/// `v > 0` and finite.
+fn positive_finite(v: f64) -> bool {
+    v > 0.0 && v.is_finite()
+}
+
+impl RunConfig {
+    /// Checks the `run` values; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.epochs == 0 {
+            return Err(invalid("run.epochs", "must be >= 1"));
+        }
+        crate::device::parse(&self.device).map_err(|e| invalid("run.device", e))?;
+        Ok(())
+    }
+}
+
+impl LoraSection {
+    /// Checks the `lora` values; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(0) = self.rank {
+            return Err(invalid("lora.rank", "must be >= 1 (or null for the preset's)"));
+        }
+        if !positive_finite(self.scaling) {
+            return Err(invalid("lora.scaling", "must be positive and finite"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(invalid("lora.dropout", "must be in [0, 1)"));
+        }
+        if self.target_modules.is_empty() {
+            return Err(invalid("lora.target_modules", "must name at least one projection"));
+        }
+        Ok(())
+    }
+}
+
+impl DistributedSection {
+    /// Checks the `distributed` values; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.backend != "gloo" {
+            return Err(invalid("distributed.backend", format!("`{}` is not built in (expected gloo)", self.backend)));
+        }
+        if self.timeout_s == 0 {
+            return Err(invalid("distributed.timeout_s", "must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
+impl OptimSection {
+    /// Checks the `optim` values; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("optim.lr_vl_lora", self.lr_vl_lora),
+            ("optim.lr_heads", self.lr_heads),
+            ("optim.lr_sensor_encoder", self.lr_sensor_encoder),
+            ("optim.weight_decay", self.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(invalid(key, format!("{v} must be finite and >= 0")));
+            }
+        }
+        for (key, v) in [("optim.beta1", self.beta1), ("optim.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(invalid(key, format!("{v} must be in [0, 1)")));
+            }
+        }
+        if !positive_finite(self.eps) {
+            return Err(invalid("optim.eps", "must be positive"));
+        }
+        for r in &self.no_decay {
+            Regex::new(r).map_err(|e| invalid("optim.no_decay", format!("`{r}`: {e}")))?;
+        }
+        if !positive_finite(self.grad_clip_norm) {
+            return Err(invalid("optim.grad_clip_norm", "must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(invalid("optim.warmup_ratio", "must be in [0, 1)"));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(invalid("optim.min_lr_ratio", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+impl MemorySection {
+    /// Checks the `memory` values; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (self.micro_batch, self.accum_steps) {
+            (Some(0), _) | (_, Some(0)) => {
+                Err(invalid("memory.micro_batch", "micro_batch and accum_steps must be >= 1"))
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                Err(invalid("memory.micro_batch", "give both micro_batch and accum_steps, or neither"))
+            }
+            (None, None) if self.preset == "manual" => {
+                Err(invalid("memory.preset", "`manual` needs memory.micro_batch and memory.accum_steps"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl CacheSection {
+    /// Checks the `cache` values; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.rebuild_interval_epochs == 0 {
+            return Err(invalid("cache.rebuild_interval_epochs", "must be >= 1"));
+        }
+        if let Some(t) = self.drift_threshold {
+            if !positive_finite(t) {
+                return Err(invalid("cache.drift_threshold", "must be positive (or null)"));
+            }
+            if self.probe_samples == 0 {
+                return Err(invalid("cache.probe_samples", "must be >= 1 when a drift threshold is set"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole Stage 2 job configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,8 +405,8 @@ impl std::fmt::Display for ResolvedMemory {
 }
 
 impl TrainConfig {
-    /// Reads `path`, applies `overrides` (`section.key=value`, value in YAML syntax) and validates.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+    /// Reads `path`, applies `overrides` and validates.
+    pub fn load(path: &Path, overrides: &[Override]) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
         Self::from_yaml(&text, &path.display().to_string(), overrides)
@@ -294,17 +416,16 @@ impl TrainConfig {
     /// of the wrong type is blamed on the override that brought it (naming its key and `--set`)
     /// or on the file (with its line and column). `model.stage1_checkpoint` may name a
     /// checkpoints root or its `latest` (see [`resolve_checkpoint_dir`](crate::checkpoint::publish::resolve_checkpoint_dir)).
-    pub fn from_yaml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+    pub fn from_yaml(text: &str, origin: &str, overrides: &[Override]) -> Result<Self, ConfigError> {
         let parse = |reason: String| ConfigError::Parse { origin: origin.to_string(), reason };
         let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
         let file_ok = serde_yaml::from_value::<TrainConfig>(value.clone()).is_ok();
-        for spec in overrides {
-            apply_override(&mut value, spec)?;
+        for o in overrides {
+            o.apply(&mut value)?;
             if let (true, Err(e)) = (file_ok, serde_yaml::from_value::<TrainConfig>(value.clone())) {
-                let key = spec.split_once('=').map_or(spec.as_str(), |(k, _)| k.trim());
                 return Err(ConfigError::Parse {
-                    origin: format!("--set {spec}"),
-                    reason: format!("`{key}` (from --set): {e}"),
+                    origin: format!("--set {o}"),
+                    reason: format!("`{}` (from --set): {e}", o.key),
                 });
             }
         }
@@ -323,96 +444,21 @@ impl TrainConfig {
         Ok(cfg)
     }
 
-    /// Checks every value's range; the error names the key.
+    /// Checks every value's range, section by section; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.run.epochs == 0 {
-            return Err(invalid("run.epochs", "must be >= 1"));
-        }
-        crate::device::parse(&self.run.device).map_err(|e| invalid("run.device", e))?;
-        if let Some(0) = self.lora.rank {
-            return Err(invalid("lora.rank", "must be >= 1 (or null for the preset's)"));
-        }
-        if !(self.lora.scaling > 0.0 && self.lora.scaling.is_finite()) {
-            return Err(invalid("lora.scaling", "must be positive and finite"));
-        }
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            return Err(invalid("lora.dropout", "must be in [0, 1)"));
-        }
-        if self.lora.target_modules.is_empty() {
-            return Err(invalid("lora.target_modules", "must name at least one projection"));
-        }
+        self.run.validate()?;
+        self.lora.validate()?;
         if self.data.val_every_epochs == 0 {
             return Err(invalid("data.val_every_epochs", "must be >= 1"));
         }
-        if self.distributed.backend != "gloo" {
-            return Err(invalid(
-                "distributed.backend",
-                format!("`{}` is not built in (expected gloo)", self.distributed.backend),
-            ));
-        }
-        if self.distributed.timeout_s == 0 {
-            return Err(invalid("distributed.timeout_s", "must be >= 1"));
-        }
-        let o = &self.optim;
-        for (key, v) in [
-            ("optim.lr_vl_lora", o.lr_vl_lora),
-            ("optim.lr_heads", o.lr_heads),
-            ("optim.lr_sensor_encoder", o.lr_sensor_encoder),
-            ("optim.weight_decay", o.weight_decay),
-        ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err(invalid(key, format!("{v} must be finite and >= 0")));
-            }
-        }
-        for (key, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(invalid(key, format!("{v} must be in [0, 1)")));
-            }
-        }
-        if !(o.eps > 0.0 && o.eps.is_finite()) {
-            return Err(invalid("optim.eps", "must be positive"));
-        }
-        for r in &o.no_decay {
-            Regex::new(r).map_err(|e| invalid("optim.no_decay", format!("`{r}`: {e}")))?;
-        }
-        if !(o.grad_clip_norm > 0.0 && o.grad_clip_norm.is_finite()) {
-            return Err(invalid("optim.grad_clip_norm", "must be positive"));
-        }
-        if !(0.0..1.0).contains(&o.warmup_ratio) {
-            return Err(invalid("optim.warmup_ratio", "must be in [0, 1)"));
-        }
-        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return Err(invalid("optim.min_lr_ratio", "must be in [0, 1]"));
-        }
-        let m = &self.memory;
-        match (m.micro_batch, m.accum_steps) {
-            (Some(0), _) | (_, Some(0)) => {
-                return Err(invalid("memory.micro_batch", "micro_batch and accum_steps must be >= 1"))
-            }
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(invalid("memory.micro_batch", "give both micro_batch and accum_steps, or neither"))
-            }
-            (None, None) if m.preset == "manual" => {
-                return Err(invalid("memory.preset", "`manual` needs memory.micro_batch and memory.accum_steps"))
-            }
-            _ => {}
-        }
-        let c = &self.cache;
-        if c.rebuild_interval_epochs == 0 {
-            return Err(invalid("cache.rebuild_interval_epochs", "must be >= 1"));
-        }
-        if let Some(t) = c.drift_threshold {
-            if !(t > 0.0 && t.is_finite()) {
-                return Err(invalid("cache.drift_threshold", "must be positive (or null)"));
-            }
-            if c.probe_samples == 0 {
-                return Err(invalid("cache.probe_samples", "must be >= 1 when a drift threshold is set"));
-            }
-        }
+        self.distributed.validate()?;
+        self.optim.validate()?;
+        self.memory.validate()?;
+        self.cache.validate()?;
         if self.checkpoint.keep_versions == 0 {
             return Err(invalid("checkpoint.keep_versions", "must be >= 1"));
         }
-        if !(self.progress.max_hz > 0.0 && self.progress.max_hz.is_finite()) {
+        if !positive_finite(self.progress.max_hz) {
             return Err(invalid("progress.max_hz", "must be positive"));
         }
         Ok(())
@@ -511,20 +557,75 @@ impl TrainConfig {
     }
 }
 
-/// Sets `spec` = `section.key=value` in `doc`; the key must already exist (typos are errors).
-pub fn apply_override(doc: &mut serde_yaml::Value, spec: &str) -> Result<(), ConfigError> {
-    let err = |reason: String| ConfigError::Override { spec: spec.to_string(), reason };
-    let (path, raw) = spec.split_once('=').ok_or_else(|| err("expected `section.key=value`".into()))?;
-    let value: serde_yaml::Value = serde_yaml::from_str(raw).map_err(|e| err(format!("value: {e}")))?;
-    let mut node = doc;
-    let parts: Vec<&str> = path.trim().split('.').collect();
-    for (i, part) in parts.iter().enumerate() {
-        let map = node.as_mapping_mut().ok_or_else(|| err(format!("`{}` is not a section", parts[..i].join("."))))?;
-        let key = serde_yaml::Value::String(part.to_string());
-        node = map.get_mut(&key).ok_or_else(|| err(format!("no key `{}`", parts[..=i].join("."))))?;
+/// A config key as a path of names: `section.key` (stage 1's flat settings: `key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPath(Vec<String>);
+
+impl KeyPath {
+    /// The dot-separated names of `text` (blanks around it ignored).
+    pub fn parse(text: &str) -> Self {
+        Self(text.trim().split('.').map(str::to_string).collect())
     }
-    *node = value;
-    Ok(())
+}
+
+impl std::fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// One config override: `value` replaces the value at `key`, which must exist. Parsed once
+/// where it enters (`--set section.key=value`, a request's overrides, typed flags) and applied
+/// to the YAML document before the typed parse. Shown as `key=value` (the value as YAML).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// Where the value goes.
+    pub key: KeyPath,
+    /// The new value.
+    pub value: serde_yaml::Value,
+}
+
+impl Override {
+    /// Sets dotted `key` to `value`.
+    pub fn new(key: &str, value: impl Into<serde_yaml::Value>) -> Self {
+        Self { key: KeyPath::parse(key), value: value.into() }
+    }
+
+    /// Puts the value at the key in `doc`; a key `doc` lacks is an error (typos are errors).
+    pub fn apply(&self, doc: &mut serde_yaml::Value) -> Result<(), ConfigError> {
+        let err = |reason: String| ConfigError::Override { spec: self.to_string(), reason };
+        let parts = &self.key.0;
+        let mut node = doc;
+        for (i, part) in parts.iter().enumerate() {
+            let map =
+                node.as_mapping_mut().ok_or_else(|| err(format!("`{}` is not a section", parts[..i].join("."))))?;
+            let key = serde_yaml::Value::String(part.clone());
+            node = map.get_mut(&key).ok_or_else(|| err(format!("no key `{}`", parts[..=i].join("."))))?;
+        }
+        *node = self.value.clone();
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Override {
+    type Err = ConfigError;
+
+    /// `section.key=value`, the value in YAML syntax.
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError::Override { spec: spec.to_string(), reason };
+        let (key, raw) = spec.split_once('=').ok_or_else(|| err("expected `section.key=value`".into()))?;
+        let value = serde_yaml::from_str(raw).map_err(|e| err(format!("value: {e}")))?;
+        Ok(Self { key: KeyPath::parse(key), value })
+    }
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_yaml::to_string(&self.value) {
+            Ok(value) => write!(f, "{}={}", self.key, value.trim_end()),
+            Err(_) => write!(f, "{}={:?}", self.key, self.value),
+        }
+    }
 }
 
 /// One memory preset.

@@ -29,7 +29,7 @@ use crate::policy::schedule::NoiseRng;
 use crate::policy::sync_bn::backward_keep_graph;
 use crate::sim::truth::EpisodeTruth;
 use crate::train::action_error::{ActionAxes, DimError};
-use crate::train::config::{apply_override, ConfigError, GROUP_HEADS};
+use crate::train::config::{ConfigError, Override, GROUP_HEADS};
 use crate::train::controller::JobContext;
 use crate::train::error::TrainError;
 use crate::train::optim::{Accumulation, AdamWConfig, GroupConfig, NamedParam};
@@ -100,9 +100,9 @@ impl Default for HeadsTrainConfig {
 }
 
 impl HeadsTrainConfig {
-    /// Reads `path` (or the defaults when None), applies `overrides` (`key=value`, YAML value)
+    /// Reads `path` (or the defaults when None), applies `overrides` (keys without a section)
     /// and validates.
-    pub fn load(path: Option<&Path>, overrides: &[String]) -> std::result::Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>, overrides: &[Override]) -> std::result::Result<Self, ConfigError> {
         let (mut doc, origin) = match path {
             Some(p) => {
                 let text =
@@ -113,8 +113,8 @@ impl HeadsTrainConfig {
             }
             None => (serde_yaml::to_value(Self::default()).expect("the defaults serialize"), "defaults".to_string()),
         };
-        for spec in overrides {
-            apply_override(&mut doc, spec)?;
+        for o in overrides {
+            o.apply(&mut doc)?;
         }
         let cfg: Self =
             serde_yaml::from_value(doc).map_err(|e| ConfigError::Parse { origin, reason: e.to_string() })?;
@@ -683,12 +683,13 @@ mod tests {
     fn the_settings_file_holds_the_defaults_and_overrides_name_bad_keys() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/train_heads.yaml");
         assert_eq!(HeadsTrainConfig::load(Some(&path), &[]).unwrap(), HeadsTrainConfig::default());
-        let c = HeadsTrainConfig::load(None, &["weight_decay=0.01".into(), "epochs=4".into()]).unwrap();
+        let set = |specs: &[&str]| specs.iter().map(|s| s.parse().unwrap()).collect::<Vec<Override>>();
+        let c = HeadsTrainConfig::load(None, &set(&["weight_decay=0.01", "epochs=4"])).unwrap();
         assert_eq!((c.weight_decay, c.epochs, c.grad_clip_norm), (0.01, 4, 1.0));
         assert_eq!(c.warmup_ratio(), 0.25);
-        let e = HeadsTrainConfig::load(None, &["clip=2".into()]).unwrap_err().to_string();
+        let e = HeadsTrainConfig::load(None, &set(&["clip=2"])).unwrap_err().to_string();
         assert!(e.contains("no key `clip`"), "{e}");
-        let e = HeadsTrainConfig::load(None, &["sensor_rate_hz=0".into()]).unwrap_err().to_string();
+        let e = HeadsTrainConfig::load(None, &set(&["sensor_rate_hz=0"])).unwrap_err().to_string();
         assert!(e.contains("sensor_rate_hz") && e.contains("positive"), "{e}");
     }
 }

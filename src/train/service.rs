@@ -21,7 +21,7 @@ use std::sync::mpsc::Sender;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::config::{ConfigError, TrainConfig};
+use super::config::{ConfigError, KeyPath, Override, TrainConfig};
 use super::controller::{JobContext, JobController, JobOutcome, JobStatus, RejectReason, StartResponse, Validator};
 use super::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use super::job_record::{run_dir, JobRecord, JobState};
@@ -104,13 +104,13 @@ impl Stages {
 /// Section of the override keys that configure stage 1 (`config/train_heads.yaml`).
 pub const STAGE1_SECTION: &str = "stage1";
 
-/// A request's overrides split by stage, each as `key=value` specs for the config loaders.
+/// A request's overrides split by stage, typed for the config loaders.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestOverrides {
-    /// Keys of `config/train_heads.yaml` (given as `stage1.<key>`).
-    pub stage1: Vec<String>,
+    /// Keys of `config/train_heads.yaml` (given as `stage1.<key>`, kept without the section).
+    pub stage1: Vec<Override>,
     /// `section.key` of `config/train.yaml`.
-    pub stage2: Vec<String>,
+    pub stage2: Vec<Override>,
 }
 
 impl RequestOverrides {
@@ -127,15 +127,16 @@ impl RequestOverrides {
                 reason: format!("expected a mapping of `section.key: value`: {e}"),
             })?;
         for (key, value) in map {
-            let bad = |reason: String| ConfigError::Override { spec: key.clone(), reason };
-            let v = serde_yaml::to_string(&value).map_err(|e| bad(e.to_string()))?;
             match key.split_once('.') {
-                Some((STAGE1_SECTION, k)) => out.stage1.push(format!("{k}={}", v.trim_end())),
-                Some(_) => out.stage2.push(format!("{key}={}", v.trim_end())),
+                Some((STAGE1_SECTION, k)) => out.stage1.push(Override { key: KeyPath::parse(k), value }),
+                Some(_) => out.stage2.push(Override { key: KeyPath::parse(&key), value }),
                 None => {
-                    return Err(bad(format!(
-                        "expected `section.key`: `{STAGE1_SECTION}.{key}` for stage 1 (config/train_heads.yaml), a key of config/train.yaml such as `run.{key}` for Stage 2"
-                    )))
+                    return Err(ConfigError::Override {
+                        reason: format!(
+                            "expected `section.key`: `{STAGE1_SECTION}.{key}` for stage 1 (config/train_heads.yaml), a key of config/train.yaml such as `run.{key}` for Stage 2"
+                        ),
+                        spec: key,
+                    })
                 }
             }
         }
@@ -151,8 +152,8 @@ impl RequestOverrides {
         };
         match stray {
             None => Ok(()),
-            Some((spec, which, why)) => Err(ConfigError::Override {
-                spec: spec.clone(),
+            Some((o, which, why)) => Err(ConfigError::Override {
+                spec: o.to_string(),
                 reason: format!("configures {which}, which this request does not run ({why})"),
             }),
         }
@@ -176,7 +177,6 @@ pub fn stage2_config(
     run_dir: &std::path::Path,
 ) -> Result<TrainConfig, ConfigError> {
     let overrides = RequestOverrides::parse(&r.overrides)?;
-    let q = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
     let (text, origin) = match &svc.train_config {
         Some(path) => (
             std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?,
@@ -186,23 +186,25 @@ pub fn stage2_config(
     };
     let cpu_auto = svc.vram_preset == "auto" && matches!(crate::device::parse(&svc.device), Ok(tch::Device::Cpu));
     let preset = if cpu_auto { "manual" } else { svc.vram_preset.as_str() };
-    let mut sets = vec![
-        format!("run.device={}", q(std::path::Path::new(&svc.device))),
-        format!("memory.preset={}", q(std::path::Path::new(preset))),
-    ];
+    let path = |key: &str, p: &std::path::Path| Override::new(key, p.display().to_string());
+    let mut sets = vec![Override::new("run.device", svc.device.as_str()), Override::new("memory.preset", preset)];
     if cpu_auto {
-        sets.extend(["memory.micro_batch=4".into(), "memory.accum_steps=1".into(), "lora.rank=8".into()]);
+        sets.extend([
+            Override::new("memory.micro_batch", 4u64),
+            Override::new("memory.accum_steps", 1u64),
+            Override::new("lora.rank", 8u64),
+        ]);
     }
     sets.extend([
-        format!("data.dataset_dir={}", q(std::path::Path::new(&r.dataset))),
-        format!("model.base_model_dir={}", q(&svc.model_dir(r))),
-        format!("model.stage1_checkpoint={}", q(std::path::Path::new(&r.stage1_checkpoint))),
-        format!("run.output_dir={}", q(run_dir)),
-        format!("cache.dir={}", q(&run_dir.join("cache"))),
-        format!("checkpoint.state_dir={}", q(&run_dir.join("state"))),
-        format!("checkpoint.publish_dir={}", q(&svc.checkpoints_root)),
-        format!("progress.log_file={}", q(&run_dir.join("progress.jsonl"))),
-        format!("progress.plot_file={}", q(&run_dir.join("curves.png"))),
+        Override::new("data.dataset_dir", r.dataset.as_str()),
+        path("model.base_model_dir", &svc.model_dir(r)),
+        Override::new("model.stage1_checkpoint", r.stage1_checkpoint.as_str()),
+        path("run.output_dir", run_dir),
+        path("cache.dir", &run_dir.join("cache")),
+        path("checkpoint.state_dir", &run_dir.join("state")),
+        path("checkpoint.publish_dir", &svc.checkpoints_root),
+        path("progress.log_file", &run_dir.join("progress.jsonl")),
+        path("progress.plot_file", &run_dir.join("curves.png")),
     ]);
     sets.extend(overrides.stage2);
     TrainConfig::from_yaml(&text, &origin, &sets)
@@ -446,7 +448,8 @@ fn run_job(cfg: &ServiceConfig, ctx: &JobContext, r: StartRequest, announce: &dy
         }
     };
     save(&record);
-    let outcome = run_stages(cfg, ctx, &r, &mut record, resume, announce, &save);
+    let env = JobEnv { cfg, ctx, run_dir: &dir, resume, announce, save: &save };
+    let outcome = run_stages(&env, &r, &mut record);
     let (state, summary) = match &outcome {
         JobOutcome::Completed { summary } => (JobState::Done, summary.to_string()),
         JobOutcome::Cancelled { summary } => (JobState::Cancelled, summary.to_string()),
@@ -458,70 +461,56 @@ fn run_job(cfg: &ServiceConfig, ctx: &JobContext, r: StartRequest, announce: &dy
     outcome
 }
 
-fn run_stages(
-    cfg: &ServiceConfig,
-    ctx: &JobContext,
-    r: &StartRequest,
-    record: &mut JobRecord,
+/// What the stages of a running job share.
+struct JobEnv<'a> {
+    cfg: &'a ServiceConfig,
+    ctx: &'a JobContext,
+    /// `<runs_root>/<job_id>`.
+    run_dir: &'a std::path::Path,
+    /// The job continues a cancelled or failed run.
     resume: bool,
-    announce: &dyn Fn(&Published),
-    save: &dyn Fn(&JobRecord),
-) -> JobOutcome {
+    announce: &'a dyn Fn(&Published),
+    /// Writes the job's record.
+    save: &'a dyn Fn(&JobRecord),
+}
+
+impl JobEnv<'_> {
+    /// The job's context, its progress labelled with `stage`.
+    fn stage_ctx(&self, stage: u8) -> JobContext {
+        JobContext { progress: self.ctx.progress.with_stage(stage), ..self.ctx.clone() }
+    }
+}
+
+/// How a stage ended (a failure is an `Err` with its message).
+struct StageEnd {
+    /// Its part of the job's summary.
+    summary: serde_json::Value,
+    /// It stopped without finishing (stage 1: without publishing).
+    cancelled: bool,
+}
+
+/// The job's stages after its dataset is compiled (once; a resume reuses it), each recorded.
+fn run_stages(env: &JobEnv, r: &StartRequest, record: &mut JobRecord) -> JobOutcome {
     let failed = |error: String| JobOutcome::Failed { error };
     if record.dataset.is_empty() {
-        match compile_episodes(cfg, ctx, r) {
+        match compile_episodes(env.cfg, env.ctx, r) {
             Ok(d) => record.dataset = d,
             Err(e) => return failed(e),
         }
-        save(record);
+        (env.save)(record);
     }
-    let mut r = r.clone();
-    r.dataset = record.dataset.clone();
-    let run_dir = cfg.runs_root.join(&ctx.job_id);
+    let mut r = StartRequest { dataset: record.dataset.clone(), ..r.clone() };
     let mut summary = json!({ "stages": record.stages.as_str(), "dataset": record.dataset });
-    let stage_ctx = |stage: u8| JobContext { progress: ctx.progress.with_stage(stage), ..ctx.clone() };
     if record.stages.stage1() && record.stage1_checkpoint.is_empty() {
-        record.stage = 1;
-        save(record);
-        let train = match RequestOverrides::parse(&r.overrides).and_then(|o| o.stage1_config()) {
-            Ok(t) => t,
-            Err(e) => return failed(e.to_string()),
-        };
-        let job = HeadsJob {
-            dataset: PathBuf::from(&r.dataset),
-            base_model: cfg.model_dir(&r),
-            checkpoints: cfg.checkpoints_root.clone(),
-            work_dir: run_dir.join("stage1"),
-            train,
-            heads: small_heads(),
-            resume,
-            group: None,
-        };
-        let mut versions = Vec::new();
-        let res = heads_job::run(&job, &stage_ctx(1), &mut |p: &Published| {
-            versions.push(p.clone());
-            announce(p);
-        });
-        record.versions.extend(versions.iter().map(|p| p.version.clone()));
-        let res = match res {
-            Ok(res) => res,
-            Err(e) => return failed(format!("stage 1: {e:#}")),
-        };
-        summary["stage1"] = json!({
-            "val_action_error_before": res.val_action_error_before,
-            "val_action_error_after": res.val_action_error_after,
-            "val_action_error_before_per_dim": res.val_error_before,
-            "val_action_error_per_dim": res.val_error_after,
-            "version": res.published.as_ref().map(|p| p.version.clone()),
-            "latest": res.published.as_ref().map(|p| p.latest),
-            "versions": res.run.published,
-            "global_step": res.run.counters.global_step,
-            "samples": [res.samples.0, res.samples.1],
-            "train_loss_per_epoch": res.run.train_loss_per_epoch,
-        });
-        let Some(p) = res.published else { return JobOutcome::Cancelled { summary } };
-        record.stage1_checkpoint = p.dir.display().to_string();
-        save(record);
+        match run_stage1(env, &r, record) {
+            Ok(end) => {
+                summary["stage1"] = end.summary;
+                if end.cancelled {
+                    return JobOutcome::Cancelled { summary };
+                }
+            }
+            Err(e) => return failed(e),
+        }
     }
     if !record.stages.stage2() {
         return JobOutcome::Completed { summary };
@@ -529,49 +518,94 @@ fn run_stages(
     if record.stages == Stages::Both {
         r.stage1_checkpoint = record.stage1_checkpoint.clone();
     }
-    record.stage = 2;
-    save(record);
-    let config = match stage2_config(cfg, &r, &run_dir.join("stage2")) {
-        Ok(c) => c,
-        Err(e) => return failed(e.to_string()),
-    };
-    // A Stage 2 resumes only when the job was in it already (a stage 1 that just finished
-    // leaves no Stage 2 state).
-    let job = Stage2Job { config, resume: resume && run_dir.join("stage2/state").exists(), group: None };
-    let mut published = Vec::new();
-    let mut on_publish = |p: &Published| {
-        published.push(p.version.clone());
-        announce(p);
-    };
-    let res = match cfg.nproc_per_node {
-        1 => stage2::run(&job, &stage_ctx(2), &mut on_publish),
-        n => super::launch::Launch::local(n)
-            .and_then(|l| super::launch::run_stage2(&job, &l, &stage_ctx(2), &mut on_publish)),
-    };
-    record.versions.extend(published);
-    match res {
-        Ok(res) => {
-            summary["stage2"] = json!({
-                "val_action_error_before": res.val_action_error_before,
-                "val_action_error_after": res.val_action_error,
-                "val_action_error_before_per_dim": res.val_action_error_before_per_dim,
-                "val_action_error_per_dim": res.val_action_error_per_dim,
-                "best": res.run.best,
-                "validation": res.run.validation,
-                "train_loss_per_epoch": res.run.train_loss_per_epoch,
-                "lora_params_changed": res.lora_params_changed,
-                "cache_refreshes": res.cache_refreshes,
-                "versions": res.published,
-                "global_step": res.run.counters.global_step,
-            });
-            if res.run.cancelled {
+    match run_stage2(env, &r, record) {
+        Ok(end) => {
+            summary["stage2"] = end.summary;
+            if end.cancelled {
                 JobOutcome::Cancelled { summary }
             } else {
                 JobOutcome::Completed { summary }
             }
         }
-        Err(e) => failed(format!("stage 2: {e:#}")),
+        Err(e) => failed(e),
     }
+}
+
+/// Stage 1 of `r` under `<run_dir>/stage1`; its versions and published checkpoint go into `record`.
+fn run_stage1(env: &JobEnv, r: &StartRequest, record: &mut JobRecord) -> Result<StageEnd, String> {
+    record.stage = 1;
+    (env.save)(record);
+    let train = RequestOverrides::parse(&r.overrides).and_then(|o| o.stage1_config()).map_err(|e| e.to_string())?;
+    let job = HeadsJob {
+        dataset: PathBuf::from(&r.dataset),
+        base_model: env.cfg.model_dir(r),
+        checkpoints: env.cfg.checkpoints_root.clone(),
+        work_dir: env.run_dir.join("stage1"),
+        train,
+        heads: small_heads(),
+        resume: env.resume,
+        group: None,
+    };
+    let mut versions = Vec::new();
+    let res = heads_job::run(&job, &env.stage_ctx(1), &mut |p: &Published| {
+        versions.push(p.clone());
+        (env.announce)(p);
+    });
+    record.versions.extend(versions.iter().map(|p| p.version.clone()));
+    let res = res.map_err(|e| format!("stage 1: {e:#}"))?;
+    let summary = json!({
+        "val_action_error_before": res.val_action_error_before,
+        "val_action_error_after": res.val_action_error_after,
+        "val_action_error_before_per_dim": res.val_error_before,
+        "val_action_error_per_dim": res.val_error_after,
+        "version": res.published.as_ref().map(|p| p.version.clone()),
+        "latest": res.published.as_ref().map(|p| p.latest),
+        "versions": res.run.published,
+        "global_step": res.run.counters.global_step,
+        "samples": [res.samples.0, res.samples.1],
+        "train_loss_per_epoch": res.run.train_loss_per_epoch,
+    });
+    let Some(p) = res.published else { return Ok(StageEnd { summary, cancelled: true }) };
+    record.stage1_checkpoint = p.dir.display().to_string();
+    (env.save)(record);
+    Ok(StageEnd { summary, cancelled: false })
+}
+
+/// Stage 2 of `r` under `<run_dir>/stage2` (as torchrun ranks with `nproc_per_node > 1`); its
+/// versions go into `record`.
+fn run_stage2(env: &JobEnv, r: &StartRequest, record: &mut JobRecord) -> Result<StageEnd, String> {
+    record.stage = 2;
+    (env.save)(record);
+    let config = stage2_config(env.cfg, r, &env.run_dir.join("stage2")).map_err(|e| e.to_string())?;
+    // A Stage 2 resumes only when the job was in it already (a stage 1 that just finished
+    // leaves no Stage 2 state).
+    let job = Stage2Job { config, resume: env.resume && env.run_dir.join("stage2/state").exists(), group: None };
+    let mut published = Vec::new();
+    let mut on_publish = |p: &Published| {
+        published.push(p.version.clone());
+        (env.announce)(p);
+    };
+    let res = match env.cfg.nproc_per_node {
+        1 => stage2::run(&job, &env.stage_ctx(2), &mut on_publish),
+        n => super::launch::Launch::local(n)
+            .and_then(|l| super::launch::run_stage2(&job, &l, &env.stage_ctx(2), &mut on_publish)),
+    };
+    record.versions.extend(published);
+    let res = res.map_err(|e| format!("stage 2: {e:#}"))?;
+    let summary = json!({
+        "val_action_error_before": res.val_action_error_before,
+        "val_action_error_after": res.val_action_error,
+        "val_action_error_before_per_dim": res.val_action_error_before_per_dim,
+        "val_action_error_per_dim": res.val_action_error_per_dim,
+        "best": res.run.best,
+        "validation": res.run.validation,
+        "train_loss_per_epoch": res.run.train_loss_per_epoch,
+        "lora_params_changed": res.lora_params_changed,
+        "cache_refreshes": res.cache_refreshes,
+        "versions": res.published,
+        "global_step": res.run.counters.global_step,
+    });
+    Ok(StageEnd { summary, cancelled: res.run.cancelled })
 }
 
 /// The compiled dataset of `r.dataset` (compiling an episodes root's selection under
@@ -609,8 +643,9 @@ mod tests {
     fn one_override_syntax_for_both_stages_names_bad_keys_and_stray_stages() {
         let text = "{stage1.epochs: 3, stage1.lr: 0.0005, run.epochs: 2, cache.mode: features}";
         let o = RequestOverrides::parse(text).unwrap();
-        assert_eq!(o.stage1, ["epochs=3", "lr=0.0005"]);
-        assert_eq!(o.stage2, ["cache.mode=features", "run.epochs=2"]);
+        let shown = |v: &[Override]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(shown(&o.stage1), ["epochs=3", "lr=0.0005"]);
+        assert_eq!(shown(&o.stage2), ["cache.mode=features", "run.epochs=2"]);
         assert_eq!(RequestOverrides::parse("").unwrap(), RequestOverrides::default());
         // Stage 1 only: config/train_heads.yaml's values (epochs 30) with the overrides.
         let t = RequestOverrides::parse("{stage1.epochs: 3, stage1.lr: 0.0005}").unwrap().stage1_config().unwrap();

@@ -683,7 +683,7 @@ fn train_on_a_missing_gpu_is_a_clear_error() {
 fn config_type_errors_name_the_key_and_where_the_value_came_from() {
     use vla_finetune::train::config::TrainConfig;
     let path = Path::new(ROOT).join("config/train.yaml");
-    let e = TrainConfig::load(&path, &["run.epochs=abc".into()]).unwrap_err().to_string();
+    let e = TrainConfig::load(&path, &["run.epochs=abc".parse().unwrap()]).unwrap_err().to_string();
     assert!(e.contains("`run.epochs` (from --set)") && e.contains("invalid type") && !e.contains("train.yaml"), "{e}");
     let text = std::fs::read_to_string(&path).unwrap().replacen("epochs:", "epochs: [1]\n  _was:", 1);
     let e = TrainConfig::from_yaml(&text, "config/train.yaml", &[]).unwrap_err().to_string();
@@ -1002,7 +1002,8 @@ mod props {
         use vla_finetune::train::config::TrainConfig;
         let train = std::fs::read(Path::new(ROOT).join("config/train.yaml")).unwrap();
         fuzz("train_yaml", train, 300, |b| {
-            TrainConfig::from_yaml(&String::from_utf8_lossy(b), "train.yaml", &["run.epochs=2".into()]).is_ok()
+            TrainConfig::from_yaml(&String::from_utf8_lossy(b), "train.yaml", &["run.epochs=2".parse().unwrap()])
+                .is_ok()
         });
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.yaml");

@@ -511,6 +511,7 @@ fn import_written(dir: &Path, kind: &str, opts: &ImportOptions, image_tol: f64) 
 
 /// Stage 1 then one Stage 2 epoch on the tiny model, CPU.
 fn stage2_epoch(dataset: &Path, dir: &Path) {
+    use vla_finetune::train::config::{Override, TrainConfig};
     use vla_finetune::train::controller::JobContext;
     use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
     use vla_finetune::train::progress::ProgressHub;
@@ -555,6 +556,7 @@ fn stage2_epoch(dataset: &Path, dir: &Path) {
         "cache.mode=off".into(),
         "optim.warmup_ratio=0.0".into(),
     ];
+    let sets: Vec<Override> = sets.iter().map(|s| s.parse().unwrap()).collect();
     let cfg = vla_finetune::train::config::TrainConfig::from_yaml(
         include_str!("../../config/train.yaml"),
         "train.yaml",

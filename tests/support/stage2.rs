@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use tch::Tensor;
 use vla_finetune::dataset::compile::{compile, CompileConfig};
 use vla_finetune::policy::config::PolicyConfig;
-use vla_finetune::train::config::TrainConfig;
+use vla_finetune::train::config::{Override, TrainConfig};
 use vla_finetune::train::controller::JobContext;
 use vla_finetune::train::heads_job::{self, small_heads, HeadsJob, HeadsTrainConfig};
 use vla_finetune::train::progress::ProgressHub;
@@ -124,6 +124,7 @@ pub fn config(out: &Path, sets: &[&str]) -> TrainConfig {
         "optim.warmup_ratio=0.0".into(),
     ];
     all.extend(sets.iter().map(|s| s.to_string()));
+    let all: Vec<Override> = all.iter().map(|s| s.parse().unwrap()).collect();
     TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "train.yaml", &all).unwrap()
 }
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use vla_finetune::train::config::{
-    CacheMode, ConfigError, TrainConfig, VramPresets, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA,
+    CacheMode, ConfigError, Override, TrainConfig, VramPresets, GROUP_HEADS, GROUP_SENSOR_ENCODER, GROUP_VL_LORA,
 };
 use vla_finetune::train::drift::DriftMetric;
 
@@ -16,7 +16,7 @@ fn presets() -> VramPresets {
 }
 
 fn cfg(overrides: &[&str]) -> Result<TrainConfig, ConfigError> {
-    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let o = overrides.iter().map(|s| s.parse()).collect::<Result<Vec<Override>, _>>()?;
     TrainConfig::load(&root().join("config/train.yaml"), &o)
 }
 
