@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -17,8 +18,8 @@ use serde::Serialize;
 use crate::dataset::cdr::{Image, RosMessage, SensorFrame};
 use crate::dataset::episode::RgbImage;
 use crate::runtime::{
-    ActionEvent, CameraInput, Clock, ControlConfig, InputBuffers, InputConfig, RuntimeConfig, RuntimeNotice,
-    SensorInput, StaleBehavior, SystemClock, VlaLoader, WatchConfig,
+    ActionEvent, Clock, InputBuffers, RuntimeConfig, RuntimeHandle, RuntimeNotice, RuntimeSettings, Shapes,
+    StaleBehavior, SystemClock, VlaLoader, WatchConfig,
 };
 use crate::sim::{SimConfig, SENSOR_TOPIC};
 
@@ -349,36 +350,20 @@ fn check_args(a: &PolicyArgs) -> Result<()> {
     Ok(())
 }
 
-/// The runtime configuration for the simulated robot's streams.
-pub fn runtime_config(a: &PolicyArgs, sim: &SimConfig) -> RuntimeConfig {
-    let period = Duration::from_secs_f64(1.0 / a.rate_hz);
-    RuntimeConfig {
-        inputs: InputConfig {
-            cameras: (0..sim.cameras)
-                .map(|i| CameraInput {
-                    name: format!("camera{i}"),
-                    max_age: Duration::from_secs_f64(a.max_camera_age_s),
-                })
-                .collect(),
-            sensor: SensorInput {
-                name: "oct".into(),
-                channels: sim.sensor_channels,
-                window: a.sensor_window,
-                max_age: Duration::from_secs_f64(a.max_sensor_age_s),
-            },
-            state: None,
-            instruction: sim.scene(0).instruction(),
-        },
-        control: ControlConfig {
-            period,
-            tick_budget: period,
-            vl_refresh_ticks: a.vl_refresh_ticks,
-            stale_behavior: a.stale_behavior,
-            start_enabled: true,
-        },
-        horizon: a.horizon,
-        action_dim: a.action_dim,
-        base_model_id: None,
+/// The runtime settings for the simulated robot's streams.
+fn runtime_settings(a: &PolicyArgs, sim: &SimConfig) -> RuntimeSettings {
+    RuntimeSettings {
+        cameras: (0..sim.cameras).map(|i| format!("camera{i}")).collect(),
+        sensor: "oct".into(),
+        sensor_channels: sim.sensor_channels,
+        shapes: Shapes { sensor_window: a.sensor_window, horizon: a.horizon, action_dim: a.action_dim },
+        instruction: sim.scene(0).instruction(),
+        control_rate_hz: a.rate_hz,
+        max_camera_age_s: a.max_camera_age_s,
+        max_sensor_age_s: a.max_sensor_age_s,
+        vl_refresh_ticks: a.vl_refresh_ticks,
+        stale_behavior: a.stale_behavior,
+        start_enabled: true,
         watch: Some(WatchConfig { root: a.checkpoints.clone(), poll: Duration::from_millis(a.poll_ms.max(1)) }),
     }
 }
@@ -440,12 +425,13 @@ pub fn run(a: PolicyArgs) -> Result<()> {
     eprintln!("loading base model {} ({kind:?} on {device:?})", a.base_model.display());
     let loader = Arc::new(VlaLoader::new(&a.base_model, a.ddim_steps, device, kind)?);
     let clock = Arc::new(SystemClock::new());
-    let mut handle = crate::runtime::start(runtime_config(&a, &sim), loader, clock.clone())?;
+    let cfg = RuntimeConfig::from_settings(runtime_settings(&a, &sim));
+    let mut handle = crate::runtime::start(cfg, loader, clock.clone())?;
     eprintln!("policy running at {} Hz, watching {}/latest", a.rate_hz, a.checkpoints.display());
 
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = {
-        let (inputs, clock, stop, sim) = (handle.inputs.clone(), clock.clone(), stop.clone(), sim.clone());
+        let (inputs, clock, stop) = (handle.inputs.clone(), clock.clone(), stop.clone());
         std::thread::Builder::new()
             .name("sim-feed".into())
             .spawn(move || feed_sim(sim, a.episode_s, inputs, clock, stop))?
@@ -458,56 +444,83 @@ pub fn run(a: PolicyArgs) -> Result<()> {
         eprintln!("warning: {w}");
         collector.warn(w);
     }
-    let stop_reason = rt.block_on(async {
-        let deadline = a.duration_s.map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
-        let mut status_timer = tokio::time::interval(Duration::from_secs_f64(a.status_period_s));
-        let stdin_closed = async {
-            if stdin_is_pipe() {
-                // Reads until EOF on a blocking thread; the bytes themselves are ignored.
-                let _ =
-                    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink()))
-                        .await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::pin!(stdin_closed);
-        let until_deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(until_deadline);
-        loop {
-            tokio::select! {
-                Some(ev) = handle.events.recv() => collector.action(&ev),
-                Some(n) = handle.notices.recv() => {
-                    log_notice(&n);
-                    collector.notice(&n);
-                }
-                _ = status_timer.tick() => {
-                    if let Some(path) = &a.status_json {
-                        let report = collector.report(&handle.status.borrow(), clock.now());
-                        write_status(path, &mut collector, &report);
-                    }
-                    if feeder.is_finished() {
-                        return Ok::<_, anyhow::Error>("the simulated robot feed stopped".to_string());
-                    }
-                }
-                _ = &mut until_deadline => return Ok("duration reached".to_string()),
-                r = tokio::signal::ctrl_c() => {
-                    r.context("listening for SIGINT")?;
-                    return Ok("SIGINT".to_string());
-                }
-                _ = &mut stdin_closed => return Ok("stdin closed".to_string()),
-            }
-        }
-    });
+    let stop_reason = rt.block_on(until_stopped(&a, &mut handle, &mut collector, &clock, &feeder));
     // The stdin reader may still block in read(); do not wait for it.
     rt.shutdown_background();
     let stop_reason = stop_reason?;
     stop.store(true, Ordering::Relaxed);
+    finish(&a, handle, collector, &clock, feeder, stop_reason)
+}
+
+/// Collects actions and notices and writes the status every `--status-period-s` until a stop
+/// condition; returns why it stopped.
+async fn until_stopped(
+    a: &PolicyArgs,
+    handle: &mut RuntimeHandle,
+    collector: &mut StatusCollector,
+    clock: &SystemClock,
+    feeder: &JoinHandle<Result<()>>,
+) -> Result<String> {
+    let at = a.duration_s.map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
+    let mut status_timer = tokio::time::interval(Duration::from_secs_f64(a.status_period_s));
+    let until_deadline = deadline(at);
+    tokio::pin!(until_deadline);
+    let stdin_closed = stdin_closed();
+    tokio::pin!(stdin_closed);
+    loop {
+        tokio::select! {
+            Some(ev) = handle.events.recv() => collector.action(&ev),
+            Some(n) = handle.notices.recv() => {
+                log_notice(&n);
+                collector.notice(&n);
+            }
+            _ = status_timer.tick() => {
+                if let Some(path) = &a.status_json {
+                    let report = collector.report(&handle.status.borrow(), clock.now());
+                    write_status(path, collector, &report);
+                }
+                if feeder.is_finished() {
+                    return Ok("the simulated robot feed stopped".to_string());
+                }
+            }
+            _ = &mut until_deadline => return Ok("duration reached".to_string()),
+            r = tokio::signal::ctrl_c() => {
+                r.context("listening for SIGINT")?;
+                return Ok("SIGINT".to_string());
+            }
+            _ = &mut stdin_closed => return Ok("stdin closed".to_string()),
+        }
+    }
+}
+
+/// Returns at `at`; never without one.
+async fn deadline(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns when stdin, a pipe from a parent process, is closed; never when it is not a pipe.
+async fn stdin_closed() {
+    if stdin_is_pipe() {
+        // Reads until EOF on a blocking thread; the bytes themselves are ignored.
+        let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())).await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Takes the last actions and notices, stops the runtime and the feed, writes the final status
+/// and prints the summary; the feed's error, if any, is the result.
+fn finish(
+    a: &PolicyArgs,
+    mut handle: RuntimeHandle,
+    mut collector: StatusCollector,
+    clock: &SystemClock,
+    feeder: JoinHandle<Result<()>>,
+    stop_reason: String,
+) -> Result<()> {
     let status = handle.status.borrow().clone();
     while let Ok(ev) = handle.events.try_recv() {
         collector.action(&ev);

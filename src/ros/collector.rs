@@ -5,16 +5,18 @@
 //! A stop first waits (up to `stop_drain_s`) for messages stamped before it that are still in
 //! flight. SIGINT / SIGTERM close an open episode as `interrupted`, keeping everything received.
 
+use super::clock::NodeClock;
 use super::interfaces::{msg, srv};
-use super::params::{declare, share_file, ParamsExt};
-use super::NodeRuntime;
+use super::params::{declare, share_file, Params, ParamsExt};
+use super::{serve, NodeRuntime};
 use crate::dataset::gaps::GapCounter;
 use crate::dataset::recorder::{EpisodeInfo, Recorder, RecorderConfig, RecorderStatus};
 use crate::dataset::selection::set_discarded;
 use crate::dataset::streams::{Reliability, StreamConfig, StreamSpec};
 use anyhow::{Context as _, Result};
-use futures::StreamExt;
-use r2r::QosProfile;
+use futures::{Stream, StreamExt};
+use r2r::{QosProfile, ServiceRequest};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,13 +64,11 @@ async fn drain_in_flight(newest: &[AtomicI64], stop_ns: i64, limit: Duration) {
     }
 }
 
-/// Runs the collector node until SIGINT / SIGTERM.
-pub fn main() -> Result<()> {
-    let mut n = NodeRuntime::new("vla_collector")?;
-    let p = declare(&mut n.node, &n.rt, "collector_node", |_, _| {})?;
-    let streams_path = share_file(&p.string("streams_config"));
-    let streams = StreamConfig::load(&streams_path)
-        .with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
+/// The newest stamp (or receive time) per mapped stream, `i64::MIN` before its first message.
+type Newest = Arc<Vec<AtomicI64>>;
+
+/// Opens the recorder on `dataset_root`, repairing (and logging) unfinished episodes.
+fn open_recorder(p: &Params, streams: &StreamConfig) -> Result<Arc<Recorder>> {
     let config = RecorderConfig {
         root: p.string("dataset_root").into(),
         streams: streams.clone(),
@@ -83,9 +83,49 @@ pub fn main() -> Result<()> {
             Err(e) => tracing::error!("could not recover an unfinished episode: {e}"),
         }
     }
-    let recorder = Arc::new(recorder);
-    let newest: Arc<Vec<AtomicI64>> = Arc::new(streams.all().iter().map(|_| AtomicI64::new(i64::MIN)).collect());
+    Ok(Arc::new(recorder))
+}
 
+/// Runs the collector node until SIGINT / SIGTERM.
+pub fn main() -> Result<()> {
+    let mut n = NodeRuntime::new("vla_collector")?;
+    let p = declare(&mut n.node, &n.rt, "collector_node", |_, _| {})?;
+    let streams_path = share_file(&p.string("streams_config"));
+    let streams = StreamConfig::load(&streams_path)
+        .with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
+    let recorder = open_recorder(&p, &streams)?;
+    let newest: Newest = Arc::new(streams.all().iter().map(|_| AtomicI64::new(i64::MIN)).collect());
+    subscribe_streams(&mut n, &streams, &recorder, &newest)?;
+    let drain = Duration::from_secs_f64(p.double("stop_drain_s").max(0.0));
+
+    let services = QosProfile::services_default;
+    let start = n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", services())?;
+    let (rec, clock) = (recorder.clone(), n.clock.clone());
+    n.rt.spawn(serve(start, "start_episode", move |m| start_episode(&rec, &clock, m)));
+    let stop = n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", services())?;
+    n.rt.spawn(serve_stop(stop, recorder.clone(), newest.clone(), drain, n.clock.clone()));
+    let discard = n.node.create_service::<srv::DiscardEpisode::Service>("~/discard_episode", services())?;
+    let root = PathBuf::from(p.string("dataset_root"));
+    n.rt.spawn(serve(discard, "discard_episode", move |m| discard_episode(&root, m)));
+
+    let status_pub = n.node.create_publisher::<msg::CollectorStatus>("~/status", QosProfile::default())?;
+    let timer = n.node.create_wall_timer(Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
+    n.rt.spawn(publish_status(status_pub, timer, recorder.clone(), n.clock.clone()));
+
+    tracing::info!("collector ready: {} topics -> {}", streams.all().len(), p.string("dataset_root"));
+    n.spin();
+    close_interrupted(&recorder, &n.clock);
+    Ok(())
+}
+
+/// One raw subscription per mapped stream: each message goes to the recorder; its stamp
+/// advances the stream's `newest` and, for a stream with a `rate_hz`, counts lost messages.
+fn subscribe_streams(
+    n: &mut NodeRuntime,
+    streams: &StreamConfig,
+    recorder: &Arc<Recorder>,
+    newest: &Newest,
+) -> Result<()> {
     for (i, (_, spec)) in streams.all().into_iter().enumerate() {
         let mut sub = n.node.subscribe_raw(ros_topic(&spec.topic), spec.kind().name(), qos(spec))?;
         let (rec, topic, kind, newest, clock) =
@@ -103,94 +143,83 @@ pub fn main() -> Result<()> {
             }
         });
     }
-    let drain = Duration::from_secs_f64(p.double("stop_drain_s").max(0.0));
+    Ok(())
+}
 
-    let mut start =
-        n.node.create_service::<srv::StartEpisode::Service>("~/start_episode", QosProfile::services_default())?;
-    let (rec, clock) = (recorder.clone(), n.clock.clone());
-    n.rt.spawn(async move {
-        while let Some(req) = start.next().await {
-            let m = &req.message;
-            let info = EpisodeInfo {
-                id: None,
-                instruction: m.instruction.clone(),
-                task: m.task.clone(),
-                operator: m.operator_name.clone(),
-            };
-            let resp = match rec.start(info, clock.now_ns()) {
-                Ok(id) => srv::StartEpisode::Response { started: true, episode_id: id, reason: String::new() },
-                Err(e) => {
-                    srv::StartEpisode::Response { started: false, episode_id: String::new(), reason: e.to_string() }
-                }
-            };
-            if let Err(e) = req.respond(resp) {
-                tracing::error!("start_episode: could not respond: {e}");
-            }
+/// `~/start_episode`: opens an episode stamped now.
+fn start_episode(rec: &Recorder, clock: &NodeClock, m: &srv::StartEpisode::Request) -> srv::StartEpisode::Response {
+    let info = EpisodeInfo {
+        id: None,
+        instruction: m.instruction.clone(),
+        task: m.task.clone(),
+        operator: m.operator_name.clone(),
+    };
+    match rec.start(info, clock.now_ns()) {
+        Ok(id) => srv::StartEpisode::Response { started: true, episode_id: id, reason: String::new() },
+        Err(e) => srv::StartEpisode::Response { started: false, episode_id: String::new(), reason: e.to_string() },
+    }
+}
+
+/// `~/stop_episode`: closes the episode at now, after draining messages still in flight.
+async fn serve_stop(
+    mut requests: impl Stream<Item = ServiceRequest<srv::StopEpisode::Service>> + Unpin,
+    rec: Arc<Recorder>,
+    newest: Newest,
+    drain: Duration,
+    clock: NodeClock,
+) {
+    while let Some(req) = requests.next().await {
+        let stop_ns = clock.now_ns();
+        drain_in_flight(&newest, stop_ns, drain).await;
+        let resp = match rec.stop_at(&req.message.outcome, stop_ns) {
+            Ok(meta) => srv::StopEpisode::Response {
+                stopped: true,
+                episode_id: meta.id,
+                messages: rec.status().episode_messages,
+                reason: String::new(),
+            },
+            Err(e) => srv::StopEpisode::Response {
+                stopped: false,
+                episode_id: String::new(),
+                messages: 0,
+                reason: e.to_string(),
+            },
+        };
+        if let Err(e) = req.respond(resp) {
+            tracing::error!("stop_episode: could not respond: {e}");
         }
-    });
+    }
+}
 
-    let mut stop =
-        n.node.create_service::<srv::StopEpisode::Service>("~/stop_episode", QosProfile::services_default())?;
-    let (rec, newest, clock) = (recorder.clone(), newest.clone(), n.clock.clone());
-    n.rt.spawn(async move {
-        while let Some(req) = stop.next().await {
-            let stop_ns = clock.now_ns();
-            drain_in_flight(&newest, stop_ns, drain).await;
-            let resp = match rec.stop_at(&req.message.outcome, stop_ns) {
-                Ok(meta) => srv::StopEpisode::Response {
-                    stopped: true,
-                    episode_id: meta.id,
-                    messages: rec.status().episode_messages,
-                    reason: String::new(),
-                },
-                Err(e) => srv::StopEpisode::Response {
-                    stopped: false,
-                    episode_id: String::new(),
-                    messages: 0,
-                    reason: e.to_string(),
-                },
-            };
-            if let Err(e) = req.respond(resp) {
-                tracing::error!("stop_episode: could not respond: {e}");
-            }
+/// `~/discard_episode`: leaves an episode under `root` out of training, or restores it.
+fn discard_episode(root: &Path, m: &srv::DiscardEpisode::Request) -> srv::DiscardEpisode::Response {
+    match set_discarded(root, &m.episode_id, &m.reason, m.restore) {
+        Ok(_) => srv::DiscardEpisode::Response {
+            success: true,
+            message: if m.restore { "restored" } else { "discarded" }.into(),
+        },
+        Err(e) => srv::DiscardEpisode::Response { success: false, message: e.to_string() },
+    }
+}
+
+/// Publishes the recorder's status on `~/status` at every tick of `timer`.
+async fn publish_status(
+    publisher: r2r::Publisher<msg::CollectorStatus>,
+    mut timer: r2r::Timer,
+    rec: Arc<Recorder>,
+    clock: NodeClock,
+) {
+    while timer.tick().await.is_ok() {
+        if let Err(e) = publisher.publish(&status_msg(&rec.status(), clock.now())) {
+            tracing::warn!("status: {e}");
         }
-    });
+    }
+}
 
-    let mut discard =
-        n.node.create_service::<srv::DiscardEpisode::Service>("~/discard_episode", QosProfile::services_default())?;
-    let root = std::path::PathBuf::from(p.string("dataset_root"));
-    n.rt.spawn(async move {
-        while let Some(req) = discard.next().await {
-            let m = &req.message;
-            let resp = match set_discarded(&root, &m.episode_id, &m.reason, m.restore) {
-                Ok(_) => srv::DiscardEpisode::Response {
-                    success: true,
-                    message: if m.restore { "restored" } else { "discarded" }.into(),
-                },
-                Err(e) => srv::DiscardEpisode::Response { success: false, message: e.to_string() },
-            };
-            if let Err(e) = req.respond(resp) {
-                tracing::error!("discard_episode: could not respond: {e}");
-            }
-        }
-    });
-
-    let status_pub = n.node.create_publisher::<msg::CollectorStatus>("~/status", QosProfile::default())?;
-    let mut timer =
-        n.node.create_wall_timer(std::time::Duration::from_secs_f64(1.0 / p.double("status_rate_hz").max(0.01)))?;
-    let (rec, clock) = (recorder.clone(), n.clock.clone());
-    n.rt.spawn(async move {
-        while timer.tick().await.is_ok() {
-            if let Err(e) = status_pub.publish(&status_msg(&rec.status(), clock.now())) {
-                tracing::warn!("status: {e}");
-            }
-        }
-    });
-
-    tracing::info!("collector ready: {} topics -> {}", streams.all().len(), p.string("dataset_root"));
-    n.spin();
+/// Closes an open episode as `interrupted` (at shutdown), keeping everything received.
+fn close_interrupted(recorder: &Recorder, clock: &NodeClock) {
     if recorder.status().recording {
-        match recorder.stop_at("interrupted", n.clock.now_ns()) {
+        match recorder.stop_at("interrupted", clock.now_ns()) {
             Ok(meta) => tracing::info!(
                 "episode {} closed as interrupted ({} messages)",
                 meta.id,
@@ -199,5 +228,4 @@ pub fn main() -> Result<()> {
             Err(e) => tracing::error!("closing the episode at shutdown: {e}"),
         }
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use futures::{Stream, StreamExt};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Set when SIGINT or SIGTERM arrives (`ros2 launch` sends SIGINT on shutdown, then SIGTERM).
@@ -41,6 +42,21 @@ pub fn stop_on_signals(rt: &tokio::runtime::Runtime) -> Result<Arc<AtomicBool>> 
 pub fn spin(node: &mut r2r::Node, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         node.spin_once(Duration::from_millis(5));
+    }
+}
+
+/// Answers each request of a service with `answer` (the service's task); `name` labels a
+/// response that could not be sent in the log.
+pub async fn serve<T: r2r::WrappedServiceTypeSupport>(
+    mut requests: impl Stream<Item = r2r::ServiceRequest<T>> + Unpin,
+    name: &str,
+    mut answer: impl FnMut(&T::Request) -> T::Response,
+) {
+    while let Some(req) = requests.next().await {
+        let response = answer(&req.message);
+        if let Err(e) = req.respond(response) {
+            tracing::error!("{name}: could not respond: {e}");
+        }
     }
 }
 

@@ -9,6 +9,9 @@ use r2r::{Parameter, ParameterValue};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
+/// A node's declared parameter values by name (read them with [`ParamsExt`]).
+pub type Params = Map<String, Value>;
+
 /// The node's parameter values by name (overrides applied), as JSON values; starts the
 /// parameter services on `rt`. Changes made later through them arrive on `on_change`.
 pub fn declare(
@@ -16,7 +19,7 @@ pub fn declare(
     rt: &tokio::runtime::Runtime,
     executable: &str,
     mut on_change: impl FnMut(&str, &ParameterValue) + Send + 'static,
-) -> Result<Map<String, Value>> {
+) -> Result<Params> {
     let specs =
         node_params::declared(executable).ok_or_else(|| anyhow!("no parameter declarations for `{executable}`"))?;
     let out = {
@@ -102,7 +105,7 @@ pub trait ParamsExt {
     fn boolean(&self, name: &str) -> bool;
 }
 
-impl ParamsExt for Map<String, Value> {
+impl ParamsExt for Params {
     fn string(&self, name: &str) -> String {
         self.get(name).and_then(Value::as_str).unwrap_or_default().to_string()
     }

@@ -12,63 +12,33 @@
 //! `instruction` replaces the instruction, both at run time (`ros2 param set`).
 //! The robot state stream is not an input: the heads in this build are trained without state.
 
+mod operator;
+mod outputs;
+
+pub use outputs::{action_msg, status_msg};
+
 use super::clock::RuntimeRosClock;
 use super::collector::{qos, ros_topic};
 use super::interfaces::msg;
-use super::params::{declare, share_file, ParamsExt};
+use super::params::{declare, share_file, Params, ParamsExt};
 use super::NodeRuntime;
 use crate::dataset::cdr::{MsgType, RosMessage, SensorFrame};
 use crate::dataset::mcap_episode::decode_image;
 use crate::dataset::streams::StreamConfig;
-use crate::runtime::output::{pose_delta, twist, TargetOutput};
+use crate::runtime::output::TargetOutput;
 use crate::runtime::{
-    ActionEvent, CameraInput, ControlConfig, InputBuffers, InputConfig, Operator, OperatorCommand, OperatorReply,
-    PolicyStatus, RuntimeConfig, RuntimeNotice, SensorInput, StaleBehavior, VlaLoader, WatchConfig,
+    Announcer, InputBuffers, RuntimeConfig, RuntimeSettings, Shapes, StaleBehavior, VlaLoader, WatchConfig,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use futures::StreamExt;
-use r2r::builtin_interfaces::msg::Time;
-use r2r::geometry_msgs::msg::{Point, Pose, PoseStamped, Quaternion, Twist, TwistStamped, Vector3};
-use r2r::std_msgs::msg::Header;
-use r2r::std_srvs::srv::{SetBool, Trigger};
-use r2r::{ParameterValue, QosProfile};
+use r2r::QosProfile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-/// ActionChunk from a published action event, stamped `stamp`.
-pub fn action_msg(ev: &ActionEvent, header: Header) -> msg::ActionChunk {
-    let c = &ev.chunk;
-    msg::ActionChunk {
-        header,
-        checkpoint_version: c.version.clone(),
-        horizon: c.horizon as u32,
-        action_dim: c.action_dim as u32,
-        step_period_s: c.step_period_s,
-        values: c.values.clone(),
-    }
-}
-
-/// PolicyStatus from the runtime's status, stamped `stamp`.
-pub fn status_msg(s: &PolicyStatus, stamp: Time) -> msg::PolicyStatus {
-    msg::PolicyStatus {
-        stamp,
-        enabled: s.enabled,
-        pinned_version: s.pinned_version.clone(),
-        active_version: s.active_version.clone(),
-        previous_version: s.previous_version.clone(),
-        acting: s.acting,
-        stale_inputs: s.stale_inputs.clone(),
-        ticks: s.ticks,
-        missed_ticks: s.missed_ticks,
-        last_tick_ms: s.last_tick_ms as f32,
-        message: s.message.clone(),
-    }
-}
-
-fn header(stamp: Time, frame_id: &str) -> Header {
-    Header { stamp, frame_id: frame_id.to_string() }
-}
+/// A checkpoint's version and folder, as announced.
+type Announced = (String, PathBuf);
 
 /// Samples and per-sample stamps of a SensorFrame: `values` holds `k` samples of `channels`;
 /// the header stamps the last one, earlier ones get stamps 1 ns apart before it (only their
@@ -83,20 +53,9 @@ pub fn sensor_samples(f: &SensorFrame) -> Result<(Vec<f32>, Vec<i64>)> {
     Ok((f.values.clone(), (0..k).map(|i| last - (k - 1 - i) as i64).collect()))
 }
 
-/// Sensor window, horizon and action size the runtime is built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shapes {
-    /// Sensor samples per window.
-    pub sensor_window: usize,
-    /// Action steps per chunk.
-    pub horizon: usize,
-    /// Values per action step.
-    pub action_dim: usize,
-}
-
 /// The shapes from the parameters, each 0 ("from the checkpoint") taken from `checkpoint`'s
 /// deploy.json; an explicit value is kept (a checkpoint that disagrees is then rejected).
-pub fn resolve_shapes(p: &serde_json::Map<String, serde_json::Value>, checkpoint: Option<&Path>) -> Result<Shapes> {
+pub fn resolve_shapes(p: &Params, checkpoint: Option<&Path>) -> Result<Shapes> {
     let param = |name: &str| {
         usize::try_from(p.int(name))
             .map_err(|_| anyhow!("parameter {name} = {}: expected 0 (from the checkpoint) or more", p.int(name)))
@@ -118,12 +77,8 @@ pub fn resolve_shapes(p: &serde_json::Map<String, serde_json::Value>, checkpoint
     })
 }
 
-/// The runtime configuration from the node's parameters, stream mapping and shapes.
-fn runtime_config(
-    p: &serde_json::Map<String, serde_json::Value>,
-    streams: &StreamConfig,
-    shapes: Shapes,
-) -> Result<RuntimeConfig> {
+/// The runtime settings from the node's parameters, stream mapping and shapes.
+fn runtime_settings(p: &Params, streams: &StreamConfig, shapes: Shapes) -> Result<RuntimeSettings> {
     let [sensor] = streams.sensors.as_slice() else {
         bail!("streams_config: the policy reads exactly one sensor stream, found {}", streams.sensors.len());
     };
@@ -136,7 +91,7 @@ fn runtime_config(
     let age = |name: &str| {
         let v = p.double(name);
         if v > 0.0 && v.is_finite() {
-            Ok(Duration::from_secs_f64(v))
+            Ok(v)
         } else {
             Err(anyhow!("parameter {name} = {v}: expected a positive number"))
         }
@@ -147,70 +102,110 @@ fn runtime_config(
             .filter(|v| *v > 0)
             .ok_or_else(|| anyhow!("parameter {name} = {}: expected at least 1", p.int(name)))
     };
-    let period = Duration::from_secs_f64(1.0 / rate);
     let dir = p.string("checkpoints_dir");
-    Ok(RuntimeConfig {
-        inputs: InputConfig {
-            cameras: streams
-                .cameras
-                .iter()
-                .map(|c| Ok(CameraInput { name: c.name.clone(), max_age: age("max_camera_age_s")? }))
-                .collect::<Result<_>>()?,
-            sensor: SensorInput {
-                name: sensor.name.clone(),
-                channels,
-                window: shapes.sensor_window,
-                max_age: age("max_sensor_age_s")?,
-            },
-            state: None,
-            instruction: p.string("instruction"),
-        },
-        control: ControlConfig {
-            period,
-            tick_budget: period,
-            vl_refresh_ticks: u32::try_from(count("vl_refresh_ticks")?).context("parameter vl_refresh_ticks")?,
-            stale_behavior: p
-                .string("stale_behavior")
-                .parse::<StaleBehavior>()
-                .map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
-            start_enabled: p.boolean("start_enabled"),
-        },
-        horizon: shapes.horizon,
-        action_dim: shapes.action_dim,
-        base_model_id: None,
+    Ok(RuntimeSettings {
+        cameras: streams.cameras.iter().map(|c| c.name.clone()).collect(),
+        sensor: sensor.name.clone(),
+        sensor_channels: channels,
+        shapes,
+        instruction: p.string("instruction"),
+        control_rate_hz: rate,
+        max_camera_age_s: age("max_camera_age_s")?,
+        max_sensor_age_s: age("max_sensor_age_s")?,
+        vl_refresh_ticks: u32::try_from(count("vl_refresh_ticks")?).context("parameter vl_refresh_ticks")?,
+        stale_behavior: p
+            .string("stale_behavior")
+            .parse::<StaleBehavior>()
+            .map_err(|e| anyhow!("parameter stale_behavior: {e}"))?,
+        start_enabled: p.boolean("start_enabled"),
         watch: (!dir.is_empty()).then(|| WatchConfig { root: PathBuf::from(dir), poll: Duration::from_millis(200) }),
     })
+}
+
+/// The parameters the node checks at start, before it waits for a checkpoint (the runtime
+/// settings are checked once the shapes are known).
+struct NodeSettings {
+    device: tch::Device,
+    dtype: tch::Kind,
+    streams: StreamConfig,
+    target: TargetOutput,
+    base_model: String,
+    ddim_steps: usize,
+}
+
+impl NodeSettings {
+    fn from_params(p: &Params) -> Result<Self> {
+        if !p.string("pinned_version").is_empty() {
+            bail!("parameter pinned_version is set at run time (`ros2 param set`) to a loaded version; start with `checkpoint` instead");
+        }
+        let device =
+            crate::device::parse_available(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
+        let dtype =
+            crate::device::parse_dtype(&p.string("dtype"), device).map_err(|e| anyhow!("parameter dtype: {e}"))?;
+        let streams_path = share_file(&p.string("streams_config"));
+        let streams = StreamConfig::load(&streams_path)
+            .with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
+        let target = p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
+        let base_model = p.string("base_model");
+        if base_model.is_empty() {
+            bail!("parameter base_model is empty: set the base VL model folder the checkpoints belong to");
+        }
+        let ddim_steps = usize::try_from(p.int("ddim_steps"))
+            .map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
+        Ok(Self { device, dtype, streams, target, base_model, ddim_steps })
+    }
 }
 
 /// Runs the policy node until SIGINT / SIGTERM. Until a checkpoint is known (the `checkpoint`
 /// parameter or the first announcement) when the shapes come from it, nothing is published.
 pub fn main() -> Result<()> {
     let mut n = NodeRuntime::new("vla_policy")?;
-    let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+    let (changes_tx, changes) = unbounded_channel();
     let p = declare(&mut n.node, &n.rt, "policy_node", move |name, value| {
         // The receiver lives as long as the node.
         let _ = changes_tx.send((name.to_string(), value.clone()));
     })?;
-    if !p.string("pinned_version").is_empty() {
-        bail!("parameter pinned_version is set at run time (`ros2 param set`) to a loaded version; start with `checkpoint` instead");
-    }
-    let device = crate::device::parse_available(&p.string("device")).map_err(|e| anyhow!("parameter device: {e}"))?;
-    let kind = crate::device::parse_dtype(&p.string("dtype"), device).map_err(|e| anyhow!("parameter dtype: {e}"))?;
-    let streams_path = share_file(&p.string("streams_config"));
-    let streams = StreamConfig::load(&streams_path)
-        .with_context(|| format!("parameter streams_config = `{}`", streams_path.display()))?;
-    let target: TargetOutput =
-        p.string("target_output").parse().map_err(|e| anyhow!("parameter target_output: {e}"))?;
-    let base_model = p.string("base_model");
-    if base_model.is_empty() {
-        bail!("parameter base_model is empty: set the base VL model folder the checkpoints belong to");
-    }
-    let ddim_steps = usize::try_from(p.int("ddim_steps"))
-        .map_err(|_| anyhow!("parameter ddim_steps = {}: expected >= 0", p.int("ddim_steps")))?;
+    let s = NodeSettings::from_params(&p)?;
+    let gate = operator::waiting_gate();
+    operator::serve_operator(&mut n.node, &n.rt, &gate)?;
+    let mut announced = subscribe_announcements(&mut n)?;
+    let Some((shapes, first)) = shapes_and_start(&mut n, &p, &mut announced)? else { return Ok(()) };
+    tracing::info!(
+        "shapes: sensor window {}, horizon {}, action size {}",
+        shapes.sensor_window,
+        shapes.horizon,
+        shapes.action_dim
+    );
+    let loader = Arc::new(VlaLoader::new(Path::new(&s.base_model), s.ddim_steps, s.device, s.dtype)?);
+    let cfg = RuntimeConfig::from_settings(runtime_settings(&p, &s.streams, shapes)?);
+    let mut handle = crate::runtime::start(cfg, loader, Arc::new(RuntimeRosClock::new(n.clock.clone())))?;
+    subscribe_cameras(&mut n, &s.streams, &handle.inputs)?;
+    subscribe_sensor(&mut n, &s.streams, &handle.inputs)?;
+    n.rt.block_on(operator::open_gate(&gate, handle.operator.clone()));
+    n.rt.spawn(operator::apply_parameter_changes(changes, handle.inputs.clone(), handle.operator.clone()));
+    follow_announcements(&n, handle.announcer.clone(), first, announced)?;
 
-    let gate: SharedGate = Arc::new(tokio::sync::Mutex::new(Gate::Waiting { enable: None }));
-    serve_operator(&mut n.node, &n.rt, &gate)?;
-    let (announced_tx, mut announced) = tokio::sync::mpsc::unbounded_channel::<(String, PathBuf)>();
+    let actions = outputs::ActionOutputs::create(&mut n.node, s.target, n.clock.clone())?;
+    n.rt.spawn(actions.run(std::mem::replace(&mut handle.events, unbounded_channel().1)));
+    let status_pub = n.node.create_publisher::<msg::PolicyStatus>("~/status", QosProfile::default())?;
+    n.rt.spawn(outputs::publish_status(status_pub, handle.status.clone(), n.clock.clone()));
+    n.rt.spawn(outputs::log_notices(std::mem::replace(&mut handle.notices, unbounded_channel().1)));
+
+    tracing::info!(
+        "policy ready: {} cameras, sensor `{}`, {} Hz",
+        s.streams.cameras.len(),
+        s.streams.sensors[0].name,
+        p.double("control_rate_hz")
+    );
+    n.spin();
+    handle.shutdown();
+    tracing::info!("policy stopped");
+    Ok(())
+}
+
+/// Forwards each announcement on `~/checkpoint_in` (version, folder) to the returned channel.
+fn subscribe_announcements(n: &mut NodeRuntime) -> Result<UnboundedReceiver<Announced>> {
+    let (announced_tx, announced) = unbounded_channel::<Announced>();
     let mut ckpt = n.node.subscribe::<msg::CheckpointInfo>("~/checkpoint_in", super::trainer::checkpoint_qos())?;
     n.rt.spawn(async move {
         while let Some(info) = ckpt.next().await {
@@ -220,16 +215,31 @@ pub fn main() -> Result<()> {
             }
         }
     });
-    let mut first = match p.string("checkpoint").as_str() {
-        "" => None,
-        start => {
-            let context = || format!("parameter checkpoint = `{start}`");
-            let dir = crate::checkpoint::publish::resolve_checkpoint_dir(Path::new(start)).with_context(context)?;
-            let manifest = crate::checkpoint::publish::verify(&dir).with_context(context)?;
-            Some((manifest.version, dir))
-        }
-    };
-    let shapes = match resolve_shapes(&p, first.as_ref().map(|(_, d)| d.as_path())) {
+    Ok(announced)
+}
+
+/// The `checkpoint` parameter's checkpoint (verified), if set.
+fn start_checkpoint(p: &Params) -> Result<Option<Announced>> {
+    let start = p.string("checkpoint");
+    if start.is_empty() {
+        return Ok(None);
+    }
+    let context = || format!("parameter checkpoint = `{start}`");
+    let dir = crate::checkpoint::publish::resolve_checkpoint_dir(Path::new(&start)).with_context(context)?;
+    let manifest = crate::checkpoint::publish::verify(&dir).with_context(context)?;
+    Ok(Some((manifest.version, dir)))
+}
+
+/// The shapes and the checkpoint to start with. Shapes the parameters leave to a checkpoint
+/// that is not known yet come from the first announcement, waited for while spinning (`None`:
+/// stopped while waiting).
+fn shapes_and_start(
+    n: &mut NodeRuntime,
+    p: &Params,
+    announced: &mut UnboundedReceiver<Announced>,
+) -> Result<Option<(Shapes, Option<Announced>)>> {
+    let mut first = start_checkpoint(p)?;
+    let shapes = match resolve_shapes(p, first.as_ref().map(|(_, d)| d.as_path())) {
         Ok(s) => s,
         Err(_) if first.is_none() => {
             tracing::info!("waiting for a checkpoint announcement on ~/checkpoint_in (sensor_window, horizon and action_dim come from it)");
@@ -237,28 +247,41 @@ pub fn main() -> Result<()> {
                 n.node.spin_once(Duration::from_millis(20));
                 first = announced.try_recv().ok();
             }
-            let Some((_, dir)) = &first else { return Ok(()) };
-            resolve_shapes(&p, Some(dir))?
+            let Some((_, dir)) = &first else { return Ok(None) };
+            resolve_shapes(p, Some(dir))?
         }
         Err(e) => return Err(e),
     };
-    tracing::info!(
-        "shapes: sensor window {}, horizon {}, action size {}",
-        shapes.sensor_window,
-        shapes.horizon,
-        shapes.action_dim
-    );
-    let loader = Arc::new(VlaLoader::new(Path::new(&base_model), ddim_steps, device, kind)?);
-    let cfg = runtime_config(&p, &streams, shapes)?;
-    let mut handle = crate::runtime::start(cfg, loader, Arc::new(RuntimeRosClock::new(n.clock.clone())))?;
-    let node = &mut n.node;
-    let rt = &n.rt;
+    Ok(Some((shapes, first)))
+}
 
+/// Announces the start checkpoint, then every later announcement, to the runtime.
+fn follow_announcements(
+    n: &NodeRuntime,
+    announcer: Announcer,
+    first: Option<Announced>,
+    mut announced: UnboundedReceiver<Announced>,
+) -> Result<()> {
+    if let Some((version, dir)) = first {
+        announcer.announce(version, dir)?;
+    }
+    n.rt.spawn(async move {
+        while let Some((version, dir)) = announced.recv().await {
+            if let Err(e) = announcer.announce(version, dir) {
+                tracing::error!("{e}");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One task per camera stream: each image, decoded, goes to the input buffers.
+fn subscribe_cameras(n: &mut NodeRuntime, streams: &StreamConfig, inputs: &Arc<InputBuffers>) -> Result<()> {
     for spec in &streams.cameras {
         let kind = spec.kind();
-        let mut sub = node.subscribe_raw(ros_topic(&spec.topic), kind.name(), qos(spec))?;
-        let (inputs, name, topic) = (handle.inputs.clone(), spec.name.clone(), spec.topic.clone());
-        rt.spawn(async move {
+        let mut sub = n.node.subscribe_raw(ros_topic(&spec.topic), kind.name(), qos(spec))?;
+        let (inputs, name, topic) = (inputs.clone(), spec.name.clone(), spec.topic.clone());
+        n.rt.spawn(async move {
             while let Some(cdr) = sub.next().await {
                 let pushed = decode_image(kind, &cdr).map_err(|e| anyhow!(e)).and_then(|img| {
                     let stamp = kind.header_stamp(&cdr)?.unwrap_or(0);
@@ -270,6 +293,11 @@ pub fn main() -> Result<()> {
             }
         });
     }
+    Ok(())
+}
+
+/// The sensor stream's task: each SensorFrame's samples go to the input buffers.
+fn subscribe_sensor(n: &mut NodeRuntime, streams: &StreamConfig, inputs: &Arc<InputBuffers>) -> Result<()> {
     let sensor = &streams.sensors[0];
     if sensor.kind() != MsgType::SensorFrame {
         bail!(
@@ -279,9 +307,9 @@ pub fn main() -> Result<()> {
             MsgType::SensorFrame.name()
         );
     }
-    let mut sub = node.subscribe_raw(ros_topic(&sensor.topic), sensor.kind().name(), qos(sensor))?;
-    let (inputs, topic) = (handle.inputs.clone(), sensor.topic.clone());
-    rt.spawn(async move {
+    let mut sub = n.node.subscribe_raw(ros_topic(&sensor.topic), sensor.kind().name(), qos(sensor))?;
+    let (inputs, topic) = (inputs.clone(), sensor.topic.clone());
+    n.rt.spawn(async move {
         while let Some(cdr) = sub.next().await {
             let pushed = SensorFrame::decode(&cdr).map_err(anyhow::Error::from).and_then(|f| {
                 let (values, stamps) = sensor_samples(&f)?;
@@ -292,219 +320,5 @@ pub fn main() -> Result<()> {
             }
         }
     });
-
-    rt.block_on(open_gate(&gate, handle.operator.clone()));
-    rt.spawn(apply_parameter_changes(changes, handle.inputs.clone(), handle.operator.clone()));
-
-    let announcer = handle.announcer.clone();
-    if let Some((version, dir)) = first {
-        announcer.announce(version, dir)?;
-    }
-    rt.spawn(async move {
-        while let Some((version, dir)) = announced.recv().await {
-            if let Err(e) = announcer.announce(version, dir) {
-                tracing::error!("{e}");
-            }
-        }
-    });
-
-    let action_pub = node.create_publisher::<msg::ActionChunk>("~/action_chunk", QosProfile::default())?;
-    let twist_pub = (target == TargetOutput::Twist)
-        .then(|| node.create_publisher::<TwistStamped>("~/target_twist", QosProfile::default()))
-        .transpose()?;
-    let pose_pub = (target == TargetOutput::Pose)
-        .then(|| node.create_publisher::<PoseStamped>("~/target_pose", QosProfile::default()))
-        .transpose()?;
-    let mut events = std::mem::replace(&mut handle.events, tokio::sync::mpsc::unbounded_channel().1);
-    let clock = n.clock.clone();
-    rt.spawn(async move {
-        while let Some(ev) = events.recv().await {
-            let stamp = clock.now();
-            if let Err(e) = action_pub.publish(&action_msg(&ev, header(stamp.clone(), "tool"))) {
-                tracing::warn!("action_chunk: {e}");
-            }
-            if let Some(pubr) = &twist_pub {
-                match twist(&ev.chunk) {
-                    Ok(t) => {
-                        let v = |a: [f64; 3]| Vector3 { x: a[0], y: a[1], z: a[2] };
-                        let m = TwistStamped {
-                            header: header(stamp.clone(), "tool"),
-                            twist: Twist { linear: v(t.linear), angular: v(t.angular) },
-                        };
-                        if let Err(e) = pubr.publish(&m) {
-                            tracing::warn!("target_twist: {e}");
-                        }
-                    }
-                    Err(e) => tracing::warn!("target_twist: {e}"),
-                }
-            }
-            if let Some(pubr) = &pose_pub {
-                match pose_delta(&ev.chunk) {
-                    Ok(d) => {
-                        let (q, x) = (d.orientation, d.position);
-                        let pose = Pose {
-                            position: Point { x: x[0], y: x[1], z: x[2] },
-                            orientation: Quaternion { x: q[0], y: q[1], z: q[2], w: q[3] },
-                        };
-                        if let Err(e) = pubr.publish(&PoseStamped { header: header(stamp.clone(), "tool"), pose }) {
-                            tracing::warn!("target_pose: {e}");
-                        }
-                    }
-                    Err(e) => tracing::warn!("target_pose: {e}"),
-                }
-            }
-        }
-    });
-
-    let status_pub = node.create_publisher::<msg::PolicyStatus>("~/status", QosProfile::default())?;
-    let (mut status, clock) = (handle.status.clone(), n.clock.clone());
-    rt.spawn(async move {
-        while status.changed().await.is_ok() {
-            let m = status_msg(&status.borrow_and_update(), clock.now());
-            if let Err(e) = status_pub.publish(&m) {
-                tracing::warn!("status: {e}");
-            }
-        }
-    });
-    let mut notices = std::mem::replace(&mut handle.notices, tokio::sync::mpsc::unbounded_channel().1);
-    rt.spawn(async move {
-        while let Some(n) = notices.recv().await {
-            match n {
-                RuntimeNotice::Rejected { version, reason } => tracing::warn!("rejected {version}: {reason}"),
-                RuntimeNotice::RolledBack { from, to, reason } => {
-                    tracing::warn!("dropped {from} (now {to:?}): {reason}")
-                }
-                RuntimeNotice::Activated { version, validated, .. } => {
-                    tracing::info!("activated {version} (validated: {validated})")
-                }
-                RuntimeNotice::FirstAction { version, latency } => {
-                    tracing::info!("{version} acting, {:.1} ms after announcement", latency.as_secs_f64() * 1e3)
-                }
-                RuntimeNotice::Stale { inputs } => tracing::warn!("stale inputs: {}", inputs.join(", ")),
-                RuntimeNotice::Fresh => tracing::info!("inputs fresh"),
-                RuntimeNotice::VlRefreshed { .. } => {}
-            }
-        }
-    });
-
-    tracing::info!(
-        "policy ready: {} cameras, sensor `{}`, {} Hz",
-        streams.cameras.len(),
-        sensor.name,
-        p.double("control_rate_hz")
-    );
-    n.spin();
-    handle.shutdown();
-    tracing::info!("policy stopped");
     Ok(())
-}
-
-/// `success` and `message` of a service answering an operator command.
-fn answer(reply: Result<OperatorReply, tokio::sync::oneshot::error::RecvError>) -> (bool, String) {
-    match reply {
-        Ok(Ok(message)) => (true, message),
-        Ok(Err(e)) => (false, e.to_string()),
-        Err(_) => (false, "the control loop has stopped".into()),
-    }
-}
-
-/// Where the operator services send their commands: nowhere before the runtime has started
-/// (no checkpoint yet; an enable is kept for the start), then its operator.
-enum Gate {
-    Waiting { enable: Option<bool> },
-    Running(Operator),
-}
-
-type SharedGate = Arc<tokio::sync::Mutex<Gate>>;
-
-/// The answer to `cmd`: from the runtime once started, from the gate before.
-async fn command(gate: &SharedGate, cmd: OperatorCommand) -> (bool, String) {
-    let mut g = gate.lock().await;
-    match &mut *g {
-        Gate::Running(op) => {
-            let op = op.clone();
-            drop(g);
-            answer(op.send(cmd).await)
-        }
-        Gate::Waiting { enable } => match cmd {
-            OperatorCommand::Enable(on) => {
-                *enable = Some(on);
-                let message = if on {
-                    "enabled: publishing actions once a checkpoint is loaded"
-                } else {
-                    "disabled: no checkpoint is loaded yet"
-                };
-                (true, message.into())
-            }
-            _ => (false, "no checkpoint is loaded yet: nothing to roll back to".into()),
-        },
-    }
-}
-
-/// Hands the gate to the started runtime, applying an enable asked for while waiting.
-async fn open_gate(gate: &SharedGate, operator: Operator) {
-    let mut g = gate.lock().await;
-    if let Gate::Waiting { enable: Some(on) } = *g {
-        let (ok, message) = answer(operator.send(OperatorCommand::Enable(on)).await);
-        if ok {
-            tracing::info!("{message} (asked for before the first checkpoint)");
-        } else {
-            tracing::error!("the enable asked for before the first checkpoint failed: {message}");
-        }
-    }
-    *g = Gate::Running(operator);
-}
-
-/// `~/enable` (SetBool: true enables publishing, false disables it) and `~/rollback` (Trigger).
-fn serve_operator(node: &mut r2r::Node, rt: &tokio::runtime::Runtime, gate: &SharedGate) -> Result<()> {
-    let mut enable = node.create_service::<SetBool::Service>("~/enable", QosProfile::services_default())?;
-    let g = gate.clone();
-    rt.spawn(async move {
-        while let Some(req) = enable.next().await {
-            let (success, message) = command(&g, OperatorCommand::Enable(req.message.data)).await;
-            if let Err(e) = req.respond(SetBool::Response { success, message }) {
-                tracing::error!("enable: could not respond: {e}");
-            }
-        }
-    });
-    let mut rollback = node.create_service::<Trigger::Service>("~/rollback", QosProfile::services_default())?;
-    let g = gate.clone();
-    rt.spawn(async move {
-        while let Some(req) = rollback.next().await {
-            let (success, message) = command(&g, OperatorCommand::RollBack).await;
-            if let Err(e) = req.respond(Trigger::Response { success, message }) {
-                tracing::error!("rollback: could not respond: {e}");
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Applies run-time parameter changes: `instruction` from the next VL refresh on,
-/// `pinned_version` as a pin (empty: unpin). Others take effect at the next start.
-async fn apply_parameter_changes(
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<(String, ParameterValue)>,
-    inputs: Arc<InputBuffers>,
-    operator: Operator,
-) {
-    while let Some((name, value)) = changes.recv().await {
-        match (name.as_str(), value) {
-            ("instruction", ParameterValue::String(s)) => {
-                tracing::info!("instruction: {s}");
-                inputs.set_instruction(s);
-            }
-            ("pinned_version", ParameterValue::String(v)) => {
-                let (ok, message) = answer(operator.send(OperatorCommand::Pin((!v.is_empty()).then_some(v))).await);
-                if ok {
-                    tracing::info!("{message}");
-                } else {
-                    tracing::error!("{message} (the status's pinned_version is what holds)");
-                }
-            }
-            ("instruction" | "pinned_version", other) => {
-                tracing::error!("parameter {name}: expected a string, got {other:?}; ignored")
-            }
-            _ => tracing::warn!("parameter {name} takes effect at the next start of the node"),
-        }
-    }
 }

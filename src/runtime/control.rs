@@ -21,7 +21,7 @@ use tokio::sync::{mpsc::UnboundedSender, watch};
 use super::clock::Clock;
 use super::error::RuntimeError;
 use super::hotswap::{Prepared, SwapOutcome};
-use super::inputs::{InputBuffers, Snapshot};
+use super::inputs::{InputBuffers, Snapshot, StaleInput};
 use super::model::ActionModel;
 use super::operator::{OperatorCommand, OperatorReply, OperatorRequest};
 use super::refresh::Refresher;
@@ -482,25 +482,7 @@ impl ControlCore {
                 }
                 Arc::new(obs)
             }
-            Snapshot::Stale(stale) => {
-                let names: Vec<String> = stale.iter().map(|s| s.name.clone()).collect();
-                if names != self.status.stale_inputs {
-                    self.notify(RuntimeNotice::Stale { inputs: names.clone() });
-                    self.status.stale_inputs = names;
-                }
-                let list = stale.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
-                let held = match (self.cfg.stale_behavior, &self.last_action) {
-                    (StaleBehavior::Hold, Some(last)) if self.status.enabled => {
-                        Some(ActionEvent { tick: slot.index, held: true, ..last.clone() })
-                    }
-                    _ => None,
-                };
-                self.status.message = format!(
-                    "stale input: {list}; {}",
-                    if held.is_some() { "holding the last action" } else { "publishing no action" }
-                );
-                return held;
-            }
+            Snapshot::Stale(stale) => return self.on_stale(&stale, slot),
         };
         let Some(active) = &self.active else {
             self.status.message = "waiting for a checkpoint".into();
@@ -531,33 +513,58 @@ impl ControlCore {
                         published_at: Duration::ZERO,
                     })
                 }
-                Err(reason) => {
-                    let mut failed = String::new();
-                    if let Some(s) = self.active.take() {
-                        failed = s.meta.version.clone();
-                        retire(s);
-                    }
-                    self.notify(RuntimeNotice::RolledBack {
-                        from: failed.clone(),
-                        to: self.previous.as_ref().map(|p| p.meta.version.clone()),
-                        reason: reason.clone(),
-                    });
-                    match self.previous.take() {
-                        Some(prev) => {
-                            self.status.rollbacks += 1;
-                            self.status.message = format!("rolled back {failed} -> {}: {reason}", prev.meta.version);
-                            self.refresher.request(&prev.meta.version, obs.clone());
-                            self.active = Some(prev);
-                        }
-                        None => {
-                            self.status.message = format!("dropped {failed}, no version to roll back to: {reason}");
-                        }
-                    }
-                    tracing::warn!("{}", self.status.message);
-                    self.update_versions();
-                }
+                Err(reason) => self.roll_back(&reason, &obs),
             }
         }
+    }
+
+    /// Records the stale inputs; the held last action if the behaviour and the gate allow it.
+    fn on_stale(&mut self, stale: &[StaleInput], slot: &TickSlot) -> Option<ActionEvent> {
+        let names: Vec<String> = stale.iter().map(|s| s.name.clone()).collect();
+        if names != self.status.stale_inputs {
+            self.notify(RuntimeNotice::Stale { inputs: names.clone() });
+            self.status.stale_inputs = names;
+        }
+        let list = stale.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+        let held = match (self.cfg.stale_behavior, &self.last_action) {
+            (StaleBehavior::Hold, Some(last)) if self.status.enabled => {
+                Some(ActionEvent { tick: slot.index, held: true, ..last.clone() })
+            }
+            _ => None,
+        };
+        self.status.message = format!(
+            "stale input: {list}; {}",
+            if held.is_some() { "holding the last action" } else { "publishing no action" }
+        );
+        held
+    }
+
+    /// Drops the active version, which failed for `reason`; the previous one (if any) becomes
+    /// active and is asked for features of `obs`.
+    fn roll_back(&mut self, reason: &str, obs: &Arc<Observation>) {
+        let mut failed = String::new();
+        if let Some(s) = self.active.take() {
+            failed = s.meta.version.clone();
+            retire(s);
+        }
+        self.notify(RuntimeNotice::RolledBack {
+            from: failed.clone(),
+            to: self.previous.as_ref().map(|p| p.meta.version.clone()),
+            reason: reason.to_string(),
+        });
+        match self.previous.take() {
+            Some(prev) => {
+                self.status.rollbacks += 1;
+                self.status.message = format!("rolled back {failed} -> {}: {reason}", prev.meta.version);
+                self.refresher.request(&prev.meta.version, obs.clone());
+                self.active = Some(prev);
+            }
+            None => {
+                self.status.message = format!("dropped {failed}, no version to roll back to: {reason}");
+            }
+        }
+        tracing::warn!("{}", self.status.message);
+        self.update_versions();
     }
 }
 

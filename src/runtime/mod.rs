@@ -17,6 +17,7 @@ pub mod output;
 mod refresh;
 pub mod runner;
 pub mod schedule;
+pub mod settings;
 pub mod types;
 pub mod vla;
 
@@ -29,5 +30,6 @@ pub use model::{ActionModel, LoadedModel, ModelLoader, VlEncoder};
 pub use operator::{Operator, OperatorCommand, OperatorReply};
 pub use runner::{build, start, RuntimeConfig, RuntimeHandle, WatchConfig};
 pub use schedule::{TickScheduler, TickSlot};
+pub use settings::{RuntimeSettings, Shapes};
 pub use types::{ActionChunk, CameraFrame, CheckpointMeta, IoSpec, Observation, RobotState, SensorWindow, VlFeatures};
 pub use vla::{action_seed, VlaLoader};
