@@ -557,12 +557,7 @@ fn stage2_epoch(dataset: &Path, dir: &Path) {
         "optim.warmup_ratio=0.0".into(),
     ];
     let sets: Vec<Override> = sets.iter().map(|s| s.parse().unwrap()).collect();
-    let cfg = vla_finetune::train::config::TrainConfig::from_yaml(
-        include_str!("../../config/train.yaml"),
-        "train.yaml",
-        &sets,
-    )
-    .unwrap();
+    let cfg = TrainConfig::from_yaml(include_str!("../../config/train.yaml"), "train.yaml", &sets).unwrap();
     let r = stage2::run(&Stage2Job { config: cfg, resume: false, group: None }, &ctx(), &mut |_| {}).unwrap();
     assert!(r.lora_params_changed, "one Stage 2 epoch trains the LoRA weights");
     assert!(r.val_action_error.is_some_and(f64::is_finite), "{:?}", r.val_action_error);
