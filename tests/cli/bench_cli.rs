@@ -38,60 +38,15 @@ fn tiny_bench_writes_one_valid_record_per_case_and_the_reference_agrees_on_sizes
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("ours.json");
     let setup = dir.path().join("setup");
-    let out = Command::new(BIN)
-        .args(["bench", "--model", "tiny", "--kinds", "step,vision-cache,act", "--cache", "off,vision,features"])
-        .args(["--precision", "f32", "--steps", "2", "--warmup", "1", "--ddim-steps", "2"])
-        .arg("--json")
-        .arg(&json)
-        .arg("--export")
-        .arg(&setup)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(table.lines().count(), 6, "header + 5 cases:\n{table}");
-
+    run_tiny_bench(&json, &setup);
     let ours = records(&json);
     assert_eq!(ours.len(), 5);
-    for r in &ours {
-        assert_eq!(r["impl"], "ours");
-        assert_eq!(r["model"], "tiny");
-        assert_eq!(r["device"], "cpu");
-        assert_eq!((r["views"].as_u64(), r["batch"].as_u64(), r["image_size"].as_u64()), (Some(2), Some(2), Some(56)));
-        let (rate, ms) = (positive(r, "samples_per_s"), positive(r, "step_ms"));
-        let per_iter = if r["kind"] == "vision_cache" { 4.0 } else { 2.0 };
-        assert!((rate * ms / 1e3 - per_iter).abs() < 1e-6, "throughput is not items / median time: {r}");
-        assert!(r["peak_accel_bytes"].is_null(), "no accelerator on CPU: {r}");
-        positive(r, "peak_host_bytes");
-    }
-    for cache in ["off", "vision", "features"] {
-        let r = find(&ours, "step", Some(cache));
-        positive(r, "loss");
-        assert_eq!(r["unit"], "samples/s");
-        let lora = if cache == "features" { 0 } else { TINY_LORA_PARAMS };
-        assert_eq!(r["lora_params"].as_i64(), Some(lora), "{r}");
-        assert_eq!(r["trainable_params"].as_i64().unwrap(), lora + r["heads_params"].as_i64().unwrap());
-        // 2 views of 4 tokens between the prompt tokens; the features step runs no LLM.
-        let tokens = r["tokens_per_sample"].as_i64().unwrap();
-        assert!(if cache == "features" { tokens == 0 } else { tokens > 8 }, "{r}");
-    }
-    assert_eq!(find(&ours, "vision_cache", None)["unit"], "images/s");
-    assert_eq!(find(&ours, "act", None)["unit"], "chunks/s");
+    check_our_records(&ours);
 
     // The Python stack on the exported inputs: same LoRA size, same tokens, same heads minus the
     // positional embeddings our heads add (horizon x expert width + sensor tokens x sensor width).
     let ref_json = dir.path().join("reference.json");
-    let out = Command::new(PYTHON)
-        .arg(Path::new(ROOT).join("scripts/reference_bench.py"))
-        .arg("--setup")
-        .arg(&setup)
-        .args(["--kinds", "step", "--cache", "off", "--precision", "f32", "--steps", "1", "--warmup", "0", "--json"])
-        .arg(&ref_json)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_reference_bench(&setup, &ref_json);
     let reference = records(&ref_json);
     let (r, o) = (&reference[0], find(&ours, "step", Some("off")));
     assert_eq!(r["impl"], "reference");
@@ -117,6 +72,65 @@ fn tiny_bench_writes_one_valid_record_per_case_and_the_reference_agrees_on_sizes
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().nth(1).is_some_and(|l| l.trim_start().starts_with("step") && l.contains("off")), "{text}");
+}
+
+/// `bench` on the tiny model, 5 cases, records into `json` and its inputs exported to `setup`.
+fn run_tiny_bench(json: &Path, setup: &Path) {
+    let out = Command::new(BIN)
+        .args(["bench", "--model", "tiny", "--kinds", "step,vision-cache,act", "--cache", "off,vision,features"])
+        .args(["--precision", "f32", "--steps", "2", "--warmup", "1", "--ddim-steps", "2"])
+        .arg("--json")
+        .arg(json)
+        .arg("--export")
+        .arg(setup)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.lines().count(), 6, "header + 5 cases:\n{table}");
+}
+
+/// Every record of ours: the shared fields and rates, then each step case's sizes and units.
+fn check_our_records(ours: &[Value]) {
+    for r in ours {
+        assert_eq!(r["impl"], "ours");
+        assert_eq!(r["model"], "tiny");
+        assert_eq!(r["device"], "cpu");
+        assert_eq!((r["views"].as_u64(), r["batch"].as_u64(), r["image_size"].as_u64()), (Some(2), Some(2), Some(56)));
+        let (rate, ms) = (positive(r, "samples_per_s"), positive(r, "step_ms"));
+        let per_iter = if r["kind"] == "vision_cache" { 4.0 } else { 2.0 };
+        assert!((rate * ms / 1e3 - per_iter).abs() < 1e-6, "throughput is not items / median time: {r}");
+        assert!(r["peak_accel_bytes"].is_null(), "no accelerator on CPU: {r}");
+        positive(r, "peak_host_bytes");
+    }
+    for cache in ["off", "vision", "features"] {
+        let r = find(ours, "step", Some(cache));
+        positive(r, "loss");
+        assert_eq!(r["unit"], "samples/s");
+        let lora = if cache == "features" { 0 } else { TINY_LORA_PARAMS };
+        assert_eq!(r["lora_params"].as_i64(), Some(lora), "{r}");
+        assert_eq!(r["trainable_params"].as_i64().unwrap(), lora + r["heads_params"].as_i64().unwrap());
+        // 2 views of 4 tokens between the prompt tokens; the features step runs no LLM.
+        let tokens = r["tokens_per_sample"].as_i64().unwrap();
+        assert!(if cache == "features" { tokens == 0 } else { tokens > 8 }, "{r}");
+    }
+    assert_eq!(find(ours, "vision_cache", None)["unit"], "images/s");
+    assert_eq!(find(ours, "act", None)["unit"], "chunks/s");
+}
+
+/// scripts/reference_bench.py on the exported `setup`: one step case, records into `ref_json`.
+fn run_reference_bench(setup: &Path, ref_json: &Path) {
+    let out = Command::new(PYTHON)
+        .arg(Path::new(ROOT).join("scripts/reference_bench.py"))
+        .arg("--setup")
+        .arg(setup)
+        .args(["--kinds", "step", "--cache", "off", "--precision", "f32", "--steps", "1", "--warmup", "0", "--json"])
+        .arg(ref_json)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

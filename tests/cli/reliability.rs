@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use vla_finetune::dataset::compile::{compile, CompileConfig, CompileOutput};
+use vla_finetune::dataset::compile::{compile, CompileConfig, CompileOutput, CompileReport};
 use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource};
 use vla_finetune::dataset::mcap_episode::{
     mcap_file_name, scan_mcap, EpisodeWriter, McapEpisode, WriterOptions, RECORDING_MARKER,
@@ -218,59 +218,89 @@ fn damaged_recordings_report_what_was_read_and_lost() {
     let recs = records(&intact);
     let chunks: Vec<(usize, usize)> = recs.iter().filter(|r| r.1 == CHUNK).map(|r| (r.0, r.2)).collect();
     assert!(chunks.len() >= 4, "the episode has {} chunks", chunks.len());
-    let good_samples = {
-        std::fs::rename(&bad, dir.path().join("aside")).unwrap();
-        let n = compile_dir(&root, &dir.path().join("ref")).report.samples;
-        std::fs::rename(dir.path().join("aside"), &bad).unwrap();
-        n
-    };
+    let good_samples = samples_without(&root, &bad, dir.path());
+    let faults = damaged_copies(&intact, &chunks);
+    let (mut compiled_damaged, mut left_out) = (0, 0);
+    for (i, (what, bytes)) in faults.iter().enumerate() {
+        std::fs::write(&path, bytes).unwrap();
+        let r = compile_dir(&root, &dir.path().join(format!("ds{i}"))).report;
+        if compiled_with_its_damage(&r, what, bytes, &path, &chunks, good_samples) {
+            compiled_damaged += 1;
+        } else {
+            left_out += 1;
+        }
+    }
+    assert!(compiled_damaged >= chunks.len(), "{compiled_damaged} compiled with damage, {left_out} left out");
+    // The CLI: exit status 3 unless --allow-losses, and `dataset info` names the damage.
+    the_cli_reports_a_damaged_episode(&root, dir.path(), &path, &intact);
+    println!("corpus damaged_mcap: {} inputs, {} faults injected ({compiled_damaged} compiled with the damage reported, {left_out} left out), panics 0, good samples lost 0", faults.len() + 2, faults.len());
+}
+
+/// Samples compiled from `root` with the episode folder `bad` moved aside (into `dir`) meanwhile.
+fn samples_without(root: &Path, bad: &Path, dir: &Path) -> u64 {
+    std::fs::rename(bad, dir.join("aside")).unwrap();
+    let n = compile_dir(root, &dir.join("ref")).report.samples;
+    std::fs::rename(dir.join("aside"), bad).unwrap();
+    n
+}
+
+/// Named damaged copies of `intact`: cut at several fractions, a flipped byte in each chunk.
+fn damaged_copies(intact: &[u8], chunks: &[(usize, usize)]) -> Vec<(String, Vec<u8>)> {
     let mut faults: Vec<(String, Vec<u8>)> = Vec::new();
     for pct in [10, 25, 50, 75, 90, 99] {
         faults.push((format!("cut at {pct} %"), intact[..intact.len() * pct / 100].to_vec()));
     }
     for (k, &(off, len)) in chunks.iter().enumerate() {
-        let mut b = intact.clone();
+        let mut b = intact.to_vec();
         b[off + len / 2] ^= 0x5A;
         faults.push((format!("flipped byte in chunk {k}"), b));
     }
-    let (mut compiled_damaged, mut left_out) = (0, 0);
-    for (i, (what, bytes)) in faults.iter().enumerate() {
-        std::fs::write(&path, bytes).unwrap();
-        let r = compile_dir(&root, &dir.path().join(format!("ds{i}"))).report;
-        let good: u64 = r.episodes.iter().filter(|e| e.id.starts_with("good")).map(|e| e.samples).sum();
-        assert_eq!(good, good_samples, "{what}: the good episodes are compiled whole");
-        if let Some(f) = r.failed_episodes.iter().find(|f| f.id == "bad") {
-            let unreadable = f.error.contains(&*path.to_string_lossy()) && f.error.contains("no readable chunk");
-            assert!(unreadable || f.error.contains("(the recording is damaged: "), "{what}: {}", f.error);
-            left_out += 1;
-            continue;
-        }
-        let ep = r.episodes.iter().find(|e| e.id == "bad").unwrap();
-        let d = ep.damage.as_ref().unwrap_or_else(|| panic!("{what}: compiled with no damage reported"));
-        assert_eq!(d.file_bytes, bytes.len() as u64, "{what}");
-        let whole = records(bytes);
-        if let Some(k) = what.strip_prefix("flipped byte in chunk ").map(|k| k.parse::<usize>().unwrap()) {
-            assert_eq!(
-                (d.records_lost, d.bytes_lost, d.chunks_read),
-                (1, chunks[k].1 as u64, chunks.len() as u64 - 1),
-                "{what}: {d:?}"
-            );
-            assert!(d.reasons[0].contains(&format!("chunk at byte {}", chunks[k].0)), "{what}: {:?}", d.reasons);
-        } else {
-            let read_chunks = whole.iter().filter(|r| r.1 == CHUNK).count() as u64;
-            let reached_end = whole.last().is_some_and(|r| r.1 == 0x0F);
-            let end = whole.last().map_or(8, |r| r.0 + if reached_end { 0 } else { r.2 });
-            let lost = if reached_end { 0 } else { bytes.len() - end } as u64;
-            assert_eq!((d.chunks_read, d.bytes_lost, d.records_lost), (read_chunks, lost, 0), "{what}: {d:?}");
-        }
-        compiled_damaged += 1;
+    faults
+}
+
+/// Checks the compile `r` of the variant `what` (`bytes`); true if `bad` compiled, false if left out.
+fn compiled_with_its_damage(
+    r: &CompileReport,
+    what: &str,
+    bytes: &[u8],
+    path: &Path,
+    chunks: &[(usize, usize)],
+    good_samples: u64,
+) -> bool {
+    let good: u64 = r.episodes.iter().filter(|e| e.id.starts_with("good")).map(|e| e.samples).sum();
+    assert_eq!(good, good_samples, "{what}: the good episodes are compiled whole");
+    if let Some(f) = r.failed_episodes.iter().find(|f| f.id == "bad") {
+        let unreadable = f.error.contains(&*path.to_string_lossy()) && f.error.contains("no readable chunk");
+        assert!(unreadable || f.error.contains("(the recording is damaged: "), "{what}: {}", f.error);
+        return false;
     }
-    assert!(compiled_damaged >= chunks.len(), "{compiled_damaged} compiled with damage, {left_out} left out");
-    // The CLI: exit status 3 unless --allow-losses, and `dataset info` names the damage.
-    std::fs::write(&path, &intact[..intact.len() / 2]).unwrap();
-    let cfg = config_file(dir.path());
-    let out = dir.path().join("cli");
-    let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&cfg), "--out", s(&out)]);
+    let ep = r.episodes.iter().find(|e| e.id == "bad").unwrap();
+    let d = ep.damage.as_ref().unwrap_or_else(|| panic!("{what}: compiled with no damage reported"));
+    assert_eq!(d.file_bytes, bytes.len() as u64, "{what}");
+    let whole = records(bytes);
+    if let Some(k) = what.strip_prefix("flipped byte in chunk ").map(|k| k.parse::<usize>().unwrap()) {
+        assert_eq!(
+            (d.records_lost, d.bytes_lost, d.chunks_read),
+            (1, chunks[k].1 as u64, chunks.len() as u64 - 1),
+            "{what}: {d:?}"
+        );
+        assert!(d.reasons[0].contains(&format!("chunk at byte {}", chunks[k].0)), "{what}: {:?}", d.reasons);
+    } else {
+        let read_chunks = whole.iter().filter(|r| r.1 == CHUNK).count() as u64;
+        let reached_end = whole.last().is_some_and(|r| r.1 == 0x0F);
+        let end = whole.last().map_or(8, |r| r.0 + if reached_end { 0 } else { r.2 });
+        let lost = if reached_end { 0 } else { bytes.len() - end } as u64;
+        assert_eq!((d.chunks_read, d.bytes_lost, d.records_lost), (read_chunks, lost, 0), "{what}: {d:?}");
+    }
+    true
+}
+
+/// `path` cut in half, compiled by the CLI: exit status 3, then 0 with --allow-losses; `dataset info` names it.
+fn the_cli_reports_a_damaged_episode(root: &Path, dir: &Path, path: &Path, intact: &[u8]) {
+    std::fs::write(path, &intact[..intact.len() / 2]).unwrap();
+    let cfg = config_file(dir);
+    let out = dir.join("cli");
+    let o = cli(&["dataset", "compile", "--episodes", s(root), "--config", s(&cfg), "--out", s(&out)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.code() == Some(3) && err.contains("episode `bad` is damaged") && err.contains("bytes lost"),
@@ -280,7 +310,7 @@ fn damaged_recordings_report_what_was_read_and_lost() {
         "dataset",
         "compile",
         "--episodes",
-        s(&root),
+        s(root),
         "--config",
         s(&cfg),
         "--out",
@@ -297,7 +327,6 @@ fn damaged_recordings_report_what_was_read_and_lost() {
     );
     let json: serde_json::Value = serde_json::from_slice(&cli(&["dataset", "info", s(&out), "--json"]).stdout).unwrap();
     assert_eq!(json["episodes"]["damaged"][0]["id"], "bad");
-    println!("corpus damaged_mcap: {} inputs, {} faults injected ({compiled_damaged} compiled with the damage reported, {left_out} left out), panics 0, good samples lost 0", faults.len() + 2, faults.len());
 }
 
 /// A fault: its name, what it does to an episode folder, what the error must say.

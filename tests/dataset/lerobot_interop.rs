@@ -222,25 +222,13 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     assert_eq!(meta["len"], n);
     assert_eq!(meta["num_episodes"], ix.episodes.iter().filter(|e| e.samples > 0).count());
     assert_eq!(meta["fps"], 10);
-    let sensor_key = "observation.oct";
-    let feat =
-        |k: &str| (meta["features"][k]["dtype"].as_str().unwrap().to_string(), meta["features"][k]["shape"].clone());
+    assert_lerobot_features(&meta, &ds, kind);
     let [t, c] = ix.sensor_shape;
     let [h, a] = ix.action_shape;
     let s = ix.state_names.len();
-    assert_eq!(feat("observation.state"), ("float32".into(), serde_json::json!([s])));
-    assert_eq!(feat(sensor_key), ("float32".into(), serde_json::json!([t, c])));
-    assert_eq!(feat("action"), ("float32".into(), serde_json::json!([a])));
-    assert_eq!(feat(CHUNK_FEATURE), ("float32".into(), serde_json::json!([h, a])));
-    for cam in &ix.cameras {
-        assert_eq!(
-            feat(&format!("observation.images.{}", cam.name)),
-            (kind.into(), serde_json::json!([cam.height, cam.width, 3]))
-        );
-    }
     let (shape, state) = f32s(&st, "observation.state");
     assert_eq!(shape, [n, s]);
-    let (shape, sensor) = f32s(&st, sensor_key);
+    let (shape, sensor) = f32s(&st, SENSOR_KEY);
     assert_eq!(shape, [n, t, c]);
     let (shape, action) = f32s(&st, "action");
     assert_eq!(shape, [n, a]);
@@ -280,11 +268,39 @@ fn check_in_lerobot(dataset: &Path, exported: &Path, kind: &str, image_tol: f64)
     let features = [
         ("observation.state", &state[..], s),
         ("action", &action[..], a),
-        (sensor_key, &sensor[..], c),
+        (SENSOR_KEY, &sensor[..], c),
         (CHUNK_FEATURE, &chunk[..], a),
     ];
     check_stats(&meta, n, &features);
+    check_image_stats(&meta, &ds);
+}
+
+/// The LeRobot key of the sensor window feature.
+const SENSOR_KEY: &str = "observation.oct";
+
+/// The dtype and shape lerobot loaded for each feature of `ds`'s export (pictures as `kind`).
+fn assert_lerobot_features(meta: &serde_json::Value, ds: &Dataset, kind: &str) {
+    let ix = &ds.index;
+    let feat =
+        |k: &str| (meta["features"][k]["dtype"].as_str().unwrap().to_string(), meta["features"][k]["shape"].clone());
+    let [t, c] = ix.sensor_shape;
+    let [h, a] = ix.action_shape;
+    let s = ix.state_names.len();
+    assert_eq!(feat("observation.state"), ("float32".into(), serde_json::json!([s])));
+    assert_eq!(feat(SENSOR_KEY), ("float32".into(), serde_json::json!([t, c])));
+    assert_eq!(feat("action"), ("float32".into(), serde_json::json!([a])));
+    assert_eq!(feat(CHUNK_FEATURE), ("float32".into(), serde_json::json!([h, a])));
     for cam in &ix.cameras {
+        assert_eq!(
+            feat(&format!("observation.images.{}", cam.name)),
+            (kind.into(), serde_json::json!([cam.height, cam.width, 3]))
+        );
+    }
+}
+
+/// Each camera's statistics as lerobot loaded them: 3 channel means, the first positive, its max at most 1.
+fn check_image_stats(meta: &serde_json::Value, ds: &Dataset) {
+    for cam in &ds.index.cameras {
         let s = &meta["stats"][format!("observation.images.{}", cam.name)];
         assert_eq!(s["mean"].as_array().unwrap().len(), 3);
         assert!(s["mean"][0][0][0].as_f64().unwrap() > 0.0 && s["max"][0][0][0].as_f64().unwrap() <= 1.0);

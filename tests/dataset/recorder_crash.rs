@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vla_finetune::dataset::episode::EpisodeSource;
@@ -65,41 +65,11 @@ fn kill_9_during_recording_then_recovery_keeps_every_flushed_message() {
     let root = dir.path().join("ds");
     let sim = SimConfig { seed: 5, cameras: 2, width: 32, height: 24, ..Default::default() };
     let seconds = 60.0;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
-        .args([
-            "record",
-            "--sim",
-            "--realtime",
-            "--episodes",
-            "1",
-            "--seconds",
-            "60",
-            "--seed",
-            "5",
-            "--cameras",
-            "2",
-            "--width",
-            "32",
-            "--height",
-            "24",
-            "--out",
-        ])
-        .arg(&root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_realtime_recording(&root);
     let ep_dir = root.join("episodes/sim_s5_e0000");
     let mcap = ep_dir.join("sim_s5_e0000_0.mcap");
     // Wait (not a timing assertion) until at least two chunks have been flushed.
-    let t0 = Instant::now();
-    loop {
-        if mcap.exists() && scan_file(&mcap).1 >= 2 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "recorder never flushed two chunks");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_two_flushed_chunks(&mcap);
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -135,13 +105,58 @@ fn kill_9_during_recording_then_recovery_keeps_every_flushed_message() {
     assert_eq!(ep.counts().values().sum::<u64>(), before.len() as u64);
 
     // The rebuilt episode is a valid rosbag2 bag for an independent reader.
+    assert_rosbags_reads_every_message(&ep_dir, before.len());
+}
+
+/// `vla_finetune record --sim --realtime` of one 60 s episode (seed 5, 2 cameras 32x24) into `root`.
+fn spawn_realtime_recording(root: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vla_finetune"))
+        .args([
+            "record",
+            "--sim",
+            "--realtime",
+            "--episodes",
+            "1",
+            "--seconds",
+            "60",
+            "--seed",
+            "5",
+            "--cameras",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "24",
+            "--out",
+        ])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `mcap` until at least two of its chunks are flushed, for at most 60 s.
+fn wait_for_two_flushed_chunks(mcap: &Path) {
+    let t0 = Instant::now();
+    loop {
+        if mcap.exists() && scan_file(mcap).1 >= 2 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "recorder never flushed two chunks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `rosbags` reader opens the episode folder `ep_dir` and counts `messages`, in its index and read.
+fn assert_rosbags_reads_every_message(ep_dir: &Path, messages: usize) {
     let out = Command::new(PYTHON)
         .args(["-c", "import sys; from rosbags.rosbag2 import Reader\nwith Reader(sys.argv[1]) as r: print(r.message_count, sum(1 for _ in r.messages()))"])
-        .arg(&ep_dir)
+        .arg(ep_dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{0} {0}", before.len()));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{messages} {messages}"));
 }
 
 #[test]

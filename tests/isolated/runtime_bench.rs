@@ -4,6 +4,7 @@
 //! that computes VL features inline (included), and hot-swap latency (announcement -> first action
 //! of the new version) at 20 Hz with 2 cameras 640x360 and a 650 x 1026 sensor window.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,37 +29,8 @@ fn bench_runtime() {
     let knobs = Arc::new(Knobs::default());
     let loader = Arc::new(FakeLoader { knobs, manual: None });
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let cfg = RuntimeConfig {
-        inputs: InputConfig {
-            cameras: CAMS.iter().map(|c| CameraInput { name: c.to_string(), max_age: 1000 * MS }).collect(),
-            sensor: SensorInput { name: "oct".into(), channels: 1026, window: 650, max_age: 1000 * MS },
-            state: Some(StateInput { name: "pose".into(), dim: 6, max_age: 1000 * MS }),
-            instruction: "insert the needle".into(),
-        },
-        control: ControlConfig {
-            period: 50 * MS,
-            tick_budget: 50 * MS,
-            vl_refresh_ticks: 4,
-            stale_behavior: StaleBehavior::Nothing,
-            start_enabled: true,
-        },
-        horizon: 8,
-        action_dim: 7,
-        base_model_id: None,
-        watch: None,
-    };
-    let (mut core, mut handle) = build(cfg, loader.clone(), clock.clone()).unwrap();
+    let (mut core, mut handle) = build(bench_config(), loader.clone(), clock.clone()).unwrap();
     let mut stamp = 0i64;
-    let feed = |h: &RuntimeHandle, stamp: &mut i64| {
-        for c in CAMS {
-            h.inputs.push_frame(c, solid(640, 360, [90, 60, 30]), *stamp).unwrap();
-        }
-        let values = vec![0.25f32; 33 * 1026];
-        let stamps: Vec<i64> = (0..33).map(|i| *stamp + i).collect();
-        h.inputs.push_sensor(&values, &stamps).unwrap();
-        h.inputs.push_state(vec![0.0; 6], *stamp).unwrap();
-        *stamp += 33;
-    };
     for _ in 0..20 {
         feed(&handle, &mut stamp);
     }
@@ -96,18 +68,59 @@ fn bench_runtime() {
     stats("control tick (VL refresh in background)", ticks);
     // Inline VL: what a tick costs when it also computes the VL features itself.
     let dir = root.path().join("v0006");
-    let meta = loader.verify(&dir).unwrap();
-    let mut m = loader.load(&dir, &meta).unwrap();
+    let inline = inline_vl_ms(&loader, &dir, &handle, &mut stamp);
+    stats("snapshot + VL features + head step inline (VL refresh included)", inline);
+    stats("hot-swap (announcement -> first action of the new version)", swaps);
+    handle.shutdown();
+}
+
+/// The benchmarked runtime: 2 cameras, a 650 x 1026 sensor window, a 6-d state, 20 Hz ticks.
+fn bench_config() -> RuntimeConfig {
+    RuntimeConfig {
+        inputs: InputConfig {
+            cameras: CAMS.iter().map(|c| CameraInput { name: c.to_string(), max_age: 1000 * MS }).collect(),
+            sensor: SensorInput { name: "oct".into(), channels: 1026, window: 650, max_age: 1000 * MS },
+            state: Some(StateInput { name: "pose".into(), dim: 6, max_age: 1000 * MS }),
+            instruction: "insert the needle".into(),
+        },
+        control: ControlConfig {
+            period: 50 * MS,
+            tick_budget: 50 * MS,
+            vl_refresh_ticks: 4,
+            stale_behavior: StaleBehavior::Nothing,
+            start_enabled: true,
+        },
+        horizon: 8,
+        action_dim: 7,
+        base_model_id: None,
+        watch: None,
+    }
+}
+
+/// Pushes a frame per camera, 33 sensor samples and a state at `stamp`, then advances it by 33.
+fn feed(h: &RuntimeHandle, stamp: &mut i64) {
+    for c in CAMS {
+        h.inputs.push_frame(c, solid(640, 360, [90, 60, 30]), *stamp).unwrap();
+    }
+    let values = vec![0.25f32; 33 * 1026];
+    let stamps: Vec<i64> = (0..33).map(|i| *stamp + i).collect();
+    h.inputs.push_sensor(&values, &stamps).unwrap();
+    h.inputs.push_state(vec![0.0; 6], *stamp).unwrap();
+    *stamp += 33;
+}
+
+/// Milliseconds of 100 fed ticks that snapshot, compute VL features and step the head of `dir` inline.
+fn inline_vl_ms(loader: &FakeLoader, dir: &Path, handle: &RuntimeHandle, stamp: &mut i64) -> Vec<f64> {
+    let meta = loader.verify(dir).unwrap();
+    let mut m = loader.load(dir, &meta).unwrap();
     let mut inline = Vec::new();
     for _ in 0..100 {
-        feed(&handle, &mut stamp);
+        feed(handle, stamp);
         let t = Instant::now();
         let Snapshot::Fresh(obs) = handle.inputs.snapshot() else { panic!("stale") };
         let f = m.encoder.features(&obs).unwrap();
         m.model.act_with(&f, &obs).unwrap();
         inline.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    stats("snapshot + VL features + head step inline (VL refresh included)", inline);
-    stats("hot-swap (announcement -> first action of the new version)", swaps);
-    handle.shutdown();
+    inline
 }

@@ -139,7 +139,18 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     assert_eq!(r1["run"]["grad_all_reduces"].as_u64().unwrap(), 0);
     // The launcher behind `train --nproc-per-node` and the trainer node's `nproc_per_node`: the
     // same launch, rank 0's progress relayed into the job's hub, each new `latest` announced.
-    let launched = dir.path().join("launched");
+    the_launcher_relays_progress_and_announces_checkpoints(dir.path(), &one, &r1);
+
+    // A rank killed in epoch 1 ends the other with an error naming it, well within the timeout.
+    a_killed_rank_1_is_named_and_the_run_resumes_on_one_process(dir.path(), &one, &r1);
+
+    // Rank 0 killed: it hosted the rendezvous store, and the survivor says so.
+    a_killed_rank_0_is_named_by_rank_1(dir.path());
+}
+
+/// `run_stage2` with a 2-process [`Launch`] under `dir`: equal to the single run `one` (`r1`), progress relayed.
+fn the_launcher_relays_progress_and_announces_checkpoints(dir: &Path, one: &Path, r1: &serde_json::Value) {
+    let launched = dir.join("launched");
     let hub = ProgressHub::new(4096);
     let mut events = hub.subscribe();
     let ctx = JobContext { job_id: "dp".into(), cancel: Default::default(), progress: hub.clone() };
@@ -151,19 +162,21 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     };
     let mut announced = Vec::new();
     let r3 = run_stage2(&launched_job, &launch, &ctx, &mut |p| announced.push(p.version.clone())).unwrap();
-    assert_eq!(r3.run.counters.global_step, steps(&r1));
-    assert_close(&state_params(&launched), &state_params(&one), 1e-5);
+    assert_eq!(r3.run.counters.global_step, steps(r1));
+    assert_close(&state_params(&launched), &state_params(one), 1e-5);
     let mut relayed = Vec::new();
     while let Ok(ev) = events.try_recv() {
         relayed.push(ev);
     }
     assert!(relayed.iter().all(|e| e.job_id == "dp" && !e.phase.is_terminal()));
-    assert_eq!(relayed.iter().map(|e| e.step).max(), Some(steps(&r1)), "{} events relayed", relayed.len());
+    assert_eq!(relayed.iter().map(|e| e.step).max(), Some(steps(r1)), "{} events relayed", relayed.len());
     assert!(!announced.is_empty());
     assert_eq!(announced.last(), r3.run.published.last());
+}
 
-    // A rank killed in epoch 1 ends the other with an error naming it, well within the timeout.
-    let killed = dir.path().join("killed");
+/// Rank 1 of 2 killed in epoch 1: rank 0 stops naming it; resumed on one process, it equals `one` (`r1`).
+fn a_killed_rank_1_is_named_and_the_run_resumes_on_one_process(dir: &Path, one: &Path, r1: &serde_json::Value) {
+    let killed = dir.join("killed");
     let yaml = job(&killed, 2, 2, &[]);
     let port = free_port();
     let mut r0 = spawn_rank(&yaml, 0, port, &[]);
@@ -185,11 +198,13 @@ fn two_ranks_under_torchrun_equal_one_process_with_the_doubled_micro_batch_and_s
     // Resumed on one process (another world size): the same 8 samples per step, so the same
     // parameters as the uninterrupted runs.
     let r = single(&yaml, &["--resume"]);
-    assert_eq!(steps(&r), steps(&r1));
-    assert_close(&state_params(&killed), &state_params(&one), 1e-5);
+    assert_eq!(steps(&r), steps(r1));
+    assert_close(&state_params(&killed), &state_params(one), 1e-5);
+}
 
-    // Rank 0 killed: it hosted the rendezvous store, and the survivor says so.
-    let host = dir.path().join("host_killed");
+/// Rank 0 of 2 killed in epoch 1: rank 1 stops, naming the rendezvous store rank 0 hosted.
+fn a_killed_rank_0_is_named_by_rank_1(dir: &Path) {
+    let host = dir.join("host_killed");
     let yaml = job(&host, 2, 2, &[]);
     let port = free_port();
     let (mut r0, r1s) = (spawn_rank(&yaml, 0, port, &[]), spawn_rank(&yaml, 1, port, &[]));

@@ -11,11 +11,12 @@ use vla_finetune::checkpoint::publish::Publisher;
 use vla_finetune::oom_injection::{self, Point};
 use vla_finetune::train::cache::{cache_key, FeatureCache, KeyInput};
 use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
-use vla_finetune::train::controller::{JobStatus, StartResponse};
+use vla_finetune::train::controller::{JobController, JobStatus, StartResponse};
 use vla_finetune::train::heads_job::{self, HeadsJob, HeadsTrainConfig};
 use vla_finetune::train::optim::Accumulation;
 use vla_finetune::train::progress::ProgressHub;
 use vla_finetune::train::runner::{self, RunnerConfig, TrainTask};
+use vla_finetune::train::service::{ServiceConfig, StartRequest};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
 use vla_finetune::train::state::read_state_meta;
 use vla_finetune::train::tensor_io::read_safetensors;
@@ -472,22 +473,13 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     let _g = rng_lock();
     use vla_finetune::train::controller::RejectReason;
     use vla_finetune::train::job_record::JobState;
-    use vla_finetune::train::service::{controller, job_view, start, ServiceConfig, StartRequest};
+    use vla_finetune::train::service::{controller, job_view, start};
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServiceConfig::new(f.base.clone(), dir.path().join("runs"), dir.path().join("ck"));
     let (tx, _rx) = std::sync::mpsc::channel();
     let c = controller(cfg.clone(), ProgressHub::new(1024), tx);
-    let req = StartRequest {
-        dataset: f.dataset.display().to_string(),
-        // The checkpoints root's `latest` names the stage-1 version.
-        stage1_checkpoint: f.stage1.parent().unwrap().join("latest").display().to_string(),
-        base_model: String::new(),
-        overrides:
-            "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}"
-                .into(),
-        ..Default::default()
-    };
+    let req = stage2_request();
     let bad = StartRequest { overrides: "{cache.mode: sometimes}".into(), ..req.clone() };
     assert!(matches!(c.start(bad), StartResponse::Rejected(RejectReason::ConfigInvalid(m)) if m.contains("sometimes")));
     let missing = StartRequest { stage1_checkpoint: dir.path().join("nope").display().to_string(), ..req.clone() };
@@ -503,25 +495,8 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
             break;
         }
     }
-    c.cancel(&job_id);
-    let status = c.join();
-    assert!(
-        matches!(status, JobStatus::Finished { ref outcome, .. } if matches!(outcome, vla_finetune::train::controller::JobOutcome::Cancelled { .. })),
-        "{status:?}"
-    );
     let state = dir.path().join("runs").join(&job_id).join("stage2/state/latest.safetensors");
-    let meta = read_state_meta(&state).unwrap();
-    assert!(
-        meta.counters.global_step >= 1 && meta.counters.global_step <= 3,
-        "stopped within a step: {:?}",
-        meta.counters
-    );
-    assert_eq!(meta.counters.epoch, 0);
-    let view = job_view(&c, &cfg, &job_id).unwrap();
-    assert!(
-        view.state == JobState::Cancelled && view.resumable && view.record.as_ref().unwrap().stage == 2,
-        "{view:?}"
-    );
+    let before = cancel_within_a_step(&c, &cfg, &job_id, &state);
 
     // Resumed under its id, it continues from the saved step.
     let StartResponse::Accepted { job_id: again } =
@@ -530,7 +505,6 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
         panic!("not resumed")
     };
     assert_eq!(again, job_id);
-    let before = meta.counters.global_step;
     while let Ok(ev) = rx.blocking_recv() {
         if ev.job_id == job_id && ev.step > before {
             break;
@@ -542,13 +516,64 @@ fn service_runs_stage2_rejects_a_second_start_and_cancels_with_a_consistent_stat
     assert!(resumed.counters.global_step > before, "{:?} after {before}", resumed.counters);
     let view = job_view(&c, &cfg, "").unwrap();
     assert_eq!((view.job_id, view.state), (job_id.clone(), JobState::Cancelled));
+    resumes_with_overrides_or_of_unknown_jobs_are_rejected(&c, &cfg, &job_id);
+}
+
+/// A vision-cache stage-2 start of 50 epochs on the CPU from the fixture's stage-1 `latest`.
+fn stage2_request() -> StartRequest {
+    let f = fixture();
+    StartRequest {
+        dataset: f.dataset.display().to_string(),
+        // The checkpoints root's `latest` names the stage-1 version.
+        stage1_checkpoint: f.stage1.parent().unwrap().join("latest").display().to_string(),
+        base_model: String::new(),
+        overrides:
+            "{run.epochs: 50, cache.mode: vision, model.compute_dtype: f32, run.device: cpu, memory.micro_batch: 1}"
+                .into(),
+        ..Default::default()
+    }
+}
+
+/// Cancels the running `job_id`: stopped within a step of epoch 0 and resumable; returns its saved step.
+fn cancel_within_a_step(c: &JobController<StartRequest>, cfg: &ServiceConfig, job_id: &str, state: &Path) -> u64 {
+    use vla_finetune::train::job_record::JobState;
+    use vla_finetune::train::service::job_view;
+    c.cancel(job_id);
+    let status = c.join();
+    assert!(
+        matches!(status, JobStatus::Finished { ref outcome, .. } if matches!(outcome, vla_finetune::train::controller::JobOutcome::Cancelled { .. })),
+        "{status:?}"
+    );
+    let meta = read_state_meta(state).unwrap();
+    assert!(
+        meta.counters.global_step >= 1 && meta.counters.global_step <= 3,
+        "stopped within a step: {:?}",
+        meta.counters
+    );
+    assert_eq!(meta.counters.epoch, 0);
+    let view = job_view(c, cfg, job_id).unwrap();
+    assert!(
+        view.state == JobState::Cancelled && view.resumable && view.record.as_ref().unwrap().stage == 2,
+        "{view:?}"
+    );
+    meta.counters.global_step
+}
+
+/// A resume of `job_id` that also overrides settings, and a resume of an unknown job, are rejected.
+fn resumes_with_overrides_or_of_unknown_jobs_are_rejected(
+    c: &JobController<StartRequest>,
+    cfg: &ServiceConfig,
+    job_id: &str,
+) {
+    use vla_finetune::train::controller::RejectReason;
+    use vla_finetune::train::service::start;
     let mixed = start(
-        &c,
-        &cfg,
-        StartRequest { resume_job_id: job_id.clone(), overrides: "{run.epochs: 2}".into(), ..Default::default() },
+        c,
+        cfg,
+        StartRequest { resume_job_id: job_id.to_string(), overrides: "{run.epochs: 2}".into(), ..Default::default() },
     );
     assert!(matches!(mixed, StartResponse::Rejected(RejectReason::NotResumable(_))), "{mixed:?}");
-    let unknown = start(&c, &cfg, StartRequest { resume_job_id: "../x".into(), ..Default::default() });
+    let unknown = start(c, cfg, StartRequest { resume_job_id: "../x".into(), ..Default::default() });
     assert!(matches!(unknown, StartResponse::Rejected(RejectReason::UnknownJob(_))), "{unknown:?}");
 }
 
