@@ -3,7 +3,7 @@
 Input: a `torch.save` dict with the state dicts `sensor_encoder` and `action_expert` (the module
 names of scripts/reference_heads.py), loaded with `weights_only=True` (no pickled code runs).
 Output: one safetensors file with every tensor in f32 under `sensor_encoder.*` / `action_expert.*`
-and the JSON metadata our loader checks (src/policy/checkpoint.rs): config, cosine schedule,
+and the JSON metadata our loader checks (src/policy/heads_file.rs): config, cosine schedule,
 normalization, stage 1.
 
 Sizes are read from the weights. What the weights cannot tell (attention heads, sensor window,

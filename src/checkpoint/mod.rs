@@ -2,7 +2,7 @@
 //! it): `checkpoints/<version>/` with its format ([`deploy`]), its publication and verification
 //! with the `latest` pointer ([`publish`]), and the identity of the base model it was trained
 //! on ([`model_id`]). The other things called "checkpoint" live elsewhere: the heads file
-//! (`policy::checkpoint`), the resumable training state (`train::state`) and gradient
+//! (`policy::heads_file`), the resumable training state (`train::state`) and gradient
 //! checkpointing (`vlm::grad_checkpoint`).
 
 pub mod deploy;

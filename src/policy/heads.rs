@@ -47,7 +47,7 @@ pub struct CondInput<'a> {
 
 /// A named trainable tensor and whether weight decay applies to it.
 #[derive(Debug)]
-pub struct NamedParam {
+pub struct HeadsVar {
     /// Variable name, e.g. `action_expert.transformer.layers.0.linear1.weight`.
     pub name: String,
     /// The fp32 master parameter (shares storage with the model).
@@ -60,9 +60,9 @@ pub struct NamedParam {
 #[derive(Debug)]
 pub struct ParamGroups {
     /// `sensor_encoder.*`.
-    pub sensor_encoder: Vec<NamedParam>,
+    pub sensor_encoder: Vec<HeadsVar>,
     /// `action_expert.*` (fusion included).
-    pub action_expert: Vec<NamedParam>,
+    pub action_expert: Vec<HeadsVar>,
 }
 
 /// Sensor encoder + action expert with their variables, normalization and schedule.
@@ -217,7 +217,7 @@ impl PolicyHeads {
         let mut groups = ParamGroups { sensor_encoder: vec![], action_expert: vec![] };
         for (name, tensor) in vars {
             let decay = tensor.dim() > 1 && !name.ends_with("pos_embed");
-            let p = NamedParam { decay, tensor, name };
+            let p = HeadsVar { decay, tensor, name };
             if p.name.starts_with(SENSOR_PREFIX) {
                 groups.sensor_encoder.push(p);
             } else {

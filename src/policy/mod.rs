@@ -4,15 +4,15 @@
 //! - [`normalize`]: per-dimension statistics the dataset compiler fills.
 //! - [`heads::PolicyHeads`]: the trainable heads with loss and DDIM sampling.
 //! - [`vla::VlaPolicy`]: heads plus an optional [`vla::VlFeatureSource`] (the VL backbone).
-//! - [`checkpoint`]: stage-1 / stage-2 safetensors checkpoints with JSON metadata.
+//! - [`heads_file`]: the heads file (`heads.safetensors`), stage 1 or 2, with JSON metadata.
 //! - [`sync_bn`]: BatchNorm statistics over every rank of a data-parallel run.
 
-pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod expert;
 pub mod fusion;
 pub mod heads;
+pub mod heads_file;
 pub mod layers;
 pub mod normalize;
 pub mod schedule;
@@ -20,10 +20,10 @@ pub mod sensor;
 pub mod sync_bn;
 pub mod vla;
 
-pub use checkpoint::{CheckpointStage, HeadsFileMeta};
 pub use config::{ActionExpertConfig, DiffusionConfig, FusionConfig, FusionKind, PolicyConfig, SensorEncoderConfig};
 pub use error::PolicyError;
-pub use heads::{CondInput, NamedParam, ParamGroups, PolicyHeads, VlInput};
+pub use heads::{CondInput, HeadsVar, ParamGroups, PolicyHeads, VlInput};
+pub use heads_file::{CheckpointStage, HeadsFileMeta};
 pub use normalize::{FeatureStats, NormMode, NormStats, Normalizer};
 pub use schedule::{NoiseRng, NoiseSchedule};
-pub use vla::{Observation, PolicyBatch, VlFeatureSource, VlObservation, VlaPolicy};
+pub use vla::{ObservationBatch, PolicyBatch, VlFeatureSource, VlObservation, VlaPolicy};

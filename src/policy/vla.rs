@@ -27,7 +27,7 @@ pub trait VlFeatureSource: Send {
 
 /// A batch of observations for [`VlaPolicy::act`].
 #[derive(Debug)]
-pub struct Observation {
+pub struct ObservationBatch {
     /// Precomputed VL features (e.g. refreshed every N control ticks); when `None` the policy's
     /// [`VlFeatureSource`] computes them from `vl_inputs`.
     pub vl: Option<VlInput>,
@@ -105,7 +105,7 @@ impl VlaPolicy {
 
     /// An action chunk `[B, horizon, action_dim]` in physical units from deterministic DDIM with
     /// `ddim_steps` steps (`None`: the config's default) and initial noise from `seed`.
-    pub fn act(&self, obs: &Observation, ddim_steps: Option<usize>, seed: u64) -> Result<Tensor, PolicyError> {
+    pub fn act(&self, obs: &ObservationBatch, ddim_steps: Option<usize>, seed: u64) -> Result<Tensor, PolicyError> {
         let steps = ddim_steps.unwrap_or(self.heads.config().diffusion.default_ddim_steps as usize);
         let computed;
         let vl = match (&obs.vl, &self.vl_source) {

@@ -47,7 +47,7 @@ pub fn spin(node: &mut r2r::Node, stop: &AtomicBool) {
 
 /// Answers each request of a service with `answer` (the service's task); `name` labels a
 /// response that could not be sent in the log.
-pub async fn serve<T: r2r::WrappedServiceTypeSupport>(
+pub async fn serve<T: r2r::WrappedServiceTypeSupport + 'static>(
     mut requests: impl Stream<Item = r2r::ServiceRequest<T>> + Unpin,
     name: &str,
     mut answer: impl FnMut(&T::Request) -> T::Response,

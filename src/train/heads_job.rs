@@ -522,7 +522,7 @@ impl TrainTask for HeadsTask {
             .ok_or_else(|| TrainError::invalid("oracle heads", "conditioned on simulator truth: not deployable"))?;
         std::fs::create_dir_all(&self.work_dir).map_err(TrainError::io("create folder", &self.work_dir))?;
         let heads_path = self.work_dir.join(HEADS_FILE);
-        self.heads.save(&heads_path, crate::policy::checkpoint::CheckpointStage::Stage1, BTreeMap::new())?;
+        self.heads.save(&heads_path, crate::policy::heads_file::CheckpointStage::Stage1, BTreeMap::new())?;
         Ok(vec![
             PublishItem { dest: HEADS_FILE.into(), source: Source::File(heads_path) },
             PublishItem { dest: DEPLOY_FILE.into(), source: Source::Bytes(deploy.to_json().into_bytes()) },

@@ -5,8 +5,8 @@ use crate::support::rng_lock;
 use tch::{Device, Kind, Tensor};
 use vla_finetune::policy::{
     ActionExpertConfig, CondInput, DiffusionConfig, FeatureStats, FusionConfig, FusionKind, NormMode, NormStats,
-    Normalizer, Observation, PolicyBatch, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlFeatureSource,
-    VlInput, VlObservation, VlaPolicy,
+    Normalizer, ObservationBatch, PolicyBatch, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig,
+    VlFeatureSource, VlInput, VlObservation, VlaPolicy,
 };
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
@@ -332,7 +332,7 @@ fn vla_policy_uses_the_feature_source_or_given_features() {
     let obs_in = |s: &str| VlObservation { images: vec![], instruction: s.into() };
     let sensor = Tensor::randn([2, 12, 3], CPU);
     let policy = VlaPolicy::new(heads(tiny(FusionKind::Concat, 0))).with_vl_source(Box::new(FakeVl)).unwrap();
-    let obs = Observation {
+    let obs = ObservationBatch {
         vl: None,
         vl_inputs: vec![obs_in("abc"), obs_in("abcdef")],
         sensor: sensor.shallow_clone(),
@@ -340,7 +340,7 @@ fn vla_policy_uses_the_feature_source_or_given_features() {
     };
     let via_source = policy.act(&obs, None, 3).unwrap();
     let given = Tensor::from_slice(&[[3.0f32; 8], [6.0; 8]].concat()).view([2, 8]);
-    let obs2 = Observation {
+    let obs2 = ObservationBatch {
         vl: Some(VlInput::pooled(given)),
         vl_inputs: vec![],
         sensor: sensor.shallow_clone(),

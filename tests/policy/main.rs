@@ -3,7 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-mod checkpoint;
 mod convert;
 mod diffusion;
 mod heads;
+mod heads_file;

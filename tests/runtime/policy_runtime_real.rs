@@ -17,9 +17,9 @@ use vla_finetune::checkpoint::deploy::{DeployInfo, ProcessorSettings, DEPLOY_FIL
 use vla_finetune::checkpoint::model_id::base_model_id;
 use vla_finetune::checkpoint::publish::{PublishItem, PublishRequest, Publisher, Source};
 use vla_finetune::dataset::episode::RgbImage;
-use vla_finetune::policy::checkpoint::CheckpointStage;
+use vla_finetune::policy::heads_file::CheckpointStage;
 use vla_finetune::policy::{
-    ActionExpertConfig, DiffusionConfig, FusionConfig, FusionKind, NormStats, Observation as PolicyObs, PolicyConfig,
+    ActionExpertConfig, DiffusionConfig, FusionConfig, FusionKind, NormStats, ObservationBatch, PolicyConfig,
     PolicyHeads, SensorEncoderConfig, VlInput, VlaPolicy,
 };
 use vla_finetune::runtime::*;
@@ -428,7 +428,7 @@ impl Rig {
 fn reference_chunk(ckpt: &Path, features: &Tensor, window: &[f32], seed: u64) -> Vec<f32> {
     let (heads, _) = PolicyHeads::load(&ckpt.join(HEADS_FILE), Device::Cpu).unwrap();
     let policy = VlaPolicy::new(heads);
-    let obs = PolicyObs {
+    let obs = ObservationBatch {
         vl: Some(VlInput::pooled(features.shallow_clone())),
         vl_inputs: Vec::new(),
         sensor: Tensor::from_slice(window).reshape([1, WINDOW as i64, CHANNELS as i64]),

@@ -431,7 +431,7 @@ fn published_adapter_reloads_with_peft_loader() {
     peft_gives_our_pooled_features(&ck.join("adapter"), &m, loaded.layers.len());
     let (heads, meta) =
         vla_finetune::policy::heads::PolicyHeads::load(&ck.join("heads.safetensors"), Device::Cpu).unwrap();
-    assert!(matches!(meta.stage, vla_finetune::policy::checkpoint::CheckpointStage::Stage2 { .. }));
+    assert!(matches!(meta.stage, vla_finetune::policy::heads_file::CheckpointStage::Stage2 { .. }));
     assert_eq!(heads.config().vl_dim, 32);
 }
 

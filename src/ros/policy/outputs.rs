@@ -114,7 +114,8 @@ impl ActionOutputs {
     }
 }
 
-fn publish<T: r2r::WrappedTypesupport>(p: &r2r::Publisher<T>, m: &T) -> Result<(), String> {
+/// Publishes `m`; the error as text.
+fn publish<T: r2r::WrappedTypesupport + 'static>(p: &r2r::Publisher<T>, m: &T) -> Result<(), String> {
     p.publish(m).map_err(|e| e.to_string())
 }
 

@@ -67,7 +67,7 @@ struct GoalJob {
 /// Feeds a FineTune goal the progress of its job, cancels the job on a cancel request, and
 /// ends the goal with the job's outcome and last announced checkpoint.
 async fn follow_goal(
-    job: GoalJob,
+    mut job: GoalJob,
     mut cancels: impl Stream<Item = ActionServerCancelRequest> + Unpin,
     mut events: broadcast::Receiver<ProgressEvent>,
     last: LastCheckpoint,
@@ -83,13 +83,17 @@ impl GoalJob {
     /// Sends throttled feedback and handles cancel requests until the job ends; its outcome,
     /// and whether a cancel request was accepted.
     async fn until_ended(
-        &self,
+        &mut self,
         cancels: &mut (impl Stream<Item = ActionServerCancelRequest> + Unpin),
         events: &mut broadcast::Receiver<ProgressEvent>,
         rate_hz: f64,
     ) -> (Option<JobOutcome>, bool) {
         let mut throttle = Throttle::new(rate_hz);
-        let ended = self.jobs.wait(&self.job_id);
+        // Owns its handles: the goal (not `Sync`) is only borrowed between awaits.
+        let ended = {
+            let (jobs, id) = (self.jobs.clone(), self.job_id.clone());
+            async move { jobs.wait(&id).await }
+        };
         tokio::pin!(ended);
         let mut cancel_accepted = false;
         loop {
@@ -115,7 +119,7 @@ impl GoalJob {
 
     /// The controller records the end before it publishes the terminal event: waits (briefly)
     /// for that event, so that the last feedback says how the job ended.
-    async fn terminal_feedback(&self, events: &mut broadcast::Receiver<ProgressEvent>) {
+    async fn terminal_feedback(&mut self, events: &mut broadcast::Receiver<ProgressEvent>) {
         let grace = tokio::time::sleep(Duration::from_secs(2));
         tokio::pin!(grace);
         loop {

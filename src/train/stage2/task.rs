@@ -50,8 +50,8 @@ use crate::checkpoint::publish::{PublishItem, Source};
 use crate::dataset::reader::Dataset;
 use crate::dataset::store::Split;
 use crate::dist::Group;
-use crate::policy::checkpoint::CheckpointStage;
 use crate::policy::heads::{CondInput, PolicyHeads, VlInput};
+use crate::policy::heads_file::CheckpointStage;
 use crate::train::action_error::ActionAxes;
 use crate::train::cache::CacheKey;
 use crate::train::config::{

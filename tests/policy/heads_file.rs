@@ -8,7 +8,7 @@ use crate::support::rng_lock;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use tch::{Device, Kind, Tensor};
-use vla_finetune::policy::checkpoint::META_KEY;
+use vla_finetune::policy::heads_file::META_KEY;
 use vla_finetune::policy::{
     ActionExpertConfig, CheckpointStage, CondInput, DiffusionConfig, FeatureStats, HeadsFileMeta, NormMode, NormStats,
     Normalizer, PolicyConfig, PolicyError, PolicyHeads, SensorEncoderConfig, VlInput,
