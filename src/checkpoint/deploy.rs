@@ -44,7 +44,7 @@ pub struct DeployInfo {
     pub cameras: Vec<String>,
     /// Image processor settings.
     pub processor: ProcessorSettings,
-    /// VL feature pooling: `all`, `image` or `text`.
+    /// VL feature pooling: `all`, `image`, `text` or `last` ([`crate::vlm::Pooling`]).
     pub pooling: String,
     /// Sensor channels per sample.
     pub sensor_channels: usize,

@@ -31,6 +31,7 @@ use crate::train::comparison::Errors;
 use crate::train::config::{Override, TrainConfig};
 use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
 use crate::train::stage2::{self, Stage2Job};
+use crate::vlm::Pooling;
 
 /// How much simulated data a run records (`demo`, `experiment`).
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -64,6 +65,9 @@ pub struct DemoArgs {
     /// Stage 2 cache refresh interval, epochs.
     #[arg(long, default_value_t = 2)]
     pub refresh_every: u64,
+    /// Which tokens the VL feature averages: all, image, text or last.
+    #[arg(long, default_value = "all", value_parser = super::parse_pooling)]
+    pub vl_pooling: Pooling,
     /// Control rate of the policy process, Hz.
     #[arg(long, default_value_t = 10.0)]
     pub policy_rate_hz: f64,
@@ -107,7 +111,7 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     let out = std::fs::canonicalize(&a.out)?;
     let checkpoints = out.join("checkpoints");
 
-    let data = DataPlan { seed: a.seed, sim: a.data, stage1_epochs: a.epochs as u64 };
+    let data = DataPlan { seed: a.seed, sim: a.data, stage1_epochs: a.epochs as u64, vl_pooling: a.vl_pooling };
     let p = prepare(&out, &data, &checkpoints)?;
 
     eprintln!("[5/6] policy process: hot-swapping checkpoints from {}", checkpoints.display());
@@ -263,6 +267,8 @@ pub(super) struct DataPlan {
     pub sim: SimDataArgs,
     /// Stage-1 epochs (the oracle's too).
     pub stage1_epochs: u64,
+    /// The VL feature pooling of stage 1 (Stage 2 follows the checkpoint).
+    pub vl_pooling: Pooling,
 }
 
 /// A recorded and compiled dataset with its stage-1 checkpoint and oracle floor.
@@ -307,7 +313,12 @@ pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Pr
         base_model: base_dir.clone(),
         checkpoints: checkpoints.to_path_buf(),
         work_dir: out.join("stage1"),
-        train: HeadsTrainConfig { epochs: d.stage1_epochs, seed: d.seed, ..HeadsTrainConfig::default() },
+        train: HeadsTrainConfig {
+            epochs: d.stage1_epochs,
+            seed: d.seed,
+            vl_pooling: d.vl_pooling,
+            ..HeadsTrainConfig::default()
+        },
         heads: small_heads(),
         resume: false,
         group: None,

@@ -18,6 +18,7 @@ use serde_json::json;
 use super::demo::{prepare, stage2_config, DataPlan, SimDataArgs, Stage2Plan};
 use crate::train::plot::{write_panels, Curve, PanelSpec};
 use crate::train::stage2::{self, Stage2Job};
+use crate::vlm::Pooling;
 
 /// Arguments of `experiment`.
 #[derive(clap::Args, Debug)]
@@ -51,6 +52,9 @@ pub struct CacheModesArgs {
     /// Stage 2 epochs per mode.
     #[arg(long, default_value_t = 10)]
     pub stage2_epochs: u64,
+    /// Which tokens the VL feature averages: all, image, text or last.
+    #[arg(long, default_value = "all", value_parser = super::parse_pooling)]
+    pub vl_pooling: Pooling,
     /// Drift (rel_l2_mean) at which the adaptive mode refreshes early.
     #[arg(long, default_value_t = 0.05)]
     pub drift_threshold: f64,
@@ -144,7 +148,7 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &seed in &a.seeds {
         let dir = out.join(format!("seed{seed}"));
-        let data = DataPlan { seed, sim: a.data, stage1_epochs: a.stage1_epochs };
+        let data = DataPlan { seed, sim: a.data, stage1_epochs: a.stage1_epochs, vl_pooling: a.vl_pooling };
         let p = prepare(&dir, &data, &dir.join("checkpoints"))?;
         let oracle = p.oracle.val_action_error_after.context("the oracle validated no epoch")?;
         for m in &modes {

@@ -108,6 +108,11 @@ pub fn open_recorded_episodes(
     Ok(crate::dataset::selection::open_recorded(&dirs))
 }
 
+/// `--vl-pooling` / `--pooling`: a [`crate::vlm::Pooling`] name.
+pub(crate) fn parse_pooling(name: &str) -> Result<crate::vlm::Pooling, String> {
+    crate::vlm::Pooling::parse(name).ok_or_else(|| format!("expected {}", crate::vlm::Pooling::NAMES))
+}
+
 /// Runs `f` with a job context whose progress is drawn as a bar on stderr; with `ctrl_c` a
 /// Ctrl-C requests the job's cancel (the job stops at its next optimizer step).
 pub(crate) fn with_progress_bar<T>(

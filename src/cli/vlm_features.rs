@@ -32,9 +32,9 @@ pub struct VlmFeaturesArgs {
     /// Maximum resized image area in pixels (default: the model's preprocessor config).
     #[arg(long)]
     pub max_pixels: Option<i64>,
-    /// Tokens averaged into `pooled`: all, image or text.
-    #[arg(long, default_value = "all")]
-    pub pooling: String,
+    /// Tokens averaged into `pooled`: all, image, text or last.
+    #[arg(long, default_value = "all", value_parser = super::parse_pooling)]
+    pub pooling: Pooling,
     /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to
     /// the model, as `PeftModel.from_pretrained` would.
     #[arg(long)]
@@ -51,12 +51,6 @@ pub fn run(a: VlmFeaturesArgs) -> anyhow::Result<()> {
         "bf16" => Kind::BFloat16,
         other => bail!("--dtype {other}: expected f32 or bf16"),
     };
-    let pooling = match a.pooling.as_str() {
-        "all" => Pooling::All,
-        "image" => Pooling::Image,
-        "text" => Pooling::Text,
-        other => bail!("--pooling {other}: expected all, image or text"),
-    };
     let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
     let config = Config::from_file(&Config::path_in(&a.model))?;
     let processor = VlProcessor::from_model_dir(&a.model, &config, a.min_pixels, a.max_pixels)?;
@@ -72,7 +66,7 @@ pub fn run(a: VlmFeaturesArgs) -> anyhow::Result<()> {
     }
     let _guard = tch::no_grad_guard();
     let features = model.forward(&batch, false)?;
-    let pooled = features.pooled(pooling)?;
+    let pooled = features.pooled(a.pooling)?;
     let hidden = features.last_hidden_state.to_kind(Kind::Float).to_device(tch::Device::Cpu);
     let tensors: Vec<(&str, Tensor)> = vec![
         ("input_ids", batch.input_ids.shallow_clone()),

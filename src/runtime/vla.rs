@@ -198,12 +198,9 @@ impl ModelLoader for VlaLoader {
                 });
             }
         }
-        let pooling = match deploy.pooling.as_str() {
-            "all" => Pooling::All,
-            "image" => Pooling::Image,
-            "text" => Pooling::Text,
-            other => return Err(ck_err(dir, format!("deploy.json: pooling `{other}`: expected all, image or text"))),
-        };
+        let pooling = Pooling::parse(&deploy.pooling).ok_or_else(|| {
+            ck_err(dir, format!("deploy.json: pooling `{}`: expected {}", deploy.pooling, Pooling::NAMES))
+        })?;
         let steps = if self.ddim_steps > 0 { self.ddim_steps } else { deploy.ddim_steps };
         let (vlm, adapter_vars) = self.version_model(dir, deploy.adapter.as_deref())?;
         Ok(LoadedModel {

@@ -76,6 +76,11 @@ pub struct HeadsTrainConfig {
     pub allow_worse_latest: bool,
     /// Under torchrun: seconds a collective may wait for the other ranks.
     pub distributed_timeout_s: u64,
+    /// Which tokens' last hidden states the VL feature averages; Stage 2 and the deployed
+    /// policy follow the stage-1 checkpoint's choice (deploy.json `pooling`). `all` when a file
+    /// written before this key existed omits it.
+    #[serde(default)]
+    pub vl_pooling: Pooling,
 }
 
 impl Default for HeadsTrainConfig {
@@ -95,6 +100,7 @@ impl Default for HeadsTrainConfig {
             keep_versions: 5,
             allow_worse_latest: false,
             distributed_timeout_s: 1800,
+            vl_pooling: Pooling::All,
         }
     }
 }
@@ -116,8 +122,14 @@ impl HeadsTrainConfig {
         for o in overrides {
             o.apply(&mut doc)?;
         }
-        let cfg: Self =
-            serde_yaml::from_value(doc).map_err(|e| ConfigError::Parse { origin, reason: e.to_string() })?;
+        // The error names the key whose value is wrong (a missing key names itself).
+        let cfg: Self = serde_path_to_error::deserialize(doc).map_err(|e| {
+            let reason = match e.path().to_string().as_str() {
+                "." => e.inner().to_string(),
+                key => format!("key `{key}`: {}", e.inner()),
+            };
+            ConfigError::Parse { origin, reason }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -417,7 +429,7 @@ fn vl_features(job: &HeadsJob, ctx: &JobContext, ds: &Dataset) -> Result<(Vec<Te
         let s = ds.sample(i)?;
         let batch = processor.collate(&[processor.sample(&s.images, &s.instruction)?])?;
         let f = tch::no_grad(|| vlm.forward(&batch, false))?;
-        features.push(f.pooled(Pooling::All)?.detach());
+        features.push(f.pooled(job.train.vl_pooling)?.detach());
     }
     if let Some(g) = &job.group {
         // Each rank computed its share (the others are zeros): the sum is every feature.
@@ -433,7 +445,7 @@ fn vl_features(job: &HeadsJob, ctx: &JobContext, ds: &Dataset) -> Result<(Vec<Te
         adapter: None,
         cameras: ds.index.cameras.iter().map(|c| c.name.clone()).collect(),
         processor: ProcessorSettings { min_pixels: processor.image.min_pixels, max_pixels: processor.image.max_pixels },
-        pooling: "all".into(),
+        pooling: job.train.vl_pooling.name().into(),
         sensor_channels: channels,
         sensor_window: t_len,
         sensor_window_s: t_len as f64 / job.train.sensor_rate_hz,
@@ -691,5 +703,15 @@ mod tests {
         assert!(e.contains("no key `clip`"), "{e}");
         let e = HeadsTrainConfig::load(None, &set(&["sensor_rate_hz=0"])).unwrap_err().to_string();
         assert!(e.contains("sensor_rate_hz") && e.contains("positive"), "{e}");
+        let c = HeadsTrainConfig::load(None, &set(&["vl_pooling=last"])).unwrap();
+        assert_eq!(c.vl_pooling, Pooling::Last);
+        let e = HeadsTrainConfig::load(None, &set(&["vl_pooling=mean"])).unwrap_err().to_string();
+        assert!(e.contains("vl_pooling") && e.contains("`last`"), "{e}");
+        // A file written before `vl_pooling` existed reads as `all`.
+        let older = tempfile::NamedTempFile::new().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\nvl_pooling: all\n"));
+        std::fs::write(older.path(), text.replace("\nvl_pooling: all\n", "\n")).unwrap();
+        assert_eq!(HeadsTrainConfig::load(Some(older.path()), &[]).unwrap().vl_pooling, Pooling::All);
     }
 }

@@ -23,15 +23,45 @@ pub struct Qwen25VL {
     pub language_model: TextModel,
 }
 
-/// Which tokens a pooled feature averages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which tokens a pooled feature averages (lower-case names in configs and deploy.json).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// Every non-padding token (system prompt, image tokens, instruction), as the reference does.
+    #[default]
     All,
     /// Image tokens only.
     Image,
     /// Non-padding tokens that are not image tokens.
     Text,
+    /// The last non-padding token alone (it attends to every image and instruction token).
+    Last,
+}
+
+impl Pooling {
+    /// The names `parse` accepts, as error messages list them.
+    pub const NAMES: &'static str = "all, image, text or last";
+
+    /// `all`, `image`, `text` or `last`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "all" => Self::All,
+            "image" => Self::Image,
+            "text" => Self::Text,
+            "last" => Self::Last,
+            _ => return None,
+        })
+    }
+
+    /// The name `parse` reads (as in deploy.json and the configs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Image => "image",
+            Self::Text => "text",
+            Self::Last => "last",
+        }
+    }
 }
 
 /// The model's output for a batch.
@@ -55,6 +85,12 @@ impl VlOutput {
             Pooling::All => self.attention_mask.to_kind(Kind::Bool),
             Pooling::Image => self.image_mask.shallow_clone(),
             Pooling::Text => self.text_mask.shallow_clone(),
+            Pooling::Last => {
+                // Right-padded: the last token of a sample sits at its length - 1.
+                let len = self.attention_mask.sum_dim_intlist(-1, true, Kind::Int64);
+                let positions = Tensor::arange(self.attention_mask.size()[1], (Kind::Int64, len.device()));
+                positions.unsqueeze(0).eq_tensor(&(len - 1))
+            }
         };
         let counts = mask.sum_dim_intlist(-1, false, Kind::Float);
         if counts.min().double_value(&[]) < 1.0 {

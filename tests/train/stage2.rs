@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::support::rng_lock;
 use crate::support::stage2::{config, ctx, fixture, fixture_under_lock, stage1_training, tiny_heads, without_key_bias};
 use tch::{Device, Tensor};
+use vla_finetune::checkpoint::deploy::{DeployInfo, DEPLOY_FILE};
 use vla_finetune::checkpoint::publish::Publisher;
 use vla_finetune::oom_injection::{self, Point};
 use vla_finetune::train::cache::{cache_key, FeatureCache, KeyInput};
@@ -20,6 +21,7 @@ use vla_finetune::train::service::{ServiceConfig, StartRequest};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
 use vla_finetune::train::state::read_state_meta;
 use vla_finetune::train::tensor_io::read_safetensors;
+use vla_finetune::vlm::Pooling;
 
 fn run(cfg: &TrainConfig) -> Stage2Result {
     stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {}).unwrap()
@@ -439,7 +441,6 @@ fn published_adapter_reloads_with_peft_loader() {
 /// last hidden state and the pooled feature (mean over all tokens) that `adapted` (ours, with
 /// the same adapter loaded) computes on a fixture case; the adapter visibly changes the features.
 fn peft_gives_our_pooled_features(adapter: &Path, adapted: &vla_finetune::vlm::Qwen25VL, n_layers: usize) {
-    use vla_finetune::vlm::Pooling;
     let (_, p) = crate::support::vlm::processor(&fixture().base);
     let batch = p.collate(&[crate::support::vlm::case_sample(&p, "two_images")]).unwrap();
     let out = tch::no_grad(|| adapted.forward(&batch, false).unwrap());
@@ -850,4 +851,69 @@ fn a_worse_stage1_run_on_the_same_data_is_kept_not_announced_unless_allowed() {
     assert!(p.latest && metric(&p.version) > metric(&good_version));
     assert_eq!(announced.last(), Some(&p.version));
     assert_eq!(Publisher::new(&root).unwrap().latest().unwrap(), Some(p.version));
+}
+
+/// Stage 1 with `vl_pooling: last` records it in deploy.json; Stage 2 (features mode) pools the
+/// same way: its error before training, with the stage-1 heads, is stage 1's own last
+/// validation error (with `all` features the same heads give another error, even from the same
+/// cache folder), and its deploy.json keeps `last` for the policy.
+#[test]
+fn stage2_pools_vl_features_as_its_stage1_checkpoint_was_trained() {
+    let _g = rng_lock();
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let stage1 = |pooling: Pooling, name: &str| {
+        let job = HeadsJob {
+            dataset: f.dataset.clone(),
+            base_model: f.base.clone(),
+            checkpoints: dir.path().join(name).join("ck"),
+            work_dir: dir.path().join(name).join("work"),
+            train: HeadsTrainConfig { vl_pooling: pooling, ..stage1_training() },
+            heads: tiny_heads(),
+            resume: false,
+            group: None,
+        };
+        heads_job::run(&job, &ctx(), &mut |_| {}).unwrap()
+    };
+    let last = stage1(Pooling::Last, "last");
+    let ck1 = last.published.as_ref().unwrap().dir.clone();
+    assert_eq!(DeployInfo::read(&ck1).unwrap().pooling, "last");
+    let stage2 = |ck1: &Path, name: &str| {
+        let out = dir.path().join(name);
+        let ck1 = format!("model.stage1_checkpoint={:?}", ck1.display().to_string());
+        // One cache folder for both runs: features pooled otherwise have other keys.
+        let cache = format!("cache.dir={:?}", dir.path().join("cache").display().to_string());
+        let cfg = config(&out, &["run.epochs=1", "run.seed=3", "cache.mode=features", &ck1, &cache]);
+        (run(&cfg), cfg)
+    };
+    let (r, cfg) = stage2(&ck1, "s2_last");
+    let s1_error = last.val_action_error_after.unwrap();
+    assert!((r.val_action_error_before - s1_error).abs() < 1e-9, "{} vs stage 1 {s1_error}", r.val_action_error_before);
+    let ck2 = Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
+    assert_eq!(DeployInfo::read(&ck2).unwrap().pooling, "last");
+    // The same heads read `all` features: another error (the comparison above can fail).
+    let all_ck = dir.path().join("all_ck");
+    copy_dir(&ck1, &all_ck);
+    let mut deploy = DeployInfo::read(&all_ck).unwrap();
+    deploy.pooling = "all".into();
+    std::fs::write(all_ck.join(DEPLOY_FILE), deploy.to_json()).unwrap();
+    let entries = |cfg: &TrainConfig| FeatureCache::open(&cfg.cache.dir, cfg.cache_config()).unwrap().stats().entries;
+    let last_entries = entries(&cfg);
+    let (r_all, cfg_all) = stage2(&all_ck, "s2_all");
+    // The `all` run found no `last` features to reuse: it added entries of its own.
+    assert!(entries(&cfg_all) > last_entries, "{} vs {last_entries}", entries(&cfg_all));
+    assert!((r_all.val_action_error_before - s1_error).abs() > 1e-6, "{}", r_all.val_action_error_before);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
 }

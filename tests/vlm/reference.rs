@@ -163,7 +163,13 @@ fn batched_forward_equals_references() {
             let want_txt = r["last_hidden_state"].index(&[Some(is_img.logical_not())]).mean_dim(0, false, Kind::Float);
             let e = rel_err(&out.pooled(Pooling::Text).unwrap().get(i as i64), &want_txt);
             assert!(e <= F32_TOL, "{model_name} {case}: text pooling rel err {e}");
+            // Last pooling is the reference's final token, wherever the padding leaves it.
+            let want_last = r["last_hidden_state"].get(lens[i] - 1);
+            let e = rel_err(&out.pooled(Pooling::Last).unwrap().get(i as i64), &want_last);
+            assert!(e <= F32_TOL, "{model_name} {case}: last pooling rel err {e}");
         }
+        // The samples differ in length, so some last tokens are followed by padding.
+        assert!(lens.iter().any(|&l| l < *lens.iter().max().unwrap()), "{lens:?}");
         // The text-only sample has no image token to pool over.
         let e = out.pooled(Pooling::Image).unwrap_err().to_string();
         assert!(e.contains("no token to pool"), "{e}");

@@ -67,7 +67,7 @@ use crate::vlm::grad_checkpoint::Checkpointing;
 use crate::vlm::lora::{inject_lora, lora_parameters, LoraConfig, TargetModules};
 use crate::vlm::peft::{save_adapter, AdapterMeta};
 use crate::vlm::precision::Precision;
-use crate::vlm::{Qwen25VL, VlProcessor};
+use crate::vlm::{Pooling, Qwen25VL, VlProcessor};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
@@ -142,8 +142,8 @@ fn open_dataset(cfg: &TrainConfig) -> Result<(Dataset, Vec<usize>, Vec<usize>)> 
 }
 
 /// The stage-1 checkpoint's deploy description and the base model's identity, refused unless
-/// the checkpoint was trained on this base model, with pooling `all`, on this dataset's layout.
-fn check_stage1(cfg: &TrainConfig, ds: &Dataset) -> Result<(DeployInfo, String)> {
+/// the checkpoint was trained on this base model, with a known pooling, on this dataset's layout.
+fn check_stage1(cfg: &TrainConfig, ds: &Dataset) -> Result<(DeployInfo, String, Pooling)> {
     let stage1 = &cfg.model.stage1_checkpoint;
     let deploy1 = DeployInfo::read(stage1)?;
     let base_dir = &cfg.model.base_model_dir;
@@ -160,13 +160,13 @@ fn check_stage1(cfg: &TrainConfig, ds: &Dataset) -> Result<(DeployInfo, String)>
             older_scheme_note(&deploy1.base_model_id)
         )));
     }
-    if deploy1.pooling != "all" {
-        return Err(refuse(format!("pooling `{}` (this job trains with `all`)", deploy1.pooling)));
-    }
+    let Some(pooling) = Pooling::parse(&deploy1.pooling) else {
+        return Err(refuse(format!("deploy.json: pooling `{}`: expected {}", deploy1.pooling, Pooling::NAMES)));
+    };
     if let Some(why) = deploy1.layout_mismatch(ds.index.sensor_shape, ds.index.action_shape) {
         return Err(refuse(format!("{why} (dataset {})", cfg.data.dataset_dir.display())));
     }
-    Ok((deploy1, base_id))
+    Ok((deploy1, base_id, pooling))
 }
 
 /// The stage-1 heads in the compute dtype, their BatchNorm frozen.
@@ -241,12 +241,12 @@ impl Stage2Task {
             ComputeDtype::Bf16 => (Precision::Bf16, "bf16"),
         };
         let (ds, train_idx, val_idx) = open_dataset(cfg)?;
-        let (deploy1, base_id) = check_stage1(cfg, &ds)?;
+        let (deploy1, base_id, pooling) = check_stage1(cfg, &ds)?;
         let heads = load_heads(cfg, precision, device)?;
         let mut lora = load_lora_model(cfg, memory.lora_rank, precision, device)?;
         let processor = processor_for(cfg, &deploy1, &mut lora.vlm, &ds)?;
         let mut vl = Vl {
-            keys: Keys::new(base_id, dtype.into(), processor_json(&processor)),
+            keys: Keys::new(base_id, dtype.into(), processor_json(&processor), pooling),
             vlm: lora.vlm,
             device,
             ds: Arc::new(ds),

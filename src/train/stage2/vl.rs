@@ -44,18 +44,27 @@ pub(super) struct Keys {
     pub(super) dtype: String,
     /// Processor settings.
     pub(super) processor_json: serde_json::Value,
+    /// The pooling of the features (part of their key).
+    pub(super) pooling: Pooling,
     vision: HashMap<usize, CacheKey>,
     features_adapter: String,
     features: HashMap<usize, CacheKey>,
 }
 
 impl Keys {
-    /// Keys of the base model `base_model_id` in `dtype`, with processor settings `processor_json`.
-    pub(super) fn new(base_model_id: String, dtype: String, processor_json: serde_json::Value) -> Self {
+    /// Keys of the base model `base_model_id` in `dtype`, with processor settings `processor_json`
+    /// and features pooled by `pooling`.
+    pub(super) fn new(
+        base_model_id: String,
+        dtype: String,
+        processor_json: serde_json::Value,
+        pooling: Pooling,
+    ) -> Self {
         Self {
             base_model_id,
             dtype,
             processor_json,
+            pooling,
             vision: HashMap::new(),
             features_adapter: String::new(),
             features: HashMap::new(),
@@ -68,8 +77,13 @@ impl Keys {
         let cams = ds.index.cameras.len();
         let images: Vec<&[u8]> = (0..cams).map(|c| ds.jpeg(i, c)).collect::<std::result::Result<_, _>>()?;
         let prompt = if kind == "features" { chat_prompt(cams, instruction(ds, i)) } else { String::new() };
+        // Features pooled otherwise than `all` (the keys before pooling was a setting) are another kind.
+        let kind = match (kind, self.pooling) {
+            ("features", p) if p != Pooling::All => format!("features/{}", p.name()),
+            (k, _) => k.to_string(),
+        };
         Ok(cache_key(&KeyInput {
-            kind,
+            kind: &kind,
             base_model: &self.base_model_id,
             dtype: &self.dtype,
             adapter,
@@ -290,7 +304,7 @@ impl Vl {
         train: bool,
     ) -> Result<(Tensor, Option<CheckpointedPass>)> {
         self.back_to_device();
-        let ck = self.checkpointing;
+        let (ck, pooling) = (self.checkpointing, self.keys.pooling);
         let run = |vlm: &Qwen25VL| -> Result<(Tensor, Option<CheckpointedPass>)> {
             let (f, pass) = match (&embeds, train && ck != Checkpointing::OFF) {
                 (Some(e), true) => {
@@ -308,7 +322,7 @@ impl Vl {
                 }
                 (None, false) => (vlm.forward(batch, train)?, None),
             };
-            Ok((f.pooled(Pooling::All)?, pass))
+            Ok((f.pooled(pooling)?, pass))
         };
         if train {
             run(&self.vlm)
