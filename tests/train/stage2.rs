@@ -888,7 +888,10 @@ fn stage2_pools_vl_features_as_its_stage1_checkpoint_was_trained() {
     };
     let (r, cfg) = stage2(&ck1, "s2_last");
     let s1_error = last.val_action_error_after.unwrap();
-    assert!((r.val_action_error_before - s1_error).abs() < 1e-9, "{} vs stage 1 {s1_error}", r.val_action_error_before);
+    // Within f32 rounding (1e-6 relative; a clean clone measured 1e-8): stage 1 and Stage 2 run
+    // the VL model over differently composed batches, so the same features differ in the last bits.
+    let close = |v: f64| (v - s1_error).abs() <= 1e-6 * s1_error.abs().max(1.0);
+    assert!(close(r.val_action_error_before), "{} vs stage 1 {s1_error}", r.val_action_error_before);
     let ck2 = Publisher::new(&cfg.checkpoint.publish_dir).unwrap().latest_dir().unwrap().unwrap();
     assert_eq!(DeployInfo::read(&ck2).unwrap().pooling, "last");
     // The same heads read `all` features: another error (the comparison above can fail).
@@ -902,7 +905,7 @@ fn stage2_pools_vl_features_as_its_stage1_checkpoint_was_trained() {
     let (r_all, cfg_all) = stage2(&all_ck, "s2_all");
     // The `all` run found no `last` features to reuse: it added entries of its own.
     assert!(entries(&cfg_all) > last_entries, "{} vs {last_entries}", entries(&cfg_all));
-    assert!((r_all.val_action_error_before - s1_error).abs() > 1e-6, "{}", r_all.val_action_error_before);
+    assert!(!close(r_all.val_action_error_before), "{}", r_all.val_action_error_before);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
