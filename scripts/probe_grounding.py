@@ -56,7 +56,8 @@ def processor(model_dir):
 
 
 def load(root, per_episode, model, proc):
-    """Inputs of the first `per_episode` samples of every episode, their target x, y, episodes."""
+    """Inputs of the first `per_episode` samples of every episode, with their target x, y, tool
+    x, y and episode index."""
     idx = json.load(open(f"{root}/dataset/index.json"))
     truth = [json.loads(line) for line in open(f"{root}/recordings/sim_truth.jsonl")]
     shards = {}
@@ -91,7 +92,7 @@ def load(root, per_episode, model, proc):
         xs["tokens"].append(last[image].flatten().numpy())
         xs["pooled_all"].append(last.mean(0).numpy())
         xs["pooled_last"].append(last[-1].numpy())
-        scene = next((r for r in truth if r["start_ns"] <= s["t_ns"] <= r["end_ns"]), None)
+        scene = next((t for t in truth if t["start_ns"] <= s["t_ns"] <= t["end_ns"]), None)
         if scene is None:
             sys.exit(f"{root}: sample at {s['t_ns']} ns is in no episode of the truth log")
         ys.append(scene["target_mm"][:2])
