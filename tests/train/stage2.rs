@@ -682,6 +682,26 @@ fn a_vision_cache_over_the_disk_budget_is_refused_before_it_is_built() {
 }
 
 #[test]
+fn a_lora_target_that_matches_no_language_model_layer_is_named_not_dropped() {
+    let _g = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    // `qproj` (a typo) would match nothing while `v_proj` matched: the regex built from the list
+    // used to adapt v_proj alone and train on.
+    let cfg = config(dir.path(), &["lora.target_modules=[v_proj, qproj]", "run.epochs=1"]);
+    let e = stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {})
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("lora.target_modules") && e.contains("`qproj`") && e.contains("adapted: v_proj"), "{e}");
+    assert!(!e.contains("`v_proj`"), "only the entry that matched nothing is named: {e}");
+    // A vision-tower layer name is no language-model layer either (`qkv` exists only there).
+    let cfg = config(&dir.path().join("b"), &["lora.target_modules=[q_proj, qkv]", "run.epochs=1"]);
+    let e = stage2::run(&Stage2Job { config: cfg, resume: false, group: None }, &ctx(), &mut |_| {})
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("`qkv`") && e.contains("adapted: q_proj"), "{e}");
+}
+
+#[test]
 fn cache_keys_for_features_depend_on_adapter_and_prompt_not_for_vision() {
     let _g = rng_lock();
     let dir = tempfile::tempdir().unwrap();

@@ -196,9 +196,32 @@ fn load_lora_model(cfg: &TrainConfig, rank: u32, precision: Precision, device: D
     };
     let vs = nn::VarStore::new(device);
     tch::manual_seed(derive_seed(cfg.run.seed, &[0x4c4f_5241]) as i64);
-    inject_lora(&mut vlm, &lora_cfg, &vs.root())?;
+    let adapted = inject_lora(&mut vlm, &lora_cfg, &vs.root())?;
+    check_every_target_adapted(&cfg.lora.target_modules, &adapted)?;
     let init = lora_parameters(&mut vlm).into_iter().map(|(_, t)| t.detach().copy()).collect();
     Ok(LoraModel { vlm, vs, cfg: lora_cfg, init })
+}
+
+/// Errors naming a `lora.target_modules` entry that matched no language-model layer (the regex
+/// built from the list would otherwise adapt the others and silently drop it).
+fn check_every_target_adapted(targets: &[String], adapted: &[String]) -> Result<()> {
+    let missing: Vec<&str> =
+        targets.iter().filter(|t| !adapted.iter().any(|p| p.ends_with(&format!(".{t}")))).map(String::as_str).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut names: Vec<&str> = adapted.iter().filter_map(|p| p.rsplit('.').next()).collect();
+    names.sort_unstable();
+    names.dedup();
+    Err(TrainError::Invalid {
+        what: "lora.target_modules".into(),
+        reason: format!(
+            "{} matched no linear layer of the language model (adapted: {}; its attention and MLP \
+             projections are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
+            missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
+            names.join(", ")
+        ),
+    })
 }
 
 /// The processor with the stage-1 checkpoint's pixel bounds; `vlm`'s frozen embedding then
