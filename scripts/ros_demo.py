@@ -132,11 +132,16 @@ def per_dim(errors):
 
 
 def verdict(errors, threshold=0.2):
-    """The rule of vla_finetune::train::comparison: a gain of 20 %, or stage 1 within 20 % of the floor."""
+    """The rule of vla_finetune::train::comparison: a gain of 20 %, or stage 1 within 20 % of the floor
+    (or below the oracle, which then is no floor)."""
     s1, s2, floor = errors["stage1"][0], errors["stage2"][0], errors["oracle"][0]
     gain = 1.0 - s2 / s1
     if gain >= threshold:
         return f"Stage 2 lowered the validation action error by {100 * gain:.1f} % versus stage 1 ({s1:.3f} -> {s2:.3f} stds; oracle floor {floor:.3f})"
+    if s1 < floor:
+        return (f"stage 1 is below the oracle \"floor\" ({s1:.3f} vs {floor:.3f} stds, {100 * (1 - s1 / floor):.1f} % under it): "
+                f"with this few samples the oracle's heads reached no floor, so this run cannot tell how much Stage 2 could gain "
+                f"(it changed the error by {-100 * gain:.1f} %)")
     if s1 <= (1.0 + threshold) * floor:
         return (f"stage 1 is already within {100 * (s1 / floor - 1):.1f} % of the oracle floor ({s1:.3f} vs {floor:.3f} stds): "
                 f"little is left for Stage 2 to gain (it changed the error by {-100 * gain:.1f} %)")

@@ -58,13 +58,19 @@ impl Errors<'_> {
     }
 
     /// Whether Stage 2 beat stage 1 by [`GAIN_THRESHOLD`], or stage 1 was already within it of
-    /// the oracle floor, or neither, with the numbers.
+    /// the oracle floor, or below the oracle (which then is no floor), or none, with the numbers.
     pub fn verdict(&self) -> String {
         let (s1, s2, floor) = (self.stage1.0, self.stage2.0, self.oracle.0);
         let gain = 1.0 - s2 / s1;
         let pct = |v: f64| format!("{:.1} %", 100.0 * v);
         if gain >= GAIN_THRESHOLD {
             format!("Stage 2 lowered the validation action error by {} versus stage 1 ({s1:.3} -> {s2:.3} stds; oracle floor {floor:.3})", pct(gain))
+        } else if s1 < floor {
+            format!(
+                "stage 1 is below the oracle \"floor\" ({s1:.3} vs {floor:.3} stds, {} under it): with this few samples the oracle's heads reached no floor, so this run cannot tell how much Stage 2 could gain (it changed the error by {})",
+                pct(1.0 - s1 / floor),
+                pct(-gain)
+            )
         } else if s1 <= (1.0 + GAIN_THRESHOLD) * floor {
             format!(
                 "stage 1 is already within {} of the oracle floor ({s1:.3} vs {floor:.3} stds): little is left for Stage 2 to gain (it changed the error by {})",
@@ -98,6 +104,13 @@ mod tests {
         assert!(e.verdict().contains("only 5.0 %") && e.verdict().contains("300.0 % above"), "{}", e.verdict());
         let e = Errors { oracle: (1.8, &c), ..e };
         assert!(e.verdict().starts_with("stage 1 is already within 11.1 % of the oracle floor"), "{}", e.verdict());
+        let e2 = Errors { oracle: (2.5, &c), ..e };
+        assert!(
+            e2.verdict().starts_with("stage 1 is below the oracle \"floor\" (2.000 vs 2.500 stds, 20.0 % under it)"),
+            "{}",
+            e2.verdict()
+        );
+        assert!(e2.verdict().ends_with("(it changed the error by -5.0 %)"), "{}", e2.verdict());
         assert_eq!(
             e.per_dim()[0],
             json!({"name": "x", "unit": "mm", "untrained": 9.0, "stage1": 2.0, "stage2": 1.0, "oracle": 0.5})
