@@ -96,6 +96,10 @@ struct RunRow {
     mode: String,
     stage1_val_action_error: f64,
     oracle_val_action_error: f64,
+    /// Stage 1 and the oracle with each validation sample's conditioning taken from another
+    /// sample (`HeadsResult::val_action_error_conditioning_swapped`).
+    stage1_swapped_val_action_error: Option<f64>,
+    oracle_swapped_val_action_error: Option<f64>,
     val_action_error: f64,
     best_val_action_error: Option<f64>,
     wall_s: f64,
@@ -181,6 +185,8 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
                 mode: m.name.into(),
                 stage1_val_action_error: r.val_action_error_before,
                 oracle_val_action_error: oracle,
+                stage1_swapped_val_action_error: p.stage1.val_action_error_conditioning_swapped,
+                oracle_swapped_val_action_error: p.oracle.val_action_error_conditioning_swapped,
                 val_action_error: r.val_action_error.context("Stage 2 validated no epoch")?,
                 best_val_action_error: r.run.best,
                 wall_s,
@@ -253,10 +259,17 @@ fn markdown(summary: &[ModeSummary], rows: &[RunRow]) -> String {
     }
     let mut seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
     seeds.dedup();
-    t += "\n| seed | stage 1 (stds) | oracle floor (stds) |\n|---|---|---|\n";
+    t += "\n| seed | stage 1 (stds) | stage 1, VL features of another sample | oracle floor (stds) | oracle, truth of another sample |\n|---|---|---|---|---|\n";
+    let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
     for s in seeds {
         if let Some(r) = rows.iter().find(|r| r.seed == s) {
-            t += &format!("| {s} | {:.3} | {:.3} |\n", r.stage1_val_action_error, r.oracle_val_action_error);
+            t += &format!(
+                "| {s} | {:.3} | {} | {:.3} | {} |\n",
+                r.stage1_val_action_error,
+                opt(r.stage1_swapped_val_action_error),
+                r.oracle_val_action_error,
+                opt(r.oracle_swapped_val_action_error)
+            );
         }
     }
     t

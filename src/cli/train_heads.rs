@@ -184,6 +184,7 @@ fn errors_json(r: &HeadsResult) -> serde_json::Value {
         "samples_val": r.samples.1,
         "val_action_error_before": r.val_action_error_before,
         "val_action_error": r.val_action_error_after,
+        "val_action_error_conditioning_swapped": r.val_action_error_conditioning_swapped,
         "val_action_error_per_dim": r.val_error_after,
         "train_loss_per_epoch": r.run.train_loss_per_epoch,
     })

@@ -218,6 +218,11 @@ pub struct HeadsResult {
     pub val_error_before: Vec<DimError>,
     /// The same after the last validated epoch (empty when none was validated).
     pub val_error_after: Vec<DimError>,
+    /// The ablation of the conditioning: the final heads' validation error (training-set stds)
+    /// when each validation sample gets the VL features (or, for the oracle, the ground truth)
+    /// of another sample ([`swap_conditioning`]). Near [`Self::val_action_error_after`]: the
+    /// heads act without reading them. None when cancelled or nothing was validated.
+    pub val_action_error_conditioning_swapped: Option<f64>,
     /// Train / validation sample counts.
     pub samples: (usize, usize),
     /// The checkpoint of the last epoch, verified (None when cancelled before the end); not
@@ -294,6 +299,14 @@ fn run_conditioned(
         }
         _ => None,
     };
+    let swapped = match summary.validation.last() {
+        Some(_) if !summary.cancelled => {
+            let features = swap_conditioning(&task.features, &task.val_idx);
+            let e = validation_error(&task.heads, &task.ds, &task.val_idx, &features, task.seed, task.val_chunk)?;
+            Some(task.axes.normalized(&e))
+        }
+        _ => None,
+    };
     let axes = &task.axes;
     let after = summary.validation.last().map(|m| axes.per_dim(m)).unwrap_or_default();
     Ok(HeadsResult {
@@ -301,6 +314,7 @@ fn run_conditioned(
         val_action_error_after: summary.validation.last().and_then(|m| m.get(BEST_METRIC).copied()),
         val_error_before: axes.report(&val_error_before),
         val_error_after: axes.report(&after),
+        val_action_error_conditioning_swapped: swapped,
         run: summary,
         samples: (task.train_idx.len(), task.val_idx.len()),
         published,
@@ -668,6 +682,17 @@ pub fn validation_error(
         sums.add(heads, ds, idx, &vl, seed, None)?;
     }
     Ok(sums.errors())
+}
+
+/// `features` with each validation sample's entry replaced by that of the validation sample
+/// half the split further on (wrapping): split order keeps an episode's samples together, so with
+/// two or more validation episodes most samples get another scene's conditioning.
+pub fn swap_conditioning(features: &[Tensor], val: &[usize]) -> Vec<Tensor> {
+    let mut out: Vec<Tensor> = features.iter().map(Tensor::shallow_clone).collect();
+    for (k, &i) in val.iter().enumerate() {
+        out[i] = features[val[(k + val.len() / 2) % val.len()]].shallow_clone();
+    }
+    out
 }
 
 /// Whether `dir` looks like a base Qwen2.5-VL model folder: a config.json that parses as one,

@@ -135,6 +135,9 @@ fn the_oracle_cli_reproduces_the_demo_oracle(out: &Path, report: &Value, tmp: &P
         r["val_action_error"],
         report["oracle_val_action_error"]
     );
+    // The printed result carries the ablation (the truth of other samples; computed and checked
+    // by hand for stage 1 in tests/train/stage2.rs).
+    assert!(num(&r, "val_action_error_conditioning_swapped") > 0.0, "{r}");
     // The truth of the first training episode only: the first sample (of validation episode
     // sim_s1007_e0000, first by id) is in no episode of it.
     let first =

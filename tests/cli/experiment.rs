@@ -82,8 +82,20 @@ fn number(r: &Value, k: &str) -> f64 {
 fn check_the_runs_of_seed(out: &Path, runs: &[Value], modes: &[&str], seed: u64) {
     let mine: Vec<&Value> = runs.iter().filter(|r| r["seed"] == seed).collect();
     assert_eq!(mine.iter().map(|r| r["mode"].as_str().unwrap()).collect::<Vec<_>>(), modes);
-    // One stage-1 checkpoint per seed: every mode starts from the same error.
-    assert!(mine.iter().all(|r| number(r, "stage1_val_action_error") == number(mine[0], "stage1_val_action_error")));
+    // One stage-1 checkpoint per seed: every mode starts from the same error, and carries the
+    // same ablations of stage 1 and the oracle (their conditioning from other samples).
+    for k in ["stage1_val_action_error", "stage1_swapped_val_action_error", "oracle_swapped_val_action_error"] {
+        assert!(mine.iter().all(|r| number(r, k) == number(mine[0], k)), "{k}");
+    }
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    let row = format!(
+        "| {seed} | {:.3} | {:.3} | {:.3} | {:.3} |",
+        number(mine[0], "stage1_val_action_error"),
+        number(mine[0], "stage1_swapped_val_action_error"),
+        number(mine[0], "oracle_val_action_error"),
+        number(mine[0], "oracle_swapped_val_action_error")
+    );
+    assert!(table.contains(&row), "{row} in {table}");
     for r in &mine {
         // Two epochs: `features/1` refreshes after its first cached epoch, nothing else does.
         let refreshes = if r["mode"] == "features/1" { 1 } else { 0 };

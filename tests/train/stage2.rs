@@ -7,9 +7,13 @@ use std::path::Path;
 use crate::support::rng_lock;
 use crate::support::stage2::{config, ctx, fixture, fixture_under_lock, stage1_training, tiny_heads, without_key_bias};
 use tch::{Device, Tensor};
-use vla_finetune::checkpoint::deploy::{DeployInfo, DEPLOY_FILE};
+use vla_finetune::checkpoint::deploy::{DeployInfo, DEPLOY_FILE, HEADS_FILE};
 use vla_finetune::checkpoint::publish::Publisher;
+use vla_finetune::dataset::reader::Dataset;
+use vla_finetune::dataset::store::Split;
 use vla_finetune::oom_injection::{self, Point};
+use vla_finetune::policy::heads::PolicyHeads;
+use vla_finetune::train::action_error::ActionAxes;
 use vla_finetune::train::cache::{cache_key, FeatureCache, KeyInput};
 use vla_finetune::train::config::{ResolvedMemory, TrainConfig};
 use vla_finetune::train::controller::{JobController, JobStatus, StartResponse};
@@ -21,7 +25,7 @@ use vla_finetune::train::service::{ServiceConfig, StartRequest};
 use vla_finetune::train::stage2::{self, Stage2Job, Stage2Result, Stage2Task};
 use vla_finetune::train::state::read_state_meta;
 use vla_finetune::train::tensor_io::read_safetensors;
-use vla_finetune::vlm::Pooling;
+use vla_finetune::vlm::{Pooling, Qwen25VL, VlProcessor};
 
 fn run(cfg: &TrainConfig) -> Stage2Result {
     stage2::run(&Stage2Job { config: cfg.clone(), resume: false, group: None }, &ctx(), &mut |_| {}).unwrap()
@@ -926,6 +930,57 @@ fn stage2_pools_vl_features_as_its_stage1_checkpoint_was_trained() {
     // The `all` run found no `last` features to reuse: it added entries of its own.
     assert!(entries(&cfg_all) > last_entries, "{} vs {last_entries}", entries(&cfg_all));
     assert!(!close(r_all.val_action_error_before), "{}", r_all.val_action_error_before);
+}
+
+#[test]
+fn stage1_reports_its_validation_error_with_the_vl_features_of_other_samples() {
+    let _g = rng_lock();
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let train = stage1_training();
+    let job = HeadsJob {
+        dataset: f.dataset.clone(),
+        base_model: f.base.clone(),
+        checkpoints: dir.path().join("ck"),
+        work_dir: dir.path().join("work"),
+        train: train.clone(),
+        heads: tiny_heads(),
+        resume: false,
+        group: None,
+    };
+    let r = heads_job::run(&job, &ctx(), &mut |_| {}).unwrap();
+    let swapped = r.val_action_error_conditioning_swapped.expect("a validated run reports it");
+    // By hand: the published heads on features computed here, each validation sample's taken
+    // from the validation sample half the split further on.
+    let ds = Dataset::open(&f.dataset).unwrap();
+    let vlm = Qwen25VL::load(&f.base, tch::Kind::Float, Device::Cpu).unwrap();
+    let vl_cfg = vla_finetune::vlm::Config::from_file(&f.base.join("config.json")).unwrap();
+    let processor = VlProcessor::from_model_dir(&f.base, &vl_cfg, None, None).unwrap();
+    let features: Vec<Tensor> = (0..ds.len())
+        .map(|i| {
+            let s = ds.sample(i).unwrap();
+            let batch = processor.collate(&[processor.sample(&s.images, &s.instruction).unwrap()]).unwrap();
+            tch::no_grad(|| vlm.forward(&batch, false)).unwrap().pooled(train.vl_pooling).unwrap()
+        })
+        .collect();
+    let val = ds.split_indices(Split::Val);
+    let moved = heads_job::swap_conditioning(&features, &val);
+    let k = val.len() / 2;
+    assert!(moved[val[0]].equal(&features[val[k]]) && moved[val[k]].equal(&features[val[(2 * k) % val.len()]]));
+    assert!(
+        ds.split_indices(Split::Train).iter().all(|&i| moved[i].equal(&features[i])),
+        "training samples keep theirs"
+    );
+    let heads_file = r.published.as_ref().unwrap().dir.join(HEADS_FILE);
+    let (heads, _) = PolicyHeads::load(&heads_file, Device::Cpu).unwrap();
+    let by_hand = |feats: &[Tensor]| {
+        let e = heads_job::validation_error(&heads, &ds, &val, feats, train.seed, train.batch_size).unwrap();
+        ActionAxes::from_dataset(&ds).normalized(&e)
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    assert!(close(by_hand(&features), r.val_action_error_after.unwrap()), "the unswapped error is the run's");
+    assert!(close(by_hand(&moved), swapped), "{} by hand vs {swapped} reported", by_hand(&moved));
+    assert_ne!(swapped, r.val_action_error_after.unwrap(), "other features give another error");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
