@@ -11,6 +11,11 @@ that the probes can read a position at all, pixels to the tool's x, y from the p
 - `tokens`: the language model's last hidden state at the image tokens;
 - `pooled_all`, `pooled_last`: the Stage 1 features (mean over all tokens; the last token).
 
+A third probe reads the instruction as the policy would need to: multi-head attention whose query
+is the instruction (one-hot colour and relation words) over the image tokens, each token with a
+learned position embedding, then an MLP to x, y. It reads `vision_tokens`, `tokens` and, as its
+upper bound, `pixel_cells` (the raw 28 x 28 pixel cell each merged token covers).
+
 Features come from transformers' Qwen2_5_VLForConditionalGeneration on the model folder (default:
 the demo's embedded tiny random model) with the fixtures' processor settings.
 
@@ -44,6 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gen_vlm_fixtures as fixtures  # noqa: E402
 
 INPUTS = ["pixels", "vision_tokens", "tokens", "pooled_all", "pooled_last"]
+TOKEN_INPUTS = ["vision_tokens", "tokens", "pixel_cells"]
+COLOURS = ["red", "green", "blue", "yellow"]
+RELATIONS = ["left", "right", "upper", "lower"]
+CELL = 28  # pixels per merged image token (patch 14 x merge 2)
 
 
 def processor(model_dir):
@@ -70,7 +79,7 @@ def load(root, per_episode, model, proc):
             shards[s["shard"]] = (f.get_tensor("state"), cams)
         return shards[s["shard"]]
 
-    xs = {k: [] for k in INPUTS}
+    xs = {k: [] for k in INPUTS + ["pixel_cells", "words"]}
     ys, tools, episodes, seen = [], [], [], {}
     for s in idx["samples"]:
         e = s["episode"]
@@ -88,8 +97,11 @@ def load(root, per_episode, model, proc):
         last = out.hidden_states[-1][0]
         image = inp["input_ids"][0] == model.config.image_token_id
         xs["pixels"].append(np.concatenate([np.asarray(i.resize((56, 42)), np.float32).ravel() / 255 for i in images]))
-        xs["vision_tokens"].append(out.hidden_states[0][0][image].flatten().numpy())
-        xs["tokens"].append(last[image].flatten().numpy())
+        xs["vision_tokens"].append(out.hidden_states[0][0][image].numpy())
+        xs["tokens"].append(last[image].numpy())
+        xs["pixel_cells"].append(np.concatenate([cells(i) for i in images]))
+        words = idx["episodes"][e]["instruction"].split()
+        xs["words"].append(np.array([float(w in words) for w in COLOURS + RELATIONS], np.float32))
         xs["pooled_all"].append(last.mean(0).numpy())
         xs["pooled_last"].append(last[-1].numpy())
         scene = next((t for t in truth if t["start_ns"] <= s["t_ns"] <= t["end_ns"]), None)
@@ -100,6 +112,13 @@ def load(root, per_episode, model, proc):
         episodes.append(e)
     xs = {k: np.array(v) for k, v in xs.items()}
     return xs, np.array(ys, np.float32), np.array(tools, np.float32), np.array(episodes)
+
+
+def cells(image):
+    """The image's CELL x CELL pixel cells in the merged tokens' order (row-major), flattened."""
+    a = np.asarray(image, np.float32) / 255
+    rows, cols = a.shape[0] // CELL, a.shape[1] // CELL
+    return np.stack([a[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].ravel() for r in range(rows) for c in range(cols)])
 
 
 def r2(pred, truth):
@@ -133,6 +152,47 @@ def mlp_r2(za, ya, zb, yb, steps):
         return r2(net(b).numpy() * std + mean, yb), loss.item()
 
 
+class InstructionAttention(torch.nn.Module):
+    """The instruction's words query the tokens (4 heads; keys and values: an MLP of the token
+    plus its learned position embedding); the attended vector and the words give x, y."""
+
+    def __init__(self, dim, tokens, words, width=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.key = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+        self.pos = torch.nn.Parameter(0.1 * torch.randn(tokens, width))
+        self.query = torch.nn.Linear(words, width)
+        self.out = torch.nn.Sequential(torch.nn.Linear(width + words, width), torch.nn.GELU(), torch.nn.Linear(width, 2))
+
+    def forward(self, x, w):
+        k = self.key(x) + self.pos
+        b, n, d = k.shape
+        k = k.view(b, n, self.heads, d // self.heads)
+        q = self.query(w).view(b, 1, self.heads, d // self.heads)
+        att = torch.softmax((k * q).sum(-1) / (d // self.heads) ** 0.5, 1)
+        return self.out(torch.cat([(att.unsqueeze(-1) * k).sum(1).reshape(b, d), w], 1))
+
+
+def attention_r2(za, wa, ya, zb, wb, yb, epochs):
+    """R^2 of InstructionAttention on the unseen scenes, and on its own training scenes."""
+    torch.manual_seed(0)
+    a, b = torch.tensor(za), torch.tensor(zb)
+    wa, wb = torch.tensor(wa), torch.tensor(wb)
+    mean, std = ya.mean(0), ya.std(0)
+    target = torch.tensor((ya - mean) / std)
+    net = InstructionAttention(a.shape[2], a.shape[1], wa.shape[1])
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        order = torch.randperm(len(a))
+        for i in range(0, len(a), 32):
+            j = order[i:i + 32]
+            opt.zero_grad()
+            ((net(a[j], wa[j]) - target[j]) ** 2).mean().backward()
+            opt.step()
+    with torch.no_grad():
+        return r2(net(b, wb).numpy() * std + mean, yb), r2(net(a, wa).numpy() * std + mean, ya)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("train", help="root with recordings/ and dataset/ of the training scenes")
@@ -141,6 +201,7 @@ def main():
     ap.add_argument("--per-episode", type=int, default=2, help="samples taken from each episode")
     ap.add_argument("--scenes", default="50,200,800", help="training scene counts of the learning curve")
     ap.add_argument("--mlp-steps", type=int, default=1500)
+    ap.add_argument("--attention-epochs", type=int, default=60)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(a.model, dtype=torch.float32).eval()
@@ -148,18 +209,28 @@ def main():
     xa, ya, ta, ea = load(a.train, a.per_episode, model, proc)
     xb, yb, tb, _ = load(a.val, a.per_episode, model, proc)
     print(f"training: {len(ya)} samples of {len(set(ea))} scenes; validation: {len(yb)} samples")
+    # Ridge and the MLP read every input flattened; the attention probe reads tokens as they are.
+    fa, fb = ({k: x[k].reshape(len(x[k]), -1) for k in INPUTS} for x in (xa, xb))
     print("| training scenes | input | ridge R^2 | MLP R^2 (training MSE, stds^2) |\n|---|---|---|---|")
     for n in [int(v) for v in a.scenes.split(",")]:
         keep = ea < n
         for k in INPUTS:
-            mean, std = xa[k][keep].mean(0), xa[k][keep].std(0) + 1e-6
-            za, zb = (xa[k][keep] - mean) / std, (xb[k] - mean) / std
+            mean, std = fa[k][keep].mean(0), fa[k][keep].std(0) + 1e-6
+            za, zb = (fa[k][keep] - mean) / std, (fb[k] - mean) / std
             mlp, fit = mlp_r2(za, ya[keep], zb, yb, a.mlp_steps)
             print(f"| {n} | {k} | {ridge_r2(za, ya[keep], zb, yb):.3f} | {mlp:.3f} ({fit:.3f}) |", flush=True)
             if k == "pixels":
                 # The control: the tool, always visible and unambiguous, read by the same probes.
                 mlp, fit = mlp_r2(za, ta[keep], zb, tb, a.mlp_steps)
                 print(f"| {n} | pixels -> tool x, y (control) | {ridge_r2(za, ta[keep], zb, tb):.3f} | {mlp:.3f} ({fit:.3f}) |")
+    print("\n| training scenes | tokens read by the instruction's attention | R^2 unseen scenes | R^2 training scenes |\n|---|---|---|---|")
+    for n in [int(v) for v in a.scenes.split(",")]:
+        keep = ea < n
+        for k in TOKEN_INPUTS:
+            mean, std = xa[k][keep].mean((0, 1)), xa[k][keep].std((0, 1)) + 1e-6
+            za, zb = (xa[k][keep] - mean) / std, (xb[k] - mean) / std
+            val, fit = attention_r2(za, xa["words"][keep], ya[keep], zb, xb["words"], yb, a.attention_epochs)
+            print(f"| {n} | {k} | {val:.3f} | {fit:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
