@@ -131,7 +131,18 @@ def per_dim(errors):
     return [{"name": d["name"], "unit": d["unit"], **{m: e[1][k]["error"] for m, e in errors.items()}} for k, d in enumerate(dims)]
 
 
-def verdict(errors, threshold=0.2):
+def verdict(errors, stage1_vl_swapped, vl_use_threshold=0.05):
+    """vla_finetune::train::comparison's verdict: the gain verdict, then whether stage 1's heads read
+    their VL features (their error with another sample's, `stage1_vl_swapped`, when measured)."""
+    if stage1_vl_swapped is None:
+        return gain_verdict(errors)
+    change = stage1_vl_swapped / errors["stage1"][0] - 1.0
+    reads = "barely read" if abs(change) < vl_use_threshold else "read"
+    return (f"{gain_verdict(errors)}; stage 1's heads {reads} their VL features "
+            f"(another sample's give {stage1_vl_swapped:.3f} stds, {100 * change:+.1f} %)")
+
+
+def gain_verdict(errors, threshold=0.2):
     """The rule of vla_finetune::train::comparison: a gain of 20 %, or stage 1 within 20 % of the floor
     (or below the oracle, which then is no floor)."""
     s1, s2, floor = errors["stage1"][0], errors["stage2"][0], errors["oracle"][0]
@@ -337,12 +348,13 @@ def main():
         "stage1_val_action_error": s2["val_action_error_before"],
         "stage2_val_action_error": s2["val_action_error_after"],
         "oracle_val_action_error": oracle["val_action_error"],
+        "stage1_vl_swapped_val_action_error": s1["val_action_error_conditioning_swapped"],
         "val_action_error_per_dim": per_dim(errors),
         "stage2_val_action_error_per_dim": s2["val_action_error_per_dim"],
         "stage2_best_val_action_error": s2["best"],
         "stage2_gain_over_stage1": 1.0 - s2["val_action_error_after"] / s2["val_action_error_before"],
         "stage1_over_oracle": s2["val_action_error_before"] / oracle["val_action_error"],
-        "verdict": verdict(errors),
+        "verdict": verdict(errors, s1["val_action_error_conditioning_swapped"]),
         "stage1_train_loss_per_epoch": s1["train_loss_per_epoch"],
         "oracle_train_loss_per_epoch": oracle["train_loss_per_epoch"],
         "stage2_validation_per_epoch": s2["validation"],

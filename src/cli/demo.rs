@@ -200,6 +200,7 @@ impl DemoRun<'_> {
             stage1: (s2.val_action_error_before, &s2.val_action_error_before_per_dim),
             stage2: (s2.val_action_error.context("Stage 2 validated no epoch")?, &s2.val_action_error_per_dim),
             oracle: (oracle.val_action_error_after.context("the oracle validated no epoch")?, &oracle.val_error_after),
+            stage1_vl_swapped: s1.val_action_error_conditioning_swapped,
         })
     }
 
@@ -226,6 +227,7 @@ impl DemoRun<'_> {
             "stage1_val_action_error": errors.stage1.0,
             "stage2_val_action_error": errors.stage2.0,
             "oracle_val_action_error": errors.oracle.0,
+            "stage1_vl_swapped_val_action_error": errors.stage1_vl_swapped,
             "val_action_error_per_dim": errors.per_dim(),
             "stage2_val_action_error_per_dim": s2.val_action_error_per_dim,
             "stage2_best_val_action_error": s2.run.best,

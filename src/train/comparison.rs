@@ -7,6 +7,9 @@ use super::action_error::DimError;
 
 /// Stage 2 counts as an improvement when it lowers the error by at least this fraction.
 pub const GAIN_THRESHOLD: f64 = 0.2;
+/// Stage 1's heads count as not reading their VL features when another sample's change their
+/// error by less than this fraction.
+pub const VL_USE_THRESHOLD: f64 = 0.05;
 
 /// Each model's validation error: the mean in training-set stds and per dimension.
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +22,9 @@ pub struct Errors<'a> {
     pub stage2: (f64, &'a [DimError]),
     /// The oracle floor.
     pub oracle: (f64, &'a [DimError]),
+    /// Stage 1 with each validation sample's VL features taken from another sample
+    /// (`HeadsResult::val_action_error_conditioning_swapped`), when measured.
+    pub stage1_vl_swapped: Option<f64>,
 }
 
 impl Errors<'_> {
@@ -58,8 +64,20 @@ impl Errors<'_> {
     }
 
     /// Whether Stage 2 beat stage 1 by [`GAIN_THRESHOLD`], or stage 1 was already within it of
-    /// the oracle floor, or below the oracle (which then is no floor), or none, with the numbers.
+    /// the oracle floor, or below the oracle (which then is no floor), or none, with the numbers;
+    /// then, when measured, whether stage 1's heads read their VL features ([`VL_USE_THRESHOLD`]).
     pub fn verdict(&self) -> String {
+        let Some(swapped) = self.stage1_vl_swapped else { return self.gain_verdict() };
+        let change = swapped / self.stage1.0 - 1.0;
+        let reads = if change.abs() < VL_USE_THRESHOLD { "barely read" } else { "read" };
+        format!(
+            "{}; stage 1's heads {reads} their VL features (another sample's give {swapped:.3} stds, {:+.1} %)",
+            self.gain_verdict(),
+            100.0 * change
+        )
+    }
+
+    fn gain_verdict(&self) -> String {
         let (s1, s2, floor) = (self.stage1.0, self.stage2.0, self.oracle.0);
         let gain = 1.0 - s2 / s1;
         let pct = |v: f64| format!("{:.1} %", 100.0 * v);
@@ -98,7 +116,13 @@ mod tests {
     #[test]
     fn the_verdict_follows_the_thresholds() {
         let (u, a, b, c) = (dims(9.0), dims(2.0), dims(1.0), dims(0.5));
-        let e = Errors { untrained: (9.0, &u), stage1: (2.0, &a), stage2: (1.5, &b), oracle: (0.5, &c) };
+        let e = Errors {
+            untrained: (9.0, &u),
+            stage1: (2.0, &a),
+            stage2: (1.5, &b),
+            oracle: (0.5, &c),
+            stage1_vl_swapped: None,
+        };
         assert!(e.verdict().starts_with("Stage 2 lowered the validation action error by 25.0 %"), "{}", e.verdict());
         let e = Errors { stage2: (1.9, &b), ..e };
         assert!(e.verdict().contains("only 5.0 %") && e.verdict().contains("300.0 % above"), "{}", e.verdict());
@@ -116,5 +140,21 @@ mod tests {
             json!({"name": "x", "unit": "mm", "untrained": 9.0, "stage1": 2.0, "stage2": 1.0, "oracle": 0.5})
         );
         assert!(e.table().contains("x mm") && e.table().lines().count() == 5, "{}", e.table());
+        let read = Errors { stage1_vl_swapped: Some(2.5), ..e };
+        assert_eq!(
+            read.verdict(),
+            format!(
+                "{}; stage 1's heads read their VL features (another sample's give 2.500 stds, +25.0 %)",
+                e.verdict()
+            )
+        );
+        let ignored = Errors { stage1_vl_swapped: Some(1.98), ..e };
+        assert!(
+            ignored
+                .verdict()
+                .ends_with("stage 1's heads barely read their VL features (another sample's give 1.980 stds, -1.0 %)"),
+            "{}",
+            ignored.verdict()
+        );
     }
 }

@@ -556,6 +556,7 @@ fn run_stage1(env: &JobEnv, r: &StartRequest, record: &mut JobRecord) -> Result<
     let summary = json!({
         "val_action_error_before": res.val_action_error_before,
         "val_action_error_after": res.val_action_error_after,
+        "val_action_error_conditioning_swapped": res.val_action_error_conditioning_swapped,
         "val_action_error_before_per_dim": res.val_error_before,
         "val_action_error_per_dim": res.val_error_after,
         "version": res.published.as_ref().map(|p| p.version.clone()),

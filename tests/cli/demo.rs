@@ -109,6 +109,9 @@ fn errors_are_named_and_in_training_set_stds(out: &Path, report: &Value) {
     assert!(num(report, "oracle_val_action_error") < num(report, "untrained_val_action_error"));
     let verdict = report["verdict"].as_str().unwrap();
     assert!(verdict.contains(&format!("{:.3}", num(report, "stage1_val_action_error"))), "{verdict}");
+    // Stage 1 with other samples' VL features (computed by hand in tests/train/stage2.rs).
+    let swapped = num(report, "stage1_vl_swapped_val_action_error");
+    assert!(verdict.contains(&format!("another sample's give {swapped:.3} stds")), "{verdict}");
 }
 
 /// `train-heads --oracle-truth` on the demo's dataset and truth log with the demo's settings

@@ -53,6 +53,10 @@ def test_ros_demo_closes_the_loop_and_its_report_matches_the_files(tmp_path):
     assert [d["stage1"] for d in dims] == [d["error"] for d in summary["stage2"]["val_action_error_before_per_dim"]]
     assert report["stage1_over_oracle"] == report["stage1_val_action_error"] / report["oracle_val_action_error"]
     assert report["verdict"].startswith(("Stage 2 lowered", "stage 1 is already within", "stage 1 is below the oracle"))
+    # Stage 1 with other samples' VL features, from the trainer's stage-1 summary, in the verdict.
+    swapped = summary["stage1"]["val_action_error_conditioning_swapped"]
+    assert report["stage1_vl_swapped_val_action_error"] == swapped and swapped > 0
+    assert f"another sample's give {swapped:.3f} stds" in report["verdict"]
     # The oracle floor: the same heads on the simulator's truth (logged by the sim node as each
     # scene started); rerun from the CLI on the job's dataset, it gives the report's number.
     truth = [json.loads(line) for line in (out / "sim_truth.jsonl").read_text().splitlines()]
