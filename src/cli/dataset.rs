@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::dataset::compile::{compile, CompileConfig, CompileReport};
-use crate::dataset::episode::{Damage, EpisodeSource};
+use crate::dataset::compile::{compile_lazily, CompileConfig, CompileReport};
+use crate::dataset::episode::{Damage, LazyEpisode};
 use crate::dataset::selection::{set_discarded, EpisodeSelection, ANY_OUTCOME};
 use crate::dataset::stats::{DatasetStats, FieldStats};
 use crate::dataset::store::{read_json, DatasetIndex, Split, REPORT_FILE, STATS_FILE};
@@ -91,8 +91,8 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
-/// Opens the recorded episodes found at a path given to `--episodes`.
-pub type EpisodeOpener<'a> = dyn Fn(&Path) -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> + 'a;
+/// The recorded episodes found at a path given to `--episodes`, each opened while compiled.
+pub type EpisodeOpener<'a> = dyn Fn(&Path) -> anyhow::Result<Vec<LazyEpisode<'static>>> + 'a;
 
 /// Runs a `dataset` subcommand; `open` turns each `--episodes` path into episodes.
 pub fn run(args: DatasetArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<()> {
@@ -118,20 +118,19 @@ pub fn run_compile(a: &CompileArgs, open: &EpisodeOpener<'_>) -> anyhow::Result<
         Some(p) => CompileConfig::from_yaml_file(p)?,
         None => CompileConfig::default(),
     };
-    let mut eps: Vec<Box<dyn EpisodeSource>> = Vec::new();
+    let mut eps: Vec<LazyEpisode<'static>> = Vec::new();
     for dir in &a.episodes {
         eps.extend(open(dir).with_context(|| format!("opening episodes in {}", dir.display()))?);
     }
     let sel = EpisodeSelection { outcomes: a.outcomes.clone(), tasks: a.tasks.clone() };
-    eps.retain(|e| match (e.unreadable(), sel.excludes(e.meta())) {
+    eps.retain(|e| match (&e.unreadable, sel.excludes(&e.meta)) {
         (None, Some(why)) => {
-            println!("episode `{}` not compiled: {why}", e.meta().id);
+            println!("episode `{}` not compiled: {why}", e.meta.id);
             false
         }
         _ => true,
     });
-    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
-    let out = compile(&refs, &cfg, &a.out, a.overwrite)?;
+    let out = compile_lazily(&eps, &cfg, &a.out, a.overwrite)?;
     let r = &out.report;
     println!(
         "{}: {} episodes, {} samples ({} train, {} val) of {} sample times, {} dropped",

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::checkpoint::publish::{Published, Publisher};
-use crate::dataset::compile::{compile, CompileConfig};
+use crate::dataset::compile::{compile_lazily, CompileConfig};
 use crate::train::comparison::Errors;
 use crate::train::config::{Override, TrainConfig};
 use crate::train::heads_job::{small_heads, HeadsJob, HeadsResult, HeadsTrainConfig};
@@ -300,13 +300,12 @@ pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Pr
 
     eprintln!("[2/6] compiling the training set");
     let episodes = super::open_recorded_episodes(&data_root)?;
-    let refs: Vec<&dyn crate::dataset::episode::EpisodeSource> = episodes.iter().map(|e| e.as_ref()).collect();
     let mut cc = CompileConfig::default();
     cc.align.sensor_window_s = 0.1;
     cc.align.sensor_samples = 65;
     cc.split.val_episodes = (0..d.sim.val_episodes).map(|i| super::record::episode_id(val_seed, i)).collect();
     cc.split.seed = d.seed;
-    let compiled = compile(&refs, &cc, &dataset_dir, true)?;
+    let compiled = compile_lazily(&episodes, &cc, &dataset_dir, true)?;
 
     eprintln!("[3/6] stage 1: policy heads on frozen VL features of the embedded tiny Qwen2.5-VL");
     copy_dir(&embedded_base_model(), &base_dir)?;

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::dataset::compile::{compile, CompileConfig};
-use crate::dataset::episode::EpisodeSource;
+use crate::dataset::compile::{compile_lazily, CompileConfig};
 use crate::dataset::lerobot::export::{export, ExportOptions, PictureMode};
 use crate::dataset::lerobot::import::{import, ImportMapping, ImportOptions};
 use crate::dataset::store::INDEX_FILE;
@@ -122,12 +121,10 @@ fn compile_episodes(a: &ExportLeRobotArgs, open: &super::dataset::EpisodeOpener<
     if let Some(fps) = a.fps {
         cfg.align.control_hz = fps as f64;
     }
-    let eps: Vec<Box<dyn EpisodeSource>> =
-        open(&a.dataset).with_context(|| format!("opening episodes in {}", a.dataset.display()))?;
-    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
+    let eps = open(&a.dataset).with_context(|| format!("opening episodes in {}", a.dataset.display()))?;
     let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "lerobot".into());
     let dir = a.out.with_file_name(format!(".{name}.compiled-{}", std::process::id()));
-    let out = compile(&refs, &cfg, &dir, true)?;
+    let out = compile_lazily(&eps, &cfg, &dir, true)?;
     for f in &out.report.failed_episodes {
         eprintln!("warning: episode `{}` left out: {}", f.id, f.error);
     }

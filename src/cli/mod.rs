@@ -96,16 +96,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the recorded episodes at `path` for `dataset compile`: one episode folder (holding
-/// `episode.json`) or a dataset root whose `episodes/` are all opened, as
-/// [`open_recorded`](crate::dataset::selection::open_recorded) does (unreadable ones kept with
-/// their reason, unfinished ones of a stopped recorder recovered).
+/// The recorded episodes at `path` for `dataset compile`: one episode folder (holding
+/// `episode.json`) or a dataset root and all its `episodes/`, as
+/// [`recorded`](crate::dataset::selection::recorded) lists them (opened one at a time while
+/// compiled; unreadable ones kept with their reason; unfinished ones of a stopped recorder
+/// recovered).
 pub fn open_recorded_episodes(
     path: &std::path::Path,
-) -> anyhow::Result<Vec<Box<dyn crate::dataset::episode::EpisodeSource>>> {
+) -> anyhow::Result<Vec<crate::dataset::episode::LazyEpisode<'static>>> {
     use crate::dataset::mcap_episode::{list_episodes, EPISODE_JSON};
     let dirs = if path.join(EPISODE_JSON).exists() { vec![path.to_path_buf()] } else { list_episodes(path)? };
-    Ok(crate::dataset::selection::open_recorded(&dirs))
+    Ok(crate::dataset::selection::recorded(&dirs))
 }
 
 /// `--vl-pooling` / `--pooling`: a [`crate::vlm::Pooling`] name.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::align::{AlignConfig, AlignError, AlignedSample, Aligner, DropCounts, DropReason, StreamReport};
-use super::episode::{Damage, EpisodeSource, ImageError, RgbImage};
+use super::episode::{Damage, EpisodeSource, ImageError, LazyEpisode, RgbImage};
 use super::stats::{DatasetStats, StatsAccumulator, DEFAULT_RESERVOIR_ROWS};
 use super::store::{
     write_synced, CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardWriter, Split, Staging,
@@ -348,11 +348,12 @@ impl Shapes {
 }
 
 /// The shapes of most episodes that yield sample times (ties: the first in `order`); `None` when
-/// no episode yields any.
-fn majority_shapes(episodes: &[&dyn EpisodeSource], order: &[usize], cfg: &AlignConfig) -> Option<Shapes> {
+/// no episode yields any. Opens the episodes one at a time.
+fn majority_shapes(episodes: &[LazyEpisode<'_>], order: &[usize], cfg: &AlignConfig) -> Option<Shapes> {
     let mut votes: Vec<(Shapes, usize)> = Vec::new();
     for &i in order {
-        let Ok(al) = Aligner::new(episodes[i], cfg) else { continue };
+        let src = (episodes[i].open)();
+        let Ok(al) = Aligner::new(src.as_ref(), cfg) else { continue };
         if al.sample_times().is_empty() {
             continue;
         }
@@ -596,10 +597,22 @@ pub fn compile(
     out: &Path,
     overwrite: bool,
 ) -> Result<CompileOutput, CompileError> {
+    let lazy: Vec<LazyEpisode<'_>> = episodes.iter().map(|&e| LazyEpisode::borrowed(e)).collect();
+    compile_lazily(&lazy, cfg, out, overwrite)
+}
+
+/// [`compile`] of episodes opened one at a time, each while it is read (twice: once for the
+/// dataset's shapes, once for its samples), so that memory does not grow with the recordings.
+pub fn compile_lazily(
+    episodes: &[LazyEpisode<'_>],
+    cfg: &CompileConfig,
+    out: &Path,
+    overwrite: bool,
+) -> Result<CompileOutput, CompileError> {
     cfg.validate()?;
     let mut order: Vec<usize> = (0..episodes.len()).collect();
-    order.sort_by(|&a, &b| episodes[a].meta().id.cmp(&episodes[b].meta().id));
-    let ids: Vec<String> = order.iter().map(|&i| episodes[i].meta().id.clone()).collect();
+    order.sort_by(|&a, &b| episodes[a].meta.id.cmp(&episodes[b].meta.id));
+    let ids: Vec<String> = order.iter().map(|&i| episodes[i].meta.id.clone()).collect();
     check_unique(&ids)?;
     let splits = split_episodes(&ids, &cfg.split);
     let staging = Staging::create(out, overwrite)?;
@@ -654,7 +667,7 @@ pub(super) fn compile_one(
     out: &Path,
 ) -> Result<Result<CompileOutput, FailedEpisode>, CompileError> {
     let staging = Staging::create(out, false)?;
-    match build(&[src], &[0], &[Split::Train], cfg, &staging.dir, &[]) {
+    match build(&[LazyEpisode::borrowed(src)], &[0], &[Split::Train], cfg, &staging.dir, &[]) {
         Ok(mut o) if !o.report.failed_episodes.is_empty() => {
             staging.abandon();
             Ok(Err(o.report.failed_episodes.remove(0)))
@@ -671,7 +684,7 @@ pub(super) fn compile_one(
 }
 
 fn build(
-    episodes: &[&dyn EpisodeSource],
+    episodes: &[LazyEpisode<'_>],
     order: &[usize],
     splits: &[Split],
     cfg: &CompileConfig,
@@ -699,9 +712,9 @@ fn build(
     let mut report = CompileReport { removed_leftovers: removed_leftovers.to_vec(), ..Default::default() };
     let mut entries = Vec::new();
     for (&i, &split) in order.iter().zip(splits) {
-        let src = episodes[i];
+        let src = (episodes[i].open)();
         let meta = src.meta();
-        match b.episode(src, entries.len(), split) {
+        match b.episode(src.as_ref(), entries.len(), split) {
             Ok(rep) => {
                 entries.push(EpisodeEntry {
                     id: meta.id.clone(),

@@ -242,6 +242,58 @@ pub trait EpisodeSource {
     }
 }
 
+/// A borrowed episode reads as the episode itself.
+impl<T: EpisodeSource + ?Sized> EpisodeSource for &T {
+    fn meta(&self) -> &EpisodeMeta {
+        (**self).meta()
+    }
+    fn unreadable(&self) -> Option<String> {
+        (**self).unreadable()
+    }
+    fn damage(&self) -> Option<Damage> {
+        (**self).damage()
+    }
+    fn cameras(&self) -> Vec<String> {
+        (**self).cameras()
+    }
+    fn camera_stamps(&self, camera: &str) -> Result<Vec<Stamp>, SourceError> {
+        (**self).camera_stamps(camera)
+    }
+    fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError> {
+        (**self).camera_frame(camera, index)
+    }
+    fn signals(&self) -> Result<&Signals, SourceError> {
+        (**self).signals()
+    }
+    fn sensor(&self, name: &str) -> Result<SensorSeries, SourceError> {
+        (**self).sensor(name)
+    }
+    fn state(&self) -> Result<StateSeries, SourceError> {
+        (**self).state()
+    }
+    fn commands(&self) -> Result<Option<StateSeries>, SourceError> {
+        (**self).commands()
+    }
+}
+
+/// An episode known by its metadata and opened only while it is read: a compile holds one
+/// recording in memory at a time, however many it compiles.
+pub struct LazyEpisode<'a> {
+    /// Its metadata (the `meta()` of what `open` gives).
+    pub meta: EpisodeMeta,
+    /// Why it cannot be read, when that is known without opening it.
+    pub unreadable: Option<String>,
+    /// Opens it (again at each call).
+    pub open: Box<dyn Fn() -> Box<dyn EpisodeSource + 'a> + 'a>,
+}
+
+impl<'a> LazyEpisode<'a> {
+    /// An episode already open (held in memory).
+    pub fn borrowed(src: &'a dyn EpisodeSource) -> Self {
+        LazyEpisode { meta: src.meta().clone(), unreadable: src.unreadable(), open: Box::new(move || Box::new(src)) }
+    }
+}
+
 /// An episode held in memory (synthetic streams in tests, small recordings).
 #[derive(Debug, Clone, Default)]
 pub struct MemoryEpisode {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::episode::{Discard, EpisodeMeta, EpisodeSource, UnreadableEpisode};
+use super::episode::{Discard, EpisodeMeta, EpisodeSource, LazyEpisode, UnreadableEpisode};
 use super::mcap_episode::{
     list_episodes, read_episode_json, write_episode_json, McapEpisode, EPISODE_JSON, RECORDING_MARKER,
 };
@@ -210,9 +210,27 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Opens recorded episode folders for compiling (see [`open_one`]).
-pub fn open_recorded(dirs: &[PathBuf]) -> Vec<Box<dyn EpisodeSource>> {
-    dirs.iter().map(|d| open_one(d)).collect()
+/// Recorded episode folders for compiling, each opened by [`open_one`] only while it is read.
+/// Listing them reads their `episode.json` and recovers those left unfinished by a stopped
+/// recorder; one that cannot be listed is kept with the reason (compile lists it as left out).
+pub fn recorded(dirs: &[PathBuf]) -> Vec<LazyEpisode<'static>> {
+    dirs.iter()
+        .map(|d| match finish_unfinished(d).and_then(|()| read_episode_json(d).map_err(|e| e.to_string())) {
+            Ok(meta) => {
+                let dir = d.clone();
+                LazyEpisode { meta, unreadable: None, open: Box::new(move || open_one(&dir)) }
+            }
+            Err(error) => {
+                tracing::warn!("{}: unreadable, left out: {error}", d.display());
+                let ep = UnreadableEpisode::new(&folder_id(d), error.clone());
+                LazyEpisode {
+                    meta: ep.meta.clone(),
+                    unreadable: Some(error),
+                    open: Box::new(move || Box::new(ep.clone())),
+                }
+            }
+        })
+        .collect()
 }
 
 /// Opens a recorded episode folder for compiling. One that cannot be opened is kept as an

@@ -10,8 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vla_finetune::checkpoint::publish::{verify, Publisher};
-use vla_finetune::dataset::compile::{compile, CompileConfig, CompileReport};
-use vla_finetune::dataset::episode::EpisodeSource;
+use vla_finetune::dataset::compile::{compile_lazily, CompileConfig, CompileReport};
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::dataset::rng::SplitMix64;
 use vla_finetune::train::state::read_state_meta;
@@ -147,9 +146,8 @@ fn a_compile_killed_between_its_two_renames_gets_the_old_dataset_back() {
     let dir = tempfile::tempdir().unwrap();
     let rec = record(dir.path(), 2, 2.0);
     let eps = vla_finetune::cli::open_recorded_episodes(&rec).unwrap();
-    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
     let out = dir.path().join("ds");
-    let samples = compile(&refs, &compile_config(), &out, false).unwrap().report.samples as usize;
+    let samples = compile_lazily(&eps, &compile_config(), &out, false).unwrap().report.samples as usize;
     // The old dataset moved aside, the new one not yet moved in, by a process that is gone.
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();
@@ -158,7 +156,7 @@ fn a_compile_killed_between_its_two_renames_gets_the_old_dataset_back() {
     std::fs::rename(&out, &old).unwrap();
     std::fs::create_dir(dir.path().join(format!(".ds.staging-{dead}"))).unwrap();
     // A compile that may not overwrite: the old dataset is back, so it refuses to replace it.
-    let e = compile(&refs, &compile_config(), &out, false).unwrap_err().to_string();
+    let e = compile_lazily(&eps, &compile_config(), &out, false).unwrap_err().to_string();
     assert!(e.contains("already exists"), "{e}");
     assert_eq!(Dataset::open(&out).unwrap().len(), samples);
     assert_eq!(names(dir.path(), ".ds."), Vec::<String>::new());
@@ -169,9 +167,8 @@ fn train_heads_killed_at_random_points_keeps_latest_and_the_state_and_the_next_r
     let dir = tempfile::tempdir().unwrap();
     let rec = record(dir.path(), 3, 1.6);
     let eps = vla_finetune::cli::open_recorded_episodes(&rec).unwrap();
-    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
     let data = dir.path().join("data");
-    compile(&refs, &compile_config(), &data, false).unwrap();
+    compile_lazily(&eps, &compile_config(), &data, false).unwrap();
     let base = Path::new(ROOT).join("tests/fixtures/vlm/tiny_a");
     let ck = dir.path().join("ck");
     let work = dir.path().join("work");

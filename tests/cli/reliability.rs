@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use vla_finetune::dataset::compile::{compile, CompileConfig, CompileOutput, CompileReport};
+use vla_finetune::dataset::compile::{compile_lazily, CompileConfig, CompileOutput, CompileReport};
 use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource};
 use vla_finetune::dataset::mcap_episode::{
     mcap_file_name, scan_mcap, EpisodeWriter, McapEpisode, WriterOptions, RECORDING_MARKER,
@@ -94,8 +94,7 @@ const CHUNK: u8 = 0x06;
 
 fn compile_dir(root: &Path, out: &Path) -> CompileOutput {
     let eps = vla_finetune::cli::open_recorded_episodes(root).unwrap();
-    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
-    compile(&refs, &config(), out, true).unwrap()
+    compile_lazily(&eps, &config(), out, true).unwrap()
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
@@ -629,7 +628,8 @@ fn record_on_a_full_tmpfs_stops_cleanly() {
     let eps = vla_finetune::cli::open_recorded_episodes(&root).unwrap();
     assert_eq!(eps.len(), 1);
     // Readable, or (the disk being still full) unreadable for want of space to recover it.
-    assert!(eps[0].unreadable().is_none_or(|e| e.contains("recovering")), "{:?}", eps[0].unreadable());
+    let why = eps[0].unreadable.clone().or_else(|| (eps[0].open)().unreadable());
+    assert!(why.as_ref().is_none_or(|e| e.contains("recovering")), "{why:?}");
 }
 
 // ---------------------------------------------------------------- items 6, 7, 9, 15 (train)

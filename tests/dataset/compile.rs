@@ -4,12 +4,14 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vla_finetune::dataset::align::{wrap_deg, AlignConfig, Aligner};
 use vla_finetune::dataset::compile::{compile, split_episodes, CompileConfig, SplitConfig, StoreConfig};
 use vla_finetune::dataset::episode::{
-    EpisodeMeta, EpisodeSource, MemoryEpisode, RgbImage, SensorSeries, Signals, Stamp, StateSeries,
+    EpisodeMeta, EpisodeSource, LazyEpisode, MemoryEpisode, RgbImage, SensorSeries, Signals, SourceError, Stamp,
+    StateSeries,
 };
 use vla_finetune::dataset::incremental::{compile_incremental, FingerprintedEpisode};
 use vla_finetune::dataset::reader::{epoch_batches, BatchReader, Dataset, ReaderConfig};
@@ -487,8 +489,55 @@ fn quantiles_beyond_the_reservoir_are_close() {
     assert!((s.q01[0] - 0.01).abs() < 0.004 && (s.q99[0] - 0.99).abs() < 0.004, "{:?} {:?}", s.q01, s.q99);
 }
 
+/// Episodes opened now and most ever open at once, counted by [`Counted`].
+#[derive(Default)]
+struct OpenCount {
+    now: AtomicUsize,
+    most: AtomicUsize,
+    opens: AtomicUsize,
+}
+
+/// An episode that counts itself open from its creation to its drop.
+struct Counted {
+    ep: MemoryEpisode,
+    count: Arc<OpenCount>,
+}
+
+impl Counted {
+    fn open(ep: MemoryEpisode, count: Arc<OpenCount>) -> Box<dyn EpisodeSource> {
+        let now = count.now.fetch_add(1, Ordering::SeqCst) + 1;
+        count.most.fetch_max(now, Ordering::SeqCst);
+        count.opens.fetch_add(1, Ordering::SeqCst);
+        Box::new(Counted { ep, count })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.count.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl EpisodeSource for Counted {
+    fn meta(&self) -> &EpisodeMeta {
+        self.ep.meta()
+    }
+    fn cameras(&self) -> Vec<String> {
+        self.ep.cameras()
+    }
+    fn camera_stamps(&self, camera: &str) -> Result<Vec<Stamp>, SourceError> {
+        self.ep.camera_stamps(camera)
+    }
+    fn camera_frame(&self, camera: &str, index: usize) -> Result<RgbImage, SourceError> {
+        self.ep.camera_frame(camera, index)
+    }
+    fn signals(&self) -> Result<&Signals, SourceError> {
+        self.ep.signals()
+    }
+}
+
 #[test]
-fn cli_compile_with_an_episode_opener() {
+fn cli_compile_opens_one_episode_at_a_time() {
     use vla_finetune::cli::dataset::{run_compile, CompileArgs};
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("c.yaml");
@@ -502,19 +551,39 @@ fn cli_compile_with_an_episode_opener() {
         outcomes: vec!["any".into()],
         tasks: vec![],
     };
-    // Each path opens two episodes named after it.
-    let open = |p: &Path| -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> {
+    // Each path gives three episodes named after it, opened only when read.
+    let count = Arc::new(OpenCount::default());
+    let open = |p: &Path| -> anyhow::Result<Vec<LazyEpisode<'static>>> {
         let name = p.file_name().unwrap().to_string_lossy().to_string();
-        Ok((0..2).map(|i| Box::new(episode(&format!("{name}{i}"), i)) as Box<dyn EpisodeSource>).collect())
+        Ok((0..3)
+            .map(|i| {
+                let ep = episode(&format!("{name}{i}"), i);
+                let count = count.clone();
+                LazyEpisode {
+                    meta: ep.meta.clone(),
+                    unreadable: None,
+                    open: Box::new(move || Counted::open(ep.clone(), count.clone())),
+                }
+            })
+            .collect())
     };
     run_compile(&args, &open).unwrap();
+    assert_eq!(count.most.load(Ordering::SeqCst), 1, "episodes open at once");
+    assert_eq!(count.opens.load(Ordering::SeqCst), 12, "each episode opened twice: shapes, then samples");
+    assert_eq!(count.now.load(Ordering::SeqCst), 0);
+    // The same dataset as a compile of the six episodes held in memory.
+    let held: Vec<MemoryEpisode> =
+        ["a", "b"].iter().flat_map(|n| (0..3).map(move |i| episode(&format!("{n}{i}"), i))).collect();
+    let whole = compile_to(&held, &config(), &dir.path().join("whole"));
     let ds = Dataset::open(&dir.path().join("ds")).unwrap();
     let ids: Vec<_> = ds.index.episodes.iter().map(|e| e.id.as_str()).collect();
-    assert_eq!(ids, ["a0", "a1", "b0", "b1"]);
+    assert_eq!(ids, ["a0", "a1", "a2", "b0", "b1", "b2"]);
+    assert_eq!(ds.index.samples, whole.index.samples);
+    assert_eq!(Dataset::open(&dir.path().join("whole")).unwrap().stats, ds.stats);
     // A second run into the same folder is refused; an opener error names the path.
     assert!(run_compile(&args, &open).unwrap_err().to_string().contains("already exists"));
     let failing =
-        |p: &Path| -> anyhow::Result<Vec<Box<dyn EpisodeSource>>> { anyhow::bail!("cannot read {}", p.display()) };
+        |p: &Path| -> anyhow::Result<Vec<LazyEpisode<'static>>> { anyhow::bail!("cannot read {}", p.display()) };
     let args = CompileArgs { out: dir.path().join("ds2"), ..args };
     let err = format!("{:#}", run_compile(&args, &failing).unwrap_err());
     assert!(err.contains("opening episodes in") && err.contains("/a"), "{err}");

@@ -10,8 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use arrow_array::{Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, StructArray};
 use safetensors::SafeTensors;
-use vla_finetune::dataset::compile::{compile, CompileConfig};
-use vla_finetune::dataset::episode::EpisodeSource;
+use vla_finetune::dataset::compile::{compile_lazily, CompileConfig};
 use vla_finetune::dataset::lerobot::export::{export, ExportOptions, PictureMode, CHUNK_FEATURE};
 use vla_finetune::dataset::lerobot::format;
 use vla_finetune::dataset::lerobot::import::{import, ImportMapping, ImportOptions, DROP_HORIZON, DROP_WINDOW};
@@ -72,14 +71,13 @@ fn fixture() -> &'static Fixture {
             json: true,
         })
         .unwrap();
-        let eps: Vec<Box<dyn EpisodeSource>> = vla_finetune::cli::open_recorded_episodes(&rec).unwrap();
-        let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
+        let eps = vla_finetune::cli::open_recorded_episodes(&rec).unwrap();
         let mut cc = CompileConfig::default();
         cc.align.sensor_window_s = 0.05;
         cc.align.sensor_samples = 16;
         cc.split.val_fraction = 0.34;
         let dataset = dir.path().join("compiled");
-        compile(&refs, &cc, &dataset, false).unwrap();
+        compile_lazily(&eps, &cc, &dataset, false).unwrap();
         let exported = dir.path().join("lerobot");
         export(&dataset, &exported, &ExportOptions::default(), &mut |_, _| {}).unwrap();
         Fixture { _dir: dir, rec, dataset, exported }
@@ -366,8 +364,7 @@ fn recorded_episodes_export_at_the_chosen_fps() {
     let mut cc = CompileConfig::from_yaml_file(&cfg).unwrap();
     cc.align.control_hz = 20.0;
     let eps = vla_finetune::cli::open_recorded_episodes(&f.rec).unwrap();
-    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e.as_ref()).collect();
-    let compiled = compile(&refs, &cc, &dir.path().join("c20"), false).unwrap();
+    let compiled = compile_lazily(&eps, &cc, &dir.path().join("c20"), false).unwrap();
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format::INFO_PATH)).unwrap()).unwrap();
     assert_eq!((info["fps"].as_u64(), info["robot_type"].as_str()), (Some(20), Some("sim")));
     assert_eq!(info["total_frames"], compiled.index.samples.len());
