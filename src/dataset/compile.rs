@@ -124,7 +124,7 @@ pub enum CompileError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Nothing usable: no dataset is written and an existing one is kept.
-    #[error("{out}: no usable sample from {episodes} episode(s) ({failed} left out{first}); nothing written, an existing dataset there is kept")]
+    #[error("{out}: no usable sample from {episodes} episode(s) ({failed} left out{first}{dropped}); nothing written, an existing dataset there is kept")]
     NoSamples {
         /// The output folder.
         out: PathBuf,
@@ -134,6 +134,9 @@ pub enum CompileError {
         failed: usize,
         /// The first episode left out and why, as `; first: <id>: <error>`.
         first: String,
+        /// Why the others gave no sample: `; all N sample times dropped: <reason> xK, ...` (most
+        /// frequent first), or that they gave no sample time; empty when none was read.
+        dropped: String,
     },
 }
 
@@ -640,11 +643,24 @@ pub(super) fn finish(
             staging.abandon();
             let first =
                 o.report.failed_episodes.first().map(|f| format!("; first: {}: {}", f.id, f.error)).unwrap_or_default();
+            let mut drops: Vec<(&String, &u64)> = o.report.drops.iter().collect();
+            drops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let dropped = match o.report.candidates {
+                0 if o.report.episodes.is_empty() => String::new(),
+                0 => "; they gave no sample time: none is longer than align.sensor_window_s plus the action \
+                      horizon (align.horizon / align.control_hz), or a stream is empty"
+                    .into(),
+                n => format!(
+                    "; all {n} sample times dropped: {}",
+                    drops.iter().map(|(k, c)| format!("{k} x{c}")).collect::<Vec<_>>().join(", ")
+                ),
+            };
             Err(CompileError::NoSamples {
                 out: out.to_path_buf(),
                 episodes,
                 failed: o.report.failed_episodes.len(),
                 first,
+                dropped,
             })
         }
         Ok(o) => {

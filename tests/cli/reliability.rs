@@ -193,6 +193,7 @@ fn zero_samples_is_an_error_and_never_replaces_a_dataset() {
     let o = cli(&["dataset", "compile", "--episodes", s(&root), "--config", s(&cfg), "--out", s(&out), "--overwrite"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("no usable sample from 2 episode(s)"), "{err}");
+    assert!(err.contains("they gave no sample time: none is longer than align.sensor_window_s"), "{err}");
     assert_eq!(std::fs::read(out.join("index.json")).unwrap(), before, "the good dataset is untouched");
     let names: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();

@@ -415,6 +415,26 @@ fn bad_and_empty_episodes_are_reported_and_the_rest_compiled() {
     eps[1].cameras.pop();
     let res = compile_to(&eps, &config(), &dir.path().join("ds2"));
     assert!(res.report.failed_episodes[0].error.contains("cameras [\"cam0\"]"), "{:?}", res.report.failed_episodes);
+    // Every sample time dropped: the error counts the reasons.
+    let mut eps = episodes(2);
+    for e in &mut eps {
+        e.signals.sensors[0].1.values.fill(f32::NAN);
+    }
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in &eps {
+        let al = Aligner::new(e, &config().align).unwrap();
+        for t in al.sample_times() {
+            *reasons.entry(al.align(t).expect_err("dropped").key()).or_default() += 1;
+        }
+    }
+    let times: usize = reasons.values().sum();
+    assert!(reasons["sensor_non_finite"] > times / 2, "{reasons:?}");
+    let refs: Vec<&dyn EpisodeSource> = eps.iter().map(|e| e as &dyn EpisodeSource).collect();
+    let err = compile(&refs, &config(), &dir.path().join("nan"), false).unwrap_err().to_string();
+    assert!(err.contains(&format!("(0 left out; all {times} sample times dropped: sensor_non_finite x")), "{err}");
+    for (k, n) in &reasons {
+        assert!(err.contains(&format!("{k} x{n}")), "{k} x{n} in {err}");
+    }
 }
 
 trait TapClear {
