@@ -29,6 +29,10 @@ pub struct EpisodeTruth {
     pub target_mm: [f64; 3],
     /// Yaw the tool must reach, degrees.
     pub target_yaw_deg: f64,
+    /// Centres of the other disks, mm: the twin (the target's colour) first, then the distractor
+    /// (empty in logs written before it was recorded).
+    #[serde(default)]
+    pub others_mm: Vec<[f64; 3]>,
 }
 
 impl EpisodeTruth {
@@ -42,6 +46,7 @@ impl EpisodeTruth {
             instruction: scene.instruction(),
             target_mm: scene.target_mm,
             target_yaw_deg: scene.target_yaw_deg,
+            others_mm: scene.others.iter().map(|d| d.mm).collect(),
         }
     }
 }
@@ -149,6 +154,8 @@ mod tests {
         let t = read(&path).unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t[1].target_mm, sim.scene(1).target_mm);
+        let others: Vec<[f64; 3]> = sim.scene(1).others.iter().map(|d| d.mm).collect();
+        assert_eq!((t[1].others_mm.len(), &t[1].others_mm), (2, &others));
         assert_eq!(at(&t, 150).map(|t| t.index), Some(1));
         assert_eq!(at(&t, 99).map(|t| t.index), Some(0));
         assert!(at(&t, 200).is_none());
