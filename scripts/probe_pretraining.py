@@ -88,5 +88,5 @@ if os.environ.get("SAVE"):  # the trained model as a base-model folder (a candid
     import shutil
     model.save_pretrained(os.environ["SAVE"])
     for f in os.listdir(M):
-        if not os.path.exists(os.path.join(os.environ["SAVE"], f)): shutil.copy(os.path.join(M, f), os.environ["SAVE"])
+        if not f.startswith(".") and not os.path.exists(os.path.join(os.environ["SAVE"], f)): shutil.copy(os.path.join(M, f), os.environ["SAVE"])
     print("saved", os.environ["SAVE"], flush=True)
