@@ -276,6 +276,9 @@ impl<T: EpisodeSource + ?Sized> EpisodeSource for &T {
     }
 }
 
+/// Opens an episode (again at each call), so that it is held in memory only while it is read.
+pub type OpenEpisode<'a> = Box<dyn Fn() -> Box<dyn EpisodeSource + 'a> + 'a>;
+
 /// An episode known by its metadata and opened only while it is read: a compile holds one
 /// recording in memory at a time, however many it compiles.
 pub struct LazyEpisode<'a> {
@@ -283,8 +286,8 @@ pub struct LazyEpisode<'a> {
     pub meta: EpisodeMeta,
     /// Why it cannot be read, when that is known without opening it.
     pub unreadable: Option<String>,
-    /// Opens it (again at each call).
-    pub open: Box<dyn Fn() -> Box<dyn EpisodeSource + 'a> + 'a>,
+    /// Opens it.
+    pub open: OpenEpisode<'a>,
 }
 
 impl<'a> LazyEpisode<'a> {

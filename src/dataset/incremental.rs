@@ -22,7 +22,7 @@ use super::compile::{
     add_totals, check_unique, compile_one, dataset_index, finish, split_episodes, write_outputs, CompileConfig,
     CompileError, CompileOutput, CompileReport, FailedEpisode, Shapes,
 };
-use super::episode::EpisodeSource;
+use super::episode::OpenEpisode;
 use super::stats::DatasetStats;
 use super::store::{
     CameraInfo, DatasetIndex, EpisodeEntry, SampleEntry, ShardInfo, ShardReader, Split, Staging, StoreError,
@@ -40,7 +40,7 @@ pub struct FingerprintedEpisode<'a> {
     /// Its fingerprint.
     pub fingerprint: String,
     /// Opens it.
-    pub open: Box<dyn Fn() -> Box<dyn EpisodeSource + 'a> + 'a>,
+    pub open: OpenEpisode<'a>,
 }
 
 /// What an incremental compile wrote, and how much of it was new.
