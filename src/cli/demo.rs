@@ -68,6 +68,10 @@ pub struct DemoArgs {
     /// Which tokens the VL feature averages: all, image, text or last.
     #[arg(long, default_value = "all", value_parser = super::parse_pooling)]
     pub vl_pooling: Pooling,
+    /// Base VL model (Hugging Face Qwen2.5-VL folder; copied into the output). Default: the
+    /// embedded one.
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
     /// Control rate of the policy process, Hz.
     #[arg(long, default_value_t = 10.0)]
     pub policy_rate_hz: f64,
@@ -111,7 +115,13 @@ pub fn run(mut a: DemoArgs) -> Result<()> {
     let out = std::fs::canonicalize(&a.out)?;
     let checkpoints = out.join("checkpoints");
 
-    let data = DataPlan { seed: a.seed, sim: a.data, stage1_epochs: a.epochs as u64, vl_pooling: a.vl_pooling };
+    let data = DataPlan {
+        seed: a.seed,
+        sim: a.data,
+        stage1_epochs: a.epochs as u64,
+        vl_pooling: a.vl_pooling,
+        base_model: a.base_model.clone(),
+    };
     let p = prepare(&out, &data, &checkpoints)?;
 
     eprintln!("[5/6] policy process: hot-swapping checkpoints from {}", checkpoints.display());
@@ -271,6 +281,8 @@ pub(super) struct DataPlan {
     pub stage1_epochs: u64,
     /// The VL feature pooling of stage 1 (Stage 2 follows the checkpoint).
     pub vl_pooling: Pooling,
+    /// The base VL model to copy in (None: the embedded one).
+    pub base_model: Option<PathBuf>,
 }
 
 /// A recorded and compiled dataset with its stage-1 checkpoint and oracle floor.
@@ -289,6 +301,10 @@ pub(super) struct Prepared {
 /// `checkpoints`) and the oracle floor on the same samples.
 pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Prepared> {
     let (data_root, dataset_dir, base_dir) = (out.join("recordings"), out.join("dataset"), out.join("base_model"));
+    let source = d.base_model.clone().unwrap_or_else(embedded_base_model);
+    if !source.join("config.json").is_file() {
+        bail!("--base-model {}: no config.json (expected a Hugging Face Qwen2.5-VL folder)", source.display());
+    }
     let val_seed = d.seed + VAL_SEED_OFFSET;
     eprintln!(
         "[1/6] recording {} training episodes (simulator seed {}) and {} validation episodes (seed {val_seed})",
@@ -307,8 +323,8 @@ pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Pr
     cc.split.seed = d.seed;
     let compiled = compile_lazily(&episodes, &cc, &dataset_dir, true)?;
 
-    eprintln!("[3/6] stage 1: policy heads on frozen VL features of the embedded tiny Qwen2.5-VL");
-    copy_dir(&embedded_base_model(), &base_dir)?;
+    eprintln!("[3/6] stage 1: policy heads on frozen VL features of {}", source.display());
+    copy_dir(&source, &base_dir)?;
     let job = HeadsJob {
         dataset: dataset_dir.clone(),
         base_model: base_dir.clone(),

@@ -55,6 +55,9 @@ pub struct CacheModesArgs {
     /// Which tokens the VL feature averages: all, image, text or last.
     #[arg(long, default_value = "all", value_parser = super::parse_pooling)]
     pub vl_pooling: Pooling,
+    /// Base VL model (Hugging Face Qwen2.5-VL folder). Default: the embedded one.
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
     /// Drift (rel_l2_mean) at which the adaptive mode refreshes early.
     #[arg(long, default_value_t = 0.05)]
     pub drift_threshold: f64,
@@ -152,7 +155,13 @@ fn cache_modes(a: CacheModesArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &seed in &a.seeds {
         let dir = out.join(format!("seed{seed}"));
-        let data = DataPlan { seed, sim: a.data, stage1_epochs: a.stage1_epochs, vl_pooling: a.vl_pooling };
+        let data = DataPlan {
+            seed,
+            sim: a.data,
+            stage1_epochs: a.stage1_epochs,
+            vl_pooling: a.vl_pooling,
+            base_model: a.base_model.clone(),
+        };
         let p = prepare(&dir, &data, &dir.join("checkpoints"))?;
         let oracle = p.oracle.val_action_error_after.context("the oracle validated no epoch")?;
         for m in &modes {

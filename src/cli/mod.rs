@@ -35,7 +35,7 @@ pub enum Command {
     Dataset(dataset::DatasetArgs),
     /// Record episodes (from the simulated robot with --sim).
     Record(record::RecordArgs),
-    /// Import a rosbag2 bag (MCAP storage) as an episode.
+    /// Import a rosbag2 bag (MCAP or sqlite3 storage) as an episode.
     ImportBag(import_bag::ImportBagArgs),
     /// Import a local LeRobot v3.0 dataset as a compiled training dataset.
     ImportLerobot(lerobot::ImportLeRobotArgs),

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use super::cdr::MsgType;
 use super::episode::EpisodeMeta;
-use super::mcap_episode::{scan_mcap, EpisodeError, EpisodeWriter, WriterOptions, ROSBAG2_METADATA};
+use super::mcap_episode::{scan_mcap_file, EpisodeError, EpisodeWriter, WriterOptions, ROSBAG2_METADATA};
 use super::streams::StreamConfig;
 
 /// Errors importing a bag.
@@ -121,7 +121,10 @@ struct BagInfo {
     relative_file_paths: Vec<String>,
 }
 
-/// Imports the bag folder `bag` into the dataset at `root` as one episode.
+/// Imports the bag folder `bag` into the dataset at `root` as one episode. The bag is read
+/// twice, a record at a time: first to check it (storage, types, encodings, damage, every mapped
+/// topic present) before the episode folder is created, then to copy its messages, so memory does
+/// not grow with the bag.
 pub fn import_bag(
     bag: &Path,
     streams: &StreamConfig,
@@ -131,15 +134,24 @@ pub fn import_bag(
     let mut checked = streams.clone();
     checked.validate("import stream mapping")?;
     let info = read_bag_info(bag)?;
-    // Everything is checked and read before the episode folder is created.
-    let mut read =
-        BagMessages { streams: &checked, msgs: Vec::new(), skipped: BTreeMap::new(), unmapped: BTreeMap::new() };
-    for rel in &info.relative_file_paths {
-        let name = Path::new(rel).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(rel));
-        read.file(&bag.join(name), &info.storage_identifier)?;
+    let files: Vec<PathBuf> = info
+        .relative_file_paths
+        .iter()
+        .map(|rel| bag.join(Path::new(rel).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(rel))))
+        .collect();
+    let mut survey = Survey {
+        streams: &checked,
+        mismatch: None,
+        mapped: BTreeMap::new(),
+        skipped: BTreeMap::new(),
+        unmapped: BTreeMap::new(),
+        span: None,
+    };
+    for f in &files {
+        read_file(f, &info.storage_identifier, &mut |m| survey.message(f, m))?;
     }
-    read.check_topics(bag)?;
-    read.write(bag, root, opts)
+    survey.check_topics(bag)?;
+    survey.copy(bag, &files, &info.storage_identifier, root, opts)
 }
 
 /// The bag's `metadata.yaml`: a supported storage and at least one file.
@@ -158,87 +170,112 @@ fn read_bag_info(bag: &Path) -> Result<BagInfo, ImportError> {
     Ok(info)
 }
 
-/// The messages of a bag read so far, sorted by the stream mapping.
-struct BagMessages<'s> {
+/// One message of a bag file.
+struct BagMessage<'m> {
+    topic: &'m str,
+    type_name: &'m str,
+    encoding: &'m str,
+    /// Log (receive) time, ns.
+    log_time: i64,
+    /// CDR bytes.
+    data: &'m [u8],
+}
+
+/// What a bag's messages are to the stream mapping.
+enum Mapped {
+    /// A mapped message of this type with this time: its header stamp, else its log time.
+    Message(MsgType, i64),
+    /// A mapped message whose header does not decode (left out, counted).
+    Skipped,
+    /// A topic not in the mapping (left out, counted).
+    Unmapped,
+}
+
+/// Maps message `m` of bag file `path`; `Err` when its topic is mapped to another type or it is
+/// not CDR.
+fn map_message(streams: &StreamConfig, path: &Path, m: &BagMessage<'_>) -> Result<Mapped, ImportError> {
+    let Some((_, spec)) = streams.find_topic(m.topic) else { return Ok(Mapped::Unmapped) };
+    let t = spec.kind();
+    if MsgType::parse(m.type_name).ok() != Some(t) || m.encoding != "cdr" {
+        let found =
+            if m.encoding != "cdr" { format!("{} ({} encoding)", m.type_name, m.encoding) } else { m.type_name.into() };
+        let (path, topic, expected) = (path.to_path_buf(), m.topic.into(), t.name().into());
+        return Err(ImportError::TypeMismatch { path, topic, found, expected });
+    }
+    Ok(match t.header_stamp(m.data) {
+        Ok(s) => Mapped::Message(t, s.unwrap_or(m.log_time)),
+        Err(e) => {
+            tracing::warn!("{}: topic `{}`: message skipped: {e}", path.display(), m.topic);
+            Mapped::Skipped
+        }
+    })
+}
+
+/// The first reading of a bag: counts and times, no message kept.
+struct Survey<'s> {
     streams: &'s StreamConfig,
-    /// Mapped messages: topic, type, CDR, header stamp (the log time when it has none), log time.
-    msgs: Vec<(String, MsgType, Vec<u8>, i64, i64)>,
+    /// The first mapped topic of another type or encoding.
+    mismatch: Option<ImportError>,
+    /// Mapped messages that will be imported, per topic.
+    mapped: BTreeMap<String, u64>,
     /// Mapped messages whose header does not decode, per topic.
     skipped: BTreeMap<String, u64>,
     /// Messages of topics not in the mapping, per topic.
     unmapped: BTreeMap<String, u64>,
+    /// First and last log time of the mapped messages.
+    span: Option<(i64, i64)>,
 }
 
-impl BagMessages<'_> {
-    /// Reads the bag file `path` (`storage`: mcap or sqlite3); the first mapped topic of another
-    /// type or encoding fails it.
-    fn file(&mut self, path: &Path, storage: &str) -> Result<(), ImportError> {
-        let mut mismatch: Option<ImportError> = None;
-        let mut visit = |topic: &str, type_name: &str, encoding: &str, log_time: i64, data: &[u8]| {
-            if let Err(e) = self.message(path, topic, type_name, encoding, log_time, data) {
-                mismatch.get_or_insert(e);
-            }
-        };
-        match storage {
-            "mcap" => read_mcap(path, &mut visit)?,
-            _ => read_sqlite(path, &mut visit)?,
+impl Survey<'_> {
+    fn message(&mut self, path: &Path, m: BagMessage<'_>) {
+        if self.mismatch.is_some() {
+            return;
         }
-        mismatch.map_or(Ok(()), Err)
+        let count = |map: &mut BTreeMap<String, u64>| *map.entry(m.topic.to_string()).or_default() += 1;
+        match map_message(self.streams, path, &m) {
+            Ok(Mapped::Message(..)) => {
+                count(&mut self.mapped);
+                let (lo, hi) = self.span.unwrap_or((m.log_time, m.log_time));
+                self.span = Some((lo.min(m.log_time), hi.max(m.log_time)));
+            }
+            Ok(Mapped::Skipped) => count(&mut self.skipped),
+            Ok(Mapped::Unmapped) => count(&mut self.unmapped),
+            Err(e) => self.mismatch = Some(e),
+        }
     }
 
-    /// Takes in one message of `path`; `Err` when its topic is mapped to another type or it is
-    /// not CDR.
-    fn message(
-        &mut self,
-        path: &Path,
-        topic: &str,
-        type_name: &str,
-        encoding: &str,
-        log_time: i64,
-        data: &[u8],
-    ) -> Result<(), ImportError> {
-        let Some((_, spec)) = self.streams.find_topic(topic) else {
-            *self.unmapped.entry(topic.to_string()).or_default() += 1;
-            return Ok(());
-        };
-        let t = spec.kind();
-        if MsgType::parse(type_name).ok() != Some(t) || encoding != "cdr" {
-            let found =
-                if encoding != "cdr" { format!("{type_name} ({encoding} encoding)") } else { type_name.to_string() };
-            let (path, topic, expected) = (path.to_path_buf(), topic.into(), t.name().into());
-            return Err(ImportError::TypeMismatch { path, topic, found, expected });
+    /// The first mismatch, else: every mapped topic must have messages in the bag (read or
+    /// skipped).
+    fn check_topics(&mut self, bag: &Path) -> Result<(), ImportError> {
+        if let Some(e) = self.mismatch.take() {
+            return Err(e);
         }
-        match t.header_stamp(data) {
-            Ok(s) => self.msgs.push((topic.to_string(), t, data.to_vec(), s.unwrap_or(log_time), log_time)),
-            Err(e) => {
-                tracing::warn!("{}: topic `{topic}`: message skipped: {e}", path.display());
-                *self.skipped.entry(topic.to_string()).or_default() += 1;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every mapped topic must have messages in the bag (read or skipped).
-    fn check_topics(&self, bag: &Path) -> Result<(), ImportError> {
         for (_, spec) in self.streams.all() {
-            if !self.msgs.iter().any(|m| m.0 == spec.topic) && !self.skipped.contains_key(&spec.topic) {
+            if !self.mapped.contains_key(&spec.topic) && !self.skipped.contains_key(&spec.topic) {
                 return Err(ImportError::MissingTopic { path: bag.to_path_buf(), topic: spec.topic.clone() });
             }
         }
         Ok(())
     }
 
-    /// Writes the messages as a new episode of the dataset at `root` (id: `opts.id`, else the
-    /// bag folder's name).
-    fn write(self, bag: &Path, root: &Path, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+    /// Reads the bag's `files` again and writes their mapped messages as a new episode of the
+    /// dataset at `root` (id: `opts.id`, else the bag folder's name). If this reading fails (the
+    /// bag changed since the first), the new episode folder is removed.
+    fn copy(
+        self,
+        bag: &Path,
+        files: &[PathBuf],
+        storage: &str,
+        root: &Path,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport, ImportError> {
         let id = opts.id.clone().unwrap_or_else(|| {
             bag.canonicalize()
                 .ok()
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
                 .unwrap_or_else(|| "imported".into())
         });
-        let start = self.msgs.iter().map(|m| m.4).min().unwrap_or(0);
-        let stop = self.msgs.iter().map(|m| m.4).max().unwrap_or(0);
+        let (start, stop) = self.span.unwrap_or((0, 0));
         let meta = EpisodeMeta {
             id,
             instruction: opts.instruction.clone(),
@@ -251,31 +288,70 @@ impl BagMessages<'_> {
         let removed_leftover = super::recovery::remove_empty_leftover(&leftover)
             .map_err(|source| ImportError::Io { path: leftover.clone(), source })?;
         let mut w = EpisodeWriter::create(root, meta, self.streams, opts.writer.clone())?;
-        let mut imported: BTreeMap<String, u64> = BTreeMap::new();
-        for (topic, t, data, stamp, recv) in &self.msgs {
-            w.write(topic, t.name(), data, *stamp, *recv)?;
-            *imported.entry(topic.clone()).or_default() += 1;
-        }
         let dir = w.dir().to_path_buf();
+        let mut imported: BTreeMap<String, u64> = BTreeMap::new();
+        let mut copied = || -> Result<(), ImportError> {
+            for f in files {
+                let mut failed = None;
+                read_file(f, storage, &mut |m| {
+                    if failed.is_some() {
+                        return;
+                    }
+                    let written = match map_message(self.streams, f, &m) {
+                        Ok(Mapped::Message(t, stamp)) => {
+                            *imported.entry(m.topic.to_string()).or_default() += 1;
+                            w.write(m.topic, t.name(), m.data, stamp, m.log_time).map_err(ImportError::from)
+                        }
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    failed = written.err();
+                })?;
+                failed.map_or(Ok(()), Err)?;
+            }
+            if imported != self.mapped {
+                return Err(ImportError::Damaged {
+                    path: bag.to_path_buf(),
+                    message: format!("changed while it was imported: {:?} messages, then {imported:?}", self.mapped),
+                });
+            }
+            Ok(())
+        };
+        if let Err(e) = copied() {
+            drop(w);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         let meta = w.finish(&opts.outcome, stop, BTreeMap::new())?;
         let (skipped, unmapped) = (self.skipped, self.unmapped);
         Ok(ImportReport { meta, dir, imported, skipped, unmapped, removed_leftover })
     }
 }
 
-/// A visitor of a bag's messages: (topic, type, encoding, log time, CDR).
-type MessageVisitor<'v> = dyn FnMut(&str, &str, &str, i64, &[u8]) + 'v;
+/// Visits every message of bag file `path` (`storage`: mcap or sqlite3).
+fn read_file(path: &Path, storage: &str, visit: &mut MessageVisitor) -> Result<(), ImportError> {
+    match storage {
+        "mcap" => read_mcap(path, visit),
+        _ => read_sqlite(path, visit),
+    }
+}
 
-/// Visits every message of an MCAP bag file: (topic, type, encoding, log time, CDR).
+/// A visitor of a bag's messages.
+type MessageVisitor<'v> = dyn FnMut(BagMessage<'_>) + 'v;
+
+/// Visits every message of an MCAP bag file, a chunk at a time.
 fn read_mcap(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportError> {
     // Read, not mapped: a bag shrinking under a map would raise SIGBUS.
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+    let io = |source| ImportError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut channels = HashMap::new();
-    let end = scan_mcap(&bytes, &mut channels, |chs, m| {
+    let end = scan_mcap_file(&file, &mut channels, |chs, m| {
         if let Some(ch) = chs.get(&m.channel) {
-            visit(&ch.topic, &ch.type_name, &ch.encoding, m.log_time as i64, &m.data);
+            let (topic, type_name, encoding) = (&ch.topic, &ch.type_name, &ch.encoding);
+            visit(BagMessage { topic, type_name, encoding, log_time: m.log_time as i64, data: &m.data });
         }
-    });
+    })
+    .map_err(io)?;
     if !end.complete || !end.lost.is_empty() {
         let why = end.lost.into_iter().chain(end.stopped).collect::<Vec<_>>().join("; ");
         return Err(ImportError::Damaged {
@@ -316,7 +392,7 @@ fn read_sqlite(path: &Path, visit: &mut MessageVisitor) -> Result<(), ImportErro
             path: path.to_path_buf(),
             message: format!("message refers to unknown topic id {topic_id}"),
         })?;
-        visit(name, type_name, encoding, log, data);
+        visit(BagMessage { topic: name, type_name, encoding, log_time: log, data });
     }
     Ok(())
 }

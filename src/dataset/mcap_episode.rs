@@ -17,7 +17,7 @@ mod writer;
 pub use camera::decode_image;
 pub use reader::{quaternion_to_rpy_deg, McapEpisode, POSE_STATE_NAMES, POSE_STATE_UNITS};
 pub use rosbag2::write_rosbag2_metadata;
-pub use scan::{scan_mcap, ScanEnd, ScannedChannel, ScannedMessage};
+pub use scan::{scan_mcap, scan_mcap_file, ScanEnd, ScannedChannel, ScannedMessage};
 pub(crate) use writer::new_mcap_writer;
 pub use writer::{Compression, EpisodeWriter, TopicCount, WriterOptions};
 

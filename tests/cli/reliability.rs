@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use vla_finetune::dataset::compile::{compile_lazily, CompileConfig, CompileOutput, CompileReport};
 use vla_finetune::dataset::episode::{EpisodeMeta, EpisodeSource};
 use vla_finetune::dataset::mcap_episode::{
-    mcap_file_name, scan_mcap, EpisodeWriter, McapEpisode, WriterOptions, RECORDING_MARKER,
+    mcap_file_name, scan_mcap, scan_mcap_file, EpisodeWriter, McapEpisode, ScannedChannel, ScannedMessage,
+    WriterOptions, RECORDING_MARKER,
 };
 use vla_finetune::dataset::reader::Dataset;
 use vla_finetune::sim::SimConfig;
@@ -973,6 +974,34 @@ mod props {
             // A recovered file is complete, whatever it was.
             assert!(e.as_ref().map_or(r.messages == 0, |e| e.complete()), "{:?}", e.err());
             r.stopped.is_none()
+        });
+    }
+
+    /// The file scan (`import-bag`: a record at a time) finds what the in-memory scan finds, on
+    /// every mutation: the same channels, messages (chunk, position, times, bytes) and end.
+    #[test]
+    fn mcap_file_scan_equals_the_in_memory_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let ep = write_episode(dir.path(), "ep", 6, 1.0, true);
+        let base = std::fs::read(mcap_of(&ep)).unwrap();
+        let path = dir.path().join("mutated.mcap");
+        /// Channel, log and publish time, bytes, chunk, position in the chunk.
+        type Message = (u16, u64, u64, Vec<u8>, Option<usize>, usize);
+        type Seen = (HashMap<u16, ScannedChannel>, Vec<Message>);
+        fn collect(out: &mut Vec<Message>, m: ScannedMessage<'_>) {
+            out.push((m.channel, m.log_time, m.publish_time, m.data.into_owned(), m.chunk, m.ordinal));
+        }
+        fuzz("mcap_file_scan", base, 300, move |b| {
+            let mut memory: Seen = Default::default();
+            let end = scan_mcap(b, &mut memory.0, |_, m| collect(&mut memory.1, m));
+            std::fs::write(&path, b).unwrap();
+            let mut file: Seen = Default::default();
+            let file_end =
+                scan_mcap_file(&std::fs::File::open(&path).unwrap(), &mut file.0, |_, m| collect(&mut file.1, m))
+                    .unwrap();
+            assert_eq!(file_end, end);
+            assert!(file == memory, "{} messages from the file, {} in memory", file.1.len(), memory.1.len());
+            end.complete && end.lost.is_empty()
         });
     }
 

@@ -1,5 +1,6 @@
 //! A damage-tolerant scan of an MCAP file: every message of every readable chunk, in file order.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::*;
@@ -15,7 +16,7 @@ pub struct ScannedMessage<'a> {
     /// Publish time, ns.
     pub publish_time: u64,
     /// CDR bytes.
-    pub data: std::borrow::Cow<'a, [u8]>,
+    pub data: Cow<'a, [u8]>,
     /// Index of the chunk holding it, `None` for a message outside chunks.
     pub chunk: Option<usize>,
     /// Position among the messages of its chunk.
@@ -23,7 +24,7 @@ pub struct ScannedMessage<'a> {
 }
 
 impl<'a> ScannedMessage<'a> {
-    fn new(header: &MessageHeader, data: std::borrow::Cow<'a, [u8]>, chunk: Option<usize>, ordinal: usize) -> Self {
+    fn new(header: &MessageHeader, data: Cow<'a, [u8]>, chunk: Option<usize>, ordinal: usize) -> Self {
         Self {
             channel: header.channel_id,
             log_time: header.log_time,
@@ -74,28 +75,82 @@ pub struct ScanEnd {
 pub fn scan_mcap<'a>(
     buf: &'a [u8],
     channels: &mut HashMap<u16, ScannedChannel>,
+    on_message: impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'a>),
+) -> ScanEnd {
+    scan(&buf, channels, on_message)
+}
+
+/// [`scan_mcap`] on a file read one record at a time (a chunk at most in memory), for files
+/// too large to hold: a read error ends the scan like a truncation, in [`ScanEnd::stopped`].
+pub fn scan_mcap_file(
+    file: &std::fs::File,
+    channels: &mut HashMap<u16, ScannedChannel>,
+    on_message: impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'static>),
+) -> std::io::Result<ScanEnd> {
+    let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    Ok(scan(&FileBytes { file, len }, channels, on_message))
+}
+
+/// The bytes a scan reads: a slice (messages outside chunks borrow it) or a file.
+trait Source<'a> {
+    fn len(&self) -> usize;
+    /// `n` bytes at `pos`, which the caller has checked lie within `len()`.
+    fn read(&self, pos: usize, n: usize) -> Result<Cow<'a, [u8]>, String>;
+}
+
+impl<'a> Source<'a> for &'a [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn read(&self, pos: usize, n: usize) -> Result<Cow<'a, [u8]>, String> {
+        Ok(Cow::Borrowed(&self[pos..pos + n]))
+    }
+}
+
+/// A file read with positioned reads.
+struct FileBytes<'f> {
+    file: &'f std::fs::File,
+    len: usize,
+}
+
+impl Source<'static> for FileBytes<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn read(&self, pos: usize, n: usize) -> Result<Cow<'static, [u8]>, String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; n];
+        self.file.read_exact_at(&mut buf, pos as u64).map_err(|e| format!("reading {n} bytes at byte {pos}: {e}"))?;
+        Ok(Cow::Owned(buf))
+    }
+}
+
+fn scan<'a>(
+    src: &impl Source<'a>,
+    channels: &mut HashMap<u16, ScannedChannel>,
     mut on_message: impl FnMut(&HashMap<u16, ScannedChannel>, ScannedMessage<'a>),
 ) -> ScanEnd {
     let mut end = ScanEnd::default();
-    if buf.len() < 8 || &buf[..8] != MCAP_MAGIC {
+    if src.len() < 8 || src.read(0, 8).map_or(true, |m| *m != *MCAP_MAGIC) {
         end.stopped = Some("not an MCAP file (bad magic)".into());
         return end;
     }
     let mut declared = Declared { schemas: HashMap::new(), channels };
-    top_level_channels(buf, &mut declared);
+    top_level_channels(src, &mut declared);
     let mut pos = 8usize;
     let mut loose = 0usize;
     loop {
         end.end_offset = pos;
-        let (op, body) = match record_at(buf, pos) {
+        let (op, body) = match record_at(src, pos) {
             Ok(r) => r,
             Err(why) => {
                 end.stopped = Some(why);
                 return end;
             }
         };
-        match mcap::read::parse_record(op, body) {
-            Err(e) => end.skip(format!("record at byte {pos} (op 0x{op:02x}) does not parse: {e}"), body.len()),
+        let body_len = body.len();
+        match parse(op, body) {
+            Err(e) => end.skip(format!("record at byte {pos} (op 0x{op:02x}) does not parse: {e}"), body_len),
             // Decode the whole chunk first so a damaged chunk contributes nothing.
             Ok(Record::Chunk { header, data }) => match decode_chunk(&header, &data) {
                 Ok(records) => {
@@ -103,7 +158,7 @@ pub fn scan_mcap<'a>(
                     end.chunks += 1;
                     end.chunk_offsets.push(pos);
                 }
-                Err(e) => end.skip(format!("chunk at byte {pos} is damaged: {e}"), body.len()),
+                Err(e) => end.skip(format!("chunk at byte {pos} is damaged: {e}"), body_len),
             },
             Ok(Record::Message { header, data }) => {
                 on_message(declared.channels, ScannedMessage::new(&header, data, None, loose));
@@ -115,7 +170,16 @@ pub fn scan_mcap<'a>(
             }
             Ok(other) => declared.declare(other),
         }
-        pos += 9 + body.len();
+        pos += 9 + body_len;
+    }
+}
+
+/// Parses a record body; one read from a slice keeps borrowing it, one read from a file owns its
+/// bytes.
+fn parse<'a>(op: u8, body: Cow<'a, [u8]>) -> mcap::McapResult<Record<'a>> {
+    match body {
+        Cow::Borrowed(b) => mcap::read::parse_record(op, b),
+        Cow::Owned(v) => mcap::read::parse_record(op, &v).map(Record::into_owned),
     }
 }
 
@@ -127,23 +191,28 @@ impl ScanEnd {
     }
 }
 
-/// The record at byte `pos` of `buf`: its opcode and body, or why the data section stops there.
-fn record_at(buf: &[u8], pos: usize) -> Result<(u8, &[u8]), String> {
-    if pos == buf.len() {
-        return Err(format!("file ends at byte {pos} without a data-end record"));
-    }
-    if buf.len() - pos < 9 {
-        return Err(format!("truncated record header at byte {pos}"));
-    }
-    let op = buf[pos];
-    let len = u64::from_le_bytes(buf[pos + 1..pos + 9].try_into().expect("8 bytes"));
-    if len > (buf.len() - pos - 9) as u64 {
+/// The record at byte `pos` of `src`: its opcode and body, or why the data section stops there.
+fn record_at<'a>(src: &impl Source<'a>, pos: usize) -> Result<(u8, Cow<'a, [u8]>), String> {
+    let (op, len) = header_at(src, pos)?;
+    if len > (src.len() - pos - 9) as u64 {
         return Err(format!(
             "record at byte {pos} (op 0x{op:02x}) is truncated: {len} bytes announced, {} present",
-            buf.len() - pos - 9
+            src.len() - pos - 9
         ));
     }
-    Ok((op, &buf[pos + 9..pos + 9 + len as usize]))
+    Ok((op, src.read(pos + 9, len as usize)?))
+}
+
+/// The opcode and announced length of the record at byte `pos` of `src`.
+fn header_at<'a>(src: &impl Source<'a>, pos: usize) -> Result<(u8, u64), String> {
+    if pos == src.len() {
+        return Err(format!("file ends at byte {pos} without a data-end record"));
+    }
+    if src.len() - pos < 9 {
+        return Err(format!("truncated record header at byte {pos}"));
+    }
+    let h = src.read(pos, 9)?;
+    Ok((h[0], u64::from_le_bytes(h[1..9].try_into().expect("8 bytes"))))
 }
 
 /// The schema names and channels declared so far in a scan.
@@ -247,18 +316,16 @@ pub(super) fn decode_chunk(header: &mcap::records::ChunkHeader, data: &[u8]) -> 
 /// Reads the schema and channel records outside chunks (a finished file repeats them in its
 /// summary), so the messages of later chunks stay readable when the chunk that first declared
 /// their channel is damaged. Walks the record framing only; stops where it breaks.
-fn top_level_channels(buf: &[u8], declared: &mut Declared<'_>) {
+fn top_level_channels<'a>(src: &impl Source<'a>, declared: &mut Declared<'_>) {
     let mut pos = 8usize;
     let mut found = Vec::new();
-    while buf.len().saturating_sub(pos) >= 9 {
-        let len = u64::from_le_bytes(buf[pos + 1..pos + 9].try_into().expect("8 bytes"));
-        if len > (buf.len() - pos - 9) as u64 {
+    while let Ok((op, len)) = header_at(src, pos) {
+        if len > (src.len() - pos - 9) as u64 {
             break;
         }
-        let (op, body) = (buf[pos], &buf[pos + 9..pos + 9 + len as usize]);
         if op == 0x03 || op == 0x04 {
-            if let Ok(r) = mcap::read::parse_record(op, body) {
-                found.push(r);
+            if let Ok(r) = src.read(pos + 9, len as usize).map(|body| parse(op, body)) {
+                found.extend(r.ok().map(Record::into_owned));
             }
         }
         pos += 9 + len as usize;
