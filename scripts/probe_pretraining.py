@@ -9,7 +9,9 @@ scenes from another simulator seed, and on 20 training batches, every 5 epochs. 
 afresh each epoch. With CURRICULUM=K in the environment the first K epochs train the centre of the
 two disks of the named colour instead (the target and its twin; needs a truth log with
 `others_mm`), a step that needs the colour but not the relation word. With SAVE=DIR the trained
-model is written to DIR as a base-model folder (the tokenizer copied from the embedded model).
+model is written to DIR as a base-model folder (the tokenizer copied from the embedded model); with
+INIT=DIR training starts from such a folder instead of the embedded model (the head and the
+optimizer start afresh).
 
     vla_finetune record --sim --episodes 2000 --seconds 1.5 --seed 11 --width 112 --height 84 \
         --camera-hz 10 --out T/tr/recordings   # and --episodes 300 --seed 1011 --out T/va/...
@@ -64,8 +66,8 @@ if os.environ.get("WIDE"):
     cfg.text_config.rope_parameters={"mrope_section":[4,6,6],"rope_theta":10000.0,"rope_type":"default"}
     torch.manual_seed(0); model=Qwen2_5_VLForConditionalGeneration(cfg).float()
     print("wide model", sum(p.numel() for p in model.parameters()), "parameters", flush=True)
-else:
-    model=Qwen2_5_VLForConditionalGeneration.from_pretrained(M,dtype=torch.float32)
+else:  # INIT=DIR: go on from a model saved with SAVE (a fresh head and optimizer)
+    model=Qwen2_5_VLForConditionalGeneration.from_pretrained(os.environ.get("INIT",M),dtype=torch.float32)
 head=torch.nn.Linear(model.config.text_config.hidden_size,2)
 opt=torch.optim.AdamW(list(model.parameters())+list(head.parameters()),float(sys.argv[6]) if len(sys.argv)>6 else 1e-3,weight_decay=1e-2)
 def pred(inp):

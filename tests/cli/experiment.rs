@@ -50,6 +50,43 @@ fn cache_modes_runs_every_mode_from_one_stage1_checkpoint_and_summarizes_the_run
     assert!(!o.status.success() && err.contains("unknown mode `features/3`"), "{err}");
 }
 
+/// `--base-model`: the given folder is the one copied in and trained on; a folder that is not a
+/// model is refused before anything is recorded.
+#[test]
+fn cache_modes_trains_on_the_base_model_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sim_grounded_tiny");
+    let out = dir.path().join("exp");
+    let o = Command::new(BIN)
+        .args(["experiment", "cache-modes", "--seeds", "1", "--episodes", "1", "--val-episodes", "1"])
+        .args(["--seconds", "2", "--stage1-epochs", "1", "--stage2-epochs", "1", "--modes", "heads-only"])
+        .args(["--vl-pooling", "last", "--base-model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .env("TORCH_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "experiment failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let copied = std::fs::read(out.join("seed1/base_model").join(f)).unwrap();
+        assert!(copied == std::fs::read(model.join(f)).unwrap(), "{f} is not the given model's");
+    }
+
+    let not_a_model = dir.path().join("empty");
+    std::fs::create_dir(&not_a_model).unwrap();
+    let o = Command::new(BIN)
+        .args(["experiment", "cache-modes", "--base-model"])
+        .arg(&not_a_model)
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no config.json") && err.contains("empty"), "{err}");
+    assert!(!dir.path().join("x/seed7/recordings").exists(), "recorded before checking the model");
+}
+
 /// Runs every mode on seeds 1 and 2 at the tiny size (2 + 1 episodes of 2 s, 2 + 2 epochs) into `out`.
 fn run_tiny_experiment(out: &Path) {
     let o = Command::new(BIN)
