@@ -149,6 +149,9 @@ pub fn import_bag(
     };
     for f in &files {
         read_file(f, &info.storage_identifier, &mut |m| survey.message(f, m))?;
+        if let Some(e) = survey.mismatch.take() {
+            return Err(e);
+        }
     }
     survey.check_topics(bag)?;
     survey.copy(bag, &files, &info.storage_identifier, root, opts)
@@ -185,8 +188,8 @@ struct BagMessage<'m> {
 enum Mapped {
     /// A mapped message of this type with this time: its header stamp, else its log time.
     Message(MsgType, i64),
-    /// A mapped message whose header does not decode (left out, counted).
-    Skipped,
+    /// A mapped message whose header does not decode (left out, counted): why.
+    Skipped(String),
     /// A topic not in the mapping (left out, counted).
     Unmapped,
 }
@@ -204,10 +207,7 @@ fn map_message(streams: &StreamConfig, path: &Path, m: &BagMessage<'_>) -> Resul
     }
     Ok(match t.header_stamp(m.data) {
         Ok(s) => Mapped::Message(t, s.unwrap_or(m.log_time)),
-        Err(e) => {
-            tracing::warn!("{}: topic `{}`: message skipped: {e}", path.display(), m.topic);
-            Mapped::Skipped
-        }
+        Err(e) => Mapped::Skipped(e.to_string()),
     })
 }
 
@@ -238,18 +238,17 @@ impl Survey<'_> {
                 let (lo, hi) = self.span.unwrap_or((m.log_time, m.log_time));
                 self.span = Some((lo.min(m.log_time), hi.max(m.log_time)));
             }
-            Ok(Mapped::Skipped) => count(&mut self.skipped),
+            Ok(Mapped::Skipped(why)) => {
+                tracing::warn!("{}: topic `{}`: message skipped: {why}", path.display(), m.topic);
+                count(&mut self.skipped)
+            }
             Ok(Mapped::Unmapped) => count(&mut self.unmapped),
             Err(e) => self.mismatch = Some(e),
         }
     }
 
-    /// The first mismatch, else: every mapped topic must have messages in the bag (read or
-    /// skipped).
-    fn check_topics(&mut self, bag: &Path) -> Result<(), ImportError> {
-        if let Some(e) = self.mismatch.take() {
-            return Err(e);
-        }
+    /// Every mapped topic must have messages in the bag (read or skipped).
+    fn check_topics(&self, bag: &Path) -> Result<(), ImportError> {
         for (_, spec) in self.streams.all() {
             if !self.mapped.contains_key(&spec.topic) && !self.skipped.contains_key(&spec.topic) {
                 return Err(ImportError::MissingTopic { path: bag.to_path_buf(), topic: spec.topic.clone() });
