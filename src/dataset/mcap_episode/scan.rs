@@ -125,6 +125,7 @@ impl Source<'static> for FileBytes<'_> {
     }
 }
 
+/// [`scan_mcap`] over either source.
 fn scan<'a>(
     src: &impl Source<'a>,
     channels: &mut HashMap<u16, ScannedChannel>,
