@@ -302,9 +302,7 @@ pub(super) struct Prepared {
 pub(super) fn prepare(out: &Path, d: &DataPlan, checkpoints: &Path) -> Result<Prepared> {
     let (data_root, dataset_dir, base_dir) = (out.join("recordings"), out.join("dataset"), out.join("base_model"));
     let source = d.base_model.clone().unwrap_or_else(embedded_base_model);
-    if !source.join("config.json").is_file() {
-        bail!("--base-model {}: no config.json (expected a Hugging Face Qwen2.5-VL folder)", source.display());
-    }
+    crate::train::heads_job::check_model_dir(&source).map_err(|e| anyhow::anyhow!("--base-model: {e}"))?;
     let val_seed = d.seed + VAL_SEED_OFFSET;
     eprintln!(
         "[1/6] recording {} training episodes (simulator seed {}) and {} validation episodes (seed {val_seed})",
