@@ -1,6 +1,7 @@
 //! Messages lost before they reach a live recorder (dropped by the middleware or a full
 //! subscription queue), counted from the header stamps of a stream with a nominal rate: a gap of
-//! `k` periods between consecutive stamps means `k - 1` missing messages.
+//! `k` periods between consecutive stamps means `k - 1` missing messages, and the messages due
+//! between the last stamp and the end of an episode are missing from it.
 
 /// Gap counter of one stream.
 #[derive(Debug, Clone)]
@@ -36,6 +37,15 @@ impl GapCounter {
     }
 }
 
+/// Messages of a stream at `rate_hz` due after the one stamped `last_ns` and before `end_ns`:
+/// those a stopped episode lacks when the stream went silent or its messages were still in flight.
+/// A message due within 1 % of a period of the end is not counted (a stream whose next message
+/// is due exactly at the end lacks none).
+pub fn due_before_end(rate_hz: f64, last_ns: i64, end_ns: i64) -> u64 {
+    let periods = (end_ns.saturating_sub(last_ns)) as f64 * rate_hz / 1e9;
+    (periods - 0.01).floor().max(0.0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +64,18 @@ mod tests {
         assert_eq!(g.observe(1_740_000_000), 0);
         g.reset();
         assert_eq!(g.observe(9_000_000_000), 0);
+    }
+
+    #[test]
+    fn the_tail_counts_messages_due_before_the_end() {
+        // 10 Hz, last stamp at 1.0 s: messages due at 1.1 .. 1.4 s precede an end at 1.45 s.
+        assert_eq!(due_before_end(10.0, 1_000_000_000, 1_450_000_000), 4);
+        // The next message due exactly at the end (or rounded a nanosecond before) is not missing.
+        assert_eq!(due_before_end(10.0, 1_000_000_000, 1_100_000_000), 0);
+        assert_eq!(due_before_end(650.0, 0, 1_538_462), 0);
+        // Due 7 ms before the end: missing.
+        assert_eq!(due_before_end(10.0, 1_000_000_000, 1_107_000_000), 1);
+        // An end before the last stamp.
+        assert_eq!(due_before_end(10.0, 2_000_000_000, 1_000_000_000), 0);
     }
 }

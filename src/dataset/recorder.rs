@@ -2,12 +2,14 @@
 //! importer) hand it `(topic, type, CDR bytes, header stamp, receive stamp)`; a bounded queue feeds
 //! one writer thread that writes the current episode ([`EpisodeWriter`]). [`Recorder::push`] never
 //! blocks: when the queue is full the message is dropped and counted for its topic (in the status
-//! and in the episode's `drops`). A write error (full disk, quota) stops the episode with an error
-//! status and keeps what was flushed.
+//! and in the episode's `drops`). At a stop, the messages a stream with a `rate_hz` owed the
+//! episode after its last one (still in flight, or the stream went silent) are counted as dropped
+//! too. A write error (full disk, quota) stops the episode with an error status and keeps what was
+//! flushed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,6 +20,7 @@ use thiserror::Error;
 
 use super::cdr::MsgType;
 use super::episode::EpisodeMeta;
+use super::gaps::due_before_end;
 use super::mcap_episode::{episode_dir, EpisodeError, EpisodeWriter, WriterOptions};
 use super::recovery::{self, RecoveryError, RecoveryReport};
 use super::streams::StreamConfig;
@@ -125,13 +128,30 @@ pub struct RecorderStatus {
     pub topics: Vec<TopicStatus>,
 }
 
-#[derive(Default)]
 struct Counters {
     received: AtomicU64,
     written: AtomicU64,
     dropped: AtomicU64,
     bytes: AtomicU64,
     warned: AtomicBool,
+    /// The nominal rate of the stream, if the mapping gives one.
+    rate_hz: Option<f64>,
+    /// The newest stamp pushed in the current episode (`i64::MIN` before its first message).
+    newest_ns: AtomicI64,
+}
+
+impl Counters {
+    fn new(rate_hz: Option<f64>) -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            warned: AtomicBool::new(false),
+            rate_hz,
+            newest_ns: AtomicI64::new(i64::MIN),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -149,6 +169,8 @@ struct Shared {
     queued_bytes: AtomicU64,
     queue_bytes: u64,
     episode_written: AtomicU64,
+    /// The current episode's start time.
+    episode_start_ns: AtomicI64,
     state: Mutex<State>,
 }
 
@@ -186,13 +208,14 @@ impl Recorder {
         let topics: Vec<String> = specs.iter().map(|(_, s)| s.topic.clone()).collect();
         let index = specs.iter().enumerate().map(|(i, (_, s))| (s.topic.clone(), (i, s.kind()))).collect();
         let shared = Arc::new(Shared {
-            counters: topics.iter().map(|_| Counters::default()).collect(),
+            counters: specs.iter().map(|(_, s)| Counters::new(s.rate_hz)).collect(),
             topics,
             recording: AtomicBool::new(false),
             queued: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
             queue_bytes: config.queue_bytes.max(1) as u64,
             episode_written: AtomicU64::new(0),
+            episode_start_ns: AtomicI64::new(0),
             state: Mutex::new(State::default()),
         });
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -223,6 +246,7 @@ impl Recorder {
             Err(o) => return o,
         };
         let c = &self.shared.counters[i];
+        c.newest_ns.fetch_max(stamp_ns, Ordering::Relaxed);
         let len = cdr.len() as u64;
         if self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes {
             c.dropped.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +295,7 @@ impl Recorder {
             Err(o) => return o,
         };
         let c = &self.shared.counters[i];
+        c.newest_ns.fetch_max(stamp_ns, Ordering::Relaxed);
         let len = cdr.len() as u64;
         while self.shared.queued_bytes.load(Ordering::Relaxed) + len > self.shared.queue_bytes
             && self.shared.queued.load(Ordering::Relaxed) > 0
@@ -340,12 +365,17 @@ impl Recorder {
         let (reply, rx) = mpsc::channel();
         self.send(Msg::Start { meta, reply })?;
         let id = rx.recv().map_err(|_| RecorderError::WriterGone)??;
+        for c in &self.shared.counters {
+            c.newest_ns.store(i64::MIN, Ordering::Relaxed);
+        }
+        self.shared.episode_start_ns.store(now_ns, Ordering::Relaxed);
         self.shared.recording.store(true, Ordering::Release);
         Ok(id)
     }
 
-    /// Stops the current episode once everything queued before this call is written; the stop
-    /// time is the wall clock now.
+    /// Stops the current episode once everything queued before this call is written, counting the
+    /// messages the rated streams owed it as dropped (module doc); the stop time is the wall clock
+    /// now.
     pub fn stop(&self, outcome: &str) -> Result<EpisodeMeta, RecorderError> {
         self.stop_at(outcome, now_ns())
     }
@@ -355,10 +385,25 @@ impl Recorder {
         if !OUTCOMES.contains(&outcome) {
             return Err(RecorderError::BadOutcome(outcome.into()));
         }
-        self.shared.recording.store(false, Ordering::Release);
+        if self.shared.recording.swap(false, Ordering::AcqRel) {
+            self.count_unarrived(stop_ns);
+        }
         let (reply, rx) = mpsc::channel();
         self.send(Msg::Stop { outcome: outcome.into(), stop_ns, reply })?;
         rx.recv().map_err(|_| RecorderError::WriterGone)?
+    }
+
+    /// Counts as dropped, for each stream with a rate that delivered in this episode, the messages
+    /// due after its newest one and before `stop_ns`. A stream whose newest stamp precedes the
+    /// episode's start is stamped by another clock (a device's): nothing is counted for it.
+    fn count_unarrived(&self, stop_ns: i64) {
+        let start_ns = self.shared.episode_start_ns.load(Ordering::Relaxed);
+        for c in &self.shared.counters {
+            let newest = c.newest_ns.load(Ordering::Relaxed);
+            if let (Some(rate), true) = (c.rate_hz, newest >= start_ns) {
+                c.dropped.fetch_add(due_before_end(rate, newest, stop_ns), Ordering::Relaxed);
+            }
+        }
     }
 
     /// A snapshot of the counters for the status topic.

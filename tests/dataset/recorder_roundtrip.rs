@@ -231,7 +231,7 @@ fn burst(queue_capacity: usize, queue_bytes: usize) {
     }
     // A wrongly typed message is dropped and counted too.
     assert_eq!(rec.push(POSE_TOPIC, "sensor_msgs/msg/Image", vec![0, 1, 0, 0], 1, 1), PushOutcome::Dropped);
-    let meta = rec.stop("aborted").unwrap();
+    let meta = rec.stop_at("aborted", START_NS + 1_000_000_000).unwrap();
     let st = rec.status();
     let total_dropped: u64 = st.topics.iter().map(|t| t.dropped).sum();
     assert!(dropped_here > 0, "a small queue fed a 640x360 burst must overflow");
@@ -274,11 +274,50 @@ fn raw_subscription_entry_point_takes_the_header_stamp() {
         PushOutcome::Dropped
     );
     assert_eq!(rec.push_received("/nope", "geometry_msgs/msg/PoseStamped", vec![], 0), PushOutcome::UnknownTopic);
-    let meta = rec.stop("success").unwrap();
+    let meta = rec.stop_at("success", START_NS + 10).unwrap();
     assert_eq!(meta.drops, BTreeMap::from([(POSE_TOPIC.to_string(), 1)]));
     let ep = McapEpisode::open(&dir.path().join("episodes/raw")).unwrap();
     let s = ep.state().unwrap();
     assert_eq!(s.stamps.len(), 1);
     assert_eq!((s.stamps[0].stamp_ns, s.stamps[0].recv_ns), (START_NS + 5, START_NS + 9));
     assert!((s.values[0][0] - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn a_stop_counts_the_messages_rated_streams_still_owed_the_episode() {
+    let dir = tempfile::tempdir().unwrap();
+    // Camera 10 Hz, sensor 650 Hz, pose 100 Hz (config streams carry these rates).
+    let sim = SimConfig { seed: 5, cameras: 2, width: 32, height: 24, camera_hz: 10.0, ..Default::default() };
+    let cfg = RecorderConfig {
+        root: dir.path().to_path_buf(),
+        streams: sim.streams(),
+        queue_capacity: 4096,
+        queue_bytes: 64 << 20,
+        writer: WriterOptions::default(),
+    };
+    let (rec, _) = Recorder::open(cfg).unwrap();
+    let cam0 = "/sim/camera0/image_raw";
+    let cam1 = "/sim/camera1/image_raw";
+    for (id, start) in [("first", START_NS), ("second", START_NS + 5_000_000_000)] {
+        rec.start(EpisodeInfo { id: Some(id.into()), ..Default::default() }, start).unwrap();
+        for m in sim.episode(0, start, 1.0) {
+            // camera0 goes silent after its frame at +0.5 s; camera1 delivers nothing; the pose
+            // is stamped by another clock (before the episode's start).
+            let stamp = if m.topic == POSE_TOPIC { m.stamp_ns - 3_000_000_000 } else { m.stamp_ns };
+            if (m.topic == cam0 && m.stamp_ns > start + 500_000_000) || m.topic == cam1 {
+                continue;
+            }
+            assert_eq!(rec.push_wait(&m.topic, m.type_name, m.cdr, stamp, m.recv_ns), PushOutcome::Queued);
+        }
+        // Stopped at +1.0 s: camera0 owes its frames at +0.6 .. +0.9 s; the 650 Hz sensor's next
+        // frame is due exactly at the stop (rounded stamps), so it owes none.
+        let meta = rec.stop_at("success", start + 1_000_000_000).unwrap();
+        assert_eq!(meta.drops, BTreeMap::from([(cam0.to_string(), 4)]), "{id}");
+        let ep = McapEpisode::open(&dir.path().join("episodes").join(id)).unwrap();
+        assert_eq!(ep.counts().get(cam0).copied(), Some(6), "{id}");
+    }
+    // The status adds up both episodes.
+    let st = rec.status();
+    let cam0_status = st.topics.iter().find(|t| t.topic == cam0).unwrap();
+    assert_eq!((cam0_status.written, cam0_status.dropped), (12, 8));
 }

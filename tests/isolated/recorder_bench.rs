@@ -40,7 +40,7 @@ fn recorder_throughput_5x640x360_at_30hz_plus_sensor_and_pose() {
                 rec.push_wait(&m.topic, m.type_name, m.cdr.clone(), m.stamp_ns + off, m.recv_ns + off);
             }
         }
-        rec.stop("success").unwrap();
+        rec.stop_at("success", 10_000_000_000).unwrap();
         let (wall, c) = (t0.elapsed().as_secs_f64(), cpu() - c0);
         let st = rec.status();
         let drops: u64 = st.topics.iter().map(|t| t.dropped).sum();

@@ -120,3 +120,31 @@ def test_sigint_closes_the_open_episode_as_interrupted(graph, ros_node, tmp_path
     assert not (ep_dir / "RECORDING").exists()
     recorded = read_episode(ep_dir)
     assert all(len(recorded.get(t, {})) > 0 for t in TOPICS), {t: len(v) for t, v in recorded.items()}
+
+
+def test_a_robot_that_goes_silent_mid_episode_shows_as_drops(graph, ros_node, tmp_path):
+    procs, published = start_graph(graph, tmp_path)
+    live = Collect(ros_node, SensorFrame, "/sim/oct/frame", 1000)
+    spin_until(ros_node, lambda: live.items, 60, "the simulated robot's sensor")
+    resp = call(ros_node, StartEpisode, "/vla_collector/start_episode", StartEpisode.Request(instruction="i", task="t", operator_name="o"))
+    assert resp.started, resp.reason
+    time.sleep(1.5)
+    assert procs["sim_robot_node"].interrupt(10.0) == 0
+    time.sleep(1.0)
+    asked = time.time_ns()
+    stop = call(ros_node, StopEpisode, "/vla_collector/stop_episode", StopEpisode.Request(outcome="aborted"))
+    assert stop.stopped, stop.reason
+    meta = json.loads((tmp_path / "data" / "episodes" / resp.episode_id / "episode.json").read_text())
+    last = {}
+    for line in Path(published).read_text().splitlines():
+        topic, stamp = line.split()
+        last[topic] = max(last.get(topic, 0), int(stamp))
+    rates = {"/sim/camera0/image_raw": 10.0, "/sim/camera1/image_raw": 10.0, "/sim/oct/frame": 650.0, "/sim/robot/pose": 100.0}
+    for topic, rate in rates.items():
+        # Due after the last message the robot sent and before the stop was asked: at least that
+        # many are counted as dropped (the stop came later, and the collector may have received
+        # less than was sent).
+        period = 1e9 / rate
+        owed = int((asked - last[topic]) / period)
+        assert owed >= 5, (topic, owed)
+        assert meta["drops"].get(topic, 0) >= owed, f"{topic}: silent for {(asked - last[topic]) / 1e9:.2f} s, drops {meta['drops']}"
