@@ -128,6 +128,7 @@ pub struct RecorderStatus {
     pub topics: Vec<TopicStatus>,
 }
 
+#[derive(Default)]
 struct Counters {
     received: AtomicU64,
     written: AtomicU64,
@@ -136,22 +137,9 @@ struct Counters {
     warned: AtomicBool,
     /// The nominal rate of the stream, if the mapping gives one.
     rate_hz: Option<f64>,
-    /// The newest stamp pushed in the current episode (`i64::MIN` before its first message).
+    /// The newest stamp pushed in the current episode (`i64::MIN` from its start until its first
+    /// message).
     newest_ns: AtomicI64,
-}
-
-impl Counters {
-    fn new(rate_hz: Option<f64>) -> Self {
-        Self {
-            received: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            warned: AtomicBool::new(false),
-            rate_hz,
-            newest_ns: AtomicI64::new(i64::MIN),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -208,7 +196,7 @@ impl Recorder {
         let topics: Vec<String> = specs.iter().map(|(_, s)| s.topic.clone()).collect();
         let index = specs.iter().enumerate().map(|(i, (_, s))| (s.topic.clone(), (i, s.kind()))).collect();
         let shared = Arc::new(Shared {
-            counters: specs.iter().map(|(_, s)| Counters::new(s.rate_hz)).collect(),
+            counters: specs.iter().map(|(_, s)| Counters { rate_hz: s.rate_hz, ..Default::default() }).collect(),
             topics,
             recording: AtomicBool::new(false),
             queued: AtomicU64::new(0),
