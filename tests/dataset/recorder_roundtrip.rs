@@ -19,20 +19,26 @@ fn small_sim() -> SimConfig {
     SimConfig { seed: 11, cameras: 2, width: 32, height: 24, camera_hz: 10.0, ..Default::default() }
 }
 
+/// A recorder on a fresh `root` for `sim`'s streams; nothing to recover there.
+fn open_recorder(root: &Path, sim: &SimConfig, queue_capacity: usize, queue_bytes: usize) -> Recorder {
+    let cfg = RecorderConfig {
+        root: root.to_path_buf(),
+        streams: sim.streams(),
+        queue_capacity,
+        queue_bytes,
+        writer: WriterOptions::default(),
+    };
+    let (rec, recovered) = Recorder::open(cfg).unwrap();
+    assert!(recovered.is_empty());
+    rec
+}
+
 fn record(
     root: &Path,
     sim: &SimConfig,
     seconds: f64,
 ) -> (Vec<SimMessage>, vla_finetune::dataset::episode::EpisodeMeta) {
-    let cfg = RecorderConfig {
-        root: root.to_path_buf(),
-        streams: sim.streams(),
-        queue_capacity: 256,
-        queue_bytes: 64 << 20,
-        writer: WriterOptions::default(),
-    };
-    let (rec, recovered) = Recorder::open(cfg).unwrap();
-    assert!(recovered.is_empty());
+    let rec = open_recorder(root, sim, 256, 64 << 20);
     let ep = sim.episode(0, START_NS, seconds);
     let instruction = ep.scene().instruction();
     rec.start(
@@ -209,14 +215,7 @@ fn full_queue_drops_are_counted_never_block_and_land_in_the_episode() {
 fn burst(queue_capacity: usize, queue_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimConfig { seed: 3, cameras: 1, width: 640, height: 360, camera_hz: 200.0, ..Default::default() };
-    let cfg = RecorderConfig {
-        root: dir.path().to_path_buf(),
-        streams: sim.streams(),
-        queue_capacity,
-        queue_bytes,
-        writer: WriterOptions::default(),
-    };
-    let (rec, _) = Recorder::open(cfg).unwrap();
+    let rec = open_recorder(dir.path(), &sim, queue_capacity, queue_bytes);
     // Not recording yet: ignored, not counted.
     let m0 = sim.episode(0, START_NS, 0.01).next().unwrap();
     assert_eq!(rec.push(&m0.topic, m0.type_name, m0.cdr.clone(), 0, 0), PushOutcome::NotRecording);
@@ -251,14 +250,7 @@ fn burst(queue_capacity: usize, queue_bytes: usize) {
 fn raw_subscription_entry_point_takes_the_header_stamp() {
     let dir = tempfile::tempdir().unwrap();
     let sim = small_sim();
-    let cfg = RecorderConfig {
-        root: dir.path().to_path_buf(),
-        streams: sim.streams(),
-        queue_capacity: 64,
-        queue_bytes: 64 << 20,
-        writer: WriterOptions::default(),
-    };
-    let (rec, _) = Recorder::open(cfg).unwrap();
+    let rec = open_recorder(dir.path(), &sim, 64, 64 << 20);
     rec.start(EpisodeInfo { id: Some("raw".into()), ..Default::default() }, START_NS).unwrap();
     let header = vla_finetune::dataset::cdr::Header {
         stamp: vla_finetune::dataset::cdr::Time::from_ns(START_NS + 5),
@@ -288,14 +280,7 @@ fn a_stop_counts_the_messages_rated_streams_still_owed_the_episode() {
     let dir = tempfile::tempdir().unwrap();
     // Camera 10 Hz, sensor 650 Hz, pose 100 Hz (config streams carry these rates).
     let sim = SimConfig { seed: 5, cameras: 2, width: 32, height: 24, camera_hz: 10.0, ..Default::default() };
-    let cfg = RecorderConfig {
-        root: dir.path().to_path_buf(),
-        streams: sim.streams(),
-        queue_capacity: 4096,
-        queue_bytes: 64 << 20,
-        writer: WriterOptions::default(),
-    };
-    let (rec, _) = Recorder::open(cfg).unwrap();
+    let rec = open_recorder(dir.path(), &sim, 4096, 64 << 20);
     let cam0 = "/sim/camera0/image_raw";
     let cam1 = "/sim/camera1/image_raw";
     for (id, start) in [("first", START_NS), ("second", START_NS + 5_000_000_000)] {
